@@ -1,0 +1,434 @@
+"""The job domain: records, statuses, the one state machine, validation, ids and fences.
+
+Every status change of a job goes through :data:`TRANSITIONS`. A storage backend
+applies a transition as one guarded, atomic update (``UPDATE ... WHERE status IN
+(...) AND <guard>``): a transition whose guard does not hold changes nothing and
+is reported as not applied. Nothing in OrchestratR checks a status in Python and
+then writes it.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import unicodedata
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from orchestratr_core.errors import InvalidJobInput
+
+__all__ = [
+    "FENCE_GENERATION_SHIFT",
+    "MAX_ARGUMENT_BYTES",
+    "MAX_NAME_LENGTH",
+    "TRANSITIONS",
+    "Guard",
+    "JobArgument",
+    "JobEvent",
+    "JobPage",
+    "JobQuery",
+    "JobRecord",
+    "JobStatus",
+    "NewJob",
+    "ServerQuery",
+    "ServerRecord",
+    "ServerStatus",
+    "Transition",
+    "TransitionResult",
+    "make_fence",
+    "new_id",
+    "split_fence",
+    "utcnow",
+    "validate_argument",
+    "validate_name",
+]
+
+MAX_NAME_LENGTH = 200
+"""Longest job name accepted, in characters."""
+
+MAX_ARGUMENT_BYTES = 64 * 1024
+"""Largest job argument accepted, in UTF-8 bytes. Job messages carry it whole."""
+
+FENCE_GENERATION_SHIFT = 32
+"""A fencing token is ``generation << 32 | delivery_count``."""
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC, at microsecond precision."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A new time-ordered UUID (version 7 layout) as a string.
+
+    Ids sort by creation time, so keyset paging on the id alone lists jobs in the
+    order they were created, on every storage.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & 0x3FFF_FFFF_FFFF_FFFF
+    return str(uuid.UUID(int=value))
+
+
+def make_fence(generation: int, delivery_count: int) -> int:
+    """Combine the manager's generation of a job message and the broker's delivery
+    count of that message into one fencing token.
+
+    The generation grows each time the manager publishes a new message for the
+    job; the delivery count grows each time the broker hands that message to a
+    consumer. So the token grows with every new ownership.
+    """
+    if generation < 0 or delivery_count < 0:
+        raise ValueError("generation and delivery count must not be negative")
+    return (generation << FENCE_GENERATION_SHIFT) | min(delivery_count, 0xFFFF_FFFF)
+
+
+def split_fence(fence: int) -> tuple[int, int]:
+    """Inverse of :func:`make_fence`: ``(generation, delivery_count)``."""
+    return fence >> FENCE_GENERATION_SHIFT, fence & 0xFFFF_FFFF
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is an acceptable job name, else raise :class:`InvalidJobInput`.
+
+    A name is 1 to :data:`MAX_NAME_LENGTH` characters, not blank, without leading
+    or trailing white space and without control or format characters.
+    """
+    if not isinstance(name, str):
+        raise InvalidJobInput(f"job name must be a string, not {type(name).__name__}")
+    if name == "":
+        raise InvalidJobInput("job name must not be empty")
+    if name.strip() == "":
+        raise InvalidJobInput("job name must not be blank")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidJobInput(
+            f"job name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
+        )
+    if name != name.strip():
+        raise InvalidJobInput("job name must not start or end with white space")
+    for index, char in enumerate(name):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            raise InvalidJobInput(
+                f"job name contains the control character U+{ord(char):04X} at position {index}"
+            )
+    return name
+
+
+def validate_argument(argument: object) -> str:
+    """Return ``argument`` if it is an acceptable job argument, else raise
+    :class:`InvalidJobInput`. Any string up to :data:`MAX_ARGUMENT_BYTES` bytes of
+    UTF-8 is accepted (serialize structured data yourself, e.g. as JSON)."""
+    if not isinstance(argument, str):
+        raise InvalidJobInput(f"job argument must be a string, not {type(argument).__name__}")
+    try:
+        size = len(argument.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidJobInput("job argument is not valid Unicode (lone surrogate)") from exc
+    if size > MAX_ARGUMENT_BYTES:
+        raise InvalidJobInput(
+            f"job argument is {size} bytes; the limit is {MAX_ARGUMENT_BYTES} bytes"
+        )
+    return argument
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is in its life. ``deleted`` and ``completed`` are final."""
+
+    PENDING = "pending"
+    """Created or handed back; its message waits in the jobs queue (or is between servers)."""
+    PROCESSING = "processing"
+    """A server reported that it runs the job (``server_id``, ``fence``)."""
+    DELETING = "deleting"
+    """Cancellation requested and durable; not yet confirmed by a server."""
+    DELETED = "deleted"
+    """Cancelled and confirmed: the job will never run again."""
+    COMPLETED = "completed"
+    """The job function returned normally; the job will not run again."""
+
+    @property
+    def final(self) -> bool:
+        """True for statuses a job never leaves."""
+        return self in (JobStatus.DELETED, JobStatus.COMPLETED)
+
+
+class ServerStatus(enum.StrEnum):
+    """What the manager believes about a server process."""
+
+    ALIVE = "alive"
+    DRAINING = "draining"
+    DEAD = "dead"
+    """Missed heartbeats for longer than the manager's server timeout."""
+    LEFT = "left"
+    """Said goodbye after a graceful shutdown."""
+
+
+class Guard(enum.StrEnum):
+    """The condition, besides the source status, under which a transition applies.
+
+    ``:server`` and ``:fence`` are the values reported with the event.
+    """
+
+    NONE = "none"
+    """No further condition."""
+    OWNER = "owner"
+    """``server_id = :server AND fence = :fence``: only the current owner may do it."""
+    NEWER = "newer"
+    """``fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server))``:
+    a report wins if its token is newer; an equal token wins only if nobody else owns it."""
+    UNOWNED_OR_OWNER = "unowned_or_owner"
+    """``server_id IS NULL OR (server_id = :server AND fence = :fence)``."""
+
+
+class JobEvent(enum.StrEnum):
+    """The events that change a job's row. See :data:`TRANSITIONS`."""
+
+    START = "start"
+    """A server reports it runs the job with a token (from a start or a heartbeat)."""
+    RELEASE = "release"
+    """The owner stopped the job and gave its message back (drain, rebalance, loss)."""
+    COMPLETE = "complete"
+    """The owner's job function returned normally."""
+    FAIL = "fail"
+    """The owner's job function raised; it will be restarted (``restarts``, ``last_error``)."""
+    CANCEL = "cancel"
+    """A client asked for the job to be cancelled."""
+    CONFIRM_DELETED = "confirm_deleted"
+    """A server stopped a cancelled job, or dropped a queued message of one."""
+    SERVER_LOST = "server_lost"
+    """The job's server is dead or left; its message went back to the queue."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One edge set of the state machine.
+
+    :param sources: the statuses the job must be in.
+    :param target: the status afterwards; ``None`` keeps the current one.
+    :param guard: further condition on ``server_id`` / ``fence``.
+    :param sets_owner: on success ``server_id := :server`` and ``fence := :fence``
+        (and ``started_at := now`` when the owner or fence changed,
+        ``last_heartbeat := now``).
+    :param clears_owner: on success ``server_id := NULL`` (the fence is kept: it
+        only ever grows).
+    """
+
+    sources: frozenset[JobStatus]
+    target: JobStatus | None
+    guard: Guard
+    sets_owner: bool = False
+    clears_owner: bool = False
+
+
+_LIVE = frozenset({JobStatus.PENDING, JobStatus.PROCESSING})
+
+TRANSITIONS: dict[JobEvent, Transition] = {
+    JobEvent.START: Transition(_LIVE, JobStatus.PROCESSING, Guard.NEWER, sets_owner=True),
+    JobEvent.RELEASE: Transition(
+        frozenset({JobStatus.PROCESSING}), JobStatus.PENDING, Guard.OWNER, clears_owner=True
+    ),
+    JobEvent.COMPLETE: Transition(
+        frozenset({JobStatus.PROCESSING, JobStatus.PENDING}),
+        JobStatus.COMPLETED,
+        Guard.UNOWNED_OR_OWNER,
+        clears_owner=True,
+    ),
+    JobEvent.FAIL: Transition(frozenset({JobStatus.PROCESSING}), None, Guard.OWNER),
+    JobEvent.CANCEL: Transition(_LIVE, JobStatus.DELETING, Guard.NONE),
+    JobEvent.CONFIRM_DELETED: Transition(
+        frozenset({JobStatus.DELETING}),
+        JobStatus.DELETED,
+        Guard.UNOWNED_OR_OWNER,
+        clears_owner=True,
+    ),
+    JobEvent.SERVER_LOST: Transition(
+        frozenset({JobStatus.PROCESSING, JobStatus.DELETING}),
+        None,  # processing -> pending is special-cased below; deleting stays deleting
+        Guard.NONE,
+        clears_owner=True,
+    ),
+}
+"""The one job state machine. Storage backends implement these rows exactly.
+
+``SERVER_LOST`` is applied in bulk to every job whose ``server_id`` is the lost
+server: ``processing`` becomes ``pending``, ``deleting`` stays ``deleting``, and
+the owner is cleared in both cases.
+
+A deleted or completed job never changes again: no transition has a final
+status as a source (this is defect 7 of the original: any "started" report used
+to move a job back to processing, even a deleted one).
+"""
+
+
+@dataclass(frozen=True)
+class JobArgument:
+    """What a job function receives as its first parameter."""
+
+    job_id: str
+    """The job's id (time-ordered UUID string)."""
+    name: str
+    """The job's name, unique in the cluster among jobs that are not deleted."""
+    argument: str
+    """The argument string given to ``create_job``."""
+    fence: int
+    """The fencing token of this ownership: every new owner of the job gets a
+    larger one. Pass it to downstream systems so they can reject a stale owner."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated request to create a job."""
+
+    id: str
+    name: str
+    argument: str
+    created_at: datetime
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the storage knows it."""
+
+    id: str
+    name: str
+    argument: str
+    status: JobStatus
+    server_id: str | None
+    fence: int
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    reason: str | None = None
+    """Why the job last changed status when that was not obvious (e.g. ``server dead``)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (datetimes as ISO 8601)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "argument": self.argument,
+            "status": self.status.value,
+            "server_id": self.server_id,
+            "fence": self.fence,
+            "generation": self.generation,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "started_at": _iso(self.started_at),
+            "last_heartbeat": _iso(self.last_heartbeat),
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """A server process as the manager knows it."""
+
+    id: str
+    name: str
+    max_workers: int
+    status: ServerStatus
+    started_at: datetime
+    last_seen: datetime
+    host: str = ""
+    pid: int = 0
+    running: tuple[JobRecord, ...] = ()
+    """Jobs the storage records as running on this server (filled by monitor queries)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict, shaped like the original's server JSON."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "max_workers": self.max_workers,
+            "status": self.status.value,
+            "started_at": _iso(self.started_at),
+            "last_seen": _iso(self.last_seen),
+            "host": self.host,
+            "pid": self.pid,
+            "jobs": [
+                {"id": j.id, "name": j.name, "status": j.status.value, "fence": j.fence}
+                for j in self.running
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """The outcome of applying a :class:`JobEvent` to one job."""
+
+    applied: bool
+    """True if the guarded update changed the row."""
+    job: JobRecord | None
+    """The row after the attempt (unchanged when not applied); ``None`` if no such job."""
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """Filters and paging for job listings.
+
+    Jobs are listed in creation order (ascending id). Use ``after`` (the last id
+    of the previous page) for keyset paging, which stays fast at any depth;
+    ``offset`` is accepted for convenience and costs more the deeper it goes.
+    """
+
+    statuses: frozenset[JobStatus] | None = None
+    name_prefix: str | None = None
+    server_id: str | None = None
+    include_deleted: bool = False
+    """When ``statuses`` is None, deleted jobs are left out unless this is True."""
+    after: str | None = None
+    offset: int = 0
+    limit: int | None = 100
+    """``None`` means no limit (admin monitor)."""
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of jobs."""
+
+    items: tuple[JobRecord, ...]
+    next_cursor: str | None
+    """Pass as ``JobQuery.after`` to get the next page; ``None`` on the last page."""
+    total: int | None = None
+    """How many jobs match the filters (when asked for)."""
+
+
+@dataclass(frozen=True)
+class ServerQuery:
+    """Filters for server listings."""
+
+    statuses: frozenset[ServerStatus] | None = field(
+        default_factory=lambda: frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING})
+    )
+    """``None`` lists every server ever seen, dead and left ones too."""
+    name_prefix: str | None = None
+    with_jobs: bool = True
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def statuses_of(values: Collection[str]) -> frozenset[JobStatus]:
+    """Parse status names (case-insensitive); raise :class:`InvalidJobInput` on an unknown one."""
+    out = set()
+    for value in values:
+        try:
+            out.add(JobStatus(value.strip().lower()))
+        except ValueError as exc:
+            known = ", ".join(s.value for s in JobStatus)
+            raise InvalidJobInput(f"unknown job status {value!r}; known: {known}") from exc
+    return frozenset(out)

@@ -1,0 +1,347 @@
+"""Messages between manager and servers, and the one codec that reads and writes them.
+
+Every message is a JSON object ``{"v": <protocol version>, "type": <type>, ...}``.
+A message with a larger ``v`` than :data:`PROTOCOL_VERSION`, an unknown type, or
+missing fields raises :class:`MalformedMessage` when decoded; transports
+dead-letter such messages and keep running.
+
+Three flows, each on its own queue(s) in a broker:
+
+* **jobs** (manager -> any server): :class:`JobMessage`, one per job generation.
+  Held unacknowledged by the server that runs the job for as long as it runs.
+* **commands** (manager -> one server, or broadcast to all): :class:`StopJob`,
+  :class:`CancelJob`, :class:`DrainServer`, :class:`ReleaseJobs`.
+* **events** (server -> managers): :class:`ServerHeartbeat`, :class:`JobStarted`,
+  :class:`JobStopped`, :class:`JobFailed`, :class:`JobDiscarded`, :class:`ServerLeft`.
+  Events from one server are delivered in the order it published them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from orchestratr_core.errors import MalformedMessage, UnsupportedProtocolVersion
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CancelJob",
+    "Command",
+    "DrainServer",
+    "Event",
+    "JobDiscarded",
+    "JobFailed",
+    "JobMessage",
+    "JobStarted",
+    "JobStopped",
+    "Message",
+    "ReleaseJobs",
+    "RunningJob",
+    "ServerHeartbeat",
+    "ServerLeft",
+    "StopJob",
+    "StopReason",
+    "decode",
+    "decode_as",
+    "encode",
+]
+
+PROTOCOL_VERSION = 1
+"""The protocol version this code writes, and the newest it reads."""
+
+
+class StopReason(enum.StrEnum):
+    """Why a server stopped a job (in :class:`JobStopped` and :class:`StopJob`)."""
+
+    CANCELLED = "cancelled"
+    """The job was cancelled; its message was dropped."""
+    RELEASED = "released"
+    """Handed back to the queue (drain, shutdown, rebalance); another server takes it."""
+    SUPERSEDED = "superseded"
+    """Another copy holds a newer (or equal, earlier-recorded) fencing token; our
+    message was dropped."""
+    LOST = "lost"
+    """The channel or connection that delivered the job was lost; the broker
+    has already given the message back."""
+    COMPLETED = "completed"
+    """The job function returned normally; the message was dropped."""
+    WATCHDOG = "watchdog"
+    """The job stopped calling ``heartbeat()`` within its heartbeat timeout."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every protocol message."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class JobMessage(Message):
+    """A job to run. One per (job, generation); it carries everything a server needs."""
+
+    TYPE: ClassVar[str] = "job"
+    job_id: str
+    name: str
+    argument: str
+    generation: int
+    created_at: float
+    heartbeat_timeout: float | None = None
+    """Optional watchdog: restart the job if it does not call ``heartbeat()`` this often."""
+
+
+@dataclass(frozen=True)
+class Command(Message):
+    """Base of manager -> server messages."""
+
+
+@dataclass(frozen=True)
+class StopJob(Command):
+    """Stop a job. ``drop`` acknowledges its message for good (duplicate or
+    cancelled); otherwise the message is released to the queue.
+    Applies only to a copy whose fence is ``<= max_fence`` (``None``: any copy)."""
+
+    TYPE: ClassVar[str] = "stop"
+    job_id: str
+    reason: StopReason
+    drop: bool
+    max_fence: int | None = None
+
+
+@dataclass(frozen=True)
+class CancelJob(Command):
+    """Broadcast: this job is cancelled. Stop it if running, drop its message if
+    it is delivered, never start it."""
+
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
+
+
+@dataclass(frozen=True)
+class DrainServer(Command):
+    """Stop taking jobs, hand every running job back, then exit."""
+
+    TYPE: ClassVar[str] = "drain"
+
+
+@dataclass(frozen=True)
+class ReleaseJobs(Command):
+    """Rebalancing: hand ``count`` running jobs back to the queue and hold at most
+    ``hold`` jobs until told otherwise (``hold=None`` lifts the limit)."""
+
+    TYPE: ClassVar[str] = "release"
+    count: int
+    hold: int | None = None
+
+
+@dataclass(frozen=True)
+class Event(Message):
+    """Base of server -> manager messages."""
+
+    server_id: str
+
+
+@dataclass(frozen=True)
+class RunningJob:
+    """One running job inside a :class:`ServerHeartbeat`."""
+
+    job_id: str
+    fence: int
+    last_heartbeat: float | None = None
+    """When the job function last called ``heartbeat()`` (epoch seconds)."""
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class ServerHeartbeat(Event):
+    """Periodic liveness report, carrying the complete set of running jobs."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    name: str
+    max_workers: int
+    started_at: float
+    sent_at: float
+    host: str = ""
+    pid: int = 0
+    draining: bool = False
+    jobs: tuple[RunningJob, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class JobStarted(Event):
+    """The server started (or restarted) a job under this fence."""
+
+    TYPE: ClassVar[str] = "started"
+    job_id: str
+    fence: int
+    at: float
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class JobStopped(Event):
+    """The server stopped a job for good (on this server)."""
+
+    TYPE: ClassVar[str] = "stopped"
+    job_id: str
+    fence: int
+    reason: StopReason
+    at: float
+    forced: bool = False
+    """True if the job ignored its stop token and was cancelled hard (or abandoned)."""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class JobFailed(Event):
+    """The job function raised; the server restarts it after ``retry_in`` seconds."""
+
+    TYPE: ClassVar[str] = "failed"
+    job_id: str
+    fence: int
+    error: str
+    restarts: int
+    retry_in: float
+    at: float
+
+
+@dataclass(frozen=True)
+class JobDiscarded(Event):
+    """A delivered message of a cancelled job was dropped without running it."""
+
+    TYPE: ClassVar[str] = "discarded"
+    job_id: str
+    fence: int
+    at: float
+
+
+@dataclass(frozen=True)
+class ServerLeft(Event):
+    """The server shut down gracefully; everything it ran has been handed back."""
+
+    TYPE: ClassVar[str] = "left"
+    at: float
+
+
+_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        JobMessage,
+        StopJob,
+        CancelJob,
+        DrainServer,
+        ReleaseJobs,
+        ServerHeartbeat,
+        JobStarted,
+        JobStopped,
+        JobFailed,
+        JobDiscarded,
+        ServerLeft,
+    )
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+def encode(message: Message) -> bytes:
+    """Serialize a message to compact UTF-8 JSON."""
+    body = _plain(message)
+    body["v"] = PROTOCOL_VERSION
+    body["type"] = message.TYPE
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_M = TypeVar("_M", bound=Message)
+_T = TypeVar("_T")
+
+
+def decode(data: bytes | str) -> Message:
+    """Parse a message; raise :class:`MalformedMessage` (or its subclass
+    :class:`UnsupportedProtocolVersion`) with a short reason if it is not one of ours."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise MalformedMessage("not a JSON object")
+    version = body.pop("v", None)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise MalformedMessage("no protocol version ('v')")
+    if version > PROTOCOL_VERSION:
+        raise UnsupportedProtocolVersion(
+            f"protocol version {version} is newer than {PROTOCOL_VERSION}; upgrade this process"
+        )
+    kind = body.pop("type", None)
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise MalformedMessage(f"unknown message type {kind!r}")
+    try:
+        return _build(cls, body)
+    except (TypeError, ValueError) as exc:
+        raise MalformedMessage(f"bad {kind!r} message: {exc}") from None
+
+
+def decode_as(data: bytes | str, cls: type[_M]) -> _M:
+    """:func:`decode`, then check the message is a ``cls``."""
+    message = decode(data)
+    if not isinstance(message, cls):
+        raise MalformedMessage(f"expected a {cls.__name__}, got {type(message).__name__}")
+    return message
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+
+
+def _build(cls: type[_T], body: dict[str, Any]) -> _T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _convert(f.name, str(f.type), body[f.name])
+    # Unknown fields are ignored: a newer minor writer may add optional fields.
+    return cls(**kwargs)
+
+
+def _convert(name: str, annotation: str, value: Any) -> Any:
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"field {name!r} must not be null")
+    if base == "StopReason":
+        return StopReason(value)
+    if base == "tuple[RunningJob, ...]":
+        if not isinstance(value, list):
+            raise ValueError(f"field {name!r} must be a list")
+        return tuple(_build(RunningJob, item) for item in value if _is_obj(item, name))
+    expected = _SCALARS.get(base)
+    if expected is None:
+        raise TypeError(f"no decoder for field {name!r} of type {annotation}")
+    if not isinstance(value, expected) or (base != "bool" and isinstance(value, bool)):
+        raise ValueError(f"field {name!r} must be {base}")
+    return float(value) if base == "float" else value  # type: ignore[arg-type]
+
+
+def _is_obj(item: Any, name: str) -> bool:
+    if not isinstance(item, dict):
+        raise ValueError(f"items of {name!r} must be objects")
+    return True

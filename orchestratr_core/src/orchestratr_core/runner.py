@@ -1,0 +1,179 @@
+"""How a job function is executed: the runner contract, the stop token, and the
+two built-in runners (asyncio task for coroutine functions, a thread for blocking
+functions). Registered as a plugin like any other, so a third party can supply
+its own runner through the ``orchestratr_make_runner`` hook."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+from orchestratr_core.job import JobArgument
+from orchestratr_core.plugin.spec import hookimpl
+
+__all__ = [
+    "AsyncJobRunner",
+    "Heartbeat",
+    "JobRunner",
+    "StopToken",
+    "ThreadJobRunner",
+]
+
+Heartbeat = Callable[[], None]
+"""``heartbeat()``: record that the job is alive. Cheap (sets a timestamp);
+callable from the event loop or from a job thread. Awaiting its result is not needed."""
+
+
+class StopToken:
+    """Tells a job to stop, cooperatively.
+
+    * ``token.stop_requested`` (or ``bool(token)``) — poll it;
+    * ``await token`` or ``await token.wait()`` — sleep until stop is requested;
+    * ``await token.sleep(5)`` — sleep up to 5 s; returns True if stop was requested;
+    * ``token.wait_sync(timeout)`` — for blocking jobs in a thread.
+
+    Safe to use from the event loop and from job threads.
+    """
+
+    __slots__ = ("_event", "_loop", "_reason", "_thread_event")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._thread_event = threading.Event()
+        self._reason: str | None = None
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the job has been told to stop."""
+        return self._thread_event.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        """Why the job is told to stop (a :class:`StopReason` value), once it is."""
+        return self._reason
+
+    def __bool__(self) -> bool:
+        return self.stop_requested
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the job to stop. Called by the server on its event loop."""
+        if self._thread_event.is_set():
+            return
+        self._reason = reason
+        self._thread_event.set()
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Return when stop is requested."""
+        await self._event.wait()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.wait().__await__()
+
+    async def sleep(self, seconds: float) -> bool:
+        """Sleep ``seconds`` or until stop is requested; True if stop was requested."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def wait_sync(self, timeout: float | None = None) -> bool:
+        """Blocking wait for threads; True if stop was requested."""
+        return self._thread_event.wait(timeout)
+
+
+class JobRunner(abc.ABC):
+    """Executes one job function invocation."""
+
+    @abc.abstractmethod
+    async def run(
+        self, func: Callable[..., Any], arg: JobArgument, token: StopToken, heartbeat: Heartbeat
+    ) -> None:
+        """Run ``func(arg, token, heartbeat)`` to its end and return, or raise what it
+        raised. The server cancels the awaiting task to stop a job hard; a runner
+        whose function cannot be interrupted (a thread) returns from ``run`` at
+        once on cancellation and reports it through :meth:`abandoned`."""
+
+    def abandoned(self) -> int:
+        """How many invocations were left running after a hard stop (threads)."""
+        return 0
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (thread pools) when the server stops."""
+
+
+class AsyncJobRunner(JobRunner):
+    """Runs a coroutine function on the server's event loop."""
+
+    async def run(
+        self, func: Callable[..., Any], arg: JobArgument, token: StopToken, heartbeat: Heartbeat
+    ) -> None:
+        result = func(arg, token, heartbeat)
+        if inspect.isawaitable(result):
+            await result
+
+
+class ThreadJobRunner(JobRunner):
+    """Runs a blocking function in a dedicated thread pool, off the event loop.
+
+    The pool is created with ``max_workers`` threads by the server, so that
+    blocking jobs never queue behind each other (asyncio's default executor is
+    much smaller). A thread cannot be killed: a blocking job that ignores its
+    token after the grace period is *abandoned* — the server stops waiting for
+    it, reports it, and keeps its worker slot taken until the thread really ends.
+    """
+
+    def __init__(self, max_workers: int = 1) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="orchestratr-job"
+        )
+        self._abandoned = 0
+        self._lock = threading.Lock()
+
+    def resize(self, max_workers: int) -> None:
+        """Use a pool of ``max_workers`` threads (called by the server before any job)."""
+        self._pool.shutdown(wait=False)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="orchestratr-job"
+        )
+
+    async def run(
+        self, func: Callable[..., Any], arg: JobArgument, token: StopToken, heartbeat: Heartbeat
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, func, arg, token, heartbeat)
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if not future.done():
+                with self._lock:
+                    self._abandoned += 1
+                future.add_done_callback(self._done_abandoned)
+            raise
+
+    def _done_abandoned(self, _: Awaitable[Any]) -> None:
+        with self._lock:
+            self._abandoned -= 1
+
+    def abandoned(self) -> int:
+        with self._lock:
+            return self._abandoned
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@hookimpl(trylast=True)
+def orchestratr_make_runner(func: Callable[..., Any]) -> JobRunner | None:
+    """Default: coroutine functions as tasks, anything else in a thread."""
+    target: object = func if inspect.isroutine(func) else type(func).__call__
+    if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(target):
+        return AsyncJobRunner()
+    return ThreadJobRunner()

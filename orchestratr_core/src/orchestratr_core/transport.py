@@ -1,0 +1,194 @@
+"""The transport contract: what a message broker backend must do.
+
+A transport plugin returns a :class:`Transport` from the
+``orchestratr_make_transport`` hook. One ``Transport`` object is one logical
+connection of one process (a server or a manager). Every method is a coroutine;
+every method may raise :class:`~orchestratr_core.errors.BackendUnavailable`
+when the broker cannot be reached (the caller retries with backoff) or
+:class:`~orchestratr_core.errors.PermanentBackendError` when retrying cannot help.
+
+The semantics below are what the core relies on for its invariants; the
+conformance suite (``orchestratr_core.testing``) checks each of them.
+
+Jobs
+    A durable queue of :class:`~orchestratr_core.protocol.JobMessage`. A server
+    *holds* a delivery, unacknowledged, for as long as it runs the job. The broker
+    must never hand one message to two consumers at once while the first
+    consumer's channel lives, and must give a held message back to the queue
+    when that channel, connection or consumer ends (crash, partition detected,
+    consumer cancelled). Job messages never expire and are never dropped for
+    being redelivered too often.
+
+Fencing
+    Every delivery carries ``delivery_count``: how many times the broker handed
+    this message out before (0 on the first delivery). It must grow on every
+    new delivery of the same message. The core combines it with the message's
+    generation into the job's fencing token.
+
+Loss
+    When the channel, connection or consumer through which a delivery came is
+    lost, *or the transport can no longer be sure it is alive* (no traffic from
+    the broker for longer than its fence timeout), the transport must set
+    :attr:`Delivery.lost` for every delivery that came through it, **before**
+    the broker could have handed the message to someone else. The server stops
+    those jobs at once. The transport then reconnects by itself, with backoff,
+    and consumes again; jobs come back only as new deliveries.
+
+Cancellations
+    A durable set of cancelled job ids, written by managers
+    (:meth:`Transport.set_cancellations`) and read by servers when they
+    subscribe to commands (:meth:`Transport.consume_commands`), *before* their
+    first job delivery. Additions reach live servers as :class:`CancelJob`
+    commands.
+
+Events
+    Server -> manager messages on one queue. Events published by one transport
+    object are delivered in publish order. Several managers may subscribe, but
+    only one consumes at a time (single active consumer), so that every event
+    is handled once and in order; when it goes away another takes over. If the
+    handler raises, the event is redelivered (in order) later.
+
+Malformed messages
+    Anything on any queue that :func:`orchestratr_core.protocol.decode` rejects
+    is dead-lettered (or dropped where the broker has no dead-letter facility)
+    with one warning log line; the consumer keeps running.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable, Collection
+
+from orchestratr_core.protocol import Command, Event, JobMessage
+
+__all__ = [
+    "CommandHandler",
+    "Delivery",
+    "DeliveryHandler",
+    "EventHandler",
+    "JobConsumer",
+    "Subscription",
+    "Transport",
+]
+
+
+class Delivery(abc.ABC):
+    """One job message held by a server."""
+
+    @property
+    @abc.abstractmethod
+    def message(self) -> JobMessage:
+        """The decoded job message."""
+
+    @property
+    @abc.abstractmethod
+    def delivery_count(self) -> int:
+        """How many times this message was delivered before this delivery (0 = first)."""
+
+    @property
+    @abc.abstractmethod
+    def lost(self) -> asyncio.Event:
+        """Set when this delivery is no longer ours: its channel, connection or
+        consumer is gone or can no longer be trusted. Once set it stays set."""
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Remove the message from the queue for good (job completed, cancelled,
+        or superseded by another copy). Raises :class:`DeliveryLost` if the
+        delivery was lost (the message is then back in the queue)."""
+
+    @abc.abstractmethod
+    async def release(self) -> None:
+        """Give the message back to the queue so that another server takes it.
+        The next delivery of it has a larger ``delivery_count``. Raises
+        :class:`DeliveryLost` if the delivery was lost (it is back already)."""
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+CommandHandler = Callable[[Command], Awaitable[None]]
+EventHandler = Callable[[Event], Awaitable[None]]
+
+
+class Subscription(abc.ABC):
+    """A running consumer. :meth:`close` stops it; held messages are unaffected."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop consuming. Idempotent."""
+
+
+class JobConsumer(Subscription):
+    """The server's consumer on the jobs queue."""
+
+    @abc.abstractmethod
+    async def set_capacity(self, capacity: int) -> None:
+        """Hold at most ``capacity`` unacknowledged deliveries at once (prefetch).
+        0 pauses delivery without giving back what is held. Lowering it below
+        what is held never revokes a delivery."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop receiving new deliveries (cancel the consumer). Deliveries
+        already held stay held and valid until acked or released; only a broker
+        that cannot keep them after a consumer cancel may mark them lost."""
+
+
+class Transport(abc.ABC):
+    """One process's connection to the broker. See the module docstring."""
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect and declare what is needed. Raises :class:`PermanentBackendError`
+        at once for wrong credentials or a missing vhost, and
+        :class:`BackendUnavailable` when the broker cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close everything. Held deliveries go back to the queue. Idempotent."""
+
+    # -- manager side -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish_job(self, message: JobMessage) -> None:
+        """Publish a job message durably. Returns only after the broker confirmed
+        it stored the message; raises :class:`PublishError` otherwise. Publishing
+        the same message twice is allowed (the core fences duplicates)."""
+
+    @abc.abstractmethod
+    async def send_command(self, command: Command, server_id: str | None = None) -> None:
+        """Send a command to one server (``server_id``) or to every live server
+        (``None``). A command for a server that is gone may be dropped."""
+
+    @abc.abstractmethod
+    async def set_cancellations(self, job_ids: Collection[str]) -> None:
+        """Replace the durable cancellation set with ``job_ids`` and broadcast a
+        :class:`CancelJob` to live servers for each id not in the previous set
+        known to this transport. Confirmed before it returns."""
+
+    @abc.abstractmethod
+    async def consume_events(self, handler: EventHandler) -> Subscription:
+        """Consume server events. The handler is awaited for one event at a time
+        per consumer; if it raises, the event is redelivered later."""
+
+    # -- server side ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def publish_event(self, event: Event) -> None:
+        """Publish an event to the managers, confirmed. Events of this transport
+        object keep their order."""
+
+    @abc.abstractmethod
+    async def consume_commands(
+        self, server_id: str, handler: CommandHandler
+    ) -> tuple[Subscription, frozenset[str]]:
+        """Subscribe to the commands for ``server_id`` and to broadcasts, then
+        read the durable cancellation set. Returns the subscription and that
+        set; every cancellation added later arrives as a :class:`CancelJob`."""
+
+    @abc.abstractmethod
+    async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:
+        """Start consuming the jobs queue with at most ``capacity`` held deliveries.
+        The handler is called once per delivery and should return quickly (the
+        server starts the job in a task). Deliveries that fail to decode are
+        dead-lettered and never reach the handler."""
