@@ -6,6 +6,7 @@ cancelled, and moves to a surviving server within moments when its server dies.
 
 from __future__ import annotations
 
+from orchestratr_core.client import OrchestratorClient
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -16,6 +17,7 @@ from orchestratr_core.errors import (
     PermanentBackendError,
     PluginNotFound,
     UnknownJob,
+    UnknownServer,
 )
 from orchestratr_core.job import (
     JobArgument,
@@ -27,12 +29,16 @@ from orchestratr_core.job import (
     ServerRecord,
     ServerStatus,
 )
+from orchestratr_core.manager import ManagerOptions, ServerManager
+from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin import BackendSpec, get_plugin_manager, hookimpl
 from orchestratr_core.runner import StopToken
+from orchestratr_core.server import OrchestratedServer, ServerOptions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdminOrchestratorMonitor",
     "BackendSpec",
     "BackendUnavailable",
     "ConfigurationError",
@@ -43,15 +49,22 @@ __all__ = [
     "JobQuery",
     "JobRecord",
     "JobStatus",
+    "ManagerOptions",
     "MissingDriver",
+    "OrchestratedServer",
+    "OrchestratorClient",
+    "OrchestratorMonitor",
     "OrchestratrError",
     "PermanentBackendError",
     "PluginNotFound",
+    "ServerManager",
+    "ServerOptions",
     "ServerQuery",
     "ServerRecord",
     "ServerStatus",
     "StopToken",
     "UnknownJob",
+    "UnknownServer",
     "__version__",
     "get_plugin_manager",
     "hookimpl",

@@ -19,6 +19,7 @@ __all__ = [
     "PluginNotFound",
     "PublishError",
     "UnknownJob",
+    "UnknownServer",
     "UnsupportedProtocolVersion",
 ]
 
@@ -51,6 +52,14 @@ class UnknownJob(OrchestratrError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}")
         self.job_id = job_id
+
+
+class UnknownServer(OrchestratrError, LookupError):
+    """No server has this id."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(f"no server with id {server_id!r}")
+        self.server_id = server_id
 
 
 class PluginNotFound(OrchestratrError, LookupError):

@@ -88,7 +88,8 @@ class Storage(abc.ABC):
         is claimed by ``holder`` until ``lease_until`` (the creating manager
         publishes it at once). Raises :class:`DuplicateJobName` if a job of the
         same name exists that is not ``deleted`` — enforced by a constraint in the
-        database, so that of many concurrent creates exactly one wins."""
+        database, so that of many concurrent creates exactly one wins. Names are
+        compared exactly, code point by code point (case- and accent-sensitive)."""
 
     @abc.abstractmethod
     async def request_cancel(
@@ -117,7 +118,9 @@ class Storage(abc.ABC):
         guarded. On success also set ``updated_at = now``, ``reason``; for
         ``FAIL`` set ``last_error = error`` and ``restarts = restarts``; for
         ``START`` set ``restarts`` when given. ``SERVER_LOST`` is not applied
-        through this method (see :meth:`expire_servers` and :meth:`server_left`).
+        through this method (it raises :class:`ValueError`; see
+        :meth:`expire_servers` and :meth:`server_left`). ``reason`` is set to the
+        given value, ``None`` included.
         Returns the job after the attempt; ``job`` is ``None`` for an unknown id."""
 
     @abc.abstractmethod
@@ -126,15 +129,17 @@ class Storage(abc.ABC):
         number of statements (not one per job):
 
         * upsert the server row (name, max_workers, host, pid, started_at,
-          ``last_seen = now``, status ``draining`` if ``heartbeat.draining`` else
+          ``last_seen = now``, status ``draining`` if ``heartbeat.draining`` or
+          the row is already ``draining`` (a drain was requested), else
           ``alive``). A server already marked ``dead`` or ``left`` comes back
           ``alive`` when it is heard again.
         * for every reported job, apply ``START`` with the reported fence
           (guard ``NEWER``) and set ``last_heartbeat`` from the report
-          (``restarts`` too);
+          (``now`` when the report's is ``None``; ``restarts`` too);
         * every job recorded ``processing`` on this server that the report does
           not list goes back to ``pending`` (owner cleared, ``reason`` set) — the
-          server no longer runs it. Jobs ``deleting`` on it lose the owner too.
+          server no longer runs it. Jobs ``deleting`` on it that the report does
+          not list lose the owner too (they stay ``deleting``).
 
         Returns the reported jobs whose row did *not* accept the report: owned
         by another server with a newer or equal token, ``deleting``,
@@ -161,11 +166,18 @@ class Storage(abc.ABC):
     ) -> list[OutboxItem]:
         """Claim up to ``limit`` outbox rows that are unclaimed or whose claim
         expired before ``now``, oldest first, for ``holder`` until
-        ``lease_until``. Two managers never claim the same row at once."""
+        ``lease_until``. Two managers never claim the same row at once; rows under
+        a live claim (``holder``'s own included) are not returned."""
 
     @abc.abstractmethod
     async def complete_outbox(self, ids: Sequence[int]) -> None:
         """Delete these outbox rows (their messages were confirmed by the broker)."""
+
+    @abc.abstractmethod
+    async def complete_outbox_for_job(self, job_id: str, kind: OutboxKind, holder: str) -> int:
+        """Delete the outbox rows of ``kind`` for ``job_id`` that ``holder`` has
+        claimed (the fast path: the manager that created or cancelled the job
+        sent its message at once). Returns how many rows it deleted."""
 
     @abc.abstractmethod
     async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
@@ -192,7 +204,8 @@ class Storage(abc.ABC):
     async def list_jobs(self, query: JobQuery, *, with_total: bool = False) -> JobPage:
         """Jobs matching ``query``, ascending by id, keyset-paged by ``query.after``
         (then ``query.offset``), at most ``query.limit``. ``next_cursor`` is the
-        last id of the page if more may follow. ``total`` when ``with_total``."""
+        last id of the page if more may follow. ``total`` when ``with_total``:
+        every job matching the filters, ignoring ``after``, ``offset`` and ``limit``."""
 
     @abc.abstractmethod
     async def list_servers(self, query: ServerQuery) -> list[ServerRecord]:

@@ -1,0 +1,411 @@
+"""The manager runtime (``ServerManager``): owns the storage, tracks servers and
+jobs, relays the outbox, and reconciles its view with what servers report.
+
+Several managers may run against one storage:
+
+* server events go to one manager at a time (the transport's single active
+  consumer) and every write they cause is a guarded transition;
+* background duties (dead-server detection, the outbox relay, the cancellation
+  set) run on the manager that holds the ``leader`` lease in the storage.
+
+When the manager is down, servers keep running their jobs and queued jobs still
+start (the broker hands them out); events wait in the broker. When it comes
+back, it replays them and the next heartbeat of every server corrects anything
+else, so its view is right within one heartbeat period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from orchestratr_core import protocol as p
+from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient, job_message
+from orchestratr_core.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    OrchestratrError,
+    UnknownServer,
+)
+from orchestratr_core.job import JobEvent, JobRecord, JobStatus, ServerStatus, new_id, utcnow
+from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
+from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
+from orchestratr_core.server import backoff_delay
+from orchestratr_core.storage import OutboxKind, Storage
+from orchestratr_core.transport import Subscription, Transport
+
+__all__ = ["ManagerOptions", "ServerManager"]
+
+log = logging.getLogger("orchestratr.manager")
+
+_T = TypeVar("_T")
+
+LEADER_LEASE = "leader"
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """Timings of a manager."""
+
+    server_timeout: float = 10.0
+    """A server not heard from for this long is dead; its jobs are ``pending``
+    again (the broker has already handed their messages to other servers)."""
+    sweep_interval: float = 1.0
+    """How often the leader looks for dead servers and unsent outbox rows."""
+    leader_lease: float = 10.0
+    """How long the leader lease lasts without renewal."""
+    outbox_lease: float = 30.0
+    """How long a manager may take to send an outbox row it claimed."""
+    cancel_retention: float = DEFAULT_CANCEL_RETENTION
+    """Seconds a deleted job stays in the servers' cancellation set."""
+    cancellation_resync: float = 30.0
+    """How often the leader rewrites the whole cancellation set."""
+    retry_max: float = 10.0
+    """Longest wait between retries while the storage or broker is down."""
+
+    def __post_init__(self) -> None:
+        if self.server_timeout <= 0 or self.sweep_interval <= 0:
+            raise ConfigurationError("server_timeout and sweep_interval must be > 0")
+        if self.leader_lease <= self.sweep_interval:
+            raise ConfigurationError("leader_lease must be longer than sweep_interval")
+
+
+class ServerManager:
+    """Manages jobs and watches servers. See the module docstring.
+
+    :param storage: a :class:`Storage` or a plugin name / URL (``"sqlite:///x.db"``).
+    :param transport: a :class:`Transport` or a plugin name / URL.
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: Storage | str,
+        transport: Transport | str,
+        options: ManagerOptions | None = None,
+        plugins: PluginManager | None = None,
+    ) -> None:
+        self.id = new_id()
+        self.options = options or ManagerOptions()
+        self._plugins = plugins or get_plugin_manager()
+        self._storage = self._plugins.make_storage(storage) if isinstance(storage, str) else storage
+        self._transport = (
+            self._plugins.make_transport(transport) if isinstance(transport, str) else transport
+        )
+        self.client = OrchestratorClient(
+            self._storage,
+            self._transport,
+            holder=self.id,
+            outbox_lease=self.options.outbox_lease,
+            cancel_retention=self.options.cancel_retention,
+        )
+        self.monitor = OrchestratorMonitor(self._storage)
+        self.admin = AdminOrchestratorMonitor(self._storage)
+        self._events: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._known_servers: set[str] = set()
+        self._last_resync = 0.0
+        self._started = False
+        self._stopped = False
+        self.is_leader = False
+
+    @property
+    def storage(self) -> Storage:
+        """The storage this manager owns."""
+        return self._storage
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this manager uses."""
+        return self._transport
+
+    async def start(self) -> None:
+        """Open the storage and the transport (retrying while either is
+        unreachable; failing at once on wrong credentials), then consume events
+        and run the background duties."""
+        if self._started:
+            return
+        self._started = True
+        await self._retry("open storage", self._storage.open)
+        await self._retry("connect to broker", self._transport.connect)
+        self._events = await self._transport.consume_events(self._on_event)
+        self._tasks.append(asyncio.create_task(self._leader_loop(), name="orchestratr-leader"))
+        log.info("manager started id=%s", self.id)
+
+    async def stop(self) -> None:
+        """Stop consuming and close the transport and storage. Jobs keep running."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        if self._events is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await self._events.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(OrchestratrError, OSError):
+            await self._transport.close()
+        with contextlib.suppress(OrchestratrError, OSError):
+            await self._storage.close()
+        log.info("manager stopped id=%s", self.id)
+
+    async def run_forever(self, *, install_signal_handlers: bool = True) -> None:
+        """Start and run until SIGTERM/SIGINT, then stop."""
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, done.set)
+        try:
+            await self.start()
+            await done.wait()
+        finally:
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+
+    async def drain_server(self, server_id: str) -> None:
+        """Ask a server to hand all its jobs to the others and exit.
+
+        :raises UnknownServer: no live server has this id.
+        """
+        now = utcnow()
+        if not await self._storage.set_server_status(server_id, ServerStatus.DRAINING, now):
+            raise UnknownServer(server_id)
+        await self._transport.send_command(p.DrainServer(), server_id)
+
+    # -- retries ----------------------------------------------------------------------
+
+    async def _retry(self, what: str, action: Callable[[], Awaitable[_T]]) -> _T:
+        attempt = 0
+        while True:
+            try:
+                return await action()
+            except BackendUnavailable as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, 0.5, self.options.retry_max)
+                log.warning("cannot %s (%s); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+
+    # -- events -----------------------------------------------------------------------
+
+    async def _on_event(self, event: p.Event) -> None:
+        """Apply one server event. While the storage is down this waits and retries,
+        so the event (and those behind it) stay in the broker: no status is lost."""
+        try:
+            await self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+        except OrchestratrError as exc:
+            log.error("event %s from server %s rejected: %s", event.TYPE, event.server_id, exc)
+
+    async def _apply(self, event: p.Event) -> None:
+        now = utcnow()
+        if isinstance(event, p.ServerHeartbeat):
+            await self._on_heartbeat(event, now)
+        elif isinstance(event, p.JobStarted):
+            await self._on_started(event, now)
+        elif isinstance(event, p.JobStopped):
+            await self._on_stopped(event, now)
+        elif isinstance(event, p.JobFailed):
+            await self._storage.transition(
+                event.job_id,
+                JobEvent.FAIL,
+                server_id=event.server_id,
+                fence=event.fence,
+                now=now,
+                error=event.error,
+                restarts=event.restarts,
+            )
+        elif isinstance(event, p.JobDiscarded):
+            await self._storage.transition(
+                event.job_id,
+                JobEvent.CONFIRM_DELETED,
+                server_id=event.server_id,
+                fence=event.fence,
+                now=now,
+                reason="queued message dropped",
+            )
+        elif isinstance(event, p.ServerLeft):
+            await self._storage.server_left(event.server_id, now)
+            self._known_servers.discard(event.server_id)
+            self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
+
+    async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
+        conflicts = await self._storage.apply_heartbeat(hb, now)
+        if hb.server_id not in self._known_servers:
+            self._known_servers.add(hb.server_id)
+            self._plugins.notify(
+                "server_joined", server_id=hb.server_id, name=hb.name, max_workers=hb.max_workers
+            )
+        fences = {job.job_id: job.fence for job in hb.jobs}
+        for job in conflicts:
+            await self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence))
+
+    async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
+        before = await self._storage.get_job(ev.job_id)
+        result = await self._storage.transition(
+            ev.job_id,
+            JobEvent.START,
+            server_id=ev.server_id,
+            fence=ev.fence,
+            now=now,
+            restarts=ev.restarts,
+        )
+        if result.job is None:
+            # A message for a job this storage does not know: never run it.
+            await self._send(
+                p.StopJob(
+                    job_id=ev.job_id, reason=p.StopReason.SUPERSEDED, drop=True, max_fence=ev.fence
+                ),
+                ev.server_id,
+            )
+            return
+        if not result.applied:
+            await self._stop_copy(result.job, ev.server_id, ev.fence)
+            return
+        if (
+            before is not None
+            and before.server_id is not None
+            and before.server_id != ev.server_id
+            and before.fence < ev.fence
+        ):
+            # The job moved: if the old owner still runs a copy, it is stale.
+            await self._send(
+                p.StopJob(
+                    job_id=ev.job_id,
+                    reason=p.StopReason.SUPERSEDED,
+                    drop=True,
+                    max_fence=before.fence,
+                ),
+                before.server_id,
+            )
+
+    async def _on_stopped(self, ev: p.JobStopped, now: datetime) -> None:
+        if ev.reason is p.StopReason.COMPLETED:
+            event = JobEvent.COMPLETE
+        elif ev.reason is p.StopReason.CANCELLED:
+            event = JobEvent.CONFIRM_DELETED
+        else:
+            event = JobEvent.RELEASE
+        reason = f"stopped on {ev.server_id}: {ev.reason.value}" + (
+            " (forced)" if ev.forced else ""
+        )
+        await self._storage.transition(
+            ev.job_id, event, server_id=ev.server_id, fence=ev.fence, now=now, reason=reason
+        )
+
+    async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
+        """A server runs a copy the storage did not accept: tell it to stop."""
+        if job.status in (JobStatus.DELETING, JobStatus.DELETED):
+            reason = p.StopReason.CANCELLED
+        elif job.server_id == server_id and job.fence == fence:
+            return  # it is the recorded owner after all
+        else:
+            reason = p.StopReason.SUPERSEDED
+        log.warning(
+            "stopping a copy job_id=%s server=%s fence=%d (status=%s owner=%s fence=%d)",
+            job.id,
+            server_id,
+            fence,
+            job.status.value,
+            job.server_id,
+            job.fence,
+        )
+        await self._send(
+            p.StopJob(job_id=job.id, reason=reason, drop=True, max_fence=fence), server_id
+        )
+
+    async def _send(self, command: p.Command, server_id: str | None) -> None:
+        try:
+            await self._transport.send_command(command, server_id)
+        except (OrchestratrError, OSError) as exc:
+            # The next heartbeat of that server raises the conflict again.
+            log.warning("could not send %s to %s: %s", command.TYPE, server_id, exc)
+
+    # -- leader duties ------------------------------------------------------------------
+
+    async def _leader_loop(self) -> None:
+        while True:
+            try:
+                await self._sweep()
+            except BackendUnavailable as exc:
+                log.warning("storage unavailable during sweep: %s", exc)
+            except OrchestratrError as exc:
+                log.warning("sweep failed: %s", exc)
+            except Exception:
+                log.exception("sweep failed unexpectedly")
+            await asyncio.sleep(self.options.sweep_interval)
+
+    async def _sweep(self) -> None:
+        """One round of the leader's duties (public for tests via :meth:`sweep_now`)."""
+        now = utcnow()
+        until = now + timedelta(seconds=self.options.leader_lease)
+        self.is_leader = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
+        if not self.is_leader:
+            return
+        expired = await self._storage.expire_servers(
+            now - timedelta(seconds=self.options.server_timeout), now
+        )
+        for server in expired:
+            log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
+            self._known_servers.discard(server.id)
+            self._plugins.notify(
+                "server_left", server_id=server.id, name=server.name, reason="dead"
+            )
+        await self._relay_outbox(now)
+        if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
+            await self._sync_cancellations(now)
+
+    async def sweep_now(self) -> None:
+        """Run the leader's duties once, now (tests and tools)."""
+        await self._sweep()
+
+    async def _relay_outbox(self, now: datetime) -> None:
+        lease_until = now + timedelta(seconds=self.options.outbox_lease)
+        items = await self._storage.claim_outbox(self.id, now, lease_until, 500)
+        if not items:
+            return
+        jobs = {j.id: j for j in await self._storage.get_jobs([i.job_id for i in items])}
+        done: list[int] = []
+        cancels = False
+        for item in items:
+            job = jobs.get(item.job_id)
+            if item.kind is OutboxKind.CANCEL:
+                cancels = True
+                done.append(item.id)
+                continue
+            if job is None or job.status.final:
+                done.append(item.id)
+                continue
+            if job.status is JobStatus.DELETING:
+                # Cancelled before its message was ever sent: nothing can run it.
+                await self._storage.transition(
+                    job.id,
+                    JobEvent.CONFIRM_DELETED,
+                    server_id=None,
+                    fence=job.fence,
+                    now=now,
+                    reason="cancelled before it was sent",
+                )
+                done.append(item.id)
+                continue
+            await self._transport.publish_job(job_message(job, item.generation))
+            done.append(item.id)
+        if cancels:
+            await self._sync_cancellations(now)
+        await self._storage.complete_outbox(done)
+        log.info("outbox relay sent %d item(s)", len(done))
+
+    async def _sync_cancellations(self, now: datetime) -> None:
+        since = now - timedelta(seconds=self.options.cancel_retention)
+        await self._transport.set_cancellations(await self._storage.cancelled_job_ids(since))
+        self._last_resync = time.monotonic()

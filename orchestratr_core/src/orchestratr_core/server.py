@@ -1,0 +1,677 @@
+"""The server runtime: a process that runs up to ``max_workers`` jobs at once.
+
+A server needs only a transport. It holds one job message (a
+:class:`~orchestratr_core.transport.Delivery`) per running job for as long as
+the job runs, and:
+
+* starts the job function as soon as the delivery arrives, unless the job is in
+  the cancellation set (then it drops the message and says so);
+* restarts a job function that raised, with exponential backoff, reporting the
+  error and the restart count; a job function that *returns* has completed: its
+  message is dropped and it never runs again;
+* stops a job at once — hard, without grace — when its delivery is lost (the
+  broker may already have given it to another server: self-fencing);
+* stops a job cooperatively (token, then a hard cancel after ``stop_grace``) when
+  told to: cancel (message dropped), superseded by a newer copy (dropped),
+  hand-over on shutdown or drain (released to the queue);
+* never runs two copies of one job in one process: a second delivery of the same
+  job waits for the first copy to end, and the lower fencing token is dropped;
+* publishes a heartbeat every ``heartbeat_interval`` with every running job and
+  its fencing token, so that the manager can reconcile after anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestratr_core import protocol as p
+from orchestratr_core.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    DeliveryLost,
+    OrchestratrError,
+)
+from orchestratr_core.job import JobArgument, make_fence
+from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
+from orchestratr_core.runner import JobRunner, StopToken, ThreadJobRunner
+from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Transport
+
+__all__ = ["JobFunction", "OrchestratedServer", "ServerOptions", "backoff_delay"]
+
+log = logging.getLogger("orchestratr.server")
+
+JobFunction = Callable[[JobArgument, StopToken, Callable[[], None]], Any]
+"""``async def job(arg, token, heartbeat)`` — or a plain blocking function."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Timings of a server. The defaults suit most fleets."""
+
+    heartbeat_interval: float = 2.0
+    """Seconds between heartbeats to the manager (one message for all jobs)."""
+    stop_grace: float = 10.0
+    """Seconds a job has to honour its stop token before it is cancelled hard."""
+    restart_initial: float = 1.0
+    """Backoff before the first restart of a job function that raised."""
+    restart_max: float = 60.0
+    """Longest backoff between restarts."""
+    restart_reset_after: float = 60.0
+    """A job that ran this long before raising starts its backoff afresh."""
+    connect_retry_max: float = 30.0
+    """Longest wait between attempts to reach the broker at start."""
+
+    def __post_init__(self) -> None:
+        for name in ("heartbeat_interval", "restart_initial", "restart_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be > 0")
+        if self.stop_grace < 0:
+            raise ConfigurationError("stop_grace must be >= 0")
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
+    """The one backoff policy: exponential from ``initial``, capped at ``maximum``,
+    with jitter in [50 %, 100 %] so that a fleet does not retry in lock-step."""
+    base = min(maximum, initial * 2.0 ** max(0, attempt - 1))
+    return base * (0.5 + random.random() / 2)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One running job: its delivery, token and supervising task."""
+
+    delivery: Delivery
+    arg: JobArgument
+    token: StopToken
+    heartbeat_timeout: float | None
+    started_at: float = field(default_factory=time.time)
+    last_heartbeat: float | None = None
+    restarts: int = 0
+    task: asyncio.Task[None] | None = None
+    stop_reason: p.StopReason | None = None
+    stop_hard: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
+        if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
+            # Loss overrides any cooperative reason: the message is no longer ours.
+            self.stop_reason = reason
+        self.stop_hard = self.stop_hard or hard
+        self.token.request_stop(self.stop_reason.value)
+        self.stopping.set()
+
+    def beat(self) -> None:
+        self.last_heartbeat = time.time()
+
+
+class OrchestratedServer:
+    """Runs jobs delivered by the transport. See the module docstring.
+
+    :param job: ``async def job(arg, token, heartbeat)`` or a blocking function of
+        the same parameters (run in a thread pool of ``max_workers`` threads).
+    :param transport: a :class:`Transport`, or a plugin name / URL
+        (``"memory"``, ``"amqp://guest:guest@localhost/"``).
+    :param name: a label for people; need not be unique.
+    :param max_workers: how many jobs this server runs at once (>= 1).
+    """
+
+    def __init__(
+        self,
+        job: JobFunction,
+        *,
+        transport: Transport | str,
+        name: str = "server",
+        max_workers: int = 10,
+        options: ServerOptions | None = None,
+        plugins: PluginManager | None = None,
+    ) -> None:
+        if not callable(job):
+            raise ConfigurationError("job must be callable: async def job(arg, token, heartbeat)")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+            raise ConfigurationError(
+                f"max_workers must be a whole number >= 1, not {max_workers!r} "
+                "(there is no 'unlimited': size it to what the host can run)"
+            )
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError("server name must be a non-empty string")
+        self.id = str(_uuid())
+        self.name = name
+        self.max_workers = max_workers
+        self.options = options or ServerOptions()
+        self._plugins = plugins or get_plugin_manager()
+        self._transport = (
+            self._plugins.make_transport(transport) if isinstance(transport, str) else transport
+        )
+        self._job = job
+        self._runner: JobRunner = self._plugins.make_runner(job)
+        if isinstance(self._runner, ThreadJobRunner):
+            self._runner.resize(max_workers)
+        self._runs: dict[str, _Run] = {}
+        self._cancelled: set[str] = set()
+        self._consumer: JobConsumer | None = None
+        self._commands: Subscription | None = None
+        self._events: asyncio.Queue[p.Event] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._started_at = time.time()
+        self._started = False
+        self._stopped = asyncio.Event()
+        self._draining = False
+        self._dead = False
+        self._shutdown_requested: asyncio.Event | None = None
+        self._capacity = max_workers
+        self._hold: int | None = None
+
+    # -- public API -----------------------------------------------------------------
+
+    def running(self) -> dict[str, JobArgument]:
+        """Jobs running now (not being stopped): job id -> argument."""
+        return {jid: run.arg for jid, run in self._runs.items() if run.stop_reason is None}
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this server uses."""
+        return self._transport
+
+    async def start(self) -> None:
+        """Connect (retrying while the broker is unreachable), subscribe to
+        commands, read the cancellation set, then start taking jobs."""
+        if self._started:
+            return
+        self._started = True
+        await self._connect()
+        self._commands, cancelled = await self._transport.consume_commands(
+            self.id, self._on_command
+        )
+        self._cancelled.update(cancelled)
+        self._tasks.append(asyncio.create_task(self._event_pump(), name="orchestratr-events"))
+        self._publish(self._heartbeat_event())
+        self._consumer = await self._transport.consume_jobs(self.max_workers, self._on_delivery)
+        self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name="orchestratr-hb"))
+        self._plugins.notify(
+            "server_joined", server_id=self.id, name=self.name, max_workers=self.max_workers
+        )
+        log.info(
+            "server started id=%s name=%s max_workers=%d", self.id, self.name, self.max_workers
+        )
+
+    async def stop(self, *, handover: bool = True) -> None:
+        """Stop gracefully: take no more jobs, stop every job cooperatively (hard
+        after ``stop_grace``), hand their messages back to the queue so other
+        servers take them at once, say goodbye, close the transport."""
+        if self._stopped.is_set():
+            return
+        self._draining = True
+        if self._consumer is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await self._consumer.close()
+        reason = p.StopReason.RELEASED if handover else p.StopReason.LOST
+        runs = list(self._runs.values())
+        for run in runs:
+            run.request_stop(reason)
+        await self._wait_runs(runs)
+        self._publish(p.ServerLeft(server_id=self.id, at=time.time()))
+        await self._flush_events(5.0)
+        await self._shutdown()
+        self._plugins.notify("server_left", server_id=self.id, name=self.name, reason="stopped")
+        log.info("server stopped id=%s", self.id)
+
+    async def kill(self) -> None:
+        """Die abruptly, as ``kill -9`` would: no hand-over, no goodbye. The broker
+        gives the held messages to other servers. For tests and the demo."""
+        if self._stopped.is_set():
+            return
+        self._draining = True
+        self._dead = True
+        crash = getattr(self._transport, "crash", None)
+        for run in self._runs.values():
+            run.request_stop(p.StopReason.LOST, hard=True)
+        if callable(crash):
+            result = crash()
+            if asyncio.iscoroutine(result):
+                await result
+        await self._wait_runs(list(self._runs.values()))
+        await self._shutdown()
+
+    async def run_forever(self, *, install_signal_handlers: bool = True) -> None:
+        """Start, run until SIGTERM/SIGINT (or a drain command), then stop gracefully."""
+        self._shutdown_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._shutdown_requested.set)
+        try:
+            await self.start()
+            stopped = asyncio.create_task(self._stopped.wait())
+            requested = asyncio.create_task(self._shutdown_requested.wait())
+            await asyncio.wait({stopped, requested}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            requested.cancel()
+        finally:
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # -- start-up and shutdown ----------------------------------------------------------
+
+    async def _connect(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._transport.connect()
+                return
+            except BackendUnavailable as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, 0.5, self.options.connect_retry_max)
+                log.warning("broker unreachable (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _shutdown(self) -> None:
+        self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._commands is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await self._commands.close()
+        with contextlib.suppress(OrchestratrError, OSError):
+            await self._transport.close()
+        await self._runner.close()
+
+    async def _wait_runs(self, runs: list[_Run]) -> None:
+        tasks = [run.task for run in runs if run.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.options.stop_grace + 5.0)
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        message = delivery.message
+        fence = make_fence(message.generation, delivery.delivery_count)
+        if self._draining:
+            await self._settle(delivery, release=True)
+            return
+        if message.job_id in self._cancelled:
+            log.info("dropping cancelled job job_id=%s fence=%d", message.job_id, fence)
+            if await self._settle(delivery, release=False):
+                self._publish(
+                    p.JobDiscarded(
+                        server_id=self.id, job_id=message.job_id, fence=fence, at=time.time()
+                    )
+                )
+            return
+        previous = self._runs.get(message.job_id)
+        if previous is not None:
+            if previous.arg.fence >= fence:
+                # A duplicate copy with an older token: drop it, keep what runs.
+                log.warning(
+                    "dropping duplicate delivery job_id=%s fence=%d (running fence=%d)",
+                    message.job_id,
+                    fence,
+                    previous.arg.fence,
+                )
+                await self._settle(delivery, release=False)
+                return
+            previous.request_stop(p.StopReason.SUPERSEDED)
+        arg = JobArgument(
+            job_id=message.job_id, name=message.name, argument=message.argument, fence=fence
+        )
+        run = _Run(
+            delivery=delivery,
+            arg=arg,
+            token=StopToken(),
+            heartbeat_timeout=message.heartbeat_timeout,
+        )
+        self._runs[message.job_id] = run
+        run.task = asyncio.create_task(
+            self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
+        )
+
+    async def _settle(self, delivery: Delivery, *, release: bool) -> bool:
+        try:
+            if release:
+                await delivery.release()
+            else:
+                await delivery.ack()
+        except DeliveryLost:
+            return False
+        except (OrchestratrError, OSError) as exc:
+            log.warning("could not settle a delivery: %s", exc)
+            return False
+        return True
+
+    async def _supervise(self, run: _Run, previous: _Run | None) -> None:
+        """Run one job until it is stopped, restarting it after failures."""
+        arg = run.arg
+        lost_watch = asyncio.create_task(self._watch_lost(run))
+        forced = False
+        error: str | None = None
+        try:
+            if previous is not None and previous.task is not None:
+                # Never two copies in one process: wait for the older copy to end.
+                await asyncio.wait({previous.task})
+            attempt = 0
+            while run.stop_reason is None:
+                began = time.time()
+                run.last_heartbeat = None
+                self._publish(
+                    p.JobStarted(
+                        server_id=self.id,
+                        job_id=arg.job_id,
+                        fence=arg.fence,
+                        at=began,
+                        restarts=run.restarts,
+                    )
+                )
+                self._plugins.notify(
+                    "job_started",
+                    server_id=self.id,
+                    job_id=arg.job_id,
+                    name=arg.name,
+                    fence=arg.fence,
+                    restarts=run.restarts,
+                )
+                job_task: asyncio.Task[None] = asyncio.create_task(
+                    self._runner.run(self._job, arg, run.token, run.beat)
+                )
+                outcome = await self._wait_job(run, job_task, began)
+                if outcome == "stop":
+                    forced = await self._stop_job(run, job_task)
+                    break
+                if outcome == "watchdog":
+                    forced = await self._stop_job(run, job_task)
+                    error = f"watchdog: no heartbeat() within {run.heartbeat_timeout} s"
+                    run.token = StopToken()
+                elif job_task.exception() is None:
+                    run.request_stop(p.StopReason.COMPLETED)
+                    break
+                else:
+                    exc = job_task.exception()
+                    assert exc is not None
+                    error = _describe(exc)
+                if time.time() - began >= self.options.restart_reset_after:
+                    attempt = 0
+                attempt += 1
+                run.restarts += 1
+                delay = backoff_delay(
+                    attempt, self.options.restart_initial, self.options.restart_max
+                )
+                log.warning(
+                    "job failed job_id=%s fence=%d restarts=%d retry_in=%.1fs error=%s",
+                    arg.job_id,
+                    arg.fence,
+                    run.restarts,
+                    delay,
+                    error,
+                )
+                self._publish(
+                    p.JobFailed(
+                        server_id=self.id,
+                        job_id=arg.job_id,
+                        fence=arg.fence,
+                        error=error,
+                        restarts=run.restarts,
+                        retry_in=delay,
+                        at=time.time(),
+                    )
+                )
+                self._plugins.notify(
+                    "job_failed",
+                    server_id=self.id,
+                    job_id=arg.job_id,
+                    name=arg.name,
+                    fence=arg.fence,
+                    error=error,
+                    restarts=run.restarts,
+                    retry_in=delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.stopping.wait(), timeout=delay)
+        except asyncio.CancelledError:
+            run.request_stop(p.StopReason.LOST, hard=True)
+            raise
+        finally:
+            lost_watch.cancel()
+            if self._runs.get(arg.job_id) is run:
+                del self._runs[arg.job_id]
+            await self._finish(run, forced=forced, error=error)
+            self._update_capacity()
+
+    async def _wait_job(self, run: _Run, job_task: asyncio.Task[None], began: float) -> str:
+        """Wait for the job to end or be told to stop: 'done', 'stop' or 'watchdog'
+        (the job did not call ``heartbeat()`` within its heartbeat timeout)."""
+        stopping = asyncio.create_task(run.stopping.wait())
+        try:
+            while True:
+                timeout = None
+                if run.heartbeat_timeout is not None:
+                    last = max(run.last_heartbeat or 0.0, began)
+                    timeout = last + run.heartbeat_timeout - time.time()
+                    if timeout <= 0:
+                        return "watchdog"
+                done, _ = await asyncio.wait(
+                    {job_task, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopping in done:
+                    return "stop"
+                if job_task in done:
+                    return "done"
+        finally:
+            stopping.cancel()
+
+    async def _stop_job(self, run: _Run, job_task: asyncio.Task[None]) -> bool:
+        """Stop the job function; True if it had to be cancelled hard."""
+        run.token.request_stop((run.stop_reason or p.StopReason.WATCHDOG).value)
+        if not run.stop_hard and not job_task.done():
+            await asyncio.wait({job_task}, timeout=self.options.stop_grace)
+        if job_task.done():
+            if not job_task.cancelled():
+                job_task.exception()  # retrieved: a job may raise while stopping
+            return False
+        job_task.cancel()
+        await asyncio.wait({job_task}, timeout=1.0)
+        if not run.stop_hard:
+            log.warning(
+                "job ignored its stop token for %.1f s and was cancelled hard job_id=%s fence=%d",
+                self.options.stop_grace,
+                run.arg.job_id,
+                run.arg.fence,
+            )
+        return True
+
+    async def _watch_lost(self, run: _Run) -> None:
+        await run.delivery.lost.wait()
+        if run.stop_reason is None or run.stop_reason is not p.StopReason.LOST:
+            log.warning(
+                "delivery lost: stopping job at once job_id=%s fence=%d",
+                run.arg.job_id,
+                run.arg.fence,
+            )
+        run.request_stop(p.StopReason.LOST, hard=True)
+
+    async def _finish(self, run: _Run, *, forced: bool, error: str | None) -> None:
+        reason = run.stop_reason or p.StopReason.LOST
+        if reason is not p.StopReason.LOST and not run.delivery.lost.is_set():
+            release = reason in (p.StopReason.RELEASED, p.StopReason.WATCHDOG)
+            if not await self._settle(run.delivery, release=release):
+                reason = p.StopReason.LOST
+        self._publish(
+            p.JobStopped(
+                server_id=self.id,
+                job_id=run.arg.job_id,
+                fence=run.arg.fence,
+                reason=reason,
+                at=time.time(),
+                forced=forced,
+                error=error if reason is not p.StopReason.COMPLETED else None,
+            )
+        )
+        self._plugins.notify(
+            "job_stopped",
+            server_id=self.id,
+            job_id=run.arg.job_id,
+            name=run.arg.name,
+            fence=run.arg.fence,
+            reason=reason.value,
+            forced=forced,
+        )
+        log.info(
+            "job stopped job_id=%s fence=%d reason=%s forced=%s",
+            run.arg.job_id,
+            run.arg.fence,
+            reason.value,
+            forced,
+        )
+
+    def _update_capacity(self) -> None:
+        """Keep the prefetch at what this server can really run: threads that
+        ignored their stop token still occupy a worker."""
+        capacity = self.max_workers - self._runner.abandoned()
+        if self._hold is not None:
+            capacity = min(capacity, self._hold)
+        capacity = max(0, capacity)
+        if capacity != self._capacity and self._consumer is not None and not self._draining:
+            self._capacity = capacity
+            task = asyncio.create_task(self._consumer.set_capacity(capacity))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def _on_command(self, command: p.Command) -> None:
+        if isinstance(command, p.CancelJob):
+            self._cancelled.add(command.job_id)
+            run = self._runs.get(command.job_id)
+            if run is not None:
+                log.info("cancel job_id=%s fence=%d", command.job_id, run.arg.fence)
+                run.request_stop(p.StopReason.CANCELLED)
+        elif isinstance(command, p.StopJob):
+            run = self._runs.get(command.job_id)
+            if run is None:
+                return
+            if command.max_fence is not None and run.arg.fence > command.max_fence:
+                return
+            reason = command.reason
+            if reason is p.StopReason.CANCELLED:
+                self._cancelled.add(command.job_id)
+            if command.drop and reason is p.StopReason.RELEASED:
+                reason = p.StopReason.SUPERSEDED
+            log.info("stop job_id=%s fence=%d reason=%s", command.job_id, run.arg.fence, reason)
+            run.request_stop(reason)
+        elif isinstance(command, p.DrainServer):
+            log.info("drain requested")
+            if self._shutdown_requested is not None:
+                self._shutdown_requested.set()
+            else:
+                task = asyncio.create_task(self.stop())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        elif isinstance(command, p.ReleaseJobs):
+            self._hold = command.hold
+            self._update_capacity()
+            runs = sorted(
+                (r for r in self._runs.values() if r.stop_reason is None),
+                key=lambda r: r.started_at,
+                reverse=True,
+            )
+            for run in runs[: max(0, command.count)]:
+                run.request_stop(p.StopReason.RELEASED)
+
+    # -- events -------------------------------------------------------------------------
+
+    def _publish(self, event: p.Event) -> None:
+        if not self._dead:  # a killed server says nothing more
+            self._events.put_nowait(event)
+
+    async def _event_pump(self) -> None:
+        """Publish events one at a time, in order. A heartbeat that could not be
+        sent is replaced by the next one; other events are retried with backoff
+        (the next heartbeat carries the full state anyway)."""
+        while True:
+            event = await self._events.get()
+            attempt = 0
+            while True:
+                if isinstance(event, p.ServerHeartbeat) and any(
+                    isinstance(e, p.ServerHeartbeat) for e in _peek(self._events)
+                ):
+                    break  # a newer heartbeat is queued
+                try:
+                    await self._transport.publish_event(event)
+                    break
+                except (OrchestratrError, OSError) as exc:
+                    attempt += 1
+                    if attempt >= 8:
+                        log.warning(
+                            "dropping event %s after %d attempts: %s", event.TYPE, attempt, exc
+                        )
+                        break
+                    await asyncio.sleep(backoff_delay(attempt, 0.2, 5.0))
+            self._events.task_done()
+
+    async def _flush_events(self, limit: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._events.join(), timeout=limit)
+
+    def _heartbeat_event(self) -> p.ServerHeartbeat:
+        jobs = tuple(
+            p.RunningJob(
+                job_id=jid,
+                fence=run.arg.fence,
+                last_heartbeat=run.last_heartbeat,
+                restarts=run.restarts,
+            )
+            for jid, run in self._runs.items()
+            if run.stop_reason is None
+        )
+        return p.ServerHeartbeat(
+            server_id=self.id,
+            name=self.name,
+            max_workers=self.max_workers,
+            started_at=self._started_at,
+            sent_at=time.time(),
+            host=_HOST,
+            pid=os.getpid(),
+            draining=self._draining,
+            jobs=jobs,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_interval)
+            self._publish(self._heartbeat_event())
+
+
+_HOST = socket.gethostname()
+
+
+def _uuid() -> str:
+    from orchestratr_core.job import new_id
+
+    return new_id()
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line-ish description of a job's exception, with its last frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    text = f"{type(exc).__name__}: {exc}{where}"
+    return text[:2000]
+
+
+def _peek(queue: asyncio.Queue[p.Event]) -> list[p.Event]:
+    return list(getattr(queue, "_queue", ()))

@@ -1,0 +1,566 @@
+"""The server and manager runtimes on the memory backends: behaviour, the
+original's defects, and invariants I1-I6 under the memory broker's faults."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from orchestratr_core import (
+    ConfigurationError,
+    DuplicateJobName,
+    InvalidJobInput,
+    JobArgument,
+    JobStatus,
+    OrchestratedServer,
+    ServerManager,
+    ServerOptions,
+    StopToken,
+    UnknownJob,
+)
+from orchestratr_core import protocol as p
+from orchestratr_core.job import (
+    JobQuery,
+    NewJob,
+    ServerQuery,
+    ServerStatus,
+    new_id,
+    split_fence,
+    utcnow,
+)
+from tests.core.conftest import FAST_MANAGER, FAST_SERVER, Cluster, Ledger, eventually
+
+# -- the happy path ----------------------------------------------------------------------
+
+
+async def test_created_job_starts_on_exactly_one_server_and_the_monitor_shows_it(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    for name in ("a", "b", "c"):
+        await cluster.add_server(name, 5)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    record = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    copy = cluster.ledger.running(job_id)[0]
+    assert record.server_id == cluster.servers[copy.server].id
+    assert record.fence == copy.fence
+    assert split_fence(record.fence) == (1, 0)
+    servers = await cluster.monitor.servers()
+    assert sorted(s.name for s in servers) == ["a", "b", "c"]
+    holder = next(s for s in servers if s.name == copy.server)
+    assert [j.id for j in holder.running] == [job_id]
+
+
+async def test_jobs_spread_over_servers_and_no_server_exceeds_max_workers(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 3)
+    await cluster.add_server("b", 3)
+    ids = await cluster.create(8)
+    await eventually(lambda: len(cluster.ledger.running()) == 6, what="6 running")
+    await asyncio.sleep(0.3)
+    per_server: dict[str, int] = {}
+    for c in cluster.ledger.running():
+        per_server[c.server] = per_server.get(c.server, 0) + 1
+    assert per_server == {"a": 3, "b": 3}  # I6
+    pending = await cluster.monitor.all_jobs(JobQuery(statuses=frozenset({JobStatus.PENDING})))
+    assert len(pending) == 2
+    await cluster.add_server("c", 3)
+    await cluster.wait_running(ids)
+
+
+async def test_max_workers_zero_or_negative_is_a_clear_error_not_unlimited(
+    cluster: Cluster,
+) -> None:
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="max_workers"):
+            OrchestratedServer(cluster.ledger.job("x"), transport=cluster.transport(), max_workers=bad)
+
+
+async def test_heartbeat_from_the_job_reaches_the_monitor_batched(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    (job_id,) = await cluster.create(1)
+    record = await eventually(
+        lambda: _with_heartbeat(cluster, job_id), what="job heartbeat visible"
+    )
+    assert record.last_heartbeat is not None
+
+
+async def _with_heartbeat(cluster: Cluster, job_id: str) -> Any:
+    record = await cluster.job(job_id)
+    return record if record.last_heartbeat is not None else None
+
+
+async def test_blocking_job_functions_run_in_threads_off_the_event_loop(
+    cluster: Cluster,
+) -> None:
+    seen: list[str] = []
+
+    def blocking(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        seen.append(threading.current_thread().name)
+        while not token.wait_sync(0.05):
+            heartbeat()
+
+    await cluster.start_manager()
+    await cluster.add_server("a", 4, job=blocking)
+    ids = await cluster.create(4)
+    await eventually(lambda: len(seen) == 4, what="4 threads started")
+    assert all(name.startswith("orchestratr-job") for name in seen)
+    # the loop stays responsive while four threads block
+    t0 = time.monotonic()
+    await asyncio.sleep(0.01)
+    assert time.monotonic() - t0 < 0.5
+    await cluster.client.mark_on_deleting(ids[0])
+    await cluster.wait_status(ids[0], JobStatus.DELETED)
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("", "empty"),
+        ("   ", "blank"),
+        ("x" * 201, "200"),
+        ("bad\x00name", "control character"),
+        ("tab\there", "control character"),
+        (" lead", "white space"),
+    ],
+)
+async def test_bad_job_names_are_refused_and_nothing_is_stored(
+    cluster: Cluster, name: str, message: str
+) -> None:
+    await cluster.start_manager()
+    with pytest.raises(InvalidJobInput, match=message):
+        await cluster.client.create_job(name, "")
+    assert await cluster.monitor.all_jobs() == []
+
+
+async def test_oversized_argument_and_duplicate_name_and_unknown_id_are_clear_errors(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    with pytest.raises(InvalidJobInput, match="bytes"):
+        await cluster.client.create_job("big", "x" * (64 * 1024 + 1))
+    await cluster.client.create_job("one", "")
+    with pytest.raises(DuplicateJobName, match="one"):
+        await cluster.client.create_job("one", "")
+    with pytest.raises(UnknownJob):
+        await cluster.client.mark_on_deleting("no-such-id")
+    with pytest.raises(UnknownJob):
+        await cluster.monitor.job("no-such-id")
+    assert len(await cluster.monitor.all_jobs()) == 1
+
+
+async def test_malformed_and_newer_protocol_messages_are_dead_lettered_and_servers_keep_running(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    broker = cluster.broker
+    for queue in ("jobs", "events", "commands"):
+        broker.inject_raw(queue, b"not json")
+        broker.inject_raw(queue, b'{"v": 99, "type": "job"}')
+        broker.inject_raw(queue, b'{"hello": "foreign"}')
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    await eventually(lambda: len(broker.dead_letters) >= 7, what="dead letters")
+
+
+# -- cancellation (defect 2, I3) ------------------------------------------------------------
+
+
+async def test_cancelling_a_running_job_stops_it_and_it_never_runs_again(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    await cluster.add_server("b", 2)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    await cluster.client.mark_on_deleting(job_id)
+    await cluster.wait_status(job_id, JobStatus.DELETED)
+    assert cluster.ledger.running(job_id) == []
+    # kill the server that ran it; the job must not come back anywhere
+    server = cluster.ledger.of(job_id)[0].server
+    await cluster.servers[server].kill()
+    await cluster.add_server("c", 2)
+    await asyncio.sleep(1.0)
+    assert len(cluster.ledger.of(job_id)) == 1
+    # the name can be used again once deleted
+    await cluster.client.create_job(cluster.ledger.of(job_id)[0].name, "")
+
+
+async def test_cancelling_a_queued_job_means_it_never_starts(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 1)
+    first, queued = await cluster.create(2)
+    await cluster.wait_running([first])
+    record = await cluster.client.mark_on_deleting(queued)
+    assert record.status is JobStatus.DELETING
+    await cluster.client.mark_on_deleting(first)
+    await cluster.wait_status(first, JobStatus.DELETED)
+    # the queued message is delivered now, and dropped instead of run
+    await cluster.wait_status(queued, JobStatus.DELETED)
+    assert cluster.ledger.of(queued) == []
+
+
+async def test_cancelling_a_job_that_never_started_does_not_crash_and_a_new_server_drops_it(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    (job_id,) = await cluster.create(1)  # no server at all
+    record = await cluster.client.mark_on_deleting(job_id)
+    assert record.status is JobStatus.DELETING
+    again = await cluster.client.mark_on_deleting(job_id)  # idempotent
+    assert again.status is JobStatus.DELETING
+    await cluster.add_server("late", 2)  # joins after the cancel: reads the set first
+    await cluster.wait_status(job_id, JobStatus.DELETED)
+    assert cluster.ledger.of(job_id) == []
+
+
+async def test_a_cancel_survives_a_manager_restart_mid_cancel(cluster: Cluster) -> None:
+    manager = await cluster.start_manager()
+    await cluster.add_server("a", 1)
+    first, queued = await cluster.create(2)
+    await cluster.wait_running([first])
+    # the cancel is committed but the manager dies before broadcasting it
+    now = utcnow()
+    await cluster.storage.request_cancel(queued, now, "dead-manager", now)
+    await manager.stop()
+    cluster.manager = None
+    await cluster.start_manager()  # relays the outbox row
+    await cluster.client.mark_on_deleting(first)
+    await cluster.wait_status(queued, JobStatus.DELETED)
+    assert cluster.ledger.of(queued) == []
+
+
+# -- failures, completion, stop tokens (defect 8) ---------------------------------------------
+
+
+async def test_a_job_that_raises_is_restarted_with_backoff_and_its_error_is_recorded(
+    cluster: Cluster,
+) -> None:
+    starts: list[float] = []
+
+    async def flaky(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        starts.append(time.monotonic())
+        if len(starts) <= 4:
+            raise RuntimeError(f"boom {len(starts)}")
+        await token
+
+    await cluster.start_manager()
+    await cluster.add_server(
+        "a", 1, job=flaky,
+        options=ServerOptions(heartbeat_interval=0.2, restart_initial=0.1, restart_max=1.0),
+    )
+    (job_id,) = await cluster.create(1)
+    await eventually(lambda: len(starts) >= 5, what="5 starts")
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert gaps[0] >= 0.05  # never at once
+    assert gaps[3] > gaps[0]  # grows
+    record = await eventually(lambda: _restarted(cluster, job_id, 4), what="restarts recorded")
+    assert record.last_error is not None and "boom 4" in record.last_error
+    assert record.status is JobStatus.PROCESSING
+
+
+async def _restarted(cluster: Cluster, job_id: str, n: int) -> Any:
+    record = await cluster.job(job_id)
+    return record if record.restarts >= n else None
+
+
+async def test_a_job_that_returns_is_completed_and_never_runs_again(cluster: Cluster) -> None:
+    runs: list[str] = []
+
+    async def once(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        runs.append(arg.job_id)
+
+    await cluster.start_manager()
+    await cluster.add_server("a", 2, job=once)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_status(job_id, JobStatus.COMPLETED)
+    await asyncio.sleep(0.5)
+    assert runs == [job_id]
+    # completed is final: cancelling changes nothing
+    record = await cluster.client.mark_on_deleting(job_id)
+    assert record.status is JobStatus.COMPLETED
+
+
+async def test_a_job_ignoring_its_token_is_cancelled_hard_after_the_grace_and_reported(
+    cluster: Cluster,
+) -> None:
+    cancelled_hard: list[bool] = []
+
+    async def stubborn(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        try:
+            while True:
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            cancelled_hard.append(True)
+            raise
+
+    await cluster.start_manager()
+    await cluster.add_server(
+        "a", 1, job=stubborn, options=ServerOptions(heartbeat_interval=0.2, stop_grace=0.3)
+    )
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    t0 = time.monotonic()
+    await cluster.client.mark_on_deleting(job_id)
+    record = await cluster.wait_status(job_id, JobStatus.DELETED)
+    assert cancelled_hard == [True]
+    assert time.monotonic() - t0 >= 0.3
+    assert record.reason is not None and "forced" in record.reason
+
+
+async def test_watchdog_restarts_a_job_that_stops_calling_heartbeat(cluster: Cluster) -> None:
+    starts: list[float] = []
+
+    async def hangs(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        starts.append(time.monotonic())
+        await token  # never calls heartbeat()
+
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 1, job=hangs)
+    now = utcnow()
+    record = await cluster.storage.create_job(
+        NewJob(id=new_id(), name="w1", argument="", created_at=now), "test", now + timedelta(hours=1)
+    )
+    await cluster.manager.transport.publish_job(  # type: ignore[union-attr]
+        p.JobMessage(job_id=record.id, name="w1", argument="", generation=1,
+                     created_at=time.time(), heartbeat_timeout=0.3)
+    )
+    await eventually(lambda: len(starts) >= 2, what="restarted by the watchdog")
+    assert record.id in server.running()
+    failed = await eventually(lambda: _restarted(cluster, record.id, 1), what="watchdog recorded")
+    assert failed.last_error is not None and "watchdog" in failed.last_error
+
+
+# -- server faults on the memory broker: I1, I2 ---------------------------------------------
+
+
+async def test_kill_a_server_and_its_jobs_run_again_elsewhere_once_each(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    for name in ("a", "b", "c"):
+        await cluster.add_server(name, 10)
+    ids = await cluster.create(15)
+    await cluster.wait_running(ids)
+    victim = "a"
+    moved = [c.job_id for c in cluster.ledger.running() if c.server == victim]
+    await cluster.servers[victim].kill()
+    t0 = time.monotonic()
+    await cluster.wait_running(ids)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 2.0
+    assert cluster.ledger.overlaps() == []
+    assert cluster.ledger.fences_grow()
+    for job_id in moved:
+        await eventually(
+            lambda j=job_id: _owner_is_not(cluster, j, cluster.servers[victim].id),
+            what="monitor shows the move",
+        )
+    # the manager finds the dead server
+    servers = await eventually(
+        lambda: _dead(cluster, cluster.servers[victim].id), what="server marked dead"
+    )
+    assert servers
+
+
+async def _owner_is_not(cluster: Cluster, job_id: str, server_id: str) -> bool:
+    record = await cluster.job(job_id)
+    return record.status is JobStatus.PROCESSING and record.server_id not in (None, server_id)
+
+
+async def _dead(cluster: Cluster, server_id: str) -> bool:
+    servers = await cluster.monitor.servers(ServerQuery(statuses=None))
+    return any(s.id == server_id and s.status is ServerStatus.DEAD for s in servers)
+
+
+async def test_graceful_stop_hands_jobs_over_with_no_overlap(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 10)
+    await cluster.add_server("b", 10)
+    ids = await cluster.create(10)
+    await cluster.wait_running(ids)
+    assert any(c.server == "a" for c in cluster.ledger.running())
+    await cluster.servers["a"].stop()
+    await cluster.wait_running(ids, timeout=5)
+    assert all(c.server == "b" for c in cluster.ledger.running())
+    assert cluster.ledger.overlaps() == []
+    servers = await cluster.monitor.servers(ServerQuery(statuses=None))
+    assert {s.name: s.status for s in servers}["a"] is ServerStatus.LEFT
+
+
+async def test_partitioned_server_fences_itself_before_the_broker_gives_its_jobs_away(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    a = await cluster.add_server("a", 10, fence_timeout=0.4, broker_timeout=1.0)
+    await cluster.add_server("b", 10)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    on_a = [c.job_id for c in cluster.ledger.running() if c.server == "a"]
+    assert on_a
+    a.transport.partition()  # type: ignore[attr-defined]
+    await eventually(
+        lambda: not any(c.server == "a" for c in cluster.ledger.running()), what="a fenced"
+    )
+    await cluster.wait_running(ids, timeout=5)
+    assert all(c.server == "b" for c in cluster.ledger.running())
+    assert cluster.ledger.overlaps() == []
+    assert cluster.ledger.fences_grow()
+    a.transport.heal()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.5)
+    assert cluster.ledger.overlaps() == []
+
+
+async def test_consumer_timeout_expiry_never_yields_two_copies(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    a = await cluster.add_server("a", 10)
+    ids = await cluster.create(3)
+    await cluster.wait_running(ids)
+    a.transport.expire_consumer_timeout()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.2)
+    await cluster.wait_running(ids)
+    assert cluster.ledger.overlaps() == []
+    assert cluster.ledger.fences_grow()
+    assert all(len(cluster.ledger.of(j)) == 2 for j in ids)
+
+
+async def test_broker_restart_every_job_runs_again_once(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 10)
+    await cluster.add_server("b", 10)
+    ids = await cluster.create(10)
+    await cluster.wait_running(ids)
+    cluster.broker.broker_restart()
+    await asyncio.sleep(0.3)
+    await cluster.wait_running(ids, timeout=15)
+    assert cluster.ledger.overlaps() == []
+    assert cluster.ledger.fences_grow()
+
+
+async def test_duplicate_job_message_never_runs_two_copies_for_long(cluster: Cluster) -> None:
+    """A publish retried after a lost confirm makes two messages of one job: the
+    manager tells the lower fence to stop and drop its copy."""
+    await cluster.start_manager()
+    await cluster.add_server("a", 5)
+    await cluster.add_server("b", 5)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    record = await cluster.job(job_id)
+    from orchestratr_core.client import job_message
+
+    await cluster.manager.transport.publish_job(job_message(record, 1))  # type: ignore[union-attr]
+    await eventually(lambda: len(cluster.ledger.of(job_id)) == 2, what="duplicate delivered")
+    await eventually(lambda: len(cluster.ledger.running(job_id)) == 1, what="one copy left")
+    await asyncio.sleep(0.5)
+    assert len(cluster.ledger.running(job_id)) == 1
+
+
+# -- manager faults and reconciliation (defects 3, 4, 5) --------------------------------------
+
+
+async def test_manager_restart_reconciles_the_view_within_a_heartbeat(cluster: Cluster) -> None:
+    manager = await cluster.start_manager()
+    await cluster.add_server("a", 10)
+    ids = await cluster.create(5)
+    await cluster.wait_running(ids)
+    await manager.stop()
+    # while the manager is away: a job moves and a new job cannot be created,
+    # but running jobs keep running
+    await cluster.servers["a"].kill()
+    await cluster.add_server("b", 10)
+    await cluster.wait_running(ids)
+    cluster.manager = None
+    await cluster.start_manager()
+    b_id = cluster.servers["b"].id
+    for job_id in ids:
+        await eventually(
+            lambda j=job_id: _owned_by(cluster, j, b_id), timeout=3, what="reconciled"
+        )
+
+
+async def _owned_by(cluster: Cluster, job_id: str, server_id: str) -> bool:
+    record = await cluster.job(job_id)
+    return record.status is JobStatus.PROCESSING and record.server_id == server_id
+
+
+async def test_job_created_while_broker_unreachable_is_sent_by_the_outbox_relay(
+    cluster: Cluster,
+) -> None:
+    """No message before commit and no committed job without a message."""
+    await cluster.start_manager()
+    await cluster.add_server("a", 5)
+    from orchestratr_core.client import OrchestratorClient
+
+    offline = OrchestratorClient(cluster.storage, None)  # commit only: no transport
+    job_id = await offline.create_job("from-outbox", "x")
+    record = await cluster.job(job_id)
+    assert record.status is JobStatus.PENDING
+    await cluster.wait_running([job_id])
+
+
+async def test_a_job_is_processing_only_after_its_server_reported_the_start(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    (job_id,) = await cluster.create(1)
+    await asyncio.sleep(0.3)
+    assert (await cluster.job(job_id)).status is JobStatus.PENDING
+    await cluster.add_server("a", 1)
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+
+
+async def test_a_late_started_report_never_revives_a_deleted_job(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    await cluster.client.mark_on_deleting(job_id)
+    deleted = await cluster.wait_status(job_id, JobStatus.DELETED)
+    transport = cluster.transport()
+    await transport.connect()
+    try:
+        await transport.publish_event(
+            p.JobStarted(server_id="ghost", job_id=job_id, fence=deleted.fence + 10, at=time.time())
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        await transport.close()
+    assert (await cluster.job(job_id)).status is JobStatus.DELETED
+
+
+async def test_two_managers_on_one_storage_are_safe(cluster: Cluster, ledger: Ledger) -> None:
+    first = await cluster.start_manager()
+    second = ServerManager(storage=cluster.storage, transport=cluster.transport(), options=FAST_MANAGER)
+    await second.start()
+    try:
+        await cluster.add_server("a", 10)
+        ids = [await first.client.create_job(f"m1-{i}") for i in range(3)]
+        ids += [await second.client.create_job(f"m2-{i}") for i in range(3)]
+        with pytest.raises(DuplicateJobName):
+            await second.client.create_job("m1-0")
+        await cluster.wait_running(ids)
+        await asyncio.sleep(0.5)
+        assert all(len(ledger.of(j)) == 1 for j in ids)  # no double publish
+        assert first.is_leader != second.is_leader
+    finally:
+        await second.stop()
+
+
+async def test_new_server_joining_gets_queued_jobs(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    ids = await cluster.create(4)
+    await eventually(lambda: len(cluster.ledger.running()) == 2, what="two running")
+    await cluster.add_server("b", 2)
+    await cluster.wait_running(ids)
+
