@@ -4,6 +4,7 @@ original's defects, and invariants I1-I6 under the memory broker's faults."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from datetime import timedelta
@@ -564,3 +565,38 @@ async def test_new_server_joining_gets_queued_jobs(cluster: Cluster) -> None:
     await cluster.add_server("b", 2)
     await cluster.wait_running(ids)
 
+
+
+# -- rebalancing (defect 9) ------------------------------------------------------------------
+
+
+async def test_servers_that_join_receive_their_share_and_each_job_moves_at_most_once(
+    cluster: Cluster,
+) -> None:
+    options = dataclasses.replace(FAST_MANAGER, rebalance_interval=0.5, rebalance_max_share=1.0)
+    await cluster.start_manager(options)
+    await cluster.add_server("a", 12)
+    ids = await cluster.create(12)
+    await cluster.wait_running(ids)
+    await cluster.add_server("b", 12)
+    await cluster.add_server("c", 6)  # half the capacity: half the share
+
+    def spread() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for c in cluster.ledger.running():
+            counts[c.server] = counts.get(c.server, 0) + 1
+        return counts
+
+    await eventually(
+        lambda: spread().get("a", 0) <= 6 and spread().get("c", 0) >= 2 and len(spread()) == 3,
+        timeout=10,
+        what="balanced",
+    )
+    await cluster.wait_running(ids)
+    await asyncio.sleep(1.5)  # further rounds change nothing once balanced
+    final = spread()
+    shares = {"a": 12 * 12 / 30, "b": 12 * 12 / 30, "c": 12 * 6 / 30}
+    assert all(abs(final[s] - shares[s]) <= 1 for s in shares), final
+    assert cluster.ledger.overlaps() == []
+    assert max(len(cluster.ledger.of(j)) for j in ids) <= 2  # nobody moved twice
+    assert sum(final.values()) == 12

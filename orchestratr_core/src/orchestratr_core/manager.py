@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,16 @@ from orchestratr_core.errors import (
     OrchestratrError,
     UnknownServer,
 )
-from orchestratr_core.job import JobEvent, JobRecord, JobStatus, ServerStatus, new_id, utcnow
+from orchestratr_core.job import (
+    JobEvent,
+    JobQuery,
+    JobRecord,
+    JobStatus,
+    ServerQuery,
+    ServerStatus,
+    new_id,
+    utcnow,
+)
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.server import backoff_delay
@@ -69,6 +79,16 @@ class ManagerOptions:
     """How often the leader rewrites the whole cancellation set."""
     retry_max: float = 10.0
     """Longest wait between retries while the storage or broker is down."""
+    rebalance: bool = True
+    """Move running jobs to servers that have joined, until every server holds its
+    capacity-proportional share within one job."""
+    rebalance_interval: float = 5.0
+    """Seconds between rebalancing rounds (each round waits for fresh heartbeats)."""
+    rebalance_max_share: float = 0.25
+    """At most this share of the running jobs moves in one round (at least one job)."""
+    rebalance_hold: float = 3.0
+    """Seconds every server caps itself at its share after a round, so that the
+    released jobs land on servers below their share and move only once."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
@@ -112,6 +132,7 @@ class ServerManager:
         self._tasks: list[asyncio.Task[None]] = []
         self._known_servers: set[str] = set()
         self._last_resync = 0.0
+        self._last_rebalance = time.monotonic()
         self._started = False
         self._stopped = False
         self.is_leader = False
@@ -364,6 +385,63 @@ class ServerManager:
         await self._relay_outbox(now)
         if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
             await self._sync_cancellations(now)
+        if (
+            self.options.rebalance
+            and time.monotonic() - self._last_rebalance >= self.options.rebalance_interval
+        ):
+            self._last_rebalance = time.monotonic()
+            await self.rebalance()
+
+    async def rebalance(self) -> int:
+        """One rebalancing round: tell servers above their capacity-proportional
+        share (by more than one job) to hand the surplus back, while every server
+        caps itself at its share for ``rebalance_hold`` seconds. Does nothing while
+        jobs wait in the queue (free servers take those first). Returns how many
+        jobs were asked to move."""
+        servers = await self._storage.list_servers(
+            ServerQuery(statuses=frozenset({ServerStatus.ALIVE}), with_jobs=True)
+        )
+        if len(servers) < 2:
+            return 0
+        waiting = await self._storage.list_jobs(
+            JobQuery(statuses=frozenset({JobStatus.PENDING}), limit=1)
+        )
+        if waiting.items:
+            return 0
+        running = {
+            s.id: sum(1 for j in s.running if j.status is JobStatus.PROCESSING) for s in servers
+        }
+        total = sum(running.values())
+        capacity = sum(s.max_workers for s in servers)
+        if total == 0 or capacity == 0:
+            return 0
+        share = {s.id: total * s.max_workers / capacity for s in servers}
+        surplus = {
+            sid: running[sid] - math.ceil(share[sid])
+            for sid in running
+            if running[sid] - share[sid] > 1
+        }
+        if not surplus:
+            return 0
+        budget = max(1, int(total * self.options.rebalance_max_share))
+        moves: dict[str, int] = {}
+        for sid, extra in sorted(surplus.items(), key=lambda kv: -kv[1]):
+            take = min(extra, budget)
+            if take > 0:
+                moves[sid] = take
+                budget -= take
+        for server in servers:
+            command = p.ReleaseJobs(
+                count=moves.get(server.id, 0),
+                hold=max(1, math.ceil(share[server.id])),
+                hold_for=self.options.rebalance_hold,
+            )
+            await self._send(command, server.id)
+        moved = sum(moves.values())
+        log.info(
+            "rebalance: moving %d of %d running job(s) over %d servers", moved, total, len(servers)
+        )
+        return moved
 
     async def sweep_now(self) -> None:
         """Run the leader's duties once, now (tests and tools)."""

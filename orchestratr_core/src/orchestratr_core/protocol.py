@@ -129,12 +129,14 @@ class DrainServer(Command):
 
 @dataclass(frozen=True)
 class ReleaseJobs(Command):
-    """Rebalancing: hand ``count`` running jobs back to the queue and hold at most
-    ``hold`` jobs until told otherwise (``hold=None`` lifts the limit)."""
+    """Rebalancing: hand ``count`` running jobs back to the queue, and for
+    ``hold_for`` seconds take no jobs beyond ``hold`` (``hold=None``: no limit),
+    so that the released jobs go to servers below their share."""
 
     TYPE: ClassVar[str] = "release"
     count: int
     hold: int | None = None
+    hold_for: float = 10.0
 
 
 @dataclass(frozen=True)

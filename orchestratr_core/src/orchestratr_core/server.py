@@ -172,6 +172,7 @@ class OrchestratedServer:
         self._shutdown_requested: asyncio.Event | None = None
         self._capacity = max_workers
         self._hold: int | None = None
+        self._hold_until = 0.0
 
     # -- public API -----------------------------------------------------------------
 
@@ -583,13 +584,18 @@ class OrchestratedServer:
                 task.add_done_callback(self._background.discard)
         elif isinstance(command, p.ReleaseJobs):
             self._hold = command.hold
+            self._hold_until = time.monotonic() + max(0.0, command.hold_for)
             self._update_capacity()
+            # Release the jobs that have been here longest: a job that just
+            # arrived (perhaps moved by the previous round) never moves twice.
             runs = sorted(
                 (r for r in self._runs.values() if r.stop_reason is None),
                 key=lambda r: r.started_at,
-                reverse=True,
             )
-            for run in runs[: max(0, command.count)]:
+            count = max(0, command.count)
+            if count:
+                log.info("rebalance: releasing %d job(s), holding %s", count, command.hold)
+            for run in runs[:count]:
                 run.request_stop(p.StopReason.RELEASED)
 
     # -- events -------------------------------------------------------------------------
@@ -653,6 +659,9 @@ class OrchestratedServer:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.heartbeat_interval)
+            if self._hold is not None and time.monotonic() >= self._hold_until:
+                self._hold = None  # a rebalance hold is temporary
+                self._update_capacity()
             self._publish(self._heartbeat_event())
 
 

@@ -14,3 +14,16 @@ Subclass a suite in your own tests and provide its fixture::
 
 See ``docs/plugins.md``.
 """
+
+from __future__ import annotations
+
+import pytest
+
+pytest.register_assert_rewrite(
+    "orchestratr_core.testing.storage_suite", "orchestratr_core.testing.transport_suite"
+)
+
+from orchestratr_core.testing.storage_suite import StorageConformance  # noqa: E402
+from orchestratr_core.testing.transport_suite import TransportConformance  # noqa: E402
+
+__all__ = ["StorageConformance", "TransportConformance"]

@@ -1,0 +1,592 @@
+"""The in-memory storage: the reference implementation of the Storage contract.
+
+Every method does its whole work without awaiting, under one lock per store, so
+each call is one atomic unit exactly as a transaction is on a SQL backend. The
+job state machine is applied generically from :data:`orchestratr_core.job.TRANSITIONS`
+(sources, target, guard, owner effects), so this backend cannot drift from it.
+
+Stores are private to their :class:`MemoryStorage` object unless given a name
+(``memory://name``): objects opened with the same name in one process share one
+store, so a manager and a CLI client in that process see the same jobs.
+
+Jobs are kept in a dict by id plus a sorted list of ids (keyset paging with
+:mod:`bisect`), with indexes by name (uniqueness among jobs that are not
+deleted), by status and by server, so a million jobs stay usable.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from orchestratr_core.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    DuplicateJobName,
+    UnknownJob,
+)
+from orchestratr_core.job import (
+    TRANSITIONS,
+    Guard,
+    JobEvent,
+    JobPage,
+    JobQuery,
+    JobRecord,
+    JobStatus,
+    NewJob,
+    ServerQuery,
+    ServerRecord,
+    ServerStatus,
+    TransitionResult,
+)
+from orchestratr_core.protocol import ServerHeartbeat
+from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
+
+__all__ = ["MemoryStorage"]
+
+_RUNNING = frozenset({JobStatus.PROCESSING, JobStatus.DELETING})
+_LIVE_SERVER = frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING})
+
+_REASON_CANCEL = "cancel requested"
+_REASON_NOT_REPORTED = "not in its server's heartbeat"
+_REASON_SERVER_DEAD = "server dead"
+_REASON_SERVER_LEFT = "server left"
+
+
+def _guard_holds(guard: Guard, row: JobRecord, server_id: str | None, fence: int) -> bool:
+    """Evaluate a :class:`Guard` the way SQL would (``NULL = x`` is never true)."""
+    owned_by_reporter = (
+        row.server_id is not None and server_id is not None and row.server_id == server_id
+    )
+    if guard is Guard.NONE:
+        return True
+    if guard is Guard.OWNER:
+        return owned_by_reporter and row.fence == fence
+    if guard is Guard.NEWER:
+        return row.fence < fence or (
+            row.fence == fence and (row.server_id is None or owned_by_reporter)
+        )
+    if guard is Guard.UNOWNED_OR_OWNER:
+        return row.server_id is None or (owned_by_reporter and row.fence == fence)
+    raise ValueError(f"unknown guard {guard!r}")  # pragma: no cover - enum is closed
+
+
+@dataclass
+class _OutboxRow:
+    item: OutboxItem
+    holder: str | None
+    claimed_until: datetime | None
+
+
+@dataclass
+class _Store:
+    """The data of one store, shared by every :class:`MemoryStorage` bound to it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    jobs: dict[str, JobRecord] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)
+    by_status: dict[JobStatus, set[str]] = field(
+        default_factory=lambda: {status: set() for status in JobStatus}
+    )
+    by_server: dict[str, set[str]] = field(default_factory=dict)
+    servers: dict[str, ServerRecord] = field(default_factory=dict)
+    outbox: dict[int, _OutboxRow] = field(default_factory=dict)
+    next_outbox_id: int = 1
+    leases: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+
+    # -- index maintenance: every job write goes through put() ----------------------
+
+    def put(self, old: JobRecord | None, new: JobRecord) -> None:
+        """Store ``new`` (replacing ``old``, the current row or ``None``) and keep
+        every index in step."""
+        if old is None:
+            if self.order and self.order[-1] < new.id:
+                self.order.append(new.id)
+            else:
+                bisect.insort(self.order, new.id)
+        else:
+            if old.status is not new.status:
+                self.by_status[old.status].discard(old.id)
+            if old.server_id != new.server_id and old.server_id is not None:
+                owned = self.by_server.get(old.server_id)
+                if owned is not None:
+                    owned.discard(old.id)
+                    if not owned:
+                        del self.by_server[old.server_id]
+        self.by_status[new.status].add(new.id)
+        if new.server_id is not None:
+            self.by_server.setdefault(new.server_id, set()).add(new.id)
+        if new.status is JobStatus.DELETED:
+            if self.names.get(new.name) == new.id:
+                del self.names[new.name]
+        else:
+            self.names[new.name] = new.id
+        self.jobs[new.id] = new
+
+    def add_outbox(
+        self, job: JobRecord, kind: OutboxKind, now: datetime, holder: str, until: datetime
+    ) -> None:
+        """Queue a message that the holder sends at once (claimed until ``until``)."""
+        item = OutboxItem(
+            id=self.next_outbox_id,
+            job_id=job.id,
+            kind=kind,
+            generation=job.generation,
+            created_at=now,
+        )
+        self.next_outbox_id += 1
+        self.outbox[item.id] = _OutboxRow(item, holder, until)
+
+    # -- the state machine ---------------------------------------------------------------
+
+    def apply(
+        self,
+        row: JobRecord,
+        event: JobEvent,
+        *,
+        server_id: str | None,
+        fence: int,
+        now: datetime,
+        error: str | None = None,
+        restarts: int | None = None,
+        reason: str | None = None,
+    ) -> tuple[bool, JobRecord]:
+        """Apply one row of TRANSITIONS to ``row`` as a guarded update; return
+        whether it applied and the row afterwards."""
+        rule = TRANSITIONS[event]
+        if row.status not in rule.sources or not _guard_holds(rule.guard, row, server_id, fence):
+            return False, row
+        changes: dict[str, object] = {"updated_at": now, "reason": reason}
+        if event is JobEvent.SERVER_LOST:
+            # The one row whose target depends on the source (see TRANSITIONS).
+            if row.status is JobStatus.PROCESSING:
+                changes["status"] = JobStatus.PENDING
+        elif rule.target is not None:
+            changes["status"] = rule.target
+        if rule.sets_owner:
+            if server_id is None:
+                raise ValueError(f"{event.value} needs the reporting server's id")
+            if row.server_id != server_id or row.fence != fence:
+                changes["started_at"] = now
+            changes["server_id"] = server_id
+            changes["fence"] = fence
+            changes["last_heartbeat"] = now
+        if rule.clears_owner:
+            changes["server_id"] = None
+        if event is JobEvent.FAIL:
+            changes["last_error"] = error
+            if restarts is not None:
+                changes["restarts"] = restarts
+        elif event is JobEvent.START and restarts is not None:
+            changes["restarts"] = restarts
+        new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+        self.put(row, new)
+        return True, new
+
+    def lose_jobs(
+        self, server_id: str, now: datetime, reason: str, keep: Iterable[str] = ()
+    ) -> None:
+        """Apply SERVER_LOST to every job owned by ``server_id`` except ``keep``."""
+        kept = set(keep)
+        for job_id in sorted(self.by_server.get(server_id, set()) - kept):
+            self.apply(
+                self.jobs[job_id],
+                JobEvent.SERVER_LOST,
+                server_id=server_id,
+                fence=0,
+                now=now,
+                reason=reason,
+            )
+
+    def with_running(self, server: ServerRecord) -> ServerRecord:
+        """``server`` with ``running`` filled from the job table."""
+        running = tuple(
+            self.jobs[job_id]
+            for job_id in sorted(self.by_server.get(server.id, ()))
+            if self.jobs[job_id].status in _RUNNING
+        )
+        return dataclasses.replace(server, running=running)
+
+
+def _matches(job: JobRecord, query: JobQuery) -> bool:
+    if query.statuses is not None:
+        if job.status not in query.statuses:
+            return False
+    elif job.status is JobStatus.DELETED and not query.include_deleted:
+        return False
+    if query.name_prefix is not None and not job.name.startswith(query.name_prefix):
+        return False
+    return query.server_id is None or job.server_id == query.server_id
+
+
+def _name_from_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    value = url.strip()
+    if not value or value.lower() in ("memory", "memory:", "memory://"):
+        return None
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "memory":
+        raise ConfigurationError(
+            f"the memory storage takes memory://name URLs, not {parts.scheme or value!r}://"
+        )
+    name = (parts.netloc + parts.path).strip("/")
+    return name or None
+
+
+class MemoryStorage(Storage):
+    """The in-process reference :class:`~orchestratr_core.storage.Storage`.
+
+    :param url: ``None`` or ``memory://`` for a private store; ``memory://name``
+        to share the store called ``name`` with every other ``MemoryStorage`` of
+        that name in this process.
+    """
+
+    _shared: ClassVar[dict[str, _Store]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, url: str | None = None) -> None:
+        self.name = _name_from_url(url)
+        """The shared store's name, or ``None`` for a private store."""
+        if self.name is None:
+            self._store = _Store()
+        else:
+            with MemoryStorage._shared_lock:
+                self._store = MemoryStorage._shared.setdefault(self.name, _Store())
+        self._closed = False
+
+    def __repr__(self) -> str:
+        where = f"memory://{self.name}" if self.name else "private"
+        return f"MemoryStorage({where}, {len(self._store.jobs)} jobs)"
+
+    @classmethod
+    def forget(cls, name: str) -> None:
+        """Drop the shared store called ``name`` (objects still bound to it keep it)."""
+        with cls._shared_lock:
+            cls._shared.pop(name, None)
+
+    def _data(self) -> _Store:
+        if self._closed:
+            raise BackendUnavailable("this memory storage is closed")
+        return self._store
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Nothing to connect; (re)opens a closed object on the same store."""
+        self._closed = False
+
+    async def close(self) -> None:
+        """Mark this object closed (the data stays for other objects of a shared
+        store). Idempotent."""
+        self._closed = True
+
+    # -- jobs -------------------------------------------------------------------------------
+
+    async def create_job(self, job: NewJob, holder: str, lease_until: datetime) -> JobRecord:
+        """See :meth:`Storage.create_job`."""
+        store = self._data()
+        with store.lock:
+            if job.name in store.names:
+                raise DuplicateJobName(job.name)
+            if job.id in store.jobs:
+                raise ValueError(f"a job with id {job.id!r} already exists")
+            record = JobRecord(
+                id=job.id,
+                name=job.name,
+                argument=job.argument,
+                status=JobStatus.PENDING,
+                server_id=None,
+                fence=0,
+                generation=job.generation,
+                created_at=job.created_at,
+                updated_at=job.created_at,
+            )
+            store.put(None, record)
+            store.add_outbox(record, OutboxKind.PUBLISH, job.created_at, holder, lease_until)
+            return record
+
+    async def request_cancel(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """See :meth:`Storage.request_cancel`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                raise UnknownJob(job_id)
+            applied, job = store.apply(
+                row, JobEvent.CANCEL, server_id=None, fence=0, now=now, reason=_REASON_CANCEL
+            )
+            if applied:
+                store.add_outbox(job, OutboxKind.CANCEL, now, holder, lease_until)
+            return job, applied
+
+    async def transition(
+        self,
+        job_id: str,
+        event: JobEvent,
+        *,
+        server_id: str | None,
+        fence: int,
+        now: datetime,
+        error: str | None = None,
+        restarts: int | None = None,
+        reason: str | None = None,
+    ) -> TransitionResult:
+        """See :meth:`Storage.transition`."""
+        if event is JobEvent.SERVER_LOST:
+            raise ValueError("SERVER_LOST is applied by expire_servers() and server_left()")
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                return TransitionResult(applied=False, job=None)
+            applied, job = store.apply(
+                row,
+                event,
+                server_id=server_id,
+                fence=fence,
+                now=now,
+                error=error,
+                restarts=restarts,
+                reason=reason,
+            )
+            return TransitionResult(applied=applied, job=job)
+
+    async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
+        """See :meth:`Storage.apply_heartbeat`."""
+        store = self._data()
+        server_id = heartbeat.server_id
+        with store.lock:
+            previous = store.servers.get(server_id)
+            draining = heartbeat.draining or (
+                previous is not None and previous.status is ServerStatus.DRAINING
+            )
+            store.servers[server_id] = ServerRecord(
+                id=server_id,
+                name=heartbeat.name,
+                max_workers=heartbeat.max_workers,
+                status=ServerStatus.DRAINING if draining else ServerStatus.ALIVE,
+                started_at=datetime.fromtimestamp(heartbeat.started_at, UTC),
+                last_seen=now,
+                host=heartbeat.host,
+                pid=heartbeat.pid,
+            )
+            reported: set[str] = set()
+            refused: list[JobRecord] = []
+            for running in heartbeat.jobs:
+                row = store.jobs.get(running.job_id)
+                if row is None:
+                    continue
+                reported.add(row.id)
+                applied, job = store.apply(
+                    row,
+                    JobEvent.START,
+                    server_id=server_id,
+                    fence=running.fence,
+                    now=now,
+                    restarts=running.restarts,
+                )
+                if not applied:
+                    refused.append(job)
+                elif running.last_heartbeat is not None:
+                    beat = datetime.fromtimestamp(running.last_heartbeat, UTC)
+                    store.put(job, dataclasses.replace(job, last_heartbeat=beat))
+            store.lose_jobs(server_id, now, _REASON_NOT_REPORTED, keep=reported)
+            return refused
+
+    async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:
+        """See :meth:`Storage.expire_servers`."""
+        store = self._data()
+        with store.lock:
+            expired = [
+                server
+                for server in store.servers.values()
+                if server.status in _LIVE_SERVER and server.last_seen < seen_before
+            ]
+            marked: list[ServerRecord] = []
+            for server in sorted(expired, key=lambda s: (s.name, s.id)):
+                dead = dataclasses.replace(server, status=ServerStatus.DEAD)
+                store.servers[server.id] = dead
+                store.lose_jobs(server.id, now, _REASON_SERVER_DEAD)
+                marked.append(dead)
+            return marked
+
+    async def server_left(self, server_id: str, now: datetime) -> bool:
+        """See :meth:`Storage.server_left`."""
+        store = self._data()
+        with store.lock:
+            server = store.servers.get(server_id)
+            if server is None:
+                return False
+            store.servers[server_id] = dataclasses.replace(server, status=ServerStatus.LEFT)
+            store.lose_jobs(server_id, now, _REASON_SERVER_LEFT)
+            return True
+
+    # -- outbox and leases -----------------------------------------------------------------
+
+    async def claim_outbox(
+        self, holder: str, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxItem]:
+        """See :meth:`Storage.claim_outbox`."""
+        store = self._data()
+        claimed: list[OutboxItem] = []
+        if limit <= 0:
+            return claimed
+        with store.lock:
+            for row in store.outbox.values():  # insertion order is id order
+                if row.claimed_until is not None and row.claimed_until >= now:
+                    continue
+                row.holder = holder
+                row.claimed_until = lease_until
+                claimed.append(row.item)
+                if len(claimed) >= limit:
+                    break
+        return claimed
+
+    async def complete_outbox(self, ids: Sequence[int]) -> None:
+        """See :meth:`Storage.complete_outbox`."""
+        store = self._data()
+        with store.lock:
+            for outbox_id in ids:
+                store.outbox.pop(outbox_id, None)
+
+    async def complete_outbox_for_job(self, job_id: str, kind: OutboxKind, holder: str) -> int:
+        """See :meth:`Storage.complete_outbox_for_job`."""
+        store = self._data()
+        with store.lock:
+            done = [
+                outbox_id
+                for outbox_id, row in store.outbox.items()
+                if row.item.job_id == job_id and row.item.kind is kind and row.holder == holder
+            ]
+            for outbox_id in done:
+                del store.outbox[outbox_id]
+            return len(done)
+
+    async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
+        """See :meth:`Storage.acquire_lease`."""
+        store = self._data()
+        with store.lock:
+            current = store.leases.get(name)
+            if current is not None and current[0] != holder and current[1] >= now:
+                return False
+            store.leases[name] = (holder, until)
+            return True
+
+    async def cancelled_job_ids(self, deleted_since: datetime) -> list[str]:
+        """See :meth:`Storage.cancelled_job_ids`."""
+        store = self._data()
+        with store.lock:
+            ids = set(store.by_status[JobStatus.DELETING])
+            ids.update(
+                job_id
+                for job_id in store.by_status[JobStatus.DELETED]
+                if store.jobs[job_id].updated_at >= deleted_since
+            )
+            return sorted(ids)
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """See :meth:`Storage.get_job`."""
+        store = self._data()
+        with store.lock:
+            return store.jobs.get(job_id)
+
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """See :meth:`Storage.get_jobs`."""
+        store = self._data()
+        with store.lock:
+            found = {job_id: store.jobs[job_id] for job_id in job_ids if job_id in store.jobs}
+            return [found[job_id] for job_id in sorted(found)]
+
+    async def list_jobs(self, query: JobQuery, *, with_total: bool = False) -> JobPage:
+        """See :meth:`Storage.list_jobs`."""
+        if query.offset < 0:
+            raise ValueError("offset must not be negative")
+        if query.limit is not None and query.limit < 0:
+            raise ValueError("limit must not be negative")
+        store = self._data()
+        with store.lock:
+            ids = self._candidates(store, query)
+            start = 0 if query.after is None else bisect.bisect_right(ids, query.after)
+            skip = query.offset
+            want = None if query.limit is None else query.limit + 1
+            items: list[JobRecord] = []
+            for index in range(start, len(ids)):
+                job = store.jobs[ids[index]]
+                if not _matches(job, query):
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                items.append(job)
+                if want is not None and len(items) >= want:
+                    break
+            more = query.limit is not None and len(items) > query.limit
+            if more:
+                items.pop()
+            total = None
+            if with_total:
+                total = sum(1 for job_id in ids if _matches(store.jobs[job_id], query))
+            return JobPage(
+                items=tuple(items),
+                next_cursor=items[-1].id if more and items else None,
+                total=total,
+            )
+
+    @staticmethod
+    def _candidates(store: _Store, query: JobQuery) -> list[str]:
+        """The sorted ids worth scanning: a small index hit when there is one,
+        else every id."""
+        small = len(store.order) // 4
+        if query.server_id is not None:
+            owned = store.by_server.get(query.server_id, set())
+            if len(owned) <= small:
+                return sorted(owned)
+        if query.statuses is not None:
+            sets = [store.by_status[status] for status in query.statuses]
+            if sum(len(ids) for ids in sets) <= small:
+                return sorted(set().union(*sets))
+        return store.order
+
+    async def list_servers(self, query: ServerQuery) -> list[ServerRecord]:
+        """See :meth:`Storage.list_servers`."""
+        store = self._data()
+        with store.lock:
+            servers = [
+                server
+                for server in store.servers.values()
+                if (query.statuses is None or server.status in query.statuses)
+                and (query.name_prefix is None or server.name.startswith(query.name_prefix))
+            ]
+            servers.sort(key=lambda s: (s.name, s.id))
+            if query.with_jobs:
+                return [store.with_running(server) for server in servers]
+            return servers
+
+    async def get_server(self, server_id: str) -> ServerRecord | None:
+        """See :meth:`Storage.get_server`."""
+        store = self._data()
+        with store.lock:
+            server = store.servers.get(server_id)
+            return None if server is None else store.with_running(server)
+
+    async def set_server_status(self, server_id: str, status: ServerStatus, now: datetime) -> bool:
+        """See :meth:`Storage.set_server_status`."""
+        store = self._data()
+        with store.lock:
+            server = store.servers.get(server_id)
+            if server is None:
+                return False
+            store.servers[server_id] = dataclasses.replace(server, status=ServerStatus(status))
+            return True
