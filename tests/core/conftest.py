@@ -8,6 +8,7 @@ fencing token. The invariant checks read only the ledger and the monitor.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -92,7 +93,7 @@ class Ledger:
         now = time.monotonic()
         for copies in by_job.values():
             copies.sort(key=lambda c: c.start)
-            for a, b in zip(copies, copies[1:], strict=False):
+            for a, b in itertools.pairwise(copies):
                 a_end = a.end if a.end is not None else now
                 if b.start < a_end:
                     out.append((a, b, a_end - b.start))
@@ -107,7 +108,7 @@ class Ledger:
             copies.sort(key=lambda c: c.start)
             fences = [c.fence for c in copies]
             # a restart on the same server keeps its fence; a new owner must grow it
-            for a, b in zip(copies, copies[1:], strict=False):
+            for a, b in itertools.pairwise(copies):
                 if b.server != a.server and b.fence <= a.fence:
                     return False
             if fences != sorted(fences):
@@ -151,7 +152,9 @@ class Cluster:
         return MemoryTransport(self.url, **options)
 
     async def start_manager(self, options: ManagerOptions = FAST_MANAGER) -> ServerManager:
-        self.manager = ServerManager(storage=self.storage, transport=self.transport(), options=options)
+        self.manager = ServerManager(
+            storage=self.storage, transport=self.transport(), options=options
+        )
         await self.manager.start()
         return self.manager
 

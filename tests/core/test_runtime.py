@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,15 +25,15 @@ from orchestratr_core import (
     UnknownJob,
 )
 from orchestratr_core import protocol as p
+from orchestratr_core.errors import PublishError
 from orchestratr_core.job import (
     JobQuery,
-    NewJob,
     ServerQuery,
     ServerStatus,
-    new_id,
     split_fence,
     utcnow,
 )
+from orchestratr_memory.transport import MemoryTransport
 from tests.core.conftest import FAST_MANAGER, FAST_SERVER, Cluster, Ledger, eventually
 
 # -- the happy path ----------------------------------------------------------------------
@@ -82,7 +82,9 @@ async def test_max_workers_zero_or_negative_is_a_clear_error_not_unlimited(
 ) -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigurationError, match="max_workers"):
-            OrchestratedServer(cluster.ledger.job("x"), transport=cluster.transport(), max_workers=bad)
+            OrchestratedServer(
+                cluster.ledger.job("x"), transport=cluster.transport(), max_workers=bad
+            )
 
 
 async def test_heartbeat_from_the_job_reaches_the_monitor_batched(cluster: Cluster) -> None:
@@ -259,12 +261,14 @@ async def test_a_job_that_raises_is_restarted_with_backoff_and_its_error_is_reco
 
     await cluster.start_manager()
     await cluster.add_server(
-        "a", 1, job=flaky,
+        "a",
+        1,
+        job=flaky,
         options=ServerOptions(heartbeat_interval=0.2, restart_initial=0.1, restart_max=1.0),
     )
     (job_id,) = await cluster.create(1)
     await eventually(lambda: len(starts) >= 5, what="5 starts")
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps[0] >= 0.05  # never at once
     assert gaps[3] > gaps[0]  # grows
     record = await eventually(lambda: _restarted(cluster, job_id, 4), what="restarts recorded")
@@ -287,6 +291,8 @@ async def test_a_job_that_returns_is_completed_and_never_runs_again(cluster: Clu
     await cluster.add_server("a", 2, job=once)
     (job_id,) = await cluster.create(1)
     await cluster.wait_status(job_id, JobStatus.COMPLETED)
+    # a redelivery after a lost ack would be dropped: it is in the never-again set
+    await eventually(lambda: job_id in cluster.broker.cancellations, what="in the set")
     await asyncio.sleep(0.5)
     assert runs == [job_id]
     # completed is final: cancelling changes nothing
@@ -301,8 +307,7 @@ async def test_a_job_ignoring_its_token_is_cancelled_hard_after_the_grace_and_re
 
     async def stubborn(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
         try:
-            while True:
-                await asyncio.sleep(0.05)
+            await asyncio.Event().wait()  # never looks at its token
         except asyncio.CancelledError:
             cancelled_hard.append(True)
             raise
@@ -330,17 +335,11 @@ async def test_watchdog_restarts_a_job_that_stops_calling_heartbeat(cluster: Clu
 
     await cluster.start_manager()
     server = await cluster.add_server("a", 1, job=hangs)
-    now = utcnow()
-    record = await cluster.storage.create_job(
-        NewJob(id=new_id(), name="w1", argument="", created_at=now), "test", now + timedelta(hours=1)
-    )
-    await cluster.manager.transport.publish_job(  # type: ignore[union-attr]
-        p.JobMessage(job_id=record.id, name="w1", argument="", generation=1,
-                     created_at=time.time(), heartbeat_timeout=0.3)
-    )
+    job_id = await cluster.client.create_job("w1", heartbeat_timeout=0.3)
+    assert (await cluster.job(job_id)).heartbeat_timeout == 0.3
     await eventually(lambda: len(starts) >= 2, what="restarted by the watchdog")
-    assert record.id in server.running()
-    failed = await eventually(lambda: _restarted(cluster, record.id, 1), what="watchdog recorded")
+    assert job_id in server.running()
+    failed = await eventually(lambda: _restarted(cluster, job_id, 1), what="watchdog recorded")
     assert failed.last_error is not None and "watchdog" in failed.last_error
 
 
@@ -484,9 +483,7 @@ async def test_manager_restart_reconciles_the_view_within_a_heartbeat(cluster: C
     await cluster.start_manager()
     b_id = cluster.servers["b"].id
     for job_id in ids:
-        await eventually(
-            lambda j=job_id: _owned_by(cluster, j, b_id), timeout=3, what="reconciled"
-        )
+        await eventually(lambda j=job_id: _owned_by(cluster, j, b_id), timeout=3, what="reconciled")
 
 
 async def _owned_by(cluster: Cluster, job_id: str, server_id: str) -> bool:
@@ -541,7 +538,9 @@ async def test_a_late_started_report_never_revives_a_deleted_job(cluster: Cluste
 
 async def test_two_managers_on_one_storage_are_safe(cluster: Cluster, ledger: Ledger) -> None:
     first = await cluster.start_manager()
-    second = ServerManager(storage=cluster.storage, transport=cluster.transport(), options=FAST_MANAGER)
+    second = ServerManager(
+        storage=cluster.storage, transport=cluster.transport(), options=FAST_MANAGER
+    )
     await second.start()
     try:
         await cluster.add_server("a", 10)
@@ -564,7 +563,6 @@ async def test_new_server_joining_gets_queued_jobs(cluster: Cluster) -> None:
     await eventually(lambda: len(cluster.ledger.running()) == 2, what="two running")
     await cluster.add_server("b", 2)
     await cluster.wait_running(ids)
-
 
 
 # -- rebalancing (defect 9) ------------------------------------------------------------------
@@ -600,3 +598,50 @@ async def test_servers_that_join_receive_their_share_and_each_job_moves_at_most_
     assert cluster.ledger.overlaps() == []
     assert max(len(cluster.ledger.of(j)) for j in ids) <= 2  # nobody moved twice
     assert sum(final.values()) == 12
+
+
+# -- outbox and reports (defects 3 and 4) ----------------------------------------------------
+
+
+async def test_no_message_is_sent_when_the_create_is_not_committed(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.client.create_job("only-once")
+    assert cluster.broker.depth("jobs") == 1
+    with pytest.raises(DuplicateJobName):
+        await cluster.client.create_job("only-once")
+    with pytest.raises(InvalidJobInput):
+        await cluster.client.create_job("")
+    await asyncio.sleep(0.3)  # the relay has nothing to send either
+    assert cluster.broker.depth("jobs") == 1
+
+
+class FlakyReports(MemoryTransport):
+    """A real memory transport whose first few start reports fail to publish."""
+
+    def __init__(self, url: str, failures: int) -> None:
+        super().__init__(url)
+        self.failures = failures
+
+    async def publish_event(self, event: p.Event) -> None:
+        if isinstance(event, p.JobStarted) and self.failures > 0:
+            self.failures -= 1
+            raise PublishError("broker did not confirm")
+        await super().publish_event(event)
+
+
+async def test_a_lost_start_report_neither_drops_the_job_nor_hides_it_for_long(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    flaky = FlakyReports(cluster.url, failures=50)
+    server = OrchestratedServer(
+        cluster.ledger.job("a"), transport=flaky, name="a", max_workers=2, options=FAST_SERVER
+    )
+    await server.start()
+    cluster.servers["a"] = server
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    # the start report never arrives, but the next heartbeat tells the manager
+    await cluster.wait_status(job_id, JobStatus.PROCESSING, timeout=3)
+    assert cluster.broker.held("jobs") == 1  # the message is still held, not dropped
+    assert len(cluster.ledger.of(job_id)) == 1

@@ -35,6 +35,7 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
         argument=job.argument,
         generation=generation,
         created_at=job.created_at.timestamp(),
+        heartbeat_timeout=job.heartbeat_timeout,
     )
 
 
@@ -68,8 +69,14 @@ class OrchestratorClient:
         self._lease = timedelta(seconds=outbox_lease)
         self._retention = timedelta(seconds=cancel_retention)
 
-    async def create_job(self, name: str, argument: str = "") -> str:
+    async def create_job(
+        self, name: str, argument: str = "", *, heartbeat_timeout: float | None = None
+    ) -> str:
         """Create a job and start it on one server as soon as one has room.
+
+        :param heartbeat_timeout: optional watchdog: if the job function does not
+            call ``heartbeat()`` within this many seconds, its server restarts it
+            (recorded as a failure with a ``watchdog`` error).
 
         :returns: the new job's id.
         :raises InvalidJobInput: empty, blank, over-long name or one with control
@@ -78,11 +85,23 @@ class OrchestratorClient:
         """
         name = validate_name(name)
         argument = validate_argument(argument)
+        if heartbeat_timeout is not None and (
+            isinstance(heartbeat_timeout, bool)
+            or not isinstance(heartbeat_timeout, int | float)
+            or not 0 < heartbeat_timeout <= 86400
+        ):
+            raise InvalidJobInput("heartbeat_timeout must be a number of seconds in (0, 86400]")
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
         lease_until = now + self._lease if self._transport is not None else now
         record = await self._storage.create_job(
-            NewJob(id=new_id(), name=name, argument=argument, created_at=now),
+            NewJob(
+                id=new_id(),
+                name=name,
+                argument=argument,
+                created_at=now,
+                heartbeat_timeout=None if heartbeat_timeout is None else float(heartbeat_timeout),
+            ),
             self._holder,
             lease_until,
         )

@@ -290,6 +290,8 @@ class NewJob:
     argument: str
     created_at: datetime
     generation: int = 1
+    heartbeat_timeout: float | None = None
+    """Watchdog: restart the job if it does not call ``heartbeat()`` this often (s)."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,8 @@ class JobRecord:
     last_error: str | None = None
     reason: str | None = None
     """Why the job last changed status when that was not obvious (e.g. ``server dead``)."""
+    heartbeat_timeout: float | None = None
+    """The job's watchdog timeout in seconds, if it has one."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -329,6 +333,7 @@ class JobRecord:
             "restarts": self.restarts,
             "last_error": self.last_error,
             "reason": self.reason,
+            "heartbeat_timeout": self.heartbeat_timeout,
         }
 
 

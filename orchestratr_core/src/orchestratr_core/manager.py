@@ -320,9 +320,12 @@ class ServerManager:
         reason = f"stopped on {ev.server_id}: {ev.reason.value}" + (
             " (forced)" if ev.forced else ""
         )
-        await self._storage.transition(
+        result = await self._storage.transition(
             ev.job_id, event, server_id=ev.server_id, fence=ev.fence, now=now, reason=reason
         )
+        if result.applied and event is JobEvent.COMPLETE:
+            # Its ack may be lost: servers must drop a redelivered message of it.
+            await self._sync_cancellations(now)
 
     async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
         """A server runs a copy the storage did not accept: tell it to stop."""

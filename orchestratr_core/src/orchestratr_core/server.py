@@ -605,29 +605,38 @@ class OrchestratedServer:
             self._events.put_nowait(event)
 
     async def _event_pump(self) -> None:
-        """Publish events one at a time, in order. A heartbeat that could not be
-        sent is replaced by the next one; other events are retried with backoff
-        (the next heartbeat carries the full state anyway)."""
+        """Publish events in order, never letting one failing event hold back the
+        heartbeats behind it for long.
+
+        A heartbeat that cannot be sent is dropped when a newer one is queued. A
+        start or failure report that still fails after a few quick attempts is
+        dropped too: the next heartbeat carries the same state. A stop, discard or
+        goodbye report is only in that message, so it goes to the back of the queue
+        and is tried again until the broker takes it; the manager's guarded
+        transitions accept it after a later heartbeat as well.
+        """
         while True:
             event = await self._events.get()
-            attempt = 0
-            while True:
+            try:
                 if isinstance(event, p.ServerHeartbeat) and any(
                     isinstance(e, p.ServerHeartbeat) for e in _peek(self._events)
                 ):
-                    break  # a newer heartbeat is queued
-                try:
-                    await self._transport.publish_event(event)
-                    break
-                except (OrchestratrError, OSError) as exc:
-                    attempt += 1
-                    if attempt >= 8:
-                        log.warning(
-                            "dropping event %s after %d attempts: %s", event.TYPE, attempt, exc
-                        )
+                    continue  # a newer heartbeat is queued
+                for attempt in range(1, 4):
+                    try:
+                        await self._transport.publish_event(event)
                         break
-                    await asyncio.sleep(backoff_delay(attempt, 0.2, 5.0))
-            self._events.task_done()
+                    except (OrchestratrError, OSError) as exc:
+                        error = exc
+                        await asyncio.sleep(backoff_delay(attempt, 0.1, 1.0))
+                else:
+                    if isinstance(event, p.JobStopped | p.JobDiscarded | p.ServerLeft):
+                        log.warning("cannot publish %s yet (%s); will retry", event.TYPE, error)
+                        self._events.put_nowait(event)
+                    else:
+                        log.warning("dropping %s event (%s)", event.TYPE, error)
+            finally:
+                self._events.task_done()
 
     async def _flush_events(self, limit: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -83,7 +83,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def create_job(self, job: NewJob, holder: str, lease_until: datetime) -> JobRecord:
-        """Insert the job (status ``pending``, fence 0, generation ``job.generation``)
+        """Insert the job (status ``pending``, fence 0, generation ``job.generation``,
+        ``heartbeat_timeout`` kept as given)
         and an outbox row ``PUBLISH`` for it, in one transaction. The outbox row
         is claimed by ``holder`` until ``lease_until`` (the creating manager
         publishes it at once). Raises :class:`DuplicateJobName` if a job of the
@@ -187,8 +188,9 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def cancelled_job_ids(self, deleted_since: datetime) -> list[str]:
-        """Ids of jobs ``deleting``, plus ``deleted`` ones with ``updated_at >=
-        deleted_since``: the cancellation set servers must honour."""
+        """Ids of jobs ``deleting``, plus ``deleted`` and ``completed`` ones with
+        ``updated_at >= deleted_since``: the set of jobs servers must never run
+        again (a completed job's ack may be lost, and its message redelivered)."""
 
     # -- queries ----------------------------------------------------------------
 

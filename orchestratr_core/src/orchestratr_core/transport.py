@@ -32,7 +32,10 @@ Loss
     :attr:`Delivery.lost` for every delivery that came through it, **before**
     the broker could have handed the message to someone else. The server stops
     those jobs at once. The transport then reconnects by itself, with backoff,
-    and consumes again; jobs come back only as new deliveries.
+    and consumes again; jobs come back only as new deliveries. No client can
+    promise this when the broker itself tears a delivery away (RabbitMQ's
+    ``consumer_timeout``): a backend must configure the broker so that it never
+    times out a held delivery, or hand deliveries back before it would.
 
 Cancellations
     A durable set of cancelled job ids, written by managers
@@ -96,7 +99,10 @@ class Delivery(abc.ABC):
     async def ack(self) -> None:
         """Remove the message from the queue for good (job completed, cancelled,
         or superseded by another copy). Raises :class:`DeliveryLost` if the
-        delivery was lost (the message is then back in the queue)."""
+        delivery was lost (the message is then back in the queue). Returns once
+        the ack is sent: if the connection is lost before the broker processed
+        it, the message is delivered again — the cancellation set makes that
+        harmless. Settling a delivery twice raises :class:`RuntimeError`."""
 
     @abc.abstractmethod
     async def release(self) -> None:
@@ -131,7 +137,8 @@ class JobConsumer(Subscription):
     async def close(self) -> None:
         """Stop receiving new deliveries (cancel the consumer). Deliveries
         already held stay held and valid until acked or released; only a broker
-        that cannot keep them after a consumer cancel may mark them lost."""
+        that cannot keep them after a consumer cancel may mark them lost.
+        Deliveries received but not yet passed to the handler are released."""
 
 
 class Transport(abc.ABC):
@@ -164,7 +171,8 @@ class Transport(abc.ABC):
     async def set_cancellations(self, job_ids: Collection[str]) -> None:
         """Replace the durable cancellation set with ``job_ids`` and broadcast a
         :class:`CancelJob` to live servers for each id not in the previous set
-        known to this transport. Confirmed before it returns."""
+        (as stored by the broker, or as last written by this transport;
+        broadcasting an id again is harmless). Confirmed before it returns."""
 
     @abc.abstractmethod
     async def consume_events(self, handler: EventHandler) -> Subscription:
@@ -184,7 +192,11 @@ class Transport(abc.ABC):
     ) -> tuple[Subscription, frozenset[str]]:
         """Subscribe to the commands for ``server_id`` and to broadcasts, then
         read the durable cancellation set. Returns the subscription and that
-        set; every cancellation added later arrives as a :class:`CancelJob`."""
+        set; every cancellation added later arrives as a :class:`CancelJob`. When the
+    transport reconnects by itself it reads the set again and delivers a
+    :class:`CancelJob` for every id added while it was away, before any new job
+    delivery. The set holds every job that must never run again (cancelled, and
+    completed ones too)."""
 
     @abc.abstractmethod
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:

@@ -308,6 +308,7 @@ class MemoryStorage(Storage):
                 generation=job.generation,
                 created_at=job.created_at,
                 updated_at=job.created_at,
+                heartbeat_timeout=job.heartbeat_timeout,
             )
             store.put(None, record)
             store.add_outbox(record, OutboxKind.PUBLISH, job.created_at, holder, lease_until)
@@ -487,11 +488,12 @@ class MemoryStorage(Storage):
         store = self._data()
         with store.lock:
             ids = set(store.by_status[JobStatus.DELETING])
-            ids.update(
-                job_id
-                for job_id in store.by_status[JobStatus.DELETED]
-                if store.jobs[job_id].updated_at >= deleted_since
-            )
+            for status in (JobStatus.DELETED, JobStatus.COMPLETED):
+                ids.update(
+                    job_id
+                    for job_id in store.by_status[status]
+                    if store.jobs[job_id].updated_at >= deleted_since
+                )
             return sorted(ids)
 
     # -- queries -------------------------------------------------------------------------

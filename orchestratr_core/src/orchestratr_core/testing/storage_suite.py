@@ -26,6 +26,7 @@ here sleeps: every time is passed to the storage explicitly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -248,6 +249,14 @@ class StorageConformance:
         assert _same_time(created.created_at, now)
         assert _same_time(created.updated_at, now)
         assert await storage.get_job(job.id) == created
+        assert created.heartbeat_timeout is None
+
+    async def test_create_job_keeps_the_watchdog_timeout(self, storage: Storage) -> None:
+        now = _now()
+        job = dataclasses.replace(_new_job("watched", at=now), heartbeat_timeout=2.5)
+        await storage.create_job(job, HOLDER, now + LEASE)
+        stored = await _get(storage, job.id)
+        assert stored.heartbeat_timeout == 2.5
 
     async def test_create_job_queues_a_publish_row_claimed_by_the_creator_until_its_lease(
         self, storage: Storage
@@ -998,21 +1007,24 @@ class StorageConformance:
 
     # -- cancelled_job_ids ---------------------------------------------------------------
 
-    async def test_cancelled_job_ids_lists_deleting_and_recently_deleted_jobs(
+    async def test_cancelled_job_ids_lists_deleting_and_recently_deleted_or_completed_jobs(
         self, storage: Storage
     ) -> None:
         now = _now()
         deleting = await _in_status(storage, JobStatus.DELETING, now)
         old_deleted = await _in_status(storage, JobStatus.DELETED, now)
+        old_completed = await _in_status(storage, JobStatus.COMPLETED, now)
         recent = await _create(storage, at=now)
         await storage.request_cancel(recent.id, now, HOLDER, now + LEASE)
         await _must(storage, recent.id, JobEvent.CONFIRM_DELETED, None, 0, now + _sec(100))
-        for status in (JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.COMPLETED):
+        for status in (JobStatus.PENDING, JobStatus.PROCESSING):
             await _in_status(storage, status, now)
         ids = await storage.cancelled_job_ids(now + _sec(50))
         assert sorted(ids) == sorted([deleting.id, recent.id])
         everything = await storage.cancelled_job_ids(now - _sec(1))
-        assert sorted(everything) == sorted([deleting.id, recent.id, old_deleted.id])
+        assert sorted(everything) == sorted(
+            [deleting.id, recent.id, old_deleted.id, old_completed.id]
+        )
 
     # -- get_job, get_jobs ---------------------------------------------------------------
 
