@@ -645,3 +645,22 @@ async def test_a_lost_start_report_neither_drops_the_job_nor_hides_it_for_long(
     await cluster.wait_status(job_id, JobStatus.PROCESSING, timeout=3)
     assert cluster.broker.held("jobs") == 1  # the message is still held, not dropped
     assert len(cluster.ledger.of(job_id)) == 1
+
+
+async def test_a_frozen_server_stops_its_jobs_before_they_write_again(cluster: Cluster) -> None:
+    """SIGSTOP, a GC pause or a suspended VM: when the process runs again, its
+    jobs see their lease expired before they take one more step."""
+    await cluster.start_manager()
+    a = await cluster.add_server("a", 10, fence_timeout=0.3, broker_timeout=1.0)
+    await cluster.add_server("b", 10)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    assert any(c.server == "a" for c in cluster.ledger.running())
+    a.transport.partition()  # type: ignore[attr-defined]
+    time.sleep(0.6)  # the whole process freezes past its fence timeout  # noqa: ASYNC251
+    thawed = time.monotonic()
+    await eventually(lambda: not any(c.server == "a" for c in cluster.ledger.running()))
+    late = [w for c in cluster.ledger.copies if c.server == "a" for w in c.writes if w[0] >= thawed]
+    assert late == []
+    await cluster.wait_running(ids)
+    assert cluster.ledger.overlaps() == []

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -40,18 +41,32 @@ class StopToken:
     Safe to use from the event loop and from job threads.
     """
 
-    __slots__ = ("_event", "_loop", "_reason", "_thread_event")
+    __slots__ = ("_event", "_lease", "_loop", "_reason", "_thread_event")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        lease: Callable[[], float] | None = None,
+    ) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self._event = asyncio.Event()
         self._thread_event = threading.Event()
         self._reason: str | None = None
+        self._lease = lease
 
     @property
     def stop_requested(self) -> bool:
-        """True once the job has been told to stop."""
-        return self._thread_event.is_set()
+        """True once the job has been told to stop — or once the server can no
+        longer be sure the job is still its own (its lease on the job message ran
+        out, e.g. after the process was frozen), even before it was told."""
+        if self._thread_event.is_set():
+            return True
+        return self._lease is not None and time.monotonic() > self._lease()
+
+    @property
+    def lease_expired(self) -> bool:
+        """True if the job's lease ran out (see :attr:`stop_requested`)."""
+        return self._lease is not None and time.monotonic() > self._lease()
 
     @property
     def reason(self) -> str | None:
@@ -81,12 +96,12 @@ class StopToken:
         try:
             await asyncio.wait_for(self._event.wait(), timeout=seconds)
         except TimeoutError:
-            return False
+            return self.stop_requested
         return True
 
     def wait_sync(self, timeout: float | None = None) -> bool:
         """Blocking wait for threads; True if stop was requested."""
-        return self._thread_event.wait(timeout)
+        return self._thread_event.wait(timeout) or self.stop_requested
 
 
 class JobRunner(abc.ABC):

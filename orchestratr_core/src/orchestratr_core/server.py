@@ -335,7 +335,7 @@ class OrchestratedServer:
         run = _Run(
             delivery=delivery,
             arg=arg,
-            token=StopToken(),
+            token=StopToken(lease=_lease_of(delivery)),
             heartbeat_timeout=message.heartbeat_timeout,
         )
         self._runs[message.job_id] = run
@@ -397,7 +397,13 @@ class OrchestratedServer:
                 if outcome == "watchdog":
                     forced = await self._stop_job(run, job_task)
                     error = f"watchdog: no heartbeat() within {run.heartbeat_timeout} s"
-                    run.token = StopToken()
+                    run.token = StopToken(lease=_lease_of(run.delivery))
+                elif run.token.lease_expired:
+                    # The job saw its lease run out and returned: that is a loss,
+                    # never a completion (the broker may have given it away).
+                    job_task.cancelled() or job_task.exception()
+                    run.request_stop(p.StopReason.LOST, hard=True)
+                    break
                 elif job_task.exception() is None:
                     run.request_stop(p.StopReason.COMPLETED)
                     break
@@ -681,6 +687,10 @@ def _uuid() -> str:
     from orchestratr_core.job import new_id
 
     return new_id()
+
+
+def _lease_of(delivery: Delivery) -> Callable[[], float]:
+    return lambda: delivery.valid_until
 
 
 def _describe(exc: BaseException) -> str:

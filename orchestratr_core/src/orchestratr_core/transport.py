@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Collection
 
 from orchestratr_core.protocol import Command, Event, JobMessage
@@ -94,6 +95,16 @@ class Delivery(abc.ABC):
     def lost(self) -> asyncio.Event:
         """Set when this delivery is no longer ours: its channel, connection or
         consumer is gone or can no longer be trusted. Once set it stays set."""
+
+    @property
+    def valid_until(self) -> float:
+        """A :func:`time.monotonic` deadline until which this delivery is certainly
+        still ours: the last sign of life from the broker plus the fence timeout.
+        Once it has passed, the transport sets :attr:`lost` (at its next check).
+        Job code reads it through its stop token, so a process that was frozen
+        (SIGSTOP, a long GC pause, a suspended VM) stops before doing one more step
+        with a message the broker may have given away. Default: no deadline."""
+        return math.inf
 
     @abc.abstractmethod
     async def ack(self) -> None:

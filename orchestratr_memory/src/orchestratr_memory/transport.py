@@ -46,6 +46,8 @@ import contextlib
 import enum
 import itertools
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
@@ -296,6 +298,15 @@ class MemoryDelivery(Delivery):
         """True once acked or released."""
         return self._settled
 
+    @property
+    def valid_until(self) -> float:
+        """No deadline while the network is up; during a partition, the moment the
+        client gives the connection up (partition start + ``fence_timeout``)."""
+        since = self._link.transport.partitioned_since
+        if since is None:
+            return math.inf
+        return since + float(self._link.transport.options["fence_timeout"])
+
     def _lose(self) -> None:
         if not self._settled:
             self._lost.set()
@@ -489,6 +500,7 @@ class MemoryTransport(Transport):
         self.label = f"{self.broker.name}/{next(_ids)}"
         """A name for logs."""
         self.partitioned = False
+        self.partitioned_since: float | None = None
         """True while :meth:`partition` is in effect."""
         self._state = _State.NEW
         self._link: _Link | None = None
@@ -585,6 +597,7 @@ class MemoryTransport(Transport):
         if self.partitioned:
             return
         self.partitioned = True
+        self.partitioned_since = time.monotonic()
         self._healed.clear()
         log.warning("transport %s partitioned from the broker", self.label)
         link = self._link
@@ -598,6 +611,7 @@ class MemoryTransport(Transport):
         if not self.partitioned:
             return
         self.partitioned = False
+        self.partitioned_since = None
         self._healed.set()
         log.warning("transport %s healed", self.label)
         link = self._link

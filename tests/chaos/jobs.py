@@ -1,0 +1,72 @@
+"""The job function the chaos tests run in real server processes.
+
+It keeps its own ledger, outside the framework: one JSON line per event in a file
+per process (``$ORCHESTRATR_LEDGER_DIR/<pid>.jsonl``), opened in append mode and
+flushed per line, so a ``kill -9`` loses nothing the job wrote. (A file rather
+than a database table so that the PostgreSQL-restart fault cannot damage the
+evidence.) Each copy records ``start``, a ``write`` every ``WRITE_EVERY`` seconds
+carrying its fencing token, and ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import IO
+
+from orchestratr_core import JobArgument, StopToken
+
+WRITE_EVERY = 0.1
+
+_file: IO[str] | None = None
+
+
+def _ledger() -> IO[str]:
+    global _file  # noqa: PLW0603 - one ledger file per process
+    if _file is None:
+        directory = os.environ["ORCHESTRATR_LEDGER_DIR"]
+        _file = open(  # noqa: SIM115 - kept open for the life of the process
+            os.path.join(directory, f"{os.getpid()}.jsonl"), "a", buffering=1, encoding="utf-8"
+        )
+    return _file
+
+
+def record(event: str, arg: JobArgument) -> None:
+    """Append one ledger line."""
+    line = {
+        "e": event,
+        "job": arg.job_id,
+        "name": arg.name,
+        "fence": arg.fence,
+        "pid": os.getpid(),
+        "server": os.environ.get("ORCHESTRATR_SERVER_LABEL", ""),
+        "t": time.time(),
+    }
+    _ledger().write(json.dumps(line) + "\n")
+
+
+async def ledger_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
+    """Run until told to stop, writing to the ledger with the fencing token."""
+    record("start", arg)
+    try:
+        while not token.stop_requested:
+            record("write", arg)
+            heartbeat()
+            await token.sleep(WRITE_EVERY)
+    finally:
+        record("stop", arg)
+
+
+async def stubborn_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
+    """Ignores its token (must be cancelled hard)."""
+    record("start", arg)
+    try:
+        while True:
+            record("write", arg)
+            heartbeat()
+            await asyncio.sleep(WRITE_EVERY)
+    finally:
+        record("stop", arg)
