@@ -664,3 +664,25 @@ async def test_a_frozen_server_stops_its_jobs_before_they_write_again(cluster: C
     assert late == []
     await cluster.wait_running(ids)
     assert cluster.ledger.overlaps() == []
+
+
+async def test_rebalancing_never_moves_jobs_toward_a_server_that_went_quiet(
+    cluster: Cluster,
+) -> None:
+    options = dataclasses.replace(FAST_MANAGER, rebalance=False, rebalance_fresh=0.5)
+    manager = await cluster.start_manager(options)
+    await cluster.add_server("a", 10)
+    ids = await cluster.create(8)
+    await cluster.wait_running(ids)
+    b = await cluster.add_server("b", 10)
+    await eventually(lambda: _count_servers(cluster, 2), what="b registered")
+    b.transport.partition()  # type: ignore[attr-defined]
+    await asyncio.sleep(0.7)  # quiet for longer than rebalance_fresh, not yet dead
+    assert await manager.rebalance() == 0
+    b.transport.heal()  # type: ignore[attr-defined]
+    moved = await eventually(manager.rebalance, timeout=3, what="rebalance once b is back")
+    assert moved == 2  # a quarter of the 8 running jobs per round
+
+
+async def _count_servers(cluster: Cluster, n: int) -> bool:
+    return len(await cluster.monitor.servers()) == n

@@ -28,13 +28,14 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 from orchestratr_core.client import OrchestratorClient
@@ -56,10 +57,11 @@ from orchestratr_core.job import (
     validate_argument,
     validate_name,
 )
-from orchestratr_core.manager import ServerManager
+from orchestratr_core.logs import add_secret, configure_logging, redact
+from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.monitor import OrchestratorMonitor
 from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager, mask_url
-from orchestratr_core.server import OrchestratedServer
+from orchestratr_core.server import OrchestratedServer, ServerOptions
 
 if TYPE_CHECKING:
     from orchestratr_core.storage import Storage
@@ -97,73 +99,21 @@ log = logging.getLogger("orchestratr.cli")
 
 # -- credentials ---------------------------------------------------------------------
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)[^@\s/]*@")
 
-
-class _Redactor:
-    """Removes passwords from text: any ``scheme://user:password@`` form, and
-    every password found in a URL this process was given (drivers sometimes
+def _secret_of(url: str | None) -> None:
+    """Never print the password of a URL this process was given (drivers sometimes
     repeat a password without its URL)."""
-
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
-
-    def add_url(self, url: str | None) -> None:
-        if not url:
-            return
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            password = None
-            # an unparseable URL: treat everything between ':' and '@' as secret
-            match = re.search(r"://[^:/@]*:([^@]*)@", url)
-            if match:
-                password = match.group(1)
-        if password:
-            self._secrets.update({password, unquote(password)})
-
-    def __call__(self, text: str) -> str:
-        text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
-
-
-redact = _Redactor()
-
-
-# -- logging -------------------------------------------------------------------------
-
-
-class _TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        body: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-        }
-        if record.exc_info:
-            body["exc"] = redact(self.formatException(record.exc_info))
-        return json.dumps(body, ensure_ascii=False)
-
-
-def _configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
+    if not url:
+        return
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        # an unparseable URL: treat everything between ':' and '@' as secret
+        match = re.search(r"://[^:/@]*:([^@]*)@", url)
+        password = match.group(1) if match else None
+    if password:
+        add_secret(password)
+        add_secret(unquote(password))
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -186,6 +136,30 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _web_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        default="127.0.0.1:8080" if required else None,
+        help="serve the API and dashboard here" + (" (default 127.0.0.1:8080)" if required else ""),
+    )
+    parser.add_argument(
+        "--api-token",
+        metavar="TOKEN",
+        help="bearer token for the API (default: $ORCHESTRATR_API_TOKEN)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="most jobs run at once (default 10)",
     )
+    server.add_argument(
+        "--heartbeat-interval",
+        type=_seconds,
+        metavar="S",
+        help="seconds between heartbeats to the manager (default 2)",
+    )
+    server.add_argument(
+        "--stop-grace",
+        type=_seconds,
+        metavar="S",
+        help="seconds a job has to honour its stop token before a hard stop (default 10)",
+    )
+    server.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics here (needs prometheus-client)",
+    )
+    server.add_argument("--otel", action="store_true", help="emit OpenTelemetry spans and metrics")
     server.set_defaults(handler=_cmd_server)
 
     manager = commands.add_parser(
@@ -280,7 +272,45 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common, storage, transport],
         help="run a manager: publishes jobs, tracks servers, applies cancellations",
     )
+    manager.add_argument(
+        "--server-timeout",
+        type=_seconds,
+        metavar="S",
+        help="a server not heard from for this long is dead (default 10)",
+    )
+    manager.add_argument(
+        "--sweep-interval",
+        type=_seconds,
+        metavar="S",
+        help="seconds between the leader's rounds: dead servers, outbox (default 1)",
+    )
+    manager.add_argument(
+        "--rebalance-interval",
+        type=_seconds,
+        metavar="S",
+        help="seconds between rebalancing rounds (default 5)",
+    )
+    manager.add_argument(
+        "--no-rebalance",
+        dest="rebalance",
+        action="store_false",
+        default=None,
+        help="never move running jobs to servers that join",
+    )
+    _web_arguments(manager, required=False)
+    manager.add_argument("--otel", action="store_true", help="emit OpenTelemetry spans and metrics")
     manager.set_defaults(handler=_cmd_manager)
+
+    web = commands.add_parser(
+        "web",
+        parents=[common, storage, transport],
+        help="serve the HTTP API and the live dashboard (needs orchestratr-core[web])",
+        description="Serve the JSON API, its OpenAPI document at /api/openapi.json, the "
+        "dashboard and /metrics. A bearer token (--api-token or $ORCHESTRATR_API_TOKEN) is "
+        "required unless bound to loopback with no token set.",
+    )
+    _web_arguments(web, required=True)
+    web.set_defaults(handler=_cmd_web)
 
     jobs = commands.add_parser("jobs", parents=[common], help="create, cancel and list jobs")
     job_commands = jobs.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND", required=True)
@@ -535,8 +565,11 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
 async def _cmd_server(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     transport = _transport_url(args)
+    options = _options(
+        ServerOptions(), heartbeat_interval=args.heartbeat_interval, stop_grace=args.stop_grace
+    )
     server = OrchestratedServer(
-        job, transport=transport, name=args.name, max_workers=args.max_workers
+        job, transport=transport, name=args.name, max_workers=args.max_workers, options=options
     )
     log.info(
         "server %s (%s) starting: job %s, max %d workers, transport %s",
@@ -546,8 +579,30 @@ async def _cmd_server(args: argparse.Namespace) -> int:
         args.max_workers,
         _describe(transport),
     )
-    await server.run_forever()
+    if args.otel:
+        from orchestratr_core.otel import install
+
+        install()
+    metrics = None
+    if args.metrics:
+        from orchestratr_core.metrics import parse_listen_address, start_metrics_server
+
+        metrics = start_metrics_server(*parse_listen_address(args.metrics, 9464))
+    try:
+        await server.run_forever()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
+
+
+_Options = TypeVar("_Options", ServerOptions, ManagerOptions)
+
+
+def _options(defaults: _Options, **given: Any) -> _Options:
+    """``defaults`` with the options given on the command line (``None``: not given).
+    The options class validates them (:class:`ConfigurationError`)."""
+    return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None})
 
 
 async def _cmd_manager(args: argparse.Namespace) -> int:
@@ -555,9 +610,43 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
     transport = _transport_url(args)
     if _given(args.storage, STORAGE_ENV) is None:
         print(f"storage: SQLite file {Path.cwd() / DEFAULT_SQLITE_FILE}", flush=True)
-    manager = ServerManager(storage=storage, transport=transport)
+    options = _options(
+        ManagerOptions(),
+        server_timeout=args.server_timeout,
+        sweep_interval=args.sweep_interval,
+        rebalance_interval=args.rebalance_interval,
+        rebalance=args.rebalance,
+    )
+    manager = ServerManager(storage=storage, transport=transport, options=options)
     log.info("manager starting: storage %s, transport %s", _describe(storage), _describe(transport))
-    await manager.run_forever()
+    if args.otel:
+        from orchestratr_core.otel import install
+
+        install()
+    if not args.http:
+        await manager.run_forever()
+        return 0
+    from orchestratr_core.metrics import parse_listen_address
+    from orchestratr_core.web import start_server
+
+    host, port = parse_listen_address(args.http, 8080)
+    await manager.start()
+    web = await start_server(manager, host, port, args.api_token)
+    try:
+        await manager.run_forever()
+    finally:
+        await web.stop()
+    return 0
+
+
+async def _cmd_web(args: argparse.Namespace) -> int:
+    from orchestratr_core.metrics import parse_listen_address
+    from orchestratr_core.web import run_web
+
+    storage = _storage_url(args, must_exist=True)
+    transport = _transport_url(args)
+    host, port = parse_listen_address(args.http, 8080)
+    await run_web(storage, transport, host, port, args.api_token)
     return 0
 
 
@@ -851,10 +940,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("storage", "transport"):
-        redact.add_url(getattr(args, name, None))
-    redact.add_url(os.environ.get(STORAGE_ENV))
-    redact.add_url(os.environ.get(TRANSPORT_ENV))
-    _configure_logging(args.log_level or _default_level(args.command), args.log_format)
+        _secret_of(getattr(args, name, None))
+    _secret_of(os.environ.get(STORAGE_ENV))
+    _secret_of(os.environ.get(TRANSPORT_ENV))
+    configure_logging(args.log_level or _default_level(args.command), args.log_format)
+    get_plugin_manager().load_extensions()
     handler: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = args.handler
     try:
         return asyncio.run(handler(args))

@@ -1,12 +1,14 @@
 """``orchestratr demo``: the whole system in one process, with no services.
 
-A manager (storage: a SQLite file, or whatever ``--storage`` names), three
-servers on the in-memory transport and 30 ticker jobs. The demo shows the jobs
-spread over the servers, kills one server the way ``kill -9`` would, shows its
-jobs running again on the survivors and how long that took, cancels one job and
-shows that it is deleted and never runs again, then shuts everything down and
-prints a summary. It ends by itself well within 30 seconds; ``--forever`` keeps
-it running (with a fleet view every few seconds) until Ctrl-C.
+A manager (storage: a SQLite file, or whatever ``--storage`` names), servers on
+the in-memory transport and 30 ticker jobs. The demo starts two servers and
+creates the jobs; a third server joins and rebalancing hands it its share; then
+it kills one server the way ``kill -9`` would and shows its jobs running again on
+the survivors with larger fencing tokens, cancels one job and shows that it is
+deleted and never runs again, waits for the manager to declare the killed server
+dead, and shuts everything down with a summary. It ends by itself well within 30
+seconds; ``--forever`` keeps it running (with a fleet view every few seconds)
+until Ctrl-C.
 
 The demo's own job function wraps :func:`orchestratr_core.examples.ticker` and
 records every start and stop, so the summary speaks about what really ran, not
@@ -48,8 +50,15 @@ MAX_WORKERS = 16
 JOB_COUNT = 30
 TICK_SECONDS = "0.5"
 SERVER_OPTIONS = ServerOptions(heartbeat_interval=1.0, stop_grace=2.0)
-MANAGER_OPTIONS = ManagerOptions(server_timeout=3.0, sweep_interval=0.5, leader_lease=2.0)
-"""Shorter than the defaults so that the demo shows dead-server detection in seconds."""
+MANAGER_OPTIONS = ManagerOptions(
+    server_timeout=3.0,
+    sweep_interval=0.5,
+    leader_lease=2.0,
+    rebalance_interval=1.0,
+    rebalance_hold=1.0,
+)
+"""Shorter than the defaults so that the demo shows rebalancing and dead-server
+detection within seconds."""
 WAIT_LIMIT = 8.0
 """The longest the demo waits for any one thing before it calls it a failure."""
 POLL = 0.05
@@ -207,23 +216,63 @@ class _Demo:
     # -- the script --------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.out.step("Starting a manager and three servers in this process")
+        self.out.step("Starting a manager and two servers in this process")
         self.manager = ServerManager(
             storage=self.storage, transport=TRANSPORT, options=MANAGER_OPTIONS
         )
         await self.mgr.start()
-        for label in SERVER_NAMES:
-            server = OrchestratedServer(
-                self.ledger.job_function(label),
-                transport=TRANSPORT,
-                name=label,
-                max_workers=MAX_WORKERS,
-                options=SERVER_OPTIONS,
-            )
-            self.servers[label] = server
+        for label in SERVER_NAMES[:-1]:
+            self.servers[label] = self._server(label)
         await asyncio.gather(*(s.start() for s in self.servers.values()))
         for label, server in self.servers.items():
             self.out.line(f"    {label}: id {server.id}, up to {MAX_WORKERS} jobs")
+
+    def _server(self, label: str) -> OrchestratedServer:
+        return OrchestratedServer(
+            self.ledger.job_function(label),
+            transport=TRANSPORT,
+            name=label,
+            max_workers=MAX_WORKERS,
+            options=SERVER_OPTIONS,
+        )
+
+    async def join_one(self) -> None:
+        """Start one more server and watch rebalancing give it its share."""
+        label = SERVER_NAMES[-1]
+        self.out.step(f"A new server joins: {label}; rebalancing hands it its share of the jobs")
+        t0 = time.monotonic()
+        server = self._server(label)
+        self.servers[label] = server
+        await server.start()
+        self.out.line(f"    {label}: id {server.id}, up to {MAX_WORKERS} jobs")
+        live = list(self.servers.values())
+        share = JOB_COUNT / len(live)
+
+        async def balanced() -> bool:
+            counts = [len(s.running()) for s in live]
+            return sum(counts) == JOB_COUNT and all(abs(c - share) <= 1 for c in counts)
+
+        took = await self._until(balanced, limit=3 * WAIT_LIMIT)
+        if took < 0:
+            self._fail(f"the jobs were not spread over {len(live)} servers")
+        else:
+            took = time.monotonic() - t0
+            got = len(server.running())
+            self.out.ok(f"{label} runs {got} jobs {_secs(took)} after it started; none was lost")
+            moved_twice = [
+                j for j, runs in self.ledger.runs.items() if len({r.server for r in runs}) > 2
+            ]
+            if moved_twice:
+                self._fail(f"{len(moved_twice)} jobs moved more than once")
+            else:
+                self.out.ok("only the surplus moved, each job at most once")
+            self.summary.append(f"{label} joined and got {got} jobs in {_secs(took)} (rebalancing)")
+        await self.show_fleet()
+        # After a round every server caps itself at its share for a moment (lifted
+        # at its next heartbeat); let that pass before the next act.
+        await asyncio.sleep(
+            MANAGER_OPTIONS.rebalance_hold + SERVER_OPTIONS.heartbeat_interval + 0.3
+        )
 
     async def create_jobs(self, tag: str) -> None:
         self.out.step(f"Creating {JOB_COUNT} ticker jobs through the client")
@@ -354,6 +403,17 @@ class _Demo:
         after = time.monotonic() - t0
         self.out.ok(f"{label} declared dead {_secs(after)} after the kill")
         self.summary.append(f"{label} declared dead by the manager {_secs(after)} after the kill")
+        live = [s for n, s in self.servers.items() if n not in self.dead]
+        expected = len(self.job_ids) - 1  # all but the cancelled one
+
+        async def all_running() -> bool:
+            return sum(len(s.running()) for s in live) == expected
+
+        if await self._until(all_running) < 0:
+            running = sum(len(s.running()) for s in live)
+            self._fail(f"only {running} of the {expected} jobs not cancelled are running")
+        else:
+            self.out.ok(f"all {expected} jobs that were not cancelled are running")
         await self.show_fleet()
 
     async def forever(self) -> None:
@@ -464,9 +524,8 @@ async def run_demo(
     try:
         await demo.start()
         await demo.create_jobs(tag)
-        await asyncio.sleep(2.0)  # let the jobs tick for a moment
-        out.step("Two seconds later: every job ticks on its one server")
-        await demo.show_fleet()
+        await asyncio.sleep(1.0)  # let the jobs tick for a moment
+        await demo.join_one()
         await demo.kill_one()
         await demo.cancel_one()
         await demo.dead_detected()

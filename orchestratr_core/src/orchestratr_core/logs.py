@@ -80,7 +80,9 @@ def redact(text: str) -> str:
 
 
 @contextlib.contextmanager
-def job_context(job_id: str, server_id: str | None = None, fence: int | None = None) -> Iterator[None]:
+def job_context(
+    job_id: str, server_id: str | None = None, fence: int | None = None
+) -> Iterator[None]:
     """Tag every log line written inside the block (and in tasks created in it)
     with this job's fields."""
     token = _job.set((job_id, server_id, fence))
@@ -153,9 +155,7 @@ class JobContextFilter(logging.Filter):
                     fence = int(m.group(1))
                 if server_id is None and (m := _SERVER.search(message)):
                     server_id = m.group(1)
-                if (server_id is None or fence is None) and (
-                    known := observer.owner(str(job_id))
-                ):
+                if (server_id is None or fence is None) and (known := observer.owner(str(job_id))):
                     server_id = server_id if server_id is not None else known[0]
                     fence = fence if fence is not None else known[1]
         record.job_id = job_id

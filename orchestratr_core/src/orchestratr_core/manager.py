@@ -86,6 +86,9 @@ class ManagerOptions:
     """Seconds between rebalancing rounds (each round waits for fresh heartbeats)."""
     rebalance_max_share: float = 0.25
     """At most this share of the running jobs moves in one round (at least one job)."""
+    rebalance_fresh: float = 5.0
+    """Rebalance only while every live server was heard from this recently: a
+    server that went quiet may be dead, and jobs must not be moved toward it."""
     rebalance_hold: float = 3.0
     """Seconds every server caps itself at its share after a round, so that the
     released jobs land on servers below their share and move only once."""
@@ -187,8 +190,18 @@ class ServerManager:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, done.set)
         try:
-            await self.start()
-            await done.wait()
+            # A signal must work while start() still waits for storage or broker.
+            starting = asyncio.create_task(self.start())
+            waiting = asyncio.create_task(done.wait())
+            await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                starting.result()
+                await waiting
+            waiting.cancel()
         finally:
             if install_signal_handlers:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -406,6 +419,9 @@ class ServerManager:
         )
         if len(servers) < 2:
             return 0
+        fresh = utcnow() - timedelta(seconds=self.options.rebalance_fresh)
+        if any(s.last_seen < fresh for s in servers):
+            return 0  # a server went quiet: wait until it is back or declared dead
         waiting = await self._storage.list_jobs(
             JobQuery(statuses=frozenset({JobStatus.PENDING}), limit=1)
         )

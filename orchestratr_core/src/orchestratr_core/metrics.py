@@ -33,6 +33,7 @@ and :func:`start_metrics_server` raises :class:`~orchestratr_core.errors.Missing
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ __all__ = [
     "MetricsServer",
     "install",
     "observer",
+    "parse_listen_address",
     "prometheus_available",
     "record_heartbeat_lag",
     "record_reconnect",
@@ -254,6 +256,36 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+
+def parse_listen_address(value: str, default_port: int) -> tuple[str, int]:
+    """``"HOST:PORT"``, ``"[::1]:PORT"``, ``":PORT"`` (loopback) or ``"HOST"`` ->
+    ``(host, port)``, for ``--http`` and ``--metrics`` options.
+
+    :raises ConfigurationError: a malformed address or a port outside 0..65535.
+    """
+    from orchestratr_core.errors import ConfigurationError
+
+    text = value.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else rest
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:  # a bare IPv6 address, no port
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            host = ""
+    host = host or ("127.0.0.1" if text.startswith((":", "[]")) else "")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535 or not host or any(c.isspace() for c in host):
+        raise ConfigurationError(f"not a listen address: {value!r} (use HOST:PORT)")
+    return host, port
 
 
 def start_metrics_server(

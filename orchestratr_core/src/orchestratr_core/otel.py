@@ -88,7 +88,7 @@ class OtelObserver:
         self, server_id: str, job_id: str, name: str, fence: int, restarts: int
     ) -> None:
         """Open the job's span (or mark a restart on it) and count the start."""
-        attributes = {
+        attributes: dict[str, str | int] = {
             "orchestratr.server.id": server_id,
             "orchestratr.job.id": job_id,
             "orchestratr.job.name": name,

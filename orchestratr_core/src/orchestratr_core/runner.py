@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
 import time
@@ -163,7 +164,9 @@ class ThreadJobRunner(JobRunner):
         self, func: Callable[..., Any], arg: JobArgument, token: StopToken, heartbeat: Heartbeat
     ) -> None:
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, func, arg, token, heartbeat)
+        # Copy the context so that the job's log lines carry its job fields.
+        context = contextvars.copy_context()
+        future = loop.run_in_executor(self._pool, context.run, func, arg, token, heartbeat)
         try:
             await asyncio.shield(future)
         except asyncio.CancelledError:

@@ -222,8 +222,9 @@ class OrchestratedServer:
         for run in runs:
             run.request_stop(reason)
         await self._wait_runs(runs)
-        self._publish(p.ServerLeft(server_id=self.id, at=time.time()))
-        await self._flush_events(5.0)
+        if self._consumer is not None:  # it got as far as taking jobs: say goodbye
+            self._publish(p.ServerLeft(server_id=self.id, at=time.time()))
+            await self._flush_events(5.0)
         await self._shutdown()
         self._plugins.notify("server_left", server_id=self.id, name=self.name, reason="stopped")
         log.info("server stopped id=%s", self.id)
@@ -253,11 +254,19 @@ class OrchestratedServer:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._shutdown_requested.set)
         try:
-            await self.start()
-            stopped = asyncio.create_task(self._stopped.wait())
+            # A signal must work while start() still waits for the broker too.
+            starting = asyncio.create_task(self.start())
             requested = asyncio.create_task(self._shutdown_requested.wait())
-            await asyncio.wait({stopped, requested}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
+            await asyncio.wait({starting, requested}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                starting.result()
+                stopped = asyncio.create_task(self._stopped.wait())
+                await asyncio.wait({stopped, requested}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
             requested.cancel()
         finally:
             if install_signal_handlers:
@@ -592,6 +601,7 @@ class OrchestratedServer:
             self._hold = command.hold
             self._hold_until = time.monotonic() + max(0.0, command.hold_for)
             self._update_capacity()
+            asyncio.get_running_loop().call_later(max(0.0, command.hold_for), self._end_hold)
             # Release the jobs that have been here longest: a job that just
             # arrived (perhaps moved by the previous round) never moves twice.
             runs = sorted(
@@ -671,12 +681,15 @@ class OrchestratedServer:
             jobs=jobs,
         )
 
+    def _end_hold(self) -> None:
+        """A rebalancing cap is temporary: lift it once its time is up."""
+        if self._hold is not None and time.monotonic() >= self._hold_until - 0.001:
+            self._hold = None
+            self._update_capacity()
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.heartbeat_interval)
-            if self._hold is not None and time.monotonic() >= self._hold_until:
-                self._hold = None  # a rebalance hold is temporary
-                self._update_capacity()
             self._publish(self._heartbeat_event())
 
 

@@ -203,11 +203,11 @@ class Transport(abc.ABC):
     ) -> tuple[Subscription, frozenset[str]]:
         """Subscribe to the commands for ``server_id`` and to broadcasts, then
         read the durable cancellation set. Returns the subscription and that
-        set; every cancellation added later arrives as a :class:`CancelJob`. When the
-    transport reconnects by itself it reads the set again and delivers a
-    :class:`CancelJob` for every id added while it was away, before any new job
-    delivery. The set holds every job that must never run again (cancelled, and
-    completed ones too)."""
+        set; every cancellation added later arrives as a :class:`CancelJob`.
+        When the transport reconnects by itself it reads the set again and
+        delivers a :class:`CancelJob` for every id added while it was away,
+        before any new job delivery. The set holds every job that must never
+        run again (cancelled, and completed ones too)."""
 
     @abc.abstractmethod
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:

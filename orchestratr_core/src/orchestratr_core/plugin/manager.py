@@ -198,7 +198,7 @@ def _unknown(what: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     if close:
         message += f"; did you mean {close[0]!r}?"
-    message += f" Installed: {', '.join(known) if known else 'none'}"
+    message += f"; installed: {', '.join(known) if known else 'none'}"
     return message
 
 

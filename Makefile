@@ -1,0 +1,86 @@
+# OrchestratR for Python: one virtual environment at .venv/, made and reused here.
+#
+#   make demo        run the one-process demo (needs only Python 3.11+)
+#   make test        install, start the services, ruff, mypy, the default test suite
+#   make install     .venv/ with every distribution (editable), every extra, dev tools
+#   make lint        ruff check + ruff format --check
+#   make typecheck   mypy (strict, configured in pyproject.toml)
+#   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
+#   make format      ruff format + ruff check --fix
+#   make services    check and start PostgreSQL, MariaDB and RabbitMQ
+#   make clean       remove .venv/ and caches
+#
+# Installs are skipped when nothing changed: a stamp file in .venv/ is newer
+# than every pyproject.toml.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+PYTEST_ARGS ?=
+
+PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
+FULL_STAMP := $(VENV)/.installed-full
+DEMO_STAMP := $(VENV)/.installed-demo
+
+.PHONY: help install demo test test-slow chaos lint typecheck format services clean
+
+help:
+	@grep -E '^#   make ' Makefile | sed 's/^#   //'
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "error: $(PYTHON) is $$($(PYTHON) --version 2>&1); OrchestratR needs Python 3.11+ (make PYTHON=python3.11 ...)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(FULL_STAMP): $(BIN)/python $(PYPROJECTS)
+	$(PIP) -e ./orchestratr_core -e ./orchestratr_memory -e './orchestratr_sql[all]' \
+		-e ./orchestratr_rabbitmq -e '.[dev]'
+	@touch $@ $(DEMO_STAMP)
+
+# The demo needs the core, the memory backends and the SQLite storage only.
+$(DEMO_STAMP): $(BIN)/python $(PYPROJECTS)
+	$(PIP) -e ./orchestratr_core -e ./orchestratr_memory -e './orchestratr_sql[sqlite]'
+	@touch $@
+
+install: $(FULL_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(BIN)/orchestratr demo
+
+services:
+	bash .ci/services
+
+test: install services
+	@if [ -f orchestratr_sql/scripts/install-odbc.sh ]; then \
+		bash orchestratr_sql/scripts/install-odbc.sh; fi
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	@rc=0; $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit status 5)" >&2; fi; \
+	exit $$rc
+
+test-slow: install services
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+chaos: test-slow
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

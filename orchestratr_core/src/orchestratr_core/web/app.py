@@ -1,0 +1,662 @@
+"""The FastAPI application: JSON API under ``/api``, the dashboard at ``/``,
+Prometheus metrics at ``/metrics``, the OpenAPI document at ``/api/openapi.json``."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import time
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, JSONResponse
+from starlette.staticfiles import StaticFiles
+
+from orchestratr_core import metrics as _metrics
+from orchestratr_core.client import OrchestratorClient
+from orchestratr_core.errors import (
+    BackendUnavailable,
+    DuplicateJobName,
+    InvalidJobInput,
+    OrchestratrError,
+    PermanentBackendError,
+    UnknownJob,
+    UnknownServer,
+)
+from orchestratr_core.job import (
+    MAX_NAME_LENGTH,
+    JobQuery,
+    JobRecord,
+    JobStatus,
+    ServerQuery,
+    ServerRecord,
+    ServerStatus,
+)
+from orchestratr_core.logs import add_secret
+from orchestratr_core.monitor import MAX_PAGE_SIZE, OrchestratorMonitor
+from orchestratr_core.web.auth import AccessPolicy, is_loopback, resolve_token
+from orchestratr_core.web.history import FleetHistory
+from orchestratr_core.web.problems import ApiProblem, Problem, problem_response
+
+__all__ = ["WebBackend", "create_app"]
+
+log = logging.getLogger("orchestratr.web")
+
+_MAX_ID_LENGTH = 200
+
+# Declares the bearer scheme in the OpenAPI document; AccessPolicy does the checking.
+_BEARER = HTTPBearer(auto_error=False, description="The API token (ORCHESTRATR_API_TOKEN)")
+
+
+# -- what the app talks to ------------------------------------------------------------
+
+
+@dataclass
+class WebBackend:
+    """The parts of a manager the app needs: a client, a monitor and a way to
+    drain a server. Build it from a running :class:`ServerManager` with
+    :meth:`of`, or from URLs with :meth:`open` (for ``orchestratr web``, which
+    serves the API beside the managers without being one)."""
+
+    client: OrchestratorClient
+    monitor: OrchestratorMonitor
+    drain: Callable[[str], Awaitable[None]]
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def of(cls, manager: Any) -> WebBackend:
+        """The backend of a :class:`~orchestratr_core.manager.ServerManager`
+        (started by its owner)."""
+        return cls(client=manager.client, monitor=manager.monitor, drain=manager.drain_server)
+
+    @classmethod
+    async def open(cls, storage: Any, transport: Any) -> WebBackend:
+        """Open a storage and connect a transport (objects, plugin names or URLs)
+        and build a backend on them; :meth:`close` closes both.
+
+        :raises PluginNotFound, MissingDriver, BackendUnavailable,
+            PermanentBackendError: as the plugin system and backends raise them.
+        """
+        from orchestratr_core.manager import ServerManager
+
+        manager = ServerManager(storage=storage, transport=transport)
+        await manager.storage.open()
+        try:
+            await manager.transport.connect()
+        except BaseException:
+            await manager.storage.close()
+            raise
+        backend = cls.of(manager)
+        backend._closers += [manager.transport.close, manager.storage.close]
+        return backend
+
+    async def close(self) -> None:
+        """Close what :meth:`open` opened (nothing for :meth:`of`)."""
+        closers, self._closers = self._closers, []
+        for close in closers:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await close()
+
+
+# -- API models ---------------------------------------------------------------------------
+
+
+class CreateJob(BaseModel):
+    """A request to create a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Typed loosely on purpose: the core's validation answers, with the very
+    # message the Python client raises ("job name must be a string, not int").
+    name: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        description=f"Unique among jobs that are not deleted; 1 to {MAX_NAME_LENGTH} "
+        "characters, not blank, no surrounding white space, no control characters",
+        examples=["feed-follower-42"],
+    )
+    argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        default="", description="Passed to the job function (up to 64 KiB of UTF-8)"
+    )
+
+
+class JobOut(BaseModel):
+    """A job."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    argument: str
+    status: JobStatus
+    server_id: str | None = Field(description="The server running it, if any")
+    fence: int = Field(description="Fencing token of the current ownership; only ever grows")
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    last_heartbeat: datetime | None
+    restarts: int = Field(description="How often the job function failed and was restarted")
+    last_error: str | None
+    reason: str | None = Field(description="Why the job last changed status, when not obvious")
+
+
+class JobPageOut(BaseModel):
+    """One page of jobs, in creation order."""
+
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+    total: int | None = Field(description="Jobs matching the filters (when `total=true`)")
+
+
+class ServerJobOut(BaseModel):
+    """A job running on a server."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: JobStatus
+    fence: int
+    restarts: int
+    last_heartbeat: datetime | None
+
+
+class ServerOut(BaseModel):
+    """A server with the jobs it runs."""
+
+    id: str
+    name: str
+    status: ServerStatus
+    max_workers: int = Field(description="Capacity: most jobs it runs at once")
+    running: int = Field(description="Jobs it runs now")
+    load: float = Field(description="running / max_workers")
+    started_at: datetime
+    last_seen: datetime = Field(description="Its last heartbeat")
+    heartbeat_age: float = Field(description="Seconds since its last heartbeat")
+    host: str
+    pid: int
+    jobs: list[ServerJobOut]
+
+
+class HistoryOut(BaseModel):
+    """Running jobs per server over the last minutes."""
+
+    interval: float
+    window: float
+    names: dict[str, str] = Field(description="server id -> server name")
+    samples: list[dict[str, Any]] = Field(
+        description="oldest first: {t: epoch seconds, running: {server id: jobs}}"
+    )
+
+
+class Health(BaseModel):
+    """Liveness of the API process."""
+
+    status: str
+    auth: str = Field(description="'token' or 'loopback' (open to this host only)")
+
+
+def _server_out(server: ServerRecord) -> ServerOut:
+    running = sum(1 for j in server.running if j.status is JobStatus.PROCESSING)
+    age = max(0.0, (datetime.now(UTC) - server.last_seen).total_seconds())
+    return ServerOut(
+        id=server.id,
+        name=server.name,
+        status=server.status,
+        max_workers=server.max_workers,
+        running=running,
+        load=running / server.max_workers if server.max_workers else 0.0,
+        started_at=server.started_at,
+        last_seen=server.last_seen,
+        heartbeat_age=round(age, 3),
+        host=server.host,
+        pid=server.pid,
+        jobs=[ServerJobOut.model_validate(j) for j in server.running],
+    )
+
+
+def _job_out(job: JobRecord) -> JobOut:
+    return JobOut.model_validate(job)
+
+
+# -- input checks that keep odd bytes away from the storage ---------------------------
+
+
+def _plain(value: str, what: str, *, status: int) -> str:
+    """``value`` if it is short and free of control characters, else a problem."""
+    bad = len(value) > _MAX_ID_LENGTH or any(
+        unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value
+    )
+    if bad:
+        if status == 404:
+            raise ApiProblem(
+                404, "Not found", f"no {what} with id {value[:80]!r}", kind="not-found"
+            )
+        raise ApiProblem(
+            422,
+            "Invalid request",
+            f"{what} must be at most {_MAX_ID_LENGTH} characters without control characters",
+            kind="invalid-job-input",
+        )
+    return value
+
+
+# -- the app ------------------------------------------------------------------------
+
+
+_PROBLEM_CONTENT = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+_DESCRIBED = {
+    400: "Malformed request",
+    401: "Missing or invalid bearer token",
+    403: "No token configured and not bound to loopback (or behind a proxy)",
+    404: "No such job or server",
+    409: "A job of this name exists",
+    422: "Rejected by validation",
+    503: "Storage or broker unavailable",
+}
+
+
+def _problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem documents with these status codes."""
+    return {
+        code: {"model": Problem, "description": _DESCRIBED[code], "content": _PROBLEM_CONTENT}
+        for code in sorted({401, 403, 422, 503, *codes})
+    }
+
+
+def create_app(
+    source: Any,
+    token: str | None = None,
+    *,
+    host: str | None = None,
+    history_interval: float = 1.0,
+    history_window: float = 600.0,
+    public_metrics: bool = False,
+) -> FastAPI:
+    """Build the web app for a manager or its parts.
+
+    :param source: a :class:`~orchestratr_core.manager.ServerManager` or a
+        :class:`WebBackend`.
+    :param token: the API's bearer token; ``None`` reads ``ORCHESTRATR_API_TOKEN``.
+    :param host: the address the app is bound to. Calls without a token are
+        allowed only if this is a loopback address and no token is configured;
+        ``None`` (unknown) counts as not loopback. :func:`serve` sets it.
+    :param history_interval: seconds between samples of the chart.
+    :param history_window: seconds of samples the chart keeps.
+    :param public_metrics: serve ``/metrics`` without the token (for a scraper
+        on a network you trust).
+    """
+    backend = source if isinstance(source, WebBackend) else WebBackend.of(source)
+    secret = resolve_token(token)
+    add_secret(secret)
+    policy = AccessPolicy(token=secret, loopback=is_loopback(host))
+    history = FleetHistory(backend.monitor, interval=history_interval, window=history_window)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        history.start()
+        try:
+            yield
+        finally:
+            await history.stop()
+
+    app = FastAPI(
+        title="OrchestratR",
+        version=_version(),
+        description="Run infinite jobs across a fleet of servers: create, cancel, list and "
+        "watch them; drain servers. Every call needs `Authorization: Bearer <token>` "
+        "unless the API is bound to loopback and no token is configured.",
+        openapi_url="/api/openapi.json",
+        docs_url=None,  # Swagger UI loads from a CDN; the dashboard is the UI
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.backend = backend
+    app.state.policy = policy
+    app.state.history = history
+
+    def _check(request: Request, write: bool) -> None:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        policy.check(request.headers.get("authorization"), headers, write=write)
+
+    async def can_read(
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        _check(request, write=False)
+
+    async def can_write(
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)],
+    ) -> None:
+        _check(request, write=True)
+
+    reader = [Depends(can_read)]
+    writer = [Depends(can_write)]
+
+    # -- errors ---------------------------------------------------------------------
+
+    @app.exception_handler(ApiProblem)
+    async def _api_problem(_: Request, exc: ApiProblem) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(part) for part in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        malformed = any(e.get("type") == "json_invalid" for e in exc.errors())
+        detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)
+        if malformed:
+            return problem_response(400, "Malformed request", detail, "malformed-request")
+        return problem_response(422, "Invalid request", detail, "invalid-request", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
+        return problem_response(
+            exc.status_code,
+            title,
+            str(exc.detail),
+            title.lower().replace(" ", "-"),
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(OrchestratrError)
+    async def _orchestratr(_: Request, exc: OrchestratrError) -> JSONResponse:
+        if isinstance(exc, InvalidJobInput):
+            return problem_response(422, "Invalid job input", str(exc), "invalid-job-input")
+        if isinstance(exc, DuplicateJobName):
+            return problem_response(409, "Duplicate job name", str(exc), "duplicate-job-name")
+        if isinstance(exc, UnknownJob):
+            return problem_response(404, "Unknown job", str(exc), "unknown-job")
+        if isinstance(exc, UnknownServer):
+            return problem_response(404, "Unknown server", str(exc), "unknown-server")
+        if isinstance(exc, BackendUnavailable | PermanentBackendError):
+            log.warning("backend error answering an API call: %s", exc)
+            return problem_response(
+                503,
+                "Backend unavailable",
+                str(exc),
+                "backend-unavailable",
+                headers={"Retry-After": "5"},
+            )
+        log.error("API call failed: %s", exc)
+        return problem_response(500, "Internal error", str(exc), "internal-error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("API call failed unexpectedly")
+        return problem_response(
+            500, "Internal error", "the server could not answer; see its log", "internal-error"
+        )
+
+    @app.middleware("http")
+    async def _headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        if request.url.path.startswith("/api/") or request.url.path == "/metrics":
+            response.headers.setdefault("Cache-Control", "no-store")
+        else:
+            response.headers.setdefault(
+                "Content-Security-Policy",
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+            )
+        return response
+
+    # -- jobs -----------------------------------------------------------------------
+
+    @app.post(
+        "/api/jobs",
+        status_code=201,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=_problem_responses(400, 409, 422, 503),
+        tags=["jobs"],
+        summary="Create a job",
+    )
+    async def create_job(body: CreateJob, response: Response) -> JobOut:
+        """Create a job; it starts on one server as soon as one has room."""
+        job_id = await backend.client.create_job(body.name, body.argument)
+        response.headers["Location"] = f"/api/jobs/{job_id}"
+        return _job_out(await backend.monitor.job(job_id))
+
+    @app.get(
+        "/api/jobs",
+        response_model=JobPageOut,
+        dependencies=reader,
+        responses=_problem_responses(422, 503),
+        tags=["jobs"],
+        summary="List jobs (filtered, keyset-paged)",
+    )
+    async def list_jobs(
+        status: Annotated[
+            list[JobStatus] | None,
+            Query(description="Only these statuses (repeat the parameter for several)"),
+        ] = None,
+        name_prefix: Annotated[str | None, Query(description="Names starting with this")] = None,
+        server_id: Annotated[str | None, Query(description="Jobs on this server")] = None,
+        include_deleted: Annotated[
+            bool, Query(description="Also deleted jobs (when no status is given)")
+        ] = False,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Page size")] = 50,
+        cursor: Annotated[
+            str | None, Query(description="`next_cursor` of the previous page")
+        ] = None,
+        total: Annotated[bool, Query(description="Also count the matching jobs")] = False,
+    ) -> JobPageOut:
+        """Jobs in creation order, one page at a time. Paging by cursor stays fast
+        at any depth."""
+        if name_prefix is not None:
+            _plain(name_prefix, "name_prefix", status=422)
+        if server_id is not None:
+            _plain(server_id, "server_id", status=422)
+        if cursor is not None:
+            _plain(cursor, "cursor", status=422)
+        query = JobQuery(
+            statuses=frozenset(status) if status else None,
+            name_prefix=name_prefix or None,
+            server_id=server_id or None,
+            include_deleted=include_deleted,
+            after=cursor or None,
+            limit=limit,
+        )
+        page = await backend.monitor.jobs(query, with_total=total)
+        return JobPageOut(
+            items=[_job_out(j) for j in page.items],
+            next_cursor=page.next_cursor,
+            total=page.total if total else None,
+        )
+
+    @app.get(
+        "/api/jobs/{job_id}",
+        response_model=JobOut,
+        dependencies=reader,
+        responses=_problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Show a job",
+    )
+    async def get_job(job_id: str) -> JobOut:
+        """One job, whatever its status."""
+        return _job_out(await backend.monitor.job(_plain(job_id, "job", status=404)))
+
+    @app.post(
+        "/api/jobs/{job_id}/cancel",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=_problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Cancel a job",
+    )
+    async def cancel_job(job_id: str) -> JobOut:
+        """Cancel a job, durably: it stops wherever it runs and never runs again
+        (``deleting`` until a server confirms, then ``deleted``). Cancelling a job
+        that is already cancelled or completed changes nothing."""
+        return _job_out(await backend.client.mark_on_deleting(_plain(job_id, "job", status=404)))
+
+    # -- servers --------------------------------------------------------------------
+
+    @app.get(
+        "/api/servers",
+        response_model=list[ServerOut],
+        dependencies=reader,
+        responses=_problem_responses(503),
+        tags=["servers"],
+        summary="List servers with their running jobs",
+    )
+    async def list_servers(
+        include_gone: Annotated[
+            bool, Query(alias="all", description="Also servers that died or left")
+        ] = False,
+    ) -> list[ServerOut]:
+        """Live (alive and draining) servers, or every server ever seen."""
+        query = ServerQuery(statuses=None) if include_gone else ServerQuery()
+        return [_server_out(s) for s in await backend.monitor.servers(query)]
+
+    @app.get(
+        "/api/servers/{server_id}",
+        response_model=ServerOut,
+        dependencies=reader,
+        responses=_problem_responses(404, 503),
+        tags=["servers"],
+        summary="Show a server",
+    )
+    async def get_server(server_id: str) -> ServerOut:
+        """One server with its running jobs."""
+        return _server_out(await backend.monitor.server(_plain(server_id, "server", status=404)))
+
+    @app.post(
+        "/api/servers/{server_id}/drain",
+        status_code=202,
+        response_model=ServerOut,
+        dependencies=writer,
+        responses=_problem_responses(404, 503),
+        tags=["servers"],
+        summary="Drain a server",
+    )
+    async def drain_server(server_id: str) -> ServerOut:
+        """Ask a live server to hand all its jobs to the others and exit."""
+        await backend.drain(_plain(server_id, "server", status=404))
+        return _server_out(await backend.monitor.server(server_id))
+
+    # -- dashboard support ----------------------------------------------------------
+
+    @app.get(
+        "/api/history",
+        response_model=HistoryOut,
+        dependencies=reader,
+        responses=_problem_responses(503),
+        tags=["dashboard"],
+        summary="Running jobs per server over the last minutes",
+    )
+    async def get_history() -> HistoryOut:
+        """The chart's data, sampled by the app every ``interval`` seconds."""
+        await history.sample_if_stale()
+        return HistoryOut(
+            interval=history.interval,
+            window=history.window,
+            names=dict(history.names),
+            samples=[{"t": s.t, "running": s.running} for s in history.samples()],
+        )
+
+    @app.get("/api/health", response_model=Health, tags=["dashboard"], summary="Liveness")
+    async def health() -> Health:
+        """Always answers (no token needed; says nothing about the fleet)."""
+        return Health(status="ok", auth="loopback" if policy.open_locally else "token")
+
+    # -- metrics ----------------------------------------------------------------------
+
+    registry, refresh = _cluster_metrics(backend.monitor)
+
+    @app.get(
+        "/metrics",
+        include_in_schema=False,
+        dependencies=[] if public_metrics else reader,
+    )
+    async def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        _metrics.install()
+        try:
+            await refresh()
+        except OrchestratrError as exc:
+            log.warning("cluster metrics unavailable: %s", exc)
+        body = generate_latest(REGISTRY) + generate_latest(registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    # -- the page ---------------------------------------------------------------------
+
+    static = importlib.resources.files("orchestratr_core.web") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+def _cluster_metrics(monitor: OrchestratorMonitor) -> tuple[Any, Callable[[], Awaitable[None]]]:
+    """A registry of gauges describing the fleet, refreshed at each scrape."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    registry = CollectorRegistry()
+    servers = Gauge(
+        "orchestratr_cluster_servers", "Servers by status", ["status"], registry=registry
+    )
+    running = Gauge(
+        "orchestratr_cluster_jobs_running",
+        "Jobs running per live server",
+        ["server_id", "server_name"],
+        registry=registry,
+    )
+    age = Gauge(
+        "orchestratr_cluster_heartbeat_age_seconds",
+        "Seconds since each live server's last heartbeat",
+        ["server_id", "server_name"],
+        registry=registry,
+    )
+    capacity = Gauge(
+        "orchestratr_cluster_capacity", "Sum of max_workers of live servers", registry=registry
+    )
+
+    async def refresh() -> None:
+        live = await monitor.servers()
+        servers.clear()
+        running.clear()
+        age.clear()
+        for status in (ServerStatus.ALIVE, ServerStatus.DRAINING):
+            servers.labels(status=status.value).set(sum(1 for s in live if s.status is status))
+        now = time.time()
+        for server in live:
+            out = _server_out(server)
+            running.labels(server_id=server.id, server_name=server.name).set(out.running)
+            age.labels(server_id=server.id, server_name=server.name).set(
+                max(0.0, now - server.last_seen.timestamp())
+            )
+        capacity.set(sum(s.max_workers for s in live))
+
+    return registry, refresh
+
+
+def _version() -> str:
+    from orchestratr_core import __version__
+
+    return __version__

@@ -1,0 +1,528 @@
+"""Chaos harness: a manager and N ``orchestratr server`` processes on the real
+RabbitMQ broker and PostgreSQL, a silent TCP proxy between each server and the
+broker, fault injection, a ledger written by the jobs themselves, and a checker
+for invariants I1-I6 of ``design-notes.md``.
+
+Every run uses its own RabbitMQ namespace and PostgreSQL schema and removes both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from orchestratr_core import OrchestratorClient
+from orchestratr_core.job import JobQuery, JobRecord, JobStatus, ServerQuery, ServerRecord
+from orchestratr_core.monitor import AdminOrchestratorMonitor
+from orchestratr_core.plugin import get_plugin_manager
+from orchestratr_core.storage import Storage
+from orchestratr_core.transport import Transport
+from tests.rabbitmq.helpers import SilentProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_CLUSTER = "15"
+
+
+@dataclass(frozen=True)
+class Timings:
+    """The timings a chaos cluster runs with (seconds)."""
+
+    heartbeat_interval: float = 0.5
+    """Server -> manager heartbeat."""
+    server_timeout: float = 3.0
+    """Manager: a server not heard from this long is dead."""
+    stop_grace: float = 2.0
+    broker_heartbeat: int = 2
+    """AMQP heartbeat negotiated with RabbitMQ; the broker drops a silent client
+    after about two of these."""
+    fence_timeout: float = 1.5
+    """Client: give every delivery up after this much silence from the broker —
+    strictly less than the broker's detection (2 x broker_heartbeat)."""
+
+
+@dataclass
+class Proc:
+    """A process of the cluster under test."""
+
+    name: str
+    role: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    killed_at: float | None = None
+    frozen_since: float | None = None
+    proxy: SilentProxy | None = None
+    max_workers: int = 0
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class Copy:
+    """One running copy of a job as the ledger shows it."""
+
+    job: str
+    name: str
+    fence: int
+    pid: int
+    server: str
+    start: float
+    stop: float | None = None
+    writes: list[float] = field(default_factory=list)
+
+    def last_step(self, dead_at: float | None) -> float:
+        """The last moment this copy did something (its start, a write)."""
+        last = max([self.start, *self.writes])
+        return min(last, dead_at) if dead_at is not None else last
+
+
+class ChaosCluster:
+    """See the module docstring."""
+
+    def __init__(self, workdir: Path, timings: Timings | None = None) -> None:
+        self.workdir = workdir
+        self.timings = timings or Timings()
+        self.run_id = uuid.uuid4().hex[:10]
+        self.namespace = f"chaos-{self.run_id}"
+        self.schema = f"chaos_{self.run_id}"
+        self.ledger_dir = workdir / "ledger"
+        self.ledger_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, Proc] = {}
+        self.manager: Proc | None = None
+        self._manager_count = 0
+        self.storage: Storage | None = None
+        self.transport: Transport | None = None
+        self.client: OrchestratorClient | None = None
+        self.monitor: AdminOrchestratorMonitor | None = None
+        self.cancelled_at: dict[str, float] = {}
+
+    # -- URLs -------------------------------------------------------------------------------
+
+    @property
+    def storage_url(self) -> str:
+        return f"{PG_ADMIN}?schema={self.schema}"
+
+    def transport_url(self, port: int = 5672) -> str:
+        t = self.timings
+        return (
+            f"amqp://guest:guest@127.0.0.1:{port}/?namespace={self.namespace}"
+            f"&heartbeat={t.broker_heartbeat}&fence_timeout={t.fence_timeout}"
+        )
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the schema, start the manager, connect the test's own client."""
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(f'CREATE SCHEMA "{self.schema}"')
+        finally:
+            await conn.close()
+        pm = get_plugin_manager()
+        self.storage = pm.make_storage(self.storage_url)
+        self.transport = pm.make_transport(self.transport_url())
+        await self.storage.open()
+        await self.transport.connect()
+        self.client = OrchestratorClient(self.storage, self.transport)
+        self.monitor = AdminOrchestratorMonitor(self.storage)
+        await self.start_manager()
+
+    async def close(self) -> None:
+        """Kill everything and remove the run's schema and queues."""
+        for proc in list(self.procs.values()):
+            self._reap(proc)
+        if self.manager is not None:
+            self._reap(self.manager)
+        for proc in self.procs.values():
+            if proc.proxy is not None:
+                await proc.proxy.stop()
+        with contextlib.suppress(Exception):
+            if self.transport is not None:
+                await self.transport.close()
+        with contextlib.suppress(Exception):
+            if self.storage is not None:
+                await self.storage.close()
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        finally:
+            await conn.close()
+        delete_namespace(self.namespace)
+
+    def _reap(self, proc: Proc) -> None:
+        if proc.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.popen.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=10)
+
+    def _spawn(self, name: str, role: str, args: list[str], env: dict[str, str]) -> Proc:
+        log = self.workdir / f"{name}.log"
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        popen = subprocess.Popen(  # noqa: S603 - our own CLI with our own arguments
+            [sys.executable, "-m", "orchestratr_core.cli", "--log-level", "info", *args],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        return Proc(name=name, role=role, popen=popen, log=log)
+
+    async def start_manager(self) -> Proc:
+        """Start a manager process (a new one after a kill)."""
+        self._manager_count += 1
+        t = self.timings
+        proc = self._spawn(
+            f"manager-{self._manager_count}",
+            "manager",
+            [
+                "manager",
+                "--storage", self.storage_url,
+                "--transport", self.transport_url(),
+                "--server-timeout", str(t.server_timeout),
+            ],
+            {},
+        )
+        self.manager = proc
+        return proc
+
+    async def add_server(
+        self, name: str, max_workers: int = 10, *, job: str = "tests.chaos.jobs:ledger_job"
+    ) -> Proc:
+        """Start an ``orchestratr server`` process behind its own silent proxy."""
+        proxy = SilentProxy()
+        await proxy.start()
+        t = self.timings
+        proc = self._spawn(
+            name,
+            "server",
+            [
+                "server",
+                "--job", job,
+                "--name", name,
+                "--max-workers", str(max_workers),
+                "--transport", self.transport_url(proxy.port),
+                "--heartbeat-interval", str(t.heartbeat_interval),
+                "--stop-grace", str(t.stop_grace),
+            ],
+            {"ORCHESTRATR_LEDGER_DIR": str(self.ledger_dir), "ORCHESTRATR_SERVER_LABEL": name},
+        )
+        proc.proxy = proxy
+        proc.max_workers = max_workers
+        self.procs[name] = proc
+        return proc
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def kill9(self, name: str) -> float:
+        """``kill -9`` a server; returns when it happened."""
+        proc = self.procs[name]
+        proc.killed_at = time.time()
+        proc.popen.send_signal(signal.SIGKILL)
+        proc.popen.wait(timeout=10)
+        return proc.killed_at
+
+    def sigterm(self, name: str) -> float:
+        """SIGTERM a server (graceful hand-over)."""
+        self.procs[name].popen.send_signal(signal.SIGTERM)
+        return time.time()
+
+    def sigstop(self, name: str) -> float:
+        proc = self.procs[name]
+        proc.frozen_since = time.time()
+        proc.popen.send_signal(signal.SIGSTOP)
+        return proc.frozen_since
+
+    def sigcont(self, name: str) -> float:
+        proc = self.procs[name]
+        proc.popen.send_signal(signal.SIGCONT)
+        return time.time()
+
+    def partition(self, name: str) -> float:
+        proxy = self.procs[name].proxy
+        assert proxy is not None
+        proxy.pause()
+        return time.time()
+
+    def heal(self, name: str) -> float:
+        proxy = self.procs[name].proxy
+        assert proxy is not None
+        proxy.resume()
+        return time.time()
+
+    def kill_manager(self) -> float:
+        assert self.manager is not None
+        self.manager.killed_at = time.time()
+        self.manager.popen.kill()
+        self.manager.popen.wait(timeout=10)
+        return self.manager.killed_at
+
+    async def restart_broker(self) -> float:
+        """``rabbitmqctl stop_app`` then ``start_app``."""
+        await _run("rabbitmqctl", "stop_app")
+        at = time.time()
+        await _run("rabbitmqctl", "start_app")
+        await _run("rabbitmqctl", "await_startup")
+        return at
+
+    async def restart_postgres(self) -> float:
+        """Restart the PostgreSQL cluster (fast shutdown: connections drop)."""
+        cluster = PG_CLUSTER
+        with contextlib.suppress(OSError, IndexError):
+            cluster = sorted(os.listdir("/etc/postgresql"))[0]
+        await _run("pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart")
+        return time.time()
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def create(self, n: int, prefix: str = "job") -> list[str]:
+        assert self.client is not None
+        return [await self.client.create_job(f"{prefix}-{i}", str(i)) for i in range(n)]
+
+    async def cancel(self, job_id: str) -> None:
+        assert self.client is not None
+        await self.client.mark_on_deleting(job_id)
+        self.cancelled_at[job_id] = time.time()
+
+    async def jobs(self) -> list[JobRecord]:
+        assert self.monitor is not None
+        return await self.monitor.all_jobs(JobQuery(include_deleted=True, limit=None))
+
+    async def servers(self) -> list[ServerRecord]:
+        assert self.monitor is not None
+        return await self.monitor.servers(ServerQuery(statuses=None))
+
+    # -- the ledger ------------------------------------------------------------------------------
+
+    def copies(self) -> list[Copy]:
+        """Every copy of every job the ledger files record."""
+        out: list[Copy] = []
+        current: dict[tuple[int, str], Copy] = {}
+        for path in sorted(self.ledger_dir.glob("*.jsonl")):
+            for raw in path.read_text(encoding="utf-8").splitlines():
+                if not raw.strip():
+                    continue
+                line = json.loads(raw)
+                key = (line["pid"], line["job"])
+                if line["e"] == "start":
+                    copy = Copy(
+                        line["job"], line["name"], line["fence"], line["pid"], line["server"],
+                        line["t"],
+                    )
+                    current[key] = copy
+                    out.append(copy)
+                elif line["e"] == "write" and key in current:
+                    current[key].writes.append(line["t"])
+                elif line["e"] == "stop" and key in current:
+                    current[key].stop = line["t"]
+                    del current[key]
+        return out
+
+    def dead_at(self, pid: int) -> float | None:
+        for proc in self.procs.values():
+            if proc.pid == pid:
+                return proc.killed_at
+        return None
+
+    def live_copies(self, within: float = 1.0) -> list[Copy]:
+        """Copies that wrote within the last ``within`` seconds and have not stopped."""
+        now = time.time()
+        return [
+            c
+            for c in self.copies()
+            if c.stop is None
+            and self.dead_at(c.pid) is None
+            and max([c.start, *c.writes]) >= now - within
+        ]
+
+    async def wait_all_running(self, job_ids: list[str], within: float) -> float:
+        """Wait until each job has exactly one live copy; the seconds it took."""
+        t0 = time.time()
+        wanted = set(job_ids)
+        while True:
+            live: dict[str, int] = {}
+            for c in self.live_copies():
+                live[c.job] = live.get(c.job, 0) + 1
+            if all(live.get(j) == 1 for j in wanted):
+                return time.time() - t0
+            if time.time() - t0 > within:
+                missing = sorted(j for j in wanted if live.get(j) != 1)
+                raise AssertionError(
+                    f"{len(missing)} job(s) not running exactly once after {within} s: "
+                    f"{missing[:5]} ({self.tail_logs()})"
+                )
+            await asyncio.sleep(0.1)
+
+    def tail_logs(self, lines: int = 15) -> str:
+        out = []
+        for proc in [*self.procs.values(), *([self.manager] if self.manager else [])]:
+            text = proc.log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {proc.name} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    # -- the checker ---------------------------------------------------------------------------
+
+    def check(self) -> Report:
+        """Check I1, I3 and I6 over the whole ledger."""
+        copies = self.copies()
+        report = Report()
+        by_job: dict[str, list[Copy]] = {}
+        for c in copies:
+            by_job.setdefault(c.job, []).append(c)
+        for job, cs in by_job.items():
+            cs.sort(key=lambda c: c.start)
+            for i, a in enumerate(cs):
+                a_end = a.last_step(self.dead_at(a.pid))
+                for b in cs[i + 1 :]:
+                    if b.pid == a.pid:
+                        continue
+                    if b.start < a_end:
+                        report.overlaps.append((job, a.server, b.server, a_end - b.start))
+                    if b.fence <= a.fence:
+                        report.fence_regressions.append((job, a.fence, b.fence))
+                    stale = [w for w in a.writes if w > b.start]
+                    if stale and a.fence >= b.fence:
+                        report.unfenced_stale_writes += len(stale)
+                    report.stale_writes += len(stale)
+            cancelled = self.cancelled_at.get(job)
+            if cancelled is not None:
+                late = [c for c in cs if c.start > cancelled + 0.001]
+                report.ran_after_cancel.extend((job, c.server) for c in late)
+        # I6: concurrent copies per server never above its max_workers
+        for name, proc in self.procs.items():
+            events: list[tuple[float, int]] = []
+            for c in copies:
+                if c.server != name:
+                    continue
+                events.append((c.start, 1))
+                events.append((c.stop if c.stop is not None else time.time(), -1))
+            running = peak = 0
+            for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+                running += delta
+                peak = max(peak, running)
+            if peak > proc.max_workers:
+                report.over_capacity.append((name, peak, proc.max_workers))
+        return report
+
+    async def view_matches_ledger(self, job_ids: list[str]) -> list[str]:
+        """I4: jobs whose manager view (status/server) disagrees with the ledger."""
+        live = {c.job: c for c in self.live_copies()}
+        servers = {s.id: s.name for s in await self.servers()}
+        wrong = []
+        for job in await self.jobs():
+            if job.id not in job_ids:
+                continue
+            copy = live.get(job.id)
+            if copy is None:
+                if job.status is JobStatus.PROCESSING:
+                    wrong.append(f"{job.name}: view says processing, ledger: not running")
+                continue
+            if job.status is not JobStatus.PROCESSING or servers.get(job.server_id or "") != (
+                copy.server
+            ):
+                wrong.append(
+                    f"{job.name}: view {job.status.value} on "
+                    f"{servers.get(job.server_id or '')}, ledger on {copy.server}"
+                )
+        return wrong
+
+    async def wait_view_converges(self, job_ids: list[str], within: float) -> float:
+        t0 = time.time()
+        while True:
+            wrong = await self.view_matches_ledger(job_ids)
+            if not wrong:
+                return time.time() - t0
+            if time.time() - t0 > within:
+                raise AssertionError(f"manager view wrong after {within} s: {wrong[:5]}")
+            await asyncio.sleep(0.2)
+
+
+@dataclass
+class Report:
+    """What the checker found."""
+
+    overlaps: list[tuple[str, str, str, float]] = field(default_factory=list)
+    fence_regressions: list[tuple[str, int, int]] = field(default_factory=list)
+    stale_writes: int = 0
+    unfenced_stale_writes: int = 0
+    ran_after_cancel: list[tuple[str, str]] = field(default_factory=list)
+    over_capacity: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def assert_ok(self) -> None:
+        problems = {
+            "I1 overlapping copies": self.overlaps,
+            "fencing token did not grow": self.fence_regressions,
+            "stale writes with a token not lower than the owner's": self.unfenced_stale_writes,
+            "I3 ran after cancel": self.ran_after_cancel,
+            "I6 over capacity": self.over_capacity,
+        }
+        bad = {k: v for k, v in problems.items() if v}
+        assert not bad, f"invariants violated: {bad}"
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {out.decode(errors='replace')[-500:]}")
+
+
+def delete_namespace(namespace: str) -> None:
+    """Delete every queue and exchange of a namespace (best effort)."""
+    for kind in ("queues", "exchanges"):
+        out = subprocess.run(  # noqa: S603
+            ["rabbitmqctl", "list_" + kind, "-q", "--no-table-headers", "name"],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for name in out.split():
+            if name.startswith(namespace + ".") or name == namespace:
+                verb = "delete_queue" if kind == "queues" else None
+                if verb:
+                    subprocess.run(["rabbitmqctl", verb, name], capture_output=True, check=False)  # noqa: S603,S607
+                else:
+                    subprocess.run(  # noqa: S603
+                        [  # noqa: S607
+                            "rabbitmqadmin", "delete", "exchange", f"name={name}",
+                        ],
+                        capture_output=True,
+                        check=False,
+                    )
+
+
+def seeded(seed: int | None = None) -> tuple[random.Random, int]:
+    """A seeded random generator for soak tests; prints the seed."""
+    value = seed if seed is not None else int(os.environ.get("CHAOS_SEED", time.time_ns() % 10**9))
+    print(f"chaos seed: {value} (CHAOS_SEED={value} reproduces it)")  # noqa: T201
+    return random.Random(value), value
+
+
+Checker = Callable[[ChaosCluster], Any]
