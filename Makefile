@@ -38,7 +38,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(FULL_STAMP): $(BIN)/python $(PYPROJECTS)
-	$(PIP) -e ./orchestratr_core -e ./orchestratr_memory -e './orchestratr_sql[all]' \
+	$(PIP) -e './orchestratr_core[web,otel]' -e ./orchestratr_memory -e './orchestratr_sql[all]' \
 		-e ./orchestratr_rabbitmq -e '.[dev]'
 	@touch $@ $(DEMO_STAMP)
 
@@ -56,8 +56,8 @@ services:
 	bash .ci/services
 
 test: install services
-	@if [ -f orchestratr_sql/scripts/install-odbc.sh ]; then \
-		bash orchestratr_sql/scripts/install-odbc.sh; fi
+	bash orchestratr_sql/scripts/install-odbc.sh
+	bash tests/web/install-browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

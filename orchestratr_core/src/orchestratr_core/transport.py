@@ -23,7 +23,9 @@ Fencing
     Every delivery carries ``delivery_count``: how many times the broker handed
     this message out before (0 on the first delivery). It must grow on every
     new delivery of the same message. The core combines it with the message's
-    generation into the job's fencing token.
+    generation into the job's fencing token. A broker without a per-message
+    count (RabbitMQ classic queues) reports 0 on the first delivery and 1 on
+    every later one; such a backend must document the weaker fence.
 
 Loss
     When the channel, connection or consumer through which a delivery came is
@@ -49,7 +51,8 @@ Events
     object are delivered in publish order. Several managers may subscribe, but
     only one consumes at a time (single active consumer), so that every event
     is handled once and in order; when it goes away another takes over. If the
-    handler raises, the event is redelivered (in order) later.
+    handler raises, the event is handed to the handler again, in order, with
+    backoff; nothing newer is delivered meanwhile.
 
 Malformed messages
     Anything on any queue that :func:`orchestratr_core.protocol.decode` rejects
@@ -163,7 +166,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None:
-        """Close everything. Held deliveries go back to the queue. Idempotent."""
+        """Close everything. Held deliveries are marked lost and go back to the
+        queue. Idempotent."""
 
     # -- manager side -----------------------------------------------------------
 
@@ -207,7 +211,10 @@ class Transport(abc.ABC):
         When the transport reconnects by itself it reads the set again and
         delivers a :class:`CancelJob` for every id added while it was away,
         before any new job delivery. The set holds every job that must never
-        run again (cancelled, and completed ones too)."""
+        run again (cancelled, and completed ones too). If the handler raises,
+        the error is logged and the command dropped: the durable set is
+        authoritative, and the manager repeats stop commands on the next
+        heartbeat that shows the job."""
 
     @abc.abstractmethod
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:

@@ -1,0 +1,217 @@
+"""Options of the RabbitMQ transport: where the broker is and the timings that keep
+jobs single-owner.
+
+Any option may also be given in the URL query (``amqp://h/vhost?namespace=blue``);
+keyword options win. The URL comes from the constructor, else ``ORCHESTRATR_RABBITMQ_URL``, else
+``amqp://guest:guest@localhost:5672/``. A password missing from the URL is taken from
+``ORCHESTRATR_RABBITMQ_PASSWORD``. TLS (``amqps://``) options are the URL query
+parameters aiormq understands (``cafile``, ``certfile``, ``keyfile``,
+``no_verify_ssl``) or an ``ssl_context`` option. Nothing here ever logs the URL
+with its password: use :func:`orchestratr_core.plugin.manager.mask_url`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from orchestratr_core.errors import ConfigurationError
+
+__all__ = ["DEFAULT_URL", "PASSWORD_ENV", "URL_ENV", "Settings"]
+
+URL_ENV = "ORCHESTRATR_RABBITMQ_URL"
+"""Environment variable read when no URL is given."""
+PASSWORD_ENV = "ORCHESTRATR_RABBITMQ_PASSWORD"  # noqa: S105 - a variable name, not a secret
+"""Environment variable that supplies the password when the URL carries none."""
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+"""The broker used when neither the caller nor the environment names one."""
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+QueueType = Literal["quorum", "classic"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated options of one :class:`~orchestratr_rabbitmq.RabbitMQTransport`.
+
+    Timings are in seconds. ``fence_timeout`` must stay below twice the heartbeat:
+    RabbitMQ drops a silent connection no sooner than two heartbeat periods after
+    the last byte it received, and the transport must give its jobs up before that
+    (see ``docs/rabbitmq.md``).
+    """
+
+    url: str
+    namespace: str = "orchestratr"
+    queue_type: QueueType = "quorum"
+    heartbeat: int = 10
+    fence_timeout: float = 7.5
+    ping_interval: float = 2.5
+    connect_timeout: float = 10.0
+    connect_attempts: int = 3
+    publish_timeout: float = 10.0
+    reconnect_delay: float = 0.2
+    reconnect_max_delay: float = 5.0
+    snapshot_timeout: float = 10.0
+    consumer_timeout: float | None = None
+    """The broker's delivery acknowledgement timeout, when the operator knows it
+    (RabbitMQ 3.10 cannot tell a client). Deliveries are then handed back before it
+    expires instead of being torn away by the broker."""
+    connection_name: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+
+    @classmethod
+    def build(cls, url: str | None, options: Mapping[str, Any]) -> Settings:
+        """Merge ``url``, the environment and keyword ``options``; raise
+        :class:`ConfigurationError` for anything invalid."""
+        known = {f for f in cls.__dataclass_fields__ if f != "url"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown RabbitMQ transport option(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        resolved, from_query = _split_query(_resolve_url(url), known - {"ssl_context"})
+        merged = {**from_query, **options}  # keyword options win over the URL's
+        values: dict[str, Any] = {name: _coerce(name, value) for name, value in merged.items()}
+        heartbeat = values.get("heartbeat", cls.heartbeat)
+        if not isinstance(heartbeat, int) or isinstance(heartbeat, bool) or heartbeat < 0:
+            raise ConfigurationError(
+                f"heartbeat must be a whole number of seconds >= 0, got {heartbeat!r}"
+            )
+        if "fence_timeout" not in values and heartbeat > 0:
+            values["fence_timeout"] = 0.75 * heartbeat
+        if "ping_interval" not in values:
+            values["ping_interval"] = float(values.get("fence_timeout", cls.fence_timeout)) / 3
+        settings = cls(url=resolved, **values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if not _NAMESPACE.match(self.namespace):
+            raise ConfigurationError(
+                f"namespace {self.namespace!r} must be 1-100 characters of letters, "
+                "digits, '_', '.', '-'"
+            )
+        if self.queue_type not in ("quorum", "classic"):
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', got {self.queue_type!r}"
+            )
+        if self.fence_timeout <= 0:
+            raise ConfigurationError("fence_timeout must be > 0")
+        if self.heartbeat and self.fence_timeout >= 2 * self.heartbeat:
+            raise ConfigurationError(
+                f"fence_timeout ({self.fence_timeout:g}s) must be shorter than two heartbeats "
+                f"({2 * self.heartbeat}s): the broker may hand jobs to another server after that"
+            )
+        if self.ping_interval <= 0 or self.ping_interval >= self.fence_timeout:
+            raise ConfigurationError("ping_interval must be > 0 and shorter than fence_timeout")
+        for name in ("connect_timeout", "publish_timeout", "reconnect_delay", "snapshot_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be > 0")
+        if self.reconnect_max_delay < self.reconnect_delay:
+            raise ConfigurationError("reconnect_max_delay must be >= reconnect_delay")
+        if self.connect_attempts < 1:
+            raise ConfigurationError("connect_attempts must be >= 1")
+        if self.consumer_timeout is not None and self.consumer_timeout <= 0:
+            raise ConfigurationError("consumer_timeout must be > 0 seconds (or None if unknown)")
+
+    def __repr__(self) -> str:  # never show the password
+        from orchestratr_core.plugin.manager import mask_url
+
+        return f"Settings(url={mask_url(self.url)!r}, namespace={self.namespace!r})"
+
+    def connection_url(self) -> str:
+        """The URL handed to aio-pika, with our heartbeat (it decides the fence)."""
+        parts = urlsplit(self.url)
+        query = [
+            item
+            for item in parts.query.split("&")
+            if item and item.split("=", 1)[0] not in ("heartbeat", "name")
+        ]
+        query.append(f"heartbeat={self.heartbeat}")
+        return parts._replace(query="&".join(query)).geturl()
+
+    @property
+    def vhost(self) -> str:
+        """The virtual host named by the URL (``/`` when it names none)."""
+        path = urlsplit(self.url).path
+        return "/" if path in ("", "/") else path[1:].replace("%2F", "/")
+
+    @property
+    def host(self) -> str:
+        """``host:port`` of the broker, for messages (never the credentials)."""
+        parts = urlsplit(self.url)
+        default = 5671 if parts.scheme == "amqps" else 5672
+        return f"{parts.hostname or 'localhost'}:{parts.port or default}"
+
+
+_INTS = frozenset({"heartbeat", "connect_attempts"})
+_FLOATS = frozenset(
+    {
+        "fence_timeout",
+        "ping_interval",
+        "connect_timeout",
+        "publish_timeout",
+        "reconnect_delay",
+        "reconnect_max_delay",
+        "snapshot_timeout",
+        "consumer_timeout",
+    }
+)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Options may come from a command line or the environment as strings."""
+    if not isinstance(value, str) or name not in _INTS | _FLOATS:
+        return value
+    try:
+        return int(value) if name in _INTS else float(value)
+    except ValueError:
+        raise ConfigurationError(f"option {name} must be a number, got {value!r}") from None
+
+
+def _split_query(url: str, known: set[str]) -> tuple[str, dict[str, str]]:
+    """Take transport options out of the URL query (``?namespace=blue&heartbeat=5``);
+    what remains (``cafile``, ``certfile``...) is for the AMQP client."""
+    parts = urlsplit(url)
+    options: dict[str, str] = {}
+    kept: list[str] = []
+    for item in parts.query.split("&"):
+        if not item:
+            continue
+        key, _, value = item.partition("=")
+        key = unquote(key)
+        if key == "name":
+            key = "connection_name"
+        if key in known:
+            options[key] = unquote(value)
+        else:
+            kept.append(item)
+    return parts._replace(query="&".join(kept)).geturl(), options
+
+
+def _resolve_url(url: str | None) -> str:
+    value = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigurationError(
+            "the RabbitMQ URL cannot be parsed (it is not shown: it may hold a password)"
+        ) from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(
+            f"a RabbitMQ URL must start with amqp:// or amqps://, not {parts.scheme!r}://"
+        )
+    password = os.environ.get(PASSWORD_ENV)
+    if parts.password is None and password and parts.hostname:
+        user = parts.username or "guest"
+        host = parts.netloc.rsplit("@", 1)[-1]
+        value = parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
+    return value

@@ -1,0 +1,175 @@
+"""Queue and exchange names, and the arguments each RabbitMQ version needs.
+
+Everything lives under one namespace prefix ``<ns>`` so that several clusters can
+share a vhost:
+
+``<ns>.jobs``           durable (quorum by default) queue of job messages only
+``<ns>.events``         durable single-active-consumer queue, servers -> managers
+``<ns>.cancellations``  durable queue holding the cancellation set (one message at rest)
+``<ns>.cancellations.lock``  empty durable queue; its exclusive consumer is the
+                        lock under which the set is read and replaced
+``<ns>.cancellations.written``  marker exchange: a set has been written once
+``<ns>.commands``       direct exchange; routing key = server id
+``<ns>.broadcast``      fanout exchange to every live server
+``<ns>.commands.<server>.<tag>``  one exclusive, auto-delete queue per server connection
+``<ns>.dlx`` / ``<ns>.dead``      dead-letter exchange and the queue that keeps
+                        malformed messages for inspection
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CONSUMER_TIMEOUT_MS", "BrokerVersion", "Topology"]
+
+CONSUMER_TIMEOUT_MS = 2**31 - 1
+"""The acknowledgement timeout we ask for where a version lets us (about 24.8 days):
+the largest value every version accepts. Jobs held longer are handed back just
+before it by the transport, never torn away by the broker."""
+
+
+@dataclass(frozen=True, order=True)
+class BrokerVersion:
+    """The RabbitMQ version reported in the connection's ``server_properties``."""
+
+    major: int
+    minor: int
+    patch: int = 0
+
+    @classmethod
+    def from_server_properties(cls, properties: Mapping[str, Any]) -> BrokerVersion:
+        """Parse ``server_properties['version']``; an unreadable one counts as 0.0.0."""
+        raw = properties.get("version", "")
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return cls.parse(text)
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerVersion:
+        """Parse ``"3.10.8"``, ``"4.0.5"``, ``"4.3.0-beta.1"``..."""
+        numbers = [int(n) for n in re.findall(r"\d+", text)[:3]]
+        while len(numbers) < 3:
+            numbers.append(0)
+        return cls(*numbers)
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+    @property
+    def known(self) -> bool:
+        """False when the broker did not say which version it is."""
+        return self > BrokerVersion(0, 0, 0)
+
+    @property
+    def queue_consumer_timeout(self) -> bool:
+        """3.12-4.2: ``x-consumer-timeout`` is a queue argument."""
+        return BrokerVersion(3, 12) <= self < BrokerVersion(4, 3)
+
+    @property
+    def consumer_argument_timeout(self) -> bool:
+        """4.3+: quorum queues take ``x-consumer-timeout`` per consumer and cancel
+        (not close) on expiry; classic queues never time out."""
+        return self >= BrokerVersion(4, 3)
+
+    @property
+    def default_delivery_limit(self) -> bool:
+        """4.0+: quorum queues drop or dead-letter a message after 20 redeliveries
+        unless ``x-delivery-limit`` says otherwise."""
+        return self >= BrokerVersion(4, 0)
+
+    @property
+    def acquired_count(self) -> bool:
+        """4.3+: deliveries carry ``x-acquired-count``, counting every assignment."""
+        return self >= BrokerVersion(4, 3)
+
+
+class Topology:
+    """Names and declaration arguments for one namespace on one broker version."""
+
+    def __init__(self, namespace: str, queue_type: str, version: BrokerVersion) -> None:
+        self.namespace = namespace
+        self.queue_type = queue_type
+        self.version = version
+        self.jobs = f"{namespace}.jobs"
+        self.events = f"{namespace}.events"
+        self.cancellations = f"{namespace}.cancellations"
+        self.cancellations_lock = f"{namespace}.cancellations.lock"
+        self.cancellations_marker = f"{namespace}.cancellations.written"
+        self.commands_exchange = f"{namespace}.commands"
+        self.broadcast_exchange = f"{namespace}.broadcast"
+        self.dead_letter_exchange = f"{namespace}.dlx"
+        self.dead = f"{namespace}.dead"
+
+    def command_queue(self, server_id: str) -> str:
+        """A fresh name for one connection's command queue. Unique per connection:
+        after a fence the old connection may still own the previous one for a while."""
+        return f"{self.namespace}.commands.{server_id}.{uuid.uuid4().hex[:8]}"
+
+    def _durable(self, **extra: Any) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": self.queue_type,
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+        }
+        if self.queue_type == "quorum" and self.version.default_delivery_limit:
+            # 4.0+ would drop a job after 20 crashes of its servers.
+            args["x-delivery-limit"] = -1
+        args.update(extra)
+        return args
+
+    def jobs_arguments(self) -> dict[str, Any]:
+        """The jobs queue: no TTL, no length limit, no delivery limit, no timeout."""
+        extra: dict[str, Any] = {}
+        if self.version.queue_consumer_timeout:
+            extra["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
+        return self._durable(**extra)
+
+    def events_arguments(self) -> dict[str, Any]:
+        """The events queue: one active consumer at a time keeps events in order."""
+        return self._durable(**{"x-single-active-consumer": True})
+
+    def cancellations_arguments(self) -> dict[str, Any]:
+        """The snapshot queue. No ``x-max-length``: a quorum queue counts a message
+        held by a reader, and would drop a newer set published meanwhile; old sets
+        are removed under the lock instead."""
+        return self._durable()
+
+    def command_queue_arguments(self) -> dict[str, Any]:
+        """Per-connection command queue (exclusive queues are always classic)."""
+        return {"x-dead-letter-exchange": self.dead_letter_exchange}
+
+    def jobs_consumer_arguments(self) -> dict[str, Any]:
+        """Arguments of the jobs ``basic.consume``."""
+        if self.version.consumer_argument_timeout and self.queue_type == "quorum":
+            return {"x-consumer-timeout": CONSUMER_TIMEOUT_MS}
+        return {}
+
+    def consumer_timeout_ms(self) -> int | None:
+        """The acknowledgement timeout this topology configures, or ``None`` when the
+        version leaves it to the broker's global setting (3.10/3.11) or never times
+        out (classic queues on 4.3+)."""
+        if self.version.queue_consumer_timeout:
+            return CONSUMER_TIMEOUT_MS
+        if self.version.consumer_argument_timeout:
+            return CONSUMER_TIMEOUT_MS if self.queue_type == "quorum" else None
+        return None
+
+    @property
+    def consumer_timeout_configurable(self) -> bool:
+        """False on 3.10/3.11, where only the broker-wide setting exists."""
+        return self.version.queue_consumer_timeout or self.version.consumer_argument_timeout
+
+    def names(self) -> list[str]:
+        """Every durable queue of the namespace (for clean-up in tests and tools)."""
+        return [self.jobs, self.events, self.cancellations, self.cancellations_lock, self.dead]
+
+    def exchanges(self) -> list[str]:
+        """Every exchange of the namespace."""
+        return [
+            self.commands_exchange,
+            self.broadcast_exchange,
+            self.dead_letter_exchange,
+            self.cancellations_marker,
+        ]

@@ -1,0 +1,82 @@
+"""Fixtures for the RabbitMQ transport tests: a unique namespace per test on the real
+broker at 127.0.0.1:5672, deleted afterwards, and a way to reach the broker's
+management command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+
+from orchestratr_rabbitmq import RabbitMQTransport
+from orchestratr_rabbitmq.topology import BrokerVersion, Topology
+
+BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl`` (the tests run as root next to the broker)."""
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
+
+
+async def drop_namespace(namespace: str) -> None:
+    """Delete every queue and exchange of ``namespace``."""
+    names = Topology(namespace, "quorum", BrokerVersion(3, 10))
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        for queue in names.names():
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+            with contextlib.suppress(Exception):
+                await channel.close()
+        for exchange in names.exchanges():
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
+            with contextlib.suppress(Exception):
+                await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    """A fresh namespace, dropped after the test."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    await drop_namespace(name)
+
+
+@pytest.fixture
+async def make_transport(namespace: str) -> AsyncIterator[Callable[..., RabbitMQTransport]]:
+    """Build transports on the test's namespace; all are closed after the test."""
+    made: list[RabbitMQTransport] = []
+
+    def make(url: str | None = BROKER_URL, **options: Any) -> RabbitMQTransport:
+        options.setdefault("namespace", namespace)
+        transport = RabbitMQTransport(url, **options)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in reversed(made):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(transport.close(), 15)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A plain aio-pika connection for looking at queues directly."""
+    connection = await aio_pika.connect(BROKER_URL)
+    yield connection
+    await connection.close()
