@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -47,12 +48,45 @@ class Timings:
     server_timeout: float = 3.0
     """Manager: a server not heard from this long is dead."""
     stop_grace: float = 2.0
-    broker_heartbeat: int = 2
+    broker_heartbeat: int = 3
     """AMQP heartbeat negotiated with RabbitMQ; the broker drops a silent client
-    after about two of these."""
-    fence_timeout: float = 1.5
+    2 to 3 of these after the last byte it received (6-9 s)."""
+    fence_timeout: float = 4.5
     """Client: give every delivery up after this much silence from the broker —
-    strictly less than the broker's detection (2 x broker_heartbeat)."""
+    strictly less than the broker's earliest detection (2 x broker_heartbeat).
+    Not tighter: on a loaded 2-core machine a 1.5 s fence fired falsely."""
+
+
+class ProxyLoop:
+    """Runs the silent proxies on an event loop of their own, in a thread, so that
+    nothing the test does on its loop (parsing the ledger, waiting for a process)
+    can stall the traffic between the servers and the broker."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def new_proxy(self) -> SilentProxy:
+        proxy = SilentProxy()
+        self.call(proxy.start())
+        return proxy
+
+    def pause(self, proxy: SilentProxy) -> None:
+        self.loop.call_soon_threadsafe(proxy.pause)
+
+    def resume(self, proxy: SilentProxy) -> None:
+        self.loop.call_soon_threadsafe(proxy.resume)
+
+    def stop(self, proxies: list[SilentProxy]) -> None:
+        for proxy in proxies:
+            with contextlib.suppress(Exception):
+                self.call(proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
 
 
 @dataclass
@@ -115,6 +149,7 @@ class ChaosCluster:
         self.client: OrchestratorClient | None = None
         self.monitor: AdminOrchestratorMonitor | None = None
         self.cancelled_at: dict[str, float] = {}
+        self.proxies = ProxyLoop()
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -153,9 +188,7 @@ class ChaosCluster:
             self._reap(proc)
         if self.manager is not None:
             self._reap(self.manager)
-        for proc in self.procs.values():
-            if proc.proxy is not None:
-                await proc.proxy.stop()
+        self.proxies.stop([p.proxy for p in self.procs.values() if p.proxy is not None])
         with contextlib.suppress(Exception):
             if self.transport is not None:
                 await self.transport.close()
@@ -183,7 +216,7 @@ class ChaosCluster:
         full_env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
-        popen = subprocess.Popen(  # noqa: S603 - our own CLI with our own arguments
+        popen = subprocess.Popen(
             [sys.executable, "-m", "orchestratr_core.cli", "--log-level", "info", *args],
             cwd=ROOT,
             env=full_env,
@@ -202,9 +235,12 @@ class ChaosCluster:
             "manager",
             [
                 "manager",
-                "--storage", self.storage_url,
-                "--transport", self.transport_url(),
-                "--server-timeout", str(t.server_timeout),
+                "--storage",
+                self.storage_url,
+                "--transport",
+                self.transport_url(),
+                "--server-timeout",
+                str(t.server_timeout),
             ],
             {},
         )
@@ -215,20 +251,25 @@ class ChaosCluster:
         self, name: str, max_workers: int = 10, *, job: str = "tests.chaos.jobs:ledger_job"
     ) -> Proc:
         """Start an ``orchestratr server`` process behind its own silent proxy."""
-        proxy = SilentProxy()
-        await proxy.start()
+        proxy = self.proxies.new_proxy()
         t = self.timings
         proc = self._spawn(
             name,
             "server",
             [
                 "server",
-                "--job", job,
-                "--name", name,
-                "--max-workers", str(max_workers),
-                "--transport", self.transport_url(proxy.port),
-                "--heartbeat-interval", str(t.heartbeat_interval),
-                "--stop-grace", str(t.stop_grace),
+                "--job",
+                job,
+                "--name",
+                name,
+                "--max-workers",
+                str(max_workers),
+                "--transport",
+                self.transport_url(proxy.port),
+                "--heartbeat-interval",
+                str(t.heartbeat_interval),
+                "--stop-grace",
+                str(t.stop_grace),
             ],
             {"ORCHESTRATR_LEDGER_DIR": str(self.ledger_dir), "ORCHESTRATR_SERVER_LABEL": name},
         )
@@ -244,8 +285,12 @@ class ChaosCluster:
         proc = self.procs[name]
         proc.killed_at = time.time()
         proc.popen.send_signal(signal.SIGKILL)
-        proc.popen.wait(timeout=10)
+        proc.popen.wait(timeout=10)  # a killed process is reaped at once
         return proc.killed_at
+
+    async def wait_exit(self, name: str, within: float) -> int:
+        """Wait (without blocking the loop) for a process to exit; its status."""
+        return await asyncio.to_thread(self.procs[name].popen.wait, within)
 
     def sigterm(self, name: str) -> float:
         """SIGTERM a server (graceful hand-over)."""
@@ -266,13 +311,13 @@ class ChaosCluster:
     def partition(self, name: str) -> float:
         proxy = self.procs[name].proxy
         assert proxy is not None
-        proxy.pause()
+        self.proxies.pause(proxy)
         return time.time()
 
     def heal(self, name: str) -> float:
         proxy = self.procs[name].proxy
         assert proxy is not None
-        proxy.resume()
+        self.proxies.resume(proxy)
         return time.time()
 
     def kill_manager(self) -> float:
@@ -327,11 +372,19 @@ class ChaosCluster:
             for raw in path.read_text(encoding="utf-8").splitlines():
                 if not raw.strip():
                     continue
-                line = json.loads(raw)
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue  # the last line, still being written
+
                 key = (line["pid"], line["job"])
                 if line["e"] == "start":
                     copy = Copy(
-                        line["job"], line["name"], line["fence"], line["pid"], line["server"],
+                        line["job"],
+                        line["name"],
+                        line["fence"],
+                        line["pid"],
+                        line["server"],
                         line["t"],
                     )
                     current[key] = copy
@@ -349,8 +402,11 @@ class ChaosCluster:
                 return proc.killed_at
         return None
 
-    def live_copies(self, within: float = 1.0) -> list[Copy]:
-        """Copies that wrote within the last ``within`` seconds and have not stopped."""
+    def live_copies(
+        self, within: float = 1.0, *, exclude: tuple[str, ...] = (), after: float | None = None
+    ) -> list[Copy]:
+        """Copies that wrote within the last ``within`` seconds and have not
+        stopped, leaving out those on ``exclude`` servers or started before ``after``."""
         now = time.time()
         return [
             c
@@ -358,15 +414,25 @@ class ChaosCluster:
             if c.stop is None
             and self.dead_at(c.pid) is None
             and max([c.start, *c.writes]) >= now - within
+            and c.server not in exclude
+            and (after is None or c.start >= after)
         ]
 
-    async def wait_all_running(self, job_ids: list[str], within: float) -> float:
-        """Wait until each job has exactly one live copy; the seconds it took."""
+    async def wait_all_running(
+        self,
+        job_ids: list[str],
+        within: float,
+        *,
+        exclude: tuple[str, ...] = (),
+        after: float | None = None,
+    ) -> float:
+        """Wait until each job has exactly one live copy (not on ``exclude``
+        servers, started after ``after`` when given); the seconds it took."""
         t0 = time.time()
         wanted = set(job_ids)
         while True:
             live: dict[str, int] = {}
-            for c in self.live_copies():
+            for c in self.live_copies(exclude=exclude, after=after):
                 live[c.job] = live.get(c.job, 0) + 1
             if all(live.get(j) == 1 for j in wanted):
                 return time.time() - t0
@@ -497,8 +563,8 @@ async def _run(*argv: str) -> None:
 def delete_namespace(namespace: str) -> None:
     """Delete every queue and exchange of a namespace (best effort)."""
     for kind in ("queues", "exchanges"):
-        out = subprocess.run(  # noqa: S603
-            ["rabbitmqctl", "list_" + kind, "-q", "--no-table-headers", "name"],  # noqa: S607
+        out = subprocess.run(
+            ["rabbitmqctl", "list_" + kind, "-q", "--no-table-headers", "name"],
             capture_output=True,
             text=True,
             check=False,
@@ -507,11 +573,14 @@ def delete_namespace(namespace: str) -> None:
             if name.startswith(namespace + ".") or name == namespace:
                 verb = "delete_queue" if kind == "queues" else None
                 if verb:
-                    subprocess.run(["rabbitmqctl", verb, name], capture_output=True, check=False)  # noqa: S603,S607
+                    subprocess.run(["rabbitmqctl", verb, name], capture_output=True, check=False)
                 else:
-                    subprocess.run(  # noqa: S603
-                        [  # noqa: S607
-                            "rabbitmqadmin", "delete", "exchange", f"name={name}",
+                    subprocess.run(
+                        [
+                            "rabbitmqadmin",
+                            "delete",
+                            "exchange",
+                            f"name={name}",
                         ],
                         capture_output=True,
                         check=False,
@@ -521,7 +590,7 @@ def delete_namespace(namespace: str) -> None:
 def seeded(seed: int | None = None) -> tuple[random.Random, int]:
     """A seeded random generator for soak tests; prints the seed."""
     value = seed if seed is not None else int(os.environ.get("CHAOS_SEED", time.time_ns() % 10**9))
-    print(f"chaos seed: {value} (CHAOS_SEED={value} reproduces it)")  # noqa: T201
+    print(f"chaos seed: {value} (CHAOS_SEED={value} reproduces it)")
     return random.Random(value), value
 
 

@@ -182,8 +182,9 @@ class Guard(enum.StrEnum):
     NEWER = "newer"
     """``fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server))``:
     a report wins if its token is newer; an equal token wins only if nobody else owns it."""
-    UNOWNED_OR_OWNER = "unowned_or_owner"
-    """``server_id IS NULL OR (server_id = :server AND fence = :fence)``."""
+    NOT_OLDER = "not_older"
+    """``server_id IS NULL OR fence <= :fence``: nobody owns it, or the report is
+    at least as new as the recorded owner (who is then stale: it already moved)."""
 
 
 class JobEvent(enum.StrEnum):
@@ -236,7 +237,7 @@ TRANSITIONS: dict[JobEvent, Transition] = {
     JobEvent.COMPLETE: Transition(
         frozenset({JobStatus.PROCESSING, JobStatus.PENDING}),
         JobStatus.COMPLETED,
-        Guard.UNOWNED_OR_OWNER,
+        Guard.NOT_OLDER,
         clears_owner=True,
     ),
     JobEvent.FAIL: Transition(frozenset({JobStatus.PROCESSING}), None, Guard.OWNER),
@@ -244,7 +245,7 @@ TRANSITIONS: dict[JobEvent, Transition] = {
     JobEvent.CONFIRM_DELETED: Transition(
         frozenset({JobStatus.DELETING}),
         JobStatus.DELETED,
-        Guard.UNOWNED_OR_OWNER,
+        Guard.NOT_OLDER,
         clears_owner=True,
     ),
     JobEvent.SERVER_LOST: Transition(

@@ -215,8 +215,10 @@ class OrchestratedServer:
             return
         self._draining = True
         if self._consumer is not None:
-            with contextlib.suppress(OrchestratrError, OSError):
+            try:
                 await self._consumer.close()
+            except Exception as exc:  # a broken transport must not stop the hand-over
+                log.warning("could not cancel the job consumer: %s", exc)
         reason = p.StopReason.RELEASED if handover else p.StopReason.LOST
         runs = list(self._runs.values())
         for run in runs:

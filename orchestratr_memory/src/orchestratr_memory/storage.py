@@ -72,8 +72,8 @@ def _guard_holds(guard: Guard, row: JobRecord, server_id: str | None, fence: int
         return row.fence < fence or (
             row.fence == fence and (row.server_id is None or owned_by_reporter)
         )
-    if guard is Guard.UNOWNED_OR_OWNER:
-        return row.server_id is None or (owned_by_reporter and row.fence == fence)
+    if guard is Guard.NOT_OLDER:
+        return row.server_id is None or row.fence <= fence
     raise ValueError(f"unknown guard {guard!r}")  # pragma: no cover - enum is closed
 
 

@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import aio_pika
@@ -62,6 +63,26 @@ from orchestratr_rabbitmq.topology import BrokerVersion, Topology
 __all__ = ["RabbitMQTransport"]
 
 log = logging.getLogger("orchestratr.transport.rabbitmq")
+
+
+class _Quiet(contextlib.AbstractContextManager[None]):
+    """Suppress what a dying connection raises while we tidy up: any error, and a
+    ``CancelledError`` that aiormq raises from a cancelled RPC — but never the
+    cancellation of the task we run in."""
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, asyncio.CancelledError):
+            task = asyncio.current_task()
+            return not (task is not None and task.cancelling())
+        return issubclass(exc_type, Exception)
+
 
 _SNAPSHOT_TYPE = "cancellations"
 _warned_consumer_timeout: set[str] = set()
@@ -253,10 +274,10 @@ class _Session:
 
     async def close_channel(self, channel: aio_pika.abc.AbstractChannel) -> None:
         """Close a long-lived channel on purpose (its held messages are requeued)."""
-        with contextlib.suppress(Exception):
+        with _Quiet():
             underlay = await channel.get_underlay_channel()
             self._watched.discard(underlay)
-        with contextlib.suppress(Exception):
+        with _Quiet():
             await channel.close()
 
     async def _declare(self) -> None:
@@ -277,7 +298,7 @@ class _Session:
             )
             await dead.bind(t.dead_letter_exchange, routing_key="#")
         finally:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await channel.close()
         for name, arguments in (
             (t.jobs, t.jobs_arguments()),
@@ -303,7 +324,7 @@ class _Session:
             channel = await self.connection.channel(publisher_confirms=False)
             await channel.declare_queue(name, passive=True)
         finally:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await channel.close()
 
     async def exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
@@ -400,7 +421,7 @@ class _Session:
     async def shutdown(self) -> None:
         """Close the connection (its held messages go back to the queue)."""
         for connection in (self.connection, self.publisher):
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await asyncio.wait_for(connection.close(), timeout=5)
 
 
@@ -516,7 +537,7 @@ class _JobConsumer(_Subscription, JobConsumer):
         try:
             message = decode_as(raw.body, JobMessage)
         except MalformedMessage as exc:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await self._dead_letter(underlay, raw, session.topology.jobs, exc)
             return
         delivery = _RabbitDelivery(
@@ -577,7 +598,7 @@ class _JobConsumer(_Subscription, JobConsumer):
             self.held.pop(delivery.delivery_tag, None)
             delivery.session.deliveries.discard(delivery)
             if delivery.session is self.session:
-                with contextlib.suppress(Exception):
+                with _Quiet():
                     await self._reconcile()
                 if self.closed and not self.held and self.channel is not None:
                     await delivery.session.close_channel(self.channel)
@@ -601,7 +622,7 @@ class _JobConsumer(_Subscription, JobConsumer):
             self.closed = True
             self.transport._forget(self)
             if self.tag is not None and self.underlay is not None:
-                with contextlib.suppress(Exception):
+                with _Quiet():
                     await self.underlay.basic_cancel(self.tag)
                 self.tag = None
             if not self.held and self.channel is not None and self.session is not None:
@@ -644,7 +665,7 @@ class _EventSubscription(_Subscription):
         try:
             event = decode_as(raw.body, Event)
         except MalformedMessage as exc:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await self._dead_letter(underlay, raw, session.topology.events, exc)
             return
         # Retried here while we keep holding it: with one unacknowledged event the
@@ -668,7 +689,7 @@ class _EventSubscription(_Subscription):
                     return  # the broker gives it to the next consumer, at the head
                 continue
             break
-        with contextlib.suppress(Exception):
+        with _Quiet():
             await underlay.basic_ack(tag)
 
     async def close(self) -> None:
@@ -755,7 +776,7 @@ class _CommandSubscription(_Subscription):
         try:
             command = decode_as(raw.body, Command)
         except MalformedMessage as exc:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await self._dead_letter(underlay, raw, queue, exc)
             return
         self.queue.put_nowait(_Inbound(command, underlay, tag))
@@ -779,7 +800,7 @@ class _CommandSubscription(_Subscription):
                 # is authoritative, so a failing handler must not block the queue.
                 log.exception("command handler raised on %s; command dropped", command.TYPE)
             if underlay is not None:
-                with contextlib.suppress(Exception):
+                with _Quiet():
                     await underlay.basic_ack(tag)
 
     async def close(self) -> None:
@@ -875,7 +896,7 @@ class RabbitMQTransport(Transport):
         try:
             publisher = await self._connect_one(f"{name} (publish)")
         except BaseException:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await connection.close()
             raise
         version = BrokerVersion.from_server_properties(
@@ -1051,7 +1072,7 @@ class RabbitMQTransport(Transport):
             with contextlib.suppress(BaseException):
                 await self._reconnector
         for sub in list(self._subscriptions):
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await sub.close()
         session = self._session
         self._session = None
@@ -1200,7 +1221,7 @@ class RabbitMQTransport(Transport):
                 else:
                     result = await self._snapshot_locked(session, underlay, write, recreate)
             finally:
-                with contextlib.suppress(Exception):
+                with _Quiet():
                     await channel.close()
             if result is not None:
                 return result
@@ -1300,7 +1321,7 @@ class RabbitMQTransport(Transport):
         except aiormq.exceptions.ChannelNotFoundEntity:
             return False
         finally:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await channel.close()
         return True
 
@@ -1418,7 +1439,7 @@ async def _requeue(consumer: _JobConsumer, delivery: _RabbitDelivery) -> None:
         delivery.settled = True
         consumer.held.pop(delivery.delivery_tag, None)
         if delivery.session is consumer.session:
-            with contextlib.suppress(Exception):
+            with _Quiet():
                 await consumer._reconcile()
 
 

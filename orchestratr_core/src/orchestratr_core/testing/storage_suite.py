@@ -566,7 +566,7 @@ class StorageConformance:
         assert released.status is JobStatus.PENDING
         assert (released.server_id, released.fence, released.reason) == (None, 7, "drain")
 
-    @pytest.mark.parametrize("event", [JobEvent.RELEASE, JobEvent.FAIL, JobEvent.COMPLETE])
+    @pytest.mark.parametrize("event", [JobEvent.RELEASE, JobEvent.FAIL])
     async def test_owner_only_events_from_a_stale_owner_are_refused(
         self, storage: Storage, event: JobEvent
     ) -> None:
@@ -632,15 +632,33 @@ class StorageConformance:
         assert _job(result).status is JobStatus.DELETED
         assert _job(result).server_id is None
 
-    async def test_confirm_deleted_from_another_server_is_refused_while_the_job_is_owned(
+    async def test_confirm_deleted_with_an_older_fence_is_refused_while_the_job_is_owned(
         self, storage: Storage
     ) -> None:
         now = _now()
         job = await _in_status(storage, JobStatus.DELETING, now, server="s1", fence=7)
-        for server, fence in (("s2", 7), ("s2", 8), ("s1", 6), (None, 7)):
+        for server, fence in (("s2", 6), ("s1", 6), (None, 0)):
             result = await _apply(storage, job.id, JobEvent.CONFIRM_DELETED, server, fence, now)
             assert not result.applied, (server, fence)
             assert result.job == job
+
+    async def test_confirm_deleted_by_a_newer_copy_than_the_recorded_owner_applies(
+        self, storage: Storage
+    ) -> None:
+        """The job moved while the manager was away: the new owner's confirmation
+        counts, the recorded owner is stale."""
+        now = _now()
+        job = await _in_status(storage, JobStatus.DELETING, now, server="s1", fence=7)
+        result = await _apply(storage, job.id, JobEvent.CONFIRM_DELETED, "s2", 8, now)
+        assert result.applied
+        assert _job(result).status is JobStatus.DELETED
+
+    async def test_complete_by_an_older_copy_is_refused(self, storage: Storage) -> None:
+        now = _now()
+        job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        result = await _apply(storage, job.id, JobEvent.COMPLETE, "s2", 6, now)
+        assert not result.applied
+        assert result.job == job
 
     async def test_confirm_deleted_of_an_unowned_job_is_accepted_from_anyone(
         self, storage: Storage

@@ -1,0 +1,188 @@
+"""The ``postgresql`` storage plugin (asyncpg).
+
+URL: ``postgresql://user:password@host:5432/dbname?schema=name&pool_max=10``
+(also ``postgres://``). ``schema`` sets the ``search_path`` and is created by
+the migrations if missing, so one database can hold several isolated stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from orchestratr_core.errors import MissingDriver
+from orchestratr_core.plugin import hookimpl
+from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row
+from orchestratr_sql.queries import ParamStyle, Query
+from orchestratr_sql.storage import build_storage
+from orchestratr_sql.url import DatabaseUrl
+
+if TYPE_CHECKING:
+    from orchestratr_core.plugin.manager import BackendSpec
+    from orchestratr_core.storage import Storage
+
+__all__ = ["PostgresConnector", "make_connector", "orchestratr_make_storage"]
+
+_AUTH = {"28P01", "28000"}
+_UNKNOWN_DATABASE = {"3D000", "3F000"}
+_TRANSIENT = {"40001", "40P01", "55P03"}
+_UNAVAILABLE = {"57P01", "57P02", "57P03", "53300", "53400", "58030"}
+
+
+@hookimpl
+def orchestratr_make_storage(spec: BackendSpec) -> Storage | None:
+    """A PostgreSQL storage for ``spec`` (plugin ``postgresql``)."""
+    return build_storage(spec, "postgresql")
+
+
+def make_connector(url: DatabaseUrl) -> PostgresConnector:
+    """The asyncpg connector for ``url``; :class:`MissingDriver` without asyncpg."""
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        raise MissingDriver("postgresql", "asyncpg", "orchestratr-sql[postgresql]") from None
+    return PostgresConnector(url)
+
+
+class _PgConnection(Connection):
+    style: ParamStyle = "numeric"
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.tx: Any = None
+
+    async def execute(self, query: Query, values: Mapping[str, Any]) -> int:
+        status: str = await self.raw.execute(query.text, *query.bind(values))
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+    async def fetch(self, query: Query, values: Mapping[str, Any]) -> list[Row]:
+        rows = await self.raw.fetch(query.text, *query.bind(values))
+        return [dict(row.items()) for row in rows]
+
+    async def run_script_statement(self, sql: str) -> None:
+        await self.raw.execute(sql)
+
+
+class PostgresConnector(Connector):
+    """An asyncpg pool. READ COMMITTED transactions; the guards in the SQL make
+    every change safe under concurrency without stronger isolation."""
+
+    style: ParamStyle = "numeric"
+    product = "PostgreSQL"
+
+    def __init__(self, url: DatabaseUrl) -> None:
+        super().__init__(url)
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        """Create the pool; its first connection proves the credentials."""
+        if self._pool is not None:
+            return
+        import asyncpg
+
+        options = self.url.options
+        settings = {"application_name": "orchestratr"}
+        if options.schema:
+            settings["search_path"] = f'"{options.schema}"'
+        self._pool = await asyncpg.create_pool(
+            host=self.url.host,
+            port=self.url.port,
+            user=self.url.user,
+            password=self.url.password,
+            database=self.url.database,
+            min_size=options.pool_min,
+            max_size=options.pool_max,
+            timeout=options.connect_timeout,
+            command_timeout=options.command_timeout,
+            statement_cache_size=options.statement_cache_size,
+            server_settings=settings,
+        )
+
+    async def close(self) -> None:
+        """Close the pool (waiting briefly for connections in use)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=5)
+            except (TimeoutError, Exception):
+                pool.terminate()
+
+    def _require(self) -> Any:
+        if self._pool is None:
+            import asyncpg
+
+            raise asyncpg.InterfaceError("storage is closed (call open() first)")
+        return self._pool
+
+    @asynccontextmanager
+    async def transaction(self, *, write: bool = True) -> AsyncIterator[Connection]:
+        """A pooled connection in one transaction."""
+        pool = self._require()
+        async with (
+            pool.acquire(timeout=self.url.options.acquire_timeout) as raw,
+            raw.transaction(),
+        ):
+            yield _PgConnection(raw)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[Connection]:
+        """A pooled connection in autocommit mode."""
+        pool = self._require()
+        async with pool.acquire(timeout=self.url.options.acquire_timeout) as raw:
+            conn = _PgConnection(raw)
+            try:
+                yield conn
+            finally:
+                if conn.tx is not None:
+                    await conn.tx.rollback()
+                    conn.tx = None
+
+    async def begin(self, conn: Connection) -> None:
+        """Start a transaction on a session connection."""
+        assert isinstance(conn, _PgConnection)
+        conn.tx = conn.raw.transaction()
+        await conn.tx.start()
+
+    async def commit(self, conn: Connection) -> None:
+        """Commit the session's transaction, if any."""
+        assert isinstance(conn, _PgConnection)
+        if conn.tx is not None:
+            tx, conn.tx = conn.tx, None
+            await tx.commit()
+
+    async def rollback(self, conn: Connection) -> None:
+        """Roll back the session's transaction, if any."""
+        assert isinstance(conn, _PgConnection)
+        if conn.tx is not None:
+            tx, conn.tx = conn.tx, None
+            await tx.rollback()
+
+    def classify(self, exc: BaseException) -> ErrorKind | None:
+        """By SQLSTATE: 28xxx auth, 3D000 unknown database, 40001/40P01 retry,
+        23505 unique, 08xxx/57Pxx/53300 unavailable; socket errors unavailable."""
+        import asyncpg
+
+        if isinstance(exc, asyncpg.PostgresError):
+            state = str(getattr(exc, "sqlstate", "") or "")
+            if state in _AUTH:
+                return ErrorKind.AUTH
+            if state in _UNKNOWN_DATABASE:
+                return ErrorKind.UNKNOWN_DATABASE
+            if state in _TRANSIENT:
+                return ErrorKind.TRANSIENT
+            if state == "23505":
+                return ErrorKind.UNIQUE
+            if state.startswith("08") or state in _UNAVAILABLE:
+                return ErrorKind.UNAVAILABLE
+            return None
+        if isinstance(exc, asyncpg.InterfaceError):
+            text = str(exc).lower()
+            if "closed" in text or "connection" in text or "pool" in text:
+                return ErrorKind.UNAVAILABLE
+            return None
+        if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError):
+            return ErrorKind.UNAVAILABLE
+        return None

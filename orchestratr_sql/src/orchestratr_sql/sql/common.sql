@@ -1,0 +1,116 @@
+-- Queries that read the same in every dialect. A dialect file (sqlite.sql,
+-- postgresql.sql, mysql.sql, sqlserver.sql) adds the rest and may redefine one.
+--
+-- Every job status change below is one guarded UPDATE that mirrors a row of
+-- orchestratr_core.job.TRANSITIONS: the source statuses and the guard are in
+-- the WHERE clause, so a transition that is not allowed changes nothing and the
+-- storage reports it from the affected-row count. In SET lists, started_at comes
+-- first: MySQL evaluates single-table assignments left to right with the new
+-- values, so it must read server_id and fence before they are overwritten.
+
+-- name: insert_job
+INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
+                  created_at, updated_at, restarts, heartbeat_timeout)
+VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0, :heartbeat_timeout);
+
+-- name: insert_outbox
+INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+VALUES (:job_id, :kind, :generation, :now, :holder, :lease_until);
+
+-- name: select_job
+SELECT * FROM jobs WHERE id = :id;
+
+-- name: transition_start
+-- START: pending|processing -> processing, guard NEWER, sets the owner.
+UPDATE jobs SET
+    started_at = CASE WHEN server_id IS NULL OR server_id <> :server_id OR fence <> :fence
+                      THEN :now ELSE started_at END,
+    status = 'processing',
+    server_id = :server_id,
+    fence = :fence,
+    last_heartbeat = :now,
+    updated_at = :now,
+    reason = :reason,
+    restarts = COALESCE(:restarts, restarts)
+WHERE id = :id
+  AND status IN ('pending', 'processing')
+  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)));
+
+-- name: transition_release
+-- RELEASE: processing -> pending, guard OWNER, clears the owner (keeps the fence).
+UPDATE jobs SET status = 'pending', server_id = NULL, updated_at = :now, reason = :reason
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
+
+-- name: transition_complete
+-- COMPLETE: processing|pending -> completed, guard NOT_OLDER, clears the owner.
+UPDATE jobs SET status = 'completed', server_id = NULL, updated_at = :now, reason = :reason
+WHERE id = :id
+  AND status IN ('processing', 'pending')
+  AND (server_id IS NULL OR fence <= :fence);
+
+-- name: transition_fail
+-- FAIL: processing stays processing, guard OWNER; records the error.
+UPDATE jobs SET last_error = :error, restarts = COALESCE(:restarts, restarts),
+                updated_at = :now, reason = :reason
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
+
+-- name: transition_cancel
+-- CANCEL: pending|processing -> deleting, no guard; the owner stays (it confirms).
+UPDATE jobs SET status = 'deleting', updated_at = :now, reason = :reason
+WHERE id = :id AND status IN ('pending', 'processing');
+
+-- name: transition_confirm_deleted
+-- CONFIRM_DELETED: deleting -> deleted, guard NOT_OLDER, clears the owner.
+UPDATE jobs SET status = 'deleted', server_id = NULL, updated_at = :now, reason = :reason
+WHERE id = :id
+  AND status = 'deleting'
+  AND (server_id IS NULL OR fence <= :fence);
+
+-- name: release_server_jobs
+-- SERVER_LOST in bulk: processing -> pending, deleting stays, owner cleared.
+UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
+                server_id = NULL, updated_at = :now, reason = :reason
+WHERE server_id = :server_id AND status IN ('processing', 'deleting');
+
+-- name: select_expired_servers
+SELECT * FROM servers
+WHERE status IN ('alive', 'draining') AND last_seen < :seen_before
+ORDER BY id;
+
+-- name: mark_server_dead
+UPDATE servers SET status = 'dead'
+WHERE id = :id AND status IN ('alive', 'draining') AND last_seen < :seen_before;
+
+-- name: mark_server_left
+UPDATE servers SET status = 'left' WHERE id = :id;
+
+-- name: set_server_status
+UPDATE servers SET status = :status WHERE id = :id;
+
+-- name: select_server
+SELECT * FROM servers WHERE id = :id;
+
+-- name: select_running_jobs_of_server
+SELECT * FROM jobs WHERE server_id = :server_id AND status IN ('processing', 'deleting') ORDER BY id;
+
+-- name: select_cancelled_ids
+-- Jobs that must never run again: completed ones too (a lost ack redelivers).
+SELECT id FROM jobs
+WHERE status = 'deleting' OR (status IN ('deleted', 'completed') AND updated_at >= :since)
+ORDER BY id;
+
+-- name: select_claimed_outbox
+SELECT * FROM outbox WHERE claim_id = :claim_id ORDER BY id;
+
+-- name: lease_update
+UPDATE leases SET holder = :holder, lease_until = :until
+WHERE name = :name AND (holder = :holder OR lease_until < :now);
+
+-- name: select_schema_versions
+SELECT version, name FROM schema_version ORDER BY version;
+
+-- name: insert_schema_version
+INSERT INTO schema_version (version, name, applied_at) VALUES (:version, :name, :now);
+
+-- name: delete_outbox_for_job
+DELETE FROM outbox WHERE job_id = :job_id AND kind = :kind AND claimed_by = :holder;
