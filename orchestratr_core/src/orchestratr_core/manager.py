@@ -47,7 +47,7 @@ from orchestratr_core.job import (
 )
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
-from orchestratr_core.server import backoff_delay
+from orchestratr_core.retry import backoff_delay
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Subscription, Transport
 

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import signal
 import socket
 import time
@@ -44,6 +43,7 @@ from orchestratr_core.errors import (
 )
 from orchestratr_core.job import JobArgument, make_fence
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
+from orchestratr_core.retry import backoff_delay
 from orchestratr_core.runner import JobRunner, StopToken, ThreadJobRunner
 from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Transport
 
@@ -78,13 +78,6 @@ class ServerOptions:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.stop_grace < 0:
             raise ConfigurationError("stop_grace must be >= 0")
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float) -> float:
-    """The one backoff policy: exponential from ``initial``, capped at ``maximum``,
-    with jitter in [50 %, 100 %] so that a fleet does not retry in lock-step."""
-    base = min(maximum, initial * 2.0 ** max(0, attempt - 1))
-    return base * (0.5 + random.random() / 2)
 
 
 @dataclass(eq=False)

@@ -136,7 +136,8 @@ class Storage(abc.ABC):
           ``alive`` when it is heard again.
         * for every reported job, apply ``START`` with the reported fence
           (guard ``NEWER``) and set ``last_heartbeat`` from the report
-          (``now`` when the report's is ``None``; ``restarts`` too);
+          (``now`` when the report's is ``None``; ``restarts`` too; ``updated_at``
+          is bumped as by :meth:`transition`);
         * every job recorded ``processing`` on this server that the report does
           not list goes back to ``pending`` (owner cleared, ``reason`` set) — the
           server no longer runs it. Jobs ``deleting`` on it that the report does
@@ -221,4 +222,6 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def set_server_status(self, server_id: str, status: ServerStatus, now: datetime) -> bool:
-        """Set a server's status (e.g. ``draining`` when a drain is requested)."""
+        """Set a server's status (e.g. ``draining`` when a drain is requested).
+        ``now`` is when it was requested; ``last_seen`` is not touched (only a
+        heartbeat says a server is alive). False for an unknown server."""

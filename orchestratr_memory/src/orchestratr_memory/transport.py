@@ -70,7 +70,7 @@ from orchestratr_core.protocol import (
     decode_as,
     encode,
 )
-from orchestratr_core.server import backoff_delay
+from orchestratr_core.retry import backoff_delay
 from orchestratr_core.transport import (
     CommandHandler,
     Delivery,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ from orchestratr_core.job import (
 )
 from orchestratr_core.plugin.manager import BackendSpec
 from orchestratr_core.protocol import ServerHeartbeat
+from orchestratr_core.retry import backoff_delay
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
 from orchestratr_sql.dialect import Dialect, get_dialect
@@ -144,7 +144,7 @@ class SqlStorage(Storage):
                     error = backend_error(self.connector, exc, kind, f"{what}, {attempt} attempts")
                     log.error("%s", error)
                     raise error from None
-                delay = retry_delay(attempt, options.retry_initial, options.retry_max)
+                delay = backoff_delay(attempt, options.retry_initial, options.retry_max)
                 log.warning(
                     "%s on %s at %s failed (%s: %s); attempt %d of %d, retrying in %.2fs",
                     what,
@@ -237,7 +237,7 @@ class SqlStorage(Storage):
                     raise backend_error(
                         self.connector, exc, kind, f"connect, {attempt} attempts"
                     ) from None
-                delay = retry_delay(attempt, options.retry_initial, options.retry_max)
+                delay = backoff_delay(attempt, options.retry_initial, options.retry_max)
                 log.warning(
                     "cannot reach %s at %s (%s); retrying in %.2fs",
                     self.connector.product,
@@ -643,13 +643,6 @@ def job_listing_sql(dialect: Dialect, query: JobQuery) -> tuple[str, str, dict[s
 
 def _where(conditions: Sequence[str]) -> str:
     return f" WHERE {' AND '.join(conditions)}" if conditions else ""
-
-
-def retry_delay(attempt: int, initial: float, maximum: float) -> float:
-    """Exponential backoff from ``initial`` capped at ``maximum``, with jitter in
-    [50 %, 100 %] (the same policy as the server's restart backoff)."""
-    base: float = min(maximum, initial * (2.0 ** max(0, attempt - 1)))
-    return base * (0.5 + random.random() / 2)
 
 
 _MODULES = {

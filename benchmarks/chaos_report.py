@@ -1,0 +1,95 @@
+"""Rerun the chaos suite several times and record, per fault, how long it took
+until every job ran again (or the manager's view converged): median and worst.
+
+    .venv/bin/python benchmarks/chaos_report.py --runs 5 [--slow]
+
+Writes ``benchmarks/results/chaos.json`` and prints a markdown table for
+``docs/reliability.md``. Each run is a fresh pytest process against the real
+broker, database and server processes; a run whose invariants fail is counted
+and reported as a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^(?P<fault>[^:\n]+): (?P<what>[^\n]*?) after (?P<seconds>[0-9.]+) s", re.M)
+RESULT = re.compile(r"(?P<passed>\d+) passed(?:, (?P<failed>\d+) failed)?")
+
+
+def run_once(slow: bool) -> tuple[dict[str, float], int, int, str]:
+    """One pytest run of tests/chaos; figures by fault, passed, failed, output tail."""
+    marker = "slow or not slow" if slow else "not slow"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "-m", marker, "tests/chaos"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    figures = {m["fault"].strip(): float(m["seconds"]) for m in LINE.finditer(out)}
+    counts = RESULT.search(out)
+    passed = int(counts["passed"]) if counts else 0
+    failed = int(counts["failed"] or 0) if counts else 0
+    return figures, passed, failed, out[-2000:]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--slow", action="store_true", help="include the slow faults")
+    args = parser.parse_args()
+    samples: dict[str, list[float]] = {}
+    failures = 0
+    started = time.time()
+    for i in range(args.runs):
+        figures, passed, failed, tail = run_once(args.slow)
+        failures += failed
+        print(f"run {i + 1}/{args.runs}: {passed} passed, {failed} failed", flush=True)
+        if failed:
+            print(tail)
+        for fault, seconds in figures.items():
+            samples.setdefault(fault, []).append(seconds)
+    result = {
+        "command": f"python benchmarks/chaos_report.py --runs {args.runs}"
+        + (" --slow" if args.slow else ""),
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+        },
+        "runs": args.runs,
+        "failed_tests": failures,
+        "seconds": round(time.time() - started, 1),
+        "faults": {
+            fault: {
+                "unit": "s",
+                "samples": len(values),
+                "median": round(statistics.median(values), 3),
+                "max": round(max(values), 3),
+                "values": values,
+            }
+            for fault, values in sorted(samples.items())
+        },
+    }
+    out = ROOT / "benchmarks" / "results" / "chaos.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print("\n| fault | samples | median (s) | worst (s) |\n|---|---|---|---|")
+    for fault, figure in result["faults"].items():  # type: ignore[attr-defined]
+        print(f"| {fault} | {figure['samples']} | {figure['median']} | {figure['max']} |")
+    print(f"\nfailed tests over all runs: {failures}; written to {out.relative_to(ROOT)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
