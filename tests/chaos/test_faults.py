@@ -50,6 +50,15 @@ async def _three_servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[
     return ids
 
 
+async def _burst(chaos: ChaosCluster, prefix: str) -> tuple[list[str], list[str]]:
+    """Creates and cancels during a fault: (jobs to keep, jobs cancelled)."""
+    created = await chaos.create(6, prefix=prefix)
+    cancelled = created[::2]
+    for job_id in cancelled:
+        await chaos.cancel(job_id)
+    return [j for j in created if j not in cancelled], cancelled
+
+
 def _on(chaos: ChaosCluster, server: str) -> list[str]:
     return [c.job for c in chaos.live_copies() if c.server == server]
 
@@ -84,13 +93,14 @@ async def test_sigstop_past_the_heartbeat_timeout_then_sigcont_no_two_copies(
     ids = await _three_servers_with_jobs(chaos)
     victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
     chaos.sigstop(victim)
-    took = await chaos.wait_all_running(ids, within=BOUND_SILENT, exclude=(victim,))
+    kept, _ = await _burst(chaos, "during-stop")
+    took = await chaos.wait_all_running(ids + kept, within=BOUND_SILENT, exclude=(victim,))
     print(f"SIGSTOP: all jobs running again after {took:.2f} s")
     chaos.sigcont(victim)
     await asyncio.sleep(3)  # the thawed server must stop, not write, and reconnect
     report = chaos.check()
     report.assert_ok()
-    await chaos.wait_all_running(ids, within=5)
+    await chaos.wait_all_running(ids + kept, within=5)
     await chaos.wait_view_converges(ids, within=BOUND_VIEW)
 
 
@@ -100,22 +110,34 @@ async def test_silent_partition_the_server_fences_itself_before_the_broker_reass
     ids = await _three_servers_with_jobs(chaos)
     victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
     chaos.partition(victim)
-    took = await chaos.wait_all_running(ids, within=BOUND_SILENT, exclude=(victim,))
+    kept, _ = await _burst(chaos, "during-partition")
+    took = await chaos.wait_all_running(ids + kept, within=BOUND_SILENT, exclude=(victim,))
     print(f"partition: all jobs running again after {took:.2f} s")
     chaos.check().assert_ok()
     chaos.heal(victim)
     await asyncio.sleep(3)
     chaos.check().assert_ok()
-    await chaos.wait_all_running(ids, within=5)
+    await chaos.wait_all_running(ids + kept, within=5)
 
 
 async def test_broker_restart_every_job_runs_again_once(chaos: ChaosCluster) -> None:
+    """Creates and cancels while the broker is down are committed and sent later
+    by the outbox relay. A cancel issued while the broker is down can reach the
+    servers only after it is back: a job started in that window is stopped at
+    once (the manager sees the start of a deleting job) -- the one documented
+    gap in I3, bounded here by ``cancel_grace``."""
     ids = await _three_servers_with_jobs(chaos)
-    at = await chaos.restart_broker()
-    took = await chaos.wait_all_running(ids, within=BOUND_BROKER_RESTART, after=at)
-    print(f"broker restart: all jobs running again after {took:.2f} s")
-    chaos.check().assert_ok()
-    await chaos.wait_view_converges(ids, within=BOUND_VIEW + 5)
+    restart = asyncio.create_task(chaos.restart_broker())
+    await asyncio.sleep(0.5)
+    kept, _ = await _burst(chaos, "while-broker-down")
+    down, up = await restart
+    await chaos.wait_all_running(ids, within=BOUND_BROKER_RESTART, after=down)
+    took = time.time() - up
+    print(f"broker restart: all jobs running again after {took:.2f} s (from start_app)")
+    await chaos.wait_all_running(ids + kept, within=BOUND_BROKER_RESTART)
+    await asyncio.sleep(2)
+    chaos.check().assert_ok(cancel_grace=3.0)
+    await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW + 5)
 
 
 async def test_manager_kill_9_jobs_keep_running_new_jobs_start_and_the_view_catches_up(
@@ -144,9 +166,12 @@ async def test_postgresql_restart_servers_are_unaffected_and_no_status_is_lost(
     chaos: ChaosCluster,
 ) -> None:
     ids = await _three_servers_with_jobs(chaos)
-    await chaos.restart_postgres()
+    restart = asyncio.create_task(chaos.restart_postgres())
+    await asyncio.sleep(0.2)
+    kept, _ = await _burst(chaos, "while-db-restarts")  # the storage retries
+    await restart
     # the test's own storage pool reconnects too; meanwhile jobs keep running
-    await chaos.wait_all_running(ids, within=2)
+    await chaos.wait_all_running(ids + kept, within=5)
     victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
     chaos.kill9(victim)
     await chaos.wait_all_running(ids, within=BOUND_KILL, exclude=(victim,))
@@ -185,6 +210,7 @@ async def test_total_blackout_everything_restarts_in_random_order(chaos: ChaosCl
         chaos.kill9(name)
     chaos.kill_manager()
     await chaos.restart_broker()
+    blackout_over = time.time()
     steps = ["postgres", "manager", "s1", "s2", "s3"]
     rng.shuffle(steps)
     for step in steps:
@@ -195,8 +221,9 @@ async def test_total_blackout_everything_restarts_in_random_order(chaos: ChaosCl
         else:
             await chaos.add_server(f"{step}-again", 10)
         await asyncio.sleep(rng.uniform(0, 1.5))
-    took = await chaos.wait_all_running(ids, within=BOUND_BROKER_RESTART)
-    print(f"blackout ({' -> '.join(steps)}): all running after {took:.2f} s")
+    await chaos.wait_all_running(ids, within=BOUND_BROKER_RESTART)
+    took = time.time() - blackout_over
+    print(f"blackout: all jobs running again after {took:.2f} s ({' -> '.join(steps)})")
     chaos.check().assert_ok()
     await chaos.wait_view_converges(ids, within=BOUND_VIEW + 10)
 

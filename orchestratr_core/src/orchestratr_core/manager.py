@@ -71,8 +71,10 @@ class ManagerOptions:
     """How often the leader looks for dead servers and unsent outbox rows."""
     leader_lease: float = 10.0
     """How long the leader lease lasts without renewal."""
-    outbox_lease: float = 30.0
-    """How long a manager may take to send an outbox row it claimed."""
+    outbox_lease: float = 10.0
+    """How long a manager may take to send an outbox row it claimed. A create
+    whose fast-path publish failed (broker down) is sent by the leader's relay
+    at most this long (plus a sweep) later."""
     cancel_retention: float = DEFAULT_CANCEL_RETENTION
     """Seconds a deleted job stays in the servers' cancellation set."""
     cancellation_resync: float = 30.0
