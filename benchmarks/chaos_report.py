@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LINE = re.compile(r"^(?P<fault>[^:\n]+): (?P<what>[^\n]*?) after (?P<seconds>[0-9.]+) s", re.M)
+# pytest -q prints progress marks (".", "F", "E") on the same line before the output
+LINE = re.compile(
+    r"^[.FEsx]*(?P<fault>[^:\n]+): (?P<what>[^\n]*?) after (?P<seconds>[0-9.]+) s", re.M
+)
 RESULT = re.compile(r"(?P<passed>\d+) passed(?:, (?P<failed>\d+) failed)?")
 
 
