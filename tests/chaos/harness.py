@@ -51,6 +51,8 @@ class Timings:
     broker_heartbeat: int = 3
     """AMQP heartbeat negotiated with RabbitMQ; the broker drops a silent client
     2 to 3 of these after the last byte it received (6-9 s)."""
+    rebalance_interval: float = 2.0
+    """Manager: seconds between rebalancing rounds."""
     fence_timeout: float = 4.5
     """Client: give every delivery up after this much silence from the broker —
     strictly less than the broker's earliest detection (2 x broker_heartbeat).
@@ -241,6 +243,8 @@ class ChaosCluster:
                 self.transport_url(),
                 "--server-timeout",
                 str(t.server_timeout),
+                "--rebalance-interval",
+                str(t.rebalance_interval),
             ],
             {},
         )
@@ -319,6 +323,18 @@ class ChaosCluster:
         assert proxy is not None
         self.proxies.resume(proxy)
         return time.time()
+
+    async def cli(self, *args: str) -> str:
+        """Run an ``orchestratr`` command against this cluster; its standard output."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "orchestratr_core.cli", *args,
+            "--storage", self.storage_url, cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise AssertionError(f"orchestratr {' '.join(args)} failed: {err.decode()}")
+        return out.decode()
 
     def kill_manager(self) -> float:
         assert self.manager is not None

@@ -203,6 +203,45 @@ async def test_creates_and_cancels_during_a_server_kill_are_honoured(chaos: Chao
     chaos.check().assert_ok()
 
 
+async def test_a_joining_server_gets_its_share_and_no_job_moves_twice(chaos: ChaosCluster) -> None:
+    for name in ("s1", "s2"):
+        await chaos.add_server(name, 10)
+    ids = await chaos.create(12)
+    await chaos.wait_all_running(ids, within=30)
+    joined = time.time()
+    await chaos.add_server("s3", 10)
+
+    def share(name: str) -> int:
+        return len(_on(chaos, name))
+
+    deadline = time.time() + 20
+    while not (3 <= share("s3") <= 5 and max(share("s1"), share("s2")) <= 5):
+        assert time.time() < deadline, {n: share(n) for n in ("s1", "s2", "s3")}
+        await asyncio.sleep(0.2)
+    print(f"rebalance: s3 holds its share after {time.time() - joined:.2f} s")
+    await asyncio.sleep(5)  # later rounds change nothing once balanced
+    await chaos.wait_all_running(ids, within=5)
+    assert all(abs(share(n) - 4) <= 1 for n in ("s1", "s2", "s3"))
+    copies = chaos.copies()
+    assert max(sum(1 for c in copies if c.job == j) for j in ids) <= 2  # moved at most once
+    chaos.check().assert_ok()
+
+
+async def test_servers_drain_hands_every_job_over_and_the_server_exits(
+    chaos: ChaosCluster,
+) -> None:
+    ids = await _three_servers_with_jobs(chaos)
+    victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
+    server = next(s for s in await chaos.servers() if s.name == victim)
+    asked = time.time()
+    out = await chaos.cli("servers", "drain", server.id, "--transport", chaos.transport_url())
+    assert victim in out
+    assert await chaos.wait_exit(victim, 15) == 0
+    await chaos.wait_all_running(ids, within=BOUND_SIGTERM, exclude=(victim,))
+    print(f"drain: all jobs running elsewhere after {time.time() - asked:.2f} s")
+    chaos.check().assert_ok()
+
+
 @pytest.mark.slow
 async def test_total_blackout_everything_restarts_in_random_order(chaos: ChaosCluster) -> None:
     ids = await _three_servers_with_jobs(chaos)
