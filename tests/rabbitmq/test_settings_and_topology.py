@@ -10,13 +10,14 @@ from orchestratr_rabbitmq import BrokerVersion, RabbitMQTransport, Settings, Top
 from orchestratr_rabbitmq.topology import CONSUMER_TIMEOUT_MS
 
 
-def test_the_default_fence_is_three_quarters_of_the_heartbeat_and_pings_thrice_per_fence() -> None:
+def test_the_default_fence_is_one_and_a_half_heartbeats_and_pings_thrice_per_fence() -> None:
     settings = Settings.build("amqp://u:p@h/", {})
-    assert settings.heartbeat == 10
-    assert settings.fence_timeout == 7.5
-    assert settings.ping_interval == 2.5
-    assert "heartbeat=10" in settings.connection_url()
-    assert Settings.build("amqp://u:p@h/", {"heartbeat": 4}).fence_timeout == 3.0
+    assert settings.heartbeat == 3
+    assert settings.fence_timeout == 4.5
+    assert settings.ping_interval == 1.5
+    assert settings.fence_timeout < 2 * settings.heartbeat  # we always fence first
+    assert "heartbeat=3" in settings.connection_url()
+    assert Settings.build("amqp://u:p@h/", {"heartbeat": 10}).fence_timeout == 15.0
 
 
 def test_a_fence_timeout_the_broker_could_overtake_is_refused() -> None:

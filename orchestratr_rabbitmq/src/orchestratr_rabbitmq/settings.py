@@ -49,9 +49,9 @@ class Settings:
     url: str
     namespace: str = "orchestratr"
     queue_type: QueueType = "quorum"
-    heartbeat: int = 10
-    fence_timeout: float = 7.5
-    ping_interval: float = 2.5
+    heartbeat: int = 3
+    fence_timeout: float = 4.5
+    ping_interval: float = 1.5
     connect_timeout: float = 10.0
     connect_attempts: int = 3
     publish_timeout: float = 10.0
@@ -85,7 +85,9 @@ class Settings:
                 f"heartbeat must be a whole number of seconds >= 0, got {heartbeat!r}"
             )
         if "fence_timeout" not in values and heartbeat > 0:
-            values["fence_timeout"] = 0.75 * heartbeat
+            # 1.5 T: three unanswered pings before a false fence, and still 0.5 T
+            # before the broker could reassign (it waits at least 2 T).
+            values["fence_timeout"] = 1.5 * heartbeat
         if "ping_interval" not in values:
             values["ping_interval"] = float(values.get("fence_timeout", cls.fence_timeout)) / 3
         settings = cls(url=resolved, **values)

@@ -827,7 +827,7 @@ class RabbitMQTransport(Transport):
         or ``amqp://guest:guest@localhost:5672/``.
     :param options: see :class:`~orchestratr_rabbitmq.settings.Settings`:
         ``namespace`` (``"orchestratr"``), ``queue_type`` (``"quorum"`` or
-        ``"classic"``), ``heartbeat`` (10 s), ``fence_timeout`` (0.75 x heartbeat),
+        ``"classic"``), ``heartbeat`` (3 s), ``fence_timeout`` (1.5 x heartbeat),
         ``consumer_timeout`` (the broker's, if known), ``connect_attempts``...
     """
 
