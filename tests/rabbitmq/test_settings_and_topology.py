@@ -121,7 +121,7 @@ def test_options_can_ride_in_the_url_query_and_keyword_options_win() -> None:
     )
     assert settings.namespace == "blue"
     assert settings.heartbeat == 6
-    assert settings.fence_timeout == 4.5
+    assert settings.fence_timeout == 9.0  # 1.5 x the heartbeat given in the URL
     assert settings.queue_type == "quorum"
     url = settings.connection_url()
     assert "namespace" not in url
