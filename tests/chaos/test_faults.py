@@ -232,7 +232,11 @@ async def test_servers_drain_hands_every_job_over_and_the_server_exits(
 ) -> None:
     ids = await _three_servers_with_jobs(chaos)
     victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
-    server = next(s for s in await chaos.servers() if s.name == victim)
+    deadline = time.time() + BOUND_VIEW
+    while not (known := [s for s in await chaos.servers() if s.name == victim]):
+        assert time.time() < deadline, f"the manager never saw {victim}"
+        await asyncio.sleep(0.1)
+    server = known[0]
     asked = time.time()
     out = await chaos.cli("servers", "drain", server.id, "--transport", chaos.transport_url())
     assert victim in out
