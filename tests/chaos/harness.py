@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 
 from orchestratr_core import OrchestratorClient
+from orchestratr_core.errors import BackendUnavailable, DuplicateJobName
 from orchestratr_core.job import JobQuery, JobRecord, JobStatus, ServerQuery, ServerRecord
 from orchestratr_core.monitor import AdminOrchestratorMonitor
 from orchestratr_core.plugin import get_plugin_manager
@@ -363,12 +364,40 @@ class ChaosCluster:
     # -- jobs --------------------------------------------------------------------------------
 
     async def create(self, n: int, prefix: str = "job") -> list[str]:
-        assert self.client is not None
-        return [await self.client.create_job(f"{prefix}-{i}", str(i)) for i in range(n)]
+        """Create jobs the way an application would: a create that fails with
+        BackendUnavailable (the database is restarting) is retried; one whose
+        commit went through before the connection dropped is found by name."""
+        return [await self._create_one(f"{prefix}-{i}", str(i)) for i in range(n)]
+
+    async def _create_one(self, name: str, argument: str) -> str:
+        assert self.client is not None and self.monitor is not None
+        deadline = time.time() + 30
+        retried = False
+        while True:
+            try:
+                return await self.client.create_job(name, argument)
+            except BackendUnavailable:
+                if time.time() > deadline:
+                    raise
+                retried = True
+                await asyncio.sleep(0.5)
+            except DuplicateJobName:
+                if not retried:
+                    raise
+                jobs = await self.monitor.all_jobs(JobQuery(name_prefix=name))
+                return next(j.id for j in jobs if j.name == name)
 
     async def cancel(self, job_id: str) -> None:
         assert self.client is not None
-        await self.client.mark_on_deleting(job_id)
+        deadline = time.time() + 30
+        while True:
+            try:
+                await self.client.mark_on_deleting(job_id)
+                break
+            except BackendUnavailable:
+                if time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
         self.cancelled_at[job_id] = time.time()
 
     async def jobs(self) -> list[JobRecord]:
