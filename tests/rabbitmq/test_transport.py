@@ -431,7 +431,7 @@ async def test_a_frozen_process_finds_its_lease_expired_before_its_next_step(
     make_transport: MakeTransport,
 ) -> None:
     manager = make_transport()
-    server = make_transport(heartbeat=2, reconnect_delay=0.05)  # fence 1.5 s
+    server = make_transport(heartbeat=2, fence_timeout=1.5, reconnect_delay=0.05)
     await manager.connect()
     await server.connect()
     inbox = Inbox()
