@@ -32,8 +32,8 @@ from orchestratr_core.job import JobQuery, JobRecord, JobStatus, ServerQuery, Se
 from orchestratr_core.monitor import AdminOrchestratorMonitor
 from orchestratr_core.plugin import get_plugin_manager
 from orchestratr_core.storage import Storage
+from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Transport
-from tests.rabbitmq.helpers import SilentProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"

@@ -1,14 +1,15 @@
-"""Test tools: closing a broker connection by name, and a TCP proxy that can go
-silent (a partition that neither side sees as a closed socket)."""
+"""Test tools: closing a broker connection by name; the silent TCP proxy now
+ships with the core (``orchestratr_core.testing.proxy``) for backend authors too."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Callable
 
+from orchestratr_core.testing.proxy import SilentProxy
 from tests.rabbitmq.conftest import rabbitmqctl
+
+__all__ = ["SilentProxy", "close_connections", "eventually"]
 
 
 def close_connections(connection_name: str, reason: str = "closed by test") -> int:
@@ -32,83 +33,3 @@ async def eventually(predicate: Callable[[], bool], within: float, what: str) ->
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.01)
     return loop.time()
-
-
-class SilentProxy:
-    """Forwards TCP between clients and the broker; :meth:`pause` stops forwarding in
-    both directions without closing anything, like a cable pulled between hosts."""
-
-    def __init__(self, upstream_host: str = "127.0.0.1", upstream_port: int = 5672) -> None:
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-        self.paused_at: float | None = None
-        self._stopped = False
-
-    async def start(self) -> None:
-        """Listen on a free local port."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        """The AMQP URL that goes through this proxy."""
-        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
-
-    def pause(self) -> None:
-        """Stop forwarding (nothing is closed; bytes stay where they are)."""
-        self.paused_at = time.monotonic()
-        self._flowing.clear()
-
-    def resume(self) -> None:
-        """Forward again."""
-        self._flowing.set()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._flowing.wait()
-        if self._stopped:
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            writer.close()
-            return
-        self._writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                data = await source.read(65536)
-                # A partition swallows everything, including the FIN of a closing side.
-                await self._flowing.wait()
-                if not data:
-                    break
-                sink.write(data)
-                await sink.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                sink.close()
-
-    async def stop(self) -> None:
-        """Close everything (the broker then sees the connections end)."""
-        self._stopped = True
-        self._flowing.set()
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            with contextlib.suppress(Exception):
-                writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)

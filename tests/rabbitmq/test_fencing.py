@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from orchestratr_core.protocol import JobMessage
+from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.rabbitmq.helpers import SilentProxy
 
 pytestmark = pytest.mark.rabbitmq
 
