@@ -34,6 +34,7 @@ from orchestratr_core.plugin import get_plugin_manager
 from orchestratr_core.storage import Storage
 from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Transport
+from tests.rabbitmq.conftest import drop_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -203,7 +204,7 @@ class ChaosCluster:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
             await conn.close()
-        delete_namespace(self.namespace)
+        await drop_namespace(self.namespace)
 
     def _reap(self, proc: Proc) -> None:
         if proc.alive:
@@ -609,33 +610,6 @@ async def _run(*argv: str) -> None:
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {out.decode(errors='replace')[-500:]}")
-
-
-def delete_namespace(namespace: str) -> None:
-    """Delete every queue and exchange of a namespace (best effort)."""
-    for kind in ("queues", "exchanges"):
-        out = subprocess.run(
-            ["rabbitmqctl", "list_" + kind, "-q", "--no-table-headers", "name"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout
-        for name in out.split():
-            if name.startswith(namespace + ".") or name == namespace:
-                verb = "delete_queue" if kind == "queues" else None
-                if verb:
-                    subprocess.run(["rabbitmqctl", verb, name], capture_output=True, check=False)
-                else:
-                    subprocess.run(
-                        [
-                            "rabbitmqadmin",
-                            "delete",
-                            "exchange",
-                            f"name={name}",
-                        ],
-                        capture_output=True,
-                        check=False,
-                    )
 
 
 def seeded(seed: int | None = None) -> tuple[random.Random, int]:

@@ -486,3 +486,17 @@ async def make_and_subscribe(make_transport: MakeTransport) -> tuple[Any, frozen
     transport = make_transport()
     await transport.connect()
     return await transport.consume_commands(f"s-{uuid.uuid4().hex[:6]}", Inbox())
+
+
+async def test_a_reconnect_is_counted_in_the_metrics(make_transport: MakeTransport) -> None:
+    from orchestratr_core import metrics
+    from tests.web.test_metrics import exposition, value
+
+    metrics.install()
+    name, label = "orchestratr_broker_reconnects_total", 'transport="rabbitmq"'
+    before = value(exposition(), name, label)
+    connection = f"metrics-{time.monotonic_ns()}"
+    transport = make_transport(connection_name=connection, reconnect_delay=0.05)
+    await transport.connect()
+    assert close_connections(connection) > 0
+    await eventually(lambda: value(exposition(), name, label) >= before + 1, 10, "counted")

@@ -131,3 +131,21 @@ def test_installing_twice_registers_the_observer_once() -> None:
     assert first is second is metrics.observer
     names = [n for n, p in get_plugin_manager().pluggy.list_name_plugin() if p is metrics.observer]
     assert names == [metrics.PLUGIN_NAME]
+
+
+def exposition() -> str:
+    """The default registry's exposition text."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    return generate_latest(REGISTRY).decode()
+
+
+async def test_the_manager_records_how_late_each_heartbeat_is_applied(cluster: Cluster) -> None:
+    metrics.install()
+    before = value(exposition(), "orchestratr_heartbeat_lag_seconds_count")
+    await cluster.start_manager()
+    await cluster.add_server("lagged", 2)
+    await eventually(
+        lambda: value(exposition(), "orchestratr_heartbeat_lag_seconds_count") >= before + 3,
+        what="three heartbeats observed",
+    )

@@ -45,6 +45,7 @@ from orchestratr_core.job import (
     new_id,
     utcnow,
 )
+from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay
@@ -277,6 +278,7 @@ class ServerManager:
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
         conflicts = await self._storage.apply_heartbeat(hb, now)
+        record_heartbeat_lag(now.timestamp() - hb.sent_at)
         if hb.server_id not in self._known_servers:
             self._known_servers.add(hb.server_id)
             self._plugins.notify(

@@ -40,6 +40,7 @@ from orchestratr_core.errors import (
     PermanentBackendError,
     PublishError,
 )
+from orchestratr_core.metrics import record_reconnect
 from orchestratr_core.protocol import (
     CancelJob,
     Command,
@@ -1043,6 +1044,7 @@ class RabbitMQTransport(Transport):
                 return
             self._install(session)
             log.info("reconnected to RabbitMQ (session %d)", session.generation)
+            record_reconnect("rabbitmq")
             return
 
     async def _live(self) -> _Session:
