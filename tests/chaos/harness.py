@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -617,6 +616,3 @@ def seeded(seed: int | None = None) -> tuple[random.Random, int]:
     value = seed if seed is not None else int(os.environ.get("CHAOS_SEED", time.time_ns() % 10**9))
     print(f"chaos seed: {value} (CHAOS_SEED={value} reproduces it)")
     return random.Random(value), value
-
-
-Checker = Callable[[ChaosCluster], Any]
