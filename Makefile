@@ -6,6 +6,8 @@
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy (strict, configured in pyproject.toml)
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
+#   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
+#   make bench-quick the same, scaled down (under 10 minutes)
 #   make format      ruff format + ruff check --fix
 #   make services    check and start PostgreSQL, MariaDB and RabbitMQ
 #   make clean       remove .venv/ and caches
@@ -27,7 +29,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos bench bench-quick lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -69,6 +71,18 @@ test-slow: install services
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 chaos: test-slow
+
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(FULL_STAMP)
+	$(PIP) -e '.[dev,bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP) services
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(BENCH_STAMP) services
+	$(BIN)/python -m benchmarks.run --quick
 
 lint: install
 	$(BIN)/ruff check .
