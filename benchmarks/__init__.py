@@ -1,0 +1,1 @@
+"""Benchmarks of OrchestratR beside Celery and Dramatiq (see ``run.py``)."""

@@ -1,0 +1,359 @@
+"""The three systems under test behind one small interface: start a worker of a
+given capacity (optionally through a proxy port), submit jobs, tear down.
+
+Every instance uses names of its own (``bench-<run>-<tag>...``) that
+:meth:`System.teardown` deletes from the broker (and, for OrchestratR, a
+PostgreSQL schema of its own that it drops)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+
+from benchmarks.common import (
+    AMQP,
+    BROKER_PORT,
+    PG_ADMIN,
+    Proc,
+    Procs,
+    create_schema,
+    delete_broker_objects,
+    drop_schema,
+)
+
+CELERY_SETTINGS = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+    "pool": "threads",
+    "concurrency": "jobs per worker (capacity)",
+    "broker_heartbeat": "120 s (default) / 5 s (tight)",
+    "worker_cancel_long_running_tasks_on_connection_loss": True,
+    "queue": "quorum (x-queue-type)",
+    "flags": "--without-gossip --without-mingle --without-heartbeat",
+    "task_ignore_result": True,
+    "task": "loop: sleep 1 s, check celery.worker.state.revoked (revoke() reaches it)",
+}
+
+DRAMATIQ_SETTINGS = {
+    "acknowledgement": "after the actor returns (Dramatiq's only mode)",
+    "worker_threads": "jobs per worker (capacity)",
+    "dramatiq_queue_prefetch": "= worker threads",
+    "time_limit_ms": 2**31 - 1,
+    "max_retries": 0,
+    "heartbeat": "broker's 60 s (default) / 5 s (tight)",
+    "queue": "classic (declared by Dramatiq)",
+    "task": "loop: sleep 1 s, check a process-wide stop flag (no revoke exists)",
+}
+
+CREATE_CONCURRENCY = 32
+"""OrchestratR: ``create_job`` calls in flight at once when submitting many."""
+
+
+class System:
+    """One system under test."""
+
+    name = "?"
+    default_heartbeat = 0
+
+    def __init__(self, procs: Procs, ledger_dir: Path, prefix: str, *, heartbeat: int | None):
+        self.procs = procs
+        self.ledger_dir = ledger_dir
+        self.prefix = prefix
+        self.heartbeat = heartbeat or self.default_heartbeat
+        self.workers: list[Proc] = []
+
+    # -- to implement -----------------------------------------------------------------------
+    @property
+    def queue(self) -> str:
+        raise NotImplementedError
+
+    async def setup(self) -> None:
+        """Anything needed before workers start."""
+
+    def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    async def submit(self, keys: list[str]) -> dict[str, float]:
+        """Submit one job per key; returns the time each submission began."""
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- common -----------------------------------------------------------------------------
+    async def start_worker(self, label: str, capacity: int, *, port: int = BROKER_PORT) -> Proc:
+        argv, env = self.worker_argv(label, capacity, port)
+        env = {"BENCH_LEDGER": str(self.ledger_dir), **env}
+        before = await self.consumers()
+        proc = self.procs.spawn(f"{self.prefix}-{label}", argv, env)
+        self.workers.append(proc)
+        deadline = time.monotonic() + 120
+        while await self.consumers() <= before:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited: {proc.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{proc.name} did not consume: {proc.text()[-3000:]}")
+            await asyncio.sleep(0.1)
+        return proc
+
+    async def consumers(self) -> int:
+        """Consumers on the jobs queue now (0 if it does not exist yet)."""
+        connection = await aio_pika.connect(AMQP)
+        try:
+            channel = await connection.channel()
+            try:
+                result = await channel.channel.queue_declare(self.queue, passive=True)
+            except Exception:
+                return 0
+            return int(result.consumer_count or 0)  # type: ignore[union-attr]
+        finally:
+            await connection.close()
+
+    async def teardown(self) -> None:
+        for proc in self.workers:  # no graceful hand-over needed: the queues go too
+            self.procs.stop(proc, timeout=0)
+        await delete_broker_objects(self.prefix)
+
+
+class OrchestratR(System):
+    """OrchestratR: a manager process (PostgreSQL storage), ``orchestratr server``
+    processes, and a client in the benchmark process."""
+
+    name = "orchestratr"
+    default_heartbeat = 10
+
+    def __init__(self, *args: Any, server_heartbeat: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.schema = self.prefix.replace("-", "_")
+        self.server_heartbeat = server_heartbeat
+        self.manager: Proc | None = None
+        self.client: Any = None
+        self._storage: Any = None
+        self._transport: Any = None
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    def transport_url(self, port: int = BROKER_PORT) -> str:
+        return (
+            f"amqp://guest:guest@127.0.0.1:{port}/?namespace={self.prefix}"
+            f"&heartbeat={self.heartbeat}"
+        )
+
+    def storage_url(self, pool: int = 10) -> str:
+        return f"{PG_ADMIN}?schema={self.schema}&pool_max={pool}"
+
+    async def setup(self) -> None:
+        from orchestratr_core import OrchestratorClient
+        from orchestratr_core.plugin import get_plugin_manager
+
+        await create_schema(self.schema)
+        pm = get_plugin_manager()
+        self._storage = pm.make_storage(self.storage_url(CREATE_CONCURRENCY))
+        self._transport = pm.make_transport(self.transport_url())
+        await self._storage.open()  # runs the migrations before the manager starts
+        await self._transport.connect()
+        self.client = OrchestratorClient(self._storage, self._transport)
+        self.manager = self.procs.python(
+            f"{self.prefix}-manager",
+            [
+                "-m", "orchestratr_core.cli", "--log-level", "warning", "manager",
+                "--storage", self.storage_url(),
+                "--transport", self.transport_url(),
+            ],
+        )  # fmt: skip
+
+    def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
+        import sys
+
+        return [
+            sys.executable, "-m", "orchestratr_core.cli", "--log-level", "warning", "server",
+            "--job", "benchmarks.workloads:orx_job",
+            "--name", label,
+            "--max-workers", str(capacity),
+            "--transport", self.transport_url(port),
+            "--heartbeat-interval", str(self.server_heartbeat),
+        ], {}  # fmt: skip
+
+    async def submit(self, keys: list[str]) -> dict[str, float]:
+        sent: dict[str, float] = {}
+        gate = asyncio.Semaphore(CREATE_CONCURRENCY)
+
+        async def one(key: str) -> None:
+            async with gate:
+                sent[key] = time.time()
+                await self.client.create_job(key, "")
+
+        await asyncio.gather(*(one(k) for k in keys))
+        return sent
+
+    async def submit_one(self, key: str) -> float:
+        t0 = time.time()
+        await self.client.create_job(key, "")
+        return t0
+
+    async def teardown(self) -> None:
+        for proc in [*self.workers, *([self.manager] if self.manager else [])]:
+            self.procs.stop(proc, timeout=0)
+        with contextlib.suppress(Exception):
+            await self._transport.close()
+        with contextlib.suppress(Exception):
+            await self._storage.close()
+        await super().teardown()
+        await drop_schema(self.schema)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "storage": "PostgreSQL (orchestratr_sql, asyncpg)",
+            "transport": "RabbitMQ (orchestratr_rabbitmq), quorum jobs queue",
+            "amqp_heartbeat_s": self.heartbeat,
+            "fence_timeout_s": 0.75 * self.heartbeat,
+            "server_heartbeat_interval_s": self.server_heartbeat,
+            "max_workers": "jobs per server (capacity)",
+            "job": "async: heartbeat(), await token.sleep(10) until stopped",
+            "client": f"OrchestratorClient.create_job, {CREATE_CONCURRENCY} in flight",
+            "manager": "one `orchestratr manager` process, defaults",
+        }
+
+
+class Celery(System):
+    """Celery workers (threads pool) on RabbitMQ."""
+
+    name = "celery"
+    default_heartbeat = 120
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._app: Any = None
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}-celery"
+
+    async def setup(self) -> None:
+        from benchmarks.celery_app import make_app
+
+        self._app = make_app(AMQP, self.queue, self.heartbeat)
+        # Declare the queue (the workers would too) so consumers can be counted.
+        await asyncio.to_thread(self._declare)
+
+    def _declare(self) -> None:
+        with self._app.connection_for_write() as conn:
+            for queue in self._app.conf.task_queues:
+                queue(conn.default_channel).declare()
+
+    def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
+        import sys
+
+        return [
+            sys.executable, "-m", "celery", "-A", "benchmarks.celery_app", "worker",
+            "-P", "threads", "-c", str(capacity), "--prefetch-multiplier", "1",
+            "-Q", self.queue, "-n", f"{label}-{self.prefix}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning",
+        ], {
+            "BENCH_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}//",
+            "BENCH_QUEUE": self.queue,
+            "BENCH_HEARTBEAT": str(self.heartbeat),
+        }  # fmt: skip
+
+    def _send(self, keys: list[str]) -> dict[str, float]:
+        sent: dict[str, float] = {}
+        with self._app.producer_or_acquire() as producer:
+            for key in keys:
+                sent[key] = time.time()
+                self._app.send_task(
+                    "bench.infinite", args=[key], queue=self.queue, producer=producer
+                )
+        return sent
+
+    async def submit(self, keys: list[str]) -> dict[str, float]:
+        return await asyncio.to_thread(self._send, keys)
+
+    async def submit_one(self, key: str) -> float:
+        return self._send([key])[key]
+
+    def settings(self) -> dict[str, Any]:
+        return {**CELERY_SETTINGS, "broker_heartbeat": self.heartbeat, "publish": "send_task"}
+
+
+class Dramatiq(System):
+    """Dramatiq worker processes on RabbitMQ."""
+
+    name = "dramatiq"
+    default_heartbeat = 60  # pika leaves it to the broker, whose default is 60 s
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._broker: Any = None
+        self._actor: Any = None
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}-dramatiq"
+
+    async def setup(self) -> None:
+        import dramatiq
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        from benchmarks.workloads import poll_loop
+
+        self._broker = RabbitmqBroker(url=AMQP.rstrip("/") + "/%2F")
+
+        def infinite(key: str) -> None:  # never run here: only sent
+            poll_loop(key, lambda: True)
+
+        self._actor = dramatiq.actor(
+            infinite,
+            broker=self._broker,
+            queue_name=self.queue,
+            time_limit=2**31 - 1,
+            max_retries=0,
+        )
+        await asyncio.to_thread(self._broker.declare_queue, self.queue, ensure=True)
+
+    def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
+        import sys
+
+        env = {
+            "BENCH_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+            "BENCH_QUEUE": self.queue,
+            "BENCH_THREADS": str(capacity),
+        }
+        if self.heartbeat != self.default_heartbeat:
+            env["BENCH_HEARTBEAT"] = str(self.heartbeat)
+        return [sys.executable, "-m", "benchmarks.dramatiq_app", "--threads", str(capacity)], env
+
+    def _send(self, keys: list[str]) -> dict[str, float]:
+        sent: dict[str, float] = {}
+        for key in keys:
+            sent[key] = time.time()
+            self._actor.send(key)
+        return sent
+
+    async def submit(self, keys: list[str]) -> dict[str, float]:
+        return await asyncio.to_thread(self._send, keys)
+
+    async def submit_one(self, key: str) -> float:
+        return self._send([key])[key]
+
+    async def teardown(self) -> None:
+        await super().teardown()
+        with contextlib.suppress(Exception):
+            self._broker.close()
+
+    def settings(self) -> dict[str, Any]:
+        return {**DRAMATIQ_SETTINGS, "heartbeat": self.heartbeat, "publish": "actor.send"}
+
+
+CLASSES: dict[str, type[System]] = {
+    "orchestratr": OrchestratR,
+    "celery": Celery,
+    "dramatiq": Dramatiq,
+}
