@@ -300,3 +300,19 @@ async def test_an_operation_whose_connection_dies_mid_transaction_is_retried_on_
         await storage.close()
     assert attempts == 2
     assert "test op on" in caplog.text and "retrying" in caplog.text
+
+
+def test_a_connection_left_mid_protocol_by_a_restart_counts_as_unavailable() -> None:
+    """Seen during a PostgreSQL restart: asyncpg raises InternalClientError on a
+    connection the server dropped mid-operation; the storage must retry it."""
+    import asyncpg
+
+    from orchestratr_sql.connection import ErrorKind
+    from orchestratr_sql.postgresql import PostgresConnector
+    from orchestratr_sql.url import parse_url
+
+    connector = PostgresConnector(parse_url("postgresql://postgres@127.0.0.1:5432/test"))
+    error = asyncpg.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    assert connector.classify(error) is ErrorKind.UNAVAILABLE

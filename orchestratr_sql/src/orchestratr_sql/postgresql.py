@@ -183,6 +183,10 @@ class PostgresConnector(Connector):
             if "closed" in text or "connection" in text or "pool" in text:
                 return ErrorKind.UNAVAILABLE
             return None
+        if isinstance(exc, asyncpg.InternalClientError):
+            # A connection left mid-protocol by a server restart ("cannot switch
+            # to state 15; another operation is in progress"): retry on another.
+            return ErrorKind.UNAVAILABLE
         if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError):
             return ErrorKind.UNAVAILABLE
         return None
