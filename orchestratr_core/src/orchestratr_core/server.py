@@ -41,7 +41,7 @@ from orchestratr_core.errors import (
     DeliveryLost,
     OrchestratrError,
 )
-from orchestratr_core.job import JobArgument, make_fence
+from orchestratr_core.job import JobArgument, make_fence, new_id
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay
 from orchestratr_core.runner import JobRunner, StopToken, ThreadJobRunner
@@ -138,7 +138,7 @@ class OrchestratedServer:
             )
         if not isinstance(name, str) or not name.strip():
             raise ConfigurationError("server name must be a non-empty string")
-        self.id = str(_uuid())
+        self.id = new_id()
         self.name = name
         self.max_workers = max_workers
         self.options = options or ServerOptions()
@@ -405,7 +405,8 @@ class OrchestratedServer:
                 elif run.token.lease_expired:
                     # The job saw its lease run out and returned: that is a loss,
                     # never a completion (the broker may have given it away).
-                    job_task.cancelled() or job_task.exception()
+                    if not job_task.cancelled():
+                        job_task.exception()  # retrieved: it may have raised while stopping
                     run.request_stop(p.StopReason.LOST, hard=True)
                     break
                 elif job_task.exception() is None:
@@ -689,12 +690,6 @@ class OrchestratedServer:
 
 
 _HOST = socket.gethostname()
-
-
-def _uuid() -> str:
-    from orchestratr_core.job import new_id
-
-    return new_id()
 
 
 def _lease_of(delivery: Delivery) -> Callable[[], float]:
