@@ -36,6 +36,15 @@ def test_unknown_options_bad_namespaces_and_bad_schemes_are_refused() -> None:
         Settings.build("http://secret:pw@h/", {})
 
 
+def test_the_prefetch_step_is_a_whole_number_of_at_least_one_also_from_the_url() -> None:
+    assert Settings.build("amqp://h/?prefetch_step=200", {}).prefetch_step == 200
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ConfigurationError, match="prefetch_step"):
+            Settings.build("amqp://h/", {"prefetch_step": bad})
+    with pytest.raises(ConfigurationError, match="prefetch_step must be a number"):
+        Settings.build("amqp://h/?prefetch_step=lots", {})
+
+
 def test_the_url_comes_from_the_environment_and_the_password_never_shows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -284,6 +284,37 @@ async def test_raising_capacity_counts_what_cancelled_consumers_still_hold(
     assert not any(d.lost.is_set() for d in inbox.items)
 
 
+async def test_a_large_capacity_is_granted_in_prefetch_steps(
+    make_transport: MakeTransport, broker: aio_pika.abc.AbstractConnection, namespace: str
+) -> None:
+    # A server with room for thousands of jobs must not let the broker push them
+    # all at once: the fence ping's answer would queue behind them.
+    manager, server = make_transport(), make_transport(prefetch_step=10)
+    await manager.connect()
+    await server.connect()
+    for n in range(40):
+        await manager.publish_job(job(n))
+    credit: list[int] = []
+    inbox = Inbox()
+
+    async def record(delivery: Delivery) -> None:
+        credit.append(delivery._consumer.prefetch)  # type: ignore[attr-defined]
+        await inbox(delivery)
+
+    await server.consume_jobs(25, record)
+    held = [await inbox.next() for _ in range(25)]
+    await inbox.quiet(0.5)
+    assert max(credit) == 10
+    assert sorted(d.message.job_id for d in held) == sorted(f"job-{n}" for n in range(25))
+    channel = await broker.channel()
+    queue = await channel.declare_queue(server.topology_name("jobs"), passive=True)
+    assert queue.declaration_result.message_count == 15
+    await held[0].ack()  # room for one more: exactly one comes
+    assert (await inbox.next()).message.job_id == "job-25"
+    await inbox.quiet(0.5)
+    assert not any(d.lost.is_set() for d in inbox.items)
+
+
 # -- malformed messages ------------------------------------------------------------------
 
 

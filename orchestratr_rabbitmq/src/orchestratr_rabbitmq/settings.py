@@ -58,6 +58,11 @@ class Settings:
     reconnect_delay: float = 0.2
     reconnect_max_delay: float = 5.0
     snapshot_timeout: float = 10.0
+    prefetch_step: int = 500
+    """Most job deliveries a server lets the broker push ahead of what it has taken
+    in. A server with room for 20,000 jobs raises its prefetch this many at a time,
+    so that the answer to a fence ping never waits behind thousands of unread
+    deliveries (which made loaded servers fence themselves falsely)."""
     consumer_timeout: float | None = None
     """The broker's delivery acknowledgement timeout, when the operator knows it
     (RabbitMQ 3.10 cannot tell a client). Deliveries are then handed back before it
@@ -118,6 +123,12 @@ class Settings:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.reconnect_max_delay < self.reconnect_delay:
             raise ConfigurationError("reconnect_max_delay must be >= reconnect_delay")
+        if isinstance(self.prefetch_step, bool) or not isinstance(self.prefetch_step, int):
+            raise ConfigurationError(
+                f"prefetch_step must be a whole number, got {self.prefetch_step!r}"
+            )
+        if self.prefetch_step < 1:
+            raise ConfigurationError("prefetch_step must be >= 1")
         if self.connect_attempts < 1:
             raise ConfigurationError("connect_attempts must be >= 1")
         if self.consumer_timeout is not None and self.consumer_timeout <= 0:
@@ -153,7 +164,7 @@ class Settings:
         return f"{parts.hostname or 'localhost'}:{parts.port or default}"
 
 
-_INTS = frozenset({"heartbeat", "connect_attempts"})
+_INTS = frozenset({"heartbeat", "connect_attempts", "prefetch_step"})
 _FLOATS = frozenset(
     {
         "fence_timeout",

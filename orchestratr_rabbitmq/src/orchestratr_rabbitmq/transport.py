@@ -486,6 +486,9 @@ class _JobConsumer(_Subscription, JobConsumer):
         self.underlay: aiormq.abc.AbstractChannel | None = None
         self.tag: str | None = None
         self.prefetch = 0
+        self.current = 0
+        """Deliveries of the current consumer (``tag``) still held: the broker's
+        credit for it is ``prefetch - current``."""
         self.held: dict[int, _RabbitDelivery] = {}
 
     async def attach(self, session: _Session) -> None:
@@ -494,28 +497,34 @@ class _JobConsumer(_Subscription, JobConsumer):
             self.held = {}
             self.tag = None
             self.prefetch = 0
+            self.current = 0
             self.channel = await session.channel("jobs")
             self.underlay = await self._watch_cancel(session, "jobs")
             await self._reconcile()
 
     async def _reconcile(self) -> None:
-        """Keep (held by cancelled consumers) + (current consumer's prefetch) equal to
-        the capacity. RabbitMQ applies ``basic.qos`` to new consumers only, so a
-        different prefetch needs a new consumer; held deliveries stay held."""
+        """Keep the broker's credit for this server (what the current consumer may
+        still deliver) at ``min(prefetch_step, capacity - held)``. RabbitMQ applies
+        ``basic.qos`` to new consumers only, so another credit needs a new consumer;
+        held deliveries stay held, those of cancelled consumers too. The step bounds
+        how many unread deliveries can queue ahead of a fence ping's answer: a server
+        with room for 20,000 jobs that took them in one step fell behind its pings and
+        fenced itself (docs/benchmarks.md)."""
         session, underlay = self.session, self.underlay
         if self.closed or session is None or underlay is None or not session.alive:
             return
+        room = self.capacity - len(self.held)
+        desired = max(0, min(self.transport.settings.prefetch_step, room))
         if self.tag is not None:
-            current = sum(1 for d in self.held.values() if d.consumer_tag == self.tag)
-            if len(self.held) - current + self.prefetch == self.capacity:
+            if self.prefetch - self.current == desired:
                 return
             await underlay.basic_cancel(self.tag)
             self.tag = None
             self.prefetch = 0
-        target = self.capacity - len(self.held)
-        if target <= 0:
+            self.current = 0
+        if desired <= 0:
             return  # prefetch 0 would mean "unlimited": pause by not consuming
-        await underlay.basic_qos(prefetch_count=target)
+        await underlay.basic_qos(prefetch_count=desired)
         ok = await underlay.basic_consume(
             session.topology.jobs,
             functools.partial(self._on_message, session, underlay),
@@ -523,7 +532,27 @@ class _JobConsumer(_Subscription, JobConsumer):
             arguments=session.topology.jobs_consumer_arguments(),
         )
         self.tag = ok.consumer_tag
-        self.prefetch = target
+        self.prefetch = desired
+        # Deliveries may have arrived before consume-ok was read: count them now.
+        self.current = sum(1 for d in self.held.values() if d.consumer_tag == self.tag)
+        self._maybe_step_up()
+
+    def _maybe_step_up(self) -> None:
+        if self.current >= self.prefetch and len(self.held) < self.capacity:
+            self.transport._spawn(self._step_up())
+
+    def _drop_held(self, delivery: _RabbitDelivery) -> None:
+        """A held delivery was settled: it no longer counts against the credit."""
+        if self.held.pop(delivery.delivery_tag, None) is not None and (
+            delivery.consumer_tag == self.tag
+        ):
+            self.current -= 1
+
+    async def _step_up(self) -> None:
+        """The current consumer used up its credit and there is room: consume again."""
+        async with self.lock:
+            with _Quiet():
+                await self._reconcile()
 
     async def _on_message(
         self,
@@ -552,6 +581,10 @@ class _JobConsumer(_Subscription, JobConsumer):
         )
         self.held[tag] = delivery
         session.deliveries.add(delivery)
+        if self.tag is not None and consumer_tag == self.tag:
+            self.current += 1
+            if self.current == self.prefetch:
+                self._maybe_step_up()
         self.transport._schedule_renewal(delivery)
         if self.closed:
             with contextlib.suppress(DeliveryLost):
@@ -596,7 +629,7 @@ class _JobConsumer(_Subscription, JobConsumer):
             if delivery.renewal is not None:
                 delivery.renewal.cancel()
                 delivery.renewal = None
-            self.held.pop(delivery.delivery_tag, None)
+            self._drop_held(delivery)
             delivery.session.deliveries.discard(delivery)
             if delivery.session is self.session:
                 with _Quiet():
@@ -1439,7 +1472,7 @@ async def _requeue(consumer: _JobConsumer, delivery: _RabbitDelivery) -> None:
             log.debug("handing job %s back failed: %s", delivery.message.job_id, _describe(exc))
             return
         delivery.settled = True
-        consumer.held.pop(delivery.delivery_tag, None)
+        consumer._drop_held(delivery)
         if delivery.session is consumer.session:
             with _Quiet():
                 await consumer._reconcile()
