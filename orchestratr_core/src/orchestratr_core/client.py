@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
+from types import TracebackType
 
-from orchestratr_core.errors import BackendUnavailable, InvalidJobInput, PublishError
+from orchestratr_core.errors import (
+    BackendUnavailable,
+    DuplicateJobName,
+    InvalidJobInput,
+    OrchestratrError,
+    PublishError,
+)
 from orchestratr_core.job import (
     JobRecord,
     NewJob,
@@ -27,6 +37,15 @@ DEFAULT_CANCEL_RETENTION = 24 * 3600.0
 duplicate of its message (a publish retried after a lost confirm) is dropped too."""
 
 
+OUTBOX_FLUSH_INTERVAL = 0.01
+"""Seconds the client collects sent jobs before deleting their outbox rows."""
+OUTBOX_FLUSH_BATCH = 500
+"""At most this many outbox rows are deleted by one statement (a full batch goes at once)."""
+PUBLISH_CHUNK = 200
+"""``create_jobs`` publishes this many messages concurrently (pipelined on the
+transport's connection), then the next chunk."""
+
+
 def job_message(job: JobRecord, generation: int) -> JobMessage:
     """The job message for one generation of a job."""
     return JobMessage(
@@ -39,19 +58,98 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
     )
 
 
+class _OutboxFlusher:
+    """Deletes the outbox rows of sent messages in batches, in the background.
+
+    Why deleting late is safe: the row was committed with the job and is claimed
+    by this client until its lease ends. If the process dies before the batch is
+    deleted, the leader's outbox relay claims the row once that lease has ended
+    and publishes the message again. A second message of one job generation is
+    harmless: it carries the same generation, so a server that already runs the
+    job drops it and the storage's fence guard refuses a second owner. Likewise
+    a batch whose deletion fails (storage down) is only logged.
+    """
+
+    def __init__(
+        self, storage: Storage, kind: OutboxKind, holder: str, interval: float, batch: int
+    ) -> None:
+        self._storage = storage
+        self._kind = kind
+        self._holder = holder
+        self._interval = interval
+        self._batch = max(1, batch)
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._urgent = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        """Ids waiting for their rows to be deleted."""
+        return len(self._pending)
+
+    def add(self, job_ids: Sequence[str]) -> None:
+        """Queue the rows of these jobs for deletion (within ``interval``)."""
+        if not job_ids:
+            return
+        self._pending.extend(job_ids)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="orchestratr-outbox-flush"
+            )
+        elif len(self._pending) >= self._batch:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        """Delete every queued row now, and return when that is done."""
+        task = self._task
+        if task is None or task.done():
+            return
+        self._urgent += 1
+        self._wake.set()
+        try:
+            await asyncio.shield(task)
+        finally:
+            self._urgent -= 1
+
+    async def _run(self) -> None:
+        while self._pending:
+            if not self._urgent and len(self._pending) < self._batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval):
+                        await self._wake.wait()
+            batch = self._pending[: self._batch]
+            del self._pending[: self._batch]
+            try:
+                await self._storage.complete_outbox_for_jobs(batch, self._kind, self._holder)
+            except (OrchestratrError, OSError) as exc:
+                log.warning(
+                    "could not delete %d sent outbox row(s); the manager's relay will send "
+                    "them again, which is harmless (%s)",
+                    len(batch),
+                    exc,
+                )
+            except Exception:
+                log.exception("deleting %d sent outbox row(s) failed", len(batch))
+
+
 class OrchestratorClient:
     """Creates and cancels jobs.
 
     Every change is first committed to the storage together with an *outbox*
     row; the message is sent only after the commit. With a transport, the client
-    sends it at once and deletes the outbox row; without one (or if the send
-    fails), a running manager sends it. So there is never a message without a
-    job row, nor a committed job without a message.
+    sends it at once and deletes the outbox row (in batches, in the background:
+    call :meth:`close` when done, or use ``async with``); without one (or if
+    the send fails), a running manager sends it. So there is never a message
+    without a job row, nor a committed job without a message.
 
     :param storage: an opened storage.
     :param transport: a connected transport, or ``None`` to leave sending to a
         running manager.
     :param holder: who claims the outbox rows (the manager's id).
+    :param outbox_flush_interval: seconds sent jobs are collected before their
+        outbox rows are deleted in one statement (at most ``outbox_flush_batch``).
     """
 
     def __init__(
@@ -62,6 +160,8 @@ class OrchestratorClient:
         holder: str | None = None,
         outbox_lease: float = 10.0,
         cancel_retention: float = DEFAULT_CANCEL_RETENTION,
+        outbox_flush_interval: float = OUTBOX_FLUSH_INTERVAL,
+        outbox_flush_batch: int = OUTBOX_FLUSH_BATCH,
     ) -> None:
         self._storage = storage
         self._transport = transport
@@ -70,7 +170,36 @@ class OrchestratorClient:
         # down, the leader's relay takes over within a couple of seconds (a rare
         # second copy of a message is harmless: the fencing tokens sort it out).
         self._lease = timedelta(seconds=min(outbox_lease, 2.0))
+        # A batch takes longer to publish: 1 ms more per job, at most the
+        # manager's own outbox lease.
+        self._max_lease = timedelta(seconds=outbox_lease)
         self._retention = timedelta(seconds=cancel_retention)
+        self._sent = _OutboxFlusher(
+            storage, OutboxKind.PUBLISH, self._holder, outbox_flush_interval, outbox_flush_batch
+        )
+
+    async def __aenter__(self) -> OrchestratorClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def flush(self) -> None:
+        """Delete the outbox rows of every message sent so far, now (they are
+        otherwise deleted in batches within ``outbox_flush_interval``)."""
+        await self._sent.flush()
+
+    async def close(self) -> None:
+        """Flush (see :meth:`flush`). The storage and transport stay open: they
+        belong to the caller. Idempotent; the client stays usable."""
+        await self._sent.flush()
+
+    aclose = close
 
     async def create_job(
         self, name: str, argument: str = "", *, heartbeat_timeout: float | None = None
@@ -88,12 +217,7 @@ class OrchestratorClient:
         """
         name = validate_name(name)
         argument = validate_argument(argument)
-        if heartbeat_timeout is not None and (
-            isinstance(heartbeat_timeout, bool)
-            or not isinstance(heartbeat_timeout, int | float)
-            or not 0 < heartbeat_timeout <= 86400
-        ):
-            raise InvalidJobInput("heartbeat_timeout must be a number of seconds in (0, 86400]")
+        timeout = _heartbeat_timeout(heartbeat_timeout)
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
         lease_until = now + self._lease if self._transport is not None else now
@@ -103,7 +227,7 @@ class OrchestratorClient:
                 name=name,
                 argument=argument,
                 created_at=now,
-                heartbeat_timeout=None if heartbeat_timeout is None else float(heartbeat_timeout),
+                heartbeat_timeout=timeout,
             ),
             self._holder,
             lease_until,
@@ -116,8 +240,107 @@ class OrchestratorClient:
                     "job %s created; its message will be sent by the manager (%s)", record.id, exc
                 )
                 return record.id
-            await self._storage.complete_outbox_for_job(record.id, OutboxKind.PUBLISH, self._holder)
+            # Sent: its outbox row goes with the next batch (see _OutboxFlusher
+            # for why a crash before that is harmless).
+            self._sent.add([record.id])
         return record.id
+
+    async def create_jobs(
+        self,
+        items: Sequence[tuple[str, str]] | Sequence[str],
+        *,
+        heartbeat_timeout: float | None = None,
+    ) -> list[str]:
+        """Create many jobs at once, all or nothing: every item is checked first,
+        then every job and its outbox row is inserted in one transaction, then
+        the messages are published (pipelined) and the outbox rows deleted.
+
+        :param items: ``(name, argument)`` pairs, or names alone (argument ``""``).
+        :param heartbeat_timeout: the watchdog of every job (see :meth:`create_job`).
+        :returns: the new jobs' ids, in the order of ``items``.
+        :raises InvalidJobInput: an item is not valid; the message names its
+            index. Nothing is stored.
+        :raises DuplicateJobName: a name is taken by a job that is not deleted,
+            or occurs twice in ``items``. Nothing is stored.
+        :raises NotImplementedError: the storage has no atomic batch insert
+            (:meth:`Storage.create_jobs`); use :meth:`create_job`.
+        """
+        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+            raise InvalidJobInput("items must be a sequence of (name, argument) pairs or names")
+        timeout = _heartbeat_timeout(heartbeat_timeout)
+        pairs: list[tuple[str, str]] = []
+        for index, item in enumerate(items):
+            try:
+                if isinstance(item, str):
+                    name, argument = item, ""
+                elif isinstance(item, tuple | list) and len(item) == 2:
+                    name, argument = item
+                else:
+                    raise InvalidJobInput("must be a (name, argument) pair or a name")
+                pairs.append((validate_name(name), validate_argument(argument)))
+            except InvalidJobInput as exc:
+                raise InvalidJobInput(f"item {index}: {exc}") from None
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise DuplicateJobName(name)
+            seen.add(name)
+        if not pairs:
+            return []
+        now = utcnow()
+        jobs = [
+            NewJob(
+                id=new_id(), name=name, argument=argument, created_at=now, heartbeat_timeout=timeout
+            )
+            for name, argument in pairs
+        ]
+        if self._transport is None:
+            lease_until = now
+        else:
+            lease = self._lease + timedelta(milliseconds=len(jobs))
+            lease_until = now + min(lease, self._max_lease)
+        records = await self._storage.create_jobs(jobs, self._holder, lease_until)
+        if self._transport is not None:
+            await self._publish_all(records)
+        return [record.id for record in records]
+
+    async def _publish_all(self, records: Sequence[JobRecord]) -> None:
+        """Publish the messages of new jobs, ``PUBLISH_CHUNK`` at a time, and queue
+        the outbox rows of those sent for deletion; the rest are left to the relay.
+
+        Concurrent ``publish_job`` calls are part of the transport contract's
+        normal use (a manager publishes from several tasks); on RabbitMQ they
+        share the publishing channel, whose confirms are matched by delivery tag.
+        """
+        assert self._transport is not None
+        transport = self._transport
+        unsent = 0
+        failure: BaseException | None = None
+        for start in range(0, len(records), PUBLISH_CHUNK):
+            chunk = records[start : start + PUBLISH_CHUNK]
+            results = await asyncio.gather(
+                *(transport.publish_job(job_message(r, r.generation)) for r in chunk),
+                return_exceptions=True,
+            )
+            sent = []
+            for record, result in zip(chunk, results, strict=True):
+                if result is None:
+                    sent.append(record.id)
+                    continue
+                unsent += 1
+                if not isinstance(result, PublishError | BackendUnavailable):
+                    failure = failure or result
+            self._sent.add(sent)
+            if failure is not None:
+                break
+        if unsent:
+            log.warning(
+                "%d of %d job(s) created; the manager will send the other messages",
+                len(records) - unsent,
+                len(records),
+            )
+        if failure is not None:
+            raise failure
 
     async def mark_on_deleting(self, job_id: str) -> JobRecord:
         """Cancel a job, durably. It stops wherever it runs, is never started
@@ -141,3 +364,12 @@ class OrchestratorClient:
                 return record
             await self._storage.complete_outbox_for_job(job_id, OutboxKind.CANCEL, self._holder)
         return record
+
+
+def _heartbeat_timeout(value: object) -> float | None:
+    """A valid watchdog timeout as a float, or ``None``; else :class:`InvalidJobInput`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 86400:
+        raise InvalidJobInput("heartbeat_timeout must be a number of seconds in (0, 86400]")
+    return float(value)

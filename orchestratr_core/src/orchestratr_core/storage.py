@@ -33,6 +33,7 @@ from orchestratr_core.job import (
     JobPage,
     JobQuery,
     JobRecord,
+    JobStatus,
     NewJob,
     ServerQuery,
     ServerRecord,
@@ -41,7 +42,15 @@ from orchestratr_core.job import (
 )
 from orchestratr_core.protocol import ServerHeartbeat
 
-__all__ = ["OutboxItem", "OutboxKind", "Storage"]
+__all__ = ["HEARTBEAT_REFRESH_STEP", "OutboxItem", "OutboxKind", "Storage"]
+
+HEARTBEAT_REFRESH_STEP = 30.0
+"""Seconds. A heartbeat that would change nothing about a job but its
+``last_heartbeat`` (same owner, fence, status and restarts) may leave the row
+untouched while the stored ``last_heartbeat`` is less than this much older than
+the reported one: a job's ``last_heartbeat`` (and ``updated_at``) is exact to
+within this step, not to the heartbeat period. Server liveness is the server
+row's ``last_seen``, which every heartbeat writes."""
 
 
 class OutboxKind(enum.StrEnum):
@@ -92,6 +101,27 @@ class Storage(abc.ABC):
         database, so that of many concurrent creates exactly one wins. Names are
         compared exactly, code point by code point (case- and accent-sensitive)."""
 
+    async def create_jobs(
+        self, jobs: Sequence[NewJob], holder: str, lease_until: datetime
+    ) -> list[JobRecord]:
+        """Insert several jobs and a ``PUBLISH`` outbox row for each, exactly as
+        :meth:`create_job` does for one, **in one transaction: all or nothing**.
+        Returns the records in the order of ``jobs``; an empty ``jobs`` returns
+        ``[]`` and writes nothing. Raises :class:`DuplicateJobName` naming a name
+        that is taken by a job that is not ``deleted``, or that occurs twice in
+        ``jobs``; then nothing is written.
+
+        Optional: this default raises :class:`NotImplementedError` (a loop over
+        :meth:`create_job` could not undo the jobs it created before a duplicate,
+        and the client promises all or nothing), so a backend without it keeps
+        working for everything else and ``OrchestratorClient.create_jobs`` says
+        clearly that the backend lacks it. Override it with one transaction
+        (a multi-row ``INSERT``, chunked to the database's parameter limits)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement create_jobs (an atomic batch insert); "
+            "create the jobs one by one with create_job"
+        )
+
     @abc.abstractmethod
     async def request_cancel(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
@@ -137,7 +167,12 @@ class Storage(abc.ABC):
         * for every reported job, apply ``START`` with the reported fence
           (guard ``NEWER``) and set ``last_heartbeat`` from the report
           (``now`` when the report's is ``None``; ``restarts`` too; ``updated_at``
-          is bumped as by :meth:`transition`);
+          is bumped as by :meth:`transition`). A job the report would change
+          in nothing but ``last_heartbeat`` (``processing`` on this server with
+          this fence and these restarts, ``reason`` unset) may be left as it is
+          while its stored ``last_heartbeat`` is less than
+          :data:`HEARTBEAT_REFRESH_STEP` older than the reported one (it still
+          accepted the report: it is not returned);
         * every job recorded ``processing`` on this server that the report does
           not list goes back to ``pending`` (owner cleared, ``reason`` set) — the
           server no longer runs it. Jobs ``deleting`` on it that the report does
@@ -181,6 +216,19 @@ class Storage(abc.ABC):
         claimed (the fast path: the manager that created or cancelled the job
         sent its message at once). Returns how many rows it deleted."""
 
+    async def complete_outbox_for_jobs(
+        self, job_ids: Sequence[str], kind: OutboxKind, holder: str
+    ) -> int:
+        """:meth:`complete_outbox_for_job` for many jobs: delete the outbox rows of
+        ``kind`` for these jobs that ``holder`` has claimed; returns how many.
+        Need not be one transaction (each row's deletion stands alone). This
+        default calls :meth:`complete_outbox_for_job` per job; override it with
+        one statement."""
+        deleted = 0
+        for job_id in dict.fromkeys(job_ids):
+            deleted += await self.complete_outbox_for_job(job_id, kind, holder)
+        return deleted
+
     @abc.abstractmethod
     async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
         """Take or renew the named lease for ``holder`` until ``until``. Succeeds if
@@ -215,6 +263,20 @@ class Storage(abc.ABC):
         """Servers matching ``query`` ordered by name then id, each with
         ``running`` filled (jobs ``processing`` or ``deleting`` on it) when
         ``query.with_jobs``."""
+
+    async def count_running_by_server(self) -> dict[str, int]:
+        """How many jobs are ``processing`` on each server: server id -> count,
+        servers without such a job left out (``deleting`` jobs are not counted).
+        What rebalancing needs, without reading the jobs. This default counts the
+        running jobs :meth:`list_servers` returns for every server (whatever its
+        status); override it with one aggregate query."""
+        servers = await self.list_servers(ServerQuery(statuses=None, with_jobs=True))
+        counts: dict[str, int] = {}
+        for server in servers:
+            running = sum(1 for job in server.running if job.status is JobStatus.PROCESSING)
+            if running:
+                counts[server.id] = running
+        return counts
 
     @abc.abstractmethod
     async def get_server(self, server_id: str) -> ServerRecord | None:

@@ -21,7 +21,7 @@ import dataclasses
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -46,7 +46,7 @@ from orchestratr_core.job import (
     TransitionResult,
 )
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxItem, OutboxKind, Storage
 
 __all__ = ["MemoryStorage"]
 
@@ -57,6 +57,7 @@ _REASON_CANCEL = "cancel requested"
 _REASON_NOT_REPORTED = "not in its server's heartbeat"
 _REASON_SERVER_DEAD = "server dead"
 _REASON_SERVER_LEFT = "server left"
+_REFRESH_STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 
 
 def _guard_holds(guard: Guard, row: JobRecord, server_id: str | None, fence: int) -> bool:
@@ -292,27 +293,42 @@ class MemoryStorage(Storage):
 
     async def create_job(self, job: NewJob, holder: str, lease_until: datetime) -> JobRecord:
         """See :meth:`Storage.create_job`."""
+        return (await self.create_jobs([job], holder, lease_until))[0]
+
+    async def create_jobs(
+        self, jobs: Sequence[NewJob], holder: str, lease_until: datetime
+    ) -> list[JobRecord]:
+        """See :meth:`Storage.create_jobs`: every check first, then every write,
+        under the store's lock (all or nothing)."""
         store = self._data()
         with store.lock:
-            if job.name in store.names:
-                raise DuplicateJobName(job.name)
-            if job.id in store.jobs:
-                raise ValueError(f"a job with id {job.id!r} already exists")
-            record = JobRecord(
-                id=job.id,
-                name=job.name,
-                argument=job.argument,
-                status=JobStatus.PENDING,
-                server_id=None,
-                fence=0,
-                generation=job.generation,
-                created_at=job.created_at,
-                updated_at=job.created_at,
-                heartbeat_timeout=job.heartbeat_timeout,
-            )
-            store.put(None, record)
-            store.add_outbox(record, OutboxKind.PUBLISH, job.created_at, holder, lease_until)
-            return record
+            names: set[str] = set()
+            ids: set[str] = set()
+            for job in jobs:
+                if job.name in store.names or job.name in names:
+                    raise DuplicateJobName(job.name)
+                if job.id in store.jobs or job.id in ids:
+                    raise ValueError(f"a job with id {job.id!r} already exists")
+                names.add(job.name)
+                ids.add(job.id)
+            records: list[JobRecord] = []
+            for job in jobs:
+                record = JobRecord(
+                    id=job.id,
+                    name=job.name,
+                    argument=job.argument,
+                    status=JobStatus.PENDING,
+                    server_id=None,
+                    fence=0,
+                    generation=job.generation,
+                    created_at=job.created_at,
+                    updated_at=job.created_at,
+                    heartbeat_timeout=job.heartbeat_timeout,
+                )
+                store.put(None, record)
+                store.add_outbox(record, OutboxKind.PUBLISH, job.created_at, holder, lease_until)
+                records.append(record)
+            return records
 
     async def request_cancel(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
@@ -388,6 +404,21 @@ class MemoryStorage(Storage):
                 if row is None:
                     continue
                 reported.add(row.id)
+                beat = (
+                    now
+                    if running.last_heartbeat is None
+                    else datetime.fromtimestamp(running.last_heartbeat, UTC)
+                )
+                if (
+                    row.status is JobStatus.PROCESSING
+                    and row.server_id == server_id
+                    and row.fence == running.fence
+                    and row.restarts == running.restarts
+                    and row.reason is None
+                    and row.last_heartbeat is not None
+                    and beat - row.last_heartbeat < _REFRESH_STEP
+                ):
+                    continue  # nothing but a recent last_heartbeat would change
                 applied, job = store.apply(
                     row,
                     JobEvent.START,
@@ -399,7 +430,6 @@ class MemoryStorage(Storage):
                 if not applied:
                     refused.append(job)
                 elif running.last_heartbeat is not None:
-                    beat = datetime.fromtimestamp(running.last_heartbeat, UTC)
                     store.put(job, dataclasses.replace(job, last_heartbeat=beat))
             store.lose_jobs(server_id, now, _REASON_NOT_REPORTED, keep=reported)
             return refused
@@ -468,6 +498,22 @@ class MemoryStorage(Storage):
                 outbox_id
                 for outbox_id, row in store.outbox.items()
                 if row.item.job_id == job_id and row.item.kind is kind and row.holder == holder
+            ]
+            for outbox_id in done:
+                del store.outbox[outbox_id]
+            return len(done)
+
+    async def complete_outbox_for_jobs(
+        self, job_ids: Sequence[str], kind: OutboxKind, holder: str
+    ) -> int:
+        """See :meth:`Storage.complete_outbox_for_jobs` (one pass, one lock)."""
+        store = self._data()
+        wanted = set(job_ids)
+        with store.lock:
+            done = [
+                outbox_id
+                for outbox_id, row in store.outbox.items()
+                if row.item.job_id in wanted and row.item.kind is kind and row.holder == holder
             ]
             for outbox_id in done:
                 del store.outbox[outbox_id]
@@ -575,6 +621,19 @@ class MemoryStorage(Storage):
             if query.with_jobs:
                 return [store.with_running(server) for server in servers]
             return servers
+
+    async def count_running_by_server(self) -> dict[str, int]:
+        """See :meth:`Storage.count_running_by_server` (from the server index)."""
+        store = self._data()
+        with store.lock:
+            counts: dict[str, int] = {}
+            for server_id, owned in store.by_server.items():
+                running = sum(
+                    1 for job_id in owned if store.jobs[job_id].status is JobStatus.PROCESSING
+                )
+                if running:
+                    counts[server_id] = running
+            return counts
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
         """See :meth:`Storage.get_server`."""

@@ -49,7 +49,7 @@ from orchestratr_core.job import (
     utcnow,
 )
 from orchestratr_core.protocol import RunningJob, ServerHeartbeat
-from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxItem, OutboxKind, Storage
 
 __all__ = ["StorageConformance"]
 
@@ -58,6 +58,7 @@ OTHER = "manager-b"
 TOLERANCE = timedelta(milliseconds=1)
 LEASE = timedelta(seconds=30)
 FAR = timedelta(days=1)
+STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 
 _CLIENT_EVENTS = [event for event in TRANSITIONS if event is not JobEvent.SERVER_LOST]
 
@@ -108,6 +109,17 @@ async def _create(
 ) -> JobRecord:
     job = _new_job(name, at=at, generation=generation)
     return await storage.create_job(job, HOLDER, job.created_at + lease)
+
+
+async def _create_many(
+    storage: Storage, jobs: list[NewJob], lease_until: datetime
+) -> list[JobRecord]:
+    """``create_jobs``, or skip the test for a backend that does not implement
+    the optional batch (its default raises NotImplementedError)."""
+    try:
+        return await storage.create_jobs(jobs, HOLDER, lease_until)
+    except NotImplementedError:
+        pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
 
 
 async def _get(storage: Storage, job_id: str) -> JobRecord:
@@ -335,6 +347,134 @@ class StorageConformance:
             await _create(storage, "reborn", at=now + _sec(2))
         page = await storage.list_jobs(JobQuery(name_prefix="reborn", include_deleted=True))
         assert sorted(_ids(page.items)) == sorted([old.id, new.id])
+
+    # -- create_jobs (optional: skipped where the default NotImplementedError stays) ----
+
+    async def test_create_jobs_stores_every_job_and_returns_them_in_order(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        jobs = [_new_job(f"batch-{i:03d}", at=now, argument=f"arg-é-{i}") for i in range(5)]
+        jobs[2] = dataclasses.replace(jobs[2], heartbeat_timeout=2.5, generation=3)
+        # Ids out of their sort order: the result follows the input, not the ids.
+        jobs = [jobs[3], jobs[0], jobs[4], jobs[2], jobs[1]]
+        created = await _create_many(storage, jobs, now + LEASE)
+        assert _ids(created) == [job.id for job in jobs]
+        for job, record in zip(jobs, created, strict=True):
+            assert (record.name, record.argument, record.generation) == (
+                job.name,
+                job.argument,
+                job.generation,
+            )
+            assert record.status is JobStatus.PENDING
+            assert (record.server_id, record.fence, record.restarts) == (None, 0, 0)
+            assert record.heartbeat_timeout == job.heartbeat_timeout
+            assert _same_time(record.created_at, now)
+            assert _same_time(record.updated_at, now)
+            assert await storage.get_job(job.id) == record
+
+    async def test_create_jobs_queues_a_publish_row_per_job_claimed_until_the_lease(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        jobs = [_new_job(at=now, generation=2) for _ in range(4)]
+        await _create_many(storage, jobs, now + LEASE)
+        assert await storage.claim_outbox(OTHER, now + LEASE - _sec(1), now + FAR, 10) == []
+        items = await storage.claim_outbox(OTHER, now + LEASE + _sec(1), now + FAR, 10)
+        assert sorted(item.job_id for item in items) == sorted(job.id for job in jobs)
+        assert all(item.kind is OutboxKind.PUBLISH and item.generation == 2 for item in items)
+        assert len({item.id for item in items}) == 4
+
+    async def test_create_jobs_of_nothing_writes_nothing(self, storage: Storage) -> None:
+        now = _now()
+        assert await _create_many(storage, [], now + LEASE) == []
+        assert (await storage.list_jobs(JobQuery(), with_total=True)).total == 0
+        assert await _all_outbox(storage, now) == []
+
+    async def test_create_jobs_with_a_taken_name_raises_and_stores_nothing(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        first = await _create(storage, "taken", at=now)
+        jobs = [_new_job("fresh-1", at=now), _new_job("taken", at=now), _new_job("fresh-2", at=now)]
+        try:
+            await storage.create_jobs(jobs, HOLDER, now + LEASE)
+        except NotImplementedError:
+            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
+        except DuplicateJobName as caught:
+            assert caught.name == "taken"
+        else:
+            pytest.fail("a batch with a taken name was accepted")
+        page = await storage.list_jobs(JobQuery(include_deleted=True, limit=None))
+        assert _ids(page.items) == [first.id]
+        assert [item.job_id for item in await _all_outbox(storage, now)] == [first.id]
+
+    async def test_create_jobs_with_a_name_twice_raises_and_stores_nothing(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        jobs = [_new_job("twin", at=now), _new_job("other", at=now), _new_job("twin", at=now)]
+        try:
+            await storage.create_jobs(jobs, HOLDER, now + LEASE)
+        except NotImplementedError:
+            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
+        except DuplicateJobName as caught:
+            assert caught.name == "twin"
+        else:
+            pytest.fail("a batch naming one job twice was accepted")
+        assert (await storage.list_jobs(JobQuery(include_deleted=True), with_total=True)).total == 0
+        assert await _all_outbox(storage, now) == []
+
+    async def test_create_jobs_is_all_or_nothing_across_a_large_batch(
+        self, storage: Storage
+    ) -> None:
+        # Larger than one multi-row statement of any SQL dialect: the conflict in
+        # the last rows must undo the statements before it.
+        now = _now()
+        await _create(storage, "big-1199", at=now)
+        jobs = [_new_job(f"big-{i:04d}", at=now) for i in range(1200)]
+        try:
+            await storage.create_jobs(jobs, HOLDER, now + LEASE)
+        except NotImplementedError:
+            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
+        except DuplicateJobName as caught:
+            assert caught.name == "big-1199"
+        else:
+            pytest.fail("a batch with a taken name was accepted")
+        assert (await storage.list_jobs(JobQuery(include_deleted=True), with_total=True)).total == 1
+        assert len(await _all_outbox(storage, now)) == 1
+        created = await _create_many(storage, jobs[:-1], now + LEASE)
+        assert _ids(created) == [job.id for job in jobs[:-1]]
+        assert (await storage.list_jobs(JobQuery(), with_total=True)).total == 1200
+        # (the first job's row is still claimed by the audit above)
+        assert sorted(i.job_id for i in await _all_outbox(storage, now)) == sorted(_ids(created))
+
+    async def test_create_jobs_may_reuse_the_name_of_a_deleted_job(self, storage: Storage) -> None:
+        now = _now()
+        old = await _in_status(storage, JobStatus.DELETED, now, name="again")
+        (new,) = await _create_many(storage, [_new_job("again", at=now)], now + LEASE)
+        assert new.id != old.id and new.status is JobStatus.PENDING
+
+    async def test_concurrent_batches_sharing_a_name_have_exactly_one_winner(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        batches = [[_new_job(f"own-{i}", at=now), _new_job("shared", at=now)] for i in range(8)]
+        try:
+            results = await asyncio.gather(
+                *(storage.create_jobs(batch, HOLDER, now + LEASE) for batch in batches),
+                return_exceptions=True,
+            )
+        except NotImplementedError:  # pragma: no cover - gather collects it
+            pytest.skip("create_jobs not implemented")
+        if any(isinstance(r, NotImplementedError) for r in results):
+            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
+        winners = [r for r in results if isinstance(r, list)]
+        losers = [r for r in results if isinstance(r, DuplicateJobName)]
+        assert len(winners) == 1 and len(losers) == 7, results
+        assert all(loser.name == "shared" for loser in losers)
+        page = await storage.list_jobs(JobQuery(include_deleted=True, limit=None))
+        assert sorted(_ids(page.items)) == sorted(_ids(winners[0]))
 
     # -- request_cancel -------------------------------------------------------------------
 
@@ -772,7 +912,7 @@ class StorageConformance:
     async def test_heartbeat_refreshes_jobs_the_server_already_owns(self, storage: Storage) -> None:
         now = _now()
         job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
-        later = now + _sec(10)
+        later = now + STEP + _sec(1)  # older than the refresh step: must be rewritten
         hb = _heartbeat("s1", [RunningJob(job.id, 7, last_heartbeat=later.timestamp())], at=later)
         assert await storage.apply_heartbeat(hb, later) == []
         refreshed = await _get(storage, job.id)
@@ -783,6 +923,31 @@ class StorageConformance:
         )
         assert _same_time(refreshed.started_at, now)
         assert _same_time(refreshed.last_heartbeat, later)
+
+    async def test_heartbeat_within_the_refresh_step_keeps_the_job_and_applies_changes(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        same = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        restarted = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        later = now + STEP / 2
+        reported = [
+            RunningJob(same.id, 7, last_heartbeat=later.timestamp()),
+            RunningJob(restarted.id, 7, last_heartbeat=later.timestamp(), restarts=3),
+        ]
+        assert await storage.apply_heartbeat(_heartbeat("s1", reported, at=later), later) == []
+        kept = await _get(storage, same.id)
+        assert (kept.status, kept.server_id, kept.fence) == (JobStatus.PROCESSING, "s1", 7)
+        # The backend may skip rewriting it (the step) or refresh it: both are right.
+        assert _same_time(kept.last_heartbeat, now) or _same_time(kept.last_heartbeat, later)
+        assert _same_time(kept.started_at, now)
+        changed = await _get(storage, restarted.id)
+        assert changed.restarts == 3  # a change is always written
+        assert _same_time(changed.last_heartbeat, later)
+        server = await storage.get_server("s1")
+        assert server is not None and sorted(_ids(server.running)) == sorted(
+            [same.id, restarted.id]
+        )
 
     async def test_heartbeat_returns_the_jobs_that_refused_the_report(
         self, storage: Storage
@@ -997,6 +1162,20 @@ class StorageConformance:
         assert await storage.complete_outbox_for_job(job.id, OutboxKind.CANCEL, HOLDER) == 1
         left = await _all_outbox(storage, now)
         assert [(item.job_id, item.kind) for item in left] == [(other_job.id, OutboxKind.PUBLISH)]
+
+    async def test_complete_outbox_for_jobs_deletes_only_the_holders_rows_of_that_kind(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        jobs = [await _create(storage, at=now) for _ in range(4)]
+        other = await storage.create_job(_new_job(at=now), OTHER, now + LEASE)
+        ids = [job.id for job in jobs[:3]] + [other.id, new_id()]
+        assert await storage.complete_outbox_for_jobs(ids, OutboxKind.CANCEL, HOLDER) == 0
+        assert await storage.complete_outbox_for_jobs([], OutboxKind.PUBLISH, HOLDER) == 0
+        assert await storage.complete_outbox_for_jobs(ids, OutboxKind.PUBLISH, HOLDER) == 3
+        assert await storage.complete_outbox_for_jobs(ids, OutboxKind.PUBLISH, HOLDER) == 0
+        left = await _all_outbox(storage, now)
+        assert sorted(item.job_id for item in left) == sorted([jobs[3].id, other.id])
 
     # -- leases ----------------------------------------------------------------
 
@@ -1265,6 +1444,26 @@ class StorageConformance:
         assert sorted(_ids(server.running)) == sorted(_ids(jobs[1:]))
         assert all(job.status is JobStatus.PROCESSING for job in server.running)
         assert server.to_dict()["jobs"]
+
+    async def test_count_running_by_server_counts_processing_jobs_per_server(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        assert await storage.count_running_by_server() == {}
+        on_s1 = [await _create(storage, at=now) for _ in range(3)]
+        on_s2 = await _create(storage, at=now)
+        await storage.apply_heartbeat(
+            _heartbeat("s1", [RunningJob(job.id, 1) for job in on_s1], at=now), now
+        )
+        await storage.apply_heartbeat(_heartbeat("s2", [RunningJob(on_s2.id, 1)], at=now), now)
+        await storage.apply_heartbeat(_heartbeat("s3", at=now), now)  # runs nothing
+        await _in_status(storage, JobStatus.DELETING, now, server="s1")  # not counted
+        await _in_status(storage, JobStatus.COMPLETED, now, server="s2")
+        await _create(storage, at=now)  # pending
+        assert await storage.count_running_by_server() == {"s1": 3, "s2": 1}
+        await _must(storage, on_s1[0].id, JobEvent.RELEASE, "s1", 1, now)
+        await storage.server_left("s2", now)
+        assert await storage.count_running_by_server() == {"s1": 2}
 
     # -- lifecycle and types ---------------------------------------------------------
 
