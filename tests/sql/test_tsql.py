@@ -15,6 +15,7 @@ from orchestratr_sql.queries import (
     migration_files,
     raw_queries,
     split_statements,
+    values_query,
 )
 from orchestratr_sql.sqlserver import connection_string
 from orchestratr_sql.storage import job_listing_sql
@@ -65,6 +66,14 @@ def test_monitor_listing_sql_parses_as_tsql(query: JobQuery) -> None:
     parse_tsql(count_sql.replace(":", "@"))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 250])
+def test_the_multi_row_insert_of_create_jobs_parses_as_tsql(rows: int) -> None:
+    query = values_query("sqlserver", "insert_job", rows, "qmark")
+    assert query.text.count("?") == 7 * rows <= 2100  # SQL Server's parameter limit
+    assert rows <= get_dialect("sqlserver").insert_rows
+    parse_tsql(query.text)
+
+
 def test_the_tsql_parse_check_rejects_broken_sql() -> None:
     # Proves the checks above can fail: sqlglot raises on malformed T-SQL.
     with pytest.raises(ParseError):
@@ -75,9 +84,16 @@ def test_the_tsql_parse_check_rejects_broken_sql() -> None:
         parse_tsql("UPDATE jobs SET status = 'x' WHERE (")
 
 
+ONE_STATEMENT_CREATES = {"create_job", "create_jobs"}
+"""PostgreSQL only: a job and its outbox row in one statement (data-modifying
+CTEs); the other dialects run insert_job and the outbox inserts in a transaction."""
+
+
 def test_every_dialect_defines_the_same_named_queries() -> None:
-    names = {dialect: set(raw_queries(dialect)) for dialect in DIALECTS}
+    names = {dialect: set(raw_queries(dialect)) - ONE_STATEMENT_CREATES for dialect in DIALECTS}
     assert all(found == names["sqlite"] for found in names.values()), names
+    assert set(raw_queries("postgresql")) >= ONE_STATEMENT_CREATES
+    assert not ONE_STATEMENT_CREATES & set(raw_queries("sqlserver"))
 
 
 def test_every_dialect_ships_the_same_migration_versions() -> None:

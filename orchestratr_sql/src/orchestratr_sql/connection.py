@@ -89,6 +89,13 @@ class Connector(abc.ABC):
         committed on success and rolled back on error. ``write`` lets SQLite
         take its write lock at the start (``BEGIN IMMEDIATE``)."""
 
+    def statement(self, *, write: bool = True) -> Any:
+        """``async with connector.statement() as conn``: a connection for work
+        that is ONE statement, atomic by itself. Drivers that can run it in
+        autocommit (PostgreSQL, MySQL) save the ``BEGIN``/``COMMIT`` round trips;
+        this default is :meth:`transaction`."""
+        return self.transaction(write=write)
+
     @abc.abstractmethod
     def session(self) -> Any:
         """``async with connector.session() as conn``: one connection in

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from orchestratr_core.protocol import RunningJob
+from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP
 
 __all__ = ["Dialect", "get_dialect"]
 
 _TEXT_TIME = "%Y-%m-%d %H:%M:%S.%f"
+_REFRESH_STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 
 
 class Dialect:
@@ -27,6 +29,13 @@ class Dialect:
     name = "generic"
     lock_in_transaction = False
     """True if the migration lock is the migration's own transaction (SQLite)."""
+    insert_rows = 100
+    """Rows per multi-row ``INSERT`` of ``create_jobs`` (7 parameters a row)."""
+    insert_bytes = 4 << 20
+    """...and at most about this many bytes of names and arguments per statement."""
+    stored_as_sent = True
+    """True if a row reads back exactly as inserted (every time keeps its
+    microseconds), so ``create_job`` can build the record without reading it."""
 
     # -- values ---------------------------------------------------------------------
 
@@ -58,21 +67,30 @@ class Dialect:
         """A list of integers as one parameter."""
         return json.dumps([int(v) for v in values])
 
+    def text_list(self, values: Sequence[str]) -> Any:
+        """A list of any strings (names) as one parameter: JSON without
+        ``\\u`` escapes, so that no parser has to join surrogate pairs."""
+        return json.dumps(list(values), ensure_ascii=False)
+
     def heartbeat_batch(self, jobs: Sequence[RunningJob], now: datetime) -> dict[str, Any]:
         """The reported jobs of a heartbeat as statement parameters.
 
         ``batch`` is a JSON array of ``{"id", "f" (fence), "h" (last heartbeat),
-        "r" (restarts)}``; ``ids`` the ids alone.
+        "r" (restarts), "o" (last heartbeat minus HEARTBEAT_REFRESH_STEP: a stored
+        one after this is recent enough to keep)}``; ``ids`` the ids alone.
         """
-        rows = [
-            {
-                "id": job.job_id,
-                "f": int(job.fence),
-                "h": self.json_time(_epoch(job.last_heartbeat, now)),
-                "r": int(job.restarts),
-            }
-            for job in jobs
-        ]
+        rows = []
+        for job in jobs:
+            beat = _epoch(job.last_heartbeat, now)
+            rows.append(
+                {
+                    "id": job.job_id,
+                    "f": int(job.fence),
+                    "h": self.json_time(beat),
+                    "r": int(job.restarts),
+                    "o": self.json_time(beat - _REFRESH_STEP),
+                }
+            )
         return {"batch": json.dumps(rows), "ids": self.id_list([job.job_id for job in jobs])}
 
     # -- fragments of the monitor queries --------------------------------------------
@@ -98,6 +116,7 @@ class SQLiteDialect(Dialect):
 
     name = "sqlite"
     lock_in_transaction = True
+    insert_rows = 100  # 700 parameters: under SQLite's old limit of 999 too
 
     def time_in(self, value: datetime | None) -> Any:
         """Times are stored as ``YYYY-MM-DD HH:MM:SS.ffffff`` text, UTC."""
@@ -116,6 +135,8 @@ class PostgresDialect(Dialect):
     """PostgreSQL 12+ through asyncpg: native arrays and timestamptz."""
 
     name = "postgresql"
+    insert_rows = 5000  # unnest: one array parameter per column, whatever the rows
+    insert_bytes = 32 << 20
 
     def time_in(self, value: datetime | None) -> Any:
         """asyncpg takes aware datetimes for timestamptz."""
@@ -129,13 +150,18 @@ class PostgresDialect(Dialect):
         """A ``bigint[]`` parameter."""
         return [int(v) for v in values]
 
+    def text_list(self, values: Sequence[str]) -> Any:
+        """A ``text[]`` parameter."""
+        return list(values)
+
     def heartbeat_batch(self, jobs: Sequence[RunningJob], now: datetime) -> dict[str, Any]:
-        """Parallel arrays for ``unnest``."""
+        """Parallel arrays for ``unnest``, and the refresh step as an interval."""
         return {
             "ids": [job.job_id for job in jobs],
             "fences": [int(job.fence) for job in jobs],
             "beats": [_epoch(job.last_heartbeat, now) for job in jobs],
             "restarts": [int(job.restarts) for job in jobs],
+            "refresh_step": _REFRESH_STEP,
         }
 
     def name_prefix(self, prefix: str) -> tuple[str, dict[str, Any]]:
@@ -159,6 +185,9 @@ class MySQLDialect(Dialect):
     """MySQL 8 / MariaDB 10.6+ (``JSON_TABLE``). Times are ``DATETIME(6)`` in UTC."""
 
     name = "mysql"
+    # aiomysql interpolates parameters client-side; the limit is the packet
+    # (max_allowed_packet: 16 MiB on MariaDB, 64 MiB on MySQL 8 by default).
+    insert_rows = 500
 
     def page(self, limit: int | None, offset: int) -> tuple[str, dict[str, Any]]:
         """MySQL has no "no limit": use the largest one."""
@@ -174,6 +203,10 @@ class SQLServerDialect(Dialect):
     """SQL Server 2016+ (``OPENJSON``, filtered indexes). Times are ``DATETIME2(6)`` UTC."""
 
     name = "sqlserver"
+    insert_rows = 250  # 1,750 parameters: under SQL Server's 2,100 (and 1,000 VALUES rows)
+    # Not verified on a real SQL Server (how the Microsoft driver binds DATETIME2):
+    # read the row back rather than trust it kept every microsecond.
+    stored_as_sent = False
 
     def json_time(self, value: datetime) -> str:
         """ISO 8601 with a ``T``, which ``OPENJSON ... datetime2`` reads."""

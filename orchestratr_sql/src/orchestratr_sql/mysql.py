@@ -166,6 +166,13 @@ class MySQLConnector(Connector):
             await raw.commit()
 
     @asynccontextmanager
+    async def statement(self, *, write: bool = True) -> AsyncIterator[Connection]:
+        """A pooled connection in autocommit mode (the pool's default): one
+        statement is its own transaction, without ``BEGIN``/``COMMIT``."""
+        async with self._acquire() as raw:
+            yield _MySQLConnection(raw)
+
+    @asynccontextmanager
     async def session(self) -> AsyncIterator[Connection]:
         """A pooled connection in autocommit mode."""
         async with self._acquire() as raw:

@@ -66,6 +66,17 @@ class _PgConnection(Connection):
         await self.raw.execute(sql)
 
 
+async def _keep_session(connection: Any) -> None:
+    """The pool's reset on release: nothing. asyncpg's default sends
+    ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` each
+    time a connection goes back to the pool -- one more round trip per
+    operation. Pooled connections never carry session state here: no ``SET``
+    (settings are connection parameters), no ``LISTEN``, no cursors outside a
+    transaction, and the one session-level lock (the migration lock) is taken on
+    a connection of its own (:meth:`PostgresConnector.session`). An open
+    transaction is still rolled back by asyncpg before this is called."""
+
+
 class PostgresConnector(Connector):
     """An asyncpg pool. READ COMMITTED transactions; the guards in the SQL make
     every change safe under concurrency without stronger isolation."""
@@ -77,6 +88,23 @@ class PostgresConnector(Connector):
         super().__init__(url)
         self._pool: Any = None
 
+    def _connect_args(self) -> dict[str, Any]:
+        options = self.url.options
+        settings = {"application_name": "orchestratr"}
+        if options.schema:
+            settings["search_path"] = f'"{options.schema}"'
+        return {
+            "host": self.url.host,
+            "port": self.url.port,
+            "user": self.url.user,
+            "password": self.url.password,
+            "database": self.url.database,
+            "timeout": options.connect_timeout,
+            "command_timeout": options.command_timeout,
+            "statement_cache_size": options.statement_cache_size,
+            "server_settings": settings,
+        }
+
     async def open(self) -> None:
         """Create the pool; its first connection proves the credentials."""
         if self._pool is not None:
@@ -84,21 +112,11 @@ class PostgresConnector(Connector):
         import asyncpg
 
         options = self.url.options
-        settings = {"application_name": "orchestratr"}
-        if options.schema:
-            settings["search_path"] = f'"{options.schema}"'
         self._pool = await asyncpg.create_pool(
-            host=self.url.host,
-            port=self.url.port,
-            user=self.url.user,
-            password=self.url.password,
-            database=self.url.database,
             min_size=options.pool_min,
             max_size=options.pool_max,
-            timeout=options.connect_timeout,
-            command_timeout=options.command_timeout,
-            statement_cache_size=options.statement_cache_size,
-            server_settings=settings,
+            reset=_keep_session,
+            **self._connect_args(),
         )
 
     async def close(self) -> None:
@@ -117,28 +135,58 @@ class PostgresConnector(Connector):
             raise asyncpg.InterfaceError("storage is closed (call open() first)")
         return self._pool
 
+    def _drop_if_broken(self, raw: Any, exc: BaseException) -> None:
+        """Close a connection an error left unusable, so that the pool (which
+        no longer probes connections with a reset query) never hands it out
+        again -- e.g. one left mid-protocol by a server restart."""
+        if self.classify(exc) is ErrorKind.UNAVAILABLE:
+            raw.terminate()
+
     @asynccontextmanager
     async def transaction(self, *, write: bool = True) -> AsyncIterator[Connection]:
         """A pooled connection in one transaction."""
         pool = self._require()
-        async with (
-            pool.acquire(timeout=self.url.options.acquire_timeout) as raw,
-            raw.transaction(),
-        ):
-            yield _PgConnection(raw)
+        async with pool.acquire(timeout=self.url.options.acquire_timeout) as raw:
+            try:
+                async with raw.transaction():
+                    yield _PgConnection(raw)
+            except BaseException as exc:
+                self._drop_if_broken(raw, exc)
+                raise
+
+    @asynccontextmanager
+    async def statement(self, *, write: bool = True) -> AsyncIterator[Connection]:
+        """A pooled connection in autocommit: one statement is its own
+        transaction, without the ``BEGIN`` and ``COMMIT`` round trips."""
+        pool = self._require()
+        async with pool.acquire(timeout=self.url.options.acquire_timeout) as raw:
+            try:
+                yield _PgConnection(raw)
+            except BaseException as exc:
+                self._drop_if_broken(raw, exc)
+                raise
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[Connection]:
-        """A pooled connection in autocommit mode."""
-        pool = self._require()
-        async with pool.acquire(timeout=self.url.options.acquire_timeout) as raw:
-            conn = _PgConnection(raw)
-            try:
-                yield conn
-            finally:
-                if conn.tx is not None:
-                    await conn.tx.rollback()
-                    conn.tx = None
+        """A connection of its own (not pooled) in autocommit mode, closed at the
+        end: the migration lock is a session-level advisory lock, and closing
+        the connection releases it whatever happened (an error, a cancel)."""
+        self._require()
+        import asyncpg
+
+        raw = await asyncpg.connect(**self._connect_args())
+        conn = _PgConnection(raw)
+        try:
+            yield conn
+        except BaseException:
+            raw.terminate()
+            raise
+        try:
+            if conn.tx is not None:
+                await conn.tx.rollback()
+                conn.tx = None
+        finally:
+            await raw.close()
 
     async def begin(self, conn: Connection) -> None:
         """Start a transaction on a session connection."""

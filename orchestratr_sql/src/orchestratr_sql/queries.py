@@ -27,7 +27,9 @@ __all__ = [
     "compile_query",
     "load_queries",
     "migration_files",
+    "multi_row_values",
     "split_statements",
+    "values_query",
 ]
 
 ParamStyle = Literal["numeric", "qmark", "format"]
@@ -36,6 +38,7 @@ _NAME_LINE = re.compile(r"^--\s*name:\s*([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 # A :name parameter outside quotes, not part of a PostgreSQL '::type' cast.
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
 _QUOTED = re.compile(r"('(?:[^']|'')*')")
+_VALUES = re.compile(r"\bVALUES\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,40 @@ def raw_queries(dialect: str) -> dict[str, str]:
 def load_queries(dialect: str, style: ParamStyle) -> dict[str, Query]:
     """Every named query of ``dialect`` compiled for ``style``."""
     return {name: compile_query(name, sql, style) for name, sql in raw_queries(dialect).items()}
+
+
+@functools.cache
+def values_query(dialect: str, name: str, rows: int, style: ParamStyle) -> Query:
+    """The single-row ``INSERT ... VALUES (...)`` query ``name`` of ``dialect``
+    as a multi-row ``INSERT`` of ``rows`` rows: the row is repeated with its
+    parameters renamed ``:param__<row>`` (fill them with :func:`multi_row_values`).
+    The text depends on the number of rows only, never on the values."""
+    if rows < 1:
+        raise ValueError("a multi-row INSERT needs at least one row")
+    sql = raw_queries(dialect)[name]
+    found = list(_VALUES.finditer(sql))
+    if not found:
+        raise ValueError(f"query {name!r} has no VALUES clause")
+    head, template = sql[: found[-1].end()], sql[found[-1].end() :].strip()
+    if not (template.startswith("(") and template.endswith(")")):
+        raise ValueError(f"query {name!r} must end with one VALUES (...) row")
+
+    def row(index: int) -> str:
+        chunks = _QUOTED.split(template)
+        return "".join(
+            chunk if position % 2 else _PARAM.sub(rf":\g<1>__{index}", chunk)
+            for position, chunk in enumerate(chunks)
+        )
+
+    body = head + "\n" + ",\n".join(row(index) for index in range(rows))
+    return compile_query(f"{name}[{rows}]", body, style)
+
+
+def multi_row_values(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The named values of a :func:`values_query` for ``rows`` (one mapping each)."""
+    return {
+        f"{key}__{index}": value for index, row in enumerate(rows) for key, value in row.items()
+    }
 
 
 def split_statements(script: str) -> list[str]:

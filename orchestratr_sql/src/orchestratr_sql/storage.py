@@ -44,7 +44,7 @@ from orchestratr_core.retry import backoff_delay
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
 from orchestratr_sql.dialect import Dialect, get_dialect
-from orchestratr_sql.queries import load_queries
+from orchestratr_sql.queries import load_queries, multi_row_values, values_query
 from orchestratr_sql.url import DatabaseUrl, parse_url
 
 __all__ = [
@@ -105,6 +105,8 @@ class SqlStorage(Storage):
         self.dialect = dialect
         self.url: DatabaseUrl = connector.url
         self._q = load_queries(dialect.name, connector.style)
+        # PostgreSQL inserts a job and its outbox row in one statement.
+        self._one_statement_create = "create_job" in self._q
         self._opened = False
 
     def __repr__(self) -> str:
@@ -119,14 +121,22 @@ class SqlStorage(Storage):
         *,
         write: bool = True,
         on_unique: Callable[[], Exception] | None = None,
+        statement: bool = False,
     ) -> T:
-        """Run ``fn`` in one transaction, retrying transient failures."""
+        """Run ``fn`` in one transaction, retrying transient failures.
+        ``statement``: ``fn`` runs exactly one statement, which is atomic by
+        itself, so it may run without ``BEGIN``/``COMMIT`` where the driver
+        allows (:meth:`Connector.statement`)."""
         options = self.url.options
         attempt = 0
         while True:
             attempt += 1
             try:
-                async with self.connector.transaction(write=write) as conn:
+                if statement:
+                    scope = self.connector.statement(write=write)
+                else:
+                    scope = self.connector.transaction(write=write)
+                async with scope as conn:
                     return await fn(conn)
             except OrchestratrError:
                 raise
@@ -211,6 +221,32 @@ class SqlStorage(Storage):
             created_at=self._time(row["created_at"]),
         )
 
+    @staticmethod
+    def _new_record(job: NewJob) -> JobRecord:
+        """The row ``insert_job`` writes for ``job``, as it reads back."""
+        return JobRecord(
+            id=job.id,
+            name=job.name,
+            argument=job.argument,
+            status=JobStatus.PENDING,
+            server_id=None,
+            fence=0,
+            generation=job.generation,
+            created_at=job.created_at,
+            updated_at=job.created_at,
+            heartbeat_timeout=job.heartbeat_timeout,
+        )
+
+    def _insert_values(self, job: NewJob) -> dict[str, Any]:
+        return {
+            "id": job.id,
+            "name": job.name,
+            "argument": job.argument,
+            "generation": job.generation,
+            "heartbeat_timeout": job.heartbeat_timeout,
+            "now": self._t(job.created_at),
+        }
+
     # -- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -264,30 +300,45 @@ class SqlStorage(Storage):
     # -- jobs -------------------------------------------------------------------------
 
     async def create_job(self, job: NewJob, holder: str, lease_until: datetime) -> JobRecord:
-        """Insert the job and its ``publish`` outbox row in one transaction; the
-        partial unique index on the name decides between concurrent creates."""
+        """Insert the job and its ``publish`` outbox row atomically; the partial
+        unique index on the name decides between concurrent creates.
+
+        PostgreSQL: one statement (``create_job``, data-modifying CTEs) without
+        ``BEGIN``/``COMMIT``, one round trip. Elsewhere: both ``INSERT`` s in one
+        transaction, and the record is built from what was inserted (read back
+        where the dialect cannot promise it stored every value as sent)."""
         values = {
-            "id": job.id,
-            "name": job.name,
-            "argument": job.argument,
-            "generation": job.generation,
-            "heartbeat_timeout": job.heartbeat_timeout,
-            "now": self._t(job.created_at),
+            **self._insert_values(job),
             "job_id": job.id,
             "kind": OutboxKind.PUBLISH.value,
             "holder": holder,
             "lease_until": self._t(lease_until),
         }
 
+        async def create_in_one(conn: Connection) -> JobRecord:
+            row = await conn.fetch_one(self._q["create_job"], values)
+            if row is None:  # pragma: no cover - RETURNING returns the row
+                raise RuntimeError("inserted job row is not visible")
+            return self._job(row)
+
         async def create(conn: Connection) -> JobRecord:
             await conn.execute(self._q["insert_job"], values)
             await conn.execute(self._q["insert_outbox"], values)
+            if self.dialect.stored_as_sent:
+                return self._new_record(job)
             row = await conn.fetch_one(self._q["select_job"], {"id": job.id})
             if row is None:  # pragma: no cover - we just inserted it
                 raise RuntimeError("inserted job row is not visible")
             return self._job(row)
 
         try:
+            if self._one_statement_create:
+                return await self._run(
+                    "create_job",
+                    create_in_one,
+                    on_unique=lambda: DuplicateJobName(job.name),
+                    statement=True,
+                )
             return await self._run(
                 "create_job", create, on_unique=lambda: DuplicateJobName(job.name)
             )
@@ -297,6 +348,129 @@ class SqlStorage(Storage):
             if existing is not None and existing.name == job.name:
                 return existing
             raise
+
+    async def create_jobs(
+        self, jobs: Sequence[NewJob], holder: str, lease_until: datetime
+    ) -> list[JobRecord]:
+        """All jobs and their ``publish`` outbox rows in one transaction, all or
+        nothing. PostgreSQL: ``create_jobs`` (``unnest`` of parallel arrays, both
+        tables in one statement; one round trip when it fits one chunk).
+        Elsewhere: multi-row ``INSERT`` s of ``insert_job`` rows, chunked to the
+        dialect's parameter and packet limits, each followed by
+        ``insert_outbox_for_jobs``. A taken name is found afterwards and named."""
+        jobs = list(jobs)
+        if not jobs:
+            return []
+        names: set[str] = set()
+        ids: set[str] = set()
+        for job in jobs:
+            if job.name in names:
+                raise DuplicateJobName(job.name)
+            if job.id in ids:
+                raise ValueError(f"job id {job.id!r} occurs twice in the batch")
+            names.add(job.name)
+            ids.add(job.id)
+        chunks = self._insert_chunks(jobs)
+        common = {
+            "kind": OutboxKind.PUBLISH.value,
+            "holder": holder,
+            "lease_until": self._t(lease_until),
+        }
+
+        async def insert(conn: Connection) -> list[JobRecord]:
+            records: list[JobRecord] = []
+            for chunk in chunks:
+                if self._one_statement_create:
+                    rows = await conn.fetch(
+                        self._q["create_jobs"],
+                        {
+                            **common,
+                            "ids": [job.id for job in chunk],
+                            "names": [job.name for job in chunk],
+                            "arguments": [job.argument for job in chunk],
+                            "generations": [job.generation for job in chunk],
+                            "created": [self._t(job.created_at) for job in chunk],
+                            "timeouts": [job.heartbeat_timeout for job in chunk],
+                        },
+                    )
+                    records.extend(self._job(row) for row in rows)
+                    continue
+                query = values_query(
+                    self.dialect.name, "insert_job", len(chunk), self.connector.style
+                )
+                await conn.execute(
+                    query, multi_row_values([self._insert_values(job) for job in chunk])
+                )
+                await conn.execute(
+                    self._q["insert_outbox_for_jobs"],
+                    {**common, "ids": self.dialect.id_list([job.id for job in chunk])},
+                )
+            if not self._one_statement_create:
+                if self.dialect.stored_as_sent:
+                    records = [self._new_record(job) for job in jobs]
+                else:
+                    rows = await conn.fetch(
+                        self._q["select_jobs_by_ids"],
+                        {"ids": self.dialect.id_list([job.id for job in jobs])},
+                    )
+                    records = [self._job(row) for row in rows]
+            by_id = {record.id: record for record in records}
+            return [by_id[job.id] for job in jobs]
+
+        single = self._one_statement_create and len(chunks) == 1
+        for _ in range(max(1, self.url.options.retries)):
+            try:
+                return await self._run(
+                    "create_jobs", insert, on_unique=_BatchConflict, statement=single
+                )
+            except _BatchConflict:
+                pass
+            # A retry after a lost commit acknowledgement finds our own rows.
+            mine = {record.id: record for record in await self.get_jobs(list(ids))}
+            if len(mine) == len(jobs) and all(mine[job.id].name == job.name for job in jobs):
+                return [mine[job.id] for job in jobs]
+            taken = await self._taken_names([job.name for job in jobs])
+            for job in jobs:
+                if taken.get(job.name, job.id) != job.id:
+                    raise DuplicateJobName(job.name)
+            # The job that held a name was deleted since: try again.
+        raise BackendUnavailable(
+            f"{self.connector.product} at {self.url.masked}: create_jobs kept hitting the "
+            "unique name index without a conflicting job left to name; retry"
+        )
+
+    def _insert_chunks(self, jobs: Sequence[NewJob]) -> list[list[NewJob]]:
+        """Split a batch into statements of at most ``dialect.insert_rows`` rows
+        and about ``dialect.insert_bytes`` bytes of names and arguments."""
+        chunks: list[list[NewJob]] = []
+        current: list[NewJob] = []
+        size = 0
+        for job in jobs:
+            weight = len(job.name.encode("utf-8")) + len(job.argument.encode("utf-8")) + 128
+            if current and (
+                len(current) >= self.dialect.insert_rows
+                or size + weight > self.dialect.insert_bytes
+            ):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(job)
+            size += weight
+        if current:
+            chunks.append(current)
+        return chunks
+
+    async def _taken_names(self, names: Sequence[str]) -> dict[str, str]:
+        """Name -> id of the jobs not deleted that hold one of ``names`` (compared
+        exactly here too, whatever the database's comparison)."""
+        wanted = set(names)
+
+        async def read(conn: Connection) -> dict[str, str]:
+            rows = await conn.fetch(
+                self._q["select_active_names"], {"names": self.dialect.text_list(list(wanted))}
+            )
+            return {str(row["name"]): str(row["id"]) for row in rows if str(row["name"]) in wanted}
+
+        return await self._run("create_jobs (names)", read, write=False, statement=True)
 
     async def request_cancel(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
@@ -462,7 +636,7 @@ class SqlStorage(Storage):
         async def delete(conn: Connection) -> None:
             await conn.execute(self._q["delete_outbox"], values)
 
-        await self._run("complete_outbox", delete)
+        await self._run("complete_outbox", delete, statement=True)
 
     async def complete_outbox_for_job(self, job_id: str, kind: OutboxKind, holder: str) -> int:
         """Delete ``holder``'s claimed rows of ``kind`` for ``job_id``."""
@@ -471,7 +645,27 @@ class SqlStorage(Storage):
         async def delete(conn: Connection) -> int:
             return await conn.execute(self._q["delete_outbox_for_job"], values)
 
-        return await self._run("complete_outbox_for_job", delete)
+        return await self._run("complete_outbox_for_job", delete, statement=True)
+
+    async def complete_outbox_for_jobs(
+        self, job_ids: Sequence[str], kind: OutboxKind, holder: str
+    ) -> int:
+        """Delete ``holder``'s claimed rows of ``kind`` for these jobs: one
+        statement per 5,000 ids."""
+        unique = list(dict.fromkeys(job_ids))
+        deleted = 0
+        for start in range(0, len(unique), _DELETE_CHUNK):
+            values = {
+                "ids": self.dialect.id_list(unique[start : start + _DELETE_CHUNK]),
+                "kind": OutboxKind(kind).value,
+                "holder": holder,
+            }
+
+            async def delete(conn: Connection, values: dict[str, Any] = values) -> int:
+                return await conn.execute(self._q["delete_outbox_for_jobs"], values)
+
+            deleted += await self._run("complete_outbox_for_jobs", delete, statement=True)
+        return deleted
 
     async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
         """Renew-or-steal with a guarded UPDATE; else insert if absent. Of two
@@ -498,7 +692,7 @@ class SqlStorage(Storage):
             )
             return [str(row["id"]) for row in rows]
 
-        return await self._run("cancelled_job_ids", read, write=False)
+        return await self._run("cancelled_job_ids", read, write=False, statement=True)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -509,7 +703,7 @@ class SqlStorage(Storage):
             row = await conn.fetch_one(self._q["select_job"], {"id": job_id})
             return None if row is None else self._job(row)
 
-        return await self._run("get_job", read, write=False)
+        return await self._run("get_job", read, write=False, statement=True)
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
         """Several jobs by id in one query (a list parameter)."""
@@ -522,7 +716,7 @@ class SqlStorage(Storage):
                 self._job(row) for row in await conn.fetch(self._q["select_jobs_by_ids"], values)
             ]
 
-        return await self._run("get_jobs", read, write=False)
+        return await self._run("get_jobs", read, write=False, statement=True)
 
     async def list_jobs(self, query: JobQuery, *, with_total: bool = False) -> JobPage:
         """Keyset paging on the primary key (``id > :after ORDER BY id``), with
@@ -579,6 +773,15 @@ class SqlStorage(Storage):
 
         return await self._run("list_servers", read, write=False)
 
+    async def count_running_by_server(self) -> dict[str, int]:
+        """Jobs ``processing`` per server: one ``GROUP BY``."""
+
+        async def read(conn: Connection) -> dict[str, int]:
+            rows = await conn.fetch(self._q["count_running_by_server"], {})
+            return {str(row["server_id"]): int(row["running"]) for row in rows}
+
+        return await self._run("count_running_by_server", read, write=False, statement=True)
+
     async def get_server(self, server_id: str) -> ServerRecord | None:
         """One server with its running jobs."""
 
@@ -600,11 +803,19 @@ class SqlStorage(Storage):
         async def update(conn: Connection) -> bool:
             return await conn.execute(self._q["set_server_status"], values) > 0
 
-        return await self._run("set_server_status", update)
+        return await self._run("set_server_status", update, statement=True)
 
 
 class _LeaseTaken(Exception):
     """A concurrent manager inserted the lease row first."""
+
+
+class _BatchConflict(Exception):
+    """A batch insert hit the unique name index (which name is looked up after)."""
+
+
+_DELETE_CHUNK = 5000
+"""Ids per outbox ``DELETE`` of :meth:`SqlStorage.complete_outbox_for_jobs`."""
 
 
 def job_listing_sql(dialect: Dialect, query: JobQuery) -> tuple[str, str, dict[str, Any]] | None:

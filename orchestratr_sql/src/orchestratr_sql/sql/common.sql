@@ -9,6 +9,7 @@
 -- values, so it must read server_id and fence before they are overwritten.
 
 -- name: insert_job
+-- Also the row template of create_jobs' multi-row INSERT (queries.expand_values).
 INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
                   created_at, updated_at, restarts, heartbeat_timeout)
 VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0, :heartbeat_timeout);
@@ -114,3 +115,9 @@ INSERT INTO schema_version (version, name, applied_at) VALUES (:version, :name, 
 
 -- name: delete_outbox_for_job
 DELETE FROM outbox WHERE job_id = :job_id AND kind = :kind AND claimed_by = :holder;
+
+-- name: count_running_by_server
+-- Rebalancing counts, not jobs: one aggregate instead of reading every running row.
+SELECT server_id, COUNT(*) AS running FROM jobs
+WHERE status = 'processing' AND server_id IS NOT NULL
+GROUP BY server_id;

@@ -13,12 +13,15 @@ ON DUPLICATE KEY UPDATE
     last_seen = VALUES(last_seen);
 
 -- name: heartbeat_start_jobs
+-- Rows the report changes in nothing but a recent last_heartbeat are left alone
+-- (see HEARTBEAT_REFRESH_STEP): "o" is the report's beat minus that step.
 UPDATE jobs AS j
 JOIN JSON_TABLE(:batch, '$[*]' COLUMNS (
         id VARCHAR(36) PATH '$.id',
         fence BIGINT PATH '$.f',
         beat DATETIME(6) PATH '$.h',
-        restarts INT PATH '$.r')) AS b
+        restarts INT PATH '$.r',
+        refresh_before DATETIME(6) PATH '$.o')) AS b
   ON j.id = b.id
 SET j.started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id OR j.fence <> b.fence
                         THEN :now ELSE j.started_at END,
@@ -30,7 +33,10 @@ SET j.started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id OR
     j.updated_at = :now,
     j.reason = NULL
 WHERE j.status IN ('pending', 'processing')
-  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)));
+  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
+  AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
+           AND j.restarts = b.restarts AND j.reason IS NULL
+           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before);
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -68,6 +74,26 @@ LIMIT :limit;
 -- name: delete_outbox
 DELETE FROM outbox
 WHERE id IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id BIGINT PATH '$')) AS t);
+
+-- name: delete_outbox_for_jobs
+DELETE FROM outbox
+WHERE job_id IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t)
+  AND kind = :kind AND claimed_by = :holder;
+
+-- name: insert_outbox_for_jobs
+-- The outbox rows of jobs just inserted by create_jobs' multi-row INSERT.
+INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+SELECT j.id, :kind, j.generation, j.created_at, :holder, :lease_until
+FROM jobs AS j
+JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t ON j.id = t.id
+ORDER BY j.id;
+
+-- name: select_active_names
+-- Which of these names are taken (a batch insert failed on the unique index);
+-- the storage compares the names exactly itself.
+SELECT j.id, j.name FROM jobs AS j
+JOIN JSON_TABLE(:names, '$[*]' COLUMNS (name VARCHAR(200) PATH '$')) AS t ON j.name = t.name
+WHERE j.status <> 'deleted';
 
 -- name: lease_insert
 -- Two managers racing past NOT EXISTS: the loser gets a duplicate key error,

@@ -1,6 +1,50 @@
 -- PostgreSQL (asyncpg). Lists travel as arrays; heartbeats as parallel arrays
 -- through unnest, so one statement updates any number of jobs.
 
+-- name: create_job
+-- The job and its outbox row in ONE statement (data-modifying CTEs): atomic by
+-- itself, so it runs without BEGIN/COMMIT -- one round trip. A taken name fails
+-- the whole statement with a unique violation; the foreign key of the outbox
+-- row is checked at the end of the statement, when the job row exists.
+WITH j AS (
+    INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
+                      created_at, updated_at, restarts, heartbeat_timeout)
+    VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0,
+            :heartbeat_timeout)
+    RETURNING *
+), o AS (
+    INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+    SELECT j.id, :kind::varchar, j.generation, j.created_at, :holder::varchar,
+           :lease_until::timestamptz
+    FROM j
+)
+SELECT * FROM j;
+
+-- name: create_jobs
+-- Many jobs and their outbox rows in one statement: parallel arrays through
+-- unnest (one parameter each, whatever the number of jobs). Outbox rows are
+-- numbered in the order of the arrays.
+WITH b AS (
+    SELECT * FROM unnest(:ids::text[], :names::text[], :arguments::text[],
+                         :generations::bigint[], :created::timestamptz[],
+                         :timeouts::float8[])
+        WITH ORDINALITY AS b(id, name, argument, generation, created_at, heartbeat_timeout, n)
+), j AS (
+    INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
+                      created_at, updated_at, restarts, heartbeat_timeout)
+    SELECT b.id, b.name, b.argument, 'pending', NULL, 0, b.generation,
+           b.created_at, b.created_at, 0, b.heartbeat_timeout
+    FROM b ORDER BY b.n
+    RETURNING *
+), o AS (
+    INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+    SELECT j.id, :kind::varchar, j.generation, j.created_at, :holder::varchar,
+           :lease_until::timestamptz
+    FROM j JOIN b ON b.id = j.id
+    ORDER BY b.n
+)
+SELECT * FROM j;
+
 -- name: upsert_server
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen)
 VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now)
@@ -12,6 +56,8 @@ ON CONFLICT (id) DO UPDATE SET
     last_seen = excluded.last_seen;
 
 -- name: heartbeat_start_jobs
+-- Rows the report changes in nothing but a recent last_heartbeat are left alone
+-- (no write, no WAL): see HEARTBEAT_REFRESH_STEP (:refresh_step).
 UPDATE jobs AS j SET
     started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id OR j.fence <> b.fence
                       THEN :now ELSE j.started_at END,
@@ -26,7 +72,11 @@ FROM unnest(:ids::text[], :fences::bigint[], :beats::timestamptz[], :restarts::i
      AS b(id, fence, beat, restarts)
 WHERE j.id = b.id
   AND j.status IN ('pending', 'processing')
-  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)));
+  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
+  AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
+           AND j.restarts = b.restarts AND j.reason IS NULL
+           AND j.last_heartbeat IS NOT NULL
+           AND j.last_heartbeat > b.beat - :refresh_step::interval);
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -62,6 +112,20 @@ WHERE id IN (
 
 -- name: delete_outbox
 DELETE FROM outbox WHERE id = ANY(:ids::bigint[]);
+
+-- name: delete_outbox_for_jobs
+DELETE FROM outbox WHERE job_id = ANY(:ids::text[]) AND kind = :kind AND claimed_by = :holder;
+
+-- name: insert_outbox_for_jobs
+-- The outbox rows of jobs just inserted (other dialects; create_jobs does both here).
+INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+SELECT id, :kind::varchar, generation, created_at, :holder::varchar, :lease_until::timestamptz
+FROM jobs WHERE id = ANY(:ids::text[])
+ORDER BY id;
+
+-- name: select_active_names
+-- Which of these names are taken (a batch insert failed on the unique index).
+SELECT id, name FROM jobs WHERE name = ANY(:names::text[]) AND status <> 'deleted';
 
 -- name: lease_insert
 INSERT INTO leases (name, holder, lease_until) VALUES (:name, :holder, :until)

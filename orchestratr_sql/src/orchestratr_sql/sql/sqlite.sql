@@ -11,6 +11,8 @@ ON CONFLICT (id) DO UPDATE SET
     last_seen = excluded.last_seen;
 
 -- name: heartbeat_start_jobs
+-- Rows the report changes in nothing but a recent last_heartbeat are left alone
+-- (see HEARTBEAT_REFRESH_STEP): "o" is the report's beat minus that step.
 UPDATE jobs SET
     started_at = CASE WHEN jobs.server_id IS NULL OR jobs.server_id <> :server_id
                            OR jobs.fence <> b.fence
@@ -23,12 +25,16 @@ UPDATE jobs SET
     updated_at = :now,
     reason = NULL
 FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.f') AS fence,
-             json_extract(value, '$.h') AS beat, json_extract(value, '$.r') AS restarts
+             json_extract(value, '$.h') AS beat, json_extract(value, '$.r') AS restarts,
+             json_extract(value, '$.o') AS refresh_before
       FROM json_each(:batch)) AS b
 WHERE jobs.id = b.id
   AND jobs.status IN ('pending', 'processing')
   AND (jobs.fence < b.fence
-       OR (jobs.fence = b.fence AND (jobs.server_id IS NULL OR jobs.server_id = :server_id)));
+       OR (jobs.fence = b.fence AND (jobs.server_id IS NULL OR jobs.server_id = :server_id)))
+  AND NOT (jobs.status = 'processing' AND jobs.server_id = :server_id AND jobs.fence = b.fence
+           AND jobs.restarts = b.restarts AND jobs.reason IS NULL
+           AND jobs.last_heartbeat IS NOT NULL AND jobs.last_heartbeat > b.refresh_before);
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -64,6 +70,22 @@ WHERE id IN (
 
 -- name: delete_outbox
 DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(:ids));
+
+-- name: delete_outbox_for_jobs
+DELETE FROM outbox
+WHERE job_id IN (SELECT value FROM json_each(:ids)) AND kind = :kind AND claimed_by = :holder;
+
+-- name: insert_outbox_for_jobs
+-- The outbox rows of jobs just inserted by create_jobs' multi-row INSERT.
+INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+SELECT id, :kind, generation, created_at, :holder, :lease_until
+FROM jobs WHERE id IN (SELECT value FROM json_each(:ids))
+ORDER BY id;
+
+-- name: select_active_names
+-- Which of these names are taken (a batch insert failed on the unique index).
+SELECT id, name FROM jobs
+WHERE name IN (SELECT value FROM json_each(:names)) AND status <> 'deleted';
 
 -- name: lease_insert
 INSERT INTO leases (name, holder, lease_until) VALUES (:name, :holder, :until)

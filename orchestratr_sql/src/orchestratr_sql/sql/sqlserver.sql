@@ -16,6 +16,8 @@ WHEN NOT MATCHED THEN
     VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now);
 
 -- name: heartbeat_start_jobs
+-- Rows the report changes in nothing but a recent last_heartbeat are left alone
+-- (see HEARTBEAT_REFRESH_STEP): "o" is the report's beat minus that step.
 UPDATE j SET
     started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id OR j.fence <> b.fence
                       THEN :now ELSE j.started_at END,
@@ -31,10 +33,14 @@ JOIN OPENJSON(:batch) WITH (
         id VARCHAR(36) '$.id',
         fence BIGINT '$.f',
         beat DATETIME2(6) '$.h',
-        restarts INT '$.r') AS b
+        restarts INT '$.r',
+        refresh_before DATETIME2(6) '$.o') AS b
   ON j.id = b.id
 WHERE j.status IN ('pending', 'processing')
-  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)));
+  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
+  AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
+           AND j.restarts = b.restarts AND j.reason IS NULL
+           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before);
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -72,6 +78,26 @@ UPDATE c SET claimed_by = :holder, claimed_until = :until, claim_id = :claim_id;
 
 -- name: delete_outbox
 DELETE FROM outbox WHERE id IN (SELECT CAST(t.value AS BIGINT) FROM OPENJSON(:ids) AS t);
+
+-- name: delete_outbox_for_jobs
+DELETE FROM outbox
+WHERE job_id IN (SELECT t.value FROM OPENJSON(:ids) AS t) AND kind = :kind AND claimed_by = :holder;
+
+-- name: insert_outbox_for_jobs
+-- The outbox rows of jobs just inserted by create_jobs' multi-row INSERT.
+INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
+SELECT j.id, :kind, j.generation, j.created_at, :holder, :lease_until
+FROM jobs AS j
+JOIN OPENJSON(:ids) WITH (id VARCHAR(36) '$') AS t ON j.id = t.id
+ORDER BY j.id;
+
+-- name: select_active_names
+-- Which of these names are taken (a batch insert failed on the unique index);
+-- compared in the column's binary collation.
+SELECT j.id, j.name FROM jobs AS j
+JOIN OPENJSON(:names) WITH (name NVARCHAR(400) '$') AS t
+  ON j.name = t.name COLLATE Latin1_General_100_BIN2
+WHERE j.status <> 'deleted';
 
 -- name: lease_insert
 INSERT INTO leases (name, holder, lease_until)
