@@ -14,6 +14,19 @@ Three flows, each on its own queue(s) in a broker:
 * **events** (server -> managers): :class:`ServerHeartbeat`, :class:`JobStarted`,
   :class:`JobStopped`, :class:`JobFailed`, :class:`JobDiscarded`, :class:`ServerLeft`.
   Events from one server are delivered in the order it published them.
+
+Heartbeats are the largest messages (every running job, every 2 s), so they have
+a hand-written path instead of the generic dataclass walk. ``ServerHeartbeat.jobs``
+is written as arrays, ``[[job_id, fence, last_heartbeat, restarts], ...]``
+(``last_heartbeat`` may be ``null``). The reader accepts that form and the older
+object form, ``[{"job_id": ..., "fence": ..., "last_heartbeat": ..., "restarts": ...}]``
+(items of both forms may be mixed), so a manager of this version reads the
+heartbeats of older servers. A manager of an older version cannot read the array
+form (it dead-letters such heartbeats): **upgrade managers before servers**. An
+array with fewer than four values, or a value of the wrong type (``true`` is not
+a number here), makes the whole message malformed; values after the fourth are
+ignored, as unknown fields of an object are, so that a newer minor writer may
+append some.
 """
 
 from __future__ import annotations
@@ -258,10 +271,26 @@ def _plain(value: Any) -> Any:
 
 def encode(message: Message) -> bytes:
     """Serialize a message to compact UTF-8 JSON."""
-    body = _plain(message)
+    # The exact type: a subclass may have more fields for the generic walk.
+    body = _heartbeat_body(message) if type(message) is ServerHeartbeat else _plain(message)
     body["v"] = PROTOCOL_VERSION
     body["type"] = message.TYPE
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
+    """The heartbeat's fields, its jobs as arrays (see the module docstring)."""
+    return {
+        "server_id": hb.server_id,
+        "name": hb.name,
+        "max_workers": hb.max_workers,
+        "started_at": hb.started_at,
+        "sent_at": hb.sent_at,
+        "host": hb.host,
+        "pid": hb.pid,
+        "draining": hb.draining,
+        "jobs": [[j.job_id, j.fence, j.last_heartbeat, j.restarts] for j in hb.jobs],
+    }
 
 
 _M = TypeVar("_M", bound=Message)
@@ -332,9 +361,7 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
     if base == "StopReason":
         return StopReason(value)
     if base == "tuple[RunningJob, ...]":
-        if not isinstance(value, list):
-            raise ValueError(f"field {name!r} must be a list")
-        return tuple(_build(RunningJob, item) for item in value if _is_obj(item, name))
+        return _running_jobs(name, value)
     expected = _SCALARS.get(base)
     if expected is None:
         raise TypeError(f"no decoder for field {name!r} of type {annotation}")
@@ -343,7 +370,41 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
     return float(value) if base == "float" else value  # type: ignore[arg-type]
 
 
-def _is_obj(item: Any, name: str) -> bool:
-    if not isinstance(item, dict):
-        raise ValueError(f"items of {name!r} must be objects")
-    return True
+_JOB_ARRAY = "[job_id, fence, last_heartbeat, restarts]"
+
+
+def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
+    """The jobs of a heartbeat, from arrays (what this version writes) or objects
+    (what older versions wrote). Hand-written: a heartbeat may carry tens of
+    thousands of jobs, and the generic path costs several times as much."""
+    if type(value) is not list:
+        raise ValueError(f"field {name!r} must be a list")
+    jobs: list[RunningJob] = []
+    append = jobs.append
+    for index, item in enumerate(value):
+        if type(item) is list:
+            if len(item) < 4:
+                raise ValueError(
+                    f"item {index} of {name!r} has {len(item)} value(s), expected 4: {_JOB_ARRAY}"
+                )
+            job_id, fence, beat, restarts = item[0], item[1], item[2], item[3]
+            # type(...) is: exact types, so that true/false are no numbers (bool is
+            # a subclass of int) -- json.loads only makes exact ints and floats.
+            if type(job_id) is not str:
+                raise ValueError(f"item {index} of {name!r}: job_id must be str")
+            if type(fence) is not int:
+                raise ValueError(f"item {index} of {name!r}: fence must be int")
+            if beat is not None and type(beat) is not float:
+                if type(beat) is not int:
+                    raise ValueError(
+                        f"item {index} of {name!r}: last_heartbeat must be float or null"
+                    )
+                beat = float(beat)
+            if type(restarts) is not int:
+                raise ValueError(f"item {index} of {name!r}: restarts must be int")
+            append(RunningJob(job_id, fence, beat, restarts))
+        elif isinstance(item, dict):
+            append(_build(RunningJob, item))
+        else:
+            raise ValueError(f"items of {name!r} must be arrays {_JOB_ARRAY} or objects")
+    return tuple(jobs)

@@ -1,0 +1,140 @@
+"""The codec's heartbeat path: jobs as arrays, the older object form still read,
+and malformed items refused with a clear reason."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from orchestratr_core import protocol as p
+from orchestratr_core.errors import MalformedMessage
+
+HEARTBEAT = p.ServerHeartbeat(
+    server_id="s1",
+    name="server one",
+    max_workers=8,
+    started_at=100.0,
+    sent_at=102.5,
+    host="h",
+    pid=42,
+    draining=False,
+    jobs=(
+        p.RunningJob(job_id="a", fence=(2 << 32) | 1, last_heartbeat=101.25, restarts=0),
+        p.RunningJob(job_id="b", fence=1 << 32, last_heartbeat=None, restarts=3),
+    ),
+)
+
+
+def _body(jobs: Any, **fields: Any) -> bytes:
+    body = {
+        "v": 1,
+        "type": "heartbeat",
+        "server_id": "s1",
+        "name": "server one",
+        "max_workers": 8,
+        "started_at": 100.0,
+        "sent_at": 102.5,
+        "host": "h",
+        "pid": 42,
+        "draining": False,
+        "jobs": jobs,
+        **fields,
+    }
+    return json.dumps(body).encode()
+
+
+def test_a_heartbeat_writes_its_jobs_as_arrays_and_reads_them_back() -> None:
+    data = p.encode(HEARTBEAT)
+    body = json.loads(data)
+    assert body["jobs"] == [["a", (2 << 32) | 1, 101.25, 0], ["b", 1 << 32, None, 3]]
+    assert body["v"] == 1 and body["type"] == "heartbeat"
+    assert p.decode_as(data, p.ServerHeartbeat) == HEARTBEAT
+
+
+def test_a_heartbeat_of_an_older_server_with_job_objects_is_still_read() -> None:
+    old = _body(
+        [
+            {"job_id": "a", "fence": (2 << 32) | 1, "last_heartbeat": 101.25, "restarts": 0},
+            {"job_id": "b", "fence": 1 << 32, "restarts": 3},  # defaults may be left out
+        ]
+    )
+    assert p.decode(old) == HEARTBEAT
+
+
+def test_both_forms_may_be_mixed_and_an_empty_heartbeat_is_fine() -> None:
+    mixed = _body(
+        [["a", (2 << 32) | 1, 101.25, 0], {"job_id": "b", "fence": 1 << 32, "restarts": 3}]
+    )
+    assert p.decode(mixed) == HEARTBEAT
+    empty = p.decode_as(p.encode(p.ServerHeartbeat("s", "n", 1, 1.0, 2.0)), p.ServerHeartbeat)
+    assert empty.jobs == ()
+    assert p.decode_as(_body([]), p.ServerHeartbeat).jobs == ()
+
+
+def test_array_values_are_typed_like_the_object_fields() -> None:
+    [job] = p.decode_as(_body([["a", 7, 5, 1]]), p.ServerHeartbeat).jobs
+    assert job == p.RunningJob("a", 7, 5.0, 1)
+    assert type(job.last_heartbeat) is float  # an integral time is still a float
+    # Values after the fourth are ignored, as unknown fields of an object are.
+    [job] = p.decode_as(_body([["a", 7, None, 1, "later", {"x": 1}]]), p.ServerHeartbeat).jobs
+    assert job == p.RunningJob("a", 7, None, 1)
+
+
+@pytest.mark.parametrize(
+    ("jobs", "reason"),
+    [
+        ({"a": 1}, "field 'jobs' must be a list"),
+        ("a,b", "field 'jobs' must be a list"),
+        ([["a", 1, None]], "item 0 of 'jobs' has 3 value(s), expected 4"),
+        ([["a", 1, None, 0], []], "item 1 of 'jobs' has 0 value(s), expected 4"),
+        ([[1, 1, None, 0]], "item 0 of 'jobs': job_id must be str"),
+        ([[None, 1, None, 0]], "item 0 of 'jobs': job_id must be str"),
+        ([["a", "1", None, 0]], "item 0 of 'jobs': fence must be int"),
+        ([["a", 1.0, None, 0]], "item 0 of 'jobs': fence must be int"),
+        ([["a", 1, "noon", 0]], "item 0 of 'jobs': last_heartbeat must be float or null"),
+        ([["a", 1, None, None]], "item 0 of 'jobs': restarts must be int"),
+        ([["a", 1, None, 0.5]], "item 0 of 'jobs': restarts must be int"),
+        # bool is a subclass of int in Python; in the protocol it is no number
+        ([["a", True, None, 0]], "item 0 of 'jobs': fence must be int"),
+        ([["a", 1, None, False]], "item 0 of 'jobs': restarts must be int"),
+        ([["a", 1, True, 0]], "item 0 of 'jobs': last_heartbeat must be float or null"),
+        (["a"], "items of 'jobs' must be arrays [job_id, fence, last_heartbeat, restarts]"),
+        ([7], "items of 'jobs' must be arrays"),
+        ([None], "items of 'jobs' must be arrays"),
+        # the object form keeps its own checks
+        ([{"job_id": "a"}], "missing field 'fence'"),
+        ([{"job_id": "a", "fence": True}], "field 'fence' must be int"),
+        (
+            [{"job_id": "a", "fence": 1, "last_heartbeat": "x"}],
+            "field 'last_heartbeat' must be float",
+        ),
+    ],
+)
+def test_malformed_jobs_make_the_heartbeat_malformed_with_a_clear_reason(
+    jobs: Any, reason: str
+) -> None:
+    with pytest.raises(MalformedMessage) as caught:
+        p.decode(_body(jobs))
+    message = str(caught.value)
+    assert message.startswith("bad 'heartbeat' message: ")
+    assert reason in message
+
+
+def test_the_other_fields_of_a_heartbeat_are_still_checked() -> None:
+    with pytest.raises(MalformedMessage, match="field 'max_workers' must be int"):
+        p.decode(_body([], max_workers=True))
+    with pytest.raises(MalformedMessage, match="missing field 'server_id'"):
+        body = json.loads(_body([]))
+        del body["server_id"]
+        p.decode(json.dumps(body))
+
+
+def test_a_large_heartbeat_round_trips() -> None:
+    jobs = tuple(
+        p.RunningJob(f"job-{i}", (1 << 32) | i, None if i % 3 else 1000.0 + i, i % 5)
+        for i in range(10_000)
+    )
+    heartbeat = p.ServerHeartbeat("s", "n", 10_000, 1.0, 2.0, jobs=jobs)
+    assert p.decode_as(p.encode(heartbeat), p.ServerHeartbeat) == heartbeat
