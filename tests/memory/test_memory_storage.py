@@ -27,6 +27,26 @@ class TestMemoryStorage(StorageConformance):
         await store.close()
 
 
+class _WithTheDefaults(MemoryStorage):
+    """A backend written before the optional batch methods: the ABC's defaults."""
+
+    create_jobs = Storage.create_jobs
+    complete_outbox_for_jobs = Storage.complete_outbox_for_jobs
+    count_running_by_server = Storage.count_running_by_server
+
+
+class TestStorageDefaults(StorageConformance):
+    """The defaults of the optional methods conform too (create_jobs' tests are
+    skipped: its default raises NotImplementedError)."""
+
+    @pytest.fixture
+    async def storage(self) -> AsyncIterator[Storage]:
+        store = _WithTheDefaults()
+        await store.open()
+        yield store
+        await store.close()
+
+
 def _job(name: str) -> NewJob:
     return NewJob(id=new_id(), name=name, argument="", created_at=utcnow())
 

@@ -293,13 +293,18 @@ class MemoryStorage(Storage):
 
     async def create_job(self, job: NewJob, holder: str, lease_until: datetime) -> JobRecord:
         """See :meth:`Storage.create_job`."""
-        return (await self.create_jobs([job], holder, lease_until))[0]
+        return self._create([job], holder, lease_until)[0]
 
     async def create_jobs(
         self, jobs: Sequence[NewJob], holder: str, lease_until: datetime
     ) -> list[JobRecord]:
         """See :meth:`Storage.create_jobs`: every check first, then every write,
         under the store's lock (all or nothing)."""
+        return self._create(jobs, holder, lease_until)
+
+    def _create(
+        self, jobs: Sequence[NewJob], holder: str, lease_until: datetime
+    ) -> list[JobRecord]:
         store = self._data()
         with store.lock:
             names: set[str] = set()
