@@ -1,8 +1,18 @@
 """Benchmark of the PostgreSQL storage: monitor paging over 1,000,000 jobs and
-heartbeat ingestion for 100,000 running jobs, through the Storage API.
+heartbeat ingestion for 100,000 running jobs, through the Storage API; with
+``--allocation``, job creation through the client instead.
 
     .venv/bin/python benchmarks/sql_storage.py \
         --url postgresql://postgres@127.0.0.1:5432/test
+    .venv/bin/python benchmarks/sql_storage.py --allocation --alloc-jobs 3000 --runs 3
+
+``--allocation`` times ``OrchestratorClient.create_job`` one at a time and 32 in
+flight, and ``create_jobs`` in batches of 100 and 1,000 (when the code has it),
+each without a transport (the storage alone: the outbox rows are left for a
+manager) and with the in-memory transport (publish, then the outbox rows are
+deleted), and prints jobs/s medians; ``--out`` writes them as JSON. It runs
+against whatever ``orchestratr_*`` packages are importable, so the same script
+measures an older tree through ``PYTHONPATH``.
 
 Creates a schema of its own (``orx_bench_<random>``), bulk-loads the jobs with
 COPY, reports medians over ``--runs`` runs, writes
@@ -137,6 +147,102 @@ async def _ingest(storage: SqlStorage, beats: list[ServerHeartbeat], concurrency
     return elapsed
 
 
+async def _allocation(args: argparse.Namespace) -> int:
+    """Jobs/s of job creation through the client, medians of ``--runs`` runs."""
+    import orchestratr_core
+    from orchestratr_core.client import OrchestratorClient
+    from orchestratr_memory.broker import MemoryBroker
+    from orchestratr_memory.transport import MemoryTransport
+
+    schema = f"orx_bench_{uuid.uuid4().hex[:8]}"
+    separator = "&" if "?" in args.url else "?"
+    storage = storage_from_url(f"{args.url}{separator}schema={schema}", pool_max=10)
+    jobs = args.alloc_jobs
+    batched = hasattr(OrchestratorClient, "create_jobs")
+    results: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "code": str(Path(orchestratr_core.__file__).parent),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "jobs_per_run": jobs,
+        "runs": args.runs,
+        "rates": {},
+    }
+
+    async def wipe() -> None:
+        async with storage.connector.transaction() as conn:
+            await conn.run_script_statement("TRUNCATE outbox, jobs")
+
+    async def one_by_one(client: Any, prefix: str, inflight: int) -> None:
+        names = iter(range(jobs))
+
+        async def worker() -> None:
+            for i in names:
+                await client.create_job(f"{prefix}-{i:06d}", "{}")
+
+        await asyncio.gather(*(worker() for _ in range(inflight)))
+
+    async def in_batches(client: Any, prefix: str, size: int) -> None:
+        for start in range(0, jobs, size):
+            names = [f"{prefix}-{i:06d}" for i in range(start, min(start + size, jobs))]
+            await client.create_jobs([(name, "{}") for name in names])
+
+    cases: list[tuple[str, Callable[[Any, str], Awaitable[None]]]] = [
+        ("create_job, one at a time", lambda c, p: one_by_one(c, p, 1)),
+        ("create_job, 32 in flight", lambda c, p: one_by_one(c, p, 32)),
+    ]
+    if batched:
+        cases += [
+            ("create_jobs, batches of 100", lambda c, p: in_batches(c, p, 100)),
+            ("create_jobs, batches of 1000", lambda c, p: in_batches(c, p, 1000)),
+        ]
+    await storage.open()
+    try:
+        async with storage.connector.transaction() as conn:
+            version = await conn.fetch(conn.adhoc("version", "SHOW server_version"), {})
+        results["database"] = f"PostgreSQL {version[0]['server_version']}"
+        for with_transport in (False, True):
+            for label, run in cases:
+                name = f"{label}, {'memory transport' if with_transport else 'no transport'}"
+                rates = []
+                for attempt in range(args.runs + 1):  # the first run warms up
+                    await wipe()
+                    transport = None
+                    broker = f"bench-{uuid.uuid4().hex[:8]}"
+                    if with_transport:
+                        transport = MemoryTransport(f"memory://{broker}")
+                        await transport.connect()
+                    client = OrchestratorClient(storage, transport, holder="bench")
+                    start = time.perf_counter()
+                    await run(client, f"r{attempt}")
+                    if hasattr(client, "close"):
+                        await client.close()  # the last outbox deletes count too
+                    elapsed = time.perf_counter() - start
+                    if transport is not None:
+                        await transport.close()
+                        MemoryBroker.reset(broker)
+                    if attempt:
+                        rates.append(jobs / elapsed)
+                results["rates"][name] = {
+                    "median_jobs_per_s": round(statistics.median(rates)),
+                    "runs_jobs_per_s": [round(rate) for rate in rates],
+                }
+                print(f"{name:<60} {round(statistics.median(rates)):>8,} jobs/s", flush=True)
+    finally:
+        try:
+            async with storage.connector.transaction() as conn:
+                await conn.run_script_statement(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await storage.close()
+    if args.out:
+        _write_json(args.out, results)
+        print(f"written to {args.out}")
+    return 0
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/test")
@@ -145,7 +251,14 @@ async def main() -> int:
     parser.add_argument("--per-server", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--heartbeat-rounds", type=int, default=5)
+    parser.add_argument(
+        "--allocation", action="store_true", help="measure job creation through the client only"
+    )
+    parser.add_argument("--alloc-jobs", type=int, default=3000, help="jobs per allocation run")
+    parser.add_argument("--out", help="--allocation: write the figures to this JSON file")
     args = parser.parse_args()
+    if args.allocation:
+        return await _allocation(args)
 
     schema = f"orx_bench_{uuid.uuid4().hex[:8]}"
     separator = "&" if "?" in args.url else "?"
