@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -83,7 +84,9 @@ async def test_max_workers_zero_or_negative_is_a_clear_error_not_unlimited(
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ConfigurationError, match="max_workers"):
             OrchestratedServer(
-                cluster.ledger.job("x"), transport=cluster.transport(), max_workers=bad
+                cluster.ledger.job("x"),
+                transport=cluster.transport(),
+                max_workers=bad,  # type: ignore[arg-type]
             )
 
 
@@ -363,7 +366,7 @@ async def test_kill_a_server_and_its_jobs_run_again_elsewhere_once_each(cluster:
     assert cluster.ledger.fences_grow()
     for job_id in moved:
         await eventually(
-            lambda j=job_id: _owner_is_not(cluster, j, cluster.servers[victim].id),
+            functools.partial(_owner_is_not, cluster, job_id, cluster.servers[victim].id),
             what="monitor shows the move",
         )
     # the manager finds the dead server
@@ -483,7 +486,9 @@ async def test_manager_restart_reconciles_the_view_within_a_heartbeat(cluster: C
     await cluster.start_manager()
     b_id = cluster.servers["b"].id
     for job_id in ids:
-        await eventually(lambda j=job_id: _owned_by(cluster, j, b_id), timeout=3, what="reconciled")
+        await eventually(
+            functools.partial(_owned_by, cluster, job_id, b_id), timeout=3, what="reconciled"
+        )
 
 
 async def _owned_by(cluster: Cluster, job_id: str, server_id: str) -> bool:
@@ -686,3 +691,140 @@ async def test_rebalancing_never_moves_jobs_toward_a_server_that_went_quiet(
 
 async def _count_servers(cluster: Cluster, n: int) -> bool:
     return len(await cluster.monitor.servers()) == n
+
+
+# -- bursts of starts, and a loss during a stop's grace ---------------------------------------
+
+
+class RecordingEvents(MemoryTransport):
+    """A real memory transport that records every event it publishes, and can hold
+    them back (``gate`` cleared) the way a slow broker would."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.published: list[p.Event] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.held = 0  # events waiting at the gate
+
+    async def publish_event(self, event: p.Event) -> None:
+        self.held += 1
+        await self.gate.wait()
+        self.held -= 1
+        await super().publish_event(event)
+        self.published.append(event)
+
+
+async def _add_recorded_server(
+    cluster: Cluster, name: str, max_workers: int, job: Any = None
+) -> tuple[OrchestratedServer, RecordingEvents]:
+    transport = RecordingEvents(cluster.url)
+    server = OrchestratedServer(
+        job or cluster.ledger.job(name),
+        transport=transport,
+        name=name,
+        max_workers=max_workers,
+        options=FAST_SERVER,
+    )
+    await server.start()
+    cluster.servers[name] = server
+    return server, transport
+
+
+async def test_a_burst_of_starts_is_reported_by_a_heartbeat_not_one_event_per_job(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    ids = await cluster.create(500)  # queued: the server takes them all at once
+    server, transport = await _add_recorded_server(cluster, "a", 500)
+    await cluster.wait_running(ids, timeout=30)
+
+    async def all_processing() -> list[Any] | None:
+        query = JobQuery(statuses=frozenset({JobStatus.PROCESSING}))
+        jobs = await cluster.monitor.all_jobs(query)
+        return jobs if len(jobs) == 500 else None
+
+    jobs = await eventually(all_processing, timeout=10, what="500 processing")
+    fences = {c.job_id: c.fence for c in cluster.ledger.running()}
+    assert {j.id: (j.server_id, j.fence) for j in jobs} == {
+        job_id: (server.id, fences[job_id]) for job_id in ids
+    }
+    starts = [e for e in transport.published if isinstance(e, p.JobStarted)]
+    # One confirmed message per start was 500; the queued ones go as a heartbeat.
+    assert len(starts) < 50, f"{len(starts)} start reports for 500 starts"
+    assert len(transport.published) < 100
+    assert cluster.ledger.overlaps() == []
+
+
+async def test_jobs_that_ended_within_a_burst_keep_their_start_reports(cluster: Cluster) -> None:
+    """A burst of starts is replaced by a heartbeat of the jobs running *now*.
+    Jobs that already ended are not in it: their start reports stay, ahead of
+    their stop reports, so the manager sees every job start, then stop, as
+    without the heartbeat (a release, guarded by the owner, would otherwise not
+    apply while the dead server still owns the job in the storage)."""
+    await cluster.start_manager()
+    a = await cluster.add_server("a", 20)
+    ids = await cluster.create(20)
+    await cluster.wait_running(ids)
+    for job_id in ids:
+        await cluster.wait_status(job_id, JobStatus.PROCESSING)
+
+    async def done_at_once(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        return None  # the work was over: completed
+
+    b, transport = await _add_recorded_server(
+        cluster, "b", 20, job=cluster.ledger.job("b", body=done_at_once)
+    )
+    await eventually(lambda: transport.published, what="b heartbeats")
+    transport.gate.clear()  # b's events queue up behind a slow broker
+    await eventually(lambda: transport.held, what="b's event pump waits for the broker")
+    await a.kill()  # its 20 jobs go to b at once, and complete there
+    await eventually(
+        lambda: len([c for c in cluster.ledger.copies if c.server == "b"]) == 20 and not b._runs,
+        what="20 jobs ran and ended on b",
+    )
+    transport.gate.set()
+    for job_id in ids:
+        await cluster.wait_status(job_id, JobStatus.COMPLETED, timeout=5)
+    burst = [e for e in transport.published if isinstance(e, p.JobStarted | p.JobStopped)]
+    for job_id in ids:
+        kinds = [type(e) for e in burst if e.job_id == job_id]
+        assert kinds == [p.JobStarted, p.JobStopped], kinds
+
+
+async def test_a_delivery_lost_during_the_stop_grace_ends_the_grace_at_once(
+    cluster: Cluster,
+) -> None:
+    """A job asked to hand itself back ignores its token, so its grace runs. If
+    the delivery is lost meanwhile, the broker may give the message to another
+    server: the copy must stop at once, not at the end of the grace."""
+
+    async def stubborn(arg: JobArgument, token: StopToken, heartbeat: Any) -> None:
+        await asyncio.Event().wait()  # never looks at its token
+
+    await cluster.start_manager()
+    slow_grace = dataclasses.replace(FAST_SERVER, stop_grace=10.0)
+    a = await cluster.add_server(
+        "a",
+        2,
+        job=cluster.ledger.job("a", body=stubborn),
+        options=slow_grace,
+        fence_timeout=0.4,
+        broker_timeout=1.2,
+    )
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    await cluster.add_server("b", 2)
+    assert cluster.manager is not None
+    await cluster.manager.transport.send_command(p.ReleaseJobs(count=1, hold=0, hold_for=30), a.id)
+    await eventually(lambda: job_id not in a.running(), what="release requested")
+    await asyncio.sleep(0.2)
+    assert [c.server for c in cluster.ledger.running(job_id)] == ["a"]  # in its grace
+    a.transport.partition()  # type: ignore[attr-defined]
+    cut = time.monotonic()
+    await eventually(lambda: not cluster.ledger.running(job_id), timeout=5, what="a's copy ended")
+    assert time.monotonic() - cut < 1.0  # at the fence timeout (0.4 s), not after 10 s
+    await cluster.wait_running([job_id], timeout=5)
+    assert [c.server for c in cluster.ledger.running(job_id)] == ["b"]
+    assert cluster.ledger.overlaps() == []
+    a.transport.heal()  # type: ignore[attr-defined]

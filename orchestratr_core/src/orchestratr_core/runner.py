@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import threading
@@ -31,6 +32,15 @@ Heartbeat = Callable[[], None]
 callable from the event loop or from a job thread. Awaiting its result is not needed."""
 
 
+_THREAD_EVENT_LOCK = threading.Lock()
+"""Orders creating a token's threading.Event against :meth:`StopToken.request_stop`."""
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class StopToken:
     """Tells a job to stop, cooperatively.
 
@@ -42,7 +52,10 @@ class StopToken:
     Safe to use from the event loop and from job threads.
     """
 
-    __slots__ = ("_event", "_lease", "_loop", "_reason", "_thread_event")
+    # A server holds one token per running job, so a token is kept small: no
+    # asyncio.Event (its deque alone is ~600 bytes), a plain future per waiting
+    # coroutine, and a threading.Event only once a thread waits (wait_sync).
+    __slots__ = ("_lease", "_loop", "_reason", "_stopped", "_thread_event", "_waiters")
 
     def __init__(
         self,
@@ -50,17 +63,18 @@ class StopToken:
         lease: Callable[[], float] | None = None,
     ) -> None:
         self._loop = loop or asyncio.get_running_loop()
-        self._event = asyncio.Event()
-        self._thread_event = threading.Event()
+        self._stopped = False
         self._reason: str | None = None
         self._lease = lease
+        self._waiters: list[asyncio.Future[bool]] | None = None
+        self._thread_event: threading.Event | None = None
 
     @property
     def stop_requested(self) -> bool:
         """True once the job has been told to stop — or once the server can no
         longer be sure the job is still its own (its lease on the job message ran
         out, e.g. after the process was frozen), even before it was told."""
-        if self._thread_event.is_set():
+        if self._stopped:
             return True
         return self._lease is not None and time.monotonic() > self._lease()
 
@@ -79,33 +93,71 @@ class StopToken:
 
     def request_stop(self, reason: str) -> None:
         """Ask the job to stop. Called by the server on its event loop."""
-        if self._thread_event.is_set():
-            return
-        self._reason = reason
-        self._thread_event.set()
-        self._event.set()
+        with _THREAD_EVENT_LOCK:
+            if self._stopped:
+                return
+            self._reason = reason  # before the flag: a thread that sees it sees the reason
+            self._stopped = True
+            thread_event = self._thread_event
+        if thread_event is not None:
+            thread_event.set()
+        waiters, self._waiters = self._waiters, None
+        for future in waiters or ():
+            _resolve(future, True)
 
     async def wait(self) -> None:
         """Return when stop is requested."""
-        await self._event.wait()
+        if self._stopped:
+            return
+        future = self._add_waiter()
+        try:
+            await future
+        finally:
+            self._remove_waiter(future)
 
     def __await__(self) -> Generator[Any, None, None]:
         return self.wait().__await__()
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep ``seconds`` or until stop is requested; True if stop was requested."""
-        # asyncio.timeout, not wait_for: no extra task per sleep (an idle server
-        # with thousands of jobs spent a sixth of its CPU creating them).
+        # One future and one timer per sleep: no task (asyncio.wait_for) and no
+        # exception (asyncio.timeout) -- an idle server with thousands of jobs
+        # spends most of its CPU waking their sleeps.
+        if self._stopped:
+            return True
+        future = self._add_waiter()
+        timer = self._loop.call_later(seconds, _resolve, future, False)
         try:
-            async with asyncio.timeout(seconds):
-                await self._event.wait()
-        except TimeoutError:
-            return self.stop_requested
-        return True
+            return await future or self.stop_requested
+        finally:
+            timer.cancel()
+            self._remove_waiter(future)
 
     def wait_sync(self, timeout: float | None = None) -> bool:
         """Blocking wait for threads; True if stop was requested."""
-        return self._thread_event.wait(timeout) or self.stop_requested
+        thread_event = self._thread_event
+        if thread_event is None:
+            with _THREAD_EVENT_LOCK:
+                thread_event = self._thread_event
+                if thread_event is None:
+                    thread_event = self._thread_event = threading.Event()
+                    if self._stopped:
+                        thread_event.set()
+        return thread_event.wait(timeout) or self.stop_requested
+
+    def _add_waiter(self) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = self._loop.create_future()
+        if self._waiters is None:
+            self._waiters = [future]
+        else:
+            self._waiters.append(future)
+        return future
+
+    def _remove_waiter(self, future: asyncio.Future[bool]) -> None:
+        waiters = self._waiters
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(future)
 
 
 class JobRunner(abc.ABC):

@@ -17,12 +17,20 @@ the job runs, and:
 * never runs two copies of one job in one process: a second delivery of the same
   job waits for the first copy to end, and the lower fencing token is dropped;
 * publishes a heartbeat every ``heartbeat_interval`` with every running job and
-  its fencing token, so that the manager can reconcile after anything.
+  its fencing token, so that the manager can reconcile after anything; when many
+  jobs start at once, one heartbeat replaces their start reports.
+
+A running job costs two asyncio tasks (its supervisor and the job function) and
+a few small objects, so that one process can hold tens of thousands of idle jobs:
+the supervisor sleeps on one plain future (``_Run.wake``) that a stop request,
+the end of the job function, the watchdog's timer and the loss of the delivery
+resolve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -80,9 +88,19 @@ class ServerOptions:
             raise ConfigurationError("stop_grace must be >= 0")
 
 
-@dataclass(eq=False)
+_COALESCE_STARTS = 8
+"""With this many start reports queued, the event pump sends one heartbeat instead."""
+
+
+@dataclass(eq=False, slots=True)
 class _Run:
-    """One running job: its delivery, token and supervising task."""
+    """One running job: its delivery, token and supervising task.
+
+    The supervisor waits in :meth:`sleep` on ``wake``, a plain future that
+    :meth:`alert` resolves; a stop request, the end of the job function, the
+    watchdog's timer and the loss of the delivery (:meth:`on_loss`) all alert.
+    The supervisor then looks at the state to see what happened.
+    """
 
     delivery: Delivery
     arg: JobArgument
@@ -94,7 +112,8 @@ class _Run:
     task: asyncio.Task[None] | None = None
     stop_reason: p.StopReason | None = None
     stop_hard: bool = False
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Future[None] | None = None
+    loss_watch: asyncio.Future[Any] | None = None
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
@@ -102,10 +121,76 @@ class _Run:
             self.stop_reason = reason
         self.stop_hard = self.stop_hard or hard
         self.token.request_stop(self.stop_reason.value)
-        self.stopping.set()
+        self.alert()
 
     def beat(self) -> None:
         self.last_heartbeat = time.time()
+
+    def alert(self, *_: object) -> None:
+        """Wake the supervisor if it sleeps (also a done callback of the job task)."""
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def sleep(self, seconds: float | None) -> None:
+        """Sleep until alerted or for ``seconds`` (None: no limit); the caller looks why."""
+        loop = asyncio.get_running_loop()
+        wake = self.wake = loop.create_future()
+        timer = None if seconds is None else loop.call_later(seconds, self.alert)
+        try:
+            await wake
+        finally:
+            self.wake = None
+            if timer is not None:
+                timer.cancel()
+
+    def watch_loss(self) -> None:
+        """Stop the job at once, hard, when its delivery is lost (:meth:`on_loss`).
+
+        ``Delivery.lost`` is an :class:`asyncio.Event`, which has no callbacks.
+        Waiting on it costs a task per job; instead a future is added to the
+        event's waiters, which is all that ``Event.wait()`` itself does (and what
+        ``Event.set()`` resolves) -- without the coroutine and its task. If the
+        event is not built that way (another implementation of asyncio), a task
+        waits on it as before.
+        """
+        lost = self.delivery.lost
+        if lost.is_set():
+            self.on_loss()
+            return
+        waiters = getattr(lost, "_waiters", None)
+        watch: asyncio.Future[Any]
+        if type(waiters) is collections.deque:
+            watch = asyncio.get_running_loop().create_future()
+            waiters.append(watch)
+        else:
+            watch = asyncio.ensure_future(lost.wait())
+        watch.add_done_callback(self.on_loss)
+        self.loss_watch = watch
+
+    def unwatch_loss(self) -> None:
+        watch, self.loss_watch = self.loss_watch, None
+        if watch is None:
+            return
+        watch.remove_done_callback(self.on_loss)
+        watch.cancel()
+        waiters = getattr(self.delivery.lost, "_waiters", None)
+        if type(waiters) is collections.deque:
+            with contextlib.suppress(ValueError):
+                waiters.remove(watch)
+
+    def on_loss(self, watch: asyncio.Future[Any] | None = None) -> None:
+        """The delivery is no longer ours: the broker may give it to another
+        server. Stop at once, hard, without grace (self-fencing)."""
+        if watch is not None and watch.cancelled():
+            return
+        if self.stop_reason is not p.StopReason.LOST:
+            log.warning(
+                "delivery lost: stopping job at once job_id=%s fence=%d",
+                self.arg.job_id,
+                self.arg.fence,
+            )
+        self.request_stop(p.StopReason.LOST, hard=True)
 
 
 class OrchestratedServer:
@@ -155,6 +240,8 @@ class OrchestratedServer:
         self._consumer: JobConsumer | None = None
         self._commands: Subscription | None = None
         self._events: asyncio.Queue[p.Event] = asyncio.Queue()
+        self._queued_starts = 0  # start reports queued since the last coalescing
+        self._settled_events = 0  # events at the head that coalescing has looked at
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
@@ -363,7 +450,7 @@ class OrchestratedServer:
     async def _supervise(self, run: _Run, previous: _Run | None) -> None:
         """Run one job until it is stopped, restarting it after failures."""
         arg = run.arg
-        lost_watch = asyncio.create_task(self._watch_lost(run))
+        run.watch_loss()
         forced = False
         error: str | None = None
         try:
@@ -394,6 +481,7 @@ class OrchestratedServer:
                 job_task: asyncio.Task[None] = asyncio.create_task(
                     self._runner.run(self._job, arg, run.token, run.beat)
                 )
+                job_task.add_done_callback(run.alert)
                 outcome = await self._wait_job(run, job_task, began)
                 if outcome == "stop":
                     forced = await self._stop_job(run, job_task)
@@ -452,13 +540,14 @@ class OrchestratedServer:
                     restarts=run.restarts,
                     retry_in=delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(run.stopping.wait(), timeout=delay)
+                retry_at = time.monotonic() + delay
+                while run.stop_reason is None and (wait := retry_at - time.monotonic()) > 0:
+                    await run.sleep(wait)
         except asyncio.CancelledError:
             run.request_stop(p.StopReason.LOST, hard=True)
             raise
         finally:
-            lost_watch.cancel()
+            run.unwatch_loss()
             if self._runs.get(arg.job_id) is run:
                 del self._runs[arg.job_id]
             await self._finish(run, forced=forced, error=error)
@@ -467,30 +556,30 @@ class OrchestratedServer:
     async def _wait_job(self, run: _Run, job_task: asyncio.Task[None], began: float) -> str:
         """Wait for the job to end or be told to stop: 'done', 'stop' or 'watchdog'
         (the job did not call ``heartbeat()`` within its heartbeat timeout)."""
-        stopping = asyncio.create_task(run.stopping.wait())
-        try:
-            while True:
-                timeout = None
-                if run.heartbeat_timeout is not None:
-                    last = max(run.last_heartbeat or 0.0, began)
-                    timeout = last + run.heartbeat_timeout - time.time()
-                    if timeout <= 0:
-                        return "watchdog"
-                done, _ = await asyncio.wait(
-                    {job_task, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if stopping in done:
-                    return "stop"
-                if job_task in done:
-                    return "done"
-        finally:
-            stopping.cancel()
+        while True:
+            if run.stop_reason is not None:
+                return "stop"
+            if job_task.done():
+                return "done"
+            timeout = None
+            if run.heartbeat_timeout is not None:
+                last = max(run.last_heartbeat or 0.0, began)
+                timeout = last + run.heartbeat_timeout - time.time()
+                if timeout <= 0:
+                    return "watchdog"
+            await run.sleep(timeout)
 
     async def _stop_job(self, run: _Run, job_task: asyncio.Task[None]) -> bool:
         """Stop the job function; True if it had to be cancelled hard."""
         run.token.request_stop((run.stop_reason or p.StopReason.WATCHDOG).value)
-        if not run.stop_hard and not job_task.done():
-            await asyncio.wait({job_task}, timeout=self.options.stop_grace)
+        grace_until = time.monotonic() + self.options.stop_grace
+        # A loss during the grace (stop_hard) ends it at once: the broker may
+        # already hand the message to another server.
+        while not run.stop_hard and not job_task.done():
+            wait = grace_until - time.monotonic()
+            if wait <= 0:
+                break
+            await run.sleep(wait)
         if job_task.done():
             if not job_task.cancelled():
                 job_task.exception()  # retrieved: a job may raise while stopping
@@ -505,16 +594,6 @@ class OrchestratedServer:
                 run.arg.fence,
             )
         return True
-
-    async def _watch_lost(self, run: _Run) -> None:
-        await run.delivery.lost.wait()
-        if run.stop_reason is None or run.stop_reason is not p.StopReason.LOST:
-            log.warning(
-                "delivery lost: stopping job at once job_id=%s fence=%d",
-                run.arg.job_id,
-                run.arg.fence,
-            )
-        run.request_stop(p.StopReason.LOST, hard=True)
 
     async def _finish(self, run: _Run, *, forced: bool, error: str | None) -> None:
         reason = run.stop_reason or p.StopReason.LOST
@@ -614,6 +693,8 @@ class OrchestratedServer:
 
     def _publish(self, event: p.Event) -> None:
         if not self._dead:  # a killed server says nothing more
+            if isinstance(event, p.JobStarted):
+                self._queued_starts += 1
             self._events.put_nowait(event)
 
     async def _event_pump(self) -> None:
@@ -626,10 +707,21 @@ class OrchestratedServer:
         goodbye report is only in that message, so it goes to the back of the queue
         and is tried again until the broker takes it; the manager's guarded
         transitions accept it after a later heartbeat as well.
+
+        When many start reports are queued (a burst of deliveries), one fresh
+        heartbeat replaces them (:meth:`_coalesce_starts`).
         """
         while True:
             event = await self._events.get()
             try:
+                if self._settled_events:
+                    # Kept by the last coalescing: the start reports among them
+                    # are of jobs that ended already; no heartbeat covers them.
+                    self._settled_events -= 1
+                elif isinstance(event, p.JobStarted):
+                    self._queued_starts -= 1
+                    if self._queued_starts + 1 >= _COALESCE_STARTS:
+                        event = self._coalesce_starts(event)
                 if isinstance(event, p.ServerHeartbeat) and any(
                     isinstance(e, p.ServerHeartbeat) for e in _peek(self._events)
                 ):
@@ -650,20 +742,62 @@ class OrchestratedServer:
             finally:
                 self._events.task_done()
 
+    def _coalesce_starts(self, first: p.JobStarted) -> p.Event:
+        """Replace the queued start reports by one heartbeat built now.
+
+        A server taking many jobs at once (start-up, failover) would otherwise
+        send a confirmed message per job, and the manager would apply each in
+        its own transactions. The heartbeat lists every job running now with its
+        fence; the manager applies ``START`` (guard newer) to all of them in one
+        transaction with a bounded number of statements, as for any heartbeat,
+        and tells the server to stop the copies it refuses.
+
+        Dropped are only the start reports that the heartbeat covers (same job,
+        same fence) and the older heartbeats queued (they would undo it). Every
+        other event keeps its place and order: a job that started and has stopped
+        already is not in the heartbeat, so its start report stays, ahead of its
+        stop report, and the manager sees both. ``first`` (just taken from the
+        queue) is put back at the head if it is not covered. Returns the event to
+        publish now: the heartbeat.
+        """
+        heartbeat = self._heartbeat_event()
+        covered = {(job.job_id, job.fence) for job in heartbeat.jobs}
+        kept: list[p.Event] = []
+        if (first.job_id, first.fence) not in covered:
+            kept.append(first)
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self._events.task_done()
+            if isinstance(event, p.ServerHeartbeat):
+                continue
+            if isinstance(event, p.JobStarted) and (event.job_id, event.fence) in covered:
+                continue
+            kept.append(event)
+        for event in kept:
+            self._events.put_nowait(event)
+        self._queued_starts = 0
+        self._settled_events = len(kept)
+        log.debug(
+            "%d start report(s) replaced by one heartbeat of %d job(s)",
+            len(covered),
+            len(heartbeat.jobs),
+        )
+        return heartbeat
+
     async def _flush_events(self, limit: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._events.join(), timeout=limit)
 
     def _heartbeat_event(self) -> p.ServerHeartbeat:
         jobs = tuple(
-            p.RunningJob(
-                job_id=jid,
-                fence=run.arg.fence,
-                last_heartbeat=run.last_heartbeat,
-                restarts=run.restarts,
-            )
-            for jid, run in self._runs.items()
-            if run.stop_reason is None
+            [
+                p.RunningJob(jid, run.arg.fence, run.last_heartbeat, run.restarts)
+                for jid, run in self._runs.items()
+                if run.stop_reason is None
+            ]
         )
         return p.ServerHeartbeat(
             server_id=self.id,
