@@ -126,6 +126,25 @@ async def test_an_idle_job_costs_a_server_well_under_10_kb(rig: Rig) -> None:
     assert per_job < 8_500, f"{per_job:.0f} bytes per idle job"
 
 
+async def test_a_heartbeat_builds_nothing_new_for_jobs_that_did_not_change(rig: Rig) -> None:
+    """Every heartbeat lists every job; what it said about an unchanged job is
+    reused (no new objects per job every 2 s), and a change is never missed."""
+    server = await rig.start(20, heartbeat_interval=60.0)
+    await rig.publish(20)
+    await rig.wait_running(20)
+    first = server._heartbeat_event()
+    second = server._heartbeat_event()
+    assert len(first.jobs) == 20
+    assert all(a is b for a, b in zip(first.jobs, second.jobs, strict=True))
+    run = server._runs[first.jobs[3].job_id]
+    run.last_heartbeat = 12345.5
+    run.restarts = 2
+    third = {job.job_id: job for job in server._heartbeat_event().jobs}
+    assert third[run.arg.job_id] == p.RunningJob(run.arg.job_id, run.arg.fence, 12345.5, 2)
+    assert sum(third[job.job_id] is job for job in second.jobs) == 19
+    assert not hasattr(third[run.arg.job_id], "__dict__")  # slots: one small object per job
+
+
 class _ListWaitersEvent(asyncio.Event):
     """An asyncio.Event whose waiters are not the deque of CPython's asyncio:
     the server must fall back to a task that waits on it."""

@@ -159,9 +159,10 @@ class Event(Message):
     server_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RunningJob:
-    """One running job inside a :class:`ServerHeartbeat`."""
+    """One running job inside a :class:`ServerHeartbeat` (a heartbeat may carry
+    tens of thousands: no ``__dict__``)."""
 
     job_id: str
     fence: int
@@ -289,7 +290,10 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         "host": hb.host,
         "pid": hb.pid,
         "draining": hb.draining,
-        "jobs": [[j.job_id, j.fence, j.last_heartbeat, j.restarts] for j in hb.jobs],
+        # Tuples (written as arrays): the garbage collector stops tracking a tuple
+        # of plain values, so tens of thousands of them are not promoted to its
+        # oldest generation while the message is written (full collections).
+        "jobs": [(j.job_id, j.fence, j.last_heartbeat, j.restarts) for j in hb.jobs],
     }
 
 

@@ -96,10 +96,11 @@ _COALESCE_STARTS = 8
 class _Run:
     """One running job: its delivery, token and supervising task.
 
-    The supervisor waits in :meth:`sleep` on ``wake``, a plain future that
-    :meth:`alert` resolves; a stop request, the end of the job function, the
-    watchdog's timer and the loss of the delivery (:meth:`on_loss`) all alert.
-    The supervisor then looks at the state to see what happened.
+    The supervisor waits on ``wake`` (:meth:`alarm`, or :meth:`sleep` with a
+    time limit), a plain future that :meth:`alert` resolves; a stop request, the
+    end of the job function, the watchdog's timer and the loss of the delivery
+    (:meth:`on_loss`) all alert. The supervisor then looks at the state to see
+    what happened.
     """
 
     delivery: Delivery
@@ -114,6 +115,8 @@ class _Run:
     stop_hard: bool = False
     wake: asyncio.Future[None] | None = None
     loss_watch: asyncio.Future[Any] | None = None
+    report: p.RunningJob | None = None
+    """What the last heartbeat said about this job (reused while it holds)."""
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
@@ -126,23 +129,42 @@ class _Run:
     def beat(self) -> None:
         self.last_heartbeat = time.time()
 
+    def reported(self) -> p.RunningJob:
+        """This job in a heartbeat. Reused while unchanged: building tens of
+        thousands of objects every heartbeat costs CPU, and full collections of
+        the garbage collector as they pile up."""
+        report = self.report
+        if (
+            report is None
+            or report.last_heartbeat != self.last_heartbeat
+            or report.restarts != self.restarts
+        ):
+            report = self.report = p.RunningJob(
+                self.arg.job_id, self.arg.fence, self.last_heartbeat, self.restarts
+            )
+        return report
+
     def alert(self, *_: object) -> None:
         """Wake the supervisor if it sleeps (also a done callback of the job task)."""
         wake = self.wake
         if wake is not None and not wake.done():
             wake.set_result(None)
 
-    async def sleep(self, seconds: float | None) -> None:
-        """Sleep until alerted or for ``seconds`` (None: no limit); the caller looks why."""
-        loop = asyncio.get_running_loop()
-        wake = self.wake = loop.create_future()
-        timer = None if seconds is None else loop.call_later(seconds, self.alert)
+    def alarm(self) -> asyncio.Future[None]:
+        """A new ``wake`` future: awaiting it sleeps until alerted (no coroutine of
+        its own, for the long idle wait of every job)."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.wake = wake
+        return wake
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep until alerted or for ``seconds``; the caller looks why."""
+        wake = self.alarm()
+        timer = asyncio.get_running_loop().call_later(seconds, self.alert)
         try:
             await wake
         finally:
-            self.wake = None
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
 
     def watch_loss(self) -> None:
         """Stop the job at once, hard, when its delivery is lost (:meth:`on_loss`).
@@ -561,12 +583,13 @@ class OrchestratedServer:
                 return "stop"
             if job_task.done():
                 return "done"
-            timeout = None
-            if run.heartbeat_timeout is not None:
-                last = max(run.last_heartbeat or 0.0, began)
-                timeout = last + run.heartbeat_timeout - time.time()
-                if timeout <= 0:
-                    return "watchdog"
+            if run.heartbeat_timeout is None:
+                await run.alarm()  # the idle wait of nearly every job
+                continue
+            last = max(run.last_heartbeat or 0.0, began)
+            timeout = last + run.heartbeat_timeout - time.time()
+            if timeout <= 0:
+                return "watchdog"
             await run.sleep(timeout)
 
     async def _stop_job(self, run: _Run, job_task: asyncio.Task[None]) -> bool:
@@ -792,13 +815,7 @@ class OrchestratedServer:
             await asyncio.wait_for(self._events.join(), timeout=limit)
 
     def _heartbeat_event(self) -> p.ServerHeartbeat:
-        jobs = tuple(
-            [
-                p.RunningJob(jid, run.arg.fence, run.last_heartbeat, run.restarts)
-                for jid, run in self._runs.items()
-                if run.stop_reason is None
-            ]
-        )
+        jobs = tuple([run.reported() for run in self._runs.values() if run.stop_reason is None])
         return p.ServerHeartbeat(
             server_id=self.id,
             name=self.name,
