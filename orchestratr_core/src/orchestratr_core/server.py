@@ -786,7 +786,10 @@ class OrchestratedServer:
         heartbeat = self._heartbeat_event()
         covered = {(job.job_id, job.fence) for job in heartbeat.jobs}
         kept: list[p.Event] = []
-        if (first.job_id, first.fence) not in covered:
+        dropped = 0
+        if (first.job_id, first.fence) in covered:
+            dropped += 1
+        else:
             kept.append(first)
         while True:
             try:
@@ -797,6 +800,7 @@ class OrchestratedServer:
             if isinstance(event, p.ServerHeartbeat):
                 continue
             if isinstance(event, p.JobStarted) and (event.job_id, event.fence) in covered:
+                dropped += 1
                 continue
             kept.append(event)
         for event in kept:
@@ -805,7 +809,7 @@ class OrchestratedServer:
         self._settled_events = len(kept)
         log.debug(
             "%d start report(s) replaced by one heartbeat of %d job(s)",
-            len(covered),
+            dropped,
             len(heartbeat.jobs),
         )
         return heartbeat
