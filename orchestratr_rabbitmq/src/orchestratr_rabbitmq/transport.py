@@ -503,8 +503,8 @@ class _JobConsumer(_Subscription, JobConsumer):
             await self._reconcile()
 
     async def _reconcile(self) -> None:
-        """Keep the broker's credit for this server (what the current consumer may
-        still deliver) at ``min(prefetch_step, capacity - held)``. RabbitMQ applies
+        """Never let the broker push more than the capacity, and grant at most
+        ``prefetch_step`` deliveries ahead of what is held. RabbitMQ applies
         ``basic.qos`` to new consumers only, so another credit needs a new consumer;
         held deliveries stay held, those of cancelled consumers too. The step bounds
         how many unread deliveries can queue ahead of a fence ping's answer: a server
@@ -513,15 +513,21 @@ class _JobConsumer(_Subscription, JobConsumer):
         session, underlay = self.session, self.underlay
         if self.closed or session is None or underlay is None or not session.alive:
             return
-        room = self.capacity - len(self.held)
-        desired = max(0, min(self.transport.settings.prefetch_step, room))
         if self.tag is not None:
-            if self.prefetch - self.current == desired:
+            # The current consumer may hold up to its prefetch (settling gives the
+            # credit back), so `others + prefetch` is what the broker may make us
+            # hold. Keep the consumer while that fits and it still has credit, or
+            # while it fills the capacity exactly.
+            others = len(self.held) - self.current
+            if others + self.prefetch <= self.capacity and (
+                self.current < self.prefetch or others + self.prefetch == self.capacity
+            ):
                 return
             await underlay.basic_cancel(self.tag)
             self.tag = None
             self.prefetch = 0
             self.current = 0
+        desired = min(self.transport.settings.prefetch_step, self.capacity - len(self.held))
         if desired <= 0:
             return  # prefetch 0 would mean "unlimited": pause by not consuming
         await underlay.basic_qos(prefetch_count=desired)
