@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -90,6 +91,13 @@ class ServerOptions:
 
 _COALESCE_STARTS = 8
 """With this many start reports queued, the event pump sends one heartbeat instead."""
+_COALESCE_GAP = 1.0
+"""Longest wait between two such heartbeats (at most half the heartbeat interval)."""
+_COALESCE_JOBS_PER_SECOND = 25_000
+"""The wait between two such heartbeats grows with the jobs they list (1 s at 25,000
+jobs, 40 ms at 1,000): a heartbeat costs the server and the manager work in
+proportion to every job in it, and a server taking 25,000 jobs that sent one per
+handful of starts kept its loop too busy to answer the fence pings in time."""
 
 
 @dataclass(eq=False, slots=True)
@@ -264,6 +272,7 @@ class OrchestratedServer:
         self._events: asyncio.Queue[p.Event] = asyncio.Queue()
         self._queued_starts = 0  # start reports queued since the last coalescing
         self._settled_events = 0  # events at the head that coalescing has looked at
+        self._last_heartbeat_sent = -math.inf  # monotonic
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
@@ -744,6 +753,14 @@ class OrchestratedServer:
                 elif isinstance(event, p.JobStarted):
                     self._queued_starts -= 1
                     if self._queued_starts + 1 >= _COALESCE_STARTS:
+                        gap = min(
+                            _COALESCE_GAP,
+                            self.options.heartbeat_interval / 2,
+                            len(self._runs) / _COALESCE_JOBS_PER_SECOND,
+                        )
+                        wait = self._last_heartbeat_sent + gap - time.monotonic()
+                        if wait > 0:
+                            await asyncio.sleep(wait)  # more starts gather meanwhile
                         event = self._coalesce_starts(event)
                 if isinstance(event, p.ServerHeartbeat) and any(
                     isinstance(e, p.ServerHeartbeat) for e in _peek(self._events)
@@ -752,6 +769,8 @@ class OrchestratedServer:
                 for attempt in range(1, 4):
                     try:
                         await self._transport.publish_event(event)
+                        if isinstance(event, p.ServerHeartbeat):
+                            self._last_heartbeat_sent = time.monotonic()
                         break
                     except (OrchestratrError, OSError) as exc:
                         error = exc

@@ -177,6 +177,8 @@ class PluginManager:
     def notify(self, hook: str, **kwargs: Any) -> None:
         """Call an observer hook; an observer that raises is logged, never fatal."""
         caller = getattr(self._pm.hook, f"orchestratr_{hook}")
+        if not caller.get_hookimpls():
+            return  # nobody observes: a server notifies per job start and stop
         try:
             caller(**kwargs)
         except Exception:  # observers must not break a server
