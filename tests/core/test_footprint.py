@@ -9,7 +9,7 @@ import gc
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -245,3 +245,53 @@ async def test_a_job_that_ends_leaves_no_waiter_in_its_deliverys_event() -> None
 
 def _queued(server: OrchestratedServer) -> list[p.Event]:
     return list(server._events._queue)  # type: ignore[attr-defined]
+
+
+# -- the garbage collector ---------------------------------------------------------------
+
+
+@pytest.fixture
+def thawed() -> Iterator[None]:
+    """Leave the collector as a test found it (frozen objects thawed)."""
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_the_freezer_freezes_after_growth_and_thaws_after_many_jobs_ended(thawed: None) -> None:
+    from orchestratr_core.server import _GcFreezer
+
+    freezer = _GcFreezer(least=10)
+    freezer.tend(running=9)
+    assert gc.get_freeze_count() == 0  # few jobs: the collector is left alone
+    freezer.tend(running=12)
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    freezer.ended = 9
+    freezer.tend(running=3)
+    assert gc.get_freeze_count() >= frozen  # not enough ended yet: still frozen
+    freezer.ended = 10
+    freezer.tend(running=2)  # a full collection ran; two jobs are too few to freeze
+    assert gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        freezer.tend(running=50)
+        assert gc.get_freeze_count() == 0  # an application that manages gc itself
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_a_server_with_thousands_of_jobs_keeps_them_out_of_full_collections(
+    rig: Rig, thawed: None, freeze: bool
+) -> None:
+    await rig.start(1500, heartbeat_interval=0.2, freeze_gc=freeze)
+    await rig.publish(1500)
+    await rig.wait_running(1500)
+    await asyncio.sleep(0.5)  # a heartbeat or two
+    if freeze:
+        # Every running job's objects (task, coroutines, token, delivery...) are
+        # frozen: a full collection no longer walks them.
+        assert gc.get_freeze_count() > 1500 * 10
+    else:
+        assert gc.get_freeze_count() == 0
