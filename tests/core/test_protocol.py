@@ -1,8 +1,10 @@
 """The codec's heartbeat path: jobs as arrays, the older object form still read,
-and malformed items refused with a clear reason."""
+the start reports a heartbeat replaces (``started``), and malformed items refused
+with a clear reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -138,3 +140,55 @@ def test_a_large_heartbeat_round_trips() -> None:
     )
     heartbeat = p.ServerHeartbeat("s", "n", 10_000, 1.0, 2.0, jobs=jobs)
     assert p.decode_as(p.encode(heartbeat), p.ServerHeartbeat) == heartbeat
+
+
+# -- the start reports a heartbeat replaces ----------------------------------------------------
+
+
+def test_a_heartbeat_writes_the_starts_it_replaces_as_strings_and_reads_them_back() -> None:
+    burst = dataclasses.replace(HEARTBEAT, started=("a", "b"))
+    data = p.encode(burst)
+    assert json.loads(data)["started"] == ["a", "b"]
+    decoded = p.decode_as(data, p.ServerHeartbeat)
+    assert decoded == burst
+    assert decoded.started == ("a", "b")
+    assert type(decoded.started) is tuple
+
+
+def test_a_periodic_heartbeat_leaves_started_out_and_one_without_it_reads_as_empty() -> None:
+    assert HEARTBEAT.started == ()
+    data = p.encode(HEARTBEAT)
+    assert "started" not in json.loads(data)  # written as before the field existed
+    assert p.decode_as(data, p.ServerHeartbeat).started == ()
+    assert p.decode_as(_body([["a", 1, None, 0]]), p.ServerHeartbeat).started == ()
+    assert p.decode_as(_body([], started=[]), p.ServerHeartbeat).started == ()
+
+
+def test_a_reader_ignores_fields_it_does_not_know_as_an_older_manager_ignores_started() -> None:
+    newer = _body([["a", 1, None, 0]], started=["a"], later={"x": [1, 2]})
+    decoded = p.decode_as(newer, p.ServerHeartbeat)
+    assert decoded.started == ("a",)
+    assert decoded.jobs == (p.RunningJob("a", 1, None, 0),)
+
+
+@pytest.mark.parametrize(
+    ("started", "reason"),
+    [
+        ("a", "field 'started' must be a list of str"),
+        ({"a": 1}, "field 'started' must be a list of str"),
+        (7, "field 'started' must be a list of str"),
+        (["a", 1], "item 1 of 'started' must be str"),
+        ([None], "item 0 of 'started' must be str"),
+        ([["a"]], "item 0 of 'started' must be str"),
+        (["a", "b", True], "item 2 of 'started' must be str"),
+        (None, "field 'started' must not be null"),
+    ],
+)
+def test_a_malformed_started_makes_the_heartbeat_malformed_with_a_clear_reason(
+    started: Any, reason: str
+) -> None:
+    with pytest.raises(MalformedMessage) as caught:
+        p.decode(_body([], started=started))
+    message = str(caught.value)
+    assert message.startswith("bad 'heartbeat' message: ")
+    assert reason in message

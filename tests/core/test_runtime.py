@@ -9,6 +9,7 @@ import functools
 import itertools
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -26,14 +27,17 @@ from orchestratr_core import (
     UnknownJob,
 )
 from orchestratr_core import protocol as p
+from orchestratr_core.client import job_message
 from orchestratr_core.errors import PublishError
 from orchestratr_core.job import (
     JobQuery,
     ServerQuery,
     ServerStatus,
+    new_id,
     split_fence,
     utcnow,
 )
+from orchestratr_core.transport import Subscription
 from orchestratr_memory.transport import MemoryTransport
 from tests.core.conftest import FAST_MANAGER, FAST_SERVER, Cluster, Ledger, eventually
 
@@ -697,12 +701,14 @@ async def _count_servers(cluster: Cluster, n: int) -> bool:
 
 
 class RecordingEvents(MemoryTransport):
-    """A real memory transport that records every event it publishes, and can hold
-    them back (``gate`` cleared) the way a slow broker would."""
+    """A real memory transport that records every event it publishes (and every
+    command its server receives), and can hold the events back (``gate``
+    cleared) the way a slow broker would."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.published: list[p.Event] = []
+        self.commands: list[p.Command] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.held = 0  # events waiting at the gate
@@ -714,9 +720,22 @@ class RecordingEvents(MemoryTransport):
         await super().publish_event(event)
         self.published.append(event)
 
+    async def consume_commands(
+        self, server_id: str, handler: Callable[[p.Command], Awaitable[None]]
+    ) -> tuple[Subscription, frozenset[str]]:
+        async def record(command: p.Command) -> None:
+            self.commands.append(command)
+            await handler(command)
+
+        return await super().consume_commands(server_id, record)
+
 
 async def _add_recorded_server(
-    cluster: Cluster, name: str, max_workers: int, job: Any = None
+    cluster: Cluster,
+    name: str,
+    max_workers: int,
+    job: Any = None,
+    options: ServerOptions = FAST_SERVER,
 ) -> tuple[OrchestratedServer, RecordingEvents]:
     transport = RecordingEvents(cluster.url)
     server = OrchestratedServer(
@@ -724,7 +743,7 @@ async def _add_recorded_server(
         transport=transport,
         name=name,
         max_workers=max_workers,
-        options=FAST_SERVER,
+        options=options,
     )
     await server.start()
     cluster.servers[name] = server
@@ -790,6 +809,117 @@ async def test_jobs_that_ended_within_a_burst_keep_their_start_reports(cluster: 
     for job_id in ids:
         kinds = [type(e) for e in burst if e.job_id == job_id]
         assert kinds == [p.JobStarted, p.JobStopped], kinds
+
+
+async def _hold_events(transport: RecordingEvents) -> None:
+    """Let the server's events queue up: its pump waits at the gate with a heartbeat
+    built before anything that follows."""
+    await eventually(lambda: transport.published, what="the first heartbeat")
+    transport.gate.clear()
+    await eventually(lambda: transport.held, what="the event pump waits for the broker")
+
+
+def _burst_started(transport: RecordingEvents) -> set[str]:
+    """The ids of the start reports that heartbeats replaced."""
+    return {
+        job_id
+        for e in transport.published
+        if isinstance(e, p.ServerHeartbeat)
+        for job_id in e.started
+    }
+
+
+def _start_reports(transport: RecordingEvents) -> set[str]:
+    return {e.job_id for e in transport.published if isinstance(e, p.JobStarted)}
+
+
+async def test_a_job_the_storage_does_not_know_is_stopped_also_when_it_started_in_a_burst(
+    cluster: Cluster,
+) -> None:
+    """A foreign message (a job this storage never had) must not run. Its start
+    report is among those a heartbeat replaces, and the storage leaves unknown ids
+    out of a heartbeat: the heartbeat names it in ``started``, so the manager
+    tells the server to stop it and drop its message, as on a ``JobStarted``."""
+    await cluster.start_manager()
+    server, transport = await _add_recorded_server(cluster, "a", 20)
+    await _hold_events(transport)
+    ids = await cluster.create(10)
+    foreign = p.JobMessage(
+        job_id=new_id(), name="foreign", argument="x", generation=1, created_at=time.time()
+    )
+    other = cluster.transport()
+    await other.connect()
+    try:
+        await other.publish_job(foreign)
+    finally:
+        await other.close()
+    await eventually(lambda: len(cluster.ledger.running()) == 11, what="11 copies on a")
+    transport.gate.set()
+    await eventually(
+        lambda: not cluster.ledger.running(foreign.job_id), timeout=3, what="foreign job stopped"
+    )
+    # Its start was reported by the burst's heartbeat, not by a JobStarted.
+    assert foreign.job_id in _burst_started(transport)
+    assert foreign.job_id not in _start_reports(transport)
+    for job_id in ids:
+        record = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+        assert record.server_id == server.id
+    await asyncio.sleep(0.5)
+    assert len(cluster.ledger.of(foreign.job_id)) == 1  # dropped: never run again
+    assert sorted(c.job_id for c in cluster.ledger.running()) == sorted(ids)
+    # Its message was acknowledged for good: only the ten jobs' messages are left.
+    assert (cluster.broker.depth("jobs"), cluster.broker.held("jobs")) == (0, 10)
+
+
+async def test_a_job_that_moved_in_a_burst_is_stopped_on_its_previous_owner_at_once(
+    cluster: Cluster,
+) -> None:
+    """A newer copy of a job starts on ``b`` while ``a`` still runs the older one
+    (here: a message republished under a newer generation). ``b`` starts ten at
+    once, so a heartbeat replaces its start reports; the manager tells ``a`` to
+    stop its stale copies at once, as on a ``JobStarted``, not when ``a``
+    heartbeats next (30 s here)."""
+    await cluster.start_manager(
+        dataclasses.replace(FAST_MANAGER, server_timeout=60.0, rebalance=False)
+    )
+    a, a_transport = await _add_recorded_server(
+        cluster, "a", 10, options=dataclasses.replace(FAST_SERVER, heartbeat_interval=30.0)
+    )
+    ids = await cluster.create(10)
+    await cluster.wait_running(ids)
+    records = {job_id: await cluster.wait_status(job_id, JobStatus.PROCESSING) for job_id in ids}
+    assert {r.server_id for r in records.values()} == {a.id}
+    b, b_transport = await _add_recorded_server(cluster, "b", 10)
+    await _hold_events(b_transport)
+    assert cluster.manager is not None
+    for record in records.values():  # a is full: b takes them
+        await cluster.manager.transport.publish_job(job_message(record, record.generation + 1))
+    await eventually(
+        lambda: len([c for c in cluster.ledger.running() if c.server == "b"]) == 10,
+        what="b runs the newer copies",
+    )
+    b_transport.gate.set()
+    await eventually(
+        lambda: not [c for c in cluster.ledger.running() if c.server == "a"],
+        timeout=3,
+        what="a's stale copies stopped",
+    )
+    assert _burst_started(b_transport) == set(ids)
+    assert not _start_reports(b_transport) & set(ids)
+    stops = {
+        (c.job_id, c.reason, c.drop, c.max_fence)
+        for c in a_transport.commands
+        if isinstance(c, p.StopJob)
+    }
+    assert stops == {
+        (job_id, p.StopReason.SUPERSEDED, True, record.fence) for job_id, record in records.items()
+    }
+    for job_id in ids:
+        await eventually(
+            functools.partial(_owned_by, cluster, job_id, b.id), timeout=3, what="owned by b"
+        )
+    assert [c.server for c in cluster.ledger.running()] == ["b"] * 10
+    assert cluster.ledger.fences_grow()
 
 
 async def test_a_delivery_lost_during_the_stop_grace_ends_the_grace_at_once(

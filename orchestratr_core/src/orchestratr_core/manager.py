@@ -280,6 +280,11 @@ class ServerManager:
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
+        # The jobs whose start reports this heartbeat replaces, as they were before
+        # it (one query): what a JobStarted of each would have told (_after_start).
+        before = (
+            {job.id: job for job in await self._storage.get_jobs(hb.started)} if hb.started else {}
+        )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
         if hb.server_id not in self._known_servers:
@@ -290,6 +295,16 @@ class ServerManager:
         fences = {job.job_id: job.fence for job in hb.jobs}
         for job in conflicts:
             await self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence))
+        if hb.started:
+            refused = {job.id for job in conflicts}
+            for job_id in dict.fromkeys(hb.started):
+                fence = fences.get(job_id)
+                if fence is None or job_id in refused:
+                    continue  # not reported running, or stopped as a conflict above
+                previous = before.get(job_id)
+                await self._after_start(
+                    job_id, hb.server_id, fence, previous, known=previous is not None
+                )
 
     async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
         before = await self._storage.get_job(ev.job_id)
@@ -301,28 +316,43 @@ class ServerManager:
             now=now,
             restarts=ev.restarts,
         )
-        if result.job is None:
-            # A message for a job this storage does not know: never run it.
+        if result.job is not None and not result.applied:
+            await self._stop_copy(result.job, ev.server_id, ev.fence)
+            return
+        await self._after_start(
+            ev.job_id, ev.server_id, ev.fence, before, known=result.job is not None
+        )
+
+    async def _after_start(
+        self, job_id: str, server_id: str, fence: int, before: JobRecord | None, *, known: bool
+    ) -> None:
+        """What a start that the storage did not refuse asks of servers: ``server_id``
+        reported it runs ``job_id`` under ``fence``, and the job was ``before``
+        (read before the start was applied). Shared by :class:`~protocol.JobStarted`
+        and the starts a heartbeat replaces (``ServerHeartbeat.started``).
+
+        * An unknown job (``known`` false: a foreign or stale message) must never
+          run: tell the server to stop it and drop its message.
+        * A job that moved (``before`` owned by another server, under a lower
+          fence): if the old owner still runs a copy, it is stale; tell it now,
+          not at its next heartbeat."""
+        if not known:
             await self._send(
                 p.StopJob(
-                    job_id=ev.job_id, reason=p.StopReason.SUPERSEDED, drop=True, max_fence=ev.fence
+                    job_id=job_id, reason=p.StopReason.SUPERSEDED, drop=True, max_fence=fence
                 ),
-                ev.server_id,
+                server_id,
             )
-            return
-        if not result.applied:
-            await self._stop_copy(result.job, ev.server_id, ev.fence)
             return
         if (
             before is not None
             and before.server_id is not None
-            and before.server_id != ev.server_id
-            and before.fence < ev.fence
+            and before.server_id != server_id
+            and before.fence < fence
         ):
-            # The job moved: if the old owner still runs a copy, it is stale.
             await self._send(
                 p.StopJob(
-                    job_id=ev.job_id,
+                    job_id=job_id,
                     reason=p.StopReason.SUPERSEDED,
                     drop=True,
                     max_fence=before.fence,

@@ -27,6 +27,14 @@ array with fewer than four values, or a value of the wrong type (``true`` is not
 a number here), makes the whole message malformed; values after the fourth are
 ignored, as unknown fields of an object are, so that a newer minor writer may
 append some.
+
+``ServerHeartbeat.started`` lists the ids of the jobs whose start reports a
+heartbeat replaces (a server that takes many jobs at once sends one heartbeat
+instead of a :class:`JobStarted` per job), as a list of strings; the manager
+does for those jobs what it does on a :class:`JobStarted`. It is left out when
+empty (a periodic heartbeat), and a heartbeat without it reads as ``()``. A
+manager of an older version ignores it, as it ignores every unknown field.
+Anything but a list of strings makes the message malformed.
 """
 
 from __future__ import annotations
@@ -184,6 +192,10 @@ class ServerHeartbeat(Event):
     pid: int = 0
     draining: bool = False
     jobs: tuple[RunningJob, ...] = field(default_factory=tuple)
+    started: tuple[str, ...] = ()
+    """Ids of jobs whose start reports this heartbeat replaces (each also in
+    ``jobs``, with its fence): the manager treats them as it treats a
+    :class:`JobStarted`. Empty in a periodic heartbeat."""
 
 
 @dataclass(frozen=True)
@@ -281,7 +293,7 @@ def encode(message: Message) -> bytes:
 
 def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
     """The heartbeat's fields, its jobs as arrays (see the module docstring)."""
-    return {
+    body: dict[str, Any] = {
         "server_id": hb.server_id,
         "name": hb.name,
         "max_workers": hb.max_workers,
@@ -295,6 +307,9 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         # oldest generation while the message is written (full collections).
         "jobs": [(j.job_id, j.fence, j.last_heartbeat, j.restarts) for j in hb.jobs],
     }
+    if hb.started:  # left out when empty: a periodic heartbeat is written as before
+        body["started"] = list(hb.started)
+    return body
 
 
 _M = TypeVar("_M", bound=Message)
@@ -366,6 +381,8 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
         return StopReason(value)
     if base == "tuple[RunningJob, ...]":
         return _running_jobs(name, value)
+    if base == "tuple[str, ...]":
+        return _strings(name, value)
     expected = _SCALARS.get(base)
     if expected is None:
         raise TypeError(f"no decoder for field {name!r} of type {annotation}")
@@ -412,3 +429,13 @@ def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
         else:
             raise ValueError(f"items of {name!r} must be arrays {_JOB_ARRAY} or objects")
     return tuple(jobs)
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    """A list of strings (``ServerHeartbeat.started``: up to one per running job)."""
+    if type(value) is not list:
+        raise ValueError(f"field {name!r} must be a list of str")
+    for index, item in enumerate(value):
+        if type(item) is not str:
+            raise ValueError(f"item {index} of {name!r} must be str")
+    return tuple(value)

@@ -41,7 +41,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from orchestratr_core import protocol as p
@@ -841,14 +841,17 @@ class OrchestratedServer:
         already is not in the heartbeat, so its start report stays, ahead of its
         stop report, and the manager sees both. ``first`` (just taken from the
         queue) is put back at the head if it is not covered. Returns the event to
-        publish now: the heartbeat.
+        publish now: the heartbeat, its ``started`` the ids of the start reports
+        it replaces, for which the manager does what it does on a ``JobStarted``
+        (it stops a job its storage does not know, and tells the previous owner
+        of a job that moved to stop its copy).
         """
         heartbeat = self._heartbeat_event()
         covered = {(job.job_id, job.fence) for job in heartbeat.jobs}
         kept: list[p.Event] = []
-        dropped = 0
+        dropped: list[str] = []  # ids of the start reports the heartbeat replaces
         if (first.job_id, first.fence) in covered:
-            dropped += 1
+            dropped.append(first.job_id)
         else:
             kept.append(first)
         while True:
@@ -860,7 +863,7 @@ class OrchestratedServer:
             if isinstance(event, p.ServerHeartbeat):
                 continue
             if isinstance(event, p.JobStarted) and (event.job_id, event.fence) in covered:
-                dropped += 1
+                dropped.append(event.job_id)
                 continue
             kept.append(event)
         for event in kept:
@@ -869,10 +872,11 @@ class OrchestratedServer:
         self._settled_events = len(kept)
         log.debug(
             "%d start report(s) replaced by one heartbeat of %d job(s)",
-            dropped,
+            len(dropped),
             len(heartbeat.jobs),
         )
-        return heartbeat
+        # A restarted job may have had two start reports: its id once.
+        return replace(heartbeat, started=tuple(dict.fromkeys(dropped)))
 
     async def _flush_events(self, limit: float) -> None:
         with contextlib.suppress(TimeoutError):
