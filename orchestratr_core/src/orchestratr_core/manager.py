@@ -57,6 +57,8 @@ __all__ = ["ManagerOptions", "ServerManager"]
 log = logging.getLogger("orchestratr.manager")
 
 _T = TypeVar("_T")
+_SEND_CHUNK = 200
+"""Commands one heartbeat asks for are sent this many at a time (pipelined)."""
 
 LEADER_LEASE = "leader"
 
@@ -293,8 +295,9 @@ class ServerManager:
                 "server_joined", server_id=hb.server_id, name=hb.name, max_workers=hb.max_workers
             )
         fences = {job.job_id: job.fence for job in hb.jobs}
-        for job in conflicts:
-            await self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence))
+        sends = [
+            self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence)) for job in conflicts
+        ]
         if hb.started:
             refused = {job.id for job in conflicts}
             for job_id in dict.fromkeys(hb.started):
@@ -302,9 +305,15 @@ class ServerManager:
                 if fence is None or job_id in refused:
                     continue  # not reported running, or stopped as a conflict above
                 previous = before.get(job_id)
-                await self._after_start(
-                    job_id, hb.server_id, fence, previous, known=previous is not None
+                sends.append(
+                    self._after_start(
+                        job_id, hb.server_id, fence, previous, known=previous is not None
+                    )
                 )
+        # A burst after a failover asks one command per moved job of the old owner:
+        # pipelined on the channel, not one confirm round trip after another.
+        for i in range(0, len(sends), _SEND_CHUNK):
+            await asyncio.gather(*sends[i : i + _SEND_CHUNK])
 
     async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
         before = await self._storage.get_job(ev.job_id)
