@@ -311,6 +311,22 @@ class NewJob:
     heartbeat_timeout: float | None = None
     """Watchdog: restart the job if it does not call ``heartbeat()`` this often (s)."""
 
+    def record(self) -> JobRecord:
+        """The job as a storage holds it right after creating it: ``pending``, on
+        no server, fence 0."""
+        return JobRecord(
+            id=self.id,
+            name=self.name,
+            argument=self.argument,
+            status=JobStatus.PENDING,
+            server_id=None,
+            fence=0,
+            generation=self.generation,
+            created_at=self.created_at,
+            updated_at=self.created_at,
+            heartbeat_timeout=self.heartbeat_timeout,
+        )
+
 
 @dataclass(frozen=True)
 class JobRecord:

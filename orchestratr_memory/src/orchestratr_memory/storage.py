@@ -318,18 +318,7 @@ class MemoryStorage(Storage):
                 ids.add(job.id)
             records: list[JobRecord] = []
             for job in jobs:
-                record = JobRecord(
-                    id=job.id,
-                    name=job.name,
-                    argument=job.argument,
-                    status=JobStatus.PENDING,
-                    server_id=None,
-                    fence=0,
-                    generation=job.generation,
-                    created_at=job.created_at,
-                    updated_at=job.created_at,
-                    heartbeat_timeout=job.heartbeat_timeout,
-                )
+                record = job.record()
                 store.put(None, record)
                 store.add_outbox(record, OutboxKind.PUBLISH, job.created_at, holder, lease_until)
                 records.append(record)

@@ -221,22 +221,6 @@ class SqlStorage(Storage):
             created_at=self._time(row["created_at"]),
         )
 
-    @staticmethod
-    def _new_record(job: NewJob) -> JobRecord:
-        """The row ``insert_job`` writes for ``job``, as it reads back."""
-        return JobRecord(
-            id=job.id,
-            name=job.name,
-            argument=job.argument,
-            status=JobStatus.PENDING,
-            server_id=None,
-            fence=0,
-            generation=job.generation,
-            created_at=job.created_at,
-            updated_at=job.created_at,
-            heartbeat_timeout=job.heartbeat_timeout,
-        )
-
     def _insert_values(self, job: NewJob) -> dict[str, Any]:
         return {
             "id": job.id,
@@ -325,7 +309,7 @@ class SqlStorage(Storage):
             await conn.execute(self._q["insert_job"], values)
             await conn.execute(self._q["insert_outbox"], values)
             if self.dialect.stored_as_sent:
-                return self._new_record(job)
+                return job.record()
             row = await conn.fetch_one(self._q["select_job"], {"id": job.id})
             if row is None:  # pragma: no cover - we just inserted it
                 raise RuntimeError("inserted job row is not visible")
@@ -407,7 +391,7 @@ class SqlStorage(Storage):
                 )
             if not self._one_statement_create:
                 if self.dialect.stored_as_sent:
-                    records = [self._new_record(job) for job in jobs]
+                    records = [job.record() for job in jobs]
                 else:
                     rows = await conn.fetch(
                         self._q["select_jobs_by_ids"],
