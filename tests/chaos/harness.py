@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -133,6 +134,23 @@ class Copy:
         return min(last, dead_at) if dead_at is not None else last
 
 
+class _UnconfirmedPublishes(logging.Handler):
+    """Ids of jobs whose first publish the client could not confirm. The manager's
+    relay sends those again; if the broker had stored the first message (its confirm
+    lost as the broker shut down), two messages of one generation exist -- the
+    documented "Duplicate messages" gap of docs/reliability.md."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.ids: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("job %s created; its message will be sent") and isinstance(
+            record.args, tuple
+        ):
+            self.ids.add(str(record.args[0]))
+
+
 class ChaosCluster:
     """See the module docstring."""
 
@@ -153,6 +171,8 @@ class ChaosCluster:
         self.monitor: AdminOrchestratorMonitor | None = None
         self.cancelled_at: dict[str, float] = {}
         self.proxies = ProxyLoop()
+        self.unconfirmed = _UnconfirmedPublishes()
+        logging.getLogger("orchestratr.client").addHandler(self.unconfirmed)
 
     # -- URLs -------------------------------------------------------------------------------
 
@@ -187,6 +207,7 @@ class ChaosCluster:
 
     async def close(self) -> None:
         """Kill everything and remove the run's schema and queues."""
+        logging.getLogger("orchestratr.client").removeHandler(self.unconfirmed)
         for proc in list(self.procs.values()):
             self._reap(proc)
         if self.manager is not None:
@@ -513,6 +534,14 @@ class ChaosCluster:
                 for b in cs[i + 1 :]:
                     if b.pid == a.pid:
                         continue
+                    if job in self.unconfirmed.ids and a.fence != b.fence and b.start < a_end:
+                        # Two messages of the job (one relayed after an unconfirmed
+                        # publish) ran two copies: downstream refuses the lower
+                        # token's writes, and the manager must stop that copy.
+                        low = a if a.fence < b.fence else b
+                        low_end = low.stop if low.stop is not None else time.time()
+                        report.duplicate_copies.append((job, low.server, low_end - b.start))
+                        continue
                     if b.start < a_end:
                         report.overlaps.append((job, a.server, b.server, a_end - b.start))
                     if b.fence <= a.fence:
@@ -586,12 +615,21 @@ class Report:
     unfenced_stale_writes: int = 0
     ran_after_cancel: list[tuple[str, str, float]] = field(default_factory=list)
     over_capacity: list[tuple[str, int, int]] = field(default_factory=list)
+    duplicate_copies: list[tuple[str, str, float]] = field(default_factory=list)
+    """Two copies run by two messages of one job: (job, server of the lower token,
+    seconds both ran)."""
 
-    def assert_ok(self, *, cancel_grace: float = 0.0) -> None:
+    def assert_ok(self, *, cancel_grace: float = 0.0, duplicate_grace: float = 0.0) -> None:
         """No invariant violated. ``cancel_grace``: a copy of a cancelled job that
         started after the cancel is tolerated only if it ran no longer than this
-        (the documented window of a cancel issued while the broker is down)."""
+        (the documented window of a cancel issued while the broker is down).
+        ``duplicate_grace``: two copies run by two messages of a job whose first
+        publish was not confirmed (docs/reliability.md) are tolerated only if the
+        lower token's copy stopped within this many seconds."""
         problems = {
+            "duplicate message's copies overlapped too long": [
+                d for d in self.duplicate_copies if d[2] > duplicate_grace
+            ],
             "I1 overlapping copies": self.overlaps,
             "fencing token did not grow": self.fence_regressions,
             "stale writes with a token not lower than the owner's": self.unfenced_stale_writes,

@@ -137,7 +137,9 @@ async def test_broker_restart_every_job_runs_again_once(chaos: ChaosCluster) -> 
     print(f"broker restart: all jobs running again after {took:.2f} s (from start_app)")
     await chaos.wait_all_running(ids + kept, within=BOUND_BROKER_RESTART)
     await asyncio.sleep(2)
-    chaos.check().assert_ok(cancel_grace=3.0)
+    # A create whose confirm was lost in the shutdown is relayed: a second message
+    # of the job can start a lower-token copy, which the manager must stop quickly.
+    chaos.check().assert_ok(cancel_grace=3.0, duplicate_grace=3.0)
     await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW + 5)
 
 
