@@ -278,7 +278,7 @@ async def test_total_blackout_everything_restarts_in_random_order(chaos: ChaosCl
 async def test_seeded_soak_random_faults_keep_the_invariants(chaos: ChaosCluster) -> None:
     rng, seed = seeded()
     ids = await _three_servers_with_jobs(chaos, jobs=20)
-    spare = 0
+    spare = batches = 0
     deadline = time.time() + float(os.environ.get("CHAOS_SOAK_SECONDS", "120"))
     while time.time() < deadline:
         fault = rng.choice(["kill", "term", "stop", "partition", "cancel", "create"])
@@ -303,7 +303,10 @@ async def test_seeded_soak_random_faults_keep_the_invariants(chaos: ChaosCluster
             job_id = ids.pop(rng.randrange(len(ids)))
             await chaos.cancel(job_id)
         else:
-            ids += await chaos.create(2, prefix=f"soak-{len(ids)}")
+            # Names of their own: a cancelled job's name is taken until it is deleted
+            # (naming by len(ids) repeated one after a cancel: DuplicateJobName).
+            batches += 1
+            ids += await chaos.create(2, prefix=f"soak-{batches}")
         await asyncio.sleep(rng.uniform(0.5, 3))
     await chaos.wait_all_running(ids, within=BOUND_SILENT + 10)
     report = chaos.check()
