@@ -122,6 +122,20 @@ async def _create_many(
         pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
 
 
+async def _refused_batch(
+    storage: Storage, jobs: list[NewJob], lease_until: datetime, accepted: str
+) -> DuplicateJobName:
+    """``create_jobs`` that must raise :class:`DuplicateJobName` (skipped for a
+    backend without the optional batch); ``accepted`` says what went wrong if not."""
+    try:
+        await storage.create_jobs(jobs, HOLDER, lease_until)
+    except NotImplementedError:
+        pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
+    except DuplicateJobName as caught:
+        return caught
+    pytest.fail(accepted)
+
+
 async def _get(storage: Storage, job_id: str) -> JobRecord:
     job = await storage.get_job(job_id)
     assert job is not None, f"job {job_id} vanished"
@@ -397,14 +411,10 @@ class StorageConformance:
         now = _now()
         first = await _create(storage, "taken", at=now)
         jobs = [_new_job("fresh-1", at=now), _new_job("taken", at=now), _new_job("fresh-2", at=now)]
-        try:
-            await storage.create_jobs(jobs, HOLDER, now + LEASE)
-        except NotImplementedError:
-            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
-        except DuplicateJobName as caught:
-            assert caught.name == "taken"
-        else:
-            pytest.fail("a batch with a taken name was accepted")
+        refused = await _refused_batch(
+            storage, jobs, now + LEASE, "a batch with a taken name was accepted"
+        )
+        assert refused.name == "taken"
         page = await storage.list_jobs(JobQuery(include_deleted=True, limit=None))
         assert _ids(page.items) == [first.id]
         assert [item.job_id for item in await _all_outbox(storage, now)] == [first.id]
@@ -414,14 +424,10 @@ class StorageConformance:
     ) -> None:
         now = _now()
         jobs = [_new_job("twin", at=now), _new_job("other", at=now), _new_job("twin", at=now)]
-        try:
-            await storage.create_jobs(jobs, HOLDER, now + LEASE)
-        except NotImplementedError:
-            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
-        except DuplicateJobName as caught:
-            assert caught.name == "twin"
-        else:
-            pytest.fail("a batch naming one job twice was accepted")
+        refused = await _refused_batch(
+            storage, jobs, now + LEASE, "a batch naming one job twice was accepted"
+        )
+        assert refused.name == "twin"
         assert (await storage.list_jobs(JobQuery(include_deleted=True), with_total=True)).total == 0
         assert await _all_outbox(storage, now) == []
 
@@ -433,14 +439,10 @@ class StorageConformance:
         now = _now()
         await _create(storage, "big-1199", at=now)
         jobs = [_new_job(f"big-{i:04d}", at=now) for i in range(1200)]
-        try:
-            await storage.create_jobs(jobs, HOLDER, now + LEASE)
-        except NotImplementedError:
-            pytest.skip(f"{type(storage).__name__} does not implement the optional create_jobs")
-        except DuplicateJobName as caught:
-            assert caught.name == "big-1199"
-        else:
-            pytest.fail("a batch with a taken name was accepted")
+        refused = await _refused_batch(
+            storage, jobs, now + LEASE, "a batch with a taken name was accepted"
+        )
+        assert refused.name == "big-1199"
         assert (await storage.list_jobs(JobQuery(include_deleted=True), with_total=True)).total == 1
         assert len(await _all_outbox(storage, now)) == 1
         created = await _create_many(storage, jobs[:-1], now + LEASE)
