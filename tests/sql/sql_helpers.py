@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from orchestratr_core.job import utcnow
+from orchestratr_core.protocol import RunningJob, ServerHeartbeat
 from orchestratr_sql import SqlStorage, storage_from_url
 
 PG_SERVER = os.environ.get("ORCHESTRATR_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -31,6 +33,24 @@ TABLES_IN_DELETE_ORDER = ("outbox", "jobs", "servers", "leases")
 def unique_name(prefix: str) -> str:
     """A schema/database name unique to this run and call."""
     return f"orx_{prefix}_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+
+
+def heartbeat(
+    server: str, jobs: list[tuple[str, int]], *, beat: float | None = None, restarts: int = 0
+) -> ServerHeartbeat:
+    """A heartbeat of ``server`` running ``jobs`` as (job id, fence) pairs."""
+    now = utcnow().timestamp()
+    return ServerHeartbeat(
+        server_id=server,
+        name=server,
+        max_workers=len(jobs) + 1,
+        started_at=now,
+        sent_at=now,
+        jobs=tuple(
+            RunningJob(job_id=job_id, fence=fence, last_heartbeat=beat, restarts=restarts)
+            for job_id, fence in jobs
+        ),
+    )
 
 
 def pg_url(schema: str, **params: object) -> str:

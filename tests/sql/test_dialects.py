@@ -9,9 +9,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sql_helpers import heartbeat
 
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, NewJob, new_id, utcnow
-from orchestratr_core.protocol import RunningJob, ServerHeartbeat
+from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_sql import SqlStorage, storage_from_url
 from orchestratr_sql.connection import Connection
 
@@ -33,18 +34,6 @@ async def _jobs(storage: SqlStorage, names: list[str]) -> list[str]:
         )
         ids.append(job.id)
     return ids
-
-
-def _heartbeat(server: str, jobs: list[tuple[str, int]]) -> ServerHeartbeat:
-    now = utcnow().timestamp()
-    return ServerHeartbeat(
-        server_id=server,
-        name=server,
-        max_workers=len(jobs) + 1,
-        started_at=now,
-        sent_at=now,
-        jobs=tuple(RunningJob(job_id=job_id, fence=fence) for job_id, fence in jobs),
-    )
 
 
 class _Counting(Connection):
@@ -88,8 +77,8 @@ async def test_heartbeat_ingestion_takes_the_same_few_statements_for_3_or_300_jo
 ) -> None:
     few = await _jobs(storage, [f"few-{i}" for i in range(3)])
     many = await _jobs(storage, [f"many-{i}" for i in range(300)])
-    small = await _statements_of_heartbeat(storage, _heartbeat("s1", [(j, 1) for j in few]))
-    large = await _statements_of_heartbeat(storage, _heartbeat("s2", [(j, 1) for j in many]))
+    small = await _statements_of_heartbeat(storage, heartbeat("s1", [(j, 1) for j in few]))
+    large = await _statements_of_heartbeat(storage, heartbeat("s2", [(j, 1) for j in many]))
     assert small == large <= 4
     page = await storage.list_jobs(JobQuery(server_id="s2", limit=None))
     assert len(page.items) == 300
@@ -103,14 +92,14 @@ async def test_a_heartbeat_taking_over_a_job_resets_started_at_only_on_a_new_own
     t1 = utcnow()
     await storage.transition(job_id, JobEvent.START, server_id="s1", fence=1, now=t1)
     t2 = t1 + timedelta(seconds=5)
-    assert await storage.apply_heartbeat(_heartbeat("s2", [(job_id, 2)]), t2) == []
+    assert await storage.apply_heartbeat(heartbeat("s2", [(job_id, 2)]), t2) == []
     job = await storage.get_job(job_id)
     assert job is not None and (job.server_id, job.fence) == ("s2", 2)
     assert job.started_at is not None and abs(job.started_at - t2) < timedelta(milliseconds=1)
     t3 = t2 + timedelta(seconds=5)
-    rejected = await storage.apply_heartbeat(_heartbeat("s1", [(job_id, 1)]), t3)
+    rejected = await storage.apply_heartbeat(heartbeat("s1", [(job_id, 1)]), t3)
     assert [j.id for j in rejected] == [job_id]  # the stale owner is told to stop
-    await storage.apply_heartbeat(_heartbeat("s2", [(job_id, 2)]), t3)
+    await storage.apply_heartbeat(heartbeat("s2", [(job_id, 2)]), t3)
     again = await storage.get_job(job_id)
     assert again is not None and again.started_at == job.started_at
 

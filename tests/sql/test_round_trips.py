@@ -12,10 +12,10 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sql_helpers import heartbeat
 
 from orchestratr_core.errors import DuplicateJobName
 from orchestratr_core.job import JobQuery, JobStatus, NewJob, new_id, utcnow
-from orchestratr_core.protocol import RunningJob, ServerHeartbeat
 from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxKind
 from orchestratr_sql import SqlStorage, storage_from_url
 from orchestratr_sql.connection import Connection, Connector
@@ -176,7 +176,7 @@ async def test_completing_many_outbox_rows_is_one_statement(storage: SqlStorage)
 
 async def test_count_running_by_server_is_one_query(storage: SqlStorage) -> None:
     jobs = await storage.create_jobs([_job() for _ in range(5)], "m", utcnow())
-    await storage.apply_heartbeat(_heartbeat("s1", [(job.id, 1) for job in jobs]), utcnow())
+    await storage.apply_heartbeat(heartbeat("s1", [(job.id, 1) for job in jobs]), utcnow())
     async with _counted(storage) as seen:
         assert await storage.count_running_by_server() == {"s1": 5}
     assert _one_statement(storage, seen) == ["count_running_by_server"]
@@ -195,41 +195,24 @@ def _one_statement(storage: SqlStorage, seen: dict[str, list[str]]) -> list[str]
 # -- heartbeats: unchanged rows are not rewritten within the refresh step ------------------
 
 
-def _heartbeat(
-    server: str, jobs: list[tuple[str, int]], *, beat: float | None = None, restarts: int = 0
-) -> ServerHeartbeat:
-    now = utcnow().timestamp()
-    return ServerHeartbeat(
-        server_id=server,
-        name=server,
-        max_workers=len(jobs) + 1,
-        started_at=now,
-        sent_at=now,
-        jobs=tuple(
-            RunningJob(job_id=job_id, fence=fence, last_heartbeat=beat, restarts=restarts)
-            for job_id, fence in jobs
-        ),
-    )
-
-
 async def test_a_heartbeat_rewrites_a_job_only_when_something_changes_or_the_step_passed(
     storage: SqlStorage,
 ) -> None:
     (job,) = await storage.create_jobs([_job("steady")], "m", utcnow())
     t0 = utcnow()
-    await storage.apply_heartbeat(_heartbeat("s1", [(job.id, 1)], beat=t0.timestamp()), t0)
+    await storage.apply_heartbeat(heartbeat("s1", [(job.id, 1)], beat=t0.timestamp()), t0)
     first = await storage.get_job(job.id)
     assert first is not None and first.updated_at is not None
 
     t1 = t0 + STEP / 3  # nothing changes but the beat: the row stays as it was
     beat1 = t1.timestamp()
-    assert await storage.apply_heartbeat(_heartbeat("s1", [(job.id, 1)], beat=beat1), t1) == []
+    assert await storage.apply_heartbeat(heartbeat("s1", [(job.id, 1)], beat=beat1), t1) == []
     assert await storage.get_job(job.id) == first
 
     t2 = t1 + timedelta(seconds=1)  # restarts changed: written at once
     beat2 = t2.timestamp()
     assert (
-        await storage.apply_heartbeat(_heartbeat("s1", [(job.id, 1)], beat=beat2, restarts=1), t2)
+        await storage.apply_heartbeat(heartbeat("s1", [(job.id, 1)], beat=beat2, restarts=1), t2)
         == []
     )
     second = await storage.get_job(job.id)
@@ -237,7 +220,7 @@ async def test_a_heartbeat_rewrites_a_job_only_when_something_changes_or_the_ste
     assert abs(second.updated_at - t2) < timedelta(milliseconds=1)
 
     t3 = t2 + STEP + timedelta(seconds=1)  # the stored beat is older than the step
-    hb = _heartbeat("s1", [(job.id, 1)], beat=t3.timestamp(), restarts=1)
+    hb = heartbeat("s1", [(job.id, 1)], beat=t3.timestamp(), restarts=1)
     assert await storage.apply_heartbeat(hb, t3) == []
     third = await storage.get_job(job.id)
     assert third is not None and third.last_heartbeat is not None
@@ -252,10 +235,10 @@ async def test_skipped_rows_are_neither_conflicts_nor_released(storage: SqlStora
     (theirs,) = await storage.create_jobs([_job("theirs")], "m", utcnow())
     t0 = utcnow()
     mine = [(job.id, 1) for job in steady]
-    await storage.apply_heartbeat(_heartbeat("s1", mine), t0)
-    await storage.apply_heartbeat(_heartbeat("s2", [(theirs.id, 5)]), t0)
+    await storage.apply_heartbeat(heartbeat("s1", mine), t0)
+    await storage.apply_heartbeat(heartbeat("s2", [(theirs.id, 5)]), t0)
     t1 = t0 + timedelta(seconds=2)
-    rejected = await storage.apply_heartbeat(_heartbeat("s1", [*mine, (theirs.id, 1)]), t1)
+    rejected = await storage.apply_heartbeat(heartbeat("s1", [*mine, (theirs.id, 1)]), t1)
     assert [job.id for job in rejected] == [theirs.id]
     page = await storage.list_jobs(JobQuery(server_id="s1", limit=None))
     assert sorted(job.id for job in page.items) == sorted(job.id for job in steady)
