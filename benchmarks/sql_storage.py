@@ -55,6 +55,15 @@ COLUMNS = (
 )
 
 
+async def _drop_schema_and_close(storage: Any, schema: str) -> None:
+    """Remove the benchmark's schema, then release the storage."""
+    try:
+        async with storage.connector.transaction() as conn:
+            await conn.run_script_statement(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        await storage.close()
+
+
 async def _timed(runs: int, call: Callable[[], Awaitable[Any]]) -> dict[str, float]:
     await call()  # warm-up: prepared statement, caches
     samples = []
@@ -228,11 +237,7 @@ async def _allocation(args: argparse.Namespace) -> int:
                 }
                 print(f"{name:<60} {round(statistics.median(rates)):>8,} jobs/s", flush=True)
     finally:
-        try:
-            async with storage.connector.transaction() as conn:
-                await conn.run_script_statement(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await storage.close()
+        await _drop_schema_and_close(storage, schema)
     if args.out:
         _write_json(args.out, results)
         print(f"written to {args.out}")
@@ -326,11 +331,7 @@ async def main() -> int:
             }
         results["heartbeats"] = ingestion
     finally:
-        try:
-            async with storage.connector.transaction() as conn:
-                await conn.run_script_statement(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await storage.close()
+        await _drop_schema_and_close(storage, schema)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
