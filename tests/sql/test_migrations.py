@@ -127,8 +127,8 @@ def _constraint_of(exc: BaseException) -> tuple[str, str] | None:
 
     if isinstance(exc, asyncpg.PostgresError):
         pg_kinds = {"23514": "check", "23503": "foreign key", "23505": "unique"}
-        kind = pg_kinds.get(str(getattr(exc, "sqlstate", "")))
-        return (kind, str(getattr(exc, "constraint_name", ""))) if kind else None
+        pg_kind = pg_kinds.get(str(getattr(exc, "sqlstate", "")))
+        return (pg_kind, str(getattr(exc, "constraint_name", ""))) if pg_kind else None
     if isinstance(exc, aiomysql.MySQLError) and exc.args:
         patterns = {
             4025: ("check", r"CONSTRAINT `(\w+)` failed"),
