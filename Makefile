@@ -8,6 +8,7 @@
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
+#   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)
 #   make format      ruff format + ruff check --fix
 #   make services    check and start PostgreSQL, MariaDB and RabbitMQ
 #   make clean       remove .venv/ and caches
@@ -29,7 +30,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos bench bench-quick lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -83,6 +84,11 @@ bench: $(BENCH_STAMP) services
 
 bench-quick: $(BENCH_STAMP) services
 	$(BIN)/python -m benchmarks.run --quick
+
+# The browser tests write their screenshots to a temporary folder unless told where.
+docs-images: install
+	bash tests/web/install-browser.sh
+	ORCHESTRATR_SCREENSHOTS=$(CURDIR)/docs/images $(BIN)/pytest tests/web/test_dashboard.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

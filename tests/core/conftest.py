@@ -85,7 +85,8 @@ class Ledger:
         return [c for c in self.copies if c.job_id == job_id]
 
     def overlaps(self) -> list[tuple[Copy, Copy, float]]:
-        """I1: pairs of copies of one job that ran at the same time, with the overlap."""
+        """I1: pairs of copies of one job that ran at the same time (every pair, not
+        only neighbours), with how long both ran."""
         out = []
         by_job: dict[str, list[Copy]] = {}
         for c in self.copies:
@@ -93,10 +94,11 @@ class Ledger:
         now = time.monotonic()
         for copies in by_job.values():
             copies.sort(key=lambda c: c.start)
-            for a, b in itertools.pairwise(copies):
+            for a, b in itertools.combinations(copies, 2):
                 a_end = a.end if a.end is not None else now
+                b_end = b.end if b.end is not None else now
                 if b.start < a_end:
-                    out.append((a, b, a_end - b.start))
+                    out.append((a, b, min(a_end, b_end) - b.start))
         return out
 
     def fences_grow(self) -> bool:

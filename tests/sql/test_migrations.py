@@ -4,10 +4,13 @@ from an empty database and from every earlier version; ``upgrade``/``status``.""
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 from datetime import timedelta
 
 import pytest
 
+from orchestratr_core.errors import DuplicateJobName
 from orchestratr_core.job import JobQuery, NewJob, new_id, utcnow
 from orchestratr_sql import SqlStorage, status, storage_from_url, upgrade
 from orchestratr_sql.connection import ErrorKind
@@ -100,13 +103,57 @@ async def test_opening_with_migrate_false_changes_nothing(empty_db_url: str) -> 
     assert (await status(empty_db_url))["pending"] == ALL_VERSIONS
 
 
-async def _rejects(storage: SqlStorage, sql: str) -> bool:
-    try:
+async def _refused(storage: SqlStorage, sql: str) -> BaseException:
+    """Run ``sql``, which the database must refuse; the driver's error."""
+    with pytest.raises(Exception) as caught:
         async with storage.connector.transaction() as conn:
             await conn.run_script_statement(sql)
-    except Exception as exc:  # the database's own constraint error
-        return storage.connector.classify(exc) in (None, ErrorKind.UNIQUE)
-    return False
+    return caught.value
+
+
+def _constraint_of(exc: BaseException) -> tuple[str, str] | None:
+    """The constraint a driver error reports (``check``, ``foreign key`` or
+    ``unique``, and what the driver names it by), ``None`` for any other error
+    (a typo, a missing column). Per driver: PostgreSQL by SQLSTATE
+    class and constraint name, MariaDB by error number and the name in its
+    message, SQLite by its message (the expression of a CHECK, the columns of a
+    UNIQUE, no name for a FOREIGN KEY)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        kind, _, name = str(exc).partition(" constraint failed")
+        kinds = {"CHECK": "check", "FOREIGN KEY": "foreign key", "UNIQUE": "unique"}
+        return (kinds[kind], name.removeprefix(": ")) if kind in kinds else None
+    import aiomysql
+    import asyncpg
+
+    if isinstance(exc, asyncpg.PostgresError):
+        pg_kinds = {"23514": "check", "23503": "foreign key", "23505": "unique"}
+        pg_kind = pg_kinds.get(str(getattr(exc, "sqlstate", "")))
+        return (pg_kind, str(getattr(exc, "constraint_name", ""))) if pg_kind else None
+    if isinstance(exc, aiomysql.MySQLError) and exc.args:
+        patterns = {
+            4025: ("check", r"CONSTRAINT `(\w+)` failed"),
+            1452: ("foreign key", r"CONSTRAINT `(\w+)` FOREIGN KEY"),
+            1062: ("unique", r"for key '(\w+)'"),
+        }
+        if exc.args[0] not in patterns:
+            return None
+        kind, pattern = patterns[exc.args[0]]
+        match = re.search(pattern, str(exc.args[1]))
+        return (kind, match.group(1)) if match else None
+    return None
+
+
+# The constraints of the schema as each driver reports them (SQLite names none).
+NAMED = {
+    "check": "jobs_status_check",
+    "foreign key": "outbox_job_fk",
+    "unique": "jobs_active_name_uq",
+}
+SQLITE_NAMED = {
+    "check": "status IN ('pending', 'processing', 'deleting', 'deleted', 'completed')",
+    "foreign key": "",
+    "unique": "jobs.name",
+}
 
 
 async def test_the_database_itself_rejects_bad_statuses_orphans_and_duplicate_names(
@@ -119,17 +166,28 @@ async def test_the_database_itself_rejects_bad_statuses_orphans_and_duplicate_na
         job = await storage.create_job(
             NewJob(id=new_id(), name="guarded", argument="", created_at=now), "m", now
         )
-        assert await _rejects(storage, f"UPDATE jobs SET status = 'bogus' WHERE id = '{job.id}'")
-        assert await _rejects(
-            storage,
+        named = SQLITE_NAMED if empty_db_url.startswith("sqlite") else NAMED
+        bad_status = f"UPDATE jobs SET status = 'bogus' WHERE id = '{job.id}'"
+        refused = await _refused(storage, bad_status)
+        assert _constraint_of(refused) == ("check", named["check"]), refused
+        orphan = (
             "INSERT INTO outbox (job_id, kind, generation, created_at) "
-            f"VALUES ('no-such-job', 'publish', 1, '{now:%Y-%m-%d %H:%M:%S}')",
+            f"VALUES ('no-such-job', 'publish', 1, '{now:%Y-%m-%d %H:%M:%S}')"
         )
-        assert await _rejects(
-            storage,
+        refused = await _refused(storage, orphan)
+        assert _constraint_of(refused) == ("foreign key", named["foreign key"]), refused
+        duplicate = (
             "INSERT INTO jobs (id, name, argument, status, fence, generation, created_at,"
             f" updated_at, restarts) VALUES ('x-1', 'guarded', '', 'pending', 0, 1,"
-            f" '{now:%Y-%m-%d %H:%M:%S}', '{now:%Y-%m-%d %H:%M:%S}', 0)",
+            f" '{now:%Y-%m-%d %H:%M:%S}', '{now:%Y-%m-%d %H:%M:%S}', 0)"
         )
+        refused = await _refused(storage, duplicate)
+        assert _constraint_of(refused) == ("unique", named["unique"]), refused
+        # The error the storage turns into the core's DuplicateJobName.
+        assert storage.connector.classify(refused) is ErrorKind.UNIQUE
+        with pytest.raises(DuplicateJobName):
+            await storage.create_job(
+                NewJob(id=new_id(), name="guarded", argument="", created_at=now), "m", now
+            )
     finally:
         await storage.close()

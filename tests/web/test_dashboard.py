@@ -2,13 +2,15 @@
 
 Chromium comes from ``tests/web/install-browser.sh`` (Debian packages
 ``chromium`` and ``chromium-driver``); Playwright's own browser download cannot
-work here, so it always launches ``/usr/bin/chromium``. Screenshots go to
-``docs/images/dashboard*.png``.
+work here, so it always launches ``/usr/bin/chromium``. Screenshots go to a
+temporary folder, or to ``$ORCHESTRATR_SCREENSHOTS`` when set: ``make docs-images``
+sets it to ``docs/images/`` to update the documentation's ``dashboard*.png``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+SCREENSHOTS_ENV = "ORCHESTRATR_SCREENSHOTS"
 
 
 @pytest.fixture
@@ -72,13 +74,22 @@ def server_row(page: Page, name: str):  # type: ignore[no-untyped-def]
     return page.locator(f'#servers tbody tr[data-server-name="{name}"]')
 
 
-async def screenshot(page: Page, name: str) -> None:
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(IMAGES / name), full_page=True)
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where screenshots go: never into the repository unless asked for."""
+    chosen = os.environ.get(SCREENSHOTS_ENV)
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def screenshot(page: Page, path: Path) -> None:
+    image = await page.screenshot(path=str(path), full_page=True)
+    assert image.startswith(b"\x89PNG")
 
 
 async def test_dashboard_shows_servers_jobs_and_cancels_a_job(
-    cluster: Cluster, browser: BrowserContext
+    cluster: Cluster, browser: BrowserContext, screenshots: Path
 ) -> None:
     await cluster.add_server("alpha", 6)
     await cluster.add_server("beta", 4)
@@ -101,7 +112,7 @@ async def test_dashboard_shows_servers_jobs_and_cancels_a_job(
         await expect(page.locator("#server-summary")).to_contain_text("2 live · 8 / 10")
 
         await asyncio.sleep(2.0)
-        await screenshot(page, "dashboard.png")
+        await screenshot(page, screenshots / "dashboard.png")
 
         await job_row(page, "feed-3").get_by_test_id("cancel").click()
         await expect(job_row(page, "feed-3")).to_have_count(0, timeout=5_000)
@@ -118,7 +129,7 @@ async def test_dashboard_shows_servers_jobs_and_cancels_a_job(
 
 
 async def test_killed_servers_jobs_are_seen_moving_within_seconds(
-    cluster: Cluster, browser: BrowserContext
+    cluster: Cluster, browser: BrowserContext, screenshots: Path
 ) -> None:
     alpha = await cluster.add_server("alpha", 6)
     ids = await cluster.create(4, prefix="tenant")
@@ -142,14 +153,14 @@ async def test_killed_servers_jobs_are_seen_moving_within_seconds(
         await page.locator("#servers-all").check()
         await expect(server_row(page, "alpha")).to_have_attribute("data-status", "dead")
         await asyncio.sleep(1.0)
-        await screenshot(page, "dashboard-failover.png")
+        await screenshot(page, screenshots / "dashboard-failover.png")
         assert errors == []
     finally:
         await web.stop()
 
 
 async def test_token_is_entered_in_the_page_and_unlocks_create_detail_and_drain(
-    cluster: Cluster, browser: BrowserContext
+    cluster: Cluster, browser: BrowserContext, screenshots: Path
 ) -> None:
     alpha = await cluster.add_server("alpha", 5)
     await cluster.add_server("beta", 5)
@@ -183,7 +194,7 @@ async def test_token_is_entered_in_the_page_and_unlocks_create_detail_and_drain(
         await expect(detail.locator("#detail-argument")).to_have_text('{"tenant": 7}')
         await expect(detail.locator('dd[data-field="status"]')).to_have_text("processing")
         await asyncio.sleep(1.0)
-        await screenshot(page, "dashboard-detail.png")
+        await screenshot(page, screenshots / "dashboard-detail.png")
         await page.locator("#detail-close").click()
 
         # drain the server that runs it: the job moves to the other one
