@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from orchestratr_core.errors import ConfigurationError, MalformedMessage
+from orchestratr_core.logs import add_secret
 
 __all__ = [
     "KEY_ENV",
@@ -76,6 +77,7 @@ class SigningKey:
                 f"(got {len(raw)}; make one with `openssl rand -hex 32`)"
             )
         self._secret = raw
+        add_secret(raw.decode("utf-8", "replace"))  # scrubbed from every log line
         self.key_id = hashlib.sha256(b"orchestratr-key-id\x00" + raw).hexdigest()[:16]
         """Public name of the key (derived from it; reveals nothing usable)."""
 
@@ -157,12 +159,13 @@ class Signer:
             raise ConfigurationError(
                 f"the signing key file {str(file)!r} is not UTF-8 text"
             ) from None
+        signer = cls.parse(text, f"the signing key file {str(file)!r}")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning(
                 "the signing key file %s can be read by others than its owner (chmod 600 it)",
                 file,
             )
-        return cls.parse(text, f"the signing key file {str(file)!r}")
+        return signer
 
     def sign(self, body: bytes, context: Sequence[str]) -> str:
         """The authenticator of ``body`` in ``context``, under the current key."""

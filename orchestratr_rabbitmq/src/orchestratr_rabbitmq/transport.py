@@ -1051,7 +1051,7 @@ class RabbitMQTransport(Transport):
         self.topology = topology
         log.info(
             "connected to RabbitMQ %s at %s (vhost %r, namespace %r, %s queues, heartbeat %ds, "
-            "fence %.1fs)",
+            "fence %.1fs%s)",
             version,
             s.host,
             s.vhost,
@@ -1059,6 +1059,7 @@ class RabbitMQTransport(Transport):
             s.queue_type,
             s.heartbeat,
             s.fence_timeout,
+            f", signed with key {s.signer.current.key_id}" if s.signer else "",
         )
         return session
 
