@@ -213,7 +213,7 @@ async def _assert_untouched(fleet: Fleet, job_ids: list[str], unknown: str) -> N
 
 
 async def test_a_fleet_runs_with_least_privilege_and_a_servers_user_cannot_control_it(
-    users: Users, fleet: Fleet, namespace: str
+    users: Users, fleet: Fleet, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     manager = await fleet.start_manager(users.urls["manager"])
     await fleet.add_server(users.urls["server"], "s1")
@@ -248,7 +248,23 @@ async def test_a_fleet_runs_with_least_privilege_and_a_servers_user_cannot_contr
         await _refused(server_url, exchange, key, RELEASE_ALL)
     await _refused(server_url, f"{ns}.cancellations.in", f"{ns}.cancellations", b"{}")
     await _refused(server_url, "", f"{ns}.events", b"{}")  # events only via events.in
+    # Another broker user may publish events (guest may do anything), but not in the
+    # name of s1: its events came from the server user (the broker validates user_id).
+    record = await manager.admin.job(job_ids[0])
+    completed = {
+        "v": 1,
+        "type": "stopped",
+        "server_id": record.server_id,
+        "job_id": job_ids[0],
+        "fence": record.fence,
+        "reason": "completed",
+        "at": time.time(),
+    }
+    caplog.clear()
+    await _publish(f"{ns}.events.in", f"{ns}.events", json.dumps(completed).encode())
     await _assert_untouched(fleet, job_ids, unknown)
+    assert "whose events come from broker user" in caplog.text
+    assert f"from broker user {users.names['server']!r}" in caplog.text
 
 
 async def test_a_server_cannot_start_before_a_manager_declared_the_namespace(
@@ -429,3 +445,32 @@ async def test_real_processes_with_a_key_file_run_jobs_and_refuse_forgeries(
                 proc.wait()
     for log_file in logs.values():
         assert secret not in log_file.read_text()
+
+
+def test_the_key_file_can_be_given_in_the_url_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``?signing_key_file=`` (how the benchmarks and ``--transport`` URLs pass it),
+    the ``signer`` option, else the environment; never shown in a repr."""
+    from orchestratr_core.errors import ConfigurationError
+    from orchestratr_rabbitmq.settings import Settings
+
+    secret = secrets.token_hex(32)
+    key_file = tmp_path / "fleet.key"
+    key_file.write_text(secret)
+    key_file.chmod(0o600)
+    monkeypatch.delenv("ORCHESTRATR_SIGNING_KEY_FILE", raising=False)
+    monkeypatch.delenv("ORCHESTRATR_SIGNING_KEY", raising=False)
+    from_url = Settings.build(f"{BROKER_URL}?signing_key_file={key_file}", {})
+    assert from_url.signer is not None
+    assert from_url.signer.current.key_id == SigningKey(secret).key_id
+    assert secret not in repr(from_url) and from_url.signer.current.key_id in repr(from_url)
+    assert "signing_key_file" not in from_url.connection_url()
+    assert Settings.build(BROKER_URL, {}).signer is None
+    monkeypatch.setenv("ORCHESTRATR_SIGNING_KEY", secret)
+    from_env = Settings.build(BROKER_URL, {})
+    assert from_env.signer is not None and from_env.signer.previous is None
+    with pytest.raises(ConfigurationError, match="signer must be"):
+        Settings.build(BROKER_URL, {"signer": "not a signer"})
+    with pytest.raises(ConfigurationError, match="signature_max_age"):
+        Settings.build(BROKER_URL, {"signature_max_age": "0"})

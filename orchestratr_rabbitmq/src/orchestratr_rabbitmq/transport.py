@@ -757,6 +757,20 @@ class _EventSubscription(_Subscription):
         self.handler = handler
         self.tag: str | None = None
         self.underlay: aiormq.abc.AbstractChannel | None = None
+        self.publishers: dict[str, str] = {}
+        """server id -> the broker user its first event came from"""
+
+    def check_publisher(self, raw: aiormq.abc.DeliveredMessage, event: Event) -> None:
+        """Refuse an event naming a server whose earlier events came from another
+        broker user (``user_id`` is validated by the broker): one server's
+        credentials cannot speak for another server."""
+        user = raw.header.properties.user_id or ""
+        pinned = self.publishers.setdefault(event.server_id, user)
+        if pinned != user:
+            raise MalformedMessage(
+                f"a {event.TYPE} event names server {event.server_id}, whose events come "
+                f"from broker user {pinned!r}, but was published by {user!r}"
+            )
 
     async def attach(self, session: _Session) -> None:
         self.session = session
@@ -785,6 +799,7 @@ class _EventSubscription(_Subscription):
         try:
             self.transport.verify(raw)
             event = decode_as(raw.body, Event)
+            self.check_publisher(raw, event)
         except MalformedMessage as exc:
             with _Quiet():
                 await self._dead_letter(underlay, raw, session.topology.events, exc)
