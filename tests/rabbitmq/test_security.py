@@ -474,3 +474,20 @@ def test_the_key_file_can_be_given_in_the_url_or_the_environment(
         Settings.build(BROKER_URL, {"signer": "not a signer"})
     with pytest.raises(ConfigurationError, match="signature_max_age"):
         Settings.build(BROKER_URL, {"signature_max_age": "0"})
+
+
+async def test_a_server_user_cannot_consume_events_and_is_told_why(
+    users: Users, fleet: Fleet, namespace: str
+) -> None:
+    """A role that subscribes to what it may not read fails at once, naming the docs."""
+    from orchestratr_core.errors import PermanentBackendError
+
+    await fleet.start_manager(users.urls["manager"])
+    transport = fleet.transport(users.urls["server"])
+    await transport.connect()
+
+    async def ignore(_: object) -> None:
+        return None
+
+    with pytest.raises(PermanentBackendError, match="Broker permissions by role"):
+        await transport.consume_events(ignore)

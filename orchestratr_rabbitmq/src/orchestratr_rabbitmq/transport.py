@@ -1551,6 +1551,12 @@ class RabbitMQTransport(Transport):
             await sub.attach(session)
         except OrchestratrError:
             raise
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise PermanentBackendError(
+                f"RabbitMQ at {self.settings.host}: broker user "
+                f"{self.settings.user or 'guest'!r} may not consume what this role needs "
+                f"({_describe(exc)}); see docs/deployment.md, 'Broker permissions by role'"
+            ) from None
         except Exception as exc:
             raise BackendUnavailable(
                 f"subscribing on RabbitMQ at {self.settings.host} failed: {_describe(exc)}"
