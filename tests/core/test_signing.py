@@ -128,14 +128,14 @@ def test_a_key_file_others_may_read_is_warned_about(
     assert "chmod 600" in caplog.text and NEW not in caplog.text
 
 
-@pytest.mark.parametrize("command", ["server", "manager", "web"])
+@pytest.mark.parametrize("command", ["server", "manager", "web", "servers drain"])
 def test_the_cli_refuses_a_bad_key_file_in_one_line(tmp_path: Path, command: str) -> None:
     file = tmp_path / "keys"
     file.write_text("tooshort-secret")
-    extra = ["--job", "orchestratr_core.examples:ticker"] if command == "server" else []
+    extra = {"server": ["--job", "orchestratr_core.examples:ticker"], "servers drain": ["x"]}
     proc = run(
-        command,
-        *extra,
+        *command.split(),
+        *extra.get(command, []),
         "--transport",
         "memory://x",
         "--signing-key-file",

@@ -5,7 +5,7 @@ Commands::
     orchestratr demo [--forever] [--storage URL]
     orchestratr server --job pkg.module:function [--name N] [--max-workers K] --transport URL
     orchestratr manager [--storage URL] --transport URL
-    (server, manager and web take --signing-key-file PATH: signed messages)
+    (server, manager, web and servers drain take --signing-key-file PATH: signed messages)
     orchestratr jobs create NAME [ARGUMENT] | cancel ID | list [filters] | show ID
     orchestratr servers list [--all] | drain ID
     orchestratr plugins
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     servers_list.set_defaults(handler=_cmd_servers_list)
     drain = server_commands.add_parser(
         "drain",
-        parents=[common, storage, transport],
+        parents=[common, storage, transport, signing],
         help="tell a server to hand its jobs back and exit",
     )
     drain.add_argument("id", help="server id")
@@ -833,6 +833,7 @@ def _server_row(server: ServerRecord) -> list[object]:
 
 
 async def _cmd_servers_drain(args: argparse.Namespace) -> int:
+    _use_signing_key(args)
     transport_url = _transport_url(args)
     async with _OpenStorage(_storage_url(args, must_exist=True)) as storage:
         server = await OrchestratorMonitor(storage).server(args.id)
