@@ -232,6 +232,27 @@ class OrchestratR(System):
         }
 
 
+class OrchestratRSigned(OrchestratR):
+    """OrchestratR with a fleet signing key: every message HMAC-signed and checked
+    (``--signing-key-file`` through the transport URL, for manager, servers and client)."""
+
+    name = "orchestratr-signed"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        import secrets
+
+        self.key_file = self.ledger_dir.parent / "fleet.key"
+        self.key_file.write_text(secrets.token_hex(32) + "\n")
+        self.key_file.chmod(0o600)
+
+    def transport_url(self, port: int = BROKER_PORT) -> str:
+        return f"{super().transport_url(port)}&signing_key_file={self.key_file}"
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "signing": "HMAC-SHA256 on every message (a key file)"}
+
+
 class Celery(System):
     """Celery workers (threads pool) on RabbitMQ."""
 
@@ -363,6 +384,7 @@ class Dramatiq(System):
 
 CLASSES: dict[str, type[System]] = {
     "orchestratr": OrchestratR,
+    "orchestratr-signed": OrchestratRSigned,
     "celery": Celery,
     "dramatiq": Dramatiq,
 }

@@ -5,6 +5,7 @@ Commands::
     orchestratr demo [--forever] [--storage URL]
     orchestratr server --job pkg.module:function [--name N] [--max-workers K] --transport URL
     orchestratr manager [--storage URL] --transport URL
+    (server, manager, web and servers drain take --signing-key-file PATH: signed messages)
     orchestratr jobs create NAME [ARGUMENT] | cancel ID | list [filters] | show ID
     orchestratr servers list [--all] | drain ID
     orchestratr plugins
@@ -62,6 +63,7 @@ from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.monitor import OrchestratorMonitor
 from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager, mask_url
 from orchestratr_core.server import OrchestratedServer, ServerOptions
+from orchestratr_core.signing import KEY_ENV, KEY_FILE_ENV, load_signer
 
 if TYPE_CHECKING:
     from orchestratr_core.storage import Storage
@@ -197,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"transport plugin name or URL (default: ${TRANSPORT_ENV})",
     )
+    signing = _Parser(add_help=False)
+    signing.add_argument(
+        "--signing-key-file",
+        metavar="PATH",
+        help="sign every message and accept only signed ones: a file with the fleet's "
+        f"key, and optionally the previous one (default: ${KEY_FILE_ENV}, else ${KEY_ENV})",
+    )
 
     parser = _Parser(
         prog=PROG,
@@ -228,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser(
         "server",
-        parents=[common, transport],
+        parents=[common, transport, signing],
         help="run a server that takes jobs from the transport",
         description="Run jobs with the given job function until SIGTERM or Ctrl-C, then "
         "hand them back to the other servers.",
@@ -269,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     manager = commands.add_parser(
         "manager",
-        parents=[common, storage, transport],
+        parents=[common, storage, transport, signing],
         help="run a manager: publishes jobs, tracks servers, applies cancellations",
     )
     manager.add_argument(
@@ -303,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     web = commands.add_parser(
         "web",
-        parents=[common, storage, transport],
+        parents=[common, storage, transport, signing],
         help="serve the HTTP API and the live dashboard (needs orchestratr-core[web])",
         description="Serve the JSON API, its OpenAPI document at /api/openapi.json, the "
         "dashboard and /metrics. A bearer token (--api-token or $ORCHESTRATR_API_TOKEN) is "
@@ -363,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     servers_list.set_defaults(handler=_cmd_servers_list)
     drain = server_commands.add_parser(
         "drain",
-        parents=[common, storage, transport],
+        parents=[common, storage, transport, signing],
         help="tell a server to hand its jobs back and exit",
     )
     drain.add_argument("id", help="server id")
@@ -562,7 +571,19 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     return await run_demo(storage=storage, forever=args.forever)
 
 
+def _use_signing_key(args: argparse.Namespace) -> None:
+    """Check the key file now (a clear error, not one deep in a transport) and hand
+    it to the transports this process builds, through the environment they read."""
+    path = getattr(args, "signing_key_file", None)
+    signer = load_signer(path)
+    if path:
+        os.environ[KEY_FILE_ENV] = str(Path(path).resolve())
+    if signer is not None:
+        log.info("messages are signed with key %s", ", accepted: ".join(signer.key_ids))
+
+
 async def _cmd_server(args: argparse.Namespace) -> int:
+    _use_signing_key(args)
     job = load_job(args.job)
     transport = _transport_url(args)
     options = _options(
@@ -606,6 +627,7 @@ def _options(defaults: _Options, **given: Any) -> _Options:
 
 
 async def _cmd_manager(args: argparse.Namespace) -> int:
+    _use_signing_key(args)
     storage = _storage_url(args, must_exist=False)
     transport = _transport_url(args)
     if _given(args.storage, STORAGE_ENV) is None:
@@ -643,6 +665,7 @@ async def _cmd_web(args: argparse.Namespace) -> int:
     from orchestratr_core.metrics import parse_listen_address
     from orchestratr_core.web import run_web
 
+    _use_signing_key(args)
     storage = _storage_url(args, must_exist=True)
     transport = _transport_url(args)
     host, port = parse_listen_address(args.http, 8080)
@@ -810,6 +833,7 @@ def _server_row(server: ServerRecord) -> list[object]:
 
 
 async def _cmd_servers_drain(args: argparse.Namespace) -> int:
+    _use_signing_key(args)
     transport_url = _transport_url(args)
     async with _OpenStorage(_storage_url(args, must_exist=True)) as storage:
         server = await OrchestratorMonitor(storage).server(args.id)

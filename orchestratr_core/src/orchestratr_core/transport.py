@@ -58,6 +58,12 @@ Malformed messages
     Anything on any queue that :func:`orchestratr_core.protocol.decode` rejects
     is dead-lettered (or dropped where the broker has no dead-letter facility)
     with one warning log line; the consumer keeps running.
+
+Authenticity
+    A transport whose messages cross process boundaries should accept a fleet
+    key (:mod:`orchestratr_core.signing`): sign what it publishes, and treat a
+    message without a valid authenticator as malformed (never act on it). An
+    in-process transport (the memory one) need not.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ survive can be injected precisely, in real asyncio time:
 * :meth:`MemoryBroker.broker_restart <orchestratr_memory.broker.MemoryBroker.broker_restart>`
   -- every connection drops; clients reconnect with backoff.
 
+Messages never leave the process, so nothing outside it can forge one: this
+transport neither signs nor checks messages, and ignores a fleet signing key
+(``orchestratr_core.signing``, ``docs/deployment.md``).
+
 URL: ``memory://<broker name>?fence_timeout=0.5&broker_timeout=1``; keyword
 options override the query. Options (seconds): ``fence_timeout`` (1.5),
 ``broker_timeout`` (3.0, must be larger than ``fence_timeout``),

@@ -8,6 +8,11 @@ keyword options win. The URL comes from the constructor, else ``ORCHESTRATR_RABB
 parameters aiormq understands (``cafile``, ``certfile``, ``keyfile``,
 ``no_verify_ssl``) or an ``ssl_context`` option. Nothing here ever logs the URL
 with its password: use :func:`orchestratr_core.plugin.manager.mask_url`.
+
+Signing (``docs/reliability.md``): ``signer`` (an :class:`orchestratr_core.signing.Signer`)
+or ``signing_key_file`` (a path, also as a URL query parameter); without either, the
+keys named by ``ORCHESTRATR_SIGNING_KEY_FILE`` or held by ``ORCHESTRATR_SIGNING_KEY``.
+With a key every message is signed and every message received must be.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from orchestratr_core.errors import ConfigurationError
+from orchestratr_core.signing import Signer, load_signer
 
 __all__ = ["DEFAULT_URL", "PASSWORD_ENV", "URL_ENV", "Settings"]
 
@@ -69,6 +75,14 @@ class Settings:
     expires instead of being torn away by the broker."""
     connection_name: str | None = None
     ssl_context: ssl.SSLContext | None = None
+    signing_key_file: str | None = None
+    """A key file (one or two keys, current first); see :mod:`orchestratr_core.signing`."""
+    signer: Signer | None = None
+    """Signs what this transport publishes and checks what it receives (``None``: neither)."""
+    signature_max_age: float = 300.0
+    """With a key, a command signed longer ago than this (or this far in the future)
+    is refused as a replay. Jobs, events and the cancellation set have no age limit:
+    a job message lives as long as its job."""
 
     @classmethod
     def build(cls, url: str | None, options: Mapping[str, Any]) -> Settings:
@@ -81,9 +95,13 @@ class Settings:
                 f"unknown RabbitMQ transport option(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
-        resolved, from_query = _split_query(_resolve_url(url), known - {"ssl_context"})
+        resolved, from_query = _split_query(_resolve_url(url), known - {"ssl_context", "signer"})
         merged = {**from_query, **options}  # keyword options win over the URL's
         values: dict[str, Any] = {name: _coerce(name, value) for name, value in merged.items()}
+        if values.get("signer") is None:
+            values["signer"] = load_signer(values.get("signing_key_file"))
+        elif not isinstance(values["signer"], Signer):
+            raise ConfigurationError("signer must be an orchestratr_core.signing.Signer")
         heartbeat = values.get("heartbeat", cls.heartbeat)
         if not isinstance(heartbeat, int) or isinstance(heartbeat, bool) or heartbeat < 0:
             raise ConfigurationError(
@@ -131,13 +149,18 @@ class Settings:
             raise ConfigurationError("prefetch_step must be >= 1")
         if self.connect_attempts < 1:
             raise ConfigurationError("connect_attempts must be >= 1")
+        if self.signature_max_age <= 0:
+            raise ConfigurationError("signature_max_age must be > 0 seconds")
         if self.consumer_timeout is not None and self.consumer_timeout <= 0:
             raise ConfigurationError("consumer_timeout must be > 0 seconds (or None if unknown)")
 
     def __repr__(self) -> str:  # never show the password
         from orchestratr_core.plugin.manager import mask_url
 
-        return f"Settings(url={mask_url(self.url)!r}, namespace={self.namespace!r})"
+        return (
+            f"Settings(url={mask_url(self.url)!r}, namespace={self.namespace!r}, "
+            f"signer={self.signer!r})"
+        )
 
     def connection_url(self) -> str:
         """The URL handed to aio-pika, with our heartbeat (it decides the fence)."""
@@ -155,6 +178,12 @@ class Settings:
         """The virtual host named by the URL (``/`` when it names none)."""
         path = urlsplit(self.url).path
         return "/" if path in ("", "/") else path[1:].replace("%2F", "/")
+
+    @property
+    def user(self) -> str | None:
+        """The broker user named by the URL (``None``: the client's default login)."""
+        name = urlsplit(self.url).username
+        return unquote(name) if name else None
 
     @property
     def host(self) -> str:
@@ -175,6 +204,7 @@ _FLOATS = frozenset(
         "reconnect_max_delay",
         "snapshot_timeout",
         "consumer_timeout",
+        "signature_max_age",
     }
 )
 

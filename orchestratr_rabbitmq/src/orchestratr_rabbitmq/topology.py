@@ -4,8 +4,12 @@ Everything lives under one namespace prefix ``<ns>`` so that several clusters ca
 share a vhost:
 
 ``<ns>.jobs``           durable (quorum by default) queue of job messages only
+``<ns>.jobs.in``        direct exchange bound to ``<ns>.jobs``: managers publish jobs here
 ``<ns>.events``         durable single-active-consumer queue, servers -> managers
+``<ns>.events.in``      direct exchange bound to ``<ns>.events``: servers publish events here
 ``<ns>.cancellations``  durable queue holding the cancellation set (one message at rest)
+``<ns>.cancellations.in``  direct exchange bound to ``<ns>.cancellations``: managers
+                        publish the set here
 ``<ns>.cancellations.lock``  empty durable queue; its exclusive consumer is the
                         lock under which the set is read and replaced
 ``<ns>.cancellations.written``  marker exchange: a set has been written once
@@ -14,6 +18,10 @@ share a vhost:
 ``<ns>.commands.<server>.<tag>``  one exclusive, auto-delete queue per server connection
 ``<ns>.dlx`` / ``<ns>.dead``      dead-letter exchange and the queue that keeps
                         malformed messages for inspection
+
+Each role publishes through exchanges of its own (never the default exchange, which
+can reach every queue), so that RabbitMQ permissions can tell the roles apart: see
+:func:`permissions` and ``docs/deployment.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CONSUMER_TIMEOUT_MS", "BrokerVersion", "Topology"]
+__all__ = [
+    "CONSUMER_TIMEOUT_MS",
+    "ROLES",
+    "BrokerVersion",
+    "Permissions",
+    "Topology",
+    "permissions",
+]
 
 CONSUMER_TIMEOUT_MS = 2**31 - 1
 """The acknowledgement timeout we ask for where a version lets us (about 24.8 days):
@@ -94,8 +109,11 @@ class Topology:
         self.queue_type = queue_type
         self.version = version
         self.jobs = f"{namespace}.jobs"
+        self.jobs_exchange = f"{namespace}.jobs.in"
         self.events = f"{namespace}.events"
+        self.events_exchange = f"{namespace}.events.in"
         self.cancellations = f"{namespace}.cancellations"
+        self.cancellations_exchange = f"{namespace}.cancellations.in"
         self.cancellations_lock = f"{namespace}.cancellations.lock"
         self.cancellations_marker = f"{namespace}.cancellations.written"
         self.commands_exchange = f"{namespace}.commands"
@@ -172,4 +190,76 @@ class Topology:
             self.broadcast_exchange,
             self.dead_letter_exchange,
             self.cancellations_marker,
+            self.jobs_exchange,
+            self.events_exchange,
+            self.cancellations_exchange,
         ]
+
+    def bindings(self) -> list[tuple[str, str]]:
+        """``(queue, exchange)`` pairs a manager binds, each with the queue's name as
+        routing key."""
+        return [
+            (self.jobs, self.jobs_exchange),
+            (self.events, self.events_exchange),
+            (self.cancellations, self.cancellations_exchange),
+        ]
+
+
+ROLES = ("manager", "server", "web")
+"""The roles :func:`permissions` knows."""
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """RabbitMQ's three permission regular expressions for one user on one vhost."""
+
+    configure: str
+    write: str
+    read: str
+
+    def command(self, user: str, vhost: str = "/") -> str:
+        """The ``rabbitmqctl set_permissions`` line that grants them."""
+        return (
+            f"rabbitmqctl set_permissions -p '{vhost}' '{user}' "
+            f"'{self.configure}' '{self.write}' '{self.read}'"
+        )
+
+
+def permissions(role: str, namespace: str = "orchestratr") -> Permissions:
+    """The least RabbitMQ permissions a ``role`` ("manager", "server" or "web") needs
+    in ``namespace`` (see ``docs/deployment.md``, "Broker permissions by role").
+
+    * manager: declares everything, publishes jobs, commands, broadcasts and the
+      cancellation set, consumes events and takes the set's lock;
+    * server: declares nothing but its exclusive per-connection command queues,
+      publishes events only, consumes jobs and commands, reads the set (read-only);
+    * web: the manager's publishing without consuming events; it declares only the
+      marker exchange that says "a cancellation set was written".
+    """
+    patterns = _ROLE_PATTERNS.get(role)
+    if patterns is None:
+        raise ValueError(f"unknown role {role!r}; known: {', '.join(ROLES)}")
+    ns = re.escape(namespace)
+    configure, write, read = (p.replace("NS", ns) for p in patterns)
+    return Permissions(configure=configure, write=write, read=read)
+
+
+# (configure, write, read) per role; NS stands for the escaped namespace.
+_ROLE_PATTERNS: dict[str, tuple[str, str, str]] = {
+    "manager": (
+        r"^NS\.",
+        r"^NS\.(jobs|jobs\.in|events|commands|broadcast|cancellations|cancellations\.in|dlx|dead)$",
+        r"^NS\.(jobs|jobs\.in|events|events\.in|cancellations|cancellations\.in"
+        r"|cancellations\.lock|dlx)$",
+    ),
+    "server": (
+        r"^NS\.commands\..+$",
+        r"^NS\.(events\.in|dlx|commands\..+)$",
+        r"^NS\.(jobs|commands|broadcast|cancellations|cancellations\.lock|commands\..+)$",
+    ),
+    "web": (
+        r"^NS\.cancellations\.written$",
+        r"^NS\.(jobs\.in|commands|broadcast|cancellations\.in)$",
+        r"^NS\.(cancellations|cancellations\.lock)$",
+    ),
+}

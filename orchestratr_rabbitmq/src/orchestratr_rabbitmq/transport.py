@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -49,6 +49,7 @@ from orchestratr_core.protocol import (
     decode_as,
     encode,
 )
+from orchestratr_core.signing import SignatureError
 from orchestratr_core.transport import (
     CommandHandler,
     Delivery,
@@ -86,6 +87,8 @@ class _Quiet(contextlib.AbstractContextManager[None]):
 
 
 _SNAPSHOT_TYPE = "cancellations"
+_SIGNATURE = "x-orchestratr-signature"
+_SIGNED_AT = "x-orchestratr-signed-at"
 _warned_consumer_timeout: set[str] = set()
 
 
@@ -181,6 +184,10 @@ def _tag(message: aiormq.abc.DeliveredMessage) -> int:
 
 
 def _delivery_count(message: aiormq.abc.DeliveredMessage, topology: Topology) -> int:
+    if not getattr(message.delivery, "redelivered", False):
+        # A first delivery: any count header is the publisher's, not the broker's (a
+        # forged x-delivery-count would otherwise raise the fence of a replayed job).
+        return 0
     headers: dict[str, Any] = dict(message.header.properties.headers or {})
     counts = [
         value
@@ -193,6 +200,22 @@ def _delivery_count(message: aiormq.abc.DeliveredMessage, topology: Topology) ->
         # Classic queues keep no count: only "delivered before", a weaker fence.
         return 1 if getattr(message.delivery, "redelivered", False) else 0
     return 0
+
+
+async def _declare_exchange(
+    name: str, kind: str, channel: aiormq.abc.AbstractChannel, *, passive: bool
+) -> None:
+    await channel.exchange_declare(name, exchange_type=kind, durable=True, passive=passive)
+
+
+async def _declare_queue(
+    name: str, arguments: dict[str, Any], channel: aiormq.abc.AbstractChannel, *, passive: bool
+) -> None:
+    await channel.queue_declare(name, durable=True, passive=passive, arguments=arguments or None)
+
+
+async def _bind(queue: str, exchange: str, key: str, channel: aiormq.abc.AbstractChannel) -> None:
+    await channel.queue_bind(queue, exchange, routing_key=key)
 
 
 # -- session -------------------------------------------------------------------------------
@@ -232,6 +255,7 @@ class _Session:
         self._deadline: asyncio.TimerHandle | None = None
         self._pinger: asyncio.Task[None] | None = None
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        self._declare_channel: aio_pika.abc.AbstractChannel | None = None
         self._failed_at = math.inf
         self.mismatched: set[str] = set()
         """Queues that exist with other arguments than this version declares."""
@@ -282,51 +306,106 @@ class _Session:
             await channel.close()
 
     async def _declare(self) -> None:
+        """Declare the namespace. What this broker user may not configure (a server or
+        web user under least privilege, ``docs/deployment.md``) must exist already: it
+        is checked passively instead (a manager declared it)."""
         t = self.topology
-        channel = await self.connection.channel(publisher_confirms=False)
         try:
             for name, kind in (
-                (t.dead_letter_exchange, aio_pika.ExchangeType.FANOUT),
-                (t.commands_exchange, aio_pika.ExchangeType.DIRECT),
-                (t.broadcast_exchange, aio_pika.ExchangeType.FANOUT),
+                (t.dead_letter_exchange, "fanout"),
+                (t.commands_exchange, "direct"),
+                (t.broadcast_exchange, "fanout"),
+                (t.jobs_exchange, "direct"),
+                (t.events_exchange, "direct"),
+                (t.cancellations_exchange, "direct"),
             ):
-                await channel.declare_exchange(name, kind, durable=True)
-            dead = await channel.declare_queue(
-                t.dead, durable=True, arguments={"x-queue-type": "classic"}
-            )
-            await channel.declare_queue(
-                t.cancellations_lock, durable=True, arguments={"x-queue-type": "classic"}
-            )
-            await dead.bind(t.dead_letter_exchange, routing_key="#")
+                await self._ensure(
+                    "exchange",
+                    name,
+                    functools.partial(_declare_exchange, name, kind, passive=False),
+                    functools.partial(_declare_exchange, name, kind, passive=True),
+                )
+            for name, arguments in (
+                (t.dead, {"x-queue-type": "classic"}),
+                (t.cancellations_lock, {"x-queue-type": "classic"}),
+                (t.jobs, t.jobs_arguments()),
+                (t.events, t.events_arguments()),
+                (t.cancellations, t.cancellations_arguments()),
+            ):
+                await self._ensure(
+                    "queue",
+                    name,
+                    functools.partial(_declare_queue, name, arguments, passive=False),
+                    functools.partial(_declare_queue, name, {}, passive=True),
+                )
+            for queue, exchange, key in (
+                (t.dead, t.dead_letter_exchange, "#"),
+                *((q, x, q) for q, x in t.bindings()),
+            ):
+                # A binding cannot be checked passively: a user who may not make it
+                # relies on a manager having made it.
+                await self._declaring(
+                    functools.partial(_bind, queue, exchange, key), refused_ok=True
+                )
         finally:
-            with _Quiet():
-                await channel.close()
-        for name, arguments in (
-            (t.jobs, t.jobs_arguments()),
-            (t.events, t.events_arguments()),
-            (t.cancellations, t.cancellations_arguments()),
-        ):
-            await self._declare_queue(name, arguments)
+            if self._declare_channel is not None:
+                with _Quiet():
+                    await self._declare_channel.close()
+                self._declare_channel = None
 
-    async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
-        channel = await self.connection.channel(publisher_confirms=False)
+    async def _declaring(
+        self,
+        step: Callable[[aiormq.abc.AbstractChannel], Awaitable[Any]],
+        *,
+        refused_ok: bool = False,
+    ) -> aiormq.exceptions.AMQPChannelError | None:
+        """Run one declaration; return the channel error that closed the channel
+        (``ACCESS_REFUSED``, ``PRECONDITION_FAILED``, ``NOT_FOUND``), which reopens."""
+        if self._declare_channel is None or self._declare_channel.is_closed:
+            self._declare_channel = await self.connection.channel(publisher_confirms=False)
+        underlay = await self._declare_channel.get_underlay_channel()
         try:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            await step(underlay)
+        except (
+            aiormq.exceptions.ChannelAccessRefused,
+            aiormq.exceptions.ChannelPreconditionFailed,
+            aiormq.exceptions.ChannelNotFoundEntity,
+        ) as exc:
+            self._declare_channel = None
+            if refused_ok and isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+                return None
+            return exc
+        return None
+
+    async def _ensure(
+        self,
+        kind: str,
+        name: str,
+        declare: Callable[[aiormq.abc.AbstractChannel], Awaitable[Any]],
+        check: Callable[[aiormq.abc.AbstractChannel], Awaitable[Any]],
+    ) -> None:
+        error = await self._declaring(declare)
+        if error is None:
+            return
+        if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed):
             # Declared earlier with other arguments (another broker version, another
             # queue_type): use it as it is rather than refuse to start.
             log.warning(
-                "queue %s exists with other arguments than this version asks for (%s); "
+                "%s %s exists with other arguments than this version asks for (%s); "
                 "using it as it is",
+                kind,
                 name,
-                _describe(exc),
+                _describe(error),
             )
             self.mismatched.add(name)
-            channel = await self.connection.channel(publisher_confirms=False)
-            await channel.declare_queue(name, passive=True)
-        finally:
-            with _Quiet():
-                await channel.close()
+        elif not isinstance(error, aiormq.exceptions.ChannelAccessRefused):
+            raise error
+        if await self._declaring(check) is not None:
+            raise PermanentBackendError(
+                f"RabbitMQ at {self.settings.host}: the {kind} {name!r} does not exist and "
+                f"broker user {self.settings.user or 'guest'!r} may not declare it; start a "
+                "manager (whose user may configure the namespace) first (docs/deployment.md)"
+            )
 
     async def exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         """The publishing handle of an exchange ('' is the default exchange)."""
@@ -571,6 +650,7 @@ class _JobConsumer(_Subscription, JobConsumer):
         tag = _tag(raw)
         consumer_tag = getattr(raw.delivery, "consumer_tag", None) or ""
         try:
+            self.transport.verify(raw)
             message = decode_as(raw.body, JobMessage)
         except MalformedMessage as exc:
             with _Quiet():
@@ -677,6 +757,20 @@ class _EventSubscription(_Subscription):
         self.handler = handler
         self.tag: str | None = None
         self.underlay: aiormq.abc.AbstractChannel | None = None
+        self.publishers: dict[str, str] = {}
+        """server id -> the broker user its first event came from"""
+
+    def check_publisher(self, raw: aiormq.abc.DeliveredMessage, event: Event) -> None:
+        """Refuse an event naming a server whose earlier events came from another
+        broker user (``user_id`` is validated by the broker): one server's
+        credentials cannot speak for another server."""
+        user = raw.header.properties.user_id or ""
+        pinned = self.publishers.setdefault(event.server_id, user)
+        if pinned != user:
+            raise MalformedMessage(
+                f"a {event.TYPE} event names server {event.server_id}, whose events come "
+                f"from broker user {pinned!r}, but was published by {user!r}"
+            )
 
     async def attach(self, session: _Session) -> None:
         self.session = session
@@ -703,7 +797,9 @@ class _EventSubscription(_Subscription):
             return
         tag = _tag(raw)
         try:
+            self.transport.verify(raw)
             event = decode_as(raw.body, Event)
+            self.check_publisher(raw, event)
         except MalformedMessage as exc:
             with _Quiet():
                 await self._dead_letter(underlay, raw, session.topology.events, exc)
@@ -814,6 +910,7 @@ class _CommandSubscription(_Subscription):
             return
         tag = _tag(raw)
         try:
+            self.transport.verify(raw, max_age=self.transport.settings.signature_max_age)
             command = decode_as(raw.body, Command)
         except MalformedMessage as exc:
             with _Quiet():
@@ -969,7 +1066,7 @@ class RabbitMQTransport(Transport):
         self.topology = topology
         log.info(
             "connected to RabbitMQ %s at %s (vhost %r, namespace %r, %s queues, heartbeat %ds, "
-            "fence %.1fs)",
+            "fence %.1fs%s)",
             version,
             s.host,
             s.vhost,
@@ -977,6 +1074,7 @@ class RabbitMQTransport(Transport):
             s.queue_type,
             s.heartbeat,
             s.fence_timeout,
+            f", signed with key {s.signer.current.key_id}" if s.signer else "",
         )
         return session
 
@@ -1132,6 +1230,38 @@ class RabbitMQTransport(Transport):
         with contextlib.suppress(ValueError):
             self._subscriptions.remove(sub)
 
+    # -- authenticity ---------------------------------------------------------------------
+
+    def verify(self, raw: aiormq.abc.DeliveredMessage, *, max_age: float | None = None) -> None:
+        """With a signing key, raise :class:`SignatureError` unless ``raw`` carries a
+        valid authenticator for its body, exchange, routing key, ``user_id`` and
+        signing time (and, with ``max_age``, was signed that recently)."""
+        signer = self.settings.signer
+        if signer is None:
+            return
+        properties = raw.header.properties
+        headers: dict[str, Any] = dict(properties.headers or {})
+        user = properties.user_id or ""
+        signed_at = headers.get(_SIGNED_AT)
+        context = (
+            getattr(raw.delivery, "exchange", "") or "",
+            getattr(raw.delivery, "routing_key", "") or "",
+            user,
+            str(signed_at),
+        )
+        origin = f"published by broker user {user!r}" if user else "publisher not identified"
+        try:
+            signer.verify(headers.get(_SIGNATURE), raw.body, context)
+        except SignatureError as exc:
+            raise SignatureError(f"{exc}; {origin}") from None
+        if max_age is not None:
+            age = time.time() - signed_at if isinstance(signed_at, int) else math.inf
+            if not -max_age <= age <= max_age:
+                raise SignatureError(
+                    f"signed {age:.0f}s ago, beyond signature_max_age ({max_age:g}s): "
+                    f"a replay?; {origin}"
+                )
+
     # -- publishing ---------------------------------------------------------------------
 
     async def _publish(
@@ -1146,12 +1276,25 @@ class RabbitMQTransport(Transport):
     ) -> None:
         if session is None:
             session = await self._live()
+        user = self.settings.user
+        headers: dict[str, Any] = {}
+        signer = self.settings.signer
+        if signer is not None:
+            signed_at = int(time.time())
+            headers[_SIGNED_AT] = signed_at
+            headers[_SIGNATURE] = signer.sign(
+                body, (exchange_name, routing_key, user or "", str(signed_at))
+            )
         message = aio_pika.Message(
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=kind,
             app_id="orchestratr",
+            # Validated by the broker (it refuses another user's name): receivers
+            # can tell which broker user published a message.
+            user_id=user,
+            headers=headers or None,
         )
         where = exchange_name or routing_key
         try:
@@ -1182,11 +1325,15 @@ class RabbitMQTransport(Transport):
     async def publish_job(self, message: JobMessage) -> None:
         """Publish a job durably to ``<ns>.jobs``; returns once confirmed."""
         assert isinstance(message, JobMessage)
-        await self._publish("", self.topology_name("jobs"), encode(message), "job")
+        await self._publish(
+            self.topology_name("jobs.in"), self.topology_name("jobs"), encode(message), "job"
+        )
 
     async def publish_event(self, event: Event) -> None:
         """Publish an event to ``<ns>.events``; returns once confirmed."""
-        await self._publish("", self.topology_name("events"), encode(event), event.TYPE)
+        await self._publish(
+            self.topology_name("events.in"), self.topology_name("events"), encode(event), event.TYPE
+        )
 
     async def send_command(self, command: Command, server_id: str | None = None) -> None:
         """Send to one server (dropped if it is gone) or to all live servers."""
@@ -1236,10 +1383,12 @@ class RabbitMQTransport(Transport):
 
         The lock is an exclusive consumer on ``<ns>.cancellations.lock``: the broker
         lets only one exist and drops it with its channel, also when its holder dies.
-        Holding it, we take *every* message of the set queue, keep the newest, and
-        before letting go we **publish** the set we keep (confirmed: it is in the
-        queue) and ack what we took. A requeue would not do: a quorum queue applies
-        a requeue asynchronously, so the next lock holder could find the queue empty.
+        Holding it, we take *every* message of the set queue and keep the newest.
+        A writer (manager, web) then **publishes** the new set (confirmed: it is in
+        the queue) and acks what it took. A reader (a server, whose broker user may
+        not write the set) requeues what it took and keeps the lock until the queue
+        holds it again: a quorum queue applies a requeue asynchronously, and the
+        next holder must not find the queue empty.
         An empty queue counts as "no set" only if the marker exchange
         ``<ns>.cancellations.written`` does not exist; otherwise a message is still
         on its way back (a reader died mid-read) and we wait for it.
@@ -1290,6 +1439,7 @@ class RabbitMQTransport(Transport):
                 break
             tag = _tag(raw)
             try:
+                self.verify(raw)
                 written, ids = _parse_snapshot(raw.body)
             except MalformedMessage as exc:
                 log.warning(
@@ -1307,6 +1457,15 @@ class RabbitMQTransport(Transport):
             if await self._marker_exists(session):
                 return None  # written before, so it is on its way back: wait
             return frozenset()
+        if write is None and not recreate:
+            assert current is not None
+            # A read writes nothing (a server's user may not publish the set): hand
+            # back what we took and keep the lock until the queue holds it again, so
+            # that the next holder finds it (a quorum queue requeues asynchronously).
+            for _, _, tag in taken:
+                await underlay.basic_reject(tag, requeue=True)
+            await self._returned(underlay, t.cancellations, len(taken))
+            return current[1]
         stored = current[1] if current else frozenset()
         if recreate:
             # Declared by an older version with x-max-length, which makes a quorum queue
@@ -1318,6 +1477,9 @@ class RabbitMQTransport(Transport):
             await underlay.queue_delete(t.cancellations)
             await underlay.queue_declare(
                 t.cancellations, durable=True, arguments=t.cancellations_arguments()
+            )
+            await underlay.queue_bind(
+                t.cancellations, t.cancellations_exchange, routing_key=t.cancellations
             )
             session.mismatched.discard(t.cancellations)
             taken = []  # deleted with the queue
@@ -1349,11 +1511,26 @@ class RabbitMQTransport(Transport):
             {"v": 1, "type": _SNAPSHOT_TYPE, "written": version, "job_ids": sorted(keep)},
             separators=(",", ":"),
         ).encode()
-        await self._publish("", t.cancellations, body, _SNAPSHOT_TYPE, session=session)
+        await self._publish(
+            t.cancellations_exchange, t.cancellations, body, _SNAPSHOT_TYPE, session=session
+        )
         for _, _, tag in taken:
             await underlay.basic_ack(tag)
         await underlay.basic_qos(prefetch_count=1)  # a round trip: the acks are processed
         return keep
+
+    async def _returned(self, underlay: aiormq.abc.AbstractChannel, queue: str, count: int) -> None:
+        """Wait (bounded by ``snapshot_timeout``) until ``queue`` holds ``count``
+        ready messages again; past that the next reader waits for them instead."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.snapshot_timeout
+        pause = 0.002
+        while True:
+            ok = await underlay.queue_declare(queue, passive=True)
+            if (ok.message_count or 0) >= count or loop.time() > deadline:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def _marker_exists(self, session: _Session) -> bool:
         channel = await session.connection.channel(publisher_confirms=False)
@@ -1374,6 +1551,12 @@ class RabbitMQTransport(Transport):
             await sub.attach(session)
         except OrchestratrError:
             raise
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise PermanentBackendError(
+                f"RabbitMQ at {self.settings.host}: broker user "
+                f"{self.settings.user or 'guest'!r} may not consume what this role needs "
+                f"({_describe(exc)}); see docs/deployment.md, 'Broker permissions by role'"
+            ) from None
         except Exception as exc:
             raise BackendUnavailable(
                 f"subscribing on RabbitMQ at {self.settings.host} failed: {_describe(exc)}"
