@@ -30,15 +30,14 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
-from urllib.parse import unquote, urlsplit
 
 from orchestratr_core.client import OrchestratorClient
+from orchestratr_core.display import mask_url, printable, url_secrets
 from orchestratr_core.errors import (
     ConfigurationError,
     InvalidJobInput,
@@ -60,7 +59,7 @@ from orchestratr_core.job import (
 from orchestratr_core.logs import add_secret, configure_logging, redact
 from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.monitor import OrchestratorMonitor
-from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager, mask_url
+from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager
 from orchestratr_core.server import OrchestratedServer, ServerOptions
 
 if TYPE_CHECKING:
@@ -102,18 +101,10 @@ log = logging.getLogger("orchestratr.cli")
 
 def _secret_of(url: str | None) -> None:
     """Never print the password of a URL this process was given (drivers sometimes
-    repeat a password without its URL)."""
-    if not url:
-        return
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        # an unparseable URL: treat everything between ':' and '@' as secret
-        match = re.search(r"://[^:/@]*:([^@]*)@", url)
-        password = match.group(1) if match else None
-    if password:
-        add_secret(password)
-        add_secret(unquote(password))
+    repeat a password without its URL); a URL that does not parse cleanly is
+    secret as a whole (:func:`~orchestratr_core.display.url_secrets`)."""
+    for secret in url_secrets(url):
+        add_secret(secret)
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -500,12 +491,20 @@ def load_job(spec: str) -> Callable[..., Any]:
 # -- output ------------------------------------------------------------------------------
 
 
+_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    # Still exact JSON: DEL and C1 controls (which JSON leaves raw) become \u escapes.
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str).translate(_C1_ESCAPES))
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    # Cells hold stored text (job names, errors, server hosts): escape its control characters.
+    cells = [
+        [str(h) for h in headers],
+        *[["-" if c is None else printable(str(c)) for c in r] for r in rows],
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -775,7 +774,7 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")
 
 
 async def _cmd_servers_list(args: argparse.Namespace) -> int:
@@ -903,9 +902,9 @@ async def _cmd_db_status(args: argparse.Namespace) -> int:
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
         for key, value in result.items():
-            print(f"{key.ljust(width)}  {_cell(value)}")
+            print(f"{key.ljust(width)}  {printable(_cell(value))}")
     else:
-        print(_cell(result))
+        print(printable(_cell(result)))
     return 0
 
 
@@ -931,7 +930,7 @@ def _default_level(command: str) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {redact(message)}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {printable(redact(message))}", file=sys.stderr, flush=True)
     return code
 
 
