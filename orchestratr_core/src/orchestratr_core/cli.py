@@ -149,7 +149,14 @@ def _web_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument(
         "--api-token",
         metavar="TOKEN",
-        help="bearer token for the API (default: $ORCHESTRATR_API_TOKEN)",
+        help="bearer token for the API (default: $ORCHESTRATR_API_TOKEN); printable ASCII, "
+        "16 characters or more",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="refuse API request bodies longer than N bytes with 413 (default 1048576)",
     )
 
 
@@ -616,6 +623,10 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
     )
+    if args.http:
+        from orchestratr_core.web import resolve_token
+
+        resolve_token(args.api_token)  # a token that cannot work stops us before we start
     manager = ServerManager(storage=storage, transport=transport, options=options)
     log.info("manager starting: storage %s, transport %s", _describe(storage), _describe(transport))
     if args.otel:
@@ -630,12 +641,17 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
 
     host, port = parse_listen_address(args.http, 8080)
     await manager.start()
-    web = await start_server(manager, host, port, args.api_token)
+    web = await start_server(manager, host, port, args.api_token, **_web_options(args))
     try:
         await manager.run_forever()
     finally:
         await web.stop()
     return 0
+
+
+def _web_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of the web app given on the command line."""
+    return {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
 
 
 async def _cmd_web(args: argparse.Namespace) -> int:
@@ -645,7 +661,7 @@ async def _cmd_web(args: argparse.Namespace) -> int:
     storage = _storage_url(args, must_exist=True)
     transport = _transport_url(args)
     host, port = parse_listen_address(args.http, 8080)
-    await run_web(storage, transport, host, port, args.api_token)
+    await run_web(storage, transport, host, port, args.api_token, **_web_options(args))
     return 0
 
 
