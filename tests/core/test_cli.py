@@ -591,3 +591,21 @@ def test_tables_escape_control_characters_of_stored_text(tmp_path: Path, db: str
     assert job["last_error"] == f"ValueError: {ESC_RED}boom\nsecond line"
     (server,) = json.loads(run("servers", "list", "--json", "--storage", db, cwd=tmp_path).stdout)
     assert (server["name"], server["host"]) == (f"{SET_TITLE}srv", f"{ESC_RED}host")
+
+
+def test_web_refuses_a_memory_transport_beside_a_shared_storage(tmp_path: Path, db: str) -> None:
+    run("jobs", "create", "x", "--storage", db, cwd=tmp_path)
+    proc = run("web", "--storage", db, "--transport", "memory://", "--http", "127.0.0.1:0",
+               cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, 2, "memory transport", "no server listens to")
+
+
+@pytest.mark.parametrize("command", ["web", "manager"])
+def test_a_token_that_is_not_printable_ascii_is_refused_before_starting(
+    tmp_path: Path, command: str
+) -> None:
+    token = "s\u00e9same-ouvre-toi-1234"
+    proc = run(command, "--storage", "memory", "--transport", "memory://tok", "--http",
+               "127.0.0.1:0", "--api-token", token, cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, 2, "printable ASCII")
+    assert token not in proc.stdout + proc.stderr

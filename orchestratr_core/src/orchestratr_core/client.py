@@ -170,6 +170,7 @@ class OrchestratorClient:
     ) -> None:
         self._owned: list[Storage | Transport] = []
         self._opened = False
+        self._closed = False
         self._opening = asyncio.Lock()
         # Given by plugin name or URL (as ServerManager accepts them): made, owned, closed here.
         plugins = get_plugin_manager()
@@ -203,10 +204,18 @@ class OrchestratorClient:
     async def open(self) -> None:
         """Open the storage and connect the transport the client made from a name
         or URL (nothing for objects given to it). Called by ``async with`` and
-        by the first create or cancel; idempotent."""
+        by the first create or cancel; idempotent.
+
+        :raises OrchestratrError: the client made its backends and was closed.
+        """
         if not self._owned:
             return
         async with self._opening:
+            if self._closed:
+                raise OrchestratrError(
+                    "this OrchestratorClient was closed, and with it the storage and "
+                    "transport it opened: make a new client"
+                )
             if self._opened:
                 return
             opened: list[Storage | Transport] = []
@@ -241,14 +250,16 @@ class OrchestratorClient:
 
     async def close(self) -> None:
         """Flush (see :meth:`flush`), then close the storage and transport the
-        client made from a name or URL; objects given to it stay open: they
-        belong to the caller. Idempotent; the client stays usable (what it
-        made opens again on next use)."""
+        client made from a name or URL: such a client is done. Objects given to
+        the client stay open (they belong to the caller) and the client stays
+        usable. Idempotent."""
         await self._sent.flush()
-        if self._opened:
+        if self._owned:
             async with self._opening:
+                if self._opened:
+                    await _close_all(self._owned)
                 self._opened = False
-                await _close_all(self._owned)
+                self._closed = True
 
     aclose = close
 
