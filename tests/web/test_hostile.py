@@ -71,6 +71,8 @@ async def stream_post(
             with contextlib.suppress(TimeoutError):
                 answer = await asyncio.wait_for(reader.read(65536), 0.001)
         if not answer:
+            if chunked:
+                writer.write(b"0\r\n\r\n")  # the last chunk: the whole body was sent
             answer = await asyncio.wait_for(reader.read(65536), 30)
     except ConnectionError:
         answer = answer or await asyncio.wait_for(reader.read(65536), 5)
