@@ -276,12 +276,19 @@ async def test_a_page_on_another_local_port_cannot_cancel_a_job(cluster: Cluster
                 page = await browser.new_page()
                 await page.goto(f"http://127.0.0.1:{site_port}/")
                 await page.wait_for_function("document.title === 'sent'", timeout=10_000)
+                assert hits, "the hostile page was not served"
+                await asyncio.sleep(0.5)  # the cancel would be applied by now
+                assert (await cluster.job(job_id)).status is JobStatus.PROCESSING
+                assert cluster.ledger.running(job_id)
+                # The control: the same request from the app's own page does cancel.
+                await page.goto(web.url + "/")
+                status = await page.evaluate(
+                    f"fetch('/api/jobs/{job_id}/cancel', {{method: 'POST'}}).then(r => r.status)"
+                )
+                assert status == 202
             finally:
                 await browser.close()
-        assert hits, "the hostile page was not served"
-        await asyncio.sleep(0.5)  # the cancel would be applied by now
-        assert (await cluster.job(job_id)).status is JobStatus.PROCESSING
-        assert cluster.ledger.running(job_id)
+        await cluster.wait_status(job_id, JobStatus.DELETED, 5)
     finally:
         site.close()
         await site.wait_closed()
