@@ -62,13 +62,18 @@ def resolve_token(token: str | None) -> str | None:
         value: str | None = token.strip()
     else:
         value = os.environ.get(TOKEN_ENV, "").strip() or None
-    if value is not None and not all(" " <= c <= "~" for c in value):
+    if value is not None:
+        _require_ascii(value)
+    return value
+
+
+def _require_ascii(token: str) -> None:
+    if not all(" " <= c <= "~" for c in token):
         raise ConfigurationError(
             "the API token must be printable ASCII (letters, digits, punctuation): HTTP "
             "clients encode other characters in headers differently; for example "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
-    return value
 
 
 def _digest(value: bytes) -> bytes:
@@ -95,6 +100,7 @@ class AccessPolicy:
 
     :param token: the configured bearer token, or ``None``.
     :param loopback: the app is bound to a loopback address only.
+    :raises ConfigurationError: a token that is not printable ASCII.
     """
 
     token: str | None
@@ -102,7 +108,9 @@ class AccessPolicy:
     _expected: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        token = self.token.encode("ascii", "replace") if self.token is not None else b""
+        if self.token is not None:
+            _require_ascii(self.token)
+        token = self.token.encode("ascii") if self.token is not None else b""
         object.__setattr__(self, "_expected", _digest(token))
 
     @property
