@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -502,3 +504,108 @@ def test_a_signal_stops_a_process_that_is_still_waiting_for_its_broker(
     assert proc.returncode in (0, 1), err
     assert "Traceback" not in err
     assert "guest:guest" not in err
+
+
+# -- hostile text: URLs that do not parse, control characters in stored text ----------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:ab/cdefSECRET@host/db",  # '/' in the password: it runs into the path
+        "postgresql://u:p@ssSECRET@127.0.0.1:5432/nowhere",  # an unencoded '@' in the password
+        "postgresql://u:ab?cdSECRET@127.0.0.1:5432/nowhere",  # '?' in the password
+    ],
+)
+def test_a_url_that_does_not_parse_cleanly_is_wholly_secret(tmp_path: Path, url: str) -> None:
+    proc = run("--log-level", "debug", "jobs", "list", "--storage", url, cwd=tmp_path, timeout=120)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "SECRET" not in proc.stdout + proc.stderr
+    assert "postgresql://***" in proc.stderr.splitlines()[-1]
+    env = _env(ORCHESTRATR_STORAGE=url, ORCHESTRATR_TRANSPORT="memory://cli-unclean")
+    proc = run("--log-level", "debug", "manager", cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "SECRET" not in proc.stdout + proc.stderr
+
+
+ESC_RED = "\x1b[31m"
+CLEAR_SCREEN = "\x1b[2J"
+SET_TITLE = "\x1b]0;pwned\x07"
+
+
+def _store_hostile_text(db: str) -> str:
+    """A job and a server whose stored text carries terminal escape sequences, as
+    a job function's error, an old row or a hostile heartbeat can leave them."""
+    from orchestratr_core.client import OrchestratorClient
+    from orchestratr_core.job import JobEvent, utcnow
+    from orchestratr_core.plugin.manager import make_storage
+    from orchestratr_core.protocol import ServerHeartbeat
+
+    async def fill() -> str:
+        storage = make_storage(db)
+        await storage.open()
+        try:
+            job_id = await OrchestratorClient(storage).create_job("evil", f"{CLEAR_SCREEN}arg")
+            now = utcnow()
+            heartbeat = ServerHeartbeat(
+                server_id="srv-evil", name=f"{SET_TITLE}srv", max_workers=2,
+                started_at=now.timestamp(), sent_at=now.timestamp(),
+                host=f"{ESC_RED}host", pid=4242,
+            )  # fmt: skip
+            await storage.apply_heartbeat(heartbeat, now)
+            await storage.transition(job_id, JobEvent.START, server_id="srv-evil", fence=7, now=now)
+            await storage.transition(
+                job_id, JobEvent.FAIL, server_id="srv-evil", fence=7, now=now,
+                error=f"ValueError: {ESC_RED}boom\nsecond line", restarts=1,
+            )  # fmt: skip
+            return job_id
+        finally:
+            await storage.close()
+
+    job_id = asyncio.run(fill())
+    # Names are validated on creation; a row written by other means may still hold one.
+    path = db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE jobs SET name = ? WHERE id = ?", (f"{ESC_RED}evil", job_id))
+    return job_id
+
+
+def test_tables_escape_control_characters_of_stored_text(tmp_path: Path, db: str) -> None:
+    job_id = _store_hostile_text(db)
+    listing = run("jobs", "list", "--storage", db, cwd=tmp_path)
+    shown = run("jobs", "show", job_id, "--storage", db, cwd=tmp_path)
+    servers = run("servers", "list", "--storage", db, cwd=tmp_path)
+    for proc in (listing, shown, servers):
+        assert proc.returncode == 0, proc.stderr
+        assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout, proc.stdout
+    assert "\\x1b[31mevil" in listing.stdout
+    assert "\\x1b[2Jarg" in shown.stdout
+    assert "ValueError: \\x1b[31mboom\\nsecond line" in shown.stdout
+    assert len(shown.stdout.splitlines()) == 14  # one line per field: no raw newline
+    assert "\\x1b]0;pwned\\x07srv" in servers.stdout and "\\x1b[31mhost" in servers.stdout
+
+    # JSON stays exact: the very strings that are stored.
+    job = json.loads(run("jobs", "show", job_id, "--json", "--storage", db, cwd=tmp_path).stdout)
+    assert job["name"] == f"{ESC_RED}evil"
+    assert job["argument"] == f"{CLEAR_SCREEN}arg"
+    assert job["last_error"] == f"ValueError: {ESC_RED}boom\nsecond line"
+    (server,) = json.loads(run("servers", "list", "--json", "--storage", db, cwd=tmp_path).stdout)
+    assert (server["name"], server["host"]) == (f"{SET_TITLE}srv", f"{ESC_RED}host")
+
+
+def test_web_refuses_a_memory_transport_beside_a_shared_storage(tmp_path: Path, db: str) -> None:
+    run("jobs", "create", "x", "--storage", db, cwd=tmp_path)
+    proc = run("web", "--storage", db, "--transport", "memory://", "--http", "127.0.0.1:0",
+               cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, 2, "memory transport", "no server listens to")
+
+
+@pytest.mark.parametrize("command", ["web", "manager"])
+def test_a_token_that_is_not_printable_ascii_is_refused_before_starting(
+    tmp_path: Path, command: str
+) -> None:
+    token = "s\u00e9same-ouvre-toi-1234"
+    proc = run(command, "--storage", "memory", "--transport", "memory://tok", "--http",
+               "127.0.0.1:0", "--api-token", token, cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(proc, 2, "printable ASCII")
+    assert token not in proc.stdout + proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
@@ -9,6 +10,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Literal
 
 import pytest
 
@@ -19,12 +21,15 @@ from orchestratr_core.plugin.manager import get_plugin_manager
 from tests.core.conftest import Cluster, eventually
 
 
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
+@contextlib.contextmanager
+def captured_log(
+    level: str, fmt: Literal["text", "json"], secrets: tuple[str, ...] = ()
+) -> Iterator[io.StringIO]:
+    """Log lines as configure_logging writes them; the root logger is restored after."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     stream = io.StringIO()
-    configure_logging("info", "json", stream=stream)
+    configure_logging(level, fmt, stream=stream, secrets=secrets)
     try:
         yield stream
     finally:
@@ -33,6 +38,12 @@ def json_log() -> Iterator[io.StringIO]:
         for handler in saved[0]:
             root.addHandler(handler)
         root.setLevel(saved[1])
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    with captured_log("info", "json") as stream:
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict]:
@@ -71,28 +82,46 @@ async def test_every_job_line_carries_job_server_and_fence(
 
 
 def test_text_format_is_key_value_and_masks_credentials() -> None:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    try:
-        configure_logging("debug", "text", stream=stream, secrets=("tok-123456",))
+    with captured_log("debug", "text", secrets=("tok-123456",)) as stream:
         log = logging.getLogger("orchestratr.test")
         log.info("connecting to amqp://user:hunter2@broker:5672/ with tok-123456")
         with job_context("j-1", "s-1", 42):
             log.warning("job went wrong")
         log.info("stop job_id=j-2 fence=7 reason=cancelled")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
     first, second, third = stream.getvalue().splitlines()
     assert "hunter2" not in first and "tok-123456" not in first
     assert "amqp://user:***@broker:5672/" in first
     assert first.split(" ")[1:3] == ["level=info", "logger=orchestratr.test"]
     assert second.endswith('msg="job went wrong" job_id=j-1 server_id=s-1 fence=42')
     assert "job_id=j-2" in third and third.endswith("fence=7")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_url_that_does_not_parse_cleanly_is_hidden_whole_in_log_lines(
+    fmt: Literal["text", "json"],
+) -> None:
+    with captured_log("debug", fmt) as stream:
+        log = logging.getLogger("orchestratr.test")
+        log.warning("cannot reach postgresql://u:ab/cdefSECRET@host/db: refused")
+        log.warning("cannot reach 'postgresql://u:p@ssSECRET@host/db', retrying")
+        log.warning("cannot reach (postgresql://u:ab?cdSECRET@host:5432/db)")
+        log.warning("clean: amqp://guest:hunter2@broker:5672/vhost")
+    out = stream.getvalue()
+    assert "SECRET" not in out and "hunter2" not in out, out
+    assert out.count("postgresql://***") == 3, out
+    assert "amqp://guest:***@broker:5672/vhost" in out
+
+
+def test_text_log_lines_escape_terminal_control_characters() -> None:
+    from orchestratr_core.logs import KeyValueFormatter
+
+    record = logging.LogRecord(
+        "orchestratr.test", logging.WARNING, __file__, 1, "job failed: %s",
+        ("\x1b[2J\x9b31m",), None,
+    )  # fmt: skip
+    line = KeyValueFormatter().format(record)
+    assert "\x1b" not in line and "\x9b" not in line
+    assert "\\u001b[2J\\u009b31m" in line
 
 
 def test_short_secrets_are_not_masked_everywhere() -> None:

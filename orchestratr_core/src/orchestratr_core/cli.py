@@ -31,15 +31,14 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
-from urllib.parse import unquote, urlsplit
 
 from orchestratr_core.client import OrchestratorClient
+from orchestratr_core.display import mask_url, printable, url_secrets
 from orchestratr_core.errors import (
     ConfigurationError,
     InvalidJobInput,
@@ -61,7 +60,7 @@ from orchestratr_core.job import (
 from orchestratr_core.logs import add_secret, configure_logging, redact
 from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.monitor import OrchestratorMonitor
-from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager, mask_url
+from orchestratr_core.plugin.manager import BLOCK_ENV, get_plugin_manager
 from orchestratr_core.server import OrchestratedServer, ServerOptions
 from orchestratr_core.signing import KEY_ENV, KEY_FILE_ENV, load_signer
 
@@ -104,18 +103,10 @@ log = logging.getLogger("orchestratr.cli")
 
 def _secret_of(url: str | None) -> None:
     """Never print the password of a URL this process was given (drivers sometimes
-    repeat a password without its URL)."""
-    if not url:
-        return
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        # an unparseable URL: treat everything between ':' and '@' as secret
-        match = re.search(r"://[^:/@]*:([^@]*)@", url)
-        password = match.group(1) if match else None
-    if password:
-        add_secret(password)
-        add_secret(unquote(password))
+    repeat a password without its URL); a URL that does not parse cleanly is
+    secret as a whole (:func:`~orchestratr_core.display.url_secrets`)."""
+    for secret in url_secrets(url):
+        add_secret(secret)
 
 
 # -- argument parsing ------------------------------------------------------------------
@@ -160,7 +151,14 @@ def _web_arguments(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument(
         "--api-token",
         metavar="TOKEN",
-        help="bearer token for the API (default: $ORCHESTRATR_API_TOKEN)",
+        help="bearer token for the API (default: $ORCHESTRATR_API_TOKEN); printable ASCII, "
+        "16 characters or more",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="refuse API request bodies longer than N bytes with 413 (default 1048576)",
     )
 
 
@@ -509,12 +507,20 @@ def load_job(spec: str) -> Callable[..., Any]:
 # -- output ------------------------------------------------------------------------------
 
 
+_C1_ESCAPES = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def _print_json(value: object) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False, default=str))
+    # Still exact JSON: DEL and C1 controls (which JSON leaves raw) become \u escapes.
+    print(json.dumps(value, indent=2, ensure_ascii=False, default=str).translate(_C1_ESCAPES))
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    # Cells hold stored text (job names, errors, server hosts): escape its control characters.
+    cells = [
+        [str(h) for h in headers],
+        *[["-" if c is None else printable(str(c)) for c in r] for r in rows],
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
@@ -639,6 +645,10 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
     )
+    if args.http:
+        from orchestratr_core.web import resolve_token
+
+        resolve_token(args.api_token)  # a token that cannot work stops us before we start
     manager = ServerManager(storage=storage, transport=transport, options=options)
     log.info("manager starting: storage %s, transport %s", _describe(storage), _describe(transport))
     if args.otel:
@@ -653,12 +663,17 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
 
     host, port = parse_listen_address(args.http, 8080)
     await manager.start()
-    web = await start_server(manager, host, port, args.api_token)
+    web = await start_server(manager, host, port, args.api_token, **_web_options(args))
     try:
         await manager.run_forever()
     finally:
         await web.stop()
     return 0
+
+
+def _web_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options of the web app given on the command line."""
+    return {} if args.max_body_bytes is None else {"max_body_bytes": args.max_body_bytes}
 
 
 async def _cmd_web(args: argparse.Namespace) -> int:
@@ -669,7 +684,7 @@ async def _cmd_web(args: argparse.Namespace) -> int:
     storage = _storage_url(args, must_exist=True)
     transport = _transport_url(args)
     host, port = parse_listen_address(args.http, 8080)
-    await run_web(storage, transport, host, port, args.api_token)
+    await run_web(storage, transport, host, port, args.api_token, **_web_options(args))
     return 0
 
 
@@ -798,7 +813,7 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")
 
 
 async def _cmd_servers_list(args: argparse.Namespace) -> int:
@@ -927,9 +942,9 @@ async def _cmd_db_status(args: argparse.Namespace) -> int:
     if isinstance(result, dict):
         width = max((len(k) for k in result), default=0)
         for key, value in result.items():
-            print(f"{key.ljust(width)}  {_cell(value)}")
+            print(f"{key.ljust(width)}  {printable(_cell(value))}")
     else:
-        print(_cell(result))
+        print(printable(_cell(result)))
     return 0
 
 
@@ -955,7 +970,7 @@ def _default_level(command: str) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: error: {redact(message)}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {printable(redact(message))}", file=sys.stderr, flush=True)
     return code
 
 

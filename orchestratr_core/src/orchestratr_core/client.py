@@ -24,6 +24,7 @@ from orchestratr_core.job import (
     validate_argument,
     validate_name,
 )
+from orchestratr_core.plugin.manager import get_plugin_manager
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Transport
@@ -144,9 +145,13 @@ class OrchestratorClient:
     the send fails), a running manager sends it. So there is never a message
     without a job row, nor a committed job without a message.
 
-    :param storage: an opened storage.
-    :param transport: a connected transport, or ``None`` to leave sending to a
-        running manager.
+    :param storage: an opened storage, or a plugin name or URL
+        (``"postgresql://..."``, as :class:`ServerManager` accepts): the client
+        then builds the storage, opens it on first use (or in ``async with`` /
+        :meth:`open`) and closes it in :meth:`close`.
+    :param transport: a connected transport, a plugin name or URL (built,
+        connected and closed by the client, like a storage given by URL), or
+        ``None`` to leave sending to a running manager.
     :param holder: who claims the outbox rows (the manager's id).
     :param outbox_flush_interval: seconds sent jobs are collected before their
         outbox rows are deleted in one statement (at most ``outbox_flush_batch``).
@@ -154,8 +159,8 @@ class OrchestratorClient:
 
     def __init__(
         self,
-        storage: Storage,
-        transport: Transport | None = None,
+        storage: Storage | str,
+        transport: Transport | str | None = None,
         *,
         holder: str | None = None,
         outbox_lease: float = 10.0,
@@ -163,8 +168,22 @@ class OrchestratorClient:
         outbox_flush_interval: float = OUTBOX_FLUSH_INTERVAL,
         outbox_flush_batch: int = OUTBOX_FLUSH_BATCH,
     ) -> None:
-        self._storage = storage
-        self._transport = transport
+        self._owned: list[Storage | Transport] = []
+        self._opened = False
+        self._closed = False
+        self._opening = asyncio.Lock()
+        # Given by plugin name or URL (as ServerManager accepts them): made, owned, closed here.
+        plugins = get_plugin_manager()
+        if isinstance(storage, Storage):
+            self._storage = storage
+        else:
+            self._storage = plugins.make_storage(_spec(storage, "storage", Storage))
+            self._owned.append(self._storage)
+        if transport is None or isinstance(transport, Transport):
+            self._transport = transport
+        else:
+            self._transport = plugins.make_transport(_spec(transport, "transport", Transport))
+            self._owned.append(self._transport)
         self._holder = holder or f"client-{new_id()}"
         # The fast path holds its outbox row only briefly: if the broker is slow or
         # down, the leader's relay takes over within a couple of seconds (a rare
@@ -175,10 +194,45 @@ class OrchestratorClient:
         self._max_lease = timedelta(seconds=outbox_lease)
         self._retention = timedelta(seconds=cancel_retention)
         self._sent = _OutboxFlusher(
-            storage, OutboxKind.PUBLISH, self._holder, outbox_flush_interval, outbox_flush_batch
+            self._storage,
+            OutboxKind.PUBLISH,
+            self._holder,
+            outbox_flush_interval,
+            outbox_flush_batch,
         )
 
+    async def open(self) -> None:
+        """Open the storage and connect the transport the client made from a name
+        or URL (nothing for objects given to it). Called by ``async with`` and
+        by the first create or cancel; idempotent.
+
+        :raises OrchestratrError: the client made its backends and was closed.
+        """
+        if not self._owned:
+            return
+        async with self._opening:
+            if self._closed:
+                raise OrchestratrError(
+                    "this OrchestratorClient was closed, and with it the storage and "
+                    "transport it opened: make a new client"
+                )
+            if self._opened:
+                return
+            opened: list[Storage | Transport] = []
+            try:
+                for backend in self._owned:
+                    if isinstance(backend, Storage):
+                        await backend.open()
+                    else:
+                        await backend.connect()
+                    opened.append(backend)
+            except BaseException:
+                await _close_all(opened)
+                raise
+            self._opened = True
+
     async def __aenter__(self) -> OrchestratorClient:
+        await self.open()
         return self
 
     async def __aexit__(
@@ -195,9 +249,17 @@ class OrchestratorClient:
         await self._sent.flush()
 
     async def close(self) -> None:
-        """Flush (see :meth:`flush`). The storage and transport stay open: they
-        belong to the caller. Idempotent; the client stays usable."""
+        """Flush (see :meth:`flush`), then close the storage and transport the
+        client made from a name or URL: such a client is done. Objects given to
+        the client stay open (they belong to the caller) and the client stays
+        usable. Idempotent."""
         await self._sent.flush()
+        if self._owned:
+            async with self._opening:
+                if self._opened:
+                    await _close_all(self._owned)
+                self._opened = False
+                self._closed = True
 
     aclose = close
 
@@ -218,6 +280,7 @@ class OrchestratorClient:
         name = validate_name(name)
         argument = validate_argument(argument)
         timeout = _heartbeat_timeout(heartbeat_timeout)
+        await self.open()
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
         lease_until = now + self._lease if self._transport is not None else now
@@ -287,6 +350,7 @@ class OrchestratorClient:
             seen.add(name)
         if not pairs:
             return []
+        await self.open()
         now = utcnow()
         jobs = [
             NewJob(
@@ -352,6 +416,7 @@ class OrchestratorClient:
         """
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidJobInput("job id must be a non-empty string")
+        await self.open()
         now = utcnow()
         lease_until = now + self._lease if self._transport is not None else now
         record, changed = await self._storage.request_cancel(job_id, now, self._holder, lease_until)
@@ -364,6 +429,23 @@ class OrchestratorClient:
                 return record
             await self._storage.complete_outbox_for_job(job_id, OutboxKind.CANCEL, self._holder)
         return record
+
+
+def _spec(value: object, kind: str, expected: type) -> str:
+    """``value`` if it is a plugin name or URL, else a clear :class:`TypeError`."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{kind} must be a {expected.__name__}, a plugin name or a URL, "
+            f"not {type(value).__name__}"
+        )
+    return value
+
+
+async def _close_all(backends: Sequence[Storage | Transport]) -> None:
+    """Close each (transports first: they may still be sending); report none."""
+    for backend in sorted(backends, key=lambda b: isinstance(b, Storage)):
+        with contextlib.suppress(OrchestratrError, OSError):
+            await backend.close()
 
 
 def _heartbeat_timeout(value: object) -> float | None:

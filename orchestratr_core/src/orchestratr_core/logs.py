@@ -12,9 +12,11 @@ taken, in this order, from:
    message text, as the runtime's log calls do; a missing ``server_id`` is then
    looked up among the jobs this process started.
 
-Credentials never reach the output: URL passwords are masked with
-:func:`~orchestratr_core.plugin.manager.mask_url` rules and every value given
-to :func:`add_secret` (the API token, say) is replaced by ``***``.
+Credentials never reach the output: every URL is shown as
+:func:`~orchestratr_core.display.mask_url` shows it (password masked; a URL that
+does not parse cleanly wholly hidden) and every value given to
+:func:`add_secret` (the API token, say) is replaced by ``***``. Control
+characters in a text field are escaped, so a log line cannot drive a terminal.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
+from orchestratr_core.display import redact_urls
 from orchestratr_core.plugin.spec import hookimpl
 
 __all__ = [
@@ -50,7 +53,6 @@ __all__ = [
 JOB_FIELDS = ("job_id", "server_id", "fence")
 """The fields every job-related line carries (``None`` when unknown)."""
 
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
 _JOB_ID = re.compile(r"\bjob_id=([^\s,;()]+)")
 _FENCE = re.compile(r"\bfence=(\d+)")
 _SERVER = re.compile(r"\bserver(?:_id)?=([^\s,;()]+)")
@@ -72,8 +74,9 @@ def add_secret(value: str | None) -> None:
 
 
 def redact(text: str) -> str:
-    """``text`` with URL passwords and registered secrets replaced by ``***``."""
-    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    """``text`` with URL passwords and registered secrets replaced by ``***``
+    (see :func:`~orchestratr_core.display.redact_urls`)."""
+    text = redact_urls(text)
     for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
@@ -168,10 +171,14 @@ def _timestamp(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
 
+# JSON escapes C0 controls itself; DEL and C1 (CSI is U+009B) it leaves raw.
+_C1 = {c: f"\\u{c:04x}" for c in range(0x7F, 0xA0)}
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\\n\t'):
-        return json.dumps(text, ensure_ascii=False)
+    if text == "" or not text.isprintable() or any(c in text for c in ' "=\\'):
+        return json.dumps(text, ensure_ascii=False).translate(_C1)
     return text
 
 

@@ -27,6 +27,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import ClassVar
 
 from orchestratr_core.job import (
     JobEvent,
@@ -75,6 +76,10 @@ class OutboxItem:
 
 class Storage(abc.ABC):
     """A manager's database. See the module docstring for the rules."""
+
+    process_local: ClassVar[bool] = False
+    """True when the data lives inside this process (the memory storage): no
+    other process shares it."""
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -72,6 +72,7 @@ import abc
 import asyncio
 import math
 from collections.abc import Awaitable, Callable, Collection
+from typing import ClassVar
 
 from orchestratr_core.protocol import Command, Event, JobMessage
 
@@ -163,6 +164,10 @@ class JobConsumer(Subscription):
 
 class Transport(abc.ABC):
     """One process's connection to the broker. See the module docstring."""
+
+    process_local: ClassVar[bool] = False
+    """True when the broker lives inside this process (the memory transport):
+    no server in another process ever sees what it publishes."""
 
     @abc.abstractmethod
     async def connect(self) -> None:

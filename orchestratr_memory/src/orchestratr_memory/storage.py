@@ -250,6 +250,7 @@ class MemoryStorage(Storage):
         that name in this process.
     """
 
+    process_local = True
     _shared: ClassVar[dict[str, _Store]] = {}
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 

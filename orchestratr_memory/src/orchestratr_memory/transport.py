@@ -495,6 +495,8 @@ def _check_capacity(capacity: int) -> None:
 class MemoryTransport(Transport):
     """The in-memory transport. See the module docstring for URL, options and faults."""
 
+    process_local = True
+
     def __init__(self, url: str | None = None, **options: Any) -> None:
         name, values = _parse_options(url, options)
         self.options: dict[str, float] = values

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from orchestratr_core.display import mask_url, url_secrets
 from orchestratr_core.errors import ConfigurationError
-from orchestratr_core.plugin.manager import mask_url
 
 __all__ = ["DIALECTS", "SCHEMES", "DatabaseUrl", "StorageOptions", "parse_url"]
 
@@ -106,7 +106,8 @@ class DatabaseUrl:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never appear in a log line or an error."""
-        return (self.password,) if self.password else ()
+        found = [*url_secrets(self.raw), *((self.password,) if self.password else ())]
+        return tuple(dict.fromkeys(found))
 
     @property
     def in_memory(self) -> bool:
@@ -124,7 +125,9 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> DatabaseUrl
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigurationError(f"invalid database URL {mask_url(url)!r}: {exc}") from None
+        # The parser's reason may quote a piece of the password ("port 'ab'").
+        reason = "a password must percent-encode '/', '?', '#' and '@'" if "@" in url else str(exc)
+        raise ConfigurationError(f"invalid database URL {mask_url(url)!r}: {reason}") from None
     scheme = parts.scheme.lower()
     dialect = SCHEMES.get(scheme)
     if dialect is None:

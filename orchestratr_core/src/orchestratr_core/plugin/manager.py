@@ -9,10 +9,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
 
 import pluggy
 
+from orchestratr_core.display import mask_url
 from orchestratr_core.errors import ConfigurationError, PluginNotFound
 from orchestratr_core.plugin import spec as _spec
 from orchestratr_core.plugin.spec import PROJECT_NAME
@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from orchestratr_core.storage import Storage
     from orchestratr_core.transport import Transport
 
-__all__ = ["BackendSpec", "PluginManager", "get_plugin_manager", "make_storage", "make_transport"]
+__all__ = [
+    "BackendSpec",
+    "PluginManager",
+    "get_plugin_manager",
+    "make_storage",
+    "make_transport",
+    "mask_url",
+]
 
 log = logging.getLogger("orchestratr.plugins")
 
@@ -42,21 +49,6 @@ class BackendSpec:
 
     def __repr__(self) -> str:  # never show the URL: it may carry a password
         return f"BackendSpec(plugin={self.plugin!r}, url={mask_url(self.url)!r})"
-
-
-def mask_url(url: str | None) -> str | None:
-    """``url`` with any password replaced by ``***`` (for logs and errors)."""
-    if url is None:
-        return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{netloc[1]}").geturl()
 
 
 def _blocked() -> frozenset[str]:

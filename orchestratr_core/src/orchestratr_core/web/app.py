@@ -25,6 +25,7 @@ from orchestratr_core import metrics as _metrics
 from orchestratr_core.client import OrchestratorClient
 from orchestratr_core.errors import (
     BackendUnavailable,
+    ConfigurationError,
     DuplicateJobName,
     InvalidJobInput,
     OrchestratrError,
@@ -43,7 +44,13 @@ from orchestratr_core.job import (
 )
 from orchestratr_core.logs import add_secret
 from orchestratr_core.monitor import MAX_PAGE_SIZE, OrchestratorMonitor
-from orchestratr_core.web.auth import AccessPolicy, is_loopback, resolve_token
+from orchestratr_core.web.auth import MIN_TOKEN_LENGTH, AccessPolicy, is_loopback, resolve_token
+from orchestratr_core.web.guard import (
+    DEFAULT_MAX_BODY,
+    RequestGuard,
+    body_limit,
+    security_headers,
+)
 from orchestratr_core.web.history import FleetHistory
 from orchestratr_core.web.problems import ApiProblem, Problem, problem_response
 
@@ -83,12 +90,23 @@ class WebBackend:
         """Open a storage and connect a transport (objects, plugin names or URLs)
         and build a backend on them; :meth:`close` closes both.
 
+        :raises ConfigurationError: a transport whose broker lives in this
+            process (``memory://``) beside a storage other processes share: jobs
+            created here would be marked sent to a broker no server listens
+            to, and stay pending.
         :raises PluginNotFound, MissingDriver, BackendUnavailable,
             PermanentBackendError: as the plugin system and backends raise them.
         """
         from orchestratr_core.manager import ServerManager
 
         manager = ServerManager(storage=storage, transport=transport)
+        if manager.transport.process_local and not manager.storage.process_local:
+            raise ConfigurationError(
+                "the memory transport reaches only servers inside this process, and the web "
+                "API runs none: jobs created or cancelled here would be marked sent into a "
+                "broker no server listens to and stay pending. Give the fleet's broker "
+                "(--transport amqp://...), or --storage memory to try the API on its own"
+            )
         await manager.storage.open()
         try:
             await manager.transport.connect()
@@ -261,6 +279,7 @@ _DESCRIBED = {
     403: "No token configured and not bound to loopback (or behind a proxy)",
     404: "No such job or server",
     409: "A job of this name exists",
+    413: "Request body larger than the limit",
     422: "Rejected by validation",
     503: "Storage or broker unavailable",
 }
@@ -270,7 +289,7 @@ def _problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for problem documents with these status codes."""
     return {
         code: {"model": Problem, "description": _DESCRIBED[code], "content": _PROBLEM_CONTENT}
-        for code in sorted({401, 403, 422, 503, *codes})
+        for code in sorted({401, 403, 413, 422, 503, *codes})
     }
 
 
@@ -282,6 +301,7 @@ def create_app(
     history_interval: float = 1.0,
     history_window: float = 600.0,
     public_metrics: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
 ) -> FastAPI:
     """Build the web app for a manager or its parts.
 
@@ -295,10 +315,22 @@ def create_app(
     :param history_window: seconds of samples the chart keeps.
     :param public_metrics: serve ``/metrics`` without the token (for a scraper
         on a network you trust).
+    :param max_body_bytes: largest request body accepted; longer ones get 413
+        (checked from ``Content-Length`` and while a chunked body streams in).
+    :raises ConfigurationError: a token that is not printable ASCII, or a body
+        limit below 1.
     """
+    max_body = body_limit(max_body_bytes)
     backend = source if isinstance(source, WebBackend) else WebBackend.of(source)
     secret = resolve_token(token)
     add_secret(secret)
+    if secret is not None and len(secret) < MIN_TOKEN_LENGTH:
+        log.warning(
+            "the API token is only %d characters long: use at least %d random characters "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+            len(secret),
+            MIN_TOKEN_LENGTH,
+        )
     policy = AccessPolicy(token=secret, loopback=is_loopback(host))
     history = FleetHistory(backend.monitor, interval=history_interval, window=history_window)
 
@@ -327,7 +359,9 @@ def create_app(
 
     def _check(request: Request, write: bool) -> None:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        policy.check(request.headers.get("authorization"), headers, write=write)
+        policy.check(
+            request.headers.get("authorization"), headers, write=write, scheme=request.url.scheme
+        )
 
     async def can_read(
         request: Request,
@@ -364,7 +398,9 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "Error")
+        title = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}.get(
+            exc.status_code, "Error"
+        )
         return problem_response(
             exc.status_code,
             title,
@@ -396,29 +432,19 @@ def create_app(
         return problem_response(500, "Internal error", str(exc), "internal-error")
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("API call failed unexpectedly")
+        # This answer is sent from outside every middleware: it brings its own headers.
         return problem_response(
-            500, "Internal error", "the server could not answer; see its log", "internal-error"
+            500,
+            "Internal error",
+            "the server could not answer; see its log",
+            "internal-error",
+            headers=security_headers(request.url.path),
         )
 
-    @app.middleware("http")
-    async def _headers(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        if request.url.path.startswith("/api/") or request.url.path == "/metrics":
-            response.headers.setdefault("Cache-Control", "no-store")
-        else:
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; img-src 'self' data:; style-src 'self'; "
-                "script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-            )
-        return response
+    # Innermost of the error handling: checks access before any body is read.
+    app.add_middleware(RequestGuard, policy=policy, max_body=max_body)
 
     # -- jobs -----------------------------------------------------------------------
 
