@@ -71,16 +71,12 @@ async def wait_first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
     Returns the finished ones (more than one may finish at once); their results or
     exceptions are the caller's to read.
     """
-    futures = [asyncio.ensure_future(a) for a in awaitables]
+    futures: list[asyncio.Future[Any]] = [asyncio.ensure_future(a) for a in awaitables]
     try:
-        done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        pending = {f for f in futures if not f.done()}
-        done: set[asyncio.Future[Any]] = set()
-        await _cancel_quietly(pending)
-        raise
-    await _cancel_quietly(pending)
-    return done
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _cancel_quietly(f for f in futures if not f.done())
+    return {f for f in futures if f.done() and not f.cancelled()}
 
 
 async def _cancel_quietly(futures: Iterable[asyncio.Future[Any]]) -> None:
