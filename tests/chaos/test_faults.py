@@ -120,13 +120,12 @@ async def test_silent_partition_the_server_fences_itself_before_the_broker_reass
     await chaos.wait_all_running(
         ids + kept, within=BOUND_SILENT, exclude=(victim,), figure="partition"
     )
-    chaos.check().assert_ok()
+    chaos.check(final=False).assert_ok()
     chaos.heal(victim)
     await asyncio.sleep(3)
     await chaos.wait_cancels_final(within=BOUND_SILENT, figure="partition cancels")
     chaos.check().assert_ok()
     await chaos.wait_all_running(ids + kept, within=5)
-    await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW, figure="partition view")
     chaos.check().assert_ok()
 
 
@@ -351,13 +350,15 @@ async def test_seeded_soak_random_faults_keep_the_invariants(chaos: ChaosCluster
 
 
 async def test_daily_seeded_short_soak_keeps_the_invariants(chaos: ChaosCluster) -> None:
-    """The random-fault path on every run of the default suite: a few faults drawn
+    """The random-fault path on every run of the default suite: eight faults drawn
     from a seed that is the UTC date (printed; ``CHAOS_SEED`` reproduces a run),
     then the full checker. About a minute; the long soak above is ``slow``."""
     rng, seed = seeded(daily=True)
     ids = await _three_servers_with_jobs(chaos, jobs=12)
     faults = ["kill", "term", "partition", "cancel", "create"]
-    await _soak(chaos, rng, seed, ids, faults, steps=5, hold=(1, 4))
+    # Partitions shorter than the fence (its earliest firing: F - F/3 = 3 s): the
+    # self-fencing path is the partition test's and the slow soak's.
+    await _soak(chaos, rng, seed, ids, faults, steps=8, hold=(0.5, 2.5))
 
 
 async def _soak(
