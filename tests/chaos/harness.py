@@ -50,10 +50,12 @@ PG_ADMIN = f"{PG_SERVER}/{PG_DATABASE}"
 """The test database (``ORCHESTRATR_TEST_PG``, as every PostgreSQL test)."""
 PG_CLUSTER_SCRIPT = ROOT / ".ci" / "pg-cluster"
 """Names the cluster serving that URL; ``.ci/services`` starts the same one."""
-RESULTS = Path(
-    os.environ.get("ORCHESTRATR_CHAOS_RESULTS", ROOT / "benchmarks" / "results" / "chaos.json")
+_RESULTS = os.environ.get("ORCHESTRATR_CHAOS_RESULTS", "")
+RESULTS: Path | None = (
+    None if _RESULTS == "off" else Path(_RESULTS or ROOT / "benchmarks" / "results" / "chaos.json")
 )
-"""Where every measured figure is appended (``records``)."""
+"""Where every measured figure is appended (``records``); ``ORCHESTRATR_CHAOS_RESULTS``
+names another file, or ``off`` records nothing."""
 
 REPORT_MARGIN = 1.0
 """Seconds added to a documented "within one heartbeat" before the checker fails:
@@ -808,8 +810,11 @@ def record_figure(figure: str, value: float, bound: float, *, path: Path | None 
     """Append one measured figure to the ``records`` of ``chaos.json`` (``path``,
     default ``RESULTS``): the test, the figure, its value and bound in seconds,
     the UTC time and the git commit. Other keys of the file (the summary that
-    ``benchmarks/chaos_report.py`` writes) are kept; concurrent writers take turns."""
+    ``benchmarks/chaos_report.py`` writes) are kept; concurrent writers take turns.
+    ``path`` None and ``ORCHESTRATR_CHAOS_RESULTS=off``: nothing is recorded."""
     path = RESULTS if path is None else path
+    if path is None:
+        return
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     entry = {
         "test": test,

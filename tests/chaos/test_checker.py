@@ -435,6 +435,7 @@ def test_the_daily_seed_is_the_utc_date_and_chaos_seed_overrides_it(
     assert rng.random() == seeded(42)[0].random()
 
 
+@pytest.mark.postgresql
 @pytest.mark.parametrize(
     ("url", "port"),
     [

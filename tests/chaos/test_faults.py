@@ -296,7 +296,7 @@ async def test_at_capacity_jobs_wait_through_kill_9_and_rebalance_and_no_server_
 
     joined = time.time()
     await chaos.add_server("s4", 20)  # 30 slots: the 8 waiting start there
-    await chaos.wait_all_running(ids, within=30, exclude=("s1",), figure="capacity: queue drained")
+    await chaos.wait_all_running(ids, within=30, exclude=("s1",), figure="capacity queue drained")
 
     def balanced() -> bool:  # shares of 18 jobs over 5 + 5 + 20 slots: 3, 3, 12
         return (
@@ -307,7 +307,7 @@ async def test_at_capacity_jobs_wait_through_kill_9_and_rebalance_and_no_server_
     while not balanced():
         assert time.time() < deadline, {n: len(_on(chaos, n)) for n in ("s2", "s3", "s4")}
         await asyncio.sleep(0.2)
-    chaos.record_figure("capacity: rebalanced", time.time() - joined, 20.0, "s4 holds its share")
+    chaos.record_figure("capacity rebalanced", time.time() - joined, 20.0, "s4 holds its share")
     await chaos.wait_all_running(ids, within=5, exclude=("s1",))
     await chaos.wait_view_converges(ids, within=BOUND_VIEW, figure="capacity view")
     chaos.check().assert_ok()
