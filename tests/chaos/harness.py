@@ -795,15 +795,20 @@ async def postmaster_started(wait: float = 0.0) -> dt.datetime:
 
 
 def _commit() -> str:
-    """The commit under test; ``-dirty`` when the working tree has changes."""
+    """The commit under test; ``-dirty`` when tracked code differs from it (the
+    results files themselves do not count: every run changes them)."""
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":(exclude)benchmarks/results"],
             cwd=ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return head + ("-dirty" if changed else "")
 
 
 def record_figure(figure: str, value: float, bound: float, *, path: Path | None = None) -> None:
