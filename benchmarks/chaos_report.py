@@ -3,7 +3,9 @@ until every job ran again (or the manager's view converged): median and worst.
 
     .venv/bin/python benchmarks/chaos_report.py --runs 5 [--slow]
 
-Writes ``benchmarks/results/chaos.json`` and prints a markdown table for
+Writes the summary into ``benchmarks/results/chaos.json`` (keeping its
+``records``: every figure each chaos test appends on each run, see
+``tests/chaos/harness.py``) and prints a markdown table for
 ``docs/reliability.md``. Each run is a fresh pytest process against the real
 broker, database and server processes; a run whose invariants fail is counted
 and reported as a failure.
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # pytest -q prints progress marks (".", "F", "E") on the same line before the output
@@ -49,6 +52,17 @@ def run_once(slow: bool) -> tuple[dict[str, float], int, int, str]:
     return figures, passed, failed, out[-2000:]
 
 
+def dump_results(data: dict[str, Any]) -> str:
+    """``chaos.json`` as text: the summary indented, one line per record (short diffs)."""
+    records = data.get("records", [])
+    rest = {k: v for k, v in data.items() if k != "records"}
+    if not records:
+        return json.dumps({**rest, "records": []}, indent=2) + "\n"
+    text = json.dumps({**rest, "records": ["@RECORDS@"]}, indent=2)
+    lines = ",\n    ".join(json.dumps(r) for r in records)
+    return text.replace('"@RECORDS@"', lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
@@ -65,7 +79,7 @@ def main() -> int:
             print(tail)
         for fault, seconds in figures.items():
             samples.setdefault(fault, []).append(seconds)
-    result = {
+    result: dict[str, Any] = {
         "command": f"python benchmarks/chaos_report.py --runs {args.runs}"
         + (" --slow" if args.slow else ""),
         "machine": {
@@ -89,9 +103,11 @@ def main() -> int:
     }
     out = ROOT / "benchmarks" / "results" / "chaos.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        result["records"] = json.loads(out.read_text(encoding="utf-8")).get("records", [])
+    out.write_text(dump_results(result), encoding="utf-8")
     print("\n| fault | samples | median (s) | worst (s) |\n|---|---|---|---|")
-    for fault, figure in result["faults"].items():  # type: ignore[attr-defined]
+    for fault, figure in result["faults"].items():
         print(f"| {fault} | {figure['samples']} | {figure['median']} | {figure['max']} |")
     print(f"\nfailed tests over all runs: {failures}; written to {out.relative_to(ROOT)}")
     return 1 if failures else 0

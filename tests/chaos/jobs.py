@@ -4,8 +4,10 @@ It keeps its own ledger, outside the framework: one JSON line per event in a fil
 per process (``$ORCHESTRATR_LEDGER_DIR/<pid>.jsonl``), opened in append mode and
 flushed per line, so a ``kill -9`` loses nothing the job wrote. (A file rather
 than a database table so that the PostgreSQL-restart fault cannot damage the
-evidence.) Each copy records ``start``, a ``write`` every ``WRITE_EVERY`` seconds
-carrying its fencing token, and ``stop``.
+evidence.) Each copy -- one call of the job function, named by a ``copy`` id of
+its own so that two copies in one process can be told apart -- records ``start``,
+a ``write`` every ``WRITE_EVERY`` seconds carrying its fencing token, and ``stop``
+(also when it is cancelled or fails).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import IO
 
@@ -34,10 +37,11 @@ def _ledger() -> IO[str]:
     return _file
 
 
-def record(event: str, arg: JobArgument) -> None:
-    """Append one ledger line."""
+def record(event: str, arg: JobArgument, copy: str = "") -> None:
+    """Append one ledger line of the copy ``copy``."""
     line = {
         "e": event,
+        "copy": copy,
         "job": arg.job_id,
         "name": arg.name,
         "fence": arg.fence,
@@ -50,23 +54,25 @@ def record(event: str, arg: JobArgument) -> None:
 
 async def ledger_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
     """Run until told to stop, writing to the ledger with the fencing token."""
-    record("start", arg)
+    copy = uuid.uuid4().hex
+    record("start", arg, copy)
     try:
         while not token.stop_requested:
-            record("write", arg)
+            record("write", arg, copy)
             heartbeat()
             await token.sleep(WRITE_EVERY)
     finally:
-        record("stop", arg)
+        record("stop", arg, copy)
 
 
 async def stubborn_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
     """Ignores its token (must be cancelled hard)."""
-    record("start", arg)
+    copy = uuid.uuid4().hex
+    record("start", arg, copy)
     try:
         while True:
-            record("write", arg)
+            record("write", arg, copy)
             heartbeat()
             await asyncio.sleep(WRITE_EVERY)
     finally:
-        record("stop", arg)
+        record("stop", arg, copy)
