@@ -14,7 +14,17 @@ not allowed: it is what let the original run a deleted job again.
 Errors: :class:`~orchestratr_core.errors.BackendUnavailable` when the database
 cannot be reached or a transient failure persisted after the backend's own
 retries (the manager retries later); :class:`~orchestratr_core.errors.PermanentBackendError`
-for wrong credentials or an unknown database. Messages never contain credentials.
+for wrong credentials or an unknown database;
+:class:`~orchestratr_core.errors.DataRejected` for a value the database refused
+(a fence above 2^63-1, a count above 2^31-1, text it cannot store, a check
+constraint), at once and without retrying: the manager dead-letters the event
+that carried it. Never a driver's own exception for any of these: the core
+decides on these three types alone. Messages never contain credentials.
+
+Text: job names and arguments reach a storage validated
+(:func:`~orchestratr_core.job.validate_name`, :func:`~orchestratr_core.job.validate_argument`:
+no NUL, no lone surrogates), error texts cleaned
+(:func:`~orchestratr_core.job.clean_text`); a backend stores them exactly.
 
 Times are timezone-aware UTC datetimes; backends store at least millisecond
 precision. Ids are strings (time-ordered UUIDs, see :func:`orchestratr_core.job.new_id`).

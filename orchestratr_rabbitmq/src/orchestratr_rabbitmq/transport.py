@@ -34,6 +34,7 @@ from aiormq import spec
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DeadLetter,
     DeliveryLost,
     MalformedMessage,
     OrchestratrError,
@@ -291,22 +292,54 @@ class _Session:
                 (t.broadcast_exchange, aio_pika.ExchangeType.FANOUT),
             ):
                 await channel.declare_exchange(name, kind, durable=True)
-            dead = await channel.declare_queue(
-                t.dead, durable=True, arguments={"x-queue-type": "classic"}
-            )
             await channel.declare_queue(
                 t.cancellations_lock, durable=True, arguments={"x-queue-type": "classic"}
             )
-            await dead.bind(t.dead_letter_exchange, routing_key="#")
         finally:
             with _Quiet():
                 await channel.close()
+        await self._declare_dead()
         for name, arguments in (
             (t.jobs, t.jobs_arguments()),
             (t.events, t.events_arguments()),
             (t.cancellations, t.cancellations_arguments()),
         ):
             await self._declare_queue(name, arguments)
+
+    async def _declare_dead(self) -> None:
+        """Declare ``<ns>.dead`` with its length limit and bind it to ``<ns>.dlx``.
+        An older version declared it without a limit, and arguments cannot change:
+        such a queue is replaced while it is empty (``if_empty`` makes the delete
+        atomic), else used as it is with a warning naming the commands that bound it."""
+        t = self.topology
+        channel = await self.connection.channel(publisher_confirms=False)
+        try:
+            try:
+                dead = await channel.declare_queue(
+                    t.dead, durable=True, arguments=t.dead_arguments()
+                )
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                channel = await self.connection.channel(publisher_confirms=False)
+                try:
+                    await channel.queue_delete(t.dead, if_empty=True)
+                    log.info("replaced the unbounded queue %s (empty) by a bounded one", t.dead)
+                    dead = await channel.declare_queue(
+                        t.dead, durable=True, arguments=t.dead_arguments()
+                    )
+                except aiormq.exceptions.ChannelClosed as exc:
+                    log.warning(
+                        "queue %s has no length limit (declared by an older version) and "
+                        "holds messages (%s): inspect and purge it, or bound it with a policy "
+                        "(docs/rabbitmq.md, 'Dead letters')",
+                        t.dead,
+                        _describe(exc),
+                    )
+                    channel = await self.connection.channel(publisher_confirms=False)
+                    dead = await channel.declare_queue(t.dead, passive=True)
+            await dead.bind(t.dead_letter_exchange, routing_key="#")
+        finally:
+            with _Quiet():
+                await channel.close()
 
     async def _declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         channel = await self.connection.channel(publisher_confirms=False)
@@ -716,6 +749,18 @@ class _EventSubscription(_Subscription):
         while True:
             try:
                 await self.handler(event)
+            except DeadLetter as exc:
+                # Refused for good by the handler: to <ns>.dead, and on to the next event.
+                log.warning(
+                    "dead-lettering a %s event from %s to %s: %s",
+                    event.TYPE,
+                    session.topology.events,
+                    self.transport.topology_name("dead"),
+                    exc,
+                )
+                with _Quiet():
+                    await underlay.basic_reject(tag, requeue=False)
+                return
             except Exception as exc:
                 log.warning(
                     "event handler raised (%s); the %s event is redelivered in %.1fs",
@@ -945,7 +990,7 @@ class RabbitMQTransport(Transport):
         if not version.known:
             log.warning("the broker did not report its version; assuming RabbitMQ 3.10 rules")
         self._generation += 1
-        topology = Topology(s.namespace, s.queue_type, version)
+        topology = Topology(s.namespace, s.queue_type, version, s.dead_letter_limit)
         session = _Session(self, connection, publisher, topology, self._generation, started)
         try:
             await session.open()

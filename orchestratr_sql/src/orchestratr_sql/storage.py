@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DataRejected,
     DuplicateJobName,
     OrchestratrError,
     PermanentBackendError,
@@ -90,6 +91,8 @@ def backend_error(
         return PermanentBackendError(
             f"{where}: the database does not exist, create it first ({detail})"
         )
+    if kind is ErrorKind.DATA:
+        return DataRejected(f"{where} refused a value ({what}): {detail}"[:1000])
     return BackendUnavailable(f"{where} is unavailable ({what}): {detail}")
 
 
@@ -148,7 +151,7 @@ class SqlStorage(Storage):
                     if on_unique is None:
                         raise
                     raise on_unique() from None
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE):
+                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
                     raise backend_error(self.connector, exc, kind, what) from None
                 if attempt >= options.retries:
                     error = backend_error(self.connector, exc, kind, f"{what}, {attempt} attempts")
@@ -251,7 +254,7 @@ class SqlStorage(Storage):
                 kind = self.connector.classify(exc)
                 if kind is None or kind is ErrorKind.UNIQUE:
                     raise
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE):
+                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
                     raise backend_error(self.connector, exc, kind, "connect") from None
                 if attempt >= options.retries:
                     raise backend_error(
