@@ -28,13 +28,10 @@ from urllib.parse import urlsplit
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
-    DataRejected,
     DuplicateJobName,
     UnknownJob,
 )
 from orchestratr_core.job import (
-    MAX_COUNT,
-    MAX_FENCE,
     TRANSITIONS,
     Guard,
     JobEvent,
@@ -49,7 +46,14 @@ from orchestratr_core.job import (
     TransitionResult,
 )
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import (
+    HEARTBEAT_REFRESH_STEP,
+    OutboxItem,
+    OutboxKind,
+    Storage,
+    check_heartbeat,
+    check_transition,
+)
 
 __all__ = ["MemoryStorage"]
 
@@ -358,9 +362,7 @@ class MemoryStorage(Storage):
         """See :meth:`Storage.transition`."""
         if event is JobEvent.SERVER_LOST:
             raise ValueError("SERVER_LOST is applied by expire_servers() and server_left()")
-        _in_range("fence", fence, MAX_FENCE)
-        if restarts is not None:
-            _in_range("restarts", restarts, MAX_COUNT)
+        check_transition(fence, restarts)
         store = self._data()
         with store.lock:
             row = store.jobs.get(job_id)
@@ -380,12 +382,7 @@ class MemoryStorage(Storage):
 
     async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
         """See :meth:`Storage.apply_heartbeat`."""
-        # Refused whole, as a SQL column would refuse one of its values.
-        _in_range("max_workers", heartbeat.max_workers, MAX_COUNT)
-        _in_range("pid", heartbeat.pid, MAX_COUNT)
-        for reported_job in heartbeat.jobs:
-            _in_range("fence", reported_job.fence, MAX_FENCE)
-            _in_range("restarts", reported_job.restarts, MAX_COUNT)
+        check_heartbeat(heartbeat)
         store = self._data()
         server_id = heartbeat.server_id
         with store.lock:
@@ -657,9 +654,3 @@ class MemoryStorage(Storage):
                 return False
             store.servers[server_id] = dataclasses.replace(server, status=ServerStatus(status))
             return True
-
-
-def _in_range(what: str, value: int, high: int) -> None:
-    """What a SQL column of that type accepts, so that every storage agrees."""
-    if not 0 <= value <= high:
-        raise DataRejected(f"the memory storage refused {what} {value}: outside 0..{high}")

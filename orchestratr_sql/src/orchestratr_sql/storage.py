@@ -42,7 +42,13 @@ from orchestratr_core.job import (
 from orchestratr_core.plugin.manager import BackendSpec
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.retry import backoff_delay
-from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import (
+    OutboxItem,
+    OutboxKind,
+    Storage,
+    check_heartbeat,
+    check_transition,
+)
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
 from orchestratr_sql.dialect import Dialect, get_dialect
 from orchestratr_sql.queries import load_queries, multi_row_values, values_query
@@ -503,6 +509,7 @@ class SqlStorage(Storage):
         name = _TRANSITION_QUERY.get(event)
         if name is None:
             raise ValueError(f"{event.value} is applied by expire_servers/server_left")
+        check_transition(fence, restarts)
         values = {
             "id": job_id,
             "server_id": server_id,
@@ -526,6 +533,7 @@ class SqlStorage(Storage):
         """Four statements whatever the number of jobs: upsert the server, apply
         ``START`` to every reported job (one set-based UPDATE), read back the
         reports that did not apply, release the jobs the server no longer runs."""
+        check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values: dict[str, Any] = {
             "id": heartbeat.server_id,
             "server_id": heartbeat.server_id,
