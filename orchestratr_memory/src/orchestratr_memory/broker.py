@@ -339,12 +339,15 @@ class MemoryBroker:
     # -- registry -----------------------------------------------------------------------
 
     @classmethod
-    def get(cls, name: str | None = None) -> MemoryBroker:
-        """The broker called ``name`` (``None``/empty: ``"default"``), created on first use."""
+    def get(
+        cls, name: str | None = None, dead_letter_limit: int = DEAD_LETTER_LIMIT
+    ) -> MemoryBroker:
+        """The broker called ``name`` (``None``/empty: ``"default"``), created on first
+        use (keeping at most ``dead_letter_limit`` dead letters)."""
         key = name or DEFAULT_BROKER
         broker = cls._registry.get(key)
         if broker is None:
-            broker = cls._registry[key] = cls(key)
+            broker = cls._registry[key] = cls(key, dead_letter_limit)
         return broker
 
     @classmethod
