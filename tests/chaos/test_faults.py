@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from orchestratr_core.job import JobStatus
-from tests.chaos.harness import ChaosCluster, Timings, seeded
+from tests.chaos.harness import ChaosCluster, seeded
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql]
 
@@ -30,16 +28,6 @@ BOUND_SIGTERM = 4.0
 BOUND_SILENT = 14.0  # broker heartbeat 3 s: it drops a silent peer after 2-3 periods
 BOUND_BROKER_RESTART = 20.0
 BOUND_VIEW = 5.0  # heartbeat 0.5 s + server timeout 3 s + margin
-
-
-@pytest.fixture
-async def chaos(tmp_path: Path) -> AsyncIterator[ChaosCluster]:
-    cluster = ChaosCluster(tmp_path, Timings())
-    await cluster.start()
-    try:
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 async def _three_servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[str]:
