@@ -92,6 +92,7 @@ async def test_a_nul_error_and_malformed_events_disturb_nothing_else(chaos: Chao
     (poison,) = await chaos.create(1, prefix="poison")
     bad = _malformed_events(servers["s1"], ids[0])
     await _publish_raw(chaos.namespace, bad)
+    poisoned = time.monotonic()
 
     async def poison_failed_repeatedly() -> str | None:
         job = next(j for j in await chaos.jobs() if j.id == poison)
@@ -105,13 +106,15 @@ async def test_a_nul_error_and_malformed_events_disturb_nothing_else(chaos: Chao
         error = await poison_failed_repeatedly()
         await asyncio.sleep(0.2)
     assert error.startswith("ValueError: bad \\x00 byte"), error
+    print(f"poison: 2 failures with a NUL stored {time.monotonic() - poisoned:.2f} s after it")
 
     # Longer than the manager's server timeout: a stalled event queue would have
     # let every heartbeat wait behind the poison and both servers be declared dead.
     await asyncio.sleep(chaos.timings.server_timeout + 1)
     # Through the CLI, as an operator would: the manager's outbox relay sends it.
     late = json.loads(await chaos.cli("jobs", "create", "late-job", "after", "--json"))["id"]
-    await chaos.wait_all_running([*ids, late], within=10)
+    took = await chaos.wait_all_running([*ids, late], within=10)
+    print(f"poison: the job created after it running {took:.2f} s after its create returned")
     await chaos.wait_view_converges([*ids, late], within=5)
 
     statuses = {s.name: s.status for s in await chaos.servers()}
