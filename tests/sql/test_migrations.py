@@ -104,8 +104,8 @@ async def _rejects(storage: SqlStorage, sql: str) -> bool:
     try:
         async with storage.connector.transaction() as conn:
             await conn.run_script_statement(sql)
-    except Exception as exc:  # the database's own constraint error
-        return storage.connector.classify(exc) in (None, ErrorKind.UNIQUE)
+    except Exception as exc:  # the database's own constraint error (a refused value)
+        return storage.connector.classify(exc) in (ErrorKind.DATA, ErrorKind.UNIQUE)
     return False
 
 

@@ -329,7 +329,8 @@ class _Session:
                 except aiormq.exceptions.ChannelClosed as exc:
                     log.warning(
                         "queue %s has no length limit (declared by an older version) and "
-                        "holds messages (%s): inspect and purge it, or bound it with a policy "
+                        "cannot be replaced now (%s; it holds messages or we may not delete "
+                        "it): inspect and purge it, or bound it with a policy "
                         "(docs/rabbitmq.md, 'Dead letters')",
                         t.dead,
                         _describe(exc),
