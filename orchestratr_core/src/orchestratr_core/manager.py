@@ -583,7 +583,7 @@ class ServerManager:
 
 
 def _about(event: p.Event) -> str:
-    """``"failed event of server S, job J"``: what a log line about an event names."""
+    """``"started event of server S, job J"``: how a log line names an event."""
     job_id = getattr(event, "job_id", None)
     job = f", job {job_id}" if isinstance(job_id, str) else ""
     return f"{event.TYPE} event of server {event.server_id}{job}"
