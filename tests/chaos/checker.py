@@ -320,7 +320,10 @@ def _one_runner(job: str, js: list[_Span], lost_confirm: bool, report: Report) -
             ca, cb = a.copy, b.copy
             both_until = min(a.until, b.until)
             if both_until <= cb.start:
-                if cb.fence <= ca.fence:
+                # A restart in place (the function raised; same process, same delivery)
+                # keeps its token; a new owner's must be larger.
+                same_owner = cb.fence == ca.fence and cb.pid == ca.pid
+                if cb.fence <= ca.fence and not same_owner:
                     report.fence_regressions.append((job, ca.fence, cb.fence))
                 continue
             # Overlap [b.start, both_until): the lower token's writes are refused

@@ -165,6 +165,23 @@ def test_a_new_owner_with_a_token_not_larger_fails() -> None:
     fails(report, "fencing token did not grow")
 
 
+def test_a_restart_in_place_keeps_its_token_but_a_lower_one_in_one_process_fails() -> None:
+    """A job that raised is restarted by the same server on the same delivery: one
+    ownership, one token. Another process, or a smaller token, is no restart."""
+    in_place = [
+        copy("a", "s1", 1.0, 2.0, fence=4, copy_id="x"),
+        copy("a", "s1", 2.5, fence=4, copy_id="y"),
+    ]
+    check(in_place, facts()).assert_ok()
+    lower = [
+        copy("a", "s1", 1.0, 2.0, fence=4, copy_id="x"),
+        copy("a", "s1", 2.5, fence=3, copy_id="y"),
+    ]
+    fails(check(lower, facts()), "fencing token did not grow")
+    elsewhere = [copy("a", "s1", 1.0, 2.0, fence=4), copy("a", "s2", 2.5, fence=4)]
+    fails(check(elsewhere, facts()), "fencing token did not grow")
+
+
 def test_a_stale_write_with_a_token_not_lower_than_the_owners_fails() -> None:
     """Overlapping copies with one token: no downstream system can refuse either."""
     ledger = [copy("a", "s1", 1.0, 5.5, fence=3), copy("a", "s2", 5.0, fence=3)]

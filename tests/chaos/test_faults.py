@@ -16,8 +16,6 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -33,16 +31,6 @@ BOUND_SILENT = 14.0  # broker heartbeat 3 s: it drops a silent peer after 2-3 pe
 BOUND_BROKER_RESTART = 20.0
 BOUND_VIEW = 5.0  # heartbeat 0.5 s + server timeout 3 s + margin
 BOUND_CANCEL = Timings().cancel_bound  # stop grace 2 s + margin, on a healthy server
-
-
-@pytest.fixture
-async def chaos(tmp_path: Path) -> AsyncIterator[ChaosCluster]:
-    cluster = ChaosCluster(tmp_path, Timings())
-    await cluster.start()
-    try:
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 async def _three_servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[str]:

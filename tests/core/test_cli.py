@@ -89,8 +89,10 @@ def test_module_invocation_works_like_the_script(tmp_path: Path) -> None:
     assert proc.stdout.startswith("orchestratr ")
 
 
-@pytest.mark.parametrize("workers", ["0", "-3", "many"])
+@pytest.mark.parametrize("workers", ["0", "-3", "many", "3000000000", "2147483648"])
 def test_server_rejects_max_workers_below_one(tmp_path: Path, workers: str) -> None:
+    """Above 2^31-1 too: ``--max-workers 3000000000`` overflowed the int32 column of
+    the server's heartbeat and halted the manager (issue 11)."""
     proc = run(
         "server",
         "--job",
@@ -102,6 +104,8 @@ def test_server_rejects_max_workers_below_one(tmp_path: Path, workers: str) -> N
         cwd=tmp_path,
     )
     assert_one_line_error(proc, 2, "--max-workers")
+    if workers.isdigit() and int(workers) > 1:
+        assert "1..2147483647" in proc.stderr
 
 
 @pytest.mark.parametrize(

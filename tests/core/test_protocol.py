@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
@@ -192,3 +194,168 @@ def test_a_malformed_started_makes_the_heartbeat_malformed_with_a_clear_reason(
     message = str(caught.value)
     assert message.startswith("bad 'heartbeat' message: ")
     assert reason in message
+
+
+# -- hostile input (issue 11): anything unreadable is MalformedMessage, every value bounded --
+
+_GOOD: dict[str, dict[str, Any]] = {
+    "job": {"job_id": "j", "name": "n", "argument": "", "generation": 1, "created_at": 1.0},
+    "started": {"server_id": "s", "job_id": "j", "fence": 1, "at": 1.0},
+    "failed": {
+        "server_id": "s",
+        "job_id": "j",
+        "fence": 1,
+        "error": "e",
+        "restarts": 1,
+        "retry_in": 1.0,
+        "at": 1.0,
+    },
+    "stop": {"job_id": "j", "reason": "cancelled", "drop": True, "max_fence": 1},
+    "release": {"count": 1, "hold": 0, "hold_for": 1.0},
+    "heartbeat": json.loads(_body([])) | {"jobs": [["j", 1, 1.0, 0]], "started": ["j"]},
+}
+
+
+def _message(kind: str, **changes: Any) -> bytes:
+    body = {**_GOOD[kind], **changes, "v": 1, "type": kind}
+    return json.dumps(body).encode()
+
+
+def test_the_base_messages_of_these_cases_are_valid() -> None:
+    for kind in _GOOD:
+        assert kind == p.decode(_message(kind)).TYPE
+
+
+def test_deeply_nested_json_is_malformed_not_a_recursion_error() -> None:
+    nested = b'{"v":1,"type":"started","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(MalformedMessage, match="nested too deeply"):
+        p.decode(nested)
+    with pytest.raises(MalformedMessage):
+        p.decode(b"[" * 100_000)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"])
+def test_json_nan_and_infinity_are_refused(constant: str) -> None:
+    """``hold_for: Infinity`` made every server hold all jobs forever (issue 11)."""
+    body = b'{"v":1,"type":"release","count":1000,"hold":0,"hold_for":%s}' % constant.encode()
+    with pytest.raises(MalformedMessage):
+        p.decode(body)
+
+
+_OUT_OF_RANGE = [
+    ("started", {"fence": 2**63}),  # a fence of 2^63: OverflowError on SQLite
+    ("started", {"fence": -1}),
+    ("stop", {"max_fence": 2**63}),
+    ("job", {"generation": 2**31}),  # its fence would be 2^63: DataError on PostgreSQL
+    ("job", {"generation": -1}),
+    ("heartbeat", {"max_workers": 3_000_000_000}),  # --max-workers 3000000000
+    ("heartbeat", {"max_workers": 0}),
+    ("heartbeat", {"pid": 2**31}),
+    ("heartbeat", {"jobs": [["j", 2**63, 1.0, 0]]}),
+    ("heartbeat", {"jobs": [["j", 1, 1.0, 2**31]]}),
+    ("heartbeat", {"jobs": [["j", 1, 1e300, 0]]}),
+    ("heartbeat", {"jobs": [{"job_id": "j", "fence": 2**63}]}),
+    ("heartbeat", {"sent_at": 1e20}),  # beyond year 9999: no datetime holds it
+    ("heartbeat", {"started_at": -1.0}),
+    ("failed", {"restarts": 2**31}),
+    ("failed", {"retry_in": 2.0**31}),
+    ("release", {"count": 2**31}),
+    ("release", {"hold": -1}),
+    ("release", {"hold_for": 1e300}),
+    ("job", {"heartbeat_timeout": -1.0}),
+]
+
+
+@pytest.mark.parametrize(("kind", "changes"), _OUT_OF_RANGE)
+def test_every_number_is_bounded(kind: str, changes: dict[str, Any]) -> None:
+    with pytest.raises(MalformedMessage):
+        p.decode(_message(kind, **changes))
+
+
+def test_the_largest_values_in_range_are_accepted() -> None:
+    top = (2**63) - 1
+    assert p.decode_as(_message("started", fence=top), p.JobStarted).fence == top
+    job = p.decode_as(_message("job", generation=2**31 - 1), p.JobMessage)
+    assert job.generation == 2**31 - 1
+    hb = p.decode_as(
+        _message("heartbeat", max_workers=2**31 - 1, jobs=[["j", top, 253402300799.0, 2**31 - 1]]),
+        p.ServerHeartbeat,
+    )
+    assert (hb.max_workers, hb.jobs[0].fence, hb.jobs[0].restarts) == (2**31 - 1, top, 2**31 - 1)
+
+
+_BAD_TEXT = [
+    ("started", {"job_id": "j" * 37}),
+    ("started", {"job_id": "a\x00b"}),
+    ("started", {"server_id": "s" * 256}),
+    ("started", {"server_id": "s\nt"}),
+    ("started", {"server_id": "\ud800"}),  # a lone surrogate: no database stores it
+    ("job", {"name": "n" * 201}),
+    ("job", {"name": "bad\x00name"}),
+    ("job", {"argument": "bad \x00 byte"}),
+    ("job", {"argument": "\U0001f600" * (16 * 1024 + 1)}),  # 64 KiB + 4 bytes of UTF-8
+    ("failed", {"error": "e" * 2001}),
+    ("heartbeat", {"name": "n" * 256}),
+    ("heartbeat", {"host": "h\x00"}),
+    ("heartbeat", {"jobs": [["j\x00", 1, 1.0, 0]]}),
+    ("heartbeat", {"jobs": [["j" * 37, 1, 1.0, 0]]}),
+    ("heartbeat", {"started": ["j\x00"]}),
+]
+
+
+@pytest.mark.parametrize(("kind", "changes"), _BAD_TEXT)
+def test_strings_are_bounded_and_hold_nothing_a_database_refuses(
+    kind: str, changes: dict[str, Any]
+) -> None:
+    with pytest.raises(MalformedMessage):
+        p.decode(_message(kind, **changes))
+
+
+def test_an_error_text_may_hold_anything_up_to_its_limit() -> None:
+    """The manager escapes what a database refuses before it stores an error."""
+    text = "ValueError: bad \x00 byte \x1b[31m \ud800"
+    failed = p.decode_as(_message("failed", error=text), p.JobFailed)
+    assert failed.error == text
+    assert p.decode_as(_message("failed", error="e" * 2000), p.JobFailed).error == "e" * 2000
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"v":1,"type":"started","server_id":"s","job_id":"j","fence":%s,"at":1}'
+        % (b"9" * 5000),  # int too long to parse: ValueError inside json
+        b'{"v":1,"type":"heartbeat","server_id":"s","name":"n","max_workers":1,'
+        b'"started_at":1,"sent_at":1,"jobs":{"not":"a list"}}',
+        b'{"v":1,"type":["not","hashable"]}',
+        b'{"v":1.5,"type":"started"}',
+        b"\xff\xfe\x00",
+        b"",
+    ],
+)
+def test_no_other_exception_escapes_decode(payload: bytes) -> None:
+    with pytest.raises(MalformedMessage):
+        p.decode(payload)
+
+
+_FIELDS = sorted({f.name for cls in p._TYPES.values() for f in dataclasses.fields(cls)})
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(p._TYPES)),
+    fields=st.dictionaries(st.sampled_from(_FIELDS), _JSON, max_size=10),
+)
+def test_decode_of_any_json_with_our_field_names_raises_nothing_but_malformed(
+    kind: str, fields: dict[str, Any]
+) -> None:
+    data = json.dumps({**fields, "v": 1, "type": kind})  # NaN and Infinity written as such
+    try:
+        message = p.decode(data)
+    except MalformedMessage:
+        return
+    assert kind == message.TYPE

@@ -29,7 +29,7 @@ from orchestratr_core import (
 )
 from orchestratr_core import protocol as p
 from orchestratr_core.client import job_message
-from orchestratr_core.errors import PublishError
+from orchestratr_core.errors import DeadLetter, PublishError
 from orchestratr_core.job import (
     JobQuery,
     ServerQuery,
@@ -93,13 +93,27 @@ async def test_jobs_spread_over_servers_and_no_server_exceeds_max_workers(
 async def test_max_workers_zero_or_negative_is_a_clear_error_not_unlimited(
     cluster: Cluster,
 ) -> None:
-    for bad in (0, -1, 1.5, True):
+    for bad in (0, -1, 1.5, True, 3_000_000_000, 2**31):
         with pytest.raises(ConfigurationError, match="max_workers"):
             OrchestratedServer(
                 cluster.ledger.job("x"),
                 transport=cluster.transport(),
                 max_workers=bad,  # type: ignore[arg-type]
             )
+    OrchestratedServer(
+        cluster.ledger.job("x"), transport=cluster.transport(), max_workers=2**31 - 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("", "non-empty"), ("n" * 256, "255"), ("bad\x00name", "control"), ("a\nb", "control")],
+)
+async def test_a_server_name_no_storage_could_keep_is_a_clear_error(
+    cluster: Cluster, name: str, says: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=says):
+        OrchestratedServer(cluster.ledger.job("x"), transport=cluster.transport(), name=name)
 
 
 async def test_heartbeat_from_the_job_reaches_the_monitor_batched(
@@ -1030,3 +1044,20 @@ async def test_a_delivery_lost_during_the_stop_grace_ends_the_grace_at_once(
     assert [c.server for c in cluster.ledger.running(job_id)] == ["b"]
     assert cluster.ledger.overlaps() == []
     a.transport.heal()  # type: ignore[attr-defined]
+
+
+async def test_an_event_failing_with_an_unclassified_error_is_tried_three_times_then_dead_lettered(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug or a driver error no storage classifies must not halt the manager either."""
+    manager = await cluster.start_manager()
+    (job_id,) = await cluster.create(1)
+    # An id that is no string makes the memory storage raise TypeError (unhashable).
+    broken = p.JobStarted(server_id="s1", job_id=["x"], fence=1, at=1.0)  # type: ignore[arg-type]
+    with pytest.raises(DeadLetter, match=r"failed 3 times: TypeError"):
+        await manager._on_event(broken)
+    assert [r.getMessage() for r in caplog.records if "failed 3 times" in r.getMessage()] == [
+        "started event of server s1 failed 3 times"
+    ]
+    await manager._on_event(p.JobStarted(server_id="s1", job_id=job_id, fence=1 << 32, at=1.0))
+    assert (await cluster.job(job_id)).server_id == "s1"

@@ -36,7 +36,7 @@ from orchestratr_core.testing.transport_suite import (
 )
 from orchestratr_core.transport import Delivery
 from orchestratr_memory import plugin as memory_plugin
-from orchestratr_memory.broker import DeadLetter, MemoryBroker
+from orchestratr_memory.broker import DEAD_LETTER_LIMIT, DeadLetter, MemoryBroker
 from orchestratr_memory.transport import DEFAULT_OPTIONS, MemoryTransport
 
 WAIT = 5.0
@@ -606,3 +606,22 @@ async def test_subscriptions_and_the_transport_may_be_closed_from_inside_a_handl
     with pytest.raises(PermanentBackendError):
         await manager.publish_event(started(2))
     await asyncio.wait_for(subscription_box[0].task, WAIT)  # its loop ended, nothing leaks
+
+
+async def test_the_dead_letters_are_bounded_and_the_oldest_go_first(broker_name: str) -> None:
+    assert MemoryBroker.get(f"{broker_name}-default").dead_letters.maxlen == DEAD_LETTER_LIMIT
+    broker = MemoryBroker.get(broker_name, dead_letter_limit=3)
+    transport = MemoryTransport(f"memory://{broker_name}")
+    await transport.connect()
+    try:
+        events: Collector[Event] = collector()
+        await transport.consume_events(events)
+        for n in range(5):
+            broker.inject_raw("events", b"not json %d" % n)
+        await transport.publish_event(started(1))
+        assert await events.next() == started(1)
+        assert [d.payload for d in broker.dead_letters] == [b"not json %d" % n for n in (2, 3, 4)]
+    finally:
+        await transport.close()
+        MemoryBroker.reset(broker_name)
+        MemoryBroker.reset(f"{broker_name}-default")

@@ -4,6 +4,7 @@ modules can import its helpers under a unique module name."""
 from __future__ import annotations
 
 from sql_helpers import (
+    any_storage,
     empty_db_url,
     mysql_database,
     mysql_run_url,
@@ -17,6 +18,7 @@ from sql_helpers import (
 )
 
 __all__ = [
+    "any_storage",
     "empty_db_url",
     "mysql_database",
     "mysql_run_url",

@@ -230,6 +230,22 @@ async def odbc_storage(mysql_run_url: str) -> AsyncIterator[SqlStorage]:
     await storage.close()
 
 
+STORAGE_FIXTURES = [
+    pytest.param("sqlite_storage", id="sqlite"),
+    pytest.param("pg_storage", id="postgresql", marks=pytest.mark.postgresql),
+    pytest.param("mysql_storage", id="mariadb", marks=pytest.mark.mysql),
+    pytest.param("odbc_storage", id="odbc-mariadb", marks=pytest.mark.mysql),
+]
+
+
+@pytest.fixture(params=STORAGE_FIXTURES)
+def any_storage(request: pytest.FixtureRequest) -> SqlStorage:
+    """An opened, empty storage of each dialect and driver (the fixtures above)."""
+    storage = request.getfixturevalue(request.param)
+    assert isinstance(storage, SqlStorage)
+    return storage
+
+
 DIALECT_PARAMS = [
     pytest.param("sqlite", id="sqlite"),
     pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgresql),

@@ -23,13 +23,17 @@ from sql_helpers import (
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DataRejected,
     MissingDriver,
     PermanentBackendError,
 )
-from orchestratr_core.job import NewJob, new_id, utcnow
+from orchestratr_core.job import JobEvent, NewJob, new_id, utcnow
 from orchestratr_core.plugin.manager import PluginManager
+from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_sql import SqlStorage, status, storage_from_url
-from orchestratr_sql.connection import Connection
+from orchestratr_sql.connection import Connection, Connector, ErrorKind
+from orchestratr_sql.storage import make_connector
+from orchestratr_sql.url import parse_url
 
 SECRET = "Sup3r-s3cret-pw"
 
@@ -316,3 +320,134 @@ def test_a_connection_left_mid_protocol_by_a_restart_counts_as_unavailable() -> 
         "cannot switch to state 15; another operation (2) is in progress"
     )
     assert connector.classify(error) is ErrorKind.UNAVAILABLE
+
+
+# -- values a database refuses: DataRejected, never retried (issue 11) ------------------------
+
+
+async def _job_row(storage: SqlStorage) -> str:
+    now = utcnow()
+    job = NewJob(id=new_id(), name=f"poison-{new_id()[-8:]}", argument="", created_at=now)
+    await storage.create_job(job, "holder", now)
+    return job.id
+
+
+async def _refused(storage: SqlStorage, sql: str, **values: object) -> DataRejected:
+    """Run one raw statement as a storage operation: it must be DataRejected at
+    once (one attempt: no retry warning), whatever driver error the database gave."""
+
+    async def run(conn: Connection) -> None:
+        await conn.execute(conn.adhoc(f"poison {sql}", sql), values)
+
+    with pytest.raises(DataRejected) as info:
+        await storage._run("poison", run)
+    assert "refused a value (poison)" in str(info.value)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+async def test_driver_data_errors_are_data_rejected_on_every_dialect(
+    any_storage: SqlStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each dialect's own error for a value out of range or against a check
+    constraint: sqlite3 OverflowError / IntegrityError, asyncpg DataError
+    (client-side) and 22003/23514, MariaDB 1264/4025, ODBC 22003/23000."""
+    caplog.set_level(logging.WARNING, logger="orchestratr.storage.sql")
+    job_id = await _job_row(any_storage)
+    update = "UPDATE jobs SET {} WHERE id = :id"
+    await _refused(any_storage, update.format("fence = :v"), v=2**63, id=job_id)
+    await _refused(any_storage, update.format("fence = :v"), v=-1, id=job_id)  # CHECK
+    if any_storage.dialect.name != "sqlite":  # SQLite integers are all 64-bit
+        await _refused(any_storage, update.format("restarts = :v"), v=2**31, id=job_id)
+        # Overflow computed by the server itself, not by the driver.
+        await _refused(
+            any_storage, update.format("restarts = restarts + :v + :v"), v=2**30, id=job_id
+        )
+    assert "retrying" not in caplog.text
+    job = await any_storage.get_job(job_id)
+    assert job is not None and (job.fence, job.restarts) == (0, 0)
+
+
+@pytest.mark.postgresql
+async def test_a_nul_in_an_error_text_is_data_rejected_on_postgresql(
+    pg_storage: SqlStorage,
+) -> None:
+    """The storage call the manager used to make with a job's raw error (issue 11):
+    PostgreSQL text cannot hold NUL (22021 invalid byte sequence)."""
+    job_id = await _job_row(pg_storage)
+    now = utcnow()
+    await pg_storage.transition(job_id, JobEvent.START, server_id="s1", fence=5, now=now)
+    with pytest.raises(DataRejected, match="0x00"):
+        await pg_storage.transition(
+            job_id, JobEvent.FAIL, server_id="s1", fence=5, now=now, error="bad \x00 byte"
+        )
+    job = await pg_storage.get_job(job_id)
+    assert job is not None and job.last_error is None
+
+
+async def test_a_lone_surrogate_is_data_rejected_on_sqlite(sqlite_storage: SqlStorage) -> None:
+    """A string Python cannot encode as UTF-8 (UnicodeEncodeError) never reaches a database."""
+    job_id = await _job_row(sqlite_storage)
+    await _refused(
+        sqlite_storage, "UPDATE jobs SET last_error = :v WHERE id = :id", v="\ud800", id=job_id
+    )
+
+
+@pytest.mark.mysql
+async def test_an_over_long_server_name_is_data_rejected_on_mariadb(
+    mysql_storage: SqlStorage,
+) -> None:
+    """MariaDB 1406 (data too long): a column narrower than what was sent."""
+    heartbeat = ServerHeartbeat(
+        server_id="s1", name="n" * 300, max_workers=1, started_at=1.0, sent_at=1.0
+    )
+    with pytest.raises(DataRejected, match=r"1406|too long"):
+        await mysql_storage.apply_heartbeat(heartbeat, utcnow())
+    assert await mysql_storage.get_server("s1") is None
+
+
+def _sqlserver_connector() -> Connector:
+    connector, _ = make_connector(parse_url("mssql://user@sqlserver.invalid/db"))
+    return connector
+
+
+# The errors a SQL Server ODBC driver raises (SQLSTATE, then the driver's text):
+# no SQL Server can run here, so the classification is checked on pyodbc's classes.
+_SQLSERVER_ERRORS = [
+    ("DataError", "22003", "Arithmetic overflow converting expression to int. (8115)", "DATA"),
+    ("DataError", "22001", "String or binary data would be truncated. (2628)", "DATA"),
+    ("DataError", "22007", "Conversion failed when converting date and/or time. (241)", "DATA"),
+    ("ProgrammingError", "22018", "Invalid character value for cast specification", "DATA"),
+    ("IntegrityError", "23000", 'conflicted with the CHECK constraint "jobs_fence_check"', "DATA"),
+    ("IntegrityError", "23000", "Cannot insert the value NULL into column 'name'. (515)", "DATA"),
+    ("IntegrityError", "23000", "Cannot insert duplicate key row in object 'dbo.jobs'", "UNIQUE"),
+    ("OperationalError", "08S01", "Communication link failure", "UNAVAILABLE"),
+    ("OperationalError", "40001", "Transaction was deadlocked on lock resources", "TRANSIENT"),
+    ("InterfaceError", "28000", "Login failed for user 'app'. (18456)", "AUTH"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "state", "text", "kind"), _SQLSERVER_ERRORS)
+def test_sqlserver_errors_are_classified_from_pyodbc_exceptions(
+    cls: str, state: str, text: str, kind: str
+) -> None:
+    import pyodbc
+
+    error = getattr(pyodbc, cls)(state, f"[{state}] [Microsoft][ODBC Driver 18][SQL Server]{text}")
+    assert _sqlserver_connector().classify(error) is ErrorKind[kind]
+
+
+def test_python_conversion_errors_are_data_on_every_connector() -> None:
+    """Raised while a driver converts a value, before the database sees it."""
+    connectors = [
+        _sqlserver_connector(),
+        *(make_connector(parse_url(url))[0] for url in (
+            "sqlite:///x.db", "postgresql://u@h/db", "mysql://u@h/db",
+        )),
+    ]  # fmt: skip
+    for connector in connectors:
+        for error in (
+            OverflowError("Python int too large to convert to SQLite INTEGER"),
+            UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"),
+        ):
+            assert connector.classify(error) is ErrorKind.DATA, (connector, error)

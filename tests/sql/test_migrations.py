@@ -170,12 +170,15 @@ async def test_the_database_itself_rejects_bad_statuses_orphans_and_duplicate_na
         bad_status = f"UPDATE jobs SET status = 'bogus' WHERE id = '{job.id}'"
         refused = await _refused(storage, bad_status)
         assert _constraint_of(refused) == ("check", named["check"]), refused
+        # A value the database refuses is data, never retried (DataRejected).
+        assert storage.connector.classify(refused) is ErrorKind.DATA
         orphan = (
             "INSERT INTO outbox (job_id, kind, generation, created_at) "
             f"VALUES ('no-such-job', 'publish', 1, '{now:%Y-%m-%d %H:%M:%S}')"
         )
         refused = await _refused(storage, orphan)
         assert _constraint_of(refused) == ("foreign key", named["foreign key"]), refused
+        assert storage.connector.classify(refused) is ErrorKind.DATA
         duplicate = (
             "INSERT INTO jobs (id, name, argument, status, fence, generation, created_at,"
             f" updated_at, restarts) VALUES ('x-1', 'guarded', '', 'pending', 0, 1,"

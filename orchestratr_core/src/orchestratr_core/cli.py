@@ -47,6 +47,8 @@ from orchestratr_core.errors import (
     PluginNotFound,
 )
 from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_DURATION,
     JobQuery,
     JobRecord,
     JobStatus,
@@ -126,8 +128,8 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_COUNT}, got {value}")
     return value
 
 
@@ -136,8 +138,10 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_DURATION:
+        raise argparse.ArgumentTypeError(
+            f"expected seconds within 0..{MAX_DURATION:.0f}, got {text!r}"
+        )
     return value
 
 

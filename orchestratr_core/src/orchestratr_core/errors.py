@@ -9,6 +9,8 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailable",
     "ConfigurationError",
+    "DataRejected",
+    "DeadLetter",
     "DeliveryLost",
     "DuplicateJobName",
     "InvalidJobInput",
@@ -86,6 +88,22 @@ class BackendUnavailable(OrchestratrError, ConnectionError):
 class PermanentBackendError(OrchestratrError):
     """A broker or database refused us for a reason retrying will not fix
     (wrong credentials, unknown database or vhost)."""
+
+
+class DataRejected(OrchestratrError, ValueError):
+    """A storage refused a value it was asked to write (out of its column's range,
+    an encoding the database cannot store, too long, a constraint other than a
+    unique one). Writing the same values again cannot succeed, so callers must not
+    retry: the manager dead-letters the event that carried them. Storages raise it
+    for every such driver error, so that the core never needs to know drivers."""
+
+
+class DeadLetter(OrchestratrError):
+    """Raised by an event handler (:data:`orchestratr_core.transport.EventHandler`)
+    to say that this event can never be handled: every transport then
+    dead-letters it (RabbitMQ: into ``<ns>.dead``) with one warning line carrying
+    this message, and delivers the next event, instead of redelivering this one.
+    Any other exception from a handler means "try again later"."""
 
 
 class PublishError(OrchestratrError):

@@ -24,7 +24,15 @@ from orchestratr_core.errors import InvalidJobInput
 __all__ = [
     "FENCE_GENERATION_SHIFT",
     "MAX_ARGUMENT_BYTES",
+    "MAX_COUNT",
+    "MAX_DURATION",
+    "MAX_EPOCH",
+    "MAX_ERROR_LENGTH",
+    "MAX_FENCE",
+    "MAX_GENERATION",
+    "MAX_JOB_ID_LENGTH",
     "MAX_NAME_LENGTH",
+    "MAX_SERVER_TEXT_LENGTH",
     "TRANSITIONS",
     "Guard",
     "JobArgument",
@@ -39,6 +47,7 @@ __all__ = [
     "ServerStatus",
     "Transition",
     "TransitionResult",
+    "clean_text",
     "make_fence",
     "new_id",
     "split_fence",
@@ -55,6 +64,33 @@ MAX_ARGUMENT_BYTES = 64 * 1024
 
 FENCE_GENERATION_SHIFT = 32
 """A fencing token is ``generation << 32 | delivery_count``."""
+
+MAX_FENCE = 2**63 - 1
+"""Largest fencing token: the largest value of a signed 64-bit column (``BIGINT``)."""
+
+MAX_GENERATION = MAX_FENCE >> FENCE_GENERATION_SHIFT
+"""Largest generation of a job message (2^31 - 1): the largest whose fencing
+tokens still fit in :data:`MAX_FENCE`."""
+
+MAX_COUNT = 2**31 - 1
+"""Largest count (``max_workers``, restarts, a rebalancing count, a pid): the
+largest value of a signed 32-bit column (``INTEGER``)."""
+
+MAX_JOB_ID_LENGTH = 36
+"""Longest job id, in characters (a UUID string; the id columns are this wide)."""
+
+MAX_SERVER_TEXT_LENGTH = 255
+"""Longest server id, server name and host name, in characters (their columns)."""
+
+MAX_ERROR_LENGTH = 2000
+"""Longest error text a server reports and a storage keeps, in characters."""
+
+MAX_EPOCH = 253402300799.0
+"""Latest time a message may carry, in epoch seconds (9999-12-31T23:59:59Z: the
+end of every database's timestamp range)."""
+
+MAX_DURATION = float(MAX_COUNT)
+"""Longest duration a message may carry, in seconds (about 68 years)."""
 
 
 def utcnow() -> datetime:
@@ -141,9 +177,17 @@ def validate_name(name: object) -> str:
 def validate_argument(argument: object) -> str:
     """Return ``argument`` if it is an acceptable job argument, else raise
     :class:`InvalidJobInput`. Any string up to :data:`MAX_ARGUMENT_BYTES` bytes of
-    UTF-8 is accepted (serialize structured data yourself, e.g. as JSON)."""
+    UTF-8 is accepted (serialize structured data yourself, e.g. as JSON) except
+    one holding NUL (U+0000), which PostgreSQL cannot store: refused here so that
+    every storage accepts the same arguments."""
     if not isinstance(argument, str):
         raise InvalidJobInput(f"job argument must be a string, not {type(argument).__name__}")
+    nul = argument.find("\x00")
+    if nul >= 0:
+        raise InvalidJobInput(
+            f"job argument contains NUL (U+0000) at position {nul}; no storage can keep it "
+            "on every database (escape or encode binary data, e.g. as base64)"
+        )
     try:
         size = len(argument.encode("utf-8"))
     except UnicodeEncodeError as exc:
@@ -153,6 +197,18 @@ def validate_argument(argument: object) -> str:
             f"job argument is {size} bytes; the limit is {MAX_ARGUMENT_BYTES} bytes"
         )
     return argument
+
+
+def clean_text(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
+    """``text`` as every storage can keep it: NUL written as ``\\x00`` and lone
+    surrogates as ``\\udXXX`` (no database stores those), cut to ``limit``
+    characters. For free texts a server reports (a job's error), which may come
+    from a C library or a binary protocol. Idempotent."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:limit]
 
 
 class JobStatus(enum.StrEnum):

@@ -32,6 +32,8 @@ from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DataRejected,
+    DeadLetter,
     OrchestratrError,
     UnknownServer,
 )
@@ -42,6 +44,7 @@ from orchestratr_core.job import (
     JobStatus,
     ServerQuery,
     ServerStatus,
+    clean_text,
     new_id,
     utcnow,
 )
@@ -61,6 +64,10 @@ _SEND_CHUNK = 200
 """Commands one heartbeat asks for are sent this many at a time (pipelined)."""
 
 LEADER_LEASE = "leader"
+
+_UNEXPECTED_ATTEMPTS = 3
+"""An event whose handling raises an error nobody classified (a bug, a driver
+error a storage does not know) is tried this many times, then dead-lettered."""
 
 
 @dataclass(frozen=True)
@@ -243,11 +250,31 @@ class ServerManager:
 
     async def _on_event(self, event: p.Event) -> None:
         """Apply one server event. While the storage is down this waits and retries,
-        so the event (and those behind it) stay in the broker: no status is lost."""
-        try:
-            await self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
-        except OrchestratrError as exc:
-            log.error("event %s from server %s rejected: %s", event.TYPE, event.server_id, exc)
+        so the event (and those behind it) stay in the broker: no status is lost.
+
+        One event never stops the others: an event the storage refuses
+        (:class:`DataRejected`: out of range, an encoding the database cannot
+        store) raises :class:`DeadLetter`, and so does one that fails with an
+        unclassified error :data:`_UNEXPECTED_ATTEMPTS` times; the transport then
+        dead-letters it with one warning line and delivers the next."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+                return
+            except DataRejected as exc:
+                raise DeadLetter(f"{_about(event)} refused by the storage: {exc}") from None
+            except OrchestratrError as exc:
+                log.error("%s rejected: %s", _about(event), exc)
+                return
+            except Exception as exc:
+                if attempt >= _UNEXPECTED_ATTEMPTS:
+                    log.error("%s failed %d times", _about(event), attempt, exc_info=True)
+                    raise DeadLetter(
+                        f"{_about(event)} failed {attempt} times: {type(exc).__name__}: {exc}"
+                    ) from None
+                await asyncio.sleep(0.1 * attempt)
 
     async def _apply(self, event: p.Event) -> None:
         now = utcnow()
@@ -264,7 +291,7 @@ class ServerManager:
                 server_id=event.server_id,
                 fence=event.fence,
                 now=now,
-                error=event.error,
+                error=clean_text(event.error),
                 restarts=event.restarts,
             )
         elif isinstance(event, p.JobDiscarded):
@@ -553,3 +580,10 @@ class ServerManager:
         since = now - timedelta(seconds=self.options.cancel_retention)
         await self._transport.set_cancellations(await self._storage.cancelled_job_ids(since))
         self._last_resync = time.monotonic()
+
+
+def _about(event: p.Event) -> str:
+    """``"started event of server S, job J"``: how a log line names an event."""
+    job_id = getattr(event, "job_id", None)
+    job = f", job {job_id}" if isinstance(job_id, str) else ""
+    return f"{event.TYPE} event of server {event.server_id}{job}"

@@ -35,6 +35,28 @@ does for those jobs what it does on a :class:`JobStarted`. It is left out when
 empty (a periodic heartbeat), and a heartbeat without it reads as ``()``. A
 manager of an older version ignores it, as it ignores every unknown field.
 Anything but a list of strings makes the message malformed.
+
+Every value is bounded, so that nothing a message carries can fail a database
+write or a conversion later (:func:`decode` refuses the message instead):
+
+* JSON ``NaN``, ``Infinity`` and ``-Infinity`` are refused, and so is a number
+  that only reads as infinite (``1e400``);
+* fences (``fence``, ``max_fence``) within 0..2^63-1; ``generation`` within
+  0..2^31-1 (so that its fencing tokens fit in 63 bits); ``max_workers`` within
+  1..2^31-1; other counts (``restarts``, ``count``, ``hold``, ``pid``) within
+  0..2^31-1 (:data:`~orchestratr_core.job.MAX_COUNT`);
+* times (epoch seconds) within 0..253402300799 (the end of year 9999),
+  durations within 0..2^31-1 seconds;
+* job ids: at most 36 characters; server ids, server and host names: at most
+  255; job names: at most :data:`~orchestratr_core.job.MAX_NAME_LENGTH`; all of
+  them printable (no control characters, no NUL, no lone surrogates);
+* job arguments: as :func:`~orchestratr_core.job.validate_argument` accepts
+  (64 KiB of UTF-8, no NUL); error texts: at most
+  :data:`~orchestratr_core.job.MAX_ERROR_LENGTH` characters of anything (the
+  manager escapes what a database cannot store before it stores them).
+
+Any failure while decoding, whatever its kind (a ``RecursionError`` from deeply
+nested JSON included), is a :class:`MalformedMessage`.
 """
 
 from __future__ import annotations
@@ -46,6 +68,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from orchestratr_core.errors import MalformedMessage, UnsupportedProtocolVersion
+from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_DURATION,
+    MAX_EPOCH,
+    MAX_ERROR_LENGTH,
+    MAX_FENCE,
+    MAX_GENERATION,
+    MAX_JOB_ID_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_SERVER_TEXT_LENGTH,
+    validate_argument,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -318,11 +352,27 @@ _T = TypeVar("_T")
 
 def decode(data: bytes | str) -> Message:
     """Parse a message; raise :class:`MalformedMessage` (or its subclass
-    :class:`UnsupportedProtocolVersion`) with a short reason if it is not one of ours."""
+    :class:`UnsupportedProtocolVersion`) with a short reason if it is not one of
+    ours. Nothing else escapes: any failure while reading is a malformed message."""
     try:
-        body = json.loads(data)
+        return _decode(data)
+    except MalformedMessage:
+        raise
+    except RecursionError:
+        raise MalformedMessage("nested too deeply") from None
+    except Exception as exc:  # any failure on hostile input is "malformed"
+        raise MalformedMessage(f"unreadable ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number this protocol carries")
+
+
+def _decode(data: bytes | str) -> Message:
+    try:
+        body = json.loads(data, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from None
+        raise MalformedMessage(f"not JSON: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise MalformedMessage("not a JSON object")
     version = body.pop("v", None)
@@ -335,11 +385,11 @@ def decode(data: bytes | str) -> Message:
     kind = body.pop("type", None)
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise MalformedMessage(f"unknown message type {kind!r}")
+        raise MalformedMessage(f"unknown message type {str(kind)[:40]!r}")
     try:
         return _build(cls, body)
     except (TypeError, ValueError) as exc:
-        raise MalformedMessage(f"bad {kind!r} message: {exc}") from None
+        raise MalformedMessage(f"bad {kind!r} message: {exc}"[:300]) from None
 
 
 def decode_as(data: bytes | str, cls: type[_M]) -> _M:
@@ -365,9 +415,66 @@ def _build(cls: type[_T], body: dict[str, Any]) -> _T:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ValueError(f"missing field {f.name!r}")
             continue
-        kwargs[f.name] = _convert(f.name, str(f.type), body[f.name])
+        value = _convert(f.name, str(f.type), body[f.name])
+        if value is not None:
+            _check_bounds(cls, f.name, value)
+        kwargs[f.name] = value
     # Unknown fields are ignored: a newer minor writer may add optional fields.
     return cls(**kwargs)
+
+
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "fence": (0, MAX_FENCE),
+    "max_fence": (0, MAX_FENCE),
+    "generation": (0, MAX_GENERATION),
+    "max_workers": (1, MAX_COUNT),
+    "restarts": (0, MAX_COUNT),
+    "count": (0, MAX_COUNT),
+    "hold": (0, MAX_COUNT),
+    "pid": (0, MAX_COUNT),
+}
+_DURATIONS = frozenset({"heartbeat_timeout", "retry_in", "hold_for"})
+_IDENTIFIERS: dict[str, int] = {"job_id": MAX_JOB_ID_LENGTH, "server_id": MAX_SERVER_TEXT_LENGTH}
+"""Ids (made by :func:`~orchestratr_core.job.new_id`): printable, bounded length."""
+
+
+def _check_bounds(cls: type, name: str, value: Any) -> None:
+    """Refuse a value no storage or runtime could take (see the module docstring)."""
+    if type(value) is int:
+        low, high = _INT_BOUNDS.get(name, (0, MAX_COUNT))
+        if not low <= value <= high:
+            raise ValueError(f"field {name!r} must be within {low}..{high}")
+    elif type(value) is float:
+        high_f = MAX_DURATION if name in _DURATIONS else MAX_EPOCH
+        if not 0.0 <= value <= high_f:  # NaN fails too
+            raise ValueError(f"field {name!r} must be a number within 0..{high_f:.0f}")
+    elif type(value) is str:
+        if name == "argument":
+            validate_argument(value)  # InvalidJobInput is a ValueError
+        elif name == "error":
+            if len(value) > MAX_ERROR_LENGTH:
+                raise ValueError(f"field 'error' is longer than {MAX_ERROR_LENGTH} characters")
+        elif name in _IDENTIFIERS:
+            _identifier(name, value, _IDENTIFIERS[name])
+        else:  # a job name, a server name, a host name
+            _text(name, value, MAX_NAME_LENGTH if cls is JobMessage else MAX_SERVER_TEXT_LENGTH)
+
+
+def _identifier(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise ValueError(f"field {name!r} is longer than {limit} characters")
+    if not value.isprintable():
+        raise ValueError(f"field {name!r} holds a control character, NUL or lone surrogate")
+
+
+def _text(name: str, value: str, limit: int) -> None:
+    """A name: bounded, and nothing a database cannot store (NUL, lone surrogates)."""
+    if len(value) > limit:
+        raise ValueError(f"field {name!r} is longer than {limit} characters")
+    if "\x00" in value:
+        raise ValueError(f"field {name!r} holds NUL")
+    if not value.isascii():
+        value.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
 
 
 def _convert(name: str, annotation: str, value: Any) -> Any:
@@ -413,16 +520,28 @@ def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
             # a subclass of int) -- json.loads only makes exact ints and floats.
             if type(job_id) is not str:
                 raise ValueError(f"item {index} of {name!r}: job_id must be str")
-            if type(fence) is not int:
-                raise ValueError(f"item {index} of {name!r}: fence must be int")
-            if beat is not None and type(beat) is not float:
-                if type(beat) is not int:
+            if len(job_id) > MAX_JOB_ID_LENGTH or not job_id.isprintable():
+                raise ValueError(
+                    f"item {index} of {name!r}: job_id must be printable, "
+                    f"at most {MAX_JOB_ID_LENGTH} characters"
+                )
+            if type(fence) is not int or not 0 <= fence <= MAX_FENCE:
+                raise ValueError(f"item {index} of {name!r}: fence must be int in 0..{MAX_FENCE}")
+            if beat is not None:
+                if type(beat) is not float:
+                    if type(beat) is not int:
+                        raise ValueError(
+                            f"item {index} of {name!r}: last_heartbeat must be float or null"
+                        )
+                    beat = float(beat)
+                if not 0.0 <= beat <= MAX_EPOCH:
                     raise ValueError(
-                        f"item {index} of {name!r}: last_heartbeat must be float or null"
+                        f"item {index} of {name!r}: last_heartbeat out of 0..{MAX_EPOCH:.0f}"
                     )
-                beat = float(beat)
-            if type(restarts) is not int:
-                raise ValueError(f"item {index} of {name!r}: restarts must be int")
+            if type(restarts) is not int or not 0 <= restarts <= MAX_COUNT:
+                raise ValueError(
+                    f"item {index} of {name!r}: restarts must be int in 0..{MAX_COUNT}"
+                )
             append(RunningJob(job_id, fence, beat, restarts))
         elif isinstance(item, dict):
             append(_build(RunningJob, item))
@@ -438,4 +557,5 @@ def _strings(name: str, value: Any) -> tuple[str, ...]:
     for index, item in enumerate(value):
         if type(item) is not str:
             raise ValueError(f"item {index} of {name!r} must be str")
+        _identifier(f"{name}[{index}]", item, MAX_JOB_ID_LENGTH)
     return tuple(value)

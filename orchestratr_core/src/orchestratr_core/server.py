@@ -51,7 +51,14 @@ from orchestratr_core.errors import (
     DeliveryLost,
     OrchestratrError,
 )
-from orchestratr_core.job import JobArgument, make_fence, new_id
+from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_ERROR_LENGTH,
+    MAX_SERVER_TEXT_LENGTH,
+    JobArgument,
+    make_fence,
+    new_id,
+)
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay
 from orchestratr_core.runner import JobRunner, StopToken, ThreadJobRunner
@@ -285,13 +292,16 @@ class OrchestratedServer:
     ) -> None:
         if not callable(job):
             raise ConfigurationError("job must be callable: async def job(arg, token, heartbeat)")
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        if (
+            isinstance(max_workers, bool)
+            or not isinstance(max_workers, int)
+            or not 1 <= max_workers <= MAX_COUNT
+        ):
             raise ConfigurationError(
-                f"max_workers must be a whole number >= 1, not {max_workers!r} "
+                f"max_workers must be a whole number within 1..{MAX_COUNT}, not {max_workers!r} "
                 "(there is no 'unlimited': size it to what the host can run)"
             )
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigurationError("server name must be a non-empty string")
+        _check_server_name(name)
         self.id = new_id()
         self.name = name
         self.max_workers = max_workers
@@ -917,12 +927,29 @@ def _lease_of(delivery: Delivery) -> Callable[[], float]:
     return lambda: delivery.valid_until
 
 
+def _check_server_name(name: object) -> None:
+    """A server name every storage keeps: 1..255 characters, not blank, no
+    control characters (heartbeats carry it to the manager's database)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError("server name must be a non-empty string")
+    if len(name) > MAX_SERVER_TEXT_LENGTH:
+        raise ConfigurationError(
+            f"server name is {len(name)} characters long; the limit is {MAX_SERVER_TEXT_LENGTH}"
+        )
+    if not name.isprintable():
+        raise ConfigurationError("server name must not hold control characters (NUL, newline...)")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError("server name is not valid Unicode (lone surrogate)") from None
+
+
 def _describe(exc: BaseException) -> str:
     """A one-line-ish description of a job's exception, with its last frame."""
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     text = f"{type(exc).__name__}: {exc}{where}"
-    return text[:2000]
+    return text[:MAX_ERROR_LENGTH]  # longer is malformed on the wire
 
 
 def _peek(queue: asyncio.Queue[p.Event]) -> list[p.Event]:

@@ -14,7 +14,17 @@ not allowed: it is what let the original run a deleted job again.
 Errors: :class:`~orchestratr_core.errors.BackendUnavailable` when the database
 cannot be reached or a transient failure persisted after the backend's own
 retries (the manager retries later); :class:`~orchestratr_core.errors.PermanentBackendError`
-for wrong credentials or an unknown database. Messages never contain credentials.
+for wrong credentials or an unknown database;
+:class:`~orchestratr_core.errors.DataRejected` for a value the database refused
+(a fence above 2^63-1, a count above 2^31-1, text it cannot store, a check
+constraint), at once and without retrying: the manager dead-letters the event
+that carried it. Never a driver's own exception for any of these: the core
+decides on these three types alone. Messages never contain credentials.
+
+Text: job names and arguments reach a storage validated
+(:func:`~orchestratr_core.job.validate_name`, :func:`~orchestratr_core.job.validate_argument`:
+no NUL, no lone surrogates), error texts cleaned
+(:func:`~orchestratr_core.job.clean_text`); a backend stores them exactly.
 
 Times are timezone-aware UTC datetimes; backends store at least millisecond
 precision. Ids are strings (time-ordered UUIDs, see :func:`orchestratr_core.job.new_id`).
@@ -29,7 +39,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar
 
+from orchestratr_core.errors import DataRejected
 from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_FENCE,
     JobEvent,
     JobPage,
     JobQuery,
@@ -43,7 +56,14 @@ from orchestratr_core.job import (
 )
 from orchestratr_core.protocol import ServerHeartbeat
 
-__all__ = ["HEARTBEAT_REFRESH_STEP", "OutboxItem", "OutboxKind", "Storage"]
+__all__ = [
+    "HEARTBEAT_REFRESH_STEP",
+    "OutboxItem",
+    "OutboxKind",
+    "Storage",
+    "check_heartbeat",
+    "check_transition",
+]
 
 HEARTBEAT_REFRESH_STEP = 30.0
 """Seconds. A heartbeat that would change nothing about a job but its
@@ -292,3 +312,26 @@ class Storage(abc.ABC):
         """Set a server's status (e.g. ``draining`` when a drain is requested).
         ``now`` is when it was requested; ``last_seen`` is not touched (only a
         heartbeat says a server is alive). False for an unknown server."""
+
+
+def _in_range(what: str, value: int, high: int) -> None:
+    if not 0 <= value <= high:
+        raise DataRejected(f"{what} {value} is outside 0..{high}, the range its column stores")
+
+
+def check_transition(fence: int, restarts: int | None) -> None:
+    """Raise :class:`DataRejected` for a fence or restart count no storage column
+    holds (``BIGINT`` / ``INTEGER``). Backends call it before writing: some
+    databases would otherwise store such a value differently (a JSON number
+    read as a float) instead of refusing it."""
+    _in_range("fence", fence, MAX_FENCE)
+    if restarts is not None:
+        _in_range("restarts", restarts, MAX_COUNT)
+
+
+def check_heartbeat(heartbeat: ServerHeartbeat) -> None:
+    """:func:`check_transition` for a whole heartbeat, with its ``max_workers`` and ``pid``."""
+    _in_range("max_workers", heartbeat.max_workers, MAX_COUNT)
+    _in_range("pid", heartbeat.pid, MAX_COUNT)
+    for job in heartbeat.jobs:
+        check_transition(job.fence, job.restarts)

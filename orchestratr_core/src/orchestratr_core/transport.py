@@ -52,18 +52,32 @@ Events
     only one consumes at a time (single active consumer), so that every event
     is handled once and in order; when it goes away another takes over. If the
     handler raises, the event is handed to the handler again, in order, with
-    backoff; nothing newer is delivered meanwhile.
+    backoff; nothing newer is delivered meanwhile -- except when it raises
+    :class:`~orchestratr_core.errors.DeadLetter`: the handler says the event can
+    never be handled (the storage refused its values), so the transport
+    dead-letters it (as it does a malformed message, with one warning line
+    carrying the exception's message), never hands it to any handler again,
+    and delivers the next event. This is what keeps one poisoned event from
+    halting a manager.
 
 Malformed messages
     Anything on any queue that :func:`orchestratr_core.protocol.decode` rejects
     is dead-lettered (or dropped where the broker has no dead-letter facility)
-    with one warning log line; the consumer keeps running.
+    with one warning log line; the consumer keeps running. ``decode`` raises
+    nothing but :class:`~orchestratr_core.errors.MalformedMessage`, whatever
+    the bytes.
 
 Authenticity
     A transport whose messages cross process boundaries should accept a fleet
     key (:mod:`orchestratr_core.signing`): sign what it publishes, and treat a
     message without a valid authenticator as malformed (never act on it). An
     in-process transport (the memory one) need not.
+
+Dead letters
+    Whatever a transport dead-letters is kept for inspection in a *bounded*
+    place (RabbitMQ: ``<ns>.dead``, 10,000 messages; memory: the broker's
+    ``dead_letters``, as many), the oldest dropped first, so that a flood of bad
+    messages cannot fill the broker.
 """
 
 from __future__ import annotations
@@ -203,7 +217,9 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def consume_events(self, handler: EventHandler) -> Subscription:
         """Consume server events. The handler is awaited for one event at a time
-        per consumer; if it raises, the event is redelivered later."""
+        per consumer; if it raises, the event is redelivered later -- unless it
+        raises :class:`~orchestratr_core.errors.DeadLetter`: then the event is
+        dead-lettered with one warning line and the next one is delivered."""
 
     # -- server side ------------------------------------------------------------
 

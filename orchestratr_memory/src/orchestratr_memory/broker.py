@@ -32,9 +32,12 @@ cancellations
     subscribing to commands.
 
 dead letters
-    :attr:`MemoryBroker.dead_letters` collects every message a client rejected
-    as malformed (and :meth:`MemoryBroker.inject_raw` lets a test put anything
-    on any queue).
+    :attr:`MemoryBroker.dead_letters` collects every message a client rejected:
+    malformed, or an event its handler refused for good
+    (:class:`~orchestratr_core.errors.DeadLetter`). It keeps the newest
+    :data:`DEAD_LETTER_LIMIT` (the oldest are dropped first, as RabbitMQ's
+    ``drop-head`` overflow does on ``<ns>.dead``). :meth:`MemoryBroker.inject_raw`
+    lets a test put anything on any queue.
 
 The broker keeps everything across :meth:`MemoryBroker.broker_restart`; only
 connections are dropped. Brokers are process-global, one per name
@@ -51,6 +54,7 @@ import asyncio
 import bisect
 import itertools
 import logging
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
@@ -58,6 +62,7 @@ from typing import ClassVar, Literal, Protocol
 from orchestratr_core.errors import BackendUnavailable
 
 __all__ = [
+    "DEAD_LETTER_LIMIT",
     "DEFAULT_BROKER",
     "BrokerConnection",
     "ClientEndpoint",
@@ -76,20 +81,24 @@ log = logging.getLogger("orchestratr.memory.broker")
 DEFAULT_BROKER = "default"
 """The broker that ``memory://`` and ``None`` name."""
 
+DEAD_LETTER_LIMIT = 10_000
+"""Most dead letters a broker keeps (the same default as ``<ns>.dead`` on RabbitMQ)."""
+
 QueueName = Literal["jobs", "events"]
 """The two shared queues. Command queues are named ``commands/<server_id>``."""
 
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message a consumer rejected because it could not be decoded."""
+    """A message a consumer rejected: it could not be decoded, or (an event) its
+    handler raised :class:`~orchestratr_core.errors.DeadLetter`."""
 
     queue: str
     """``"jobs"``, ``"events"`` or ``"commands/<server_id>"``."""
     payload: bytes
     """The message exactly as it was published."""
     reason: str
-    """Why it was rejected (the decoder's message)."""
+    """Why it was rejected (the decoder's or the handler's message)."""
 
 
 # -- frames: what the broker sends down a connection ---------------------------------------
@@ -277,7 +286,8 @@ class BrokerConnection:
         self.broker._settle(self, delivery_tag, requeue=requeue)
 
     def dead_letter(self, delivery_tag: int, reason: str) -> None:
-        """Reject a held message as malformed: it moves to the dead letters."""
+        """Reject a held message for good (malformed, or refused by its handler):
+        it moves to the dead letters."""
         self._check()
         self.broker._settle(self, delivery_tag, requeue=False, dead_letter=reason)
 
@@ -301,11 +311,11 @@ class MemoryBroker:
 
     _registry: ClassVar[dict[str, MemoryBroker]] = {}
 
-    def __init__(self, name: str = DEFAULT_BROKER) -> None:
+    def __init__(self, name: str = DEFAULT_BROKER, dead_letter_limit: int = DEAD_LETTER_LIMIT):
         self.name = name
         """The name this broker is registered under."""
-        self.dead_letters: list[DeadLetter] = []
-        """Every message rejected as malformed, oldest first (inspect in tests)."""
+        self.dead_letters: deque[DeadLetter] = deque(maxlen=dead_letter_limit)
+        """The newest ``dead_letter_limit`` messages rejected, oldest first (inspect in tests)."""
         self._seq = itertools.count()
         self._tags = itertools.count(1)
         self._jobs = _OrderedQueue()
@@ -329,12 +339,15 @@ class MemoryBroker:
     # -- registry -----------------------------------------------------------------------
 
     @classmethod
-    def get(cls, name: str | None = None) -> MemoryBroker:
-        """The broker called ``name`` (``None``/empty: ``"default"``), created on first use."""
+    def get(
+        cls, name: str | None = None, dead_letter_limit: int = DEAD_LETTER_LIMIT
+    ) -> MemoryBroker:
+        """The broker called ``name`` (``None``/empty: ``"default"``), created on first
+        use (keeping at most ``dead_letter_limit`` dead letters)."""
         key = name or DEFAULT_BROKER
         broker = cls._registry.get(key)
         if broker is None:
-            broker = cls._registry[key] = cls(key)
+            broker = cls._registry[key] = cls(key, dead_letter_limit)
         return broker
 
     @classmethod
@@ -521,9 +534,7 @@ class MemoryBroker:
 
     def _add_dead_letter(self, queue: str, payload: bytes, reason: str) -> None:
         self.dead_letters.append(DeadLetter(queue=queue, payload=payload, reason=reason))
-        log.warning(
-            "dead-lettered a malformed message on %s (%d bytes): %s", queue, len(payload), reason
-        )
+        log.warning("dead-lettered a message on %s (%d bytes): %s", queue, len(payload), reason)
 
     def _replace_cancellations(self, job_ids: frozenset[str]) -> frozenset[str]:
         previous, self._cancellations = self._cancellations, job_ids

@@ -46,7 +46,14 @@ from orchestratr_core.job import (
     TransitionResult,
 )
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import (
+    HEARTBEAT_REFRESH_STEP,
+    OutboxItem,
+    OutboxKind,
+    Storage,
+    check_heartbeat,
+    check_transition,
+)
 
 __all__ = ["MemoryStorage"]
 
@@ -356,6 +363,7 @@ class MemoryStorage(Storage):
         """See :meth:`Storage.transition`."""
         if event is JobEvent.SERVER_LOST:
             raise ValueError("SERVER_LOST is applied by expire_servers() and server_left()")
+        check_transition(fence, restarts)
         store = self._data()
         with store.lock:
             row = store.jobs.get(job_id)
@@ -375,6 +383,7 @@ class MemoryStorage(Storage):
 
     async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
         """See :meth:`Storage.apply_heartbeat`."""
+        check_heartbeat(heartbeat)
         store = self._data()
         server_id = heartbeat.server_id
         with store.lock:

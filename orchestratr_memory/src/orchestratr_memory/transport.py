@@ -61,6 +61,7 @@ from urllib.parse import parse_qsl, urlsplit
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DeadLetter,
     DeliveryLost,
     MalformedMessage,
     PermanentBackendError,
@@ -423,6 +424,8 @@ class _EventSubscription(_Consumer, Subscription):
                 continue
             try:
                 await self.handler(event)
+            except DeadLetter as exc:
+                link.send(_dead_letter(tag, str(exc)))  # the broker logs the warning
             except Exception:
                 log.exception("event handler raised; the event will be delivered again")
                 await asyncio.sleep(retry_delay)
@@ -481,6 +484,10 @@ class _CommandItem:
 
 def _ack(tag: int) -> Callable[[BrokerConnection], None]:
     return lambda conn: conn.ack(tag)
+
+
+def _dead_letter(tag: int, reason: str) -> Callable[[BrokerConnection], None]:
+    return lambda conn: conn.dead_letter(tag, reason)
 
 
 def _requeue(tag: int) -> Callable[[BrokerConnection], None]:

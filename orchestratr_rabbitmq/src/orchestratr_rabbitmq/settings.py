@@ -69,6 +69,9 @@ class Settings:
     in. A server with room for 20,000 jobs raises its prefetch this many at a time,
     so that the answer to a fence ping never waits behind thousands of unread
     deliveries (which made loaded servers fence themselves falsely)."""
+    dead_letter_limit: int = 10_000
+    """Most messages ``<ns>.dead`` keeps; beyond it the oldest are dropped. Takes
+    effect when the queue is declared (see ``docs/rabbitmq.md`` for an existing one)."""
     consumer_timeout: float | None = None
     """The broker's delivery acknowledgement timeout, when the operator knows it
     (RabbitMQ 3.10 cannot tell a client). Deliveries are then handed back before it
@@ -147,6 +150,11 @@ class Settings:
             )
         if self.prefetch_step < 1:
             raise ConfigurationError("prefetch_step must be >= 1")
+        limit = self.dead_letter_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31 - 1:
+            raise ConfigurationError(
+                f"dead_letter_limit must be a whole number within 1..{2**31 - 1}, got {limit!r}"
+            )
         if self.connect_attempts < 1:
             raise ConfigurationError("connect_attempts must be >= 1")
         if self.signature_max_age <= 0:
@@ -193,7 +201,7 @@ class Settings:
         return f"{parts.hostname or 'localhost'}:{parts.port or default}"
 
 
-_INTS = frozenset({"heartbeat", "connect_attempts", "prefetch_step"})
+_INTS = frozenset({"heartbeat", "connect_attempts", "prefetch_step", "dead_letter_limit"})
 _FLOATS = frozenset(
     {
         "fence_timeout",

@@ -17,7 +17,8 @@ share a vhost:
 ``<ns>.broadcast``      fanout exchange to every live server
 ``<ns>.commands.<server>.<tag>``  one exclusive, auto-delete queue per server connection
 ``<ns>.dlx`` / ``<ns>.dead``      dead-letter exchange and the queue that keeps
-                        malformed messages for inspection
+                        malformed messages (and events a manager refused for
+                        good) for inspection; bounded, the oldest dropped first
 
 Each role publishes through exchanges of its own (never the default exchange, which
 can reach every queue), so that RabbitMQ permissions can tell the roles apart: see
@@ -34,6 +35,8 @@ from typing import Any
 
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
+    "DEAD_LETTER_LIMIT",
+    "DEAD_LETTER_MAX_BYTES",
     "ROLES",
     "BrokerVersion",
     "Permissions",
@@ -45,6 +48,13 @@ CONSUMER_TIMEOUT_MS = 2**31 - 1
 """The acknowledgement timeout we ask for where a version lets us (about 24.8 days):
 the largest value every version accepts. Jobs held longer are handed back just
 before it by the transport, never torn away by the broker."""
+
+DEAD_LETTER_LIMIT = 10_000
+"""Default most messages ``<ns>.dead`` keeps (option ``dead_letter_limit``)."""
+
+DEAD_LETTER_MAX_BYTES = 256 * 1024 * 1024
+"""Most bytes of message bodies ``<ns>.dead`` keeps (a heartbeat of 10,000 jobs is
+about 600 KB, so the count alone would not bound the disk)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -104,8 +114,15 @@ class BrokerVersion:
 class Topology:
     """Names and declaration arguments for one namespace on one broker version."""
 
-    def __init__(self, namespace: str, queue_type: str, version: BrokerVersion) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        queue_type: str,
+        version: BrokerVersion,
+        dead_letter_limit: int = DEAD_LETTER_LIMIT,
+    ) -> None:
         self.namespace = namespace
+        self.dead_letter_limit = dead_letter_limit
         self.queue_type = queue_type
         self.version = version
         self.jobs = f"{namespace}.jobs"
@@ -153,6 +170,16 @@ class Topology:
         held by a reader, and would drop a newer set published meanwhile; old sets
         are removed under the lock instead."""
         return self._durable()
+
+    def dead_arguments(self) -> dict[str, Any]:
+        """The dead-letter queue: bounded; when full, the oldest message is dropped
+        (``drop-head``), so a flood of bad messages never fills the broker's disk."""
+        return {
+            "x-queue-type": "classic",
+            "x-max-length": self.dead_letter_limit,
+            "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
+            "x-overflow": "drop-head",
+        }
 
     def command_queue_arguments(self) -> dict[str, Any]:
         """Per-connection command queue (exclusive queues are always classic)."""

@@ -34,6 +34,7 @@ from aiormq import spec
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DeadLetter,
     DeliveryLost,
     MalformedMessage,
     OrchestratrError,
@@ -214,6 +215,10 @@ async def _declare_queue(
     await channel.queue_declare(name, durable=True, passive=passive, arguments=arguments or None)
 
 
+async def _delete_if_empty(name: str, channel: aiormq.abc.AbstractChannel) -> None:
+    await channel.queue_delete(name, if_empty=True)
+
+
 async def _bind(queue: str, exchange: str, key: str, channel: aiormq.abc.AbstractChannel) -> None:
     await channel.queue_bind(queue, exchange, routing_key=key)
 
@@ -325,8 +330,8 @@ class _Session:
                     functools.partial(_declare_exchange, name, kind, passive=False),
                     functools.partial(_declare_exchange, name, kind, passive=True),
                 )
+            await self._ensure_dead()
             for name, arguments in (
-                (t.dead, {"x-queue-type": "classic"}),
                 (t.cancellations_lock, {"x-queue-type": "classic"}),
                 (t.jobs, t.jobs_arguments()),
                 (t.events, t.events_arguments()),
@@ -352,6 +357,33 @@ class _Session:
                 with _Quiet():
                     await self._declare_channel.close()
                 self._declare_channel = None
+
+    async def _ensure_dead(self) -> None:
+        """``<ns>.dead`` with its length limit. An older version declared it without
+        one, and arguments cannot change: such a queue is replaced while it is empty
+        (``if_empty`` makes the delete atomic), else used as it is with a warning
+        naming the commands that bound it."""
+        t = self.topology
+        declare = functools.partial(_declare_queue, t.dead, t.dead_arguments(), passive=False)
+        check = functools.partial(_declare_queue, t.dead, {}, passive=True)
+        error = await self._declaring(declare)
+        if error is None:
+            return
+        if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed):
+            refused = await self._declaring(functools.partial(_delete_if_empty, t.dead))
+            if refused is None and await self._declaring(declare) is None:
+                log.info("replaced the unbounded queue %s (empty) by a bounded one", t.dead)
+                return
+            log.warning(
+                "queue %s has no length limit (declared by an older version) and "
+                "cannot be replaced now (%s; it holds messages or we may not delete "
+                "it): inspect and purge it, or bound it with a policy "
+                "(docs/rabbitmq.md, 'Dead letters')",
+                t.dead,
+                _describe(refused or error),
+            )
+            declare = check  # use it as it is
+        await self._ensure("queue", t.dead, declare, check)
 
     async def _declaring(
         self,
@@ -812,6 +844,18 @@ class _EventSubscription(_Subscription):
         while True:
             try:
                 await self.handler(event)
+            except DeadLetter as exc:
+                # Refused for good by the handler: to <ns>.dead, and on to the next event.
+                log.warning(
+                    "dead-lettering a %s event from %s to %s: %s",
+                    event.TYPE,
+                    session.topology.events,
+                    self.transport.topology_name("dead"),
+                    exc,
+                )
+                with _Quiet():
+                    await underlay.basic_reject(tag, requeue=False)
+                return
             except Exception as exc:
                 log.warning(
                     "event handler raised (%s); the %s event is redelivered in %.1fs",
@@ -1042,7 +1086,7 @@ class RabbitMQTransport(Transport):
         if not version.known:
             log.warning("the broker did not report its version; assuming RabbitMQ 3.10 rules")
         self._generation += 1
-        topology = Topology(s.namespace, s.queue_type, version)
+        topology = Topology(s.namespace, s.queue_type, version, s.dead_letter_limit)
         session = _Session(self, connection, publisher, topology, self._generation, started)
         try:
             await session.open()

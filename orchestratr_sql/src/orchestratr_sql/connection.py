@@ -17,7 +17,7 @@ from typing import Any
 from orchestratr_sql.queries import ParamStyle, Query, compile_query
 from orchestratr_sql.url import DatabaseUrl
 
-__all__ = ["Connection", "Connector", "ErrorKind", "Row", "scrub"]
+__all__ = ["Connection", "Connector", "ErrorKind", "Row", "python_data_error", "scrub"]
 
 Row = Mapping[str, Any]
 
@@ -35,6 +35,10 @@ class ErrorKind(enum.Enum):
     """The database (or schema) does not exist: retrying will not help."""
     UNIQUE = "unique"
     """A unique constraint refused the write."""
+    DATA = "data"
+    """The database (or the driver, before sending) refused a value: out of its
+    column's range, an encoding it cannot store (NUL in PostgreSQL text), too
+    long, a check or not-null constraint. Retrying the same write cannot help."""
 
 
 class Connection(abc.ABC):
@@ -127,6 +131,14 @@ class Connector(abc.ABC):
             await self.rollback(conn)
             raise
         await self.commit(conn)
+
+
+def python_data_error(exc: BaseException) -> bool:
+    """True for the errors Python or a driver raises while converting a value to
+    send, before the database sees it: an integer too large for the column type
+    (``OverflowError``), a string that cannot be encoded (a lone surrogate:
+    ``UnicodeError``). Every connector classifies these as :attr:`ErrorKind.DATA`."""
+    return isinstance(exc, OverflowError | UnicodeError)
 
 
 _compile_cached = functools.lru_cache(maxsize=512)(compile_query)

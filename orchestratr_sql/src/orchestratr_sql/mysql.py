@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
-from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row
+from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
 from orchestratr_sql.queries import ParamStyle, Query
 from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
@@ -32,6 +32,22 @@ _AUTH = {1044, 1045, 1698, 1251}
 _UNKNOWN_DATABASE = {1049}
 _TRANSIENT = {1205, 1213, 1020}
 _UNIQUE = {1062, 1586}
+_DATA = {
+    1048,  # column cannot be null
+    1264,  # out of range value for column
+    1265,  # data truncated
+    1292,  # incorrect datetime (or other) value
+    1300,  # invalid utf8 string
+    1366,  # incorrect string value (an encoding the column cannot store)
+    1367,  # illegal value during parsing
+    1406,  # data too long for column
+    1416,  # cannot get geometry object (wrong type)
+    1452,  # a foreign key constraint fails
+    1690,  # BIGINT value out of range
+    3819,  # check constraint violated (MySQL)
+    4025,  # CONSTRAINT_FAILED (MariaDB)
+}
+"""Error numbers of a value the database refused: retrying cannot help."""
 _UNAVAILABLE = {1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2014, 2055, 4031}
 
 
@@ -195,7 +211,8 @@ class MySQLConnector(Connector):
 
     def classify(self, exc: BaseException) -> ErrorKind | None:
         """By MySQL error number: 1045 auth, 1049 unknown database, 1213/1205
-        retry, 1062 unique, 2003/2006/2013 unavailable; socket errors unavailable."""
+        retry, 1062 unique, 2003/2006/2013 unavailable, 1264/1366/1406/... data
+        (:data:`_DATA`); socket errors unavailable."""
         import aiomysql
 
         if isinstance(exc, aiomysql.MySQLError):
@@ -210,7 +227,11 @@ class MySQLConnector(Connector):
                 return ErrorKind.UNIQUE
             if code in _UNAVAILABLE or isinstance(exc, aiomysql.InterfaceError):
                 return ErrorKind.UNAVAILABLE
+            if code in _DATA or isinstance(exc, aiomysql.DataError):
+                return ErrorKind.DATA
             return None
+        if python_data_error(exc):
+            return ErrorKind.DATA
         if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError):
             return ErrorKind.UNAVAILABLE
         return None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
-from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row
+from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
 from orchestratr_sql.queries import ParamStyle, Query
 from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
@@ -210,11 +210,17 @@ class PostgresConnector(Connector):
 
     def classify(self, exc: BaseException) -> ErrorKind | None:
         """By SQLSTATE: 28xxx auth, 3D000 unknown database, 40001/40P01 retry,
-        23505 unique, 08xxx/57Pxx/53300 unavailable; socket errors unavailable."""
+        23505 unique, 08xxx/57Pxx/53300 unavailable, 22xxx and other 23xxx data;
+        socket errors unavailable; asyncpg's own argument errors data."""
         import asyncpg
+        import asyncpg.exceptions._base
 
         if isinstance(exc, asyncpg.PostgresError):
             state = str(getattr(exc, "sqlstate", "") or "")
+            if state.startswith("22") or (state.startswith("23") and state != "23505"):
+                # Data exception (22021 invalid byte sequence: NUL; 22003 out of
+                # range...) or a check / not-null / foreign-key violation.
+                return ErrorKind.DATA
             if state in _AUTH:
                 return ErrorKind.AUTH
             if state in _UNKNOWN_DATABASE:
@@ -226,6 +232,9 @@ class PostgresConnector(Connector):
             if state.startswith("08") or state in _UNAVAILABLE:
                 return ErrorKind.UNAVAILABLE
             return None
+        if isinstance(exc, asyncpg.exceptions._base.DataError) or python_data_error(exc):
+            # asyncpg refused to encode an argument ("value out of int64 range").
+            return ErrorKind.DATA
         if isinstance(exc, asyncpg.InterfaceError):
             text = str(exc).lower()
             if "closed" in text or "connection" in text or "pool" in text:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
-from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row
+from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
 from orchestratr_sql.queries import ParamStyle, Query
 from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
@@ -183,9 +183,14 @@ class SQLiteConnector(Connector):
             await raw.rollback()
 
     def classify(self, exc: BaseException) -> ErrorKind | None:
-        """Locked/busy: transient. Cannot open the file: unknown database."""
+        """Locked/busy: transient. Cannot open the file: unknown database. A
+        constraint other than unique, or a value SQLite cannot take: data."""
         if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
             return ErrorKind.UNIQUE
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError) or python_data_error(exc):
+            # CHECK / NOT NULL, a value too big ("Python int too large to convert
+            # to SQLite INTEGER" is an OverflowError), a lone surrogate.
+            return ErrorKind.DATA
         if isinstance(exc, sqlite3.OperationalError):
             text = str(exc).lower()
             if "locked" in text or "busy" in text:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
-from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row
+from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
 from orchestratr_sql.queries import ParamStyle, Query
 from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
@@ -267,7 +267,8 @@ class OdbcConnector(Connector):
 
     def classify(self, exc: BaseException) -> ErrorKind | None:
         """By SQLSTATE and message: 28000 auth, "cannot open database" unknown
-        database, 40001 retry, 23000 duplicate key unique, 08xxx/HYT00 unavailable."""
+        database, 40001 retry, 23000 duplicate key unique, 08xxx/HYT00 unavailable,
+        other 22xxx/23xxx (and pyodbc's DataError, Python's overflow) data."""
         import pyodbc
 
         if isinstance(exc, pyodbc.Error):
@@ -287,7 +288,13 @@ class OdbcConnector(Connector):
                 or any(t in text for t in _UNAVAILABLE_TEXT)
             ):
                 return ErrorKind.UNAVAILABLE
+            if state.startswith(("22", "23")) or isinstance(exc, pyodbc.DataError):
+                # 22001 string right truncation, 22003 out of range, 22007/22008
+                # datetime, 22018 bad cast; 23000 a check / not-null / FK violation.
+                return ErrorKind.DATA
             return None
+        if python_data_error(exc):
+            return ErrorKind.DATA
         if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError):
             return ErrorKind.UNAVAILABLE
         return None

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
+    DataRejected,
     DuplicateJobName,
     OrchestratrError,
     PermanentBackendError,
@@ -41,7 +42,13 @@ from orchestratr_core.job import (
 from orchestratr_core.plugin.manager import BackendSpec
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.retry import backoff_delay
-from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
+from orchestratr_core.storage import (
+    OutboxItem,
+    OutboxKind,
+    Storage,
+    check_heartbeat,
+    check_transition,
+)
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
 from orchestratr_sql.dialect import Dialect, get_dialect
 from orchestratr_sql.queries import load_queries, multi_row_values, values_query
@@ -90,6 +97,8 @@ def backend_error(
         return PermanentBackendError(
             f"{where}: the database does not exist, create it first ({detail})"
         )
+    if kind is ErrorKind.DATA:
+        return DataRejected(f"{where} refused a value ({what}): {detail}"[:1000])
     return BackendUnavailable(f"{where} is unavailable ({what}): {detail}")
 
 
@@ -148,7 +157,7 @@ class SqlStorage(Storage):
                     if on_unique is None:
                         raise
                     raise on_unique() from None
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE):
+                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
                     raise backend_error(self.connector, exc, kind, what) from None
                 if attempt >= options.retries:
                     error = backend_error(self.connector, exc, kind, f"{what}, {attempt} attempts")
@@ -251,7 +260,7 @@ class SqlStorage(Storage):
                 kind = self.connector.classify(exc)
                 if kind is None or kind is ErrorKind.UNIQUE:
                     raise
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE):
+                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
                     raise backend_error(self.connector, exc, kind, "connect") from None
                 if attempt >= options.retries:
                     raise backend_error(
@@ -500,6 +509,7 @@ class SqlStorage(Storage):
         name = _TRANSITION_QUERY.get(event)
         if name is None:
             raise ValueError(f"{event.value} is applied by expire_servers/server_left")
+        check_transition(fence, restarts)
         values = {
             "id": job_id,
             "server_id": server_id,
@@ -523,6 +533,7 @@ class SqlStorage(Storage):
         """Four statements whatever the number of jobs: upsert the server, apply
         ``START`` to every reported job (one set-based UPDATE), read back the
         reports that did not apply, release the jobs the server no longer runs."""
+        check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values: dict[str, Any] = {
             "id": heartbeat.server_id,
             "server_id": heartbeat.server_id,

@@ -57,7 +57,7 @@ from typing import Generic, Literal, TypeVar
 
 import pytest
 
-from orchestratr_core.errors import DeliveryLost
+from orchestratr_core.errors import DeadLetter, DeliveryLost
 from orchestratr_core.protocol import (
     CancelJob,
     Command,
@@ -443,10 +443,15 @@ class TransportConformance:
         assert got[standby] == [_event("s", n) for n in range(10, 15)]
         assert most == 1
 
-    @pytest.mark.conformance
-    async def test_an_event_whose_handler_raised_is_delivered_again_in_order(
-        self, connect: Callable[[], Awaitable[Transport]]
-    ) -> None:
+    async def _five_events(
+        self,
+        connect: Callable[[], Awaitable[Transport]],
+        fail: Callable[[int, list[int]], None],
+        handled: int,
+    ) -> tuple[Transport, list[int], list[int]]:
+        """Publish events 0..4 to a manager whose handler first calls ``fail(n,
+        attempts so far)`` (which may raise); returns the manager, the first
+        ``handled`` events handled, and every attempt."""
         server, manager = await connect(), await connect()
         attempts: list[int] = []
         done: asyncio.Queue[int] = asyncio.Queue()
@@ -454,16 +459,44 @@ class TransportConformance:
         async def handle(event: Event) -> None:
             assert isinstance(event, JobStarted)
             attempts.append(event.fence)
-            if event.fence == 2 and attempts.count(2) == 1:
-                raise RuntimeError("the database is down (simulated)")
+            fail(event.fence, attempts)
             done.put_nowait(event.fence)
 
         await manager.consume_events(handle)
         for n in range(5):
             await server.publish_event(_event("s", n))
-        handled = [await asyncio.wait_for(done.get(), self.delivery_timeout) for _ in range(5)]
+        got = [await asyncio.wait_for(done.get(), self.delivery_timeout) for _ in range(handled)]
+        return manager, got, attempts
+
+    @pytest.mark.conformance
+    async def test_an_event_whose_handler_raised_is_delivered_again_in_order(
+        self, connect: Callable[[], Awaitable[Transport]]
+    ) -> None:
+        def fail(n: int, attempts: list[int]) -> None:
+            if n == 2 and attempts.count(2) == 1:
+                raise RuntimeError("the database is down (simulated)")
+
+        _, handled, attempts = await self._five_events(connect, fail, 5)
         assert handled == [0, 1, 2, 3, 4]
         assert attempts == [0, 1, 2, 2, 3, 4]
+
+    @pytest.mark.conformance
+    async def test_an_event_whose_handler_raised_dead_letter_is_not_delivered_again(
+        self, connect: Callable[[], Awaitable[Transport]]
+    ) -> None:
+        def fail(n: int, attempts: list[int]) -> None:
+            if n == 2:
+                raise DeadLetter("event 2 can never be stored (simulated)")
+
+        manager, handled, attempts = await self._five_events(connect, fail, 4)
+        assert handled == [0, 1, 3, 4]
+        assert attempts == [0, 1, 2, 3, 4]
+        # Gone for good: not to this manager, nor to one that takes over.
+        await manager.close()
+        later: Collector[Event] = Collector(self.delivery_timeout)
+        await (await connect()).consume_events(later)
+        await later.quiet(self.settle_time)
+        assert attempts == [0, 1, 2, 3, 4]
 
     # -- commands and cancellations ----------------------------------------------------
 
@@ -562,6 +595,16 @@ class TransportConformance:
         "newer-version": b'{"v": 999, "type": "job", "job_id": "x", "future": true}',
         "missing-fields": b'{"v": 1, "type": "job", "job_id": "x"}',
         "unknown-type": b'{"v": 1, "type": "launch-missiles"}',
+        # Hostile input (issue 11): nothing may escape the decoder but "malformed".
+        "deeply-nested": b'{"v": 1, "type": "started", "x": '
+        + b"[" * 100_000
+        + b"]" * 100_000
+        + b"}",
+        "infinity": b'{"v":1,"type":"release","count":1000,"hold":0,"hold_for":Infinity}',
+        "fence-out-of-range": b'{"v":1,"type":"started","server_id":"s","job_id":"x",'
+        b'"fence":9223372036854775808,"at":0}',
+        "generation-out-of-range": b'{"v":1,"type":"job","job_id":"x","name":"n",'
+        b'"argument":"","generation":2147483648,"created_at":0}',
     }
     _WRONG_KIND: dict[str, bytes] = {
         "jobs": encode(CancelJob(job_id="x")),
