@@ -721,6 +721,26 @@ class ChaosCluster:
                 )
             await asyncio.sleep(0.2)
 
+    async def wait_server_seen(
+        self, name: str, since: float, within: float, *, figure: str | None = None
+    ) -> float:
+        """Wait until the manager's view has server ``name`` alive with a heartbeat
+        from ``since`` (``time.time()``) on; the seconds it took from ``since``."""
+        while True:
+            servers = await self.servers()
+            now = time.time()
+            if any(
+                s.name == name and s.status.value == "alive" and s.last_seen.timestamp() >= since
+                for s in servers
+            ):
+                if figure is not None:
+                    self.record_figure(figure, now - since, within, "heartbeat seen")
+                return now - since
+            if now - since > within:
+                seen = [(s.name, s.status.value, str(s.last_seen)) for s in servers]
+                raise AssertionError(f"no heartbeat of {name} within {within} s: {seen}")
+            await asyncio.sleep(0.1)
+
     def record_figure(self, figure: str, value: float, bound: float, what: str = "") -> None:
         """Print a measured figure (``benchmarks/chaos_report.py`` reads these lines)
         and append it to ``benchmarks/results/chaos.json`` with its bound, the test,

@@ -121,11 +121,14 @@ async def test_silent_partition_the_server_fences_itself_before_the_broker_reass
         ids + kept, within=BOUND_SILENT, exclude=(victim,), figure="partition"
     )
     chaos.check(final=False).assert_ok()
-    chaos.heal(victim)
+    healed = chaos.heal(victim)
+    # Cut off past its fence, it reconnects and heartbeats again (it once never did).
+    await chaos.wait_server_seen(victim, healed, within=BOUND_VIEW, figure="partition heal")
     await asyncio.sleep(3)
     await chaos.wait_cancels_final(within=BOUND_SILENT, figure="partition cancels")
     chaos.check().assert_ok()
     await chaos.wait_all_running(ids + kept, within=5)
+    await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW, figure="partition view")
     chaos.check().assert_ok()
 
 
