@@ -2,7 +2,8 @@
 RabbitMQ broker and PostgreSQL, a silent TCP proxy between each server and the
 broker, fault injection, a ledger written by the jobs themselves, and the facts
 the checker (``checker.py``) needs to judge invariants I1-I6 of ``design-notes.md``.
-Every figure a test measures is appended to ``benchmarks/results/chaos.json``.
+Every figure a test measures is appended to ``benchmarks/results/chaos-runs.jsonl``
+(git-ignored); ``make chaos-record`` records into the tracked ``chaos.json`` instead.
 
 Every run uses its own RabbitMQ namespace and PostgreSQL schema and removes both.
 """
@@ -50,12 +51,21 @@ PG_ADMIN = f"{PG_SERVER}/{PG_DATABASE}"
 """The test database (``ORCHESTRATR_TEST_PG``, as every PostgreSQL test)."""
 PG_CLUSTER_SCRIPT = ROOT / ".ci" / "pg-cluster"
 """Names the cluster serving that URL; ``.ci/services`` starts the same one."""
-_RESULTS = os.environ.get("ORCHESTRATR_CHAOS_RESULTS", "")
-RESULTS: Path | None = (
-    None if _RESULTS == "off" else Path(_RESULTS or ROOT / "benchmarks" / "results" / "chaos.json")
-)
-"""Where every measured figure is appended (``records``); ``ORCHESTRATR_CHAOS_RESULTS``
-names another file, or ``off`` records nothing."""
+CHAOS_JSON = ROOT / "benchmarks" / "results" / "chaos.json"
+"""The tracked record (summary and ``records``): written only on purpose."""
+CHAOS_RUNS = ROOT / "benchmarks" / "results" / "chaos-runs.jsonl"
+"""Where routine runs append their figures, one JSON line each (git-ignored)."""
+
+
+def results_path(setting: str) -> Path | None:
+    """Where figures go for an ``ORCHESTRATR_CHAOS_RESULTS`` value: unset, the
+    git-ignored ``chaos-runs.jsonl``; ``record``, the tracked ``chaos.json`` (``make
+    chaos-record``); ``off``, nowhere; else that file (``.json``: as ``chaos.json``)."""
+    return {"off": None, "record": CHAOS_JSON, "": CHAOS_RUNS}.get(setting, Path(setting))
+
+
+RESULTS = results_path(os.environ.get("ORCHESTRATR_CHAOS_RESULTS", ""))
+"""Where every measured figure of this run is appended."""
 
 REPORT_MARGIN = 1.0
 """Seconds added to a documented "within one heartbeat" before the checker fails:
@@ -743,7 +753,7 @@ class ChaosCluster:
 
     def record_figure(self, figure: str, value: float, bound: float, what: str = "") -> None:
         """Print a measured figure (``benchmarks/chaos_report.py`` reads these lines)
-        and append it to ``benchmarks/results/chaos.json`` with its bound, the test,
+        and append it to the results file (``RESULTS``) with its bound, the test,
         the time and the commit, so that a regression shows as a number even
         while it stays under the promise."""
         print(f"{figure}: {what or 'measured'} after {value:.2f} s")
@@ -832,11 +842,12 @@ def _commit() -> str:
 
 
 def record_figure(figure: str, value: float, bound: float, *, path: Path | None = None) -> None:
-    """Append one measured figure to the ``records`` of ``chaos.json`` (``path``,
-    default ``RESULTS``): the test, the figure, its value and bound in seconds,
-    the UTC time and the git commit. Other keys of the file (the summary that
-    ``benchmarks/chaos_report.py`` writes) are kept; concurrent writers take turns.
-    ``path`` None and ``ORCHESTRATR_CHAOS_RESULTS=off``: nothing is recorded."""
+    """Append one measured figure (``path``, default ``RESULTS``): the test, the
+    figure, its value and bound in seconds, the UTC time and the git commit. A
+    ``.json`` file gets it in its ``records``, keeping the other keys (the summary
+    that ``benchmarks/chaos_report.py`` writes); any other file, as one JSON line.
+    Concurrent writers take turns. ``path`` None and ``ORCHESTRATR_CHAOS_RESULTS=off``:
+    nothing is recorded."""
     path = RESULTS if path is None else path
     if path is None:
         return
@@ -851,6 +862,11 @@ def record_figure(figure: str, value: float, bound: float, *, path: Path | None 
         "commit": _commit(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".json":
+        with path.open("a", encoding="utf-8") as lines:
+            fcntl.flock(lines, fcntl.LOCK_EX)
+            lines.write(json.dumps(entry) + "\n")
+        return
     while True:
         # Locked by its inode; a writer that locked a file since replaced tries again.
         with path.open("a+", encoding="utf-8") as lock:

@@ -7,7 +7,7 @@ within the stated bound), I3 (a cancelled job never runs again: every cancelled
 job has no copy left after the bound and ends ``deleted``), I4 (the manager's
 view converges), I6 (capacity). The bounds asserted here are the ones promised in
 ``docs/reliability.md``; every figure measured is appended to
-``benchmarks/results/chaos.json`` (``benchmarks/chaos_report.py`` reruns them).
+``benchmarks/results/chaos-runs.jsonl`` (``make chaos-record``: the tracked ``chaos.json``).
 """
 
 from __future__ import annotations
