@@ -519,7 +519,8 @@ class _Session:
         if self._pinger is not None and self._pinger is not asyncio.current_task():
             self._pinger.cancel()
         for wait in self._waits.values():
-            wait.reschedule(self._loop.time())  # end every wait on the broker now
+            if not wait.expired():  # one that timed out already ends by itself
+                wait.reschedule(self._loop.time())  # end every wait on the broker now
         if expected:
             log.debug("RabbitMQ session %d closed (%s)", self.generation, reason)
         else:
