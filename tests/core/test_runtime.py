@@ -477,6 +477,13 @@ async def test_partitioned_server_fences_itself_before_the_broker_gives_its_jobs
     assert back.last_seen.timestamp() >= healed
 
 
+async def _is(
+    record: Awaitable[ServerRecord], status: ServerStatus, since: float = 0.0
+) -> ServerRecord | None:
+    found = await record
+    return found if found.status is status and found.last_seen.timestamp() >= since else None
+
+
 async def test_consumer_timeout_expiry_never_yields_two_copies(cluster: Cluster) -> None:
     await cluster.start_manager()
     a = await cluster.add_server("a", 10)
@@ -1045,10 +1052,3 @@ async def test_a_delivery_lost_during_the_stop_grace_ends_the_grace_at_once(
     assert [c.server for c in cluster.ledger.running(job_id)] == ["b"]
     assert cluster.ledger.overlaps() == []
     a.transport.heal()  # type: ignore[attr-defined]
-
-
-async def _is(
-    record: Awaitable[ServerRecord], status: ServerStatus, since: float = 0.0
-) -> ServerRecord | None:
-    found = await record
-    return found if found.status is status and found.last_seen.timestamp() >= since else None
