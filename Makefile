@@ -6,6 +6,7 @@
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy (strict, configured in pyproject.toml)
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
+#   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
 #   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)
@@ -30,7 +31,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos chaos-record bench bench-quick docs-images lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -72,6 +73,9 @@ test-slow: install services
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 chaos: test-slow
+
+chaos-record: install services
+	ORCHESTRATR_CHAOS_RESULTS=record $(BIN)/pytest -q tests/chaos $(PYTEST_ARGS)
 
 BENCH_STAMP := $(VENV)/.installed-bench
 

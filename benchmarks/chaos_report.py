@@ -4,8 +4,9 @@ until every job ran again (or the manager's view converged): median and worst.
     .venv/bin/python benchmarks/chaos_report.py --runs 5 [--slow]
 
 Writes the summary into ``benchmarks/results/chaos.json`` (keeping its
-``records``: every figure each chaos test appends on each run, see
-``tests/chaos/harness.py``) and prints a markdown table for
+``records``: every figure each chaos test of these runs appends, see
+``tests/chaos/harness.py``; routine test runs append to the git-ignored
+``chaos-runs.jsonl`` instead) and prints a markdown table for
 ``docs/reliability.md``. Each run is a fresh pytest process against the real
 broker, database and server processes; a run whose invariants fail is counted
 and reported as a failure.
@@ -41,6 +42,7 @@ def run_once(slow: bool) -> tuple[dict[str, float], int, int, str]:
         [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
          "-m", marker, "tests/chaos"],
         cwd=ROOT, capture_output=True, text=True, check=False,
+        env={"ORCHESTRATR_CHAOS_RESULTS": "record", **os.environ},  # on purpose: tracked
     )  # fmt: skip
     out = proc.stdout + proc.stderr
     figures = {m["fault"].strip(): float(m["seconds"]) for m in LINE.finditer(out)}

@@ -2,7 +2,8 @@
 RabbitMQ broker and PostgreSQL, a silent TCP proxy between each server and the
 broker, fault injection, a ledger written by the jobs themselves, and the facts
 the checker (``checker.py``) needs to judge invariants I1-I6 of ``design-notes.md``.
-Every figure a test measures is appended to ``benchmarks/results/chaos.json``.
+Every figure a test measures is appended to ``benchmarks/results/chaos-runs.jsonl``
+(git-ignored); ``make chaos-record`` records into the tracked ``chaos.json`` instead.
 
 Every run uses its own RabbitMQ namespace and PostgreSQL schema and removes both.
 """
@@ -50,12 +51,21 @@ PG_ADMIN = f"{PG_SERVER}/{PG_DATABASE}"
 """The test database (``ORCHESTRATR_TEST_PG``, as every PostgreSQL test)."""
 PG_CLUSTER_SCRIPT = ROOT / ".ci" / "pg-cluster"
 """Names the cluster serving that URL; ``.ci/services`` starts the same one."""
-_RESULTS = os.environ.get("ORCHESTRATR_CHAOS_RESULTS", "")
-RESULTS: Path | None = (
-    None if _RESULTS == "off" else Path(_RESULTS or ROOT / "benchmarks" / "results" / "chaos.json")
-)
-"""Where every measured figure is appended (``records``); ``ORCHESTRATR_CHAOS_RESULTS``
-names another file, or ``off`` records nothing."""
+CHAOS_JSON = ROOT / "benchmarks" / "results" / "chaos.json"
+"""The tracked record (summary and ``records``): written only on purpose."""
+CHAOS_RUNS = ROOT / "benchmarks" / "results" / "chaos-runs.jsonl"
+"""Where routine runs append their figures, one JSON line each (git-ignored)."""
+
+
+def results_path(setting: str) -> Path | None:
+    """Where figures go for an ``ORCHESTRATR_CHAOS_RESULTS`` value: unset, the
+    git-ignored ``chaos-runs.jsonl``; ``record``, the tracked ``chaos.json`` (``make
+    chaos-record``); ``off``, nowhere; else that file (``.json``: as ``chaos.json``)."""
+    return {"off": None, "record": CHAOS_JSON, "": CHAOS_RUNS}.get(setting, Path(setting))
+
+
+RESULTS = results_path(os.environ.get("ORCHESTRATR_CHAOS_RESULTS", ""))
+"""Where every measured figure of this run is appended."""
 
 REPORT_MARGIN = 1.0
 """Seconds added to a documented "within one heartbeat" before the checker fails:
@@ -721,9 +731,29 @@ class ChaosCluster:
                 )
             await asyncio.sleep(0.2)
 
+    async def wait_server_seen(
+        self, name: str, since: float, within: float, *, figure: str | None = None
+    ) -> float:
+        """Wait until the manager's view has server ``name`` alive with a heartbeat
+        from ``since`` (``time.time()``) on; the seconds it took from ``since``."""
+        while True:
+            servers = await self.servers()
+            now = time.time()
+            if any(
+                s.name == name and s.status.value == "alive" and s.last_seen.timestamp() >= since
+                for s in servers
+            ):
+                if figure is not None:
+                    self.record_figure(figure, now - since, within, "heartbeat seen")
+                return now - since
+            if now - since > within:
+                seen = [(s.name, s.status.value, str(s.last_seen)) for s in servers]
+                raise AssertionError(f"no heartbeat of {name} within {within} s: {seen}")
+            await asyncio.sleep(0.1)
+
     def record_figure(self, figure: str, value: float, bound: float, what: str = "") -> None:
         """Print a measured figure (``benchmarks/chaos_report.py`` reads these lines)
-        and append it to ``benchmarks/results/chaos.json`` with its bound, the test,
+        and append it to the results file (``RESULTS``) with its bound, the test,
         the time and the commit, so that a regression shows as a number even
         while it stays under the promise."""
         print(f"{figure}: {what or 'measured'} after {value:.2f} s")
@@ -812,11 +842,12 @@ def _commit() -> str:
 
 
 def record_figure(figure: str, value: float, bound: float, *, path: Path | None = None) -> None:
-    """Append one measured figure to the ``records`` of ``chaos.json`` (``path``,
-    default ``RESULTS``): the test, the figure, its value and bound in seconds,
-    the UTC time and the git commit. Other keys of the file (the summary that
-    ``benchmarks/chaos_report.py`` writes) are kept; concurrent writers take turns.
-    ``path`` None and ``ORCHESTRATR_CHAOS_RESULTS=off``: nothing is recorded."""
+    """Append one measured figure (``path``, default ``RESULTS``): the test, the
+    figure, its value and bound in seconds, the UTC time and the git commit. A
+    ``.json`` file gets it in its ``records``, keeping the other keys (the summary
+    that ``benchmarks/chaos_report.py`` writes); any other file, as one JSON line.
+    Concurrent writers take turns. ``path`` None and ``ORCHESTRATR_CHAOS_RESULTS=off``:
+    nothing is recorded."""
     path = RESULTS if path is None else path
     if path is None:
         return
@@ -831,6 +862,11 @@ def record_figure(figure: str, value: float, bound: float, *, path: Path | None 
         "commit": _commit(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix != ".json":
+        with path.open("a", encoding="utf-8") as lines:
+            fcntl.flock(lines, fcntl.LOCK_EX)
+            lines.write(json.dumps(entry) + "\n")
+        return
     while True:
         # Locked by its inode; a writer that locked a file since replaced tries again.
         with path.open("a+", encoding="utf-8") as lock:

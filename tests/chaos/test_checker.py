@@ -32,11 +32,14 @@ from tests.chaos.checker import (
     parse_ledger,
 )
 from tests.chaos.harness import (
+    CHAOS_JSON,
+    CHAOS_RUNS,
     REPORT_MARGIN,
     ROOT,
     Timings,
     lost_confirm,
     record_figure,
+    results_path,
     seeded,
 )
 
@@ -435,6 +438,29 @@ def test_figures_are_appended_with_their_bound_test_and_commit(tmp_path: Path) -
     )
     assert first["commit"].removesuffix("-dirty") == head.stdout.strip()
     assert first["at"].endswith("+00:00")
+
+
+def test_routine_runs_append_lines_to_a_git_ignored_file(tmp_path: Path) -> None:
+    path = tmp_path / "chaos-runs.jsonl"
+    record_figure("kill -9", 0.1, 3.0, path=path)
+    record_figure("SIGTERM", 0.5, 4.0, path=path)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["figure"], r["value"], r["bound"]) for r in lines] == [
+        ("kill -9", 0.1, 3.0),
+        ("SIGTERM", 0.5, 4.0),
+    ]
+    # By default figures go to a file git ignores; into chaos.json only on purpose.
+    assert results_path("") == CHAOS_RUNS
+    assert results_path("record") == CHAOS_JSON
+    assert results_path("off") is None
+    assert results_path("/tmp/x.json") == Path("/tmp/x.json")
+    git = ["git", "-C", str(ROOT)]
+    ignored = subprocess.run([*git, "check-ignore", "-q", str(CHAOS_RUNS)], check=False)
+    assert ignored.returncode == 0
+    tracked = subprocess.run(
+        [*git, "ls-files", "--error-unmatch", str(CHAOS_JSON)], capture_output=True, check=False
+    )
+    assert tracked.returncode == 0
 
 
 def test_the_daily_seed_is_the_utc_date_and_chaos_seed_overrides_it(

@@ -33,6 +33,7 @@ from orchestratr_core.errors import DeadLetter, PublishError
 from orchestratr_core.job import (
     JobQuery,
     ServerQuery,
+    ServerRecord,
     ServerStatus,
     new_id,
     split_fence,
@@ -471,9 +472,30 @@ async def test_partitioned_server_fences_itself_before_the_broker_gives_its_jobs
     assert all(c.server == "b" for c in cluster.ledger.running())
     assert cluster.ledger.overlaps() == []
     assert cluster.ledger.fences_grow()
+
+    async def status_of_a() -> ServerRecord:
+        servers: list[ServerRecord] = await cluster.monitor.servers(ServerQuery(statuses=None))
+        return next(s for s in servers if s.name == "a")
+
+    await eventually(
+        lambda: _is(status_of_a(), ServerStatus.DEAD), what="a dead in the manager's view"
+    )
+    healed = time.time()
     a.transport.heal()  # type: ignore[attr-defined]
     await asyncio.sleep(0.5)
     assert cluster.ledger.overlaps() == []
+    # Back after its fence: it heartbeats again and the manager sees it alive.
+    back = await eventually(
+        lambda: _is(status_of_a(), ServerStatus.ALIVE, since=healed), what="a heartbeats again"
+    )
+    assert back.last_seen.timestamp() >= healed
+
+
+async def _is(
+    record: Awaitable[ServerRecord], status: ServerStatus, since: float = 0.0
+) -> ServerRecord | None:
+    found = await record
+    return found if found.status is status and found.last_seen.timestamp() >= since else None
 
 
 async def test_consumer_timeout_expiry_never_yields_two_copies(cluster: Cluster) -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -248,6 +248,8 @@ class _Session:
         self.topology = topology
         self.generation = generation
         self.alive = True
+        self.reason = ""
+        """Why the session died (empty while alive)."""
         self.deliveries: set[_RabbitDelivery] = set()
         self.control: aio_pika.abc.AbstractChannel | None = None
         self._ping: aio_pika.abc.AbstractChannel | None = None
@@ -262,6 +264,7 @@ class _Session:
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         self._declare_channel: aio_pika.abc.AbstractChannel | None = None
         self._failed_at = math.inf
+        self._waits: dict[asyncio.Task[Any] | None, asyncio.Timeout] = {}
         self.mismatched: set[str] = set()
         """Queues that exist with other arguments than this version declares."""
 
@@ -451,6 +454,32 @@ class _Session:
             self._exchanges[name] = exchange
         return exchange
 
+    @contextlib.asynccontextmanager
+    async def bounded(self, seconds: float) -> AsyncIterator[None]:
+        """Bound a wait on the broker by ``seconds`` and by this session's life: when
+        the session fails (the fence, a closed connection or channel), the wait ends
+        at once with :class:`TimeoutError`, so a caller can retry on the next session
+        rather than wait for the dead one to be torn down."""
+        if not self.alive:
+            raise BackendUnavailable(f"RabbitMQ at {self.settings.host}: connection lost")
+        task = asyncio.current_task()
+        if task in self._waits:  # inside an outer bound of this task: that one holds
+            yield
+            return
+        cancelling = task.cancelling() if task is not None else 0
+        async with asyncio.timeout(seconds) as deadline:
+            self._waits[task] = deadline
+            try:
+                yield
+            except asyncio.CancelledError:
+                # aiormq cancels the confirm futures of a connection it closes: that
+                # is the session ending, not our caller being cancelled.
+                if task is None or task.cancelling() > cancelling:
+                    raise
+                raise TimeoutError from None
+            finally:
+                del self._waits[task]
+
     # -- the fence ----------------------------------------------------------------
 
     def _arm(self, sent: float, sent_monotonic: float) -> None:
@@ -511,6 +540,7 @@ class _Session:
         if not self.alive:
             return
         self.alive = False
+        self.reason = reason
         self._failed_at = time.monotonic()
         held = list(self.deliveries)
         for delivery in held:
@@ -520,6 +550,9 @@ class _Session:
             self._deadline.cancel()
         if self._pinger is not None and self._pinger is not asyncio.current_task():
             self._pinger.cancel()
+        for wait in self._waits.values():
+            if not wait.expired():  # one that timed out already ends by itself
+                wait.reschedule(self._loop.time())  # end every wait on the broker now
         if expected:
             log.debug("RabbitMQ session %d closed (%s)", self.generation, reason)
         else:
@@ -729,14 +762,12 @@ class _JobConsumer(_Subscription, JobConsumer):
                 raise RuntimeError(f"delivery of job {delivery.message.job_id} already settled")
             channel = delivery.channel
             try:
-                if ack:
-                    await channel.basic_ack(delivery.delivery_tag)
-                else:
-                    await channel.basic_reject(delivery.delivery_tag, requeue=True)
-                await channel.basic_qos(
-                    prefetch_count=max(self.prefetch, 1),
-                    timeout=self.transport.settings.publish_timeout,
-                )
+                async with delivery.session.bounded(self.transport.settings.publish_timeout):
+                    if ack:
+                        await channel.basic_ack(delivery.delivery_tag)
+                    else:
+                        await channel.basic_reject(delivery.delivery_tag, requeue=True)
+                    await channel.basic_qos(prefetch_count=max(self.prefetch, 1))
             except Exception as exc:
                 delivery.mark_lost()
                 raise DeliveryLost(
@@ -1342,10 +1373,9 @@ class RabbitMQTransport(Transport):
         )
         where = exchange_name or routing_key
         try:
-            exchange = await session.exchange(exchange_name)
-            await exchange.publish(
-                message, routing_key, mandatory=True, timeout=self.settings.publish_timeout
-            )
+            async with session.bounded(self.settings.publish_timeout):
+                exchange = await session.exchange(exchange_name)
+                await exchange.publish(message, routing_key, mandatory=True)
         except aiormq.exceptions.PublishError:
             if drop_unroutable:
                 log.debug("no queue bound for %s %r; dropped", kind, routing_key)
@@ -1357,6 +1387,11 @@ class RabbitMQTransport(Transport):
         except aiormq.exceptions.DeliveryError:
             raise PublishError(f"RabbitMQ refused to store the {kind} message (nack)") from None
         except TimeoutError:
+            if not session.alive:
+                raise PublishError(
+                    f"the RabbitMQ connection was lost before the broker confirmed the "
+                    f"{kind} message ({session.reason})"
+                ) from None
             raise PublishError(
                 f"RabbitMQ did not confirm the {kind} message within "
                 f"{self.settings.publish_timeout:g}s"
@@ -1437,6 +1472,22 @@ class RabbitMQTransport(Transport):
         ``<ns>.cancellations.written`` does not exist; otherwise a message is still
         on its way back (a reader died mid-read) and we wait for it.
         """
+        try:
+            # Its own deadline counts between attempts; this one ends it with the session.
+            async with session.bounded(
+                self.settings.snapshot_timeout + self.settings.publish_timeout
+            ):
+                return await self._snapshot_attempts(session, write, recreate)
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"RabbitMQ at {self.settings.host}: the cancellation set could not be "
+                f"{'read' if write is None else 'replaced'} "
+                f"({session.reason or 'no answer'}); retry"
+            ) from None
+
+    async def _snapshot_attempts(
+        self, session: _Session, write: frozenset[str] | None, recreate: bool
+    ) -> frozenset[str]:
         t = session.topology
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.snapshot_timeout
