@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -163,6 +164,7 @@ class OdbcConnector(Connector):
         self._pool: Any = None
         self._microsoft = "sql server" in (url.driver or "").lower()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._connection_executors: set[concurrent.futures.ThreadPoolExecutor] = set()
         if url.options.sql_dialect and url.options.sql_dialect != "sqlserver":
             self.product = f"{url.options.sql_dialect} via ODBC"
 
@@ -211,6 +213,29 @@ class OdbcConnector(Connector):
         if self._executor is not None:
             self._executor.shutdown(wait=False)
             self._executor = None
+        for executor in list(self._connection_executors):
+            self._retire_executor(executor)
+
+    def _own_thread(self, raw: Any) -> None:
+        """Give an aioodbc connection a thread of its own.
+
+        aioodbc runs every call of every connection on the pool's executor. A task
+        cancelled while its statement runs leaves that statement running in its
+        thread, and the rollback or close that follows would then run on the same
+        ODBC handle from a second thread at once: the MariaDB driver crashed the
+        process that way (a segmentation fault at a test's teardown). With one
+        single-thread executor per connection its calls run one after the other."""
+        own = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="orchestratr-odbc-conn"
+        )
+        raw._executor = own  # every call of the connection goes through it
+        self._connection_executors.add(own)
+        weakref.finalize(raw, self._retire_executor, own)
+
+    def _retire_executor(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        """Let a connection's thread end once its queued calls ran."""
+        self._connection_executors.discard(executor)
+        executor.shutdown(wait=False)
 
     @asynccontextmanager
     async def _acquire(self) -> AsyncIterator[Any]:
@@ -219,6 +244,8 @@ class OdbcConnector(Connector):
         pool = self._pool
         async with asyncio.timeout(self.url.options.acquire_timeout):
             raw = await pool.acquire()
+        if raw._executor is self._executor:
+            self._own_thread(raw)
         try:
             yield raw
         except BaseException as exc:
