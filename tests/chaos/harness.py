@@ -40,8 +40,8 @@ from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Transport
 from tests.chaos import checker
 from tests.chaos.checker import Copy, Report
-from tests.rabbitmq.conftest import drop_namespace
-from tests.sql.sql_helpers import PG_DATABASE, PG_SERVER
+from tests.support.rabbitmq import drop_namespace
+from tests.support.sql import PG_DATABASE, PG_SERVER
 
 __all__ = ["ChaosCluster", "Copy", "Report", "Timings", "seeded"]
 
