@@ -1,3 +1,4 @@
+# Over 600 lines: the one harness (processes, proxies, faults, ledger, figures) chaos tests drive.
 """Chaos harness: a manager and N ``orchestratr server`` processes on the real
 RabbitMQ broker and PostgreSQL, a silent TCP proxy between each server and the
 broker, fault injection, a ledger written by the jobs themselves, and the facts

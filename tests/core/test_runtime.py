@@ -1,3 +1,4 @@
+# Over 600 lines: the runtimes' behaviour, section by section, sharing this file's wait helpers.
 """The server and manager runtimes on the memory backends: behaviour, the
 original's defects, and invariants I1-I6 under the memory broker's faults."""
 

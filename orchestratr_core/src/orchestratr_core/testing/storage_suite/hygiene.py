@@ -66,7 +66,7 @@ class LifecycleTests:
 
 
 class HostileInputTests:
-    """Hostile input (issue 11)."""
+    """Hostile input: text at the limits, NUL, cleaned error texts, fences beyond 63 bits."""
 
     async def test_every_name_and_argument_the_core_accepts_is_stored_exactly(
         self, storage: Storage

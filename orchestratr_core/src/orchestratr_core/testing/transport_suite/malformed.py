@@ -30,7 +30,7 @@ class MalformedMessageTests(SuiteSettings):
         "newer-version": b'{"v": 999, "type": "job", "job_id": "x", "future": true}',
         "missing-fields": b'{"v": 1, "type": "job", "job_id": "x"}',
         "unknown-type": b'{"v": 1, "type": "launch-missiles"}',
-        # Hostile input (issue 11): nothing may escape the decoder but "malformed".
+        # Hostile input: nothing may escape the decoder but "malformed".
         "deeply-nested": b'{"v": 1, "type": "started", "x": '
         + b"[" * 100_000
         + b"]" * 100_000
