@@ -46,7 +46,23 @@ from orchestratr_core.testing.storage_suite.servers import (
 )
 from orchestratr_core.testing.storage_suite.transitions import TransitionTests
 
-__all__ = ["StorageConformance"]
+__all__ = [
+    "CancelledJobIdsTests",
+    "CreateJobTests",
+    "CreateJobsTests",
+    "GetJobTests",
+    "HeartbeatTests",
+    "HostileInputTests",
+    "LeaseTests",
+    "LifecycleTests",
+    "ListJobsTests",
+    "OutboxTests",
+    "RequestCancelTests",
+    "ServerExpiryTests",
+    "ServerQueryTests",
+    "StorageConformance",
+    "TransitionTests",
+]
 
 
 # pytest collects the last base first: the sections run in the order listed in the files
