@@ -17,15 +17,17 @@ from orchestratr_memory import MemoryStorage
 from orchestratr_memory import plugin as memory_plugin
 
 
+@pytest.fixture
+async def storage() -> AsyncIterator[Storage]:
+    """An opened memory storage (the suites' fixture; TestStorageDefaults has its own)."""
+    store = MemoryStorage()
+    await store.open()
+    yield store
+    await store.close()
+
+
 class TestMemoryStorage(StorageConformance):
     """The reference storage passes the whole conformance suite."""
-
-    @pytest.fixture
-    async def storage(self) -> AsyncIterator[Storage]:
-        store = MemoryStorage()
-        await store.open()
-        yield store
-        await store.close()
 
 
 class _WithTheDefaults(MemoryStorage):
@@ -50,13 +52,6 @@ class TestStorageDefaults(StorageConformance):
 
 class TestOneSectionAlone(LeaseTests):
     """One section of the suite runs alone, as docs/plugins.md offers a backend in progress."""
-
-    @pytest.fixture
-    async def storage(self) -> AsyncIterator[Storage]:
-        store = MemoryStorage()
-        await store.open()
-        yield store
-        await store.close()
 
     def test_it_is_a_section_of_the_whole_suite(self) -> None:
         assert issubclass(StorageConformance, LeaseTests)
