@@ -1,3 +1,4 @@
+# Over 600 lines: every table and chart of docs/benchmarks.md, generated in one place.
 """Writes ``docs/benchmarks.md`` and ``docs/images/bench-*.png`` from the result
 files in ``benchmarks/results/`` (run by ``run.py`` at its end, or alone):
 
@@ -445,7 +446,7 @@ def _med(f: dict[str, Any] | None) -> float | None:
 
 
 def section_goals(docs: dict[str, dict[str, Any] | None]) -> list[str]:
-    """Issue 6's goals against the medians measured (OrchestratR)."""
+    """The project's goals against the medians measured (OrchestratR)."""
     rows: list[tuple[str, str, str]] = []
 
     def verdict(ok: bool | None) -> str:
@@ -559,7 +560,7 @@ def section_goals(docs: dict[str, dict[str, Any] | None]) -> list[str]:
                 )
     if not rows:
         return []
-    out = ["## Goals of issue 6 (OrchestratR, medians)", "", "| goal | measured | |",
+    out = ["## Goals (OrchestratR, medians)", "", "| goal | measured | |",
            "|---|---|---|"]  # fmt: skip
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out.append("")

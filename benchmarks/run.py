@@ -1,4 +1,5 @@
-"""Benchmarks of issue 6: OrchestratR beside Celery and Dramatiq on one RabbitMQ.
+# Over 600 lines: every scenario on every system, run and recorded from one command line.
+"""Benchmarks of OrchestratR beside Celery and Dramatiq on one RabbitMQ.
 
     .venv/bin/python -m benchmarks.run            # full (make bench)
     .venv/bin/python -m benchmarks.run --quick    # under 10 minutes (make bench-quick)

@@ -1,4 +1,4 @@
-"""The six scenarios of issue 6. Each function runs one system once (a fresh
+"""The six benchmark scenarios. Each function runs one system once (a fresh
 namespace and fresh processes) and returns raw figures; ``run.py`` repeats,
 aggregates and writes the JSON."""
 

@@ -17,7 +17,7 @@ measures an older tree through ``PYTHONPATH``.
 Creates a schema of its own (``orx_bench_<random>``), bulk-loads the jobs with
 COPY, reports medians over ``--runs`` runs, writes
 ``benchmarks/results/sql_storage.json`` and drops the schema at the end.
-Goals (issue 3): a page in under 50 ms at any depth; at least 20,000 job
+Goals: a page in under 50 ms at any depth; at least 20,000 job
 heartbeats per second.
 """
 

@@ -20,7 +20,7 @@ _fd: int | None = None
 _lock = threading.Lock()
 
 IDLE_SLEEP = float(os.environ.get("BENCH_IDLE_SLEEP", "10"))
-"""Seconds an OrchestratR job sleeps between ``heartbeat()`` calls (issue 6: 10 s)."""
+"""Seconds an OrchestratR job sleeps between ``heartbeat()`` calls (10 s unless set)."""
 POLL_SLEEP = float(os.environ.get("BENCH_POLL_SLEEP", "1"))
 """Seconds a Celery or Dramatiq task sleeps between checks for revocation."""
 

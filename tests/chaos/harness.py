@@ -1,3 +1,4 @@
+# Over 600 lines: the one harness (processes, proxies, faults, ledger, figures) chaos tests drive.
 """Chaos harness: a manager and N ``orchestratr server`` processes on the real
 RabbitMQ broker and PostgreSQL, a silent TCP proxy between each server and the
 broker, fault injection, a ledger written by the jobs themselves, and the facts
@@ -41,8 +42,8 @@ from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Transport
 from tests.chaos import checker
 from tests.chaos.checker import Copy, Report
-from tests.rabbitmq.conftest import drop_namespace
-from tests.sql.sql_helpers import PG_DATABASE, PG_SERVER
+from tests.support.rabbitmq import drop_namespace
+from tests.support.sql import PG_DATABASE, PG_SERVER
 
 __all__ = ["ChaosCluster", "Copy", "Report", "Timings", "seeded"]
 

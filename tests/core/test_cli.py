@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,42 +14,9 @@ from pathlib import Path
 import pytest
 
 from orchestratr_core.cli import sqlite_url
+from tests.support.cli import COMMAND, assert_one_line_error, clean_env, run
 
-BIN = Path(sys.executable).with_name("orchestratr")
-COMMAND = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "orchestratr_core.cli"]
 SECRET = "hunter2-s3cret"
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATR_")}
-    env.update(extra)
-    return env
-
-
-def run(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COMMAND, *args],
-        cwd=cwd,
-        env=env or _env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    """The command failed with ``code`` and said why in exactly one line."""
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("orchestratr"), lines[0]
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.fixture
@@ -204,7 +170,7 @@ def test_password_of_an_unreachable_database_is_never_echoed(tmp_path: Path) -> 
 
 
 def test_password_in_the_environment_is_never_echoed(tmp_path: Path) -> None:
-    env = _env(
+    env = clean_env(
         ORCHESTRATR_STORAGE=f"postgresql://orch:{SECRET}@127.0.0.1:5432/nowhere",
         ORCHESTRATR_TRANSPORT="memory://cli-env",
     )
@@ -237,7 +203,7 @@ def test_plugins_json_names_distribution_and_schemes(tmp_path: Path) -> None:
 
 
 def test_plugins_shows_a_blocked_plugin(tmp_path: Path) -> None:
-    env = _env(ORCHESTRATR_BLOCK_PLUGINS="memory")
+    env = clean_env(ORCHESTRATR_BLOCK_PLUGINS="memory")
     proc = run("plugins", "--json", cwd=tmp_path, env=env)
     assert {p["name"]: p["blocked"] for p in json.loads(proc.stdout)}["memory"] is True
 
@@ -330,7 +296,7 @@ def test_jobs_list_status_filter_accepts_several_and_rejects_unknown(
 
 
 def test_storage_comes_from_the_environment(tmp_path: Path, db: str) -> None:
-    env = _env(ORCHESTRATR_STORAGE=db)
+    env = clean_env(ORCHESTRATR_STORAGE=db)
     assert run("jobs", "create", "from-env", cwd=tmp_path, env=env).returncode == 0
     listed = json.loads(run("jobs", "list", "--json", cwd=tmp_path, env=env).stdout)
     assert [j["name"] for j in listed["items"]] == ["from-env"]
@@ -444,7 +410,7 @@ def test_server_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -
     proc = subprocess.Popen(
         [*COMMAND, "--log-format", "json", "server", "--name", "cli-test",
          "--job", "orchestratr_core.examples:ticker", "--transport", "memory://cli"],
-        cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
+        cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -464,7 +430,7 @@ def test_server_stops_cleanly_on_a_signal(tmp_path: Path, sig: signal.Signals) -
 def test_manager_without_storage_uses_and_names_the_sqlite_file_here(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [*COMMAND, "manager", "--transport", "memory://cli-manager"],
-        cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
+        cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -492,7 +458,7 @@ def test_a_signal_stops_a_process_that_is_still_waiting_for_its_broker(
         else ["manager", "--storage", "memory", "--transport", unreachable]
     )
     proc = subprocess.Popen(
-        [*COMMAND, *args], cwd=tmp_path, env=_env(), stdin=subprocess.DEVNULL,
+        [*COMMAND, *args], cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -526,7 +492,7 @@ def test_a_url_that_does_not_parse_cleanly_is_wholly_secret(tmp_path: Path, url:
     assert proc.returncode in (1, 2), proc.stderr
     assert "SECRET" not in proc.stdout + proc.stderr
     assert "postgresql://***" in proc.stderr.splitlines()[-1]
-    env = _env(ORCHESTRATR_STORAGE=url, ORCHESTRATR_TRANSPORT="memory://cli-unclean")
+    env = clean_env(ORCHESTRATR_STORAGE=url, ORCHESTRATR_TRANSPORT="memory://cli-unclean")
     proc = run("--log-level", "debug", "manager", cwd=tmp_path, env=env, timeout=120)
     assert proc.returncode in (1, 2), proc.stderr
     assert "SECRET" not in proc.stdout + proc.stderr

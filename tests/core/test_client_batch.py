@@ -19,7 +19,7 @@ from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_memory import MemoryStorage
 from orchestratr_memory.transport import MemoryTransport
-from tests.core.conftest import Cluster, eventually
+from tests.support.cluster import Cluster, eventually
 
 
 class CountingStorage(MemoryStorage):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,15 +14,10 @@ import pytest
 from orchestratr_core.examples import DEFAULT_INTERVAL, blocking_ticker, tick_interval, ticker
 from orchestratr_core.job import JobArgument
 from orchestratr_core.runner import StopToken
+from tests.support.cli import COMMAND, clean_env
 
-BIN = Path(sys.executable).with_name("orchestratr")
-COMMAND = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "orchestratr_core.cli"]
 DEMO_BOUND = 30.0
 """The demo promises to end by itself within this many seconds."""
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATR_")}
 
 
 def run_demo(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -32,7 +25,7 @@ def run_demo(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[st
     proc = subprocess.run(
         [*COMMAND, "demo", *args],
         cwd=tmp_path,
-        env=_env(),
+        env=clean_env(),
         capture_output=True,
         text=True,
         timeout=DEMO_BOUND * 3,  # generous: a slow CI must fail on the bound, not hang
@@ -73,7 +66,7 @@ def test_demo_forever_keeps_running_until_ctrl_c_then_stops_cleanly(tmp_path: Pa
     proc = subprocess.Popen(
         [*COMMAND, "demo", "--storage", "memory", "--forever"],
         cwd=tmp_path,
-        env=_env(),
+        env=clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -159,7 +152,7 @@ def test_ctrl_c_during_the_scripted_demo_exits_130_in_one_line(tmp_path: Path) -
     proc = subprocess.Popen(
         [*COMMAND, "demo", "--storage", "memory"],
         cwd=tmp_path,
-        env=_env(),
+        env=clean_env(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

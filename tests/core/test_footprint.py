@@ -20,7 +20,7 @@ from orchestratr_core.job import new_id
 from orchestratr_core.transport import Delivery
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
-from tests.core.conftest import eventually
+from tests.support.cluster import eventually
 
 
 async def idle_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:

@@ -16,7 +16,7 @@ from orchestratr_core.errors import ConfigurationError, PluginNotFound
 from orchestratr_core.plugin import BackendSpec, PluginManager, hookimpl
 from orchestratr_core.plugin.manager import mask_url
 from orchestratr_core.runner import AsyncJobRunner, JobRunner, ThreadJobRunner
-from tests.core.conftest import Cluster, eventually
+from tests.support.cluster import Cluster, eventually
 
 
 def test_every_backend_of_the_repository_is_discovered_with_its_distribution() -> None:
@@ -162,7 +162,7 @@ async def test_a_third_party_runner_and_observer_plug_into_a_server(cluster: Clu
     pm = PluginManager()
     pm.register(Plugin(), name="third-party")
     from orchestratr_core import OrchestratedServer
-    from tests.core.conftest import FAST_SERVER
+    from tests.support.cluster import FAST_SERVER
 
     await cluster.start_manager()
     server = OrchestratedServer(

@@ -1,3 +1,4 @@
+# Over 600 lines: the runtimes' behaviour, section by section, sharing this file's wait helpers.
 """The server and manager runtimes on the memory backends: behaviour, the
 original's defects, and invariants I1-I6 under the memory broker's faults."""
 
@@ -42,7 +43,7 @@ from orchestratr_core.job import (
 from orchestratr_core.transport import Delivery, Subscription
 from orchestratr_memory import storage as memory_storage
 from orchestratr_memory.transport import MemoryTransport
-from tests.core.conftest import FAST_MANAGER, FAST_SERVER, Cluster, Ledger, eventually
+from tests.support.cluster import FAST_MANAGER, FAST_SERVER, Cluster, Ledger, eventually
 
 # The documented bounds (one heartbeat) plus 0.1 s for a loaded test machine:
 # a duplicate's lower token stops (docs/reliability.md), a restarted manager's view

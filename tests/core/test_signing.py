@@ -19,7 +19,7 @@ from orchestratr_core.signing import (
     SigningKey,
     load_signer,
 )
-from tests.core.test_cli import _env, assert_one_line_error, run
+from tests.support.cli import assert_one_line_error, clean_env, run
 
 OLD = "old-" + "a1" * 20
 NEW = "new-" + "b2" * 20
@@ -154,6 +154,6 @@ def test_the_cli_names_a_missing_key_file(tmp_path: Path) -> None:
         "--signing-key-file",
         str(tmp_path / "nope"),
         cwd=tmp_path,
-        env=_env(**{k: v for k, v in os.environ.items() if k == "PATH"}),
+        env=clean_env(**{k: v for k, v in os.environ.items() if k == "PATH"}),
     )
     assert_one_line_error(proc, 2, "cannot read the signing key file", "nope")

@@ -1,3 +1,4 @@
+# Over 600 lines: the conformance suite, then one section per fault the memory broker models.
 """The in-memory transport: the conformance suite, then every fault it models."""
 
 from __future__ import annotations

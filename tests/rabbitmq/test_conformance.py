@@ -10,7 +10,7 @@ import pytest
 from orchestratr_core.testing import TransportConformance
 from orchestratr_core.testing.transport_suite import QueueKind, RawPublisher, TransportFactory
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.rabbitmq.conftest import BROKER_URL
+from tests.support.rabbitmq import BROKER_URL
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -12,7 +12,7 @@ import pytest
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.rabbitmq.conftest import rabbitmqctl
+from tests.support.rabbitmq import rabbitmqctl
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

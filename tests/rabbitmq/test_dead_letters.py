@@ -16,8 +16,7 @@ from orchestratr_core.errors import DeadLetter
 from orchestratr_core.protocol import Event, JobStarted, encode
 from orchestratr_rabbitmq import RabbitMQTransport
 from orchestratr_rabbitmq.topology import DEAD_LETTER_LIMIT
-from tests.rabbitmq.conftest import rabbitmqctl
-from tests.rabbitmq.helpers import eventually
+from tests.support.rabbitmq import eventually, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 

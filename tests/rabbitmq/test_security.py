@@ -29,8 +29,8 @@ from orchestratr_core.signing import Signer, SigningKey
 from orchestratr_memory import MemoryStorage
 from orchestratr_rabbitmq import RabbitMQTransport
 from orchestratr_rabbitmq.topology import ROLES, permissions
-from tests.core.conftest import FAST_MANAGER, FAST_SERVER, Ledger, eventually
-from tests.rabbitmq.conftest import BROKER_URL, rabbitmqctl
+from tests.support.cluster import FAST_MANAGER, FAST_SERVER, Ledger, eventually
+from tests.support.rabbitmq import BROKER_URL, rabbitmqctl
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 
@@ -364,20 +364,20 @@ async def test_with_a_key_forged_and_replayed_messages_change_nothing(
 
 def _spawn(args: list[str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
     """Start ``orchestratr ARGS`` with its output in ``log``."""
-    from tests.core.test_cli import COMMAND, _env
+    from tests.support.cli import COMMAND, clean_env
 
     with log.open("wb") as out:
         return subprocess.Popen(
             [*COMMAND, "--log-level", "info", *args],
             cwd=cwd,
-            env=_env(),
+            env=clean_env(),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
 
 
 def _show(db: str, job_id: str, cwd: Path) -> dict[str, object]:
-    from tests.core.test_cli import run
+    from tests.support.cli import run
 
     proc = run("jobs", "show", job_id, "--storage", db, "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
@@ -391,7 +391,7 @@ async def test_real_processes_with_a_key_file_run_jobs_and_refuse_forgeries(
     """``orchestratr manager`` and ``orchestratr server`` with ``--signing-key-file``:
     the job runs; an unsigned release broadcast and job message do nothing."""
     from orchestratr_core.cli import sqlite_url
-    from tests.core.test_cli import run
+    from tests.support.cli import run
 
     secret = secrets.token_hex(32)
     key_file = tmp_path / "fleet.key"

@@ -23,8 +23,7 @@ from orchestratr_core.errors import (
 from orchestratr_core.protocol import CancelJob, Event, JobMessage, JobStarted
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import BrokerVersion, RabbitMQTransport
-from tests.rabbitmq.conftest import rabbitmqctl
-from tests.rabbitmq.helpers import close_connections, eventually
+from tests.support.rabbitmq import close_connections, eventually, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -521,7 +520,7 @@ async def make_and_subscribe(make_transport: MakeTransport) -> tuple[Any, frozen
 
 async def test_a_reconnect_is_counted_in_the_metrics(make_transport: MakeTransport) -> None:
     from orchestratr_core import metrics
-    from tests.web.test_metrics import exposition, value
+    from tests.support.web import exposition, value
 
     metrics.install()
     name, label = "orchestratr_broker_reconnects_total", 'transport="rabbitmq"'

@@ -11,14 +11,6 @@ import textwrap
 from collections.abc import Awaitable, Callable
 
 import pytest
-from sql_helpers import (
-    MYSQL_SERVER,
-    PG_DATABASE,
-    PG_SERVER,
-    mysql_admin,
-    odbc_mysql_url,
-    pg_admin,
-)
 
 from orchestratr_core.errors import (
     BackendUnavailable,
@@ -34,6 +26,14 @@ from orchestratr_sql import SqlStorage, status, storage_from_url
 from orchestratr_sql.connection import Connection, Connector, ErrorKind
 from orchestratr_sql.storage import make_connector
 from orchestratr_sql.url import parse_url
+from tests.support.sql import (
+    MYSQL_SERVER,
+    PG_DATABASE,
+    PG_SERVER,
+    mysql_admin,
+    odbc_mysql_url,
+    pg_admin,
+)
 
 SECRET = "Sup3r-s3cret-pw"
 

@@ -16,7 +16,7 @@ from orchestratr_core import protocol as p
 from orchestratr_core.errors import DeadLetter
 from orchestratr_core.job import MAX_FENCE, JobStatus, ServerStatus, split_fence
 from orchestratr_sql import SqlStorage
-from tests.core.conftest import Cluster, Ledger, eventually
+from tests.support.cluster import Cluster, Ledger, eventually
 
 
 @pytest.fixture

@@ -9,14 +9,8 @@ import httpx
 import pytest
 
 from orchestratr_core.web import create_app
-from tests.core.conftest import Cluster, Ledger
-
-TOKEN = "s3cret-token-for-tests"
-
-
-@pytest.fixture
-def ledger() -> Ledger:
-    return Ledger()
+from tests.support.cluster import Cluster, Ledger
+from tests.support.web import TOKEN, client_for
 
 
 @pytest.fixture
@@ -32,15 +26,6 @@ async def cluster(ledger: Ledger) -> AsyncIterator[Cluster]:
 @pytest.fixture(autouse=True)
 def _no_env_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORCHESTRATR_API_TOKEN", raising=False)
-
-
-def client_for(app: object, token: str | None = None) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
-        base_url="http://127.0.0.1",
-        headers=headers,
-    )
 
 
 @pytest.fixture

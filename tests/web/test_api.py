@@ -11,8 +11,8 @@ import pytest
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.job import JobStatus
 from orchestratr_core.web import create_app, start_server
-from tests.core.conftest import Cluster, eventually
-from tests.web.conftest import TOKEN, client_for
+from tests.support.cluster import Cluster, eventually
+from tests.support.web import TOKEN, client_for
 
 PROBLEM = "application/problem+json"
 

@@ -18,20 +18,9 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from orchestratr_core.web import WebServer, start_server
-from tests.core.conftest import Cluster
-from tests.web.conftest import TOKEN
+from tests.support.cluster import Cluster
+from tests.support.web import CHROMIUM, FLAGS, TOKEN
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS_ENV = "ORCHESTRATR_SCREENSHOTS"
 
 

@@ -28,8 +28,8 @@ import pytest
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.job import JobStatus
 from orchestratr_core.web import WebBackend, create_app, start_server
-from tests.core.conftest import Cluster, eventually
-from tests.web.conftest import TOKEN, client_for
+from tests.support.cluster import Cluster, eventually
+from tests.support.web import TOKEN, client_for
 
 MiB = 1024 * 1024
 BIN = Path(sys.executable).with_name("orchestratr")
@@ -241,7 +241,7 @@ async def test_a_page_on_another_local_port_cannot_cancel_a_job(cluster: Cluster
     """A real browser: a page served from another port of this host posts to the API."""
     from playwright.async_api import async_playwright
 
-    from tests.web.test_dashboard import CHROMIUM, FLAGS
+    from tests.support.web import CHROMIUM, FLAGS
 
     await cluster.add_server("alpha", 2)
     (job_id,) = await cluster.create(1)

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import re
-
 import httpx
 
 from orchestratr_core import metrics
 from orchestratr_core.plugin.manager import get_plugin_manager
 from orchestratr_core.web import create_app
-from tests.core.conftest import Cluster, eventually
-from tests.web.conftest import TOKEN, client_for
-
-
-def value(text: str, name: str, labels: str = "") -> float:
-    """The sample ``name{labels}`` in an exposition, 0 if absent."""
-    pattern = re.escape(name) + (re.escape("{" + labels + "}") if labels else r"(?:\{\})?")
-    match = re.search(rf"^{pattern} ([0-9.e+-]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+from tests.support.cluster import Cluster, eventually
+from tests.support.web import TOKEN, client_for, exposition, value
 
 
 async def test_metrics_count_starts_stops_failures_and_handovers(cluster: Cluster) -> None:
@@ -131,13 +122,6 @@ def test_installing_twice_registers_the_observer_once() -> None:
     assert first is second is metrics.observer
     names = [n for n, p in get_plugin_manager().pluggy.list_name_plugin() if p is metrics.observer]
     assert names == [metrics.PLUGIN_NAME]
-
-
-def exposition() -> str:
-    """The default registry's exposition text."""
-    from prometheus_client import REGISTRY, generate_latest
-
-    return generate_latest(REGISTRY).decode()
 
 
 async def test_the_manager_records_how_late_each_heartbeat_is_applied(cluster: Cluster) -> None:

@@ -18,7 +18,7 @@ from orchestratr_core import JobArgument, StopToken
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.logs import add_secret, configure_logging, job_context
 from orchestratr_core.plugin.manager import get_plugin_manager
-from tests.core.conftest import Cluster, eventually
+from tests.support.cluster import Cluster, eventually
 
 
 @contextlib.contextmanager

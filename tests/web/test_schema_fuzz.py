@@ -22,8 +22,8 @@ from orchestratr_core import ServerManager
 from orchestratr_core.web import create_app, start_server
 from orchestratr_memory import MemoryStorage
 from orchestratr_memory.transport import MemoryTransport
-from tests.core.conftest import Cluster, Ledger
-from tests.web.conftest import TOKEN
+from tests.support.cluster import Cluster, Ledger
+from tests.support.web import TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -81,7 +81,8 @@ class DemoLedger:
     runs: dict[str, list[_Run]] = field(default_factory=dict)
     ticks: int = 0
     max_copies: int = 0
-    """The most copies of one job that ever ran at the same moment (I1 says 1)."""
+    """The most copies of one job that ever ran at the same moment: 1 by the one-runner
+    invariant (I1 in docs/architecture.md)."""
 
     def job_function(
         self, server: str

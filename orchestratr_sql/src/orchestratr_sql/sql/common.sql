@@ -9,7 +9,7 @@
 -- values, so it must read server_id and fence before they are overwritten.
 
 -- name: insert_job
--- Also the row template of create_jobs' multi-row INSERT (queries.expand_values).
+-- Also the row template of create_jobs' multi-row INSERT (queries.values_query).
 INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
                   created_at, updated_at, restarts, heartbeat_timeout)
 VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0, :heartbeat_timeout);

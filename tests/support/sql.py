@@ -1,4 +1,4 @@
-"""Databases, helpers and fixtures of the SQL storage tests (fixtures re-exported by conftest).
+"""Databases, helpers and fixtures of the SQL storage tests.
 
 Each test run gets its own PostgreSQL schema and its own MariaDB database,
 dropped at the end; SQLite tests use files under ``tmp_path``. The services are

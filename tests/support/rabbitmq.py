@@ -1,6 +1,6 @@
-"""Fixtures for the RabbitMQ transport tests: a unique namespace per test on the real
-broker at 127.0.0.1:5672, deleted afterwards, and a way to reach the broker's
-management command line."""
+"""Fixtures and tools of the RabbitMQ transport tests: a unique namespace per test on
+the real broker at 127.0.0.1:5672, deleted afterwards; a way to reach the broker's
+management command line; closing a broker connection by name."""
 
 from __future__ import annotations
 
@@ -80,3 +80,26 @@ async def broker() -> AsyncIterator[aio_pika.abc.AbstractConnection]:
     connection = await aio_pika.connect(BROKER_URL)
     yield connection
     await connection.close()
+
+
+def close_connections(connection_name: str, reason: str = "closed by test") -> int:
+    """Close, from the broker side, every connection whose client named it so."""
+    out = rabbitmqctl("list_connections", "--no-table-headers", "-q", "pid", "client_properties")
+    closed = 0
+    for line in out.splitlines():
+        pid, _, properties = line.partition("\t")
+        if f'{{"connection_name","{connection_name}"}}' in properties:
+            rabbitmqctl("close_connection", pid.strip(), reason)
+            closed += 1
+    return closed
+
+
+async def eventually(predicate: Callable[[], bool], within: float, what: str) -> float:
+    """Wait until ``predicate()`` holds; return the loop time when it did."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return loop.time()
