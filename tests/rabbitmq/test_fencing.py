@@ -17,7 +17,7 @@ from orchestratr_core.protocol import JobMessage
 from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.rabbitmq.helpers import eventually
+from tests.support.rabbitmq import eventually
 
 pytestmark = pytest.mark.rabbitmq
 
