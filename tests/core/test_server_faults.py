@@ -120,6 +120,17 @@ async def test_kill_uses_the_transports_crash_hook_and_a_transport_without_one_s
     await server.kill()
     assert plain._state.name == "CLOSED"
 
+    class _Awaited(_FaultyTransport):
+        async def crash(self) -> None:  # type: ignore[override]  # a coroutine is awaited
+            await asyncio.sleep(0)
+            MemoryTransport.crash(self)
+
+    awaited = _Awaited(cluster.url, [])
+    server = OrchestratedServer(_idle, transport=awaited, name="awaited", options=FAST_SERVER)
+    await server.start()
+    await server.kill()
+    assert awaited._state.name == "CRASHED"
+
 
 async def test_the_server_tells_its_runner_how_many_jobs_it_runs_at_once() -> None:
     sizes: list[int] = []

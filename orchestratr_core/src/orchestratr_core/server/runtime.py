@@ -198,7 +198,9 @@ class OrchestratedServer:
         self._outbox.closed = True  # a killed server says nothing more
         for run in self._runs.values():
             run.request_stop(p.StopReason.LOST, hard=True)
-        self._transport.crash()
+        crashing = self._transport.crash()
+        if crashing is not None:
+            await crashing
         await self._wait_runs(list(self._runs.values()))
         await self._shutdown()
 
