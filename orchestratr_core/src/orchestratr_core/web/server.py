@@ -18,7 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from orchestratr_core._aio import run_until_signal
+from orchestratr_core._aio import cancel_and_log, run_until_signal
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.web.app import create_app
 from orchestratr_core.web.auth import is_loopback, resolve_token
@@ -65,8 +65,12 @@ class WebServer:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
         except TimeoutError:
             self._server.force_exit = True
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=2.0)
+            # Not wait_for + suppress(CancelledError): that would swallow our own cancellation.
+            await asyncio.wait({self._task}, timeout=2.0)
+            if not self._task.done():
+                await cancel_and_log([self._task], logger=log)
+            elif not self._task.cancelled():
+                self._task.result()  # what stopped it, as on the first path
 
 
 def _bind(host: str, port: int) -> socket.socket:
