@@ -244,7 +244,7 @@ async def test_a_job_that_ends_leaves_no_waiter_in_its_deliverys_event() -> None
 
 
 def _queued(server: OrchestratedServer) -> list[p.Event]:
-    return list(server._events._queue)  # type: ignore[attr-defined]
+    return list(server._outbox.queue._queue)  # type: ignore[attr-defined]
 
 
 # -- the garbage collector ---------------------------------------------------------------
@@ -259,7 +259,7 @@ def thawed() -> Iterator[None]:
 
 
 def test_the_freezer_freezes_after_growth_and_thaws_after_many_jobs_ended(thawed: None) -> None:
-    from orchestratr_core.server import _GcFreezer
+    from orchestratr_core.server.run import GcFreezer as _GcFreezer
 
     freezer = _GcFreezer(least=10)
     freezer.tend(running=9)

@@ -2,8 +2,9 @@
 
 One way to start a background task (a failure is logged, never lost), one way to
 stop a set of them (what they raised is logged, never suppressed), one way to wait
-for the first of several awaitables, and one ``run_forever`` shape: start, run until
-SIGTERM/SIGINT or until the object stops by itself, then stop.
+for the first of several awaitables, one way to keep a background loop alive (a
+failure is logged and the loop restarts), and one ``run_forever`` shape: start,
+run until SIGTERM/SIGINT or until the object stops by itself, then stop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
-__all__ = ["cancel_and_log", "handle_signals", "run_until_signal", "spawn", "wait_first"]
+__all__ = [
+    "cancel_and_log",
+    "handle_signals",
+    "keep_running",
+    "run_until_signal",
+    "spawn",
+    "wait_first",
+]
 
 log = logging.getLogger("orchestratr")
 
@@ -65,6 +73,41 @@ async def cancel_and_log(
             logger.error("task %s ended with %r", name, result, exc_info=result)
 
 
+async def keep_running(
+    loop: Callable[[], Awaitable[object]],
+    *,
+    name: str,
+    logger: logging.Logger = log,
+    pause: float = 1.0,
+) -> None:
+    """Run the background loop ``loop()`` until this task is cancelled: whatever
+    ends it otherwise (an exception, a return, a ``CancelledError`` that some
+    library raised without this task being cancelled) is logged as an error and
+    the loop starts again after ``pause`` seconds.
+
+    For the duties that must never stop silently while the process lives, such
+    as a server's heartbeats.
+    """
+    task = asyncio.current_task()
+    while True:
+        try:
+            await loop()
+            logger.error("%s ended by itself; restarting it in %.1f s", name, pause)
+        except asyncio.CancelledError:
+            if task is None or task.cancelling():
+                raise
+            # Raised inside, not a cancellation of this task: a fault like any other.
+            logger.error(
+                "%s ended by a stray cancellation; restarting it in %.1f s",
+                name,
+                pause,
+                exc_info=True,
+            )
+        except Exception:
+            logger.error("%s failed; restarting it in %.1f s", name, pause, exc_info=True)
+        await asyncio.sleep(pause)
+
+
 async def wait_first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
     """Wait until the first of ``awaitables`` is done; cancel (and await) the others.
 
@@ -107,12 +150,13 @@ async def run_until_signal(
     start: Callable[[], Awaitable[object]],
     stop: Callable[[], Awaitable[object]],
     *,
-    stopped: asyncio.Event | None = None,
+    stopped: asyncio.Event | Callable[[], Awaitable[object]] | None = None,
     requested: asyncio.Event | None = None,
     install_signal_handlers: bool = True,
 ) -> None:
-    """Start, run until SIGTERM/SIGINT (or ``requested`` is set, or ``stopped`` is
-    set by the object itself), then stop — also when start-up is interrupted.
+    """Start, run until SIGTERM/SIGINT (or ``requested`` is set, or the object
+    stops by itself: ``stopped`` is set, or, given as a function, what it returns
+    is done), then stop — also when start-up is interrupted.
 
     A signal works while ``start()`` still waits for its broker or database: the
     start is cancelled and ``stop()`` runs all the same. A failing ``start()``
@@ -126,8 +170,10 @@ async def run_until_signal(
             if starting in done:
                 starting.result()
                 waits: list[Awaitable[Any]] = [requested.wait()]
-                if stopped is not None:
+                if isinstance(stopped, asyncio.Event):
                     waits.append(stopped.wait())
+                elif stopped is not None:
+                    waits.append(stopped())
                 await wait_first(*waits)
         finally:
             await stop()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
 
+from orchestratr_core._aio import spawn
 from orchestratr_core.errors import (
     BackendUnavailable,
     DuplicateJobName,
@@ -95,9 +96,7 @@ class _OutboxFlusher:
             return
         self._pending.extend(job_ids)
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="orchestratr-outbox-flush"
-            )
+            self._task = spawn(self._run(), name="orchestratr-outbox-flush", logger=log)
         elif len(self._pending) >= self._batch:
             self._wake.set()
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from orchestratr_core import protocol as p
+from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
 from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient, job_message
 from orchestratr_core.errors import (
     BackendUnavailable,
@@ -51,7 +51,7 @@ from orchestratr_core.job import (
 from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
-from orchestratr_core.retry import backoff_delay
+from orchestratr_core.retry import retrying
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Subscription, Transport
 
@@ -172,7 +172,7 @@ class ServerManager:
         await self._retry("open storage", self._storage.open)
         await self._retry("connect to broker", self._transport.connect)
         self._events = await self._transport.consume_events(self._on_event)
-        self._tasks.append(asyncio.create_task(self._leader_loop(), name="orchestratr-leader"))
+        self._tasks.append(spawn(self._leader_duties(), name="orchestratr-leader", logger=log))
         log.info("manager started id=%s", self.id)
 
     async def stop(self) -> None:
@@ -183,11 +183,7 @@ class ServerManager:
         if self._events is not None:
             with contextlib.suppress(OrchestratrError, OSError):
                 await self._events.close()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_log(self._tasks, logger=log)
         # Delete the outbox rows of the messages the client sent (batched).
         with contextlib.suppress(OrchestratrError, OSError):
             await self.client.close()
@@ -199,29 +195,9 @@ class ServerManager:
 
     async def run_forever(self, *, install_signal_handlers: bool = True) -> None:
         """Start and run until SIGTERM/SIGINT, then stop."""
-        done = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, done.set)
-        try:
-            # A signal must work while start() still waits for storage or broker.
-            starting = asyncio.create_task(self.start())
-            waiting = asyncio.create_task(done.wait())
-            await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
-            else:
-                starting.result()
-                await waiting
-            waiting.cancel()
-        finally:
-            if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-            await self.stop()
+        await run_until_signal(
+            self.start, self.stop, install_signal_handlers=install_signal_handlers
+        )
 
     async def drain_server(self, server_id: str) -> None:
         """Ask a server to hand all its jobs to the others and exit.
@@ -236,15 +212,10 @@ class ServerManager:
     # -- retries ----------------------------------------------------------------------
 
     async def _retry(self, what: str, action: Callable[[], Awaitable[_T]]) -> _T:
-        attempt = 0
-        while True:
-            try:
-                return await action()
-            except BackendUnavailable as exc:
-                attempt += 1
-                delay = backoff_delay(attempt, 0.5, self.options.retry_max)
-                log.warning("cannot %s (%s); retrying in %.1f s", what, exc, delay)
-                await asyncio.sleep(delay)
+        async for attempt in retrying(what, maximum=self.options.retry_max, logger=log):
+            with attempt:
+                result = await action()
+        return result
 
     # -- events -----------------------------------------------------------------------
 
@@ -443,6 +414,11 @@ class ServerManager:
 
     # -- leader duties ------------------------------------------------------------------
 
+    async def _leader_duties(self) -> None:
+        """The leader loop for as long as the manager runs: a failure that escapes
+        it is logged and the loop starts again (:func:`keep_running`)."""
+        await keep_running(self._leader_loop, name="the leader loop", logger=log)
+
     async def _leader_loop(self) -> None:
         while True:
             try:
@@ -456,7 +432,7 @@ class ServerManager:
             await asyncio.sleep(self.options.sweep_interval)
 
     async def _sweep(self) -> None:
-        """One round of the leader's duties (public for tests via :meth:`sweep_now`)."""
+        """One round of the leader's duties."""
         now = utcnow()
         until = now + timedelta(seconds=self.options.leader_lease)
         self.is_leader = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
@@ -500,8 +476,7 @@ class ServerManager:
         )
         if waiting.items:
             return 0
-        # Counted by the storage: reading every running job (100,000 records)
-        # only to count them was a quarter of a busy manager's CPU.
+        # Counted by the storage, not read (docs/benchmarks.md, "What changed", item 4).
         counts = await self._storage.count_running_by_server()
         running = {s.id: counts.get(s.id, 0) for s in servers}
         total = sum(running.values())
@@ -535,10 +510,6 @@ class ServerManager:
             "rebalance: moving %d of %d running job(s) over %d servers", moved, total, len(servers)
         )
         return moved
-
-    async def sweep_now(self) -> None:
-        """Run the leader's duties once, now (tests and tools)."""
-        await self._sweep()
 
     async def _relay_outbox(self, now: datetime) -> None:
         lease_until = now + timedelta(seconds=self.options.outbox_lease)

@@ -176,6 +176,10 @@ class JobRunner(abc.ABC):
         """How many invocations were left running after a hard stop (threads)."""
         return 0
 
+    def resize(self, max_workers: int) -> None:  # noqa: B027 - optional hook
+        """Called once by the server with how many jobs it runs at once (a thread
+        runner sizes its pool to it); the default ignores it."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (thread pools) when the server stops."""
 

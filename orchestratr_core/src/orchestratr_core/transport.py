@@ -194,6 +194,14 @@ class Transport(abc.ABC):
         """Close everything. Held deliveries are marked lost and go back to the
         queue. Idempotent."""
 
+    def crash(self) -> Awaitable[None] | None:
+        """Die at once, as ``kill -9`` of the process would: no goodbye, every held
+        delivery lost (idempotent). Called by :meth:`OrchestratedServer.kill`
+        (tests, the demo) before it closes the transport; it may return an
+        awaitable, which is awaited. The default does nothing: the close that
+        follows gives the deliveries back."""
+        return None
+
     # -- manager side -----------------------------------------------------------
 
     @abc.abstractmethod

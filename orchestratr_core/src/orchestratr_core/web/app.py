@@ -7,16 +7,13 @@ import contextlib
 import importlib.resources
 import logging
 import time
-import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
@@ -34,12 +31,9 @@ from orchestratr_core.errors import (
     UnknownServer,
 )
 from orchestratr_core.job import (
-    MAX_NAME_LENGTH,
     JobQuery,
-    JobRecord,
     JobStatus,
     ServerQuery,
-    ServerRecord,
     ServerStatus,
 )
 from orchestratr_core.logs import add_secret
@@ -52,13 +46,23 @@ from orchestratr_core.web.guard import (
     security_headers,
 )
 from orchestratr_core.web.history import FleetHistory
-from orchestratr_core.web.problems import ApiProblem, Problem, problem_response
+from orchestratr_core.web.models import (
+    CreateJob,
+    Health,
+    HistoryOut,
+    JobOut,
+    JobPageOut,
+    ServerOut,
+    job_out,
+    plain,
+    problem_responses,
+    server_out,
+)
+from orchestratr_core.web.problems import ApiProblem, problem_response
 
 __all__ = ["WebBackend", "create_app"]
 
 log = logging.getLogger("orchestratr.web")
-
-_MAX_ID_LENGTH = 200
 
 # Declares the bearer scheme in the OpenAPI document; AccessPolicy does the checking.
 _BEARER = HTTPBearer(auto_error=False, description="The API token (ORCHESTRATR_API_TOKEN)")
@@ -125,172 +129,7 @@ class WebBackend:
                 await close()
 
 
-# -- API models ---------------------------------------------------------------------------
-
-
-class CreateJob(BaseModel):
-    """A request to create a job."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Typed loosely on purpose: the core's validation answers, with the very
-    # message the Python client raises ("job name must be a string, not int").
-    name: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
-        description=f"Unique among jobs that are not deleted; 1 to {MAX_NAME_LENGTH} "
-        "characters, not blank, no surrounding white space, no control characters",
-        examples=["feed-follower-42"],
-    )
-    argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
-        default="", description="Passed to the job function (up to 64 KiB of UTF-8)"
-    )
-
-
-class JobOut(BaseModel):
-    """A job."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    argument: str
-    status: JobStatus
-    server_id: str | None = Field(description="The server running it, if any")
-    fence: int = Field(description="Fencing token of the current ownership; only ever grows")
-    generation: int
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None
-    last_heartbeat: datetime | None
-    restarts: int = Field(description="How often the job function failed and was restarted")
-    last_error: str | None
-    reason: str | None = Field(description="Why the job last changed status, when not obvious")
-
-
-class JobPageOut(BaseModel):
-    """One page of jobs, in creation order."""
-
-    items: list[JobOut]
-    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
-    total: int | None = Field(description="Jobs matching the filters (when `total=true`)")
-
-
-class ServerJobOut(BaseModel):
-    """A job running on a server."""
-
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    status: JobStatus
-    fence: int
-    restarts: int
-    last_heartbeat: datetime | None
-
-
-class ServerOut(BaseModel):
-    """A server with the jobs it runs."""
-
-    id: str
-    name: str
-    status: ServerStatus
-    max_workers: int = Field(description="Capacity: most jobs it runs at once")
-    running: int = Field(description="Jobs it runs now")
-    load: float = Field(description="running / max_workers")
-    started_at: datetime
-    last_seen: datetime = Field(description="Its last heartbeat")
-    heartbeat_age: float = Field(description="Seconds since its last heartbeat")
-    host: str
-    pid: int
-    jobs: list[ServerJobOut]
-
-
-class HistoryOut(BaseModel):
-    """Running jobs per server over the last minutes."""
-
-    interval: float
-    window: float
-    names: dict[str, str] = Field(description="server id -> server name")
-    samples: list[dict[str, Any]] = Field(
-        description="oldest first: {t: epoch seconds, running: {server id: jobs}}"
-    )
-
-
-class Health(BaseModel):
-    """Liveness of the API process."""
-
-    status: str
-    auth: str = Field(description="'token' or 'loopback' (open to this host only)")
-
-
-def _server_out(server: ServerRecord) -> ServerOut:
-    running = sum(1 for j in server.running if j.status is JobStatus.PROCESSING)
-    age = max(0.0, (datetime.now(UTC) - server.last_seen).total_seconds())
-    return ServerOut(
-        id=server.id,
-        name=server.name,
-        status=server.status,
-        max_workers=server.max_workers,
-        running=running,
-        load=running / server.max_workers if server.max_workers else 0.0,
-        started_at=server.started_at,
-        last_seen=server.last_seen,
-        heartbeat_age=round(age, 3),
-        host=server.host,
-        pid=server.pid,
-        jobs=[ServerJobOut.model_validate(j) for j in server.running],
-    )
-
-
-def _job_out(job: JobRecord) -> JobOut:
-    return JobOut.model_validate(job)
-
-
-# -- input checks that keep odd bytes away from the storage ---------------------------
-
-
-def _plain(value: str, what: str, *, status: int) -> str:
-    """``value`` if it is short and free of control characters, else a problem."""
-    bad = len(value) > _MAX_ID_LENGTH or any(
-        unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value
-    )
-    if bad:
-        if status == 404:
-            raise ApiProblem(
-                404, "Not found", f"no {what} with id {value[:80]!r}", kind="not-found"
-            )
-        raise ApiProblem(
-            422,
-            "Invalid request",
-            f"{what} must be at most {_MAX_ID_LENGTH} characters without control characters",
-            kind="invalid-job-input",
-        )
-    return value
-
-
 # -- the app ------------------------------------------------------------------------
-
-
-_PROBLEM_CONTENT = {
-    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-}
-_DESCRIBED = {
-    400: "Malformed request",
-    401: "Missing or invalid bearer token",
-    403: "No token configured and not bound to loopback (or behind a proxy)",
-    404: "No such job or server",
-    409: "A job of this name exists",
-    413: "Request body larger than the limit",
-    422: "Rejected by validation",
-    503: "Storage or broker unavailable",
-}
-
-
-def _problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` for problem documents with these status codes."""
-    return {
-        code: {"model": Problem, "description": _DESCRIBED[code], "content": _PROBLEM_CONTENT}
-        for code in sorted({401, 403, 413, 422, 503, *codes})
-    }
 
 
 def create_app(
@@ -453,7 +292,7 @@ def create_app(
         status_code=201,
         response_model=JobOut,
         dependencies=writer,
-        responses=_problem_responses(400, 409, 422, 503),
+        responses=problem_responses(400, 409, 422, 503),
         tags=["jobs"],
         summary="Create a job",
     )
@@ -461,13 +300,13 @@ def create_app(
         """Create a job; it starts on one server as soon as one has room."""
         job_id = await backend.client.create_job(body.name, body.argument)
         response.headers["Location"] = f"/api/jobs/{job_id}"
-        return _job_out(await backend.monitor.job(job_id))
+        return job_out(await backend.monitor.job(job_id))
 
     @app.get(
         "/api/jobs",
         response_model=JobPageOut,
         dependencies=reader,
-        responses=_problem_responses(422, 503),
+        responses=problem_responses(422, 503),
         tags=["jobs"],
         summary="List jobs (filtered, keyset-paged)",
     )
@@ -490,11 +329,11 @@ def create_app(
         """Jobs in creation order, one page at a time. Paging by cursor stays fast
         at any depth."""
         if name_prefix is not None:
-            _plain(name_prefix, "name_prefix", status=422)
+            plain(name_prefix, "name_prefix", status=422)
         if server_id is not None:
-            _plain(server_id, "server_id", status=422)
+            plain(server_id, "server_id", status=422)
         if cursor is not None:
-            _plain(cursor, "cursor", status=422)
+            plain(cursor, "cursor", status=422)
         query = JobQuery(
             statuses=frozenset(status) if status else None,
             name_prefix=name_prefix or None,
@@ -505,7 +344,7 @@ def create_app(
         )
         page = await backend.monitor.jobs(query, with_total=total)
         return JobPageOut(
-            items=[_job_out(j) for j in page.items],
+            items=[job_out(j) for j in page.items],
             next_cursor=page.next_cursor,
             total=page.total if total else None,
         )
@@ -514,20 +353,20 @@ def create_app(
         "/api/jobs/{job_id}",
         response_model=JobOut,
         dependencies=reader,
-        responses=_problem_responses(404, 503),
+        responses=problem_responses(404, 503),
         tags=["jobs"],
         summary="Show a job",
     )
     async def get_job(job_id: str) -> JobOut:
         """One job, whatever its status."""
-        return _job_out(await backend.monitor.job(_plain(job_id, "job", status=404)))
+        return job_out(await backend.monitor.job(plain(job_id, "job", status=404)))
 
     @app.post(
         "/api/jobs/{job_id}/cancel",
         status_code=202,
         response_model=JobOut,
         dependencies=writer,
-        responses=_problem_responses(404, 503),
+        responses=problem_responses(404, 503),
         tags=["jobs"],
         summary="Cancel a job",
     )
@@ -535,7 +374,7 @@ def create_app(
         """Cancel a job, durably: it stops wherever it runs and never runs again
         (``deleting`` until a server confirms, then ``deleted``). Cancelling a job
         that is already cancelled or completed changes nothing."""
-        return _job_out(await backend.client.mark_on_deleting(_plain(job_id, "job", status=404)))
+        return job_out(await backend.client.mark_on_deleting(plain(job_id, "job", status=404)))
 
     # -- servers --------------------------------------------------------------------
 
@@ -543,7 +382,7 @@ def create_app(
         "/api/servers",
         response_model=list[ServerOut],
         dependencies=reader,
-        responses=_problem_responses(503),
+        responses=problem_responses(503),
         tags=["servers"],
         summary="List servers with their running jobs",
     )
@@ -554,33 +393,33 @@ def create_app(
     ) -> list[ServerOut]:
         """Live (alive and draining) servers, or every server ever seen."""
         query = ServerQuery(statuses=None) if include_gone else ServerQuery()
-        return [_server_out(s) for s in await backend.monitor.servers(query)]
+        return [server_out(s) for s in await backend.monitor.servers(query)]
 
     @app.get(
         "/api/servers/{server_id}",
         response_model=ServerOut,
         dependencies=reader,
-        responses=_problem_responses(404, 503),
+        responses=problem_responses(404, 503),
         tags=["servers"],
         summary="Show a server",
     )
     async def get_server(server_id: str) -> ServerOut:
         """One server with its running jobs."""
-        return _server_out(await backend.monitor.server(_plain(server_id, "server", status=404)))
+        return server_out(await backend.monitor.server(plain(server_id, "server", status=404)))
 
     @app.post(
         "/api/servers/{server_id}/drain",
         status_code=202,
         response_model=ServerOut,
         dependencies=writer,
-        responses=_problem_responses(404, 503),
+        responses=problem_responses(404, 503),
         tags=["servers"],
         summary="Drain a server",
     )
     async def drain_server(server_id: str) -> ServerOut:
         """Ask a live server to hand all its jobs to the others and exit."""
-        await backend.drain(_plain(server_id, "server", status=404))
-        return _server_out(await backend.monitor.server(server_id))
+        await backend.drain(plain(server_id, "server", status=404))
+        return server_out(await backend.monitor.server(server_id))
 
     # -- dashboard support ----------------------------------------------------------
 
@@ -588,7 +427,7 @@ def create_app(
         "/api/history",
         response_model=HistoryOut,
         dependencies=reader,
-        responses=_problem_responses(503),
+        responses=problem_responses(503),
         tags=["dashboard"],
         summary="Running jobs per server over the last minutes",
     )
@@ -672,7 +511,7 @@ def _cluster_metrics(monitor: OrchestratorMonitor) -> tuple[Any, Callable[[], Aw
             servers.labels(status=status.value).set(sum(1 for s in live if s.status is status))
         now = time.time()
         for server in live:
-            out = _server_out(server)
+            out = server_out(server)
             running.labels(server_id=server.id, server_name=server.name).set(out.running)
             age.labels(server_id=server.id, server_name=server.name).set(
                 max(0.0, now - server.last_seen.timestamp())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from orchestratr_core._aio import cancel_and_log, spawn
 from orchestratr_core.errors import OrchestratrError
 from orchestratr_core.job import JobStatus
 from orchestratr_core.monitor import OrchestratorMonitor
@@ -77,15 +77,13 @@ class FleetHistory:
     def start(self) -> None:
         """Sample in the background until :meth:`stop`."""
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="orchestratr-web-history")
+            self._task = spawn(self._run(), name="orchestratr-web-history", logger=log)
 
     async def stop(self) -> None:
         """Stop the background sampler."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_log([task], logger=log)
 
     async def _run(self) -> None:
         while True:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import Generator
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from orchestratr_core._aio import cancel_and_log, run_until_signal
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.web.app import create_app
 from orchestratr_core.web.auth import is_loopback, resolve_token
@@ -65,8 +65,12 @@ class WebServer:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
         except TimeoutError:
             self._server.force_exit = True
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(self._task, timeout=2.0)
+            # Not wait_for + suppress(CancelledError): that would swallow our own cancellation.
+            await asyncio.wait({self._task}, timeout=2.0)
+            if not self._task.done():
+                await cancel_and_log([self._task], logger=log)
+            elif not self._task.cancelled():
+                self._task.result()  # what stopped it, as on the first path
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -191,23 +195,23 @@ async def run_web(
             "ORCHESTRATR_API_TOKEN (or pass a token), or bind to 127.0.0.1"
         )
     backend = await WebBackend.open(storage, transport)
-    done = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
+    server: WebServer | None = None
+
+    async def start() -> None:
+        nonlocal server
         server = await start_server(backend, host, port, token, **app_options)
-        if install_signal_handlers:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, done.set)
-        try:
-            stopped = asyncio.create_task(server.wait())
-            waiting = asyncio.create_task(done.wait())
-            await asyncio.wait({stopped, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            stopped.cancel()
-            waiting.cancel()
-        finally:
-            if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
+
+    async def serving() -> None:
+        if server is not None:
+            await server.wait()
+
+    async def stop() -> None:
+        if server is not None:
             await server.stop()
+
+    try:
+        await run_until_signal(
+            start, stop, stopped=serving, install_signal_handlers=install_signal_handlers
+        )
     finally:
         await backend.close()

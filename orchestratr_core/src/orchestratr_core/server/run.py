@@ -1,0 +1,208 @@
+"""One running job as its server sees it (:class:`Run`), what woke its supervisor
+(:class:`Outcome`), and the garbage-collector tending of a server holding many
+(:class:`GcFreezer`)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestratr_core import protocol as p
+from orchestratr_core.job import JobArgument
+from orchestratr_core.runner import StopToken
+from orchestratr_core.transport import Delivery
+
+__all__ = ["GcFreezer", "Outcome", "Run"]
+
+log = logging.getLogger("orchestratr.server")
+
+
+class Outcome(enum.Enum):
+    """Why a supervisor's wait on its job ended."""
+
+    DONE = "done"
+    """The job function returned or raised."""
+    STOP = "stop"
+    """The job was told to stop (cancel, hand-over, loss, superseded...)."""
+    WATCHDOG = "watchdog"
+    """The job did not call ``heartbeat()`` within its heartbeat timeout."""
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    """One running job: its delivery, token and supervising task.
+
+    The supervisor waits on ``wake`` (:meth:`alarm`, or :meth:`sleep` with a
+    time limit), a plain future that :meth:`alert` resolves; a stop request, the
+    end of the job function, the watchdog's timer and the loss of the delivery
+    (:meth:`on_loss`) all alert. The supervisor then looks at the state to see
+    what happened.
+    """
+
+    delivery: Delivery
+    arg: JobArgument
+    token: StopToken
+    heartbeat_timeout: float | None
+    started_at: float = field(default_factory=time.time)
+    last_heartbeat: float | None = None
+    restarts: int = 0
+    task: asyncio.Task[None] | None = None
+    stop_reason: p.StopReason | None = None
+    stop_hard: bool = False
+    wake: asyncio.Future[None] | None = None
+    loss_watch: asyncio.Future[Any] | None = None
+    report: p.RunningJob | None = None
+    """What the last heartbeat said about this job (reused while it holds)."""
+
+    def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
+        if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
+            # Loss overrides any cooperative reason: the message is no longer ours.
+            self.stop_reason = reason
+        self.stop_hard = self.stop_hard or hard
+        self.token.request_stop(self.stop_reason.value)
+        self.alert()
+
+    def beat(self) -> None:
+        self.last_heartbeat = time.time()
+
+    def reported(self) -> p.RunningJob:
+        """This job in a heartbeat. Reused while unchanged: building tens of
+        thousands of objects every heartbeat costs CPU, and full collections of
+        the garbage collector as they pile up."""
+        report = self.report
+        if (
+            report is None
+            or report.last_heartbeat != self.last_heartbeat
+            or report.restarts != self.restarts
+        ):
+            report = self.report = p.RunningJob(
+                self.arg.job_id, self.arg.fence, self.last_heartbeat, self.restarts
+            )
+        return report
+
+    def alert(self, *_: object) -> None:
+        """Wake the supervisor if it sleeps (also a done callback of the job task)."""
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def alarm(self) -> asyncio.Future[None]:
+        """A new ``wake`` future: awaiting it sleeps until alerted (no coroutine of
+        its own, for the long idle wait of every job)."""
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.wake = wake
+        return wake
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep until alerted or for ``seconds``; the caller looks why."""
+        wake = self.alarm()
+        timer = asyncio.get_running_loop().call_later(seconds, self.alert)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+
+    def watch_loss(self) -> None:
+        """Stop the job at once, hard, when its delivery is lost (:meth:`on_loss`).
+
+        ``Delivery.lost`` is an :class:`asyncio.Event`, which has no callbacks.
+        Waiting on it costs a task per job; instead a future is added to the
+        event's waiters, which is all that ``Event.wait()`` itself does (and what
+        ``Event.set()`` resolves) -- without the coroutine and its task. If the
+        event is not built that way (another implementation of asyncio), a task
+        waits on it as before.
+        """
+        lost = self.delivery.lost
+        if lost.is_set():
+            self.on_loss()
+            return
+        waiters = getattr(lost, "_waiters", None)
+        watch: asyncio.Future[Any]
+        if type(waiters) is collections.deque:
+            watch = asyncio.get_running_loop().create_future()
+            waiters.append(watch)
+        else:
+            watch = asyncio.ensure_future(lost.wait())
+        watch.add_done_callback(self.on_loss)
+        self.loss_watch = watch
+
+    def unwatch_loss(self) -> None:
+        watch, self.loss_watch = self.loss_watch, None
+        if watch is None:
+            return
+        watch.remove_done_callback(self.on_loss)
+        watch.cancel()
+        waiters = getattr(self.delivery.lost, "_waiters", None)
+        if type(waiters) is collections.deque:
+            with contextlib.suppress(ValueError):
+                waiters.remove(watch)
+
+    def on_loss(self, watch: asyncio.Future[Any] | None = None) -> None:
+        """The delivery is no longer ours: the broker may give it to another
+        server. Stop at once, hard, without grace (self-fencing)."""
+        if watch is not None and watch.cancelled():
+            return
+        if self.stop_reason is not p.StopReason.LOST:
+            log.warning(
+                "delivery lost: stopping job at once job_id=%s fence=%d",
+                self.arg.job_id,
+                self.arg.fence,
+            )
+        self.request_stop(p.StopReason.LOST, hard=True)
+
+    async def wait_job(self, job_task: asyncio.Task[None], began: float) -> Outcome:
+        """Wait for the job to end, be told to stop, or miss its heartbeat timeout."""
+        while True:
+            if self.stop_reason is not None:
+                return Outcome.STOP
+            if job_task.done():
+                return Outcome.DONE
+            if self.heartbeat_timeout is None:
+                await self.alarm()  # the idle wait of nearly every job
+                continue
+            last = max(self.last_heartbeat or 0.0, began)
+            timeout = last + self.heartbeat_timeout - time.time()
+            if timeout <= 0:
+                return Outcome.WATCHDOG
+            await self.sleep(timeout)
+
+
+class GcFreezer:
+    """Keeps long-running jobs' objects out of the full garbage collections,
+    whose pauses grow with every object alive and once outlasted the fence
+    (docs/benchmarks.md, "What changed", item 2). Jobs live for hours, so once
+    the server holds many more of them than at the last freeze, their objects are
+    moved to the permanent generation (:func:`gc.freeze`), which collections skip;
+    they are still freed by reference counting when their job ends. Cycles among frozen objects wait
+    for the next thaw: after many jobs have ended, one full collection runs
+    (:func:`gc.unfreeze`, :func:`gc.collect`) and the survivors are frozen again.
+    Below ``least`` jobs nothing is done: the pauses are short anyway.
+    """
+
+    __slots__ = ("ended", "frozen", "least")
+
+    def __init__(self, least: int = 1000) -> None:
+        self.least = least
+        self.frozen = 0  # running jobs at the last freeze
+        self.ended = 0  # jobs ended since
+
+    def tend(self, running: int) -> None:
+        """Called every heartbeat with the number of running jobs."""
+        if not gc.isenabled():
+            return  # the application manages the collector itself
+        step = max(self.least, self.frozen // 4)
+        if self.frozen and self.ended >= step:
+            gc.unfreeze()
+            gc.collect()
+            self.frozen = self.ended = 0
+            step = self.least
+        if running - self.frozen >= step:
+            gc.freeze()
+            self.frozen, self.ended = running, 0

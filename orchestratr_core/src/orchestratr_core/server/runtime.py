@@ -1,0 +1,576 @@
+"""The server runtime: a process that runs up to ``max_workers`` jobs at once.
+
+A server needs only a transport. It holds one job message (a
+:class:`~orchestratr_core.transport.Delivery`) per running job for as long as
+the job runs, and:
+
+* starts the job function as soon as the delivery arrives, unless the job is in
+  the cancellation set (then it drops the message and says so);
+* restarts a job function that raised, with exponential backoff, reporting the
+  error and the restart count; a job function that *returns* has completed: its
+  message is dropped and it never runs again;
+* stops a job at once — hard, without grace — when its delivery is lost (the
+  broker may already have given it to another server: self-fencing);
+* stops a job cooperatively (token, then a hard cancel after ``stop_grace``) when
+  told to: cancel (message dropped), superseded by a newer copy (dropped),
+  hand-over on shutdown or drain (released to the queue);
+* never runs two copies of one job in one process: a second delivery of the same
+  job waits for the first copy to end, and the lower fencing token is dropped;
+* publishes a heartbeat every ``heartbeat_interval`` with every running job and
+  its fencing token, so that the manager can reconcile after anything; when many
+  jobs start at once, one heartbeat replaces their start reports.
+
+A running job costs two asyncio tasks (its supervisor and the job function) and
+a few small objects, so that one process can hold tens of thousands of idle jobs:
+the supervisor sleeps on one plain future (:attr:`Run.wake`) that a stop request,
+the end of the job function, the watchdog's timer and the loss of the delivery
+resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from orchestratr_core import protocol as p
+from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
+from orchestratr_core.errors import ConfigurationError, DeliveryLost, OrchestratrError
+from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_ERROR_LENGTH,
+    JobArgument,
+    make_fence,
+    new_id,
+)
+from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
+from orchestratr_core.retry import backoff_delay, retrying
+from orchestratr_core.runner import JobRunner, StopToken
+from orchestratr_core.server.options import ServerOptions, check_server_name
+from orchestratr_core.server.outbox import EventOutbox
+from orchestratr_core.server.run import GcFreezer, Outcome, Run
+from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Transport
+
+__all__ = ["JobFunction", "OrchestratedServer"]
+
+log = logging.getLogger("orchestratr.server")
+
+JobFunction = Callable[[JobArgument, StopToken, Callable[[], None]], Any]
+"""``async def job(arg, token, heartbeat)`` — or a plain blocking function."""
+
+
+class OrchestratedServer:
+    """Runs jobs delivered by the transport. See the module docstring.
+
+    :param job: ``async def job(arg, token, heartbeat)`` or a blocking function of
+        the same parameters (run in a thread pool of ``max_workers`` threads).
+    :param transport: a :class:`Transport`, or a plugin name / URL
+        (``"memory"``, ``"amqp://guest:guest@localhost/"``).
+    :param name: a label for people; need not be unique.
+    :param max_workers: how many jobs this server runs at once (>= 1).
+    """
+
+    def __init__(
+        self,
+        job: JobFunction,
+        *,
+        transport: Transport | str,
+        name: str = "server",
+        max_workers: int = 10,
+        options: ServerOptions | None = None,
+        plugins: PluginManager | None = None,
+    ) -> None:
+        if not callable(job):
+            raise ConfigurationError("job must be callable: async def job(arg, token, heartbeat)")
+        if (
+            isinstance(max_workers, bool)
+            or not isinstance(max_workers, int)
+            or not 1 <= max_workers <= MAX_COUNT
+        ):
+            raise ConfigurationError(
+                f"max_workers must be a whole number within 1..{MAX_COUNT}, not {max_workers!r} "
+                "(there is no 'unlimited': size it to what the host can run)"
+            )
+        check_server_name(name)
+        self.id = new_id()
+        self.name = name
+        self.max_workers = max_workers
+        self.options = options or ServerOptions()
+        self._plugins = plugins or get_plugin_manager()
+        self._transport = (
+            self._plugins.make_transport(transport) if isinstance(transport, str) else transport
+        )
+        self._job = job
+        self._runner: JobRunner = self._plugins.make_runner(job)
+        self._runner.resize(max_workers)
+        self._runs: dict[str, Run] = {}
+        self._cancelled: set[str] = set()
+        self._consumer: JobConsumer | None = None
+        self._commands: Subscription | None = None
+        self._outbox = EventOutbox(
+            self._transport.publish_event,
+            self._heartbeat_event,
+            self._runs.__len__,
+            self.options.heartbeat_interval,
+        )
+        self._gc = GcFreezer()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._started_at = time.time()
+        self._started = False
+        self._stopped = asyncio.Event()
+        self._draining = False
+        self._shutdown_requested: asyncio.Event | None = None
+        self._capacity = max_workers
+        self._hold: int | None = None
+        self._hold_until = 0.0
+
+    # -- public API -----------------------------------------------------------------
+
+    def running(self) -> dict[str, JobArgument]:
+        """Jobs running now (not being stopped): job id -> argument."""
+        return {jid: run.arg for jid, run in self._runs.items() if run.stop_reason is None}
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this server uses."""
+        return self._transport
+
+    async def start(self) -> None:
+        """Connect (retrying while the broker is unreachable), subscribe to
+        commands, read the cancellation set, then start taking jobs."""
+        if self._started:
+            return
+        self._started = True
+        await self._connect()
+        self._commands, cancelled = await self._transport.consume_commands(
+            self.id, self._on_command
+        )
+        self._cancelled.update(cancelled)
+        self._tasks.append(spawn(self._outbox.pump(), name="orchestratr-events", logger=log))
+        self._outbox.publish(self._heartbeat_event())
+        self._consumer = await self._transport.consume_jobs(self.max_workers, self._on_delivery)
+        self._tasks.append(spawn(self._heartbeats(), name="orchestratr-hb", logger=log))
+        self._plugins.notify(
+            "server_joined", server_id=self.id, name=self.name, max_workers=self.max_workers
+        )
+        log.info(
+            "server started id=%s name=%s max_workers=%d", self.id, self.name, self.max_workers
+        )
+
+    async def stop(self, *, handover: bool = True) -> None:
+        """Stop gracefully: take no more jobs, stop every job cooperatively (hard
+        after ``stop_grace``), hand their messages back to the queue so other
+        servers take them at once, say goodbye, close the transport."""
+        if self._stopped.is_set():
+            return
+        self._draining = True
+        if self._consumer is not None:
+            try:
+                await self._consumer.close()
+            except Exception as exc:  # a broken transport must not stop the hand-over
+                log.warning("could not cancel the job consumer: %s", exc)
+        reason = p.StopReason.RELEASED if handover else p.StopReason.LOST
+        runs = list(self._runs.values())
+        for run in runs:
+            run.request_stop(reason)
+        await self._wait_runs(runs)
+        if self._consumer is not None:  # it got as far as taking jobs: say goodbye
+            self._outbox.publish(p.ServerLeft(server_id=self.id, at=time.time()))
+            await self._outbox.flush(5.0)
+        await self._shutdown()
+        self._plugins.notify("server_left", server_id=self.id, name=self.name, reason="stopped")
+        log.info("server stopped id=%s", self.id)
+
+    async def kill(self) -> None:
+        """Die abruptly, as ``kill -9`` would: no hand-over, no goodbye. The broker
+        gives the held messages to other servers (:meth:`Transport.crash`). For
+        tests and the demo."""
+        if self._stopped.is_set():
+            return
+        self._draining = True
+        self._outbox.closed = True  # a killed server says nothing more
+        for run in self._runs.values():
+            run.request_stop(p.StopReason.LOST, hard=True)
+        crashing = self._transport.crash()
+        if crashing is not None:
+            await crashing
+        await self._wait_runs(list(self._runs.values()))
+        await self._shutdown()
+
+    async def run_forever(self, *, install_signal_handlers: bool = True) -> None:
+        """Start, run until SIGTERM/SIGINT (or a drain command), then stop gracefully."""
+        self._shutdown_requested = asyncio.Event()
+        await run_until_signal(
+            self.start,
+            self.stop,
+            stopped=self._stopped,
+            requested=self._shutdown_requested,
+            install_signal_handlers=install_signal_handlers,
+        )
+
+    # -- start-up and shutdown ----------------------------------------------------------
+
+    async def _connect(self) -> None:
+        async for attempt in retrying(
+            "reach the broker", maximum=self.options.connect_retry_max, logger=log
+        ):
+            with attempt:
+                await self._transport.connect()
+
+    async def _shutdown(self) -> None:
+        self._stopped.set()
+        await cancel_and_log(self._tasks, logger=log)
+        self._tasks.clear()
+        if self._commands is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await self._commands.close()
+        with contextlib.suppress(OrchestratrError, OSError):
+            await self._transport.close()
+        await self._runner.close()
+
+    async def _wait_runs(self, runs: list[Run]) -> None:
+        tasks = [run.task for run in runs if run.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.options.stop_grace + 5.0)
+
+    # -- deliveries -----------------------------------------------------------------------
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        message = delivery.message
+        fence = make_fence(message.generation, delivery.delivery_count)
+        if self._draining:
+            await self._settle(delivery, release=True)
+            return
+        if message.job_id in self._cancelled:
+            log.info("dropping cancelled job job_id=%s fence=%d", message.job_id, fence)
+            if await self._settle(delivery, release=False):
+                self._outbox.publish(
+                    p.JobDiscarded(
+                        server_id=self.id, job_id=message.job_id, fence=fence, at=time.time()
+                    )
+                )
+            return
+        previous = self._runs.get(message.job_id)
+        if previous is not None:
+            if previous.arg.fence >= fence:
+                # A duplicate copy with an older token: drop it, keep what runs.
+                log.warning(
+                    "dropping duplicate delivery job_id=%s fence=%d (running fence=%d)",
+                    message.job_id,
+                    fence,
+                    previous.arg.fence,
+                )
+                await self._settle(delivery, release=False)
+                return
+            previous.request_stop(p.StopReason.SUPERSEDED)
+        arg = JobArgument(
+            job_id=message.job_id, name=message.name, argument=message.argument, fence=fence
+        )
+        run = Run(
+            delivery=delivery,
+            arg=arg,
+            token=StopToken(lease=_lease_of(delivery)),
+            heartbeat_timeout=message.heartbeat_timeout,
+        )
+        self._runs[message.job_id] = run
+        run.task = asyncio.create_task(
+            self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
+        )
+
+    async def _settle(self, delivery: Delivery, *, release: bool) -> bool:
+        try:
+            if release:
+                await delivery.release()
+            else:
+                await delivery.ack()
+        except DeliveryLost:
+            return False
+        except (OrchestratrError, OSError) as exc:
+            log.warning("could not settle a delivery: %s", exc)
+            return False
+        return True
+
+    async def _supervise(self, run: Run, previous: Run | None) -> None:
+        """Run one job until it is stopped, restarting it after failures."""
+        arg = run.arg
+        run.watch_loss()
+        forced = False
+        error: str | None = None
+        try:
+            if previous is not None and previous.task is not None:
+                # Never two copies in one process: wait for the older copy to end.
+                await asyncio.wait({previous.task})
+            attempt = 0
+            while run.stop_reason is None:
+                began = time.time()
+                run.last_heartbeat = None
+                self._emit(
+                    p.JobStarted(
+                        server_id=self.id,
+                        job_id=arg.job_id,
+                        fence=arg.fence,
+                        at=began,
+                        restarts=run.restarts,
+                    ),
+                    arg.name,
+                )
+                job_task: asyncio.Task[None] = asyncio.create_task(
+                    self._runner.run(self._job, arg, run.token, run.beat)
+                )
+                job_task.add_done_callback(run.alert)
+                outcome = await run.wait_job(job_task, began)
+                if outcome is Outcome.STOP:
+                    forced = await self._stop_job(run, job_task)
+                    break
+                if outcome is Outcome.WATCHDOG:
+                    forced = await self._stop_job(run, job_task)
+                    error = f"watchdog: no heartbeat() within {run.heartbeat_timeout} s"
+                    run.token = StopToken(lease=_lease_of(run.delivery))
+                elif run.token.lease_expired:
+                    # The job saw its lease run out and returned: that is a loss,
+                    # never a completion (the broker may have given it away).
+                    if not job_task.cancelled():
+                        job_task.exception()  # retrieved: it may have raised while stopping
+                    run.request_stop(p.StopReason.LOST, hard=True)
+                    break
+                elif job_task.exception() is None:
+                    run.request_stop(p.StopReason.COMPLETED)
+                    break
+                else:
+                    exc = job_task.exception()
+                    assert exc is not None
+                    error = _describe(exc)
+                if time.time() - began >= self.options.restart_reset_after:
+                    attempt = 0
+                attempt += 1
+                run.restarts += 1
+                delay = backoff_delay(
+                    attempt, self.options.restart_initial, self.options.restart_max
+                )
+                log.warning(
+                    "job failed job_id=%s fence=%d restarts=%d retry_in=%.1fs error=%s",
+                    arg.job_id,
+                    arg.fence,
+                    run.restarts,
+                    delay,
+                    error,
+                )
+                self._emit(
+                    p.JobFailed(
+                        server_id=self.id,
+                        job_id=arg.job_id,
+                        fence=arg.fence,
+                        error=error,
+                        restarts=run.restarts,
+                        retry_in=delay,
+                        at=time.time(),
+                    ),
+                    arg.name,
+                )
+                retry_at = time.monotonic() + delay
+                while run.stop_reason is None and (wait := retry_at - time.monotonic()) > 0:
+                    await run.sleep(wait)
+        except asyncio.CancelledError:
+            run.request_stop(p.StopReason.LOST, hard=True)
+            raise
+        finally:
+            run.unwatch_loss()
+            if self._runs.get(arg.job_id) is run:
+                del self._runs[arg.job_id]
+            self._gc.ended += 1
+            await self._finish(run, forced=forced, error=error)
+            self._update_capacity()
+
+    async def _stop_job(self, run: Run, job_task: asyncio.Task[None]) -> bool:
+        """Stop the job function; True if it had to be cancelled hard."""
+        run.token.request_stop((run.stop_reason or p.StopReason.WATCHDOG).value)
+        grace_until = time.monotonic() + self.options.stop_grace
+        # A loss during the grace (stop_hard) ends it at once: the broker may
+        # already hand the message to another server.
+        while not run.stop_hard and not job_task.done():
+            wait = grace_until - time.monotonic()
+            if wait <= 0:
+                break
+            await run.sleep(wait)
+        if job_task.done():
+            if not job_task.cancelled():
+                job_task.exception()  # retrieved: a job may raise while stopping
+            return False
+        job_task.cancel()
+        await asyncio.wait({job_task}, timeout=1.0)
+        if not run.stop_hard:
+            log.warning(
+                "job ignored its stop token for %.1f s and was cancelled hard job_id=%s fence=%d",
+                self.options.stop_grace,
+                run.arg.job_id,
+                run.arg.fence,
+            )
+        return True
+
+    async def _finish(self, run: Run, *, forced: bool, error: str | None) -> None:
+        reason = run.stop_reason or p.StopReason.LOST
+        if reason is not p.StopReason.LOST and not run.delivery.lost.is_set():
+            release = reason in (p.StopReason.RELEASED, p.StopReason.WATCHDOG)
+            if not await self._settle(run.delivery, release=release):
+                reason = p.StopReason.LOST
+        self._emit(
+            p.JobStopped(
+                server_id=self.id,
+                job_id=run.arg.job_id,
+                fence=run.arg.fence,
+                reason=reason,
+                at=time.time(),
+                forced=forced,
+                error=error if reason is not p.StopReason.COMPLETED else None,
+            ),
+            run.arg.name,
+        )
+        log.info(
+            "job stopped job_id=%s fence=%d reason=%s forced=%s",
+            run.arg.job_id,
+            run.arg.fence,
+            reason.value,
+            forced,
+        )
+
+    def _update_capacity(self) -> None:
+        """Keep the prefetch at what this server can really run: threads that
+        ignored their stop token still occupy a worker."""
+        capacity = self.max_workers - self._runner.abandoned()
+        if self._hold is not None:
+            capacity = min(capacity, self._hold)
+        capacity = max(0, capacity)
+        if capacity != self._capacity and self._consumer is not None and not self._draining:
+            self._capacity = capacity
+            spawn(
+                self._consumer.set_capacity(capacity),
+                name="orchestratr-capacity",
+                logger=log,
+                keep=self._background,
+            )
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def _on_command(self, command: p.Command) -> None:
+        if isinstance(command, p.CancelJob):
+            self._cancelled.add(command.job_id)
+            run = self._runs.get(command.job_id)
+            if run is not None:
+                log.info("cancel job_id=%s fence=%d", command.job_id, run.arg.fence)
+                run.request_stop(p.StopReason.CANCELLED)
+        elif isinstance(command, p.StopJob):
+            run = self._runs.get(command.job_id)
+            if run is None:
+                return
+            if command.max_fence is not None and run.arg.fence > command.max_fence:
+                return
+            reason = command.reason
+            if reason is p.StopReason.CANCELLED:
+                self._cancelled.add(command.job_id)
+            if command.drop and reason is p.StopReason.RELEASED:
+                reason = p.StopReason.SUPERSEDED
+            log.info("stop job_id=%s fence=%d reason=%s", command.job_id, run.arg.fence, reason)
+            run.request_stop(reason)
+        elif isinstance(command, p.DrainServer):
+            log.info("drain requested")
+            if self._shutdown_requested is not None:
+                self._shutdown_requested.set()
+            else:
+                spawn(self.stop(), name="orchestratr-drain", logger=log, keep=self._background)
+        elif isinstance(command, p.ReleaseJobs):
+            self._hold = command.hold
+            self._hold_until = time.monotonic() + max(0.0, command.hold_for)
+            self._update_capacity()
+            asyncio.get_running_loop().call_later(max(0.0, command.hold_for), self._end_hold)
+            # Release the jobs that have been here longest: a job that just
+            # arrived (perhaps moved by the previous round) never moves twice.
+            runs = sorted(
+                (r for r in self._runs.values() if r.stop_reason is None),
+                key=lambda r: r.started_at,
+            )
+            count = max(0, command.count)
+            if count:
+                log.info("rebalance: releasing %d job(s), holding %s", count, command.hold)
+            for run in runs[:count]:
+                run.request_stop(p.StopReason.RELEASED)
+
+    # -- events -------------------------------------------------------------------------
+
+    def _emit(self, event: p.JobStarted | p.JobFailed | p.JobStopped, name: str) -> None:
+        """Publish a job's event and tell the observers the same (``name`` is the
+        job's name, which the event does not carry)."""
+        self._outbox.publish(event)
+        job = {
+            "server_id": event.server_id,
+            "job_id": event.job_id,
+            "name": name,
+            "fence": event.fence,
+        }
+        if isinstance(event, p.JobStarted):
+            self._plugins.notify("job_started", **job, restarts=event.restarts)
+        elif isinstance(event, p.JobFailed):
+            self._plugins.notify(
+                "job_failed",
+                **job,
+                error=event.error,
+                restarts=event.restarts,
+                retry_in=event.retry_in,
+            )
+        else:
+            self._plugins.notify(
+                "job_stopped", **job, reason=event.reason.value, forced=event.forced
+            )
+
+    def _heartbeat_event(self) -> p.ServerHeartbeat:
+        jobs = tuple([run.reported() for run in self._runs.values() if run.stop_reason is None])
+        return p.ServerHeartbeat(
+            server_id=self.id,
+            name=self.name,
+            max_workers=self.max_workers,
+            started_at=self._started_at,
+            sent_at=time.time(),
+            host=_HOST,
+            pid=os.getpid(),
+            draining=self._draining,
+            jobs=jobs,
+        )
+
+    def _end_hold(self) -> None:
+        """A rebalancing cap is temporary: lift it once its time is up."""
+        if self._hold is not None and time.monotonic() >= self._hold_until - 0.001:
+            self._hold = None
+            self._update_capacity()
+
+    async def _heartbeats(self) -> None:
+        """Heartbeat for as long as the server lives: a failure is logged and the
+        loop starts again (:func:`keep_running`), never ending the heartbeats."""
+        await keep_running(self._heartbeat_loop, name="the heartbeat loop", logger=log)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.heartbeat_interval)
+            self._outbox.publish(self._heartbeat_event())
+            if self.options.freeze_gc:
+                self._gc.tend(len(self._runs))
+
+
+_HOST = socket.gethostname()
+
+
+def _lease_of(delivery: Delivery) -> Callable[[], float]:
+    return lambda: delivery.valid_until
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line-ish description of a job's exception, with its last frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    text = f"{type(exc).__name__}: {exc}{where}"
+    return text[:MAX_ERROR_LENGTH]  # longer is malformed on the wire

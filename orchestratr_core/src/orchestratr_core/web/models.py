@@ -1,0 +1,199 @@
+"""The web API's models (what it reads and answers), the checks that keep odd
+input away from the storage, and the problem documents of its OpenAPI document."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from orchestratr_core.job import MAX_NAME_LENGTH, JobRecord, JobStatus, ServerRecord, ServerStatus
+from orchestratr_core.web.problems import ApiProblem, Problem
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "CreateJob",
+    "Health",
+    "HistoryOut",
+    "JobOut",
+    "JobPageOut",
+    "ServerJobOut",
+    "ServerOut",
+    "job_out",
+    "plain",
+    "problem_responses",
+    "server_out",
+]
+
+MAX_ID_LENGTH = 200
+"""Longest job or server id the API looks up."""
+
+
+# -- API models ---------------------------------------------------------------------------
+
+
+class CreateJob(BaseModel):
+    """A request to create a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Typed loosely on purpose: the core's validation answers, with the very
+    # message the Python client raises ("job name must be a string, not int").
+    name: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        description=f"Unique among jobs that are not deleted; 1 to {MAX_NAME_LENGTH} "
+        "characters, not blank, no surrounding white space, no control characters",
+        examples=["feed-follower-42"],
+    )
+    argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        default="", description="Passed to the job function (up to 64 KiB of UTF-8)"
+    )
+
+
+class JobOut(BaseModel):
+    """A job."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    argument: str
+    status: JobStatus
+    server_id: str | None = Field(description="The server running it, if any")
+    fence: int = Field(description="Fencing token of the current ownership; only ever grows")
+    generation: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    last_heartbeat: datetime | None
+    restarts: int = Field(description="How often the job function failed and was restarted")
+    last_error: str | None
+    reason: str | None = Field(description="Why the job last changed status, when not obvious")
+
+
+class JobPageOut(BaseModel):
+    """One page of jobs, in creation order."""
+
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page")
+    total: int | None = Field(description="Jobs matching the filters (when `total=true`)")
+
+
+class ServerJobOut(BaseModel):
+    """A job running on a server."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    status: JobStatus
+    fence: int
+    restarts: int
+    last_heartbeat: datetime | None
+
+
+class ServerOut(BaseModel):
+    """A server with the jobs it runs."""
+
+    id: str
+    name: str
+    status: ServerStatus
+    max_workers: int = Field(description="Capacity: most jobs it runs at once")
+    running: int = Field(description="Jobs it runs now")
+    load: float = Field(description="running / max_workers")
+    started_at: datetime
+    last_seen: datetime = Field(description="Its last heartbeat")
+    heartbeat_age: float = Field(description="Seconds since its last heartbeat")
+    host: str
+    pid: int
+    jobs: list[ServerJobOut]
+
+
+class HistoryOut(BaseModel):
+    """Running jobs per server over the last minutes."""
+
+    interval: float
+    window: float
+    names: dict[str, str] = Field(description="server id -> server name")
+    samples: list[dict[str, Any]] = Field(
+        description="oldest first: {t: epoch seconds, running: {server id: jobs}}"
+    )
+
+
+class Health(BaseModel):
+    """Liveness of the API process."""
+
+    status: str
+    auth: str = Field(description="'token' or 'loopback' (open to this host only)")
+
+
+def server_out(server: ServerRecord) -> ServerOut:
+    running = sum(1 for j in server.running if j.status is JobStatus.PROCESSING)
+    age = max(0.0, (datetime.now(UTC) - server.last_seen).total_seconds())
+    return ServerOut(
+        id=server.id,
+        name=server.name,
+        status=server.status,
+        max_workers=server.max_workers,
+        running=running,
+        load=running / server.max_workers if server.max_workers else 0.0,
+        started_at=server.started_at,
+        last_seen=server.last_seen,
+        heartbeat_age=round(age, 3),
+        host=server.host,
+        pid=server.pid,
+        jobs=[ServerJobOut.model_validate(j) for j in server.running],
+    )
+
+
+def job_out(job: JobRecord) -> JobOut:
+    return JobOut.model_validate(job)
+
+
+# -- input checks that keep odd bytes away from the storage ---------------------------
+
+
+def plain(value: str, what: str, *, status: int) -> str:
+    """``value`` if it is short and free of control characters, else a problem."""
+    bad = len(value) > MAX_ID_LENGTH or any(
+        unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn") for c in value
+    )
+    if bad:
+        if status == 404:
+            raise ApiProblem(
+                404, "Not found", f"no {what} with id {value[:80]!r}", kind="not-found"
+            )
+        raise ApiProblem(
+            422,
+            "Invalid request",
+            f"{what} must be at most {MAX_ID_LENGTH} characters without control characters",
+            kind="invalid-job-input",
+        )
+    return value
+
+
+# -- problem documents in the OpenAPI document ------------------------------------------
+
+
+_PROBLEM_CONTENT = {
+    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+_DESCRIBED = {
+    400: "Malformed request",
+    401: "Missing or invalid bearer token",
+    403: "No token configured and not bound to loopback (or behind a proxy)",
+    404: "No such job or server",
+    409: "A job of this name exists",
+    413: "Request body larger than the limit",
+    422: "Rejected by validation",
+    503: "Storage or broker unavailable",
+}
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for problem documents with these status codes."""
+    return {
+        code: {"model": Problem, "description": _DESCRIBED[code], "content": _PROBLEM_CONTENT}
+        for code in sorted({401, 403, 413, 422, 503, *codes})
+    }
