@@ -18,7 +18,7 @@ from orchestratr_core.plugin.spec import hookimpl
 from orchestratr_core.runner import AsyncJobRunner
 from orchestratr_core.transport import Transport
 from orchestratr_memory.transport import MemoryTransport
-from tests.core.conftest import FAST_SERVER, Cluster, eventually
+from tests.support.cluster import FAST_SERVER, Cluster, eventually
 
 
 class _FaultyTransport(MemoryTransport):
