@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from orchestratr_core.backend_urls import DEFAULT_SQLITE_URL
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -43,6 +44,10 @@ from orchestratr_core.plugin.manager import BackendSpec
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.retry import backoff_delay
 from orchestratr_core.storage import (
+    REASON_CANCEL_REQUESTED,
+    REASON_NOT_REPORTED,
+    REASON_SERVER_DEAD,
+    REASON_SERVER_LEFT,
     OutboxItem,
     OutboxKind,
     Storage,
@@ -76,10 +81,6 @@ _TRANSITION_QUERY = {
     JobEvent.CONFIRM_DELETED: "transition_confirm_deleted",
 }
 """Which guarded UPDATE of common.sql implements which row of TRANSITIONS."""
-
-REASON_NOT_REPORTED = "not reported by its server"
-REASON_SERVER_DEAD = "server dead"
-REASON_SERVER_LEFT = "server left"
 
 
 def backend_error(
@@ -469,7 +470,7 @@ class SqlStorage(Storage):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """Guarded ``CANCEL`` plus a ``cancel`` outbox row, in one transaction."""
-        values = {"id": job_id, "now": self._t(now), "reason": None}
+        values = {"id": job_id, "now": self._t(now), "reason": REASON_CANCEL_REQUESTED}
 
         async def cancel(conn: Connection) -> tuple[JobRecord, bool]:
             changed = await conn.execute(self._q["transition_cancel"], values)
@@ -871,7 +872,7 @@ def make_connector(url: DatabaseUrl) -> tuple[Connector, Dialect]:
 
 def storage_from_url(url: str, **options: Any) -> SqlStorage:
     """A (not yet opened) storage for a database URL, e.g.
-    ``storage_from_url("sqlite:///orchestratr.db")``. ``options`` override URL
+    ``storage_from_url("sqlite:///orchestratr.sqlite3")``. ``options`` override URL
     parameters (see :class:`~orchestratr_sql.url.StorageOptions`)."""
     parsed = parse_url(url, options)
     connector, dialect = make_connector(parsed)
@@ -899,7 +900,7 @@ def build_storage(
 
 
 _EXAMPLES = {
-    "sqlite": "sqlite:///orchestratr.db",
+    "sqlite": DEFAULT_SQLITE_URL,
     "postgresql": "postgresql://user:password@host:5432/dbname",
     "mysql": "mysql://user:password@host:3306/dbname",
     "sqlserver": "mssql://user:password@host:1433/dbname?driver=ODBC+Driver+18+for+SQL+Server",

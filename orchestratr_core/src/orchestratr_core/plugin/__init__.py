@@ -19,13 +19,12 @@ observe every process (metrics, logging) register under
 from __future__ import annotations
 
 from orchestratr_core.plugin.manager import (
-    BackendSpec,
     PluginManager,
     get_plugin_manager,
     make_storage,
     make_transport,
 )
-from orchestratr_core.plugin.spec import PROJECT_NAME, hookimpl, hookspec
+from orchestratr_core.plugin.spec import PROJECT_NAME, BackendSpec, hookimpl, hookspec
 
 __all__ = [
     "PROJECT_NAME",
