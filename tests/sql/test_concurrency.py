@@ -10,10 +10,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sql_helpers import storage_from_url
 
 from orchestratr_core.errors import DuplicateJobName
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, NewJob, new_id, utcnow
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
 
 CONTENDERS = 50
 LEASE = timedelta(seconds=30)

@@ -9,11 +9,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sql_helpers import heartbeat
+from sql_helpers import heartbeat, storage_from_url
 
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, NewJob, new_id, utcnow
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
 from orchestratr_sql.connection import Connection
 
 

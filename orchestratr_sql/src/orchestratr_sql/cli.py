@@ -44,7 +44,7 @@ def _sql_url(args: argparse.Namespace, *, must_exist: bool) -> str:
 
 
 async def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from orchestratr_sql.schema import upgrade
+    from orchestratr_sql.admin import upgrade
 
     url = _sql_url(args, must_exist=False)
     applied = plain(await upgrade(url))
@@ -58,7 +58,7 @@ async def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 async def _cmd_db_status(args: argparse.Namespace) -> int:
-    from orchestratr_sql.schema import status
+    from orchestratr_sql.admin import status
 
     url = _sql_url(args, must_exist=True)
     result = plain(await status(url))
