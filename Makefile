@@ -1,10 +1,11 @@
 # OrchestratR for Python: one virtual environment at .venv/, made and reused here.
 #
 #   make demo        run the one-process demo (needs only Python 3.11+)
-#   make test        install, start the services, ruff, mypy, the default test suite
+#   make test        install, start the services, ruff, mypy, import-linter, the default test suite
 #   make install     .venv/ with every distribution (editable), every extra, dev tools
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy (strict, configured in pyproject.toml)
+#   make layers      import-linter: the layer contracts in pyproject.toml
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
@@ -30,7 +31,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck layers format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -64,6 +65,7 @@ test: install services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	@rc=0; $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit status 5)" >&2; fi; \
 	exit $$rc
@@ -96,6 +98,9 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+layers: install
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff format .

@@ -15,7 +15,8 @@ import pluggy
 from orchestratr_core.display import mask_url
 from orchestratr_core.errors import ConfigurationError, PluginNotFound
 from orchestratr_core.plugin import spec as _spec
-from orchestratr_core.plugin.spec import PROJECT_NAME, BackendSpec, CommandParents
+from orchestratr_core.plugin.spec import PROJECT_NAME, BackendSpec, CommandParents, hookimpl
+from orchestratr_core.runner import default_runner
 
 if TYPE_CHECKING:
     from orchestratr_core.runner import JobRunner
@@ -47,6 +48,15 @@ def blocked_names() -> frozenset[str]:
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
 
 
+class _DefaultRunner:
+    """The core's own ``orchestratr_make_runner``, asked after every plugin's."""
+
+    @hookimpl(trylast=True)
+    def orchestratr_make_runner(self, func: Callable[..., Any]) -> JobRunner | None:
+        """Coroutine functions as tasks, anything else in a thread."""
+        return default_runner(func)
+
+
 class PluginManager:
     """Finds, loads and calls OrchestratR plugins."""
 
@@ -58,9 +68,7 @@ class PluginManager:
         self._commands_loaded = False
         for name in blocked_names():
             self._pm.set_blocked(name)
-        from orchestratr_core import runner
-
-        self._pm.register(runner, name="orchestratr_core.runner")
+        self._pm.register(_DefaultRunner(), name="orchestratr_core.runner")
 
     # -- discovery ----------------------------------------------------------------
 
