@@ -31,7 +31,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck layers format services clean
+.PHONY: help install demo test test-slow chaos bench bench-quick docs-images lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -99,6 +99,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+.PHONY: layers
 layers: install
 	$(BIN)/lint-imports --no-cache
 
