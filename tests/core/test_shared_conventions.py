@@ -5,6 +5,7 @@ orchestratr-sql and goes away when that command module is blocked)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -12,12 +13,14 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from orchestratr_core.backend_urls import DEFAULT_SQLITE_FILE, sqlite_url
+from orchestratr_core.errors import PluginNotFound
 from orchestratr_core.job import JobStatus, NewJob, new_id, utcnow
-from orchestratr_core.plugin import PluginManager
+from orchestratr_core.plugin import CommandParents, PluginManager
 from orchestratr_core.protocol import RunningJob, ServerHeartbeat
 from orchestratr_core.storage import (
     REASON_CANCEL_REQUESTED,
@@ -154,3 +157,17 @@ def test_a_plugin_adds_a_command_that_runs_like_the_cores_own() -> None:
     failed = _run("greet", "nobody", code=_GREETER)
     assert failed.returncode == 2
     assert failed.stderr.strip() == "orchestratr: error: nobody to greet"
+
+
+def test_a_command_module_is_not_a_backend() -> None:
+    pm = PluginManager()
+    pm.add_commands(*_parser_parts())
+    with pytest.raises(PluginNotFound, match="unknown plugin 'sql'"):
+        pm.make_storage("sql")
+
+
+def _parser_parts() -> tuple[Any, CommandParents]:
+    from orchestratr_core.cli.parser import command_parents
+
+    parser = argparse.ArgumentParser()
+    return parser.add_subparsers(), command_parents()

@@ -124,12 +124,11 @@ class PluginManager:
         if plugin_name in self._loaded:
             return self._loaded[plugin_name]
         self._refuse_blocked(plugin_name)
+        available = self.available()
+        if plugin_name not in available:  # an extension or command module is no backend
+            raise PluginNotFound(_unknown("plugin", plugin_name, sorted(available)))
+        self._pm.load_setuptools_entrypoints(BACKEND_GROUP, name=plugin_name)
         plugin = self._pm.get_plugin(plugin_name)
-        if plugin is None:
-            self._pm.load_setuptools_entrypoints(BACKEND_GROUP, name=plugin_name)
-            plugin = self._pm.get_plugin(plugin_name)
-        if plugin is None:
-            raise PluginNotFound(_unknown("plugin", plugin_name, sorted(self.available())))
         self._loaded[plugin_name] = plugin
         return plugin
 
