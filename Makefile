@@ -1,10 +1,11 @@
 # OrchestratR for Python: one virtual environment at .venv/, made and reused here.
 #
 #   make demo        run the one-process demo (needs only Python 3.11+)
-#   make test        install, start the services, ruff, mypy, the default test suite
+#   make test        install, start the services, ruff, mypy, import-linter, the default test suite
 #   make install     .venv/ with every distribution (editable), every extra, dev tools
 #   make lint        ruff check + ruff format --check
 #   make typecheck   mypy (strict, configured in pyproject.toml)
+#   make layers      import-linter: the layer contracts in pyproject.toml
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
@@ -65,6 +66,7 @@ test: install services
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	@rc=0; $(BIN)/pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (exit status 5)" >&2; fi; \
 	exit $$rc
@@ -100,6 +102,10 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy
+
+.PHONY: layers
+layers: install
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff format .

@@ -13,7 +13,8 @@ import pytest
 
 from orchestratr_core.errors import DuplicateJobName
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, NewJob, new_id, utcnow
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
+from tests.support.sql import storage_from_url
 
 CONTENDERS = 50
 LEASE = timedelta(seconds=30)

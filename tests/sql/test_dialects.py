@@ -12,9 +12,9 @@ import pytest
 
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, NewJob, new_id, utcnow
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
 from orchestratr_sql.connection import Connection
-from tests.support.sql import heartbeat
+from tests.support.sql import heartbeat, storage_from_url
 
 
 @pytest.fixture

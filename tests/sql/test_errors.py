@@ -22,9 +22,9 @@ from orchestratr_core.errors import (
 from orchestratr_core.job import JobEvent, NewJob, new_id, utcnow
 from orchestratr_core.plugin.manager import PluginManager
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_sql import SqlStorage, status, storage_from_url
+from orchestratr_sql import SqlStorage, status
 from orchestratr_sql.connection import Connection, Connector, ErrorKind
-from orchestratr_sql.storage import make_connector
+from orchestratr_sql.factory import make_connector
 from orchestratr_sql.url import parse_url
 from tests.support.sql import (
     MYSQL_SERVER,
@@ -33,6 +33,7 @@ from tests.support.sql import (
     mysql_admin,
     odbc_mysql_url,
     pg_admin,
+    storage_from_url,
 )
 
 SECRET = "Sup3r-s3cret-pw"

@@ -16,9 +16,9 @@ import pytest
 from orchestratr_core.errors import DuplicateJobName
 from orchestratr_core.job import JobQuery, JobStatus, NewJob, new_id, utcnow
 from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxKind
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
 from orchestratr_sql.connection import Connection, Connector
-from tests.support.sql import heartbeat
+from tests.support.sql import heartbeat, storage_from_url
 
 STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 

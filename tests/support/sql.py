@@ -15,12 +15,17 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
 from orchestratr_core.job import utcnow
 from orchestratr_core.protocol import RunningJob, ServerHeartbeat
-from orchestratr_sql import SqlStorage, storage_from_url
+from orchestratr_sql import SqlStorage
+from orchestratr_sql import storage_from_url as sql_storage_from_url
+from orchestratr_sql.dialect import get_dialect
+from orchestratr_sql.factory import make_connector
+from orchestratr_sql.url import parse_url
 
 PG_SERVER = os.environ.get("ORCHESTRATR_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 PG_DATABASE = os.environ.get("ORCHESTRATR_TEST_PG_DB", "test")
@@ -28,6 +33,25 @@ MYSQL_SERVER = os.environ.get("ORCHESTRATR_TEST_MYSQL", "mysql://root@127.0.0.1:
 RUN_ID = uuid.uuid4().hex[:10]
 
 TABLES_IN_DELETE_ORDER = ("outbox", "jobs", "servers", "leases")
+
+
+TEST_DIALECT_OPTION = "sql_dialect"
+"""The tests' own URL option: on an ``mssql://`` URL, run this dialect's SQL through
+the aioodbc connector (the SQL Server plugin's, tested against MariaDB)."""
+
+
+def storage_from_url(url: str, **options: Any) -> SqlStorage:
+    """:func:`orchestratr_sql.storage_from_url`, plus :data:`TEST_DIALECT_OPTION`."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    dialect = dict(query).get(TEST_DIALECT_OPTION)
+    if dialect is None:
+        return sql_storage_from_url(url, **options)
+    rest = [(key, value) for key, value in query if key != TEST_DIALECT_OPTION]
+    parsed = parse_url(urlunsplit(parts._replace(query=urlencode(rest))), options)
+    connector, _ = make_connector(parsed)
+    connector.product = f"{dialect} via ODBC"
+    return SqlStorage(connector, get_dialect(dialect))
 
 
 def unique_name(prefix: str) -> str:

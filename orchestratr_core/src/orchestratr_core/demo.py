@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from orchestratr_core.cli import sqlite_url
+from orchestratr_core.backend_urls import sqlite_url
 from orchestratr_core.errors import MissingDriver, PluginNotFound
 from orchestratr_core.examples import ticker
 from orchestratr_core.job import JobArgument, JobQuery, JobStatus, ServerQuery, ServerStatus

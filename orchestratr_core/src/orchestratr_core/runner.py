@@ -1,7 +1,7 @@
 """How a job function is executed: the runner contract, the stop token, and the
 two built-in runners (asyncio task for coroutine functions, a thread for blocking
-functions). Registered as a plugin like any other, so a third party can supply
-its own runner through the ``orchestratr_make_runner`` hook."""
+functions). :func:`default_runner` is asked last through the
+``orchestratr_make_runner`` hook, so a third party can supply its own runner."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 from orchestratr_core.job import JobArgument
-from orchestratr_core.plugin.spec import hookimpl
 
 __all__ = [
     "AsyncJobRunner",
@@ -25,6 +24,7 @@ __all__ = [
     "JobRunner",
     "StopToken",
     "ThreadJobRunner",
+    "default_runner",
 ]
 
 Heartbeat = Callable[[], None]
@@ -247,9 +247,9 @@ class ThreadJobRunner(JobRunner):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-@hookimpl(trylast=True)
-def orchestratr_make_runner(func: Callable[..., Any]) -> JobRunner | None:
-    """Default: coroutine functions as tasks, anything else in a thread."""
+def default_runner(func: Callable[..., Any]) -> JobRunner:
+    """The core's choice (asked last, through ``orchestratr_make_runner``): coroutine
+    functions as tasks, anything else in a thread."""
     target: object = func if inspect.isroutine(func) else type(func).__call__
     if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(target):
         return AsyncJobRunner()

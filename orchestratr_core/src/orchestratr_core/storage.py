@@ -58,6 +58,10 @@ from orchestratr_core.protocol import ServerHeartbeat
 
 __all__ = [
     "HEARTBEAT_REFRESH_STEP",
+    "REASON_CANCEL_REQUESTED",
+    "REASON_NOT_REPORTED",
+    "REASON_SERVER_DEAD",
+    "REASON_SERVER_LEFT",
     "OutboxItem",
     "OutboxKind",
     "Storage",
@@ -72,6 +76,17 @@ untouched while the stored ``last_heartbeat`` is less than this much older than
 the reported one: a job's ``last_heartbeat`` (and ``updated_at``) is exact to
 within this step, not to the heartbeat period. Server liveness is the server
 row's ``last_seen``, which every heartbeat writes."""
+
+
+# The job reasons (``JobRecord.reason``) every storage writes for the same event.
+REASON_CANCEL_REQUESTED = "cancel requested"
+"""A client asked to cancel the job (``CANCEL``)."""
+REASON_NOT_REPORTED = "not reported by its server"
+"""The job's server sent a heartbeat without it (``RELEASE``)."""
+REASON_SERVER_DEAD = "server dead"
+"""The job's server missed its heartbeats (``SERVER_LOST``)."""
+REASON_SERVER_LEFT = "server left"
+"""The job's server said it stopped (``SERVER_LOST``)."""
 
 
 class OutboxKind(enum.StrEnum):

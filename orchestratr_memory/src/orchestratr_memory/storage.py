@@ -48,6 +48,10 @@ from orchestratr_core.job import (
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.storage import (
     HEARTBEAT_REFRESH_STEP,
+    REASON_CANCEL_REQUESTED,
+    REASON_NOT_REPORTED,
+    REASON_SERVER_DEAD,
+    REASON_SERVER_LEFT,
     OutboxItem,
     OutboxKind,
     Storage,
@@ -60,10 +64,6 @@ __all__ = ["MemoryStorage"]
 _RUNNING = frozenset({JobStatus.PROCESSING, JobStatus.DELETING})
 _LIVE_SERVER = frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING})
 
-_REASON_CANCEL = "cancel requested"
-_REASON_NOT_REPORTED = "not in its server's heartbeat"
-_REASON_SERVER_DEAD = "server dead"
-_REASON_SERVER_LEFT = "server left"
 _REFRESH_STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 
 
@@ -342,7 +342,12 @@ class MemoryStorage(Storage):
             if row is None:
                 raise UnknownJob(job_id)
             applied, job = store.apply(
-                row, JobEvent.CANCEL, server_id=None, fence=0, now=now, reason=_REASON_CANCEL
+                row,
+                JobEvent.CANCEL,
+                server_id=None,
+                fence=0,
+                now=now,
+                reason=REASON_CANCEL_REQUESTED,
             )
             if applied:
                 store.add_outbox(job, OutboxKind.CANCEL, now, holder, lease_until)
@@ -435,7 +440,7 @@ class MemoryStorage(Storage):
                     refused.append(job)
                 elif running.last_heartbeat is not None:
                     store.put(job, dataclasses.replace(job, last_heartbeat=beat))
-            store.lose_jobs(server_id, now, _REASON_NOT_REPORTED, keep=reported)
+            store.lose_jobs(server_id, now, REASON_NOT_REPORTED, keep=reported)
             return refused
 
     async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:
@@ -451,7 +456,7 @@ class MemoryStorage(Storage):
             for server in sorted(expired, key=lambda s: (s.name, s.id)):
                 dead = dataclasses.replace(server, status=ServerStatus.DEAD)
                 store.servers[server.id] = dead
-                store.lose_jobs(server.id, now, _REASON_SERVER_DEAD)
+                store.lose_jobs(server.id, now, REASON_SERVER_DEAD)
                 marked.append(dead)
             return marked
 
@@ -463,7 +468,7 @@ class MemoryStorage(Storage):
             if server is None:
                 return False
             store.servers[server_id] = dataclasses.replace(server, status=ServerStatus.LEFT)
-            store.lose_jobs(server_id, now, _REASON_SERVER_LEFT)
+            store.lose_jobs(server_id, now, REASON_SERVER_LEFT)
             return True
 
     # -- outbox and leases -----------------------------------------------------------------

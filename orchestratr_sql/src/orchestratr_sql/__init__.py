@@ -8,7 +8,8 @@ own driver when a storage is built.
 
 from __future__ import annotations
 
-from orchestratr_sql.schema import status, upgrade
-from orchestratr_sql.storage import SqlStorage, storage_from_url
+from orchestratr_sql.admin import status, upgrade
+from orchestratr_sql.factory import storage_from_url
+from orchestratr_sql.storage import SqlStorage
 
 __all__ = ["SqlStorage", "status", "storage_from_url", "upgrade"]

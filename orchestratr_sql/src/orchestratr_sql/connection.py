@@ -10,8 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from orchestratr_sql.queries import ParamStyle, Query, compile_query
@@ -121,16 +120,6 @@ class Connector(abc.ABC):
     @abc.abstractmethod
     def classify(self, exc: BaseException) -> ErrorKind | None:
         """What ``exc`` means, or ``None`` for an error that is a bug (raise it)."""
-
-    @asynccontextmanager
-    async def _session_transaction(self, conn: Connection) -> AsyncIterator[Connection]:
-        await self.begin(conn)
-        try:
-            yield conn
-        except BaseException:
-            await self.rollback(conn)
-            raise
-        await self.commit(conn)
 
 
 def python_data_error(exc: BaseException) -> bool:

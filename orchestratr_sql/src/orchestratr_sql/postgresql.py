@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
+from orchestratr_sql.factory import build_storage
 from orchestratr_sql.queries import ParamStyle, Query
-from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
 
 if TYPE_CHECKING:

@@ -4,7 +4,8 @@ dialect (``migrations/<dialect>/NNNN_name.sql``), recorded in ``schema_version``
 Migrating takes a database-wide lock first (PostgreSQL advisory lock, MySQL
 ``GET_LOCK``, SQLite ``BEGIN IMMEDIATE``, SQL Server ``sp_getapplock``), so
 several managers opening one empty database at once apply each version once.
-``upgrade(url)`` and ``status(url)`` serve ``orchestratr db upgrade|status``.
+``upgrade(url)`` and ``status(url)`` (:mod:`orchestratr_sql.admin`) serve
+``orchestratr db upgrade|status``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 from orchestratr_core.errors import BackendUnavailable, OrchestratrError
 from orchestratr_sql.connection import Connection, Connector, ErrorKind
 from orchestratr_sql.dialect import Dialect
+from orchestratr_sql.errors import backend_error
 from orchestratr_sql.queries import load_queries, migration_files, split_statements
-from orchestratr_sql.url import parse_url
 
-__all__ = ["applied_versions", "guard", "latest_version", "migrate", "status", "upgrade"]
+__all__ = ["applied_versions", "guard", "latest_version", "migrate"]
 
 log = logging.getLogger("orchestratr.storage.sql")
 
@@ -110,61 +111,9 @@ async def migrate(
     return applied
 
 
-async def upgrade(url: str) -> list[str]:
-    """Bring the database at ``url`` to the newest schema version; return the
-    names of the versions applied (empty if it was up to date). Safe to run
-    while managers are starting: migrations take a lock."""
-    from orchestratr_sql.storage import SqlStorage, make_connector
-
-    connector, dialect = make_connector(parse_url(url, {"migrate": False}))
-    storage = SqlStorage(connector, dialect)
-    await storage.open()
-    try:
-        applied: list[str] = await guard(connector, migrate(connector, dialect))
-        return applied
-    finally:
-        await storage.close()
-
-
-async def status(url: str) -> dict[str, object]:
-    """The schema state of the database at ``url``: ``dialect``, ``url``
-    (masked), ``current`` (newest applied version name or ``None``), ``latest``,
-    ``applied`` and ``pending`` (version names), ``up_to_date``. Changes nothing."""
-    from orchestratr_sql.storage import SqlStorage, make_connector
-
-    connector, dialect = make_connector(parse_url(url, {"migrate": False}))
-    storage = SqlStorage(connector, dialect)
-    await storage.open()
-    try:
-
-        async def read() -> list[int]:
-            async with connector.session() as conn:
-                versions = await applied_versions(conn, connector, dialect)
-                await connector.commit(conn)
-                return versions
-
-        versions = set(await guard(connector, read()))
-    finally:
-        await storage.close()
-    names = {version: name for version, name, _ in migration_files(dialect.name)}
-    applied = [names.get(v, f"{v:04d}_unknown") for v in sorted(versions)]
-    pending = [name for version, name in sorted(names.items()) if version not in versions]
-    return {
-        "dialect": dialect.name,
-        "url": connector.url.masked,
-        "current": applied[-1] if applied else None,
-        "latest": names[max(names)] if names else None,
-        "applied": applied,
-        "pending": pending,
-        "up_to_date": not pending,
-    }
-
-
 async def guard(connector: Connector, work: Any) -> Any:
     """Await ``work``, turning classified driver errors into OrchestratR errors
     (permanent or unavailable), with the URL masked."""
-    from orchestratr_sql.storage import backend_error
-
     try:
         return await work
     except OrchestratrError:

@@ -17,11 +17,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestratr_core.backend_urls import DEFAULT_SQLITE_URL
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
+from orchestratr_sql.factory import build_storage
 from orchestratr_sql.queries import ParamStyle, Query
-from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_URL", "SQLiteConnector", "make_connector", "orchestratr_make_storage"]
 
-DEFAULT_URL = "sqlite:///orchestratr.db"
-"""Where the ``sqlite`` plugin keeps its data when given no URL."""
+DEFAULT_URL = DEFAULT_SQLITE_URL
+"""Where the ``sqlite`` plugin keeps its data when given no URL: the CLI's default file."""
 
 
 @hookimpl

@@ -7,8 +7,9 @@ connection-string keyword (``Encrypt=yes``, ``TrustServerCertificate=yes``).
 NOT VERIFIED against a real SQL Server (none could run where this was built):
 the T-SQL is parsed by the tests, and this connector -- pool, connection
 string, ``?`` parameters, error classification -- is tested against MariaDB and
-PostgreSQL through their Debian ODBC drivers, running their own dialect's SQL
-(``?sql_dialect=mysql``). See ``docs/sql.md``.
+PostgreSQL through their Debian ODBC drivers, running their own dialect's SQL (the
+tests build such a storage themselves: ``SqlStorage(OdbcConnector(url), mysql dialect)``).
+See ``docs/sql.md``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin import hookimpl
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, python_data_error
+from orchestratr_sql.factory import build_storage
 from orchestratr_sql.queries import ParamStyle, Query
-from orchestratr_sql.storage import build_storage
 from orchestratr_sql.url import DatabaseUrl
 
 if TYPE_CHECKING:
@@ -165,8 +166,6 @@ class OdbcConnector(Connector):
         self._microsoft = "sql server" in (url.driver or "").lower()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._connection_executors: set[concurrent.futures.ThreadPoolExecutor] = set()
-        if url.options.sql_dialect and url.options.sql_dialect != "sqlserver":
-            self.product = f"{url.options.sql_dialect} via ODBC"
 
     async def open(self) -> None:
         """Create the pool; its first connection proves the credentials."""

@@ -11,61 +11,37 @@ whether it applied; the row is then read back in the same transaction.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from orchestratr_core.errors import (
-    BackendUnavailable,
-    ConfigurationError,
-    DataRejected,
-    DuplicateJobName,
-    OrchestratrError,
-    PermanentBackendError,
-    UnknownJob,
-)
+from orchestratr_core.errors import BackendUnavailable, DuplicateJobName, UnknownJob
 from orchestratr_core.job import (
     JobEvent,
-    JobPage,
-    JobQuery,
     JobRecord,
-    JobStatus,
     NewJob,
-    ServerQuery,
     ServerRecord,
     ServerStatus,
     TransitionResult,
 )
-from orchestratr_core.plugin.manager import BackendSpec
 from orchestratr_core.protocol import ServerHeartbeat
-from orchestratr_core.retry import backoff_delay
 from orchestratr_core.storage import (
+    REASON_CANCEL_REQUESTED,
+    REASON_NOT_REPORTED,
+    REASON_SERVER_DEAD,
+    REASON_SERVER_LEFT,
     OutboxItem,
     OutboxKind,
-    Storage,
     check_heartbeat,
     check_transition,
 )
-from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
-from orchestratr_sql.dialect import Dialect, get_dialect
-from orchestratr_sql.queries import load_queries, multi_row_values, values_query
-from orchestratr_sql.url import DatabaseUrl, parse_url
+from orchestratr_sql.connection import Connection
+from orchestratr_sql.errors import backend_error
+from orchestratr_sql.queries import multi_row_values, values_query
+from orchestratr_sql.reads import SqlReads, job_listing_sql
 
-__all__ = [
-    "SqlStorage",
-    "backend_error",
-    "build_storage",
-    "job_listing_sql",
-    "make_connector",
-    "storage_from_url",
-]
-
-log = logging.getLogger("orchestratr.storage.sql")
-
-T = TypeVar("T")
+__all__ = ["SqlStorage", "backend_error", "job_listing_sql"]
 
 _TRANSITION_QUERY = {
     JobEvent.START: "transition_start",
@@ -77,218 +53,15 @@ _TRANSITION_QUERY = {
 }
 """Which guarded UPDATE of common.sql implements which row of TRANSITIONS."""
 
-REASON_NOT_REPORTED = "not reported by its server"
-REASON_SERVER_DEAD = "server dead"
-REASON_SERVER_LEFT = "server left"
 
-
-def backend_error(
-    connector: Connector, exc: BaseException, kind: ErrorKind, what: str
-) -> Exception:
-    """The OrchestratR error for a classified driver error: one line, URL
-    masked, driver text scrubbed of secrets."""
-    where = f"{connector.product} at {connector.url.masked}"
-    detail = scrub(str(exc) or type(exc).__name__, connector.url.secrets)
-    if kind is ErrorKind.AUTH:
-        return PermanentBackendError(
-            f"{where}: authentication failed, check the user and password ({detail})"
-        )
-    if kind is ErrorKind.UNKNOWN_DATABASE:
-        return PermanentBackendError(
-            f"{where}: the database does not exist, create it first ({detail})"
-        )
-    if kind is ErrorKind.DATA:
-        return DataRejected(f"{where} refused a value ({what}): {detail}"[:1000])
-    return BackendUnavailable(f"{where} is unavailable ({what}): {detail}")
-
-
-class SqlStorage(Storage):
+class SqlStorage(SqlReads):
     """A manager's storage on a SQL database.
 
-    Build one with :func:`storage_from_url` (or through the plugin manager) and
-    call :meth:`open` before use.
+    Build one with :func:`~orchestratr_sql.factory.storage_from_url` (or through the
+    plugin manager) and call :meth:`open` before use. Reads are in
+    :class:`~orchestratr_sql.reads.SqlReads`, the transaction plumbing in
+    :class:`~orchestratr_sql.base.SqlStorageBase`.
     """
-
-    def __init__(self, connector: Connector, dialect: Dialect) -> None:
-        self.connector = connector
-        self.dialect = dialect
-        self.url: DatabaseUrl = connector.url
-        self._q = load_queries(dialect.name, connector.style)
-        # PostgreSQL inserts a job and its outbox row in one statement.
-        self._one_statement_create = "create_job" in self._q
-        self._opened = False
-
-    def __repr__(self) -> str:
-        return f"SqlStorage({self.dialect.name}, {self.url.masked!r})"
-
-    # -- plumbing ---------------------------------------------------------------------
-
-    async def _run(
-        self,
-        what: str,
-        fn: Callable[[Connection], Awaitable[T]],
-        *,
-        write: bool = True,
-        on_unique: Callable[[], Exception] | None = None,
-        statement: bool = False,
-    ) -> T:
-        """Run ``fn`` in one transaction, retrying transient failures.
-        ``statement``: ``fn`` runs exactly one statement, which is atomic by
-        itself, so it may run without ``BEGIN``/``COMMIT`` where the driver
-        allows (:meth:`Connector.statement`)."""
-        options = self.url.options
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                if statement:
-                    scope = self.connector.statement(write=write)
-                else:
-                    scope = self.connector.transaction(write=write)
-                async with scope as conn:
-                    return await fn(conn)
-            except OrchestratrError:
-                raise
-            except Exception as exc:
-                kind = self.connector.classify(exc)
-                if kind is None:
-                    raise
-                if kind is ErrorKind.UNIQUE:
-                    if on_unique is None:
-                        raise
-                    raise on_unique() from None
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
-                    raise backend_error(self.connector, exc, kind, what) from None
-                if attempt >= options.retries:
-                    error = backend_error(self.connector, exc, kind, f"{what}, {attempt} attempts")
-                    log.error("%s", error)
-                    raise error from None
-                delay = backoff_delay(attempt, options.retry_initial, options.retry_max)
-                log.warning(
-                    "%s on %s at %s failed (%s: %s); attempt %d of %d, retrying in %.2fs",
-                    what,
-                    self.connector.product,
-                    self.url.masked,
-                    kind.value,
-                    scrub(str(exc) or type(exc).__name__, self.url.secrets),
-                    attempt,
-                    options.retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-
-    def _t(self, value: datetime | None) -> Any:
-        return self.dialect.time_in(value)
-
-    def _time(self, value: Any) -> datetime:
-        out = self.dialect.time_out(value)
-        if out is None:
-            raise ValueError("a required time column is NULL")
-        return out
-
-    def _job(self, row: Row) -> JobRecord:
-        d = self.dialect
-        return JobRecord(
-            id=str(row["id"]),
-            name=str(row["name"]),
-            argument=str(row["argument"]),
-            status=JobStatus(row["status"]),
-            server_id=None if row["server_id"] is None else str(row["server_id"]),
-            fence=int(row["fence"]),
-            generation=int(row["generation"]),
-            created_at=self._time(row["created_at"]),
-            updated_at=self._time(row["updated_at"]),
-            started_at=d.time_out(row["started_at"]),
-            last_heartbeat=d.time_out(row["last_heartbeat"]),
-            restarts=int(row["restarts"]),
-            last_error=row["last_error"],
-            reason=row["reason"],
-            heartbeat_timeout=(
-                None if row["heartbeat_timeout"] is None else float(row["heartbeat_timeout"])
-            ),
-        )
-
-    def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:
-        return ServerRecord(
-            id=str(row["id"]),
-            name=str(row["name"]),
-            max_workers=int(row["max_workers"]),
-            status=ServerStatus(row["status"]),
-            started_at=self._time(row["started_at"]),
-            last_seen=self._time(row["last_seen"]),
-            host=str(row["host"]),
-            pid=int(row["pid"]),
-            running=tuple(running),
-        )
-
-    def _outbox(self, row: Row) -> OutboxItem:
-        return OutboxItem(
-            id=int(row["id"]),
-            job_id=str(row["job_id"]),
-            kind=OutboxKind(row["kind"]),
-            generation=int(row["generation"]),
-            created_at=self._time(row["created_at"]),
-        )
-
-    def _insert_values(self, job: NewJob) -> dict[str, Any]:
-        return {
-            "id": job.id,
-            "name": job.name,
-            "argument": job.argument,
-            "generation": job.generation,
-            "heartbeat_timeout": job.heartbeat_timeout,
-            "now": self._t(job.created_at),
-        }
-
-    # -- lifecycle --------------------------------------------------------------------
-
-    async def open(self) -> None:
-        """Create the pool (retrying an unreachable database like any operation)
-        and, unless ``migrate=false``, apply pending migrations under a lock."""
-        if self._opened:
-            return
-        options = self.url.options
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self.connector.open()
-                break
-            except OrchestratrError:
-                raise
-            except Exception as exc:
-                kind = self.connector.classify(exc)
-                if kind is None or kind is ErrorKind.UNIQUE:
-                    raise
-                if kind in (ErrorKind.AUTH, ErrorKind.UNKNOWN_DATABASE, ErrorKind.DATA):
-                    raise backend_error(self.connector, exc, kind, "connect") from None
-                if attempt >= options.retries:
-                    raise backend_error(
-                        self.connector, exc, kind, f"connect, {attempt} attempts"
-                    ) from None
-                delay = backoff_delay(attempt, options.retry_initial, options.retry_max)
-                log.warning(
-                    "cannot reach %s at %s (%s); retrying in %.2fs",
-                    self.connector.product,
-                    self.url.masked,
-                    scrub(str(exc) or type(exc).__name__, self.url.secrets),
-                    delay,
-                )
-                await asyncio.sleep(delay)
-        self._opened = True
-        if options.migrate:
-            from orchestratr_sql.schema import guard, migrate
-
-            try:
-                await guard(self.connector, migrate(self.connector, self.dialect))
-            except BaseException:
-                await self.close()
-                raise
-
-    async def close(self) -> None:
-        """Close the pool. Idempotent."""
-        self._opened = False
-        await self.connector.close()
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -469,7 +242,7 @@ class SqlStorage(Storage):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """Guarded ``CANCEL`` plus a ``cancel`` outbox row, in one transaction."""
-        values = {"id": job_id, "now": self._t(now), "reason": None}
+        values = {"id": job_id, "now": self._t(now), "reason": REASON_CANCEL_REQUESTED}
 
         async def cancel(conn: Connection) -> tuple[JobRecord, bool]:
             changed = await conn.execute(self._q["transition_cancel"], values)
@@ -677,120 +450,6 @@ class SqlStorage(Storage):
         except _LeaseTaken:
             return False
 
-    async def cancelled_job_ids(self, deleted_since: datetime) -> list[str]:
-        """Ids of ``deleting`` jobs and of jobs ``deleted`` or ``completed`` since
-        ``deleted_since``."""
-
-        async def read(conn: Connection) -> list[str]:
-            rows = await conn.fetch(
-                self._q["select_cancelled_ids"], {"since": self._t(deleted_since)}
-            )
-            return [str(row["id"]) for row in rows]
-
-        return await self._run("cancelled_job_ids", read, write=False, statement=True)
-
-    # -- queries ----------------------------------------------------------------------
-
-    async def get_job(self, job_id: str) -> JobRecord | None:
-        """One job by id."""
-
-        async def read(conn: Connection) -> JobRecord | None:
-            row = await conn.fetch_one(self._q["select_job"], {"id": job_id})
-            return None if row is None else self._job(row)
-
-        return await self._run("get_job", read, write=False, statement=True)
-
-    async def get_jobs(self, job_ids: Sequence[str]) -> list[JobRecord]:
-        """Several jobs by id in one query (a list parameter)."""
-        if not job_ids:
-            return []
-        values = {"ids": self.dialect.id_list(list(dict.fromkeys(job_ids)))}
-
-        async def read(conn: Connection) -> list[JobRecord]:
-            return [
-                self._job(row) for row in await conn.fetch(self._q["select_jobs_by_ids"], values)
-            ]
-
-        return await self._run("get_jobs", read, write=False, statement=True)
-
-    async def list_jobs(self, query: JobQuery, *, with_total: bool = False) -> JobPage:
-        """Keyset paging on the primary key (``id > :after ORDER BY id``), with
-        the filters as index-served conditions assembled from fixed fragments."""
-        listing = job_listing_sql(self.dialect, query)
-        if listing is None:
-            return JobPage(items=(), next_cursor=None, total=0 if with_total else None)
-        sql, count_sql, params = listing
-
-        async def read(conn: Connection) -> JobPage:
-            rows = await conn.fetch(conn.adhoc("list_jobs", sql), params)
-            total = None
-            if with_total:
-                counted = await conn.fetch_one(conn.adhoc("count_jobs", count_sql), params)
-                total = int(counted["total"]) if counted is not None else 0
-            items = [self._job(row) for row in rows]
-            more = query.limit is not None and len(items) > query.limit
-            if more:
-                items = items[: query.limit]
-            return JobPage(
-                items=tuple(items),
-                next_cursor=items[-1].id if more and items else None,
-                total=total,
-            )
-
-        return await self._run("list_jobs", read, write=False)
-
-    async def list_servers(self, query: ServerQuery) -> list[ServerRecord]:
-        """Servers by name then id, with their running jobs in one more query."""
-        conditions: list[str] = []
-        params: dict[str, Any] = {}
-        if query.statuses is not None:
-            if not query.statuses:
-                return []
-            literals = ", ".join(f"'{ServerStatus(s).value}'" for s in sorted(query.statuses))
-            conditions.append(f"status IN ({literals})")
-        if query.name_prefix:
-            fragment, extra = self.dialect.name_prefix(query.name_prefix)
-            conditions.append(fragment)
-            params.update(extra)
-        sql = f"SELECT * FROM servers{_where(conditions)} ORDER BY name, id"
-
-        async def read(conn: Connection) -> list[ServerRecord]:
-            rows = await conn.fetch(conn.adhoc("list_servers", sql), params)
-            running: dict[str, list[JobRecord]] = {}
-            if query.with_jobs and rows:
-                ids = self.dialect.id_list([str(row["id"]) for row in rows])
-                for job_row in await conn.fetch(
-                    self._q["select_running_jobs_of_servers"], {"ids": ids}
-                ):
-                    job = self._job(job_row)
-                    running.setdefault(job.server_id or "", []).append(job)
-            return [self._server(row, running.get(str(row["id"]), ())) for row in rows]
-
-        return await self._run("list_servers", read, write=False)
-
-    async def count_running_by_server(self) -> dict[str, int]:
-        """Jobs ``processing`` per server: one ``GROUP BY``."""
-
-        async def read(conn: Connection) -> dict[str, int]:
-            rows = await conn.fetch(self._q["count_running_by_server"], {})
-            return {str(row["server_id"]): int(row["running"]) for row in rows}
-
-        return await self._run("count_running_by_server", read, write=False, statement=True)
-
-    async def get_server(self, server_id: str) -> ServerRecord | None:
-        """One server with its running jobs."""
-
-        async def read(conn: Connection) -> ServerRecord | None:
-            row = await conn.fetch_one(self._q["select_server"], {"id": server_id})
-            if row is None:
-                return None
-            jobs = await conn.fetch(
-                self._q["select_running_jobs_of_server"], {"server_id": server_id}
-            )
-            return self._server(row, [self._job(job) for job in jobs])
-
-        return await self._run("get_server", read, write=False)
-
     async def set_server_status(self, server_id: str, status: ServerStatus, now: datetime) -> bool:
         """Set a server's status; False for an unknown server."""
         values = {"id": server_id, "status": ServerStatus(status).value}
@@ -811,96 +470,3 @@ class _BatchConflict(Exception):
 
 _DELETE_CHUNK = 5000
 """Ids per outbox ``DELETE`` of :meth:`SqlStorage.complete_outbox_for_jobs`."""
-
-
-def job_listing_sql(dialect: Dialect, query: JobQuery) -> tuple[str, str, dict[str, Any]] | None:
-    """The page query and the count query for ``query`` (``None``: nothing can
-    match). Assembled from fixed fragments; values are parameters. The page
-    query fetches one row more than the limit to know whether more follow."""
-    if query.limit is not None and query.limit <= 0:
-        return None
-    conditions: list[str] = []
-    params: dict[str, Any] = {}
-    if query.statuses is not None:
-        if not query.statuses:
-            return None
-        literals = ", ".join(f"'{JobStatus(s).value}'" for s in sorted(query.statuses))
-        conditions.append(f"status IN ({literals})")
-    elif not query.include_deleted:
-        conditions.append("status <> 'deleted'")
-    if query.name_prefix:
-        fragment, extra = dialect.name_prefix(query.name_prefix)
-        conditions.append(fragment)
-        params.update(extra)
-    if query.server_id is not None:
-        conditions.append("server_id = :filter_server_id")
-        params["filter_server_id"] = query.server_id
-    base = list(conditions)
-    if query.after is not None:
-        conditions.append("id > :after_id")
-        params["after_id"] = query.after
-    fetch = None if query.limit is None else query.limit + 1
-    page, page_params = dialect.page(fetch, max(0, int(query.offset)))
-    params.update(page_params)
-    sql = f"SELECT * FROM jobs{_where(conditions)} ORDER BY id {page}".rstrip()
-    count_sql = f"SELECT COUNT(*) AS total FROM jobs{_where(base)}"
-    return sql, count_sql, params
-
-
-def _where(conditions: Sequence[str]) -> str:
-    return f" WHERE {' AND '.join(conditions)}" if conditions else ""
-
-
-_MODULES = {
-    "sqlite": "orchestratr_sql.sqlite",
-    "postgresql": "orchestratr_sql.postgresql",
-    "mysql": "orchestratr_sql.mysql",
-    "sqlserver": "orchestratr_sql.sqlserver",
-}
-
-
-def make_connector(url: DatabaseUrl) -> tuple[Connector, Dialect]:
-    """The connector and dialect for ``url``, importing only that plugin's module."""
-    import importlib
-
-    module = importlib.import_module(_MODULES[url.dialect])
-    connector: Connector = module.make_connector(url)
-    dialect = get_dialect(url.options.sql_dialect or url.dialect)
-    return connector, dialect
-
-
-def storage_from_url(url: str, **options: Any) -> SqlStorage:
-    """A (not yet opened) storage for a database URL, e.g.
-    ``storage_from_url("sqlite:///orchestratr.db")``. ``options`` override URL
-    parameters (see :class:`~orchestratr_sql.url.StorageOptions`)."""
-    parsed = parse_url(url, options)
-    connector, dialect = make_connector(parsed)
-    return SqlStorage(connector, dialect)
-
-
-def build_storage(
-    spec: BackendSpec, plugin: str, default_url: str | None = None
-) -> SqlStorage | None:
-    """The body of each plugin module's ``orchestratr_make_storage`` hook: a
-    storage for ``spec`` if it names ``plugin``, else ``None``."""
-    if spec.plugin != plugin:
-        return None
-    url = spec.url or default_url
-    if url is None:
-        raise ConfigurationError(f"the {plugin} storage needs a URL, e.g. {_EXAMPLES[plugin]}")
-    parsed = parse_url(url, spec.options)
-    if parsed.dialect != plugin:
-        raise ConfigurationError(
-            f"storage plugin {plugin!r} cannot use the URL {parsed.masked!r} "
-            f"(that is a {parsed.dialect} URL)"
-        )
-    connector, dialect = make_connector(parsed)
-    return SqlStorage(connector, dialect)
-
-
-_EXAMPLES = {
-    "sqlite": "sqlite:///orchestratr.db",
-    "postgresql": "postgresql://user:password@host:5432/dbname",
-    "mysql": "mysql://user:password@host:3306/dbname",
-    "sqlserver": "mssql://user:password@host:1433/dbname?driver=ODBC+Driver+18+for+SQL+Server",
-}

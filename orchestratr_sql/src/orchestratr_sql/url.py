@@ -60,9 +60,6 @@ class StorageOptions:
     """PostgreSQL: the schema to use (``search_path``); created by migrations."""
     statement_cache_size: int = 100
     """PostgreSQL: prepared statements cached per connection (0 behind PgBouncer)."""
-    sql_dialect: str | None = None
-    """SQL Server plugin only: run another dialect's SQL through the ODBC
-    connector (used to test the aioodbc path against MariaDB or PostgreSQL)."""
     odbc: Mapping[str, str] = field(default_factory=dict)
     """SQL Server plugin only: further ODBC connection-string keywords
     (``Encrypt``, ``TrustServerCertificate``, ...)."""
@@ -77,7 +74,7 @@ _FLOAT_FIELDS = {
     "retry_max",
 }
 _BOOL_FIELDS = {"migrate"}
-_STR_FIELDS = {"schema", "sql_dialect"}
+_STR_FIELDS = {"schema"}
 _KNOWN = _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS
 
 
@@ -200,9 +197,6 @@ def _options(dialect: str, values: Mapping[str, Any], masked: str) -> StorageOpt
     schema = kwargs.get("schema")
     if schema is not None and not _IDENTIFIER.match(schema):
         raise ConfigurationError(f"schema {schema!r} is not a plain SQL identifier")
-    dialect_override = kwargs.get("sql_dialect")
-    if dialect_override is not None and dialect_override not in DIALECTS:
-        raise ConfigurationError(f"sql_dialect must be one of {', '.join(DIALECTS)}")
     opts = StorageOptions(odbc=odbc, **kwargs)
     if opts.pool_max < 1 or opts.pool_min < 0 or opts.pool_min > opts.pool_max:
         raise ConfigurationError(

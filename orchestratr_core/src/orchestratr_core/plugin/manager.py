@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.metadata
 import logging
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
@@ -15,7 +15,8 @@ import pluggy
 from orchestratr_core.display import mask_url
 from orchestratr_core.errors import ConfigurationError, PluginNotFound
 from orchestratr_core.plugin import spec as _spec
-from orchestratr_core.plugin.spec import PROJECT_NAME
+from orchestratr_core.plugin.spec import PROJECT_NAME, BackendSpec, CommandParents, hookimpl
+from orchestratr_core.runner import default_runner
 
 if TYPE_CHECKING:
     from orchestratr_core.runner import JobRunner
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BackendSpec",
     "PluginManager",
+    "blocked_names",
     "get_plugin_manager",
     "make_storage",
     "make_transport",
@@ -36,24 +38,23 @@ log = logging.getLogger("orchestratr.plugins")
 BACKEND_GROUP = "orchestratr"
 SCHEME_GROUP = "orchestratr.schemes"
 EXTENSION_GROUP = "orchestratr.extensions"
+COMMAND_GROUP = "orchestratr.commands"
 BLOCK_ENV = "ORCHESTRATR_BLOCK_PLUGINS"
 
 
-@dataclass(frozen=True)
-class BackendSpec:
-    """Which backend to build and how: plugin name, URL and options."""
-
-    plugin: str
-    url: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:  # never show the URL: it may carry a password
-        return f"BackendSpec(plugin={self.plugin!r}, url={mask_url(self.url)!r})"
-
-
-def _blocked() -> frozenset[str]:
+def blocked_names() -> frozenset[str]:
+    """The plugin names ``ORCHESTRATR_BLOCK_PLUGINS`` blocks now."""
     raw = os.environ.get(BLOCK_ENV, "")
     return frozenset(name.strip() for name in raw.split(",") if name.strip())
+
+
+class _DefaultRunner:
+    """The core's own ``orchestratr_make_runner``, asked after every plugin's."""
+
+    @hookimpl(trylast=True)
+    def orchestratr_make_runner(self, func: Callable[..., Any]) -> JobRunner | None:
+        """Coroutine functions as tasks, anything else in a thread."""
+        return default_runner(func)
 
 
 class PluginManager:
@@ -64,9 +65,10 @@ class PluginManager:
         self._pm.add_hookspecs(_spec)
         self._loaded: dict[str, object] = {}
         self._extensions_loaded = False
-        from orchestratr_core import runner
-
-        self._pm.register(runner, name="orchestratr_core.runner")
+        self._commands_loaded = False
+        for name in blocked_names():
+            self._pm.set_blocked(name)
+        self._pm.register(_DefaultRunner(), name="orchestratr_core.runner")
 
     # -- discovery ----------------------------------------------------------------
 
@@ -84,11 +86,18 @@ class PluginManager:
         """URL scheme -> plugin name, from installed distributions."""
         return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=SCHEME_GROUP)}
 
+    def blocked(self, name: str) -> bool:
+        """Whether ``ORCHESTRATR_BLOCK_PLUGINS`` blocked this plugin name."""
+        return self._pm.is_blocked(name)
+
+    def _refuse_blocked(self, name: str) -> None:
+        if self._pm.is_blocked(name):
+            raise PluginNotFound(f"plugin {name!r} is blocked by {BLOCK_ENV}")
+
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object or module directly (tests, embedded use)."""
         plugin_name = name or getattr(plugin, "__name__", None) or repr(plugin)
-        if plugin_name in _blocked():
-            raise PluginNotFound(f"plugin {plugin_name!r} is blocked by {BLOCK_ENV}")
+        self._refuse_blocked(plugin_name)
         if self._pm.get_plugin(plugin_name) is None:
             self._pm.register(plugin, name=plugin_name)
         self._loaded[plugin_name] = plugin
@@ -114,33 +123,43 @@ class PluginManager:
         """Import and register exactly one backend plugin by name."""
         if plugin_name in self._loaded:
             return self._loaded[plugin_name]
-        if plugin_name in _blocked():
-            raise PluginNotFound(f"plugin {plugin_name!r} is blocked by {BLOCK_ENV}")
-        found = [
-            ep
-            for ep in importlib.metadata.entry_points(group=BACKEND_GROUP)
-            if ep.name == plugin_name
-        ]
-        if not found:
-            raise PluginNotFound(_unknown("plugin", plugin_name, sorted(self.available())))
-        module = found[0].load()
-        self.register(module, name=plugin_name)
-        return module
+        self._refuse_blocked(plugin_name)
+        available = self.available()
+        if plugin_name not in available:  # an extension or command module is no backend
+            raise PluginNotFound(_unknown("plugin", plugin_name, sorted(available)))
+        self._pm.load_setuptools_entrypoints(BACKEND_GROUP, name=plugin_name)
+        plugin = self._pm.get_plugin(plugin_name)
+        self._loaded[plugin_name] = plugin
+        return plugin
 
     def load_extensions(self) -> list[str]:
         """Load every ``orchestratr.extensions`` plugin that is not blocked."""
-        names: list[str] = []
         if self._extensions_loaded:
-            return names
+            return []
         self._extensions_loaded = True
-        blocked = _blocked()
-        for ep in importlib.metadata.entry_points(group=EXTENSION_GROUP):
-            if ep.name in blocked:
-                log.info("extension %s blocked by %s", ep.name, BLOCK_ENV)
-                continue
-            self.register(ep.load(), name=ep.name)
-            names.append(ep.name)
+        names = self._load_group(EXTENSION_GROUP)
+        self._loaded.update((name, self._pm.get_plugin(name)) for name in names)
         return names
+
+    def _load_group(self, group: str) -> list[str]:
+        """Register every plugin of an entry-point group that is not blocked."""
+        before = {name for name, _ in self._pm.list_name_plugin()}
+        for ep in importlib.metadata.entry_points(group=group):
+            if self._pm.is_blocked(ep.name):
+                log.info("%s plugin %s blocked by %s", group, ep.name, BLOCK_ENV)
+        self._pm.load_setuptools_entrypoints(group)
+        return [name for name, _ in self._pm.list_name_plugin() if name not in before]
+
+    def add_commands(
+        self,
+        commands: argparse._SubParsersAction[argparse.ArgumentParser],
+        parents: CommandParents,
+    ) -> None:
+        """Let the ``orchestratr.commands`` plugins add their CLI commands."""
+        if not self._commands_loaded:
+            self._commands_loaded = True
+            self._load_group(COMMAND_GROUP)
+        self._pm.hook.orchestratr_cli_commands(commands=commands, parents=parents)
 
     # -- typed hook calls -------------------------------------------------------------
 

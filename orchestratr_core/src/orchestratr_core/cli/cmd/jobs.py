@@ -1,0 +1,210 @@
+"""``orchestratr jobs create | cancel | list | show``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from orchestratr_core.cli.api import (
+    OpenStorage,
+    ago,
+    fence_label,
+    positive_int,
+    print_json,
+    short,
+    storage_url,
+    table,
+)
+from orchestratr_core.client import OrchestratorClient
+from orchestratr_core.display import printable
+from orchestratr_core.job import (
+    JobQuery,
+    JobRecord,
+    JobStatus,
+    ServerQuery,
+    statuses_of,
+    validate_argument,
+    validate_name,
+)
+from orchestratr_core.monitor import OrchestratorMonitor
+from orchestratr_core.plugin.spec import CommandParents
+from orchestratr_core.storage import Storage
+
+__all__ = ["add_commands"]
+
+
+def add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], parents: CommandParents
+) -> None:
+    """Add this group's commands to the ``orchestratr`` parser."""
+    jobs = commands.add_parser(
+        "jobs", parents=[parents.common], help="create, cancel and list jobs"
+    )
+    job_commands = jobs.add_subparsers(dest="jobs_command", metavar="JOBS_COMMAND", required=True)
+    create = job_commands.add_parser(
+        "create",
+        parents=[parents.common, parents.storage, parents.as_json],
+        help="create a job (a running manager publishes it)",
+    )
+    create.add_argument("name", help="the job's name, unique among jobs not deleted")
+    create.add_argument("argument", nargs="?", default="", help="the job's argument string")
+    create.set_defaults(handler=_cmd_jobs_create)
+    cancel = job_commands.add_parser(
+        "cancel",
+        parents=[parents.common, parents.storage, parents.as_json],
+        help="cancel a job for good",
+    )
+    cancel.add_argument("id", help="job id")
+    cancel.set_defaults(handler=_cmd_jobs_cancel)
+    listing = job_commands.add_parser(
+        "list", parents=[parents.common, parents.storage, parents.as_json], help="list jobs (paged)"
+    )
+    listing.add_argument(
+        "--status",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="only these statuses: " + ", ".join(s.value for s in JobStatus),
+    )
+    listing.add_argument("--server", metavar="ID", help="only jobs on this server")
+    listing.add_argument("--name-prefix", metavar="P", help="only names starting with P")
+    listing.add_argument("--include-deleted", action="store_true", help="list deleted jobs too")
+    listing.add_argument(
+        "--limit", type=positive_int, default=100, metavar="N", help="page size (default 100)"
+    )
+    listing.add_argument("--after", metavar="CURSOR", help="the next_cursor of the last page")
+    listing.set_defaults(handler=_cmd_jobs_list)
+    show = job_commands.add_parser(
+        "show", parents=[parents.common, parents.storage, parents.as_json], help="show one job"
+    )
+    show.add_argument("id", help="job id")
+    show.set_defaults(handler=_cmd_jobs_show)
+
+
+async def _cmd_jobs_create(args: argparse.Namespace) -> int:
+    # Refuse bad input before touching the storage (the client checks again).
+    validate_name(args.name)
+    validate_argument(args.argument)
+    async with OpenStorage(storage_url(args, must_exist=False)) as storage:
+        job_id = await OrchestratorClient(storage).create_job(args.name, args.argument)
+    if args.json:
+        print_json({"id": job_id, "name": args.name, "status": JobStatus.PENDING.value})
+    else:
+        print(job_id)
+        print(
+            f"created job {args.name!r}; a running manager publishes it to the servers",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    async with OpenStorage(storage_url(args, must_exist=True)) as storage:
+        job = await OrchestratorClient(storage).mark_on_deleting(args.id)
+    if args.json:
+        print_json(job.to_dict())
+    elif job.status is JobStatus.DELETING:
+        print(f"job {job.name!r} ({job.id}) is being cancelled; it will not run again")
+    else:
+        print(f"job {job.name!r} ({job.id}) is {job.status.value}; nothing to cancel")
+    return 0
+
+
+async def _server_names(storage: Storage) -> dict[str, str]:
+    servers = await OrchestratorMonitor(storage).servers(
+        ServerQuery(statuses=None, with_jobs=False)
+    )
+    return {s.id: s.name for s in servers}
+
+
+async def _cmd_jobs_list(args: argparse.Namespace) -> int:
+    statuses = statuses_of([p for s in args.status for p in s.split(",") if p.strip()])
+    query = JobQuery(
+        statuses=statuses or None,
+        name_prefix=args.name_prefix,
+        server_id=args.server,
+        include_deleted=args.include_deleted,
+        after=args.after,
+        limit=args.limit,
+    )
+    async with OpenStorage(storage_url(args, must_exist=True)) as storage:
+        page = await OrchestratorMonitor(storage).jobs(query, with_total=True)
+        names = {} if args.json else await _server_names(storage)
+    if args.json:
+        print_json(
+            {
+                "items": [j.to_dict() for j in page.items],
+                "next_cursor": page.next_cursor,
+                "total": page.total,
+            }
+        )
+        return 0
+    if not page.items:
+        print("no jobs match")
+        return 0
+    print(
+        table(
+            ["ID", "NAME", "STATUS", "SERVER", "FENCE", "RESTARTS", "UPDATED"],
+            [
+                [
+                    j.id,
+                    short(j.name),
+                    j.status.value,
+                    _server_label(j.server_id, names),
+                    fence_label(j.fence),
+                    j.restarts,
+                    ago(j.updated_at),
+                ]
+                for j in page.items
+            ],
+        )
+    )
+    total = f" of {page.total}" if page.total is not None else ""
+    print(f"\n{len(page.items)}{total} jobs shown", end="")
+    if page.next_cursor:
+        print(f"; next page: --after {page.next_cursor}")
+    else:
+        print()
+    return 0
+
+
+def _server_label(server_id: str | None, names: dict[str, str]) -> str | None:
+    if server_id is None:
+        return None
+    name = names.get(server_id)
+    # Ids are time-ordered: their tails, not their heads, tell servers apart.
+    return f"{name} (..{server_id[-6:]})" if name else server_id
+
+
+async def _cmd_jobs_show(args: argparse.Namespace) -> int:
+    async with OpenStorage(storage_url(args, must_exist=True)) as storage:
+        job = await OrchestratorMonitor(storage).job(args.id)
+        names = {} if args.json else await _server_names(storage)
+    if args.json:
+        print_json(job.to_dict())
+        return 0
+    _print_job(job, names)
+    return 0
+
+
+def _print_job(job: JobRecord, names: dict[str, str]) -> None:
+    rows = [
+        ("id", job.id),
+        ("name", job.name),
+        ("argument", short(job.argument, 70) if job.argument else '""'),
+        ("status", job.status.value),
+        ("server", _server_label(job.server_id, names)),
+        ("fence", fence_label(job.fence)),
+        ("generation", job.generation),
+        ("created", f"{job.created_at.isoformat()} ({ago(job.created_at)})"),
+        ("updated", f"{job.updated_at.isoformat()} ({ago(job.updated_at)})"),
+        ("started", job.started_at and f"{job.started_at.isoformat()} ({ago(job.started_at)})"),
+        ("last heartbeat", ago(job.last_heartbeat) if job.last_heartbeat else None),
+        ("restarts", job.restarts),
+        ("last error", job.last_error),
+        ("reason", job.reason),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")
