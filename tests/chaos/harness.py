@@ -752,6 +752,18 @@ class ChaosCluster:
                 raise AssertionError(f"no heartbeat of {name} within {within} s: {seen}")
             await asyncio.sleep(0.1)
 
+    async def wait_server_status(self, name: str, status: str, within: float) -> float:
+        """Wait until the manager's view shows server ``name`` with ``status``
+        (``"left"``, ``"dead"``...); the seconds it took."""
+        start = time.time()
+        while True:
+            servers = {s.name: s.status.value for s in await self.servers()}
+            if servers.get(name) == status:
+                return time.time() - start
+            if time.time() - start > within:
+                raise AssertionError(f"{name} not {status} within {within} s: {servers}")
+            await asyncio.sleep(0.05)
+
     def record_figure(self, figure: str, value: float, bound: float, what: str = "") -> None:
         """Print a measured figure (``benchmarks/chaos_report.py`` reads these lines)
         and append it to the results file (``RESULTS``) with its bound, the test,
