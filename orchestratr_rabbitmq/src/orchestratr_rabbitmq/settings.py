@@ -178,14 +178,9 @@ class Settings:
 
     def connection_url(self) -> str:
         """The URL handed to aio-pika, with our heartbeat (it decides the fence)."""
-        parts = urlsplit(self.url)
-        query = [
-            item
-            for item in parts.query.split("&")
-            if item and item.split("=", 1)[0] not in ("heartbeat", "name")
-        ]
-        query.append(f"heartbeat={self.heartbeat}")
-        return parts._replace(query="&".join(query)).geturl()
+        parts = urlsplit(split_query(self.url, {"heartbeat", "name"}, plus_is_space=False)[0])
+        query = "&".join(q for q in (parts.query, f"heartbeat={self.heartbeat}") if q)
+        return parts._replace(query=query).geturl()
 
     @property
     def vhost(self) -> str:

@@ -24,6 +24,7 @@ from orchestratr_core.errors import (
     MalformedMessage,
 )
 from orchestratr_core.protocol import CancelJob, Command, Event, JobMessage, decode_as
+from orchestratr_core.retry import retrying
 from orchestratr_core.transport import (
     CommandHandler,
     DeliveryHandler,
@@ -437,35 +438,36 @@ class EventSubscription(BrokerSubscription):
         # broker sends nothing newer, so order holds. (A quorum queue on 3.10 puts a
         # rejected message *behind* later ones; only a dead consumer's messages go
         # back to the head.)
-        delay = 0.05
-        while True:
-            try:
-                await self.handler(event)
-            except DeadLetter as exc:
-                # Refused for good by the handler: to <ns>.dead, and on to the next event.
-                log.warning(
-                    "dead-lettering a %s event from %s to %s: %s",
-                    event.TYPE,
-                    session.topology.events,
-                    session.topology.dead,
-                    exc,
-                )
-                with Quiet():
-                    await underlay.basic_reject(tag, requeue=False)
-                return
-            except Exception as exc:
-                log.warning(
-                    "event handler raised (%s); the %s event is redelivered in %.1fs",
-                    describe(exc),
-                    event.TYPE,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                if self.ended(session):
+        refused: DeadLetter | None = None
+        async with contextlib.aclosing(
+            retrying(
+                f"handle a {event.TYPE} event (it is redelivered)",
+                initial=0.05,
+                maximum=5.0,
+                retry_on=(Exception,),
+                logger=log,
+            )
+        ) as attempts:
+            async for attempt in attempts:
+                if attempt.number > 1 and self.ended(session):
                     return  # the broker gives it to the next consumer, at the head
-                continue
-            break
+                with attempt:
+                    try:
+                        await self.handler(event)
+                    except DeadLetter as exc:
+                        refused = exc
+        if refused is not None:
+            # Refused for good by the handler: to <ns>.dead, and on to the next event.
+            log.warning(
+                "dead-lettering a %s event from %s to %s: %s",
+                event.TYPE,
+                session.topology.events,
+                session.topology.dead,
+                refused,
+            )
+            with Quiet():
+                await underlay.basic_reject(tag, requeue=False)
+            return
         with Quiet():
             await underlay.basic_ack(tag)
 
