@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestratr_core.transport_base import Crashable, SubscriptionKind, reattach_order
-from orchestratr_memory import MemoryTransport
+from orchestratr_core.transport_base import SubscriptionKind, reattach_order
 
 
 @dataclass
@@ -24,8 +23,3 @@ def test_subscriptions_are_reattached_commands_first_then_events_then_jobs() -> 
         _Sub("events-2", SubscriptionKind.EVENTS),
     ]
     assert [s.name for s in reattach_order(subs)] == ["commands", "events-1", "events-2", "jobs"]
-
-
-def test_a_transport_that_can_die_abruptly_says_so_through_the_crash_hook() -> None:
-    assert isinstance(MemoryTransport("memory://crash-hook"), Crashable)
-    assert not isinstance(object(), Crashable)

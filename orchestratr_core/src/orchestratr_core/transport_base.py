@@ -1,20 +1,19 @@
 """What every transport shares, so that each concrete one stays small (the way
 kombu's virtual transport base serves its transports): the order in which
-subscriptions are re-attached after a reconnect, the task plumbing a transport
-uses (re-exported from the core's ``_aio``, the one implementation), and the
-documented hook through which a transport can die abruptly (``Crashable``).
+subscriptions are re-attached after a reconnect, and the task plumbing a transport
+uses (re-exported from the core's ``_aio``, the one implementation, so that a
+backend imports only public core modules).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Iterable
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Iterable
+from typing import Protocol, TypeVar
 
 from orchestratr_core._aio import cancel_and_log, spawn, wait_first
 
 __all__ = [
-    "Crashable",
     "Reattachable",
     "SubscriptionKind",
     "cancel_and_log",
@@ -56,14 +55,3 @@ def reattach_order(subscriptions: Iterable[_R]) -> list[_R]:
     """The open ``subscriptions`` in the one re-attach order (:class:`SubscriptionKind`);
     subscriptions of one kind keep the order in which they were made."""
     return sorted((s for s in subscriptions if not s.closed), key=lambda s: s.kind)
-
-
-@runtime_checkable
-class Crashable(Protocol):
-    """A transport that can die as ``kill -9`` would: every delivery lost at once, no
-    goodbye, unusable afterwards. ``OrchestratedServer.kill()`` (tests, the demo)
-    calls it when the transport has it, then shuts the server down as usual."""
-
-    def crash(self) -> Awaitable[None] | None:
-        """Die abruptly (idempotent)."""
-        ...

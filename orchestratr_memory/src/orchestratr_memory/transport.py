@@ -591,8 +591,7 @@ class MemoryTransport(Transport):
     def crash(self) -> None:
         """Die abruptly, like ``kill -9``: every delivery is lost, the broker
         requeues at once (unless partitioned: then it notices by its timeout),
-        and the transport cannot be used again (the core's
-        :class:`~orchestratr_core.transport_base.Crashable` hook)."""
+        and the transport cannot be used again."""
         if self._state in (_State.CLOSED, _State.CRASHED):
             return
         self._state = _State.CRASHED
