@@ -137,3 +137,46 @@ async def test_retrying_gives_up_after_the_attempts_asked_for() -> None:
                 tries += 1
                 raise BackendUnavailable("still down")
     assert tries == 3
+
+
+async def test_retrying_can_wait_before_the_first_try_and_quiet_a_repeated_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tried_at: list[float] = []
+    with caplog.at_level(logging.DEBUG, logger="orchestratr"):
+        async for attempt in retrying(
+            "reconnect", initial=0.2, maximum=0.2, wait_first=True, quiet_repeats=True
+        ):
+            with attempt:
+                tried_at.append(loop.time())
+                if len(tried_at) < 4:
+                    raise BackendUnavailable("down" if len(tried_at) < 3 else "refused")
+    assert len(tried_at) == 4
+    # Jitter keeps each wait within [50 %, 100 %] of 0.2 s: the first try waited too.
+    assert tried_at[0] - started >= 0.1
+    retries = [r for r in caplog.records if "cannot reconnect" in r.getMessage()]
+    assert [r.levelno for r in retries] == [logging.WARNING, logging.DEBUG, logging.WARNING]
+
+
+async def test_retrying_within_a_time_raises_the_last_error_once_that_time_is_spent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tries = 0
+    with (
+        caplog.at_level(logging.DEBUG, logger="orchestratr"),
+        pytest.raises(BackendUnavailable) as caught,
+    ):
+        async for attempt in retrying(
+            "take the lock", initial=0.05, maximum=0.05, within=0.1, level=logging.DEBUG
+        ):
+            with attempt:
+                tries += 1
+                raise BackendUnavailable(f"busy {tries}")
+    assert 0.1 <= loop.time() - started < 1.0
+    assert tries >= 3 and str(caught.value) == f"busy {tries}"  # the last error
+    retries = [r for r in caplog.records if "cannot take the lock" in r.getMessage()]
+    assert retries and all(r.levelno == logging.DEBUG for r in retries)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 
 from orchestratr_core.errors import BackendUnavailable
@@ -58,7 +58,11 @@ async def retrying(
     retry_on: tuple[type[BaseException], ...] | None = None,
     logger: logging.Logger | None = None,
     attempts: int | None = None,
-) -> AsyncIterator[Attempt]:
+    wait_first: bool = False,
+    quiet_repeats: bool = False,
+    within: float | None = None,
+    level: int = logging.WARNING,
+) -> AsyncGenerator[Attempt, None]:
     """Tries of one action under the one backoff policy (APScheduler 4's idiom)::
 
         async for attempt in retrying("connect to the broker", maximum=30):
@@ -69,12 +73,22 @@ async def retrying(
     error (``BackendUnavailable`` unless ``retry_on`` says otherwise) is logged as
     one warning line with the delay, then waited out with :func:`backoff_delay`;
     any other error propagates at once. With ``attempts``, the last retryable error
-    is raised after that many tries.
+    is raised after that many tries. With ``wait_first`` the first try waits its
+    delay too (a reconnect after a loss: not at once, and not in lock-step); with
+    ``quiet_repeats`` an error worded as the one before is logged at DEBUG only (a
+    long outage is one warning, not one a backoff). With ``within``, the last
+    retryable error is raised once a try fails that many seconds after the first
+    began. ``level`` is that of the retry lines (DEBUG where retrying is routine).
     """
     if retry_on is None:
         retry_on = (BackendUnavailable,)
     logger = logger or log
+    shift = 1 if wait_first else 0
+    started = asyncio.get_running_loop().time()
+    if wait_first:
+        await asyncio.sleep(backoff_delay(1, initial, maximum))
     number = 0
+    last = ""
     while True:
         number += 1
         attempt = Attempt(number, retry_on)
@@ -83,6 +97,17 @@ async def retrying(
             return
         if attempts is not None and number >= attempts:
             raise attempt.error
-        delay = backoff_delay(number, initial, maximum)
-        logger.warning("cannot %s (%s); retrying in %.1f s", what, attempt.error, delay)
+        if within is not None and asyncio.get_running_loop().time() - started > within:
+            raise attempt.error
+        delay = backoff_delay(number + shift, initial, maximum)
+        text = str(attempt.error)
+        quiet = quiet_repeats and text == last
+        last = text
+        logger.log(
+            logging.DEBUG if quiet else level,
+            "cannot %s (%s); retrying in %.1f s",
+            what,
+            attempt.error,
+            delay,
+        )
         await asyncio.sleep(delay)

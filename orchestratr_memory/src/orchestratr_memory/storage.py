@@ -1,3 +1,4 @@
+# Over 600 lines on purpose: the reference storage, read top to bottom as one file.
 """The in-memory storage: the reference implementation of the Storage contract.
 
 Every method does its whole work without awaiting, under one lock per store, so

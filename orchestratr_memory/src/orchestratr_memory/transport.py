@@ -1,3 +1,4 @@
+# Over 600 lines on purpose: the reference transport, read top to bottom as one file.
 """The in-memory reference transport: a client of :class:`~orchestratr_memory.broker.MemoryBroker`.
 
 One :class:`MemoryTransport` is one connection of one process. Between it and
@@ -56,7 +57,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from orchestratr_core.errors import (
     BackendUnavailable,
@@ -67,6 +68,7 @@ from orchestratr_core.errors import (
     PermanentBackendError,
     PublishError,
 )
+from orchestratr_core.options import check_known, coerce, merge, split_query
 from orchestratr_core.protocol import (
     CancelJob,
     Command,
@@ -75,7 +77,7 @@ from orchestratr_core.protocol import (
     decode_as,
     encode,
 )
-from orchestratr_core.retry import backoff_delay
+from orchestratr_core.retry import retrying
 from orchestratr_core.transport import (
     CommandHandler,
     Delivery,
@@ -84,6 +86,12 @@ from orchestratr_core.transport import (
     JobConsumer,
     Subscription,
     Transport,
+)
+from orchestratr_core.transport_base import (
+    SubscriptionKind,
+    cancel_and_log,
+    reattach_order,
+    spawn,
 )
 from orchestratr_memory.broker import (
     BrokerConnection,
@@ -133,20 +141,12 @@ def _parse_options(url: str | None, options: dict[str, Any]) -> tuple[str, dict[
                 f"the memory transport takes memory:// URLs, not {parts.scheme or 'no'} scheme"
             )
         name = parts.netloc or parts.path.strip("/")
-        merged.update(parse_qsl(parts.query, keep_blank_values=True))
-    merged.update(options)
-    unknown = sorted(set(merged) - set(DEFAULT_OPTIONS))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown memory transport option(s) {', '.join(unknown)}; "
-            f"known: {', '.join(DEFAULT_OPTIONS)}"
-        )
+        merged = split_query(url)[1]
+    merged = merge(merged, options)
+    check_known(merged, DEFAULT_OPTIONS, "memory transport")
     values = dict(DEFAULT_OPTIONS)
     for key, raw in merged.items():
-        try:
-            values[key] = float(raw)
-        except (TypeError, ValueError):
-            raise ConfigurationError(f"option {key} must be a number of seconds") from None
+        values[key] = coerce(key, raw, float, unit="seconds")
         if values[key] < 0 or (values[key] == 0 and key != "event_retry_delay"):
             raise ConfigurationError(f"option {key} must be > 0")
     if values["fence_timeout"] >= values["broker_timeout"]:
@@ -342,7 +342,10 @@ class MemoryDelivery(Delivery):
 
 
 class _Consumer:
-    """Client-side consumer state; survives reconnects (restored on each new link)."""
+    """Client-side consumer state; survives reconnects (restored on each new link, in
+    the core's :func:`~orchestratr_core.transport_base.reattach_order`)."""
+
+    kind = SubscriptionKind.COMMANDS
 
     def __init__(self, transport: MemoryTransport) -> None:
         self.transport = transport
@@ -369,6 +372,8 @@ class _Consumer:
 
 
 class _MemoryJobConsumer(_Consumer, JobConsumer):
+    kind = SubscriptionKind.JOBS
+
     def __init__(self, transport: MemoryTransport, capacity: int, handler: DeliveryHandler) -> None:
         super().__init__(transport)
         self.capacity = capacity
@@ -399,6 +404,8 @@ class _MemoryJobConsumer(_Consumer, JobConsumer):
 
 
 class _EventSubscription(_Consumer, Subscription):
+    kind = SubscriptionKind.EVENTS
+
     def __init__(self, transport: MemoryTransport, handler: EventHandler) -> None:
         super().__init__(transport)
         self.handler = handler
@@ -414,7 +421,7 @@ class _EventSubscription(_Consumer, Subscription):
         self.register(link.conn)
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"orchestratr-memory-events-{self.tag}")
+        self.task = spawn(self._run(), name=f"orchestratr-memory-events-{self.tag}", logger=log)
 
     async def _run(self) -> None:
         retry_delay = self.transport.options["event_retry_delay"]
@@ -440,13 +447,13 @@ class _EventSubscription(_Consumer, Subscription):
         await self._cancel()
         task = self.task
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_log([task], logger=log)
         # Closed from inside its own handler: the loop ends when the handler returns.
 
 
 class _CommandSubscription(_Consumer, Subscription):
+    kind = SubscriptionKind.COMMANDS
+
     def __init__(self, transport: MemoryTransport, server_id: str, handler: CommandHandler) -> None:
         super().__init__(transport)
         self.server_id = server_id
@@ -575,12 +582,9 @@ class MemoryTransport(Transport):
         if self._reconnecting is not None:
             tasks.append(self._reconnecting)
         # Closed from inside a handler: that task ends by itself when the handler returns.
-        tasks = [task for task in tasks if task is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_log(
+            [task for task in tasks if task is not asyncio.current_task()], logger=log
+        )
 
     # -- fault injection (tests) ----------------------------------------------------------
 
@@ -615,9 +619,12 @@ class MemoryTransport(Transport):
         log.warning("transport %s partitioned from the broker", self.label)
         link = self._link
         if link is not None and link.alive:
-            task = asyncio.create_task(self._watch_partition(link))
-            self._watchers.add(task)
-            task.add_done_callback(self._watchers.discard)
+            spawn(
+                self._watch_partition(link),
+                name=f"orchestratr-memory-partition-{self.label}",
+                logger=log,
+                keep=self._watchers,
+            )
 
     def heal(self) -> None:
         """End the partition: what waited is delivered, in order."""
@@ -708,41 +715,34 @@ class MemoryTransport(Transport):
         log.warning("transport %s lost its connection (%s); reconnecting", self.label, reason)
         self._drop_link(reason, graceful=False)
         if self._state is _State.OPEN:
-            self._reconnecting = asyncio.get_running_loop().create_task(
-                self._reconnect(at_once), name=f"orchestratr-memory-reconnect-{self.label}"
+            self._reconnecting = spawn(
+                self._reconnect(at_once),
+                name=f"orchestratr-memory-reconnect-{self.label}",
+                logger=log,
             )
 
     async def _reconnect(self, at_once: bool) -> None:
-        attempt = 0
-        while self._state is _State.OPEN:
-            if attempt > 0 or not at_once:
-                await asyncio.sleep(
-                    backoff_delay(
-                        attempt + 1,
-                        self.options["reconnect_delay"],
-                        self.options["reconnect_max_delay"],
-                    )
-                )
-            attempt += 1
-            try:
+        async for attempt in retrying(
+            f"reconnect to memory broker {self.broker.name!r}",
+            initial=self.options["reconnect_delay"],
+            maximum=self.options["reconnect_max_delay"],
+            logger=log,
+            wait_first=not at_once,
+            quiet_repeats=True,
+        ):
+            if not self._is_open():
+                return
+            with attempt:
                 self._open_link()
-            except BackendUnavailable as exc:
-                log.info("reconnect attempt %d failed: %s", attempt, exc)
-                continue
-            link = self._link
-            assert link is not None
-            order = (_CommandSubscription, _EventSubscription, _MemoryJobConsumer)
-            for kind in order:
-                for consumer in [c for c in self._consumers if isinstance(c, kind)]:
-                    if link.alive:
-                        consumer.restore(link)
-            log.info("transport %s reconnected after %d attempt(s)", self.label, attempt)
-            return
+        link = self._link
+        assert link is not None
+        for consumer in reattach_order(self._consumers):
+            if link.alive:
+                consumer.restore(link)
+        log.info("transport %s reconnected after %d attempt(s)", self.label, attempt.number)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=f"orchestratr-memory-{name}-{self.label}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(coro, name=f"orchestratr-memory-{name}-{self.label}", logger=log, keep=self._tasks)
 
     # -- frames from the broker -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from orchestratr_core.errors import ConfigurationError
+from orchestratr_core.options import OptionKind, check_known, coerce, merge, split_query
 from orchestratr_core.signing import Signer, load_signer
 
 __all__ = ["DEFAULT_URL", "PASSWORD_ENV", "URL_ENV", "Settings"]
@@ -92,15 +93,20 @@ class Settings:
         """Merge ``url``, the environment and keyword ``options``; raise
         :class:`ConfigurationError` for anything invalid."""
         known = {f for f in cls.__dataclass_fields__ if f != "url"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown RabbitMQ transport option(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        resolved, from_query = _split_query(_resolve_url(url), known - {"ssl_context", "signer"})
-        merged = {**from_query, **options}  # keyword options win over the URL's
-        values: dict[str, Any] = {name: _coerce(name, value) for name, value in merged.items()}
+        check_known(options, sorted(known), "RabbitMQ transport")
+        # What the query holds besides our options (cafile, certfile...) is aiormq's.
+        resolved, from_query = split_query(
+            _resolve_url(url),
+            known - {"ssl_context", "signer"},
+            aliases={"name": "connection_name"},
+            plus_is_space=False,
+        )
+        values: dict[str, Any] = {
+            name: coerce(name, value, _KINDS[name], optional=name == "consumer_timeout")
+            if name in _KINDS
+            else value
+            for name, value in merge(from_query, options).items()
+        }
         if values.get("signer") is None:
             values["signer"] = load_signer(values.get("signing_key_file"))
         elif not isinstance(values["signer"], Signer):
@@ -172,14 +178,9 @@ class Settings:
 
     def connection_url(self) -> str:
         """The URL handed to aio-pika, with our heartbeat (it decides the fence)."""
-        parts = urlsplit(self.url)
-        query = [
-            item
-            for item in parts.query.split("&")
-            if item and item.split("=", 1)[0] not in ("heartbeat", "name")
-        ]
-        query.append(f"heartbeat={self.heartbeat}")
-        return parts._replace(query="&".join(query)).geturl()
+        parts = urlsplit(split_query(self.url, {"heartbeat", "name"}, plus_is_space=False)[0])
+        query = "&".join(q for q in (parts.query, f"heartbeat={self.heartbeat}") if q)
+        return parts._replace(query=query).geturl()
 
     @property
     def vhost(self) -> str:
@@ -215,36 +216,7 @@ _FLOATS = frozenset(
         "signature_max_age",
     }
 )
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Options may come from a command line or the environment as strings."""
-    if not isinstance(value, str) or name not in _INTS | _FLOATS:
-        return value
-    try:
-        return int(value) if name in _INTS else float(value)
-    except ValueError:
-        raise ConfigurationError(f"option {name} must be a number, got {value!r}") from None
-
-
-def _split_query(url: str, known: set[str]) -> tuple[str, dict[str, str]]:
-    """Take transport options out of the URL query (``?namespace=blue&heartbeat=5``);
-    what remains (``cafile``, ``certfile``...) is for the AMQP client."""
-    parts = urlsplit(url)
-    options: dict[str, str] = {}
-    kept: list[str] = []
-    for item in parts.query.split("&"):
-        if not item:
-            continue
-        key, _, value = item.partition("=")
-        key = unquote(key)
-        if key == "name":
-            key = "connection_name"
-        if key in known:
-            options[key] = unquote(value)
-        else:
-            kept.append(item)
-    return parts._replace(query="&".join(kept)).geturl(), options
+_KINDS: dict[str, OptionKind] = {**dict.fromkeys(_INTS, int), **dict.fromkeys(_FLOATS, float)}
 
 
 def _resolve_url(url: str | None) -> str:

@@ -6,10 +6,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from orchestratr_core.display import mask_url, url_secrets
 from orchestratr_core.errors import ConfigurationError
+from orchestratr_core.options import coerce, merge, split_query
 
 __all__ = ["DIALECTS", "SCHEMES", "DatabaseUrl", "StorageOptions", "parse_url"]
 
@@ -28,8 +29,6 @@ DIALECTS = ("sqlite", "postgresql", "mysql", "sqlserver")
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "sqlserver": 1433}
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -130,9 +129,7 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> DatabaseUrl
     if dialect is None:
         known = ", ".join(f"{s}://" for s in SCHEMES)
         raise ConfigurationError(f"unsupported database URL scheme {scheme!r}; known: {known}")
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    merged: dict[str, Any] = dict(query)
-    merged.update(options or {})
+    merged = merge(split_query(url)[1], options or {})
     driver = merged.pop("driver", None)
     opts = _options(dialect, merged, mask_url(url) or "")
     if dialect == "sqlite":
@@ -177,13 +174,13 @@ def _options(dialect: str, values: Mapping[str, Any], masked: str) -> StorageOpt
     odbc: dict[str, str] = {}
     for key, value in values.items():
         if key in _INT_FIELDS:
-            kwargs[key] = _int(key, value)
+            kwargs[key] = coerce(key, value, int)
         elif key in _FLOAT_FIELDS:
-            kwargs[key] = _float(key, value)
+            kwargs[key] = _positive(key, coerce(key, value, float))
         elif key in _BOOL_FIELDS:
-            kwargs[key] = _bool(key, value)
+            kwargs[key] = coerce(key, value, bool)
         elif key in _STR_FIELDS:
-            kwargs[key] = None if value in (None, "") else str(value)
+            kwargs[key] = coerce(key, value, str)
         elif key == "odbc" and isinstance(value, Mapping):
             odbc.update({str(k): str(v) for k, v in value.items()})
         elif dialect == "sqlserver":
@@ -207,29 +204,7 @@ def _options(dialect: str, values: Mapping[str, Any], masked: str) -> StorageOpt
     return opts
 
 
-def _int(key: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"option {key} must be an integer, not {value!r}") from None
-
-
-def _float(key: str, value: Any) -> float:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"option {key} must be a number, not {value!r}") from None
-    if result <= 0:
+def _positive(key: str, value: float) -> float:
+    if value <= 0:
         raise ConfigurationError(f"option {key} must be > 0")
-    return result
-
-
-def _bool(key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigurationError(f"option {key} must be true or false, not {value!r}")
+    return value

@@ -1,0 +1,581 @@
+"""Consumers, one per kind: jobs (the job consumer settles and hands back its own
+deliveries), events and commands. Each is re-attached to every new session; they
+reach the transport only through the callbacks of a :class:`Wiring`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika.abc
+import aiormq.abc
+from aiormq import spec
+
+from orchestratr_core.errors import (
+    ConfigurationError,
+    DeadLetter,
+    DeliveryLost,
+    MalformedMessage,
+)
+from orchestratr_core.protocol import CancelJob, Command, Event, JobMessage, decode_as
+from orchestratr_core.retry import retrying
+from orchestratr_core.transport import (
+    CommandHandler,
+    DeliveryHandler,
+    EventHandler,
+    JobConsumer,
+    Subscription,
+)
+from orchestratr_core.transport_base import SubscriptionKind, cancel_and_log, spawn
+from orchestratr_rabbitmq.settings import Settings
+from orchestratr_rabbitmq.topology import Topology
+from orchestratr_rabbitmq.transport.authenticity import Authenticity
+from orchestratr_rabbitmq.transport.deliveries import (
+    RabbitDelivery,
+    delivery_count,
+    delivery_tag,
+)
+from orchestratr_rabbitmq.transport.errors import Quiet, describe
+from orchestratr_rabbitmq.transport.session import Session
+
+__all__ = [
+    "BrokerSubscription",
+    "CommandSubscription",
+    "EventSubscription",
+    "RabbitJobConsumer",
+    "Wiring",
+    "known_consumer_timeout",
+]
+
+log = logging.getLogger("orchestratr.transport.rabbitmq")
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What a subscription needs from its transport, as callbacks."""
+
+    settings: Settings
+    authenticity: Authenticity
+    spawn: Callable[[Coroutine[Any, Any, Any]], object]
+    """Start a background task that the transport awaits when it closes."""
+    forget: Callable[[BrokerSubscription], None]
+    """Stop re-attaching a closed subscription."""
+    read_cancellations: Callable[[Session], Awaitable[frozenset[str]]]
+    """Read the durable cancellation set on a session."""
+
+
+def known_consumer_timeout(settings: Settings, topology: Topology) -> float | None:
+    """The broker's delivery acknowledgement timeout in seconds, when known."""
+    configured = topology.consumer_timeout_ms()
+    candidates = [t for t in (settings.consumer_timeout,) if t is not None]
+    if configured is not None:
+        candidates.append(configured / 1000)
+    return min(candidates) if candidates else None
+
+
+class BrokerSubscription(Subscription):
+    """A consumer that is re-attached to every new session, in the core's
+    :func:`~orchestratr_core.transport_base.reattach_order`."""
+
+    kind = SubscriptionKind.COMMANDS
+
+    def __init__(self, wiring: Wiring) -> None:
+        self.wiring = wiring
+        self.session: Session | None = None
+        self.channel: aio_pika.abc.AbstractChannel | None = None
+        self.closed = False
+
+    async def attach(self, session: Session) -> None:
+        """Start consuming on ``session``."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop consuming; what is unacknowledged goes back to the queue (a command
+        queue, made for this connection, is deleted)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.wiring.forget(self)
+        await self._before_channel_closes()
+        if self.session is not None and self.channel is not None:
+            await self.session.close_channel(self.channel)
+
+    async def _before_channel_closes(self) -> None:
+        """End what runs beside the consumer (nothing, unless a kind says so)."""
+
+    def ended(self, session: Session) -> bool:
+        """True once this subscription or ``session`` is over."""
+        return self.closed or not session.alive
+
+    def _dead_letter(
+        self,
+        session: Session,
+        channel: aiormq.abc.AbstractChannel,
+        message: aiormq.abc.DeliveredMessage,
+        queue: str,
+        exc: Exception,
+    ) -> Awaitable[None]:
+        log.warning(
+            "dead-lettering a malformed message from %s to %s: %s",
+            queue,
+            session.topology.dead,
+            describe(exc),
+        )
+        return channel.basic_reject(delivery_tag(message), requeue=False)
+
+    async def _watch_cancel(self, session: Session, what: str) -> aiormq.abc.AbstractChannel:
+        assert self.channel is not None
+        underlay = await self.channel.get_underlay_channel()
+
+        def cancelled(frame: spec.Basic.Cancel) -> None:
+            if not self.closed:
+                session.fail(f"the broker cancelled the {what} consumer {frame.consumer_tag}")
+
+        underlay.on_consumer_cancel_callbacks.add(cancelled)
+        return underlay
+
+
+class RabbitJobConsumer(BrokerSubscription, JobConsumer):
+    """Holds at most ``capacity`` job deliveries; settles and hands back its own."""
+
+    kind = SubscriptionKind.JOBS
+
+    def __init__(self, wiring: Wiring, capacity: int, handler: DeliveryHandler):
+        super().__init__(wiring)
+        self.capacity = capacity
+        self.handler = handler
+        self.lock = asyncio.Lock()
+        self.underlay: aiormq.abc.AbstractChannel | None = None
+        self.tag: str | None = None
+        self.prefetch = 0
+        self.current = 0
+        """Deliveries of the current consumer (``tag``) still held: the broker's
+        credit for it is ``prefetch - current``."""
+        self.held: dict[int, RabbitDelivery] = {}
+
+    async def attach(self, session: Session) -> None:
+        async with self.lock:
+            self.session = session
+            self.held = {}
+            self.tag = None
+            self.prefetch = 0
+            self.current = 0
+            self.channel = await session.channel("jobs")
+            self.underlay = await self._watch_cancel(session, "jobs")
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Never let the broker push more than the capacity, and grant at most
+        ``prefetch_step`` deliveries ahead of what is held. RabbitMQ applies
+        ``basic.qos`` to new consumers only, so another credit needs a new consumer;
+        held deliveries stay held, those of cancelled consumers too. The step bounds
+        how many unread deliveries can queue ahead of a fence ping's answer: a server
+        with room for 20,000 jobs that took them in one step fell behind its pings and
+        fenced itself (docs/benchmarks.md)."""
+        session, underlay = self.session, self.underlay
+        if self.closed or session is None or underlay is None or not session.alive:
+            return
+        if self.tag is not None:
+            # The current consumer may hold up to its prefetch (settling gives the
+            # credit back), so `others + prefetch` is what the broker may make us
+            # hold. Keep the consumer while that fits and it still has credit, or
+            # while it fills the capacity exactly.
+            others = len(self.held) - self.current
+            if others + self.prefetch <= self.capacity and (
+                self.current < self.prefetch or others + self.prefetch == self.capacity
+            ):
+                return
+            await underlay.basic_cancel(self.tag)
+            self.tag = None
+            self.prefetch = 0
+            self.current = 0
+        desired = min(self.wiring.settings.prefetch_step, self.capacity - len(self.held))
+        if desired <= 0:
+            return  # prefetch 0 would mean "unlimited": pause by not consuming
+        await underlay.basic_qos(prefetch_count=desired)
+        ok = await underlay.basic_consume(
+            session.topology.jobs,
+            functools.partial(self._on_message, session, underlay),
+            no_ack=False,
+            arguments=session.topology.jobs_consumer_arguments(),
+        )
+        self.tag = ok.consumer_tag
+        self.prefetch = desired
+        # Deliveries may have arrived before consume-ok was read: count them now.
+        self.current = sum(1 for d in self.held.values() if d.consumer_tag == self.tag)
+        self._maybe_step_up()
+
+    def _maybe_step_up(self) -> None:
+        if self.current >= self.prefetch and len(self.held) < self.capacity:
+            self.wiring.spawn(self._step_up())
+
+    def _drop_held(self, delivery: RabbitDelivery) -> None:
+        """A held delivery was settled: it no longer counts against the credit."""
+        if self.held.pop(delivery.delivery_tag, None) is not None and (
+            delivery.consumer_tag == self.tag
+        ):
+            self.current -= 1
+
+    async def _step_up(self) -> None:
+        """The current consumer used up its credit and there is room: consume again."""
+        async with self.lock:
+            with Quiet():
+                await self._reconcile()
+
+    async def _on_message(
+        self,
+        session: Session,
+        underlay: aiormq.abc.AbstractChannel,
+        raw: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        if not session.alive:
+            return  # the old connection is being closed; the broker requeues it
+        tag = delivery_tag(raw)
+        consumer_tag = getattr(raw.delivery, "consumer_tag", None) or ""
+        try:
+            self.wiring.authenticity.verify(raw)
+            message = decode_as(raw.body, JobMessage)
+        except MalformedMessage as exc:
+            with Quiet():
+                await self._dead_letter(session, underlay, raw, session.topology.jobs, exc)
+            return
+        delivery = RabbitDelivery(
+            self,
+            session,
+            underlay,
+            tag,
+            consumer_tag,
+            message,
+            delivery_count(raw, session.topology),
+        )
+        self.held[tag] = delivery
+        session.deliveries.add(delivery)
+        if self.tag is not None and consumer_tag == self.tag:
+            self.current += 1
+            if self.current == self.prefetch:
+                self._maybe_step_up()
+        self._schedule_renewal(delivery)
+        if self.closed:
+            with contextlib.suppress(DeliveryLost):
+                await delivery.release()
+            return
+        try:
+            await self.handler(delivery)
+        except Exception:
+            log.exception("job delivery handler raised; releasing job %s", message.job_id)
+            with contextlib.suppress(DeliveryLost):
+                await delivery.release()
+
+    async def settle(self, delivery: RabbitDelivery, ack: bool) -> None:
+        """Ack or requeue, then wait for a round trip on the same channel so that the
+        broker has certainly processed it before we return."""
+        async with self.lock:
+            if delivery.lost.is_set() or not delivery.session.alive:
+                delivery.mark_lost()
+                raise DeliveryLost(
+                    f"job {delivery.message.job_id}: its RabbitMQ channel is gone; "
+                    "the broker has requeued the message"
+                )
+            if delivery.settled:
+                raise RuntimeError(f"delivery of job {delivery.message.job_id} already settled")
+            channel = delivery.channel
+            try:
+                async with delivery.session.bounded(self.wiring.settings.publish_timeout):
+                    if ack:
+                        await channel.basic_ack(delivery.delivery_tag)
+                    else:
+                        await channel.basic_reject(delivery.delivery_tag, requeue=True)
+                    await channel.basic_qos(prefetch_count=max(self.prefetch, 1))
+            except Exception as exc:
+                delivery.mark_lost()
+                raise DeliveryLost(
+                    f"job {delivery.message.job_id}: the RabbitMQ channel failed while "
+                    f"settling ({describe(exc)}); the broker requeues the message"
+                ) from None
+            delivery.settled = True
+            delivery.cancel_renewal()
+            self._drop_held(delivery)
+            delivery.session.deliveries.discard(delivery)
+            if delivery.session is self.session:
+                with Quiet():
+                    await self._reconcile()
+                if self.closed and not self.held and self.channel is not None:
+                    await delivery.session.close_channel(self.channel)
+
+    async def set_capacity(self, capacity: int) -> None:
+        """Hold at most ``capacity`` deliveries (0 pauses)."""
+        if capacity < 0:
+            raise ConfigurationError(f"capacity must be >= 0, got {capacity}")
+        async with self.lock:
+            self.capacity = capacity
+            try:
+                await self._reconcile()
+            except Exception as exc:  # the session is dying; the next one uses the new value
+                log.debug("set_capacity deferred: %s", describe(exc))
+
+    async def close(self) -> None:
+        """Cancel the consumer; held deliveries stay valid."""
+        async with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.wiring.forget(self)
+            if self.tag is not None and self.underlay is not None:
+                with Quiet():
+                    await self.underlay.basic_cancel(self.tag)
+                self.tag = None
+            if not self.held and self.channel is not None and self.session is not None:
+                await self.session.close_channel(self.channel)
+
+    def _schedule_renewal(self, delivery: RabbitDelivery) -> None:
+        """Hand a job back (lost first, then requeued) before the broker's
+        acknowledgement timeout can tear it away, when we know that timeout."""
+        timeout = known_consumer_timeout(self.wiring.settings, delivery.session.topology)
+        if timeout is None:
+            return
+        # The broker checks about once a minute, so expiry comes between `timeout`
+        # and `timeout + 60s`; a quarter of the timeout (at most 2 min) is our margin.
+        after = timeout - min(0.25 * timeout, 120.0)
+        delivery.renew_at = time.monotonic() + after
+
+        def renew() -> None:
+            delivery.renewal = None
+            if delivery.lost.is_set() or delivery.settled:
+                return
+            log.info(
+                "job %s held for %.0fs, near the broker's acknowledgement timeout "
+                "(%.0fs): handing it back",
+                delivery.message.job_id,
+                after,
+                timeout,
+            )
+            delivery.mark_lost()
+            delivery.session.deliveries.discard(delivery)
+            self.wiring.spawn(self._requeue(delivery))
+
+        delivery.renewal = asyncio.get_running_loop().call_later(after, renew)
+
+    async def _requeue(self, delivery: RabbitDelivery) -> None:
+        async with self.lock:
+            if delivery.settled or not delivery.session.alive:
+                return
+            try:
+                await delivery.channel.basic_reject(delivery.delivery_tag, requeue=True)
+            except Exception as exc:
+                log.debug("handing job %s back failed: %s", delivery.message.job_id, describe(exc))
+                return
+            delivery.settled = True
+            self._drop_held(delivery)
+            if delivery.session is self.session:
+                with Quiet():
+                    await self._reconcile()
+
+
+class EventSubscription(BrokerSubscription):
+    """Consumes the events queue, one unacknowledged event at a time."""
+
+    kind = SubscriptionKind.EVENTS
+
+    def __init__(self, wiring: Wiring, handler: EventHandler) -> None:
+        super().__init__(wiring)
+        self.handler = handler
+        self.tag: str | None = None
+        self.underlay: aiormq.abc.AbstractChannel | None = None
+        self.publishers: dict[str, str] = {}
+        """server id -> the broker user its first event came from"""
+
+    def check_publisher(self, raw: aiormq.abc.DeliveredMessage, event: Event) -> None:
+        """Refuse an event naming a server whose earlier events came from another
+        broker user (``user_id`` is validated by the broker): one server's
+        credentials cannot speak for another server."""
+        user = raw.header.properties.user_id or ""
+        pinned = self.publishers.setdefault(event.server_id, user)
+        if pinned != user:
+            raise MalformedMessage(
+                f"a {event.TYPE} event names server {event.server_id}, whose events come "
+                f"from broker user {pinned!r}, but was published by {user!r}"
+            )
+
+    async def attach(self, session: Session) -> None:
+        self.session = session
+        self.channel = await session.channel("events")
+        underlay = await self._watch_cancel(session, "events")
+        self.underlay = underlay
+        # One unacknowledged event at a time: nothing newer arrives while a failed
+        # event is retried, and a dead consumer's event goes back to the head.
+        await underlay.basic_qos(prefetch_count=1)
+        ok = await underlay.basic_consume(
+            session.topology.events,
+            functools.partial(self._on_message, session, underlay),
+            no_ack=False,
+        )
+        self.tag = ok.consumer_tag
+
+    async def _on_message(
+        self,
+        session: Session,
+        underlay: aiormq.abc.AbstractChannel,
+        raw: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        if not session.alive or self.closed:
+            return
+        tag = delivery_tag(raw)
+        try:
+            self.wiring.authenticity.verify(raw)
+            event = decode_as(raw.body, Event)
+            self.check_publisher(raw, event)
+        except MalformedMessage as exc:
+            with Quiet():
+                await self._dead_letter(session, underlay, raw, session.topology.events, exc)
+            return
+        # Retried here while we keep holding it: with one unacknowledged event the
+        # broker sends nothing newer, so order holds. (A quorum queue on 3.10 puts a
+        # rejected message *behind* later ones; only a dead consumer's messages go
+        # back to the head.)
+        refused: DeadLetter | None = None
+        async with contextlib.aclosing(
+            retrying(
+                f"handle a {event.TYPE} event (it is redelivered)",
+                initial=0.05,
+                maximum=5.0,
+                retry_on=(Exception,),
+                logger=log,
+            )
+        ) as attempts:
+            async for attempt in attempts:
+                if attempt.number > 1 and self.ended(session):
+                    return  # the broker gives it to the next consumer, at the head
+                with attempt:
+                    try:
+                        await self.handler(event)
+                    except DeadLetter as exc:
+                        refused = exc
+        if refused is not None:
+            # Refused for good by the handler: to <ns>.dead, and on to the next event.
+            log.warning(
+                "dead-lettering a %s event from %s to %s: %s",
+                event.TYPE,
+                session.topology.events,
+                session.topology.dead,
+                refused,
+            )
+            with Quiet():
+                await underlay.basic_reject(tag, requeue=False)
+            return
+        with Quiet():
+            await underlay.basic_ack(tag)
+
+
+@dataclass
+class _Inbound:
+    """A command for the handler (with what acknowledges it), or a marker whose
+    ``handled`` future completes when everything before it was handled."""
+
+    command: Command | None
+    channel: aiormq.abc.AbstractChannel | None = None
+    tag: int = 0
+    handled: asyncio.Future[None] | None = None
+
+
+class CommandSubscription(BrokerSubscription):
+    """A per-connection command queue bound to one server id and the broadcasts."""
+
+    kind = SubscriptionKind.COMMANDS
+
+    def __init__(self, wiring: Wiring, server_id: str, handler: CommandHandler):
+        super().__init__(wiring)
+        self.server_id = server_id
+        self.handler = handler
+        self.known: set[str] = set()
+        self.queue: asyncio.Queue[_Inbound] = asyncio.Queue()
+        self.worker: asyncio.Task[None] | None = None
+        self.snapshot: frozenset[str] = frozenset()
+
+    async def attach(self, session: Session) -> None:
+        t = session.topology
+        self.session = session
+        self.channel = await session.channel("commands")
+        underlay = await self._watch_cancel(session, "commands")
+        name = t.command_queue(self.server_id)
+        await underlay.queue_declare(
+            name,
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            arguments=t.command_queue_arguments(),
+        )
+        await underlay.queue_bind(name, t.commands_exchange, routing_key=self.server_id)
+        await underlay.queue_bind(name, t.broadcast_exchange, routing_key="")
+        await underlay.basic_qos(prefetch_count=100)
+        await underlay.basic_consume(
+            name, functools.partial(self._on_message, session, underlay, name), no_ack=False
+        )
+        # Subscribed to broadcasts first, then the snapshot: no cancellation can fall
+        # between the two.
+        snapshot = await self.wiring.read_cancellations(session)
+        reattached = self.worker is not None
+        if self.worker is None:
+            self.worker = spawn(self._work(), name="orchestratr-rabbitmq-commands", logger=log)
+        if reattached:
+            # Broadcasts sent while we were disconnected were lost with our old queue:
+            # hand those ids over now, and wait until the handler has seen them, so
+            # that they precede every job delivery of the new session.
+            for job_id in sorted(snapshot - self.known):
+                self.queue.put_nowait(_Inbound(CancelJob(job_id=job_id)))
+            handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.queue.put_nowait(_Inbound(None, handled=handled))
+            assert self.worker is not None
+            await asyncio.wait({handled, self.worker}, return_when=asyncio.FIRST_COMPLETED)
+        self.known |= snapshot
+        self.snapshot = snapshot
+
+    async def _on_message(
+        self,
+        session: Session,
+        underlay: aiormq.abc.AbstractChannel,
+        queue: str,
+        raw: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        if not session.alive or self.closed:
+            return
+        tag = delivery_tag(raw)
+        try:
+            self.wiring.authenticity.verify(raw, max_age=self.wiring.settings.signature_max_age)
+            command = decode_as(raw.body, Command)
+        except MalformedMessage as exc:
+            with Quiet():
+                await self._dead_letter(session, underlay, raw, queue, exc)
+            return
+        self.queue.put_nowait(_Inbound(command, underlay, tag))
+
+    async def _work(self) -> None:
+        while True:
+            item = await self.queue.get()
+            command, underlay, tag = item.command, item.channel, item.tag
+            if item.handled is not None:
+                if not item.handled.done():
+                    item.handled.set_result(None)
+                continue
+            if command is None:
+                continue
+            if isinstance(command, CancelJob):
+                self.known.add(command.job_id)
+            try:
+                await self.handler(command)
+            except Exception:
+                # A command is advice; the durable state (cancellation set, storage)
+                # is authoritative, so a failing handler must not block the queue.
+                log.exception("command handler raised on %s; command dropped", command.TYPE)
+            if underlay is not None:
+                with Quiet():
+                    await underlay.basic_ack(tag)
+
+    async def _before_channel_closes(self) -> None:
+        if self.worker is not None:
+            await cancel_and_log([self.worker], logger=log)
