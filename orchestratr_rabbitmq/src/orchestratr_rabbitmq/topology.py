@@ -105,11 +105,6 @@ class BrokerVersion:
         unless ``x-delivery-limit`` says otherwise."""
         return self >= BrokerVersion(4, 0)
 
-    @property
-    def acquired_count(self) -> bool:
-        """4.3+: deliveries carry ``x-acquired-count``, counting every assignment."""
-        return self >= BrokerVersion(4, 3)
-
 
 class Topology:
     """Names and declaration arguments for one namespace on one broker version."""
