@@ -8,31 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import tracemalloc
 from collections.abc import Callable
 
 import pytest
 
-from orchestratr_core import JobArgument, OrchestratedServer, ServerOptions, StopToken
-from orchestratr_core import protocol as p
-from orchestratr_core.job import new_id
+from orchestratr_core import OrchestratedServer, ServerOptions
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.support.cluster import eventually
+from tests.support.cluster import eventually, idle_job, job_message
 
 pytestmark = pytest.mark.rabbitmq
 
 MakeTransport = Callable[..., RabbitMQTransport]
 
 JOBS = 300
-
-
-async def idle_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
-    """The benchmarks' idle job: report liveness, sleep until told to stop."""
-    while True:
-        heartbeat()
-        if await token.sleep(10.0):
-            return
 
 
 def _objects() -> int:
@@ -60,20 +49,7 @@ async def test_an_idle_job_on_rabbitmq_costs_a_bounded_number_of_objects_and_byt
         tracemalloc.start()
         try:
             bytes_before = tracemalloc.get_traced_memory()[0]
-            await asyncio.gather(
-                *(
-                    publisher.publish_job(
-                        p.JobMessage(
-                            job_id=new_id(),
-                            name=f"job-{i}",
-                            argument=str(i),
-                            generation=1,
-                            created_at=time.time(),
-                        )
-                    )
-                    for i in range(JOBS)
-                )
-            )
+            await asyncio.gather(*(publisher.publish_job(job_message(i)) for i in range(JOBS)))
             await eventually(lambda: len(server.running()) == JOBS, 60.0, 0.05, "all running")
             await asyncio.sleep(1.2)  # a few heartbeats: the outbox is empty again
             objects = (_objects() - objects_before) / JOBS
