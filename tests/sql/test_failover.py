@@ -71,8 +71,8 @@ async def _server_port(storage: SqlStorage) -> int:
 
 async def _facts(url: str) -> tuple[dict[str, str], set[tuple[str, str]]]:
     """Straight from the primary: job id -> status, and (job id, outbox kind)."""
-    conn = await asyncpg.connect(url.split("&schema=")[0])
-    schema = url.split("&schema=")[1]
+    server, schema = url.split("&schema=", 1)
+    conn = await asyncpg.connect(server)
     try:
         jobs = await conn.fetch(f'SELECT id, status FROM "{schema}".jobs')
         outbox = await conn.fetch(f'SELECT job_id, kind FROM "{schema}".outbox')
