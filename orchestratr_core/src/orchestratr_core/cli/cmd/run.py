@@ -95,6 +95,13 @@ def add_commands(
         help="seconds between the leader's rounds: dead servers, outbox (default 1)",
     )
     manager.add_argument(
+        "--leader-lease",
+        type=duration,
+        metavar="S",
+        help="the leader's lease: another manager takes its duties over at most this long "
+        "(plus one sweep) after it died or lost the database (default 10)",
+    )
+    manager.add_argument(
         "--rebalance-interval",
         type=duration,
         metavar="S",
@@ -237,6 +244,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         ManagerOptions(),
         server_timeout=args.server_timeout,
         sweep_interval=args.sweep_interval,
+        leader_lease=args.leader_lease,
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
     )
