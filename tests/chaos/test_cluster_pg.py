@@ -201,7 +201,7 @@ async def _lease_holder(chaos: ChaosCluster) -> str | None:
     conn = await asyncpg.connect(chaos.database)
     try:
         value = await conn.fetchval(
-            f'SELECT holder FROM "{chaos.schema}".leases WHERE name = $1 AND until > now()',
+            f'SELECT holder FROM "{chaos.schema}".leases WHERE name = $1 AND lease_until > now()',
             "leader",
         )
     finally:
@@ -209,11 +209,19 @@ async def _lease_holder(chaos: ChaosCluster) -> str | None:
     return None if value is None else str(value)
 
 
-async def _three_managers(chaos: ChaosCluster, **kwargs: object) -> list[Proc]:
-    """Two more managers beside the harness's first; all with the short lease."""
+async def _three_managers(chaos: ChaosCluster, *, db_proxy: bool = False) -> list[Proc]:
+    """Three managers with the short lease, instead of the harness's one. The
+    first is started alone and becomes the leader and the events queue's active
+    consumer (the first to join), so that a fault on it hits both roles."""
     assert chaos.manager is not None
     chaos.kill_manager(chaos.manager)  # the harness's own has the default lease
-    return [await chaos.start_manager(leader_lease=LEASE, **kwargs) for _ in range(3)]  # type: ignore[arg-type]
+    first = await chaos.start_manager(leader_lease=LEASE, db_proxy=db_proxy)
+    await asyncio.sleep(LEASE + 1.0)  # the harness's killed one's lease runs out
+    assert await _leader(chaos) is first
+    return [
+        first,
+        *[await chaos.start_manager(leader_lease=LEASE, db_proxy=db_proxy) for _ in range(2)],
+    ]
 
 
 async def _leader_kill(chaos: ChaosCluster) -> None:
@@ -270,6 +278,7 @@ async def test_a_manager_cut_off_from_the_database_does_not_act_on_stale_state(
     managers = await _three_managers(chaos, db_proxy=True)
     ids = await _servers_with_jobs(chaos)
     leader = await _leader(chaos)
+    assert leader is managers[0]
     duties_before = len(_leader_lines(leader))
     cut = chaos.partition_manager(leader)
     victim = _busiest(chaos)
