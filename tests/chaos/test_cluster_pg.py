@@ -177,8 +177,10 @@ def _leader_lines(proc: Proc) -> list[str]:
     return [line for line in text.splitlines() if pattern.search(line)]
 
 
-async def _leader(chaos: ChaosCluster, within: float = 20.0) -> Proc:
-    """The manager holding the leader lease, from the storage."""
+async def _leader(
+    chaos: ChaosCluster, within: float = 20.0, *, other_than: Proc | None = None
+) -> Proc:
+    """The live manager holding the leader lease (not ``other_than``), from the storage."""
     assert chaos.storage is not None
     deadline = time.time() + within
     while True:
@@ -186,6 +188,7 @@ async def _leader(chaos: ChaosCluster, within: float = 20.0) -> Proc:
         for proc in chaos.managers:
             if (
                 holder is not None
+                and proc is not other_than
                 and proc.alive
                 and f"manager started id={holder}" in (proc.log.read_text(errors="replace"))
             ):
@@ -193,6 +196,13 @@ async def _leader(chaos: ChaosCluster, within: float = 20.0) -> Proc:
         if time.time() > deadline:
             raise AssertionError(f"no live manager holds the lease (holder {holder})")
         await asyncio.sleep(0.2)
+
+
+async def _takeover(chaos: ChaosCluster, old: Proc, since: float, figure: str) -> Proc:
+    """Wait for another live manager to hold the lease; record the seconds since ``since``."""
+    new = await _leader(chaos, within=BOUND_TAKEOVER + 5.0, other_than=old)
+    chaos.record_figure(figure, time.time() - since, BOUND_TAKEOVER, "another manager leads")
+    return new
 
 
 async def _lease_holder(chaos: ChaosCluster) -> str | None:
@@ -229,6 +239,9 @@ async def _leader_kill(chaos: ChaosCluster) -> None:
     ids = await _servers_with_jobs(chaos)
     leader = await _leader(chaos)
     killed = chaos.kill_manager(leader)
+    takeover = asyncio.create_task(
+        _takeover(chaos, leader, killed, "leader kill -9: lease taken over")
+    )
     # The duties: a server dies and must be detected by the next leader...
     victim = _busiest(chaos)
     chaos.kill9(victim)
@@ -238,7 +251,7 @@ async def _leader_kill(chaos: ChaosCluster) -> None:
     chaos.record_figure(
         "leader kill -9: dead server detected", detected - killed, BOUND_TAKEOVER + 3.0
     )
-    new = await _leader(chaos)
+    new = await takeover
     assert new is not leader
     # ... and a create whose publish the relay must send (cancelled before it ran).
     more = await chaos.create(4, prefix="after-leader")
@@ -281,6 +294,9 @@ async def test_a_manager_cut_off_from_the_database_does_not_act_on_stale_state(
     assert leader is managers[0]
     duties_before = len(_leader_lines(leader))
     cut = chaos.partition_manager(leader)
+    takeover = asyncio.create_task(
+        _takeover(chaos, leader, cut, "partitioned leader: lease taken over")
+    )
     victim = _busiest(chaos)
     chaos.kill9(victim)
     await chaos.wait_all_running(ids, within=BOUND_KILL, exclude=(victim,))
@@ -290,7 +306,7 @@ async def test_a_manager_cut_off_from_the_database_does_not_act_on_stale_state(
         time.time() - cut,
         BOUND_TAKEOVER + 3.0,
     )
-    new = await _leader(chaos)
+    new = await takeover
     assert new is not leader
     kept, cancelled = await _burst_during(chaos, "while-cut-off", 6)
     await chaos.wait_all_running(ids + kept, within=BOUND_VIEW, exclude=(victim,))
