@@ -8,8 +8,7 @@
 #   make layers      import-linter: the layer contracts in pyproject.toml
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
-#   make chaos-cluster the cluster fault tests (pytest -m cluster: PostgreSQL failover, several
-#                    managers, RabbitMQ cluster), quick and slow; extra services via .ci/infra
+#   make chaos-cluster the cluster fault tests (pytest -m cluster), quick and slow: docs/reliability.md
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
 #   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)

@@ -20,7 +20,7 @@ from orchestratr_sql.url import parse_url
 from tests.support.pgha import PostgresHA, infra_async
 from tests.support.sql import storage_from_url
 
-pytestmark = pytest.mark.postgresql
+pytestmark = [pytest.mark.postgresql, pytest.mark.cluster]
 
 HOLDER = "failover-test"
 

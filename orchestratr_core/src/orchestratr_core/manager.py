@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from orchestratr_core import protocol as p
 from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
@@ -166,6 +166,8 @@ class ServerManager:
         self._lease_valid_until = 0.0
         self._stepped_back = False
         """True while this manager has left the events queue (storage unreachable)."""
+        self._probe: asyncio.Future[Any] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def storage(self) -> Storage:
@@ -288,17 +290,48 @@ class ServerManager:
             applying.result()
         finally:
             if not applying.done():
-                await cancel_and_log([applying], logger=log)
+                # Not awaited: a driver may turn the cancellation into an error of
+                # its own and retry on (asyncpg in a connect), and this handler
+                # must return now so that the broker hands the event on.
+                applying.cancel()
+                self._let_finish(applying)
+
+    async def readiness(self) -> str | None:
+        """``None`` when this manager can do its work now, else one line saying why
+        not: not started, no live broker session, or a storage that does not answer
+        (it has then left the events queue to the other managers). ``/readyz``
+        answers with it (:mod:`orchestratr_core.health`)."""
+        if not self._started or self._stopped:
+            return "not started" if not self._started else "stopped"
+        if not self._transport.connected:
+            return "no live broker session (reconnecting)"
+        if self._stepped_back or not await self.storage_answers():
+            return "the storage does not answer"
+        return None
 
     async def storage_answers(self) -> bool:
         """Whether the storage answers a short read within ``storage_probe_after``
-        seconds. Readiness probes (``/readyz``) ask it too."""
-        try:
-            async with asyncio.timeout(self._probe_after):
-                await self._storage.get_job(_PROBE_JOB_ID)
-        except (TimeoutError, OrchestratrError, OSError):
-            return False
-        return True
+        seconds. Readiness probes (``/readyz``) ask it too. One read at a time:
+        a read still under way (the storage's own retries) is waited on again,
+        never cancelled (a driver may not honour that) nor doubled."""
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.ensure_future(self._storage.get_job(_PROBE_JOB_ID))
+            self._let_finish(probe)
+        done, _ = await asyncio.wait({probe}, timeout=self._probe_after)
+        return bool(done) and not probe.cancelled() and probe.exception() is None
+
+    def _let_finish(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` referenced until it ends, then read (and drop) its
+        outcome: the storage is known to be failing when nobody waits for it."""
+        self._background.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and (exc := finished.exception()) is not None:
+                log.debug("an abandoned storage call ended: %s", exc)
+
+        task.add_done_callback(done)
 
     def _step_back(self) -> None:
         """Leave the events queue until the storage answers again (in a task: the
@@ -324,7 +357,10 @@ class ServerManager:
             if not await self.storage_answers():
                 raise BackendUnavailable("the storage does not answer")
 
-        await self._retry("reach the storage", probe)
+        # Probed every storage_probe_after at most: the events wait meanwhile.
+        async for attempt in retrying("reach the storage", maximum=self._probe_after, logger=log):
+            with attempt:
+                await probe()
         self._events = await self._retry(
             "consume events", lambda: self._transport.consume_events(self._on_event)
         )
@@ -632,6 +668,13 @@ class ServerManager:
                 done.append(item.id)
                 continue
             if job is None or job.status.final:
+                done.append(item.id)
+                continue
+            if job.status is JobStatus.PROCESSING and job.generation == item.generation:
+                # Started: a server holds this generation's message, so it was sent
+                # (its sender could not delete the row: a database failover) and the
+                # broker gives it to another server if that one dies. A second one
+                # would run the job twice under one fencing token.
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:

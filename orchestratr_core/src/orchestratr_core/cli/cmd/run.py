@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -72,7 +73,7 @@ def add_commands(
     server.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics here (needs prometheus-client)",
+        help="serve Prometheus metrics here, and /healthz and /readyz (needs prometheus-client)",
     )
     server.add_argument("--otel", action="store_true", help="emit OpenTelemetry spans and metrics")
     server.set_defaults(handler=_cmd_server)
@@ -214,9 +215,11 @@ async def _cmd_server(args: argparse.Namespace) -> int:
         install()
     metrics = None
     if args.metrics:
+        from orchestratr_core.health import HealthProbe
         from orchestratr_core.metrics import parse_listen_address, start_metrics_server
 
-        metrics = start_metrics_server(*parse_listen_address(args.metrics, 9464))
+        probe = HealthProbe(asyncio.get_running_loop(), server.readiness)
+        metrics = start_metrics_server(*parse_listen_address(args.metrics, 9464), probe=probe)
     try:
         await server.run_forever()
     finally:
