@@ -16,14 +16,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from orchestratr_core.testing.proxy import SilentProxy
-from tests.support.rabbitmq import drop_namespace
 from tests.support.sql import PG_DATABASE, PG_SERVER
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql]
@@ -86,21 +84,6 @@ class _Process:
             return await asyncio.to_thread(self.popen.wait, 10)
 
 
-@pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    name = f"health-{uuid.uuid4().hex[:10]}"
-    yield name
-    await drop_namespace(name)
-
-
-@pytest.fixture
-async def broker_proxy() -> AsyncIterator[SilentProxy]:
-    proxy = SilentProxy()
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
 def _transport(port: int, namespace: str) -> str:
     return (
         f"amqp://guest:guest@127.0.0.1:{port}/?namespace={namespace}"
@@ -109,7 +92,7 @@ def _transport(port: int, namespace: str) -> str:
 
 
 async def test_a_server_is_not_ready_while_cut_off_from_the_broker_and_ready_again_after(
-    tmp_path: Path, namespace: str, broker_proxy: SilentProxy
+    tmp_path: Path, namespace: str, proxy: SilentProxy
 ) -> None:
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -119,7 +102,7 @@ async def test_a_server_is_not_ready_while_cut_off_from_the_broker_and_ready_aga
             "--job",
             "orchestratr_core.examples:ticker",
             "--transport",
-            _transport(broker_proxy.port, namespace),
+            _transport(proxy.port, namespace),
             "--metrics",
             f"127.0.0.1:{port}",
         ],
@@ -129,12 +112,12 @@ async def test_a_server_is_not_ready_while_cut_off_from_the_broker_and_ready_aga
         await _wait_status(f"{base}/readyz", 200, within=30)
         assert (await asyncio.to_thread(_get, f"{base}/healthz"))[0] == 200
         assert "orchestratr" in (await asyncio.to_thread(_get, f"{base}/metrics"))[1]
-        broker_proxy.pause()
+        proxy.pause()
         took, why = await _wait_status(f"{base}/readyz", 503, within=FENCE + MARGIN)
         print(f"server readiness false {took:.2f} s after the cut ({why.strip()})")
         assert "broker" in why
         assert (await asyncio.to_thread(_get, f"{base}/healthz"))[0] == 200
-        broker_proxy.resume()
+        proxy.resume()
         back, _ = await _wait_status(f"{base}/readyz", 200, within=30)
         print(f"server ready again {back:.2f} s after the heal")
     finally:
@@ -142,7 +125,7 @@ async def test_a_server_is_not_ready_while_cut_off_from_the_broker_and_ready_aga
 
 
 async def test_a_manager_is_not_ready_while_cut_off_from_broker_or_database(
-    tmp_path: Path, namespace: str, broker_proxy: SilentProxy
+    tmp_path: Path, namespace: str, proxy: SilentProxy
 ) -> None:
     schema = f"orx_health_{uuid.uuid4().hex[:8]}"
     pg_port = int(PG_SERVER.rsplit(":", 1)[1])
@@ -158,7 +141,7 @@ async def test_a_manager_is_not_ready_while_cut_off_from_broker_or_database(
             "--storage",
             storage,
             "--transport",
-            _transport(broker_proxy.port, namespace),
+            _transport(proxy.port, namespace),
             "--server-timeout",
             "3",
             "--http",
@@ -169,11 +152,11 @@ async def test_a_manager_is_not_ready_while_cut_off_from_broker_or_database(
     try:
         await _wait_status(f"{base}/readyz", 200, within=30)
         assert (await asyncio.to_thread(_get, f"{base}/healthz"))[0] == 200
-        broker_proxy.pause()
+        proxy.pause()
         took, why = await _wait_status(f"{base}/readyz", 503, within=FENCE + MARGIN)
         print(f"manager readiness false {took:.2f} s after the broker cut ({why.strip()})")
         assert "broker" in why
-        broker_proxy.resume()
+        proxy.resume()
         await _wait_status(f"{base}/readyz", 200, within=30)
         db_proxy.pause()
         # storage_probe_after: a third of --server-timeout
