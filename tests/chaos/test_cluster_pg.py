@@ -280,8 +280,10 @@ async def test_kill_9_the_leading_manager_repeated(chaos: ChaosCluster, run: int
     await _leader_kill(chaos)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(3))
 async def test_a_manager_cut_off_from_the_database_does_not_act_on_stale_state(
-    chaos: ChaosCluster,
+    chaos: ChaosCluster, run: int
 ) -> None:
     """Three managers, each reaching PostgreSQL through its own silent proxy; the
     leader's goes silent (a partition: no connection closes). The others take the
