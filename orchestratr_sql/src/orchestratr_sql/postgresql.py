@@ -105,7 +105,12 @@ class PostgresConnector(Connector):
 
     def _connect_args(self) -> dict[str, Any]:
         options = self.url.options
-        settings = {"application_name": "orchestratr"}
+        settings = {
+            "application_name": "orchestratr",
+            "idle_in_transaction_session_timeout": str(
+                max(1, round(options.idle_in_transaction_timeout * 1000))
+            ),
+        }
         if options.schema:
             settings["search_path"] = f'"{options.schema}"'
         hosts = self.url.hosts or ((self.url.host, self.url.port),)

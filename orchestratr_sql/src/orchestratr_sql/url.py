@@ -59,6 +59,12 @@ class StorageOptions:
     """PostgreSQL: the schema to use (``search_path``); created by migrations."""
     statement_cache_size: int = 100
     """PostgreSQL: prepared statements cached per connection (0 behind PgBouncer)."""
+    idle_in_transaction_timeout: float = 5.0
+    """PostgreSQL: the server ends a session of ours that sits this long inside a
+    transaction (``idle_in_transaction_session_timeout``). Our transactions send
+    their statements back to back, so only a client cut off mid-transaction (a
+    partition: nothing closes) sits there -- holding row locks that every other
+    manager would wait on until TCP gave up, hours later."""
     target_session_attrs: str | None = None
     """PostgreSQL: which of the URL's hosts to use, as libpq's option of that
     name: ``read-write`` (the default when the URL names several hosts: the
@@ -76,6 +82,7 @@ _FLOAT_FIELDS = {
     "acquire_timeout",
     "retry_initial",
     "retry_max",
+    "idle_in_transaction_timeout",
 }
 _BOOL_FIELDS = {"migrate"}
 _STR_FIELDS = {"schema", "target_session_attrs"}
