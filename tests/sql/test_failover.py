@@ -184,3 +184,43 @@ async def test_a_write_while_no_node_accepts_writes_fails_transiently_then_succe
     jobs, outbox = await _facts(ha_schema)
     assert set(jobs) == {job.id}
     assert outbox == {(job.id, "publish")}
+
+
+async def test_a_transaction_cut_off_midway_frees_its_locks_after_the_idle_timeout(
+    pg_schema: str,
+) -> None:
+    """A manager cut off from the database between two statements of a transaction
+    (a silent partition: nothing closes) must not hold its row locks until TCP
+    gives up: the server ends the session after ``idle_in_transaction_timeout``."""
+    from orchestratr_core.testing.proxy import SilentProxy
+    from orchestratr_sql.postgresql import PostgresConnector
+    from tests.support.sql import PG_DATABASE, PG_SERVER, pg_url
+
+    proxy = SilentProxy(upstream_port=parse_url(f"{PG_SERVER}/x").port or 5432)
+    await proxy.start()
+    direct = storage_from_url(pg_url(pg_schema))
+    await direct.open()
+    user = PG_SERVER.split("://", 1)[1].rsplit("@", 1)[0]
+    cut_url = parse_url(
+        f"postgresql://{user}@127.0.0.1:{proxy.port}/{PG_DATABASE}?schema={pg_schema}",
+        {"idle_in_transaction_timeout": 1.0},
+    )
+    # One connection with exactly the settings the storage's pool uses.
+    raw = await asyncpg.connect(**PostgresConnector(cut_url)._connect_args())
+    job = _new("locked")
+    await direct.create_job(job, HOLDER, utcnow())
+    lock = "UPDATE jobs SET argument = 'x' WHERE id = :id"
+    try:
+        await raw.execute("BEGIN")
+        await raw.execute("UPDATE jobs SET argument = 'y' WHERE id = $1", job.id)
+        proxy.pause()  # cut off with the row locked, the COMMIT never sent
+        t0 = time.monotonic()
+        async with direct.connector.transaction() as other:
+            await other.execute(other.adhoc("lock", lock), {"id": job.id})
+        waited = time.monotonic() - t0
+    finally:
+        raw.terminate()
+        proxy.resume()
+        await proxy.stop()
+        await direct.close()
+    assert 0.5 < waited < 10, waited
