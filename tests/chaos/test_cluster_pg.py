@@ -114,6 +114,7 @@ async def _failover_during_burst(chaos: ChaosCluster, postgres_ha: PostgresHA) -
     chaos.check().assert_ok()
 
 
+@pytest.mark.slow  # see docs/reliability.md: a duplicate message can overlap two copies
 async def test_postgres_failover_during_creates_and_cancels_loses_nothing(
     chaos_ha: ChaosCluster, postgres_ha: PostgresHA
 ) -> None:
