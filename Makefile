@@ -8,6 +8,7 @@
 #   make layers      import-linter: the layer contracts in pyproject.toml
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
+#   make chaos-cluster the cluster fault tests (pytest -m cluster), quick and slow: docs/reliability.md
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
 #   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)
@@ -32,7 +33,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos chaos-record bench bench-quick docs-images lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos chaos-cluster chaos-record bench bench-quick docs-images lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -75,6 +76,9 @@ test-slow: install services
 	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 chaos: test-slow
+
+chaos-cluster: install services
+	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
 
 chaos-record: install services
 	ORCHESTRATR_CHAOS_RESULTS=record $(BIN)/pytest -q tests/chaos $(PYTEST_ARGS)

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -22,14 +22,6 @@ from tests.support.rabbitmq import eventually
 pytestmark = pytest.mark.rabbitmq
 
 MakeTransport = Callable[..., RabbitMQTransport]
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[SilentProxy]:
-    proxy = SilentProxy()
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 async def test_a_silent_partition_marks_jobs_lost_before_the_broker_gives_them_away(

@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_rabbitmq import RabbitMQTransport
 from orchestratr_rabbitmq.topology import BrokerVersion, Topology
 
@@ -47,6 +48,15 @@ async def drop_namespace(namespace: str) -> None:
                 await channel.close()
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[SilentProxy]:
+    """A silent TCP proxy to the broker (pause it to partition what goes through it)."""
+    proxy = SilentProxy()
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
 
 
 @pytest.fixture

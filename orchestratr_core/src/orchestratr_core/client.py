@@ -19,6 +19,7 @@ from orchestratr_core.errors import (
 )
 from orchestratr_core.job import (
     JobRecord,
+    JobStatus,
     NewJob,
     new_id,
     utcnow,
@@ -419,7 +420,11 @@ class OrchestratorClient:
         now = utcnow()
         lease_until = now + self._lease if self._transport is not None else now
         record, changed = await self._storage.request_cancel(job_id, now, self._holder, lease_until)
-        if changed and self._transport is not None:
+        # Unchanged but deleting: cancelled before -- maybe by this very call, whose
+        # commit went through while its acknowledgement was lost (a database
+        # failover) and whose retry then changed nothing. Broadcast again, or the
+        # cancel would wait for the manager's relay while the job could start.
+        if (changed or record.status is JobStatus.DELETING) and self._transport is not None:
             try:
                 ids = await self._storage.cancelled_job_ids(now - self._retention)
                 await self._transport.set_cancellations(ids)

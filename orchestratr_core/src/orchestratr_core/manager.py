@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from orchestratr_core import protocol as p
 from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
@@ -65,6 +65,9 @@ _SEND_CHUNK = 200
 
 LEADER_LEASE = "leader"
 
+_PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
+"""A job id no job has: reading it proves the storage answers."""
+
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
 error a storage does not know) is tried this many times, then dead-lettered."""
@@ -104,10 +107,19 @@ class ManagerOptions:
     rebalance_hold: float = 3.0
     """Seconds every server caps itself at its share after a round, so that the
     released jobs land on servers below their share and move only once."""
+    storage_probe_after: float | None = None
+    """Seconds an event may take to apply before the manager asks whether its
+    storage still answers (a short read, given as long again). If it does not --
+    this manager is cut off from the database -- it leaves the events queue to
+    the other managers (the broker hands them the event it held) and joins again
+    once the storage answers. ``None``: a third of ``server_timeout``, so that
+    the others apply the servers' heartbeats before any server looks dead."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
             raise ConfigurationError("server_timeout and sweep_interval must be > 0")
+        if self.storage_probe_after is not None and self.storage_probe_after <= 0:
+            raise ConfigurationError("storage_probe_after must be > 0")
         if self.leader_lease <= self.sweep_interval:
             raise ConfigurationError("leader_lease must be longer than sweep_interval")
 
@@ -151,6 +163,11 @@ class ServerManager:
         self._started = False
         self._stopped = False
         self.is_leader = False
+        self._lease_valid_until = 0.0
+        self._stepped_back = False
+        """True while this manager has left the events queue (storage unreachable)."""
+        self._probe: asyncio.Future[Any] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def storage(self) -> Storage:
@@ -232,7 +249,7 @@ class ServerManager:
         while True:
             attempt += 1
             try:
-                await self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+                await self._apply_unless_cut_off(event)
                 return
             except DataRejected as exc:
                 raise DeadLetter(f"{_about(event)} refused by the storage: {exc}") from None
@@ -246,6 +263,109 @@ class ServerManager:
                         f"{_about(event)} failed {attempt} times: {type(exc).__name__}: {exc}"
                     ) from None
                 await asyncio.sleep(0.1 * attempt)
+
+    @property
+    def _probe_after(self) -> float:
+        after = self.options.storage_probe_after
+        return self.options.server_timeout / 3 if after is None else after
+
+    async def _apply_unless_cut_off(self, event: p.Event) -> None:
+        """Apply ``event`` (retrying while the storage is down) -- unless, while it
+        takes long, the storage does not answer a probe either: then leave the
+        events queue (:meth:`_step_back`) and raise :class:`BackendUnavailable`,
+        so that the broker hands the event to another manager. Slow but
+        answering is waited for."""
+        if self._stepped_back:
+            raise BackendUnavailable("the storage does not answer: events are left to others")
+        applying = asyncio.ensure_future(
+            self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+        )
+        try:
+            while not (await asyncio.wait({applying}, timeout=self._probe_after))[0]:
+                if not await self.storage_answers():
+                    self._step_back()
+                    raise BackendUnavailable(
+                        f"the storage did not answer while a {event.TYPE} event was applied"
+                    )
+            applying.result()
+        finally:
+            if not applying.done():
+                # Not awaited: a driver may turn the cancellation into an error of
+                # its own and retry on (asyncpg in a connect), and this handler
+                # must return now so that the broker hands the event on.
+                applying.cancel()
+                self._let_finish(applying)
+
+    async def readiness(self) -> str | None:
+        """``None`` when this manager can do its work now, else one line saying why
+        not: not started, no live broker session, or a storage that does not answer
+        (it has then left the events queue to the other managers). ``/readyz``
+        answers with it (:mod:`orchestratr_core.health`)."""
+        if not self._started or self._stopped:
+            return "not started" if not self._started else "stopped"
+        if not self._transport.connected:
+            return "no live broker session (reconnecting)"
+        if self._stepped_back or not await self.storage_answers():
+            return "the storage does not answer"
+        return None
+
+    async def storage_answers(self) -> bool:
+        """Whether the storage answers a short read within ``storage_probe_after``
+        seconds. Readiness probes (``/readyz``) ask it too. One read at a time:
+        a read still under way (the storage's own retries) is waited on again,
+        never cancelled (a driver may not honour that) nor doubled."""
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.ensure_future(self._storage.get_job(_PROBE_JOB_ID))
+            self._let_finish(probe)
+        done, _ = await asyncio.wait({probe}, timeout=self._probe_after)
+        return bool(done) and not probe.cancelled() and probe.exception() is None
+
+    def _let_finish(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` referenced until it ends, then read (and drop) its
+        outcome: the storage is known to be failing when nobody waits for it."""
+        self._background.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and (exc := finished.exception()) is not None:
+                log.debug("an abandoned storage call ended: %s", exc)
+
+        task.add_done_callback(done)
+
+    def _step_back(self) -> None:
+        """Leave the events queue until the storage answers again (in a task: the
+        subscription is closed from outside the handler that noticed)."""
+        if self._stepped_back or self._stopped:
+            return
+        self._stepped_back = True
+        self._tasks.append(
+            spawn(self._rejoin_events(), name="orchestratr-rejoin-events", logger=log)
+        )
+
+    async def _rejoin_events(self) -> None:
+        log.warning(
+            "the storage does not answer: leaving the events queue to the other managers "
+            "until it does"
+        )
+        events, self._events = self._events, None
+        if events is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await events.close()
+
+        async def probe() -> None:
+            if not await self.storage_answers():
+                raise BackendUnavailable("the storage does not answer")
+
+        # Probed every storage_probe_after at most: the events wait meanwhile.
+        async for attempt in retrying("reach the storage", maximum=self._probe_after, logger=log):
+            with attempt:
+                await probe()
+        self._events = await self._retry(
+            "consume events", lambda: self._transport.consume_events(self._on_event)
+        )
+        self._stepped_back = False
+        log.info("the storage answers again: consuming events")
 
     async def _apply(self, event: p.Event) -> None:
         now = utcnow()
@@ -431,12 +551,29 @@ class ServerManager:
                 log.exception("sweep failed unexpectedly")
             await asyncio.sleep(self.options.sweep_interval)
 
+    def _lease_held(self) -> bool:
+        """Whether the lease this manager last won is surely still its own, by its
+        own clock from *before* it asked: a round slowed by the database (a
+        partition, a failover) stops at the next step once another manager may
+        have taken the lease over, instead of acting on what it read before."""
+        if time.monotonic() < self._lease_valid_until:
+            return True
+        if self.is_leader:
+            log.warning("leader lease may have expired during this round: stopping it")
+        self.is_leader = False
+        return False
+
     async def _sweep(self) -> None:
-        """One round of the leader's duties."""
+        """One round of the leader's duties; each step first checks the lease
+        (:meth:`_lease_held`)."""
+        asked = time.monotonic()
         now = utcnow()
         until = now + timedelta(seconds=self.options.leader_lease)
-        self.is_leader = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
-        if not self.is_leader:
+        self.is_leader = False
+        won = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
+        self._lease_valid_until = asked + self.options.leader_lease if won else 0.0
+        self.is_leader = won
+        if not self._lease_held():
             return
         expired = await self._storage.expire_servers(
             now - timedelta(seconds=self.options.server_timeout), now
@@ -447,11 +584,16 @@ class ServerManager:
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
+        if not self._lease_held():
+            return
         await self._relay_outbox(now)
+        if not self._lease_held():
+            return
         if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
             await self._sync_cancellations(now)
         if (
-            self.options.rebalance
+            self._lease_held()
+            and self.options.rebalance
             and time.monotonic() - self._last_rebalance >= self.options.rebalance_interval
         ):
             self._last_rebalance = time.monotonic()
@@ -526,6 +668,13 @@ class ServerManager:
                 done.append(item.id)
                 continue
             if job is None or job.status.final:
+                done.append(item.id)
+                continue
+            if job.status is JobStatus.PROCESSING and job.generation == item.generation:
+                # Started: a server holds this generation's message, so it was sent
+                # (its sender could not delete the row: a database failover) and the
+                # broker gives it to another server if that one dies. A second one
+                # would run the job twice under one fencing token.
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:

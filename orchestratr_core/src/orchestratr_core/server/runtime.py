@@ -164,6 +164,19 @@ class OrchestratedServer:
             "server started id=%s name=%s max_workers=%d", self.id, self.name, self.max_workers
         )
 
+    async def readiness(self) -> str | None:
+        """``None`` when this server can take and hold jobs now, else one line
+        saying why not: not started, stopping (draining), or no live broker
+        session (cut off: its fence gave the session up, or it is reconnecting).
+        ``/readyz`` answers with it (:mod:`orchestratr_core.health`)."""
+        if self._consumer is None:
+            return "not started"
+        if self._draining or self._stopped.is_set():
+            return "stopping: handing its jobs over"
+        if not self._transport.connected:
+            return "no live broker session (reconnecting)"
+        return None
+
     async def stop(self, *, handover: bool = True) -> None:
         """Stop gracefully: take no more jobs, stop every job cooperatively (hard
         after ``stop_grace``), hand their messages back to the queue so other

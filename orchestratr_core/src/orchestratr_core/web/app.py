@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
 from orchestratr_core import metrics as _metrics
@@ -81,13 +81,20 @@ class WebBackend:
     client: OrchestratorClient
     monitor: OrchestratorMonitor
     drain: Callable[[str], Awaitable[None]]
+    ready: Callable[[], Awaitable[str | None]] | None = None
+    """``/readyz``: ``None`` when ready, else why not (see :mod:`orchestratr_core.health`)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
     @classmethod
     def of(cls, manager: Any) -> WebBackend:
         """The backend of a :class:`~orchestratr_core.manager.ServerManager`
         (started by its owner)."""
-        return cls(client=manager.client, monitor=manager.monitor, drain=manager.drain_server)
+        return cls(
+            client=manager.client,
+            monitor=manager.monitor,
+            drain=manager.drain_server,
+            ready=manager.readiness,
+        )
 
     @classmethod
     async def open(cls, storage: Any, transport: Any) -> WebBackend:
@@ -118,6 +125,13 @@ class WebBackend:
             await manager.storage.close()
             raise
         backend = cls.of(manager)
+
+        async def ready() -> str | None:
+            if not manager.transport.connected:
+                return "no live broker session (reconnecting)"
+            return None if await manager.storage_answers() else "the storage does not answer"
+
+        backend.ready = ready
         backend._closers += [manager.transport.close, manager.storage.close]
         return backend
 
@@ -445,6 +459,19 @@ def create_app(
     async def health() -> Health:
         """Always answers (no token needed; says nothing about the fleet)."""
         return Health(status="ok", auth="loopback" if policy.open_locally else "token")
+
+    # -- probes (orchestratr_core.health): no token, nothing about the fleet ---------
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> PlainTextResponse:
+        """Liveness: answering at all means the event loop runs."""
+        return PlainTextResponse("ok\n")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> PlainTextResponse:
+        """Readiness: broker and storage reachable (a manager: consuming events)."""
+        reason = await backend.ready() if backend.ready is not None else None
+        return PlainTextResponse(f"{reason or 'ok'}\n", status_code=503 if reason else 200)
 
     # -- metrics ----------------------------------------------------------------------
 
