@@ -95,9 +95,9 @@ class DemoLedger:
             runs.append(run)
             self.max_copies = max(self.max_copies, sum(1 for r in runs if r.stopped is None))
 
-            def beat() -> None:
+            def beat(checkpoint: str | None = None) -> None:
                 self.ticks += 1
-                heartbeat()
+                heartbeat(checkpoint)
 
             try:
                 await ticker(arg, token, beat)

@@ -28,7 +28,12 @@ from typing import TypeVar
 
 from orchestratr_core import protocol as p
 from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
-from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient, job_message
+from orchestratr_core.client import (
+    DEFAULT_CANCEL_RETENTION,
+    OrchestratorClient,
+    job_message,
+    stop_set,
+)
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -44,8 +49,10 @@ from orchestratr_core.job import (
     JobStatus,
     ServerQuery,
     ServerStatus,
+    TransitionResult,
     clean_text,
     new_id,
+    split_fence,
     utcnow,
 )
 from orchestratr_core.metrics import record_heartbeat_lag
@@ -64,6 +71,9 @@ _SEND_CHUNK = 200
 """Commands one heartbeat asks for are sent this many at a time (pipelined)."""
 
 LEADER_LEASE = "leader"
+
+_HELD_STOPS = frozenset({p.StopReason.HELD, p.StopReason.CANCELLED, p.StopReason.SUPERSEDED})
+"""Stop reasons with which a server reports a held job's copy stopped and dropped."""
 
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
@@ -266,7 +276,7 @@ class ServerManager:
                 restarts=event.restarts,
             )
         elif isinstance(event, p.JobDiscarded):
-            await self._storage.transition(
+            result = await self._storage.transition(
                 event.job_id,
                 JobEvent.CONFIRM_DELETED,
                 server_id=event.server_id,
@@ -274,6 +284,7 @@ class ServerManager:
                 now=now,
                 reason="queued message dropped",
             )
+            await self._confirm_held(result, event.server_id, event.fence, now, "message dropped")
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
@@ -287,6 +298,11 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        checkpoints = [
+            (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
+        ]
+        if checkpoints:
+            await self._save_checkpoints(hb.server_id, checkpoints, now)
         if hb.server_id not in self._known_servers:
             self._known_servers.add(hb.server_id)
             self._plugins.notify(
@@ -298,6 +314,16 @@ class ServerManager:
         ]
         if hb.started:
             refused = {job.id for job in conflicts}
+            moved = [
+                job_id
+                for job_id in dict.fromkeys(hb.started)
+                if job_id not in refused and split_fence(fences.get(job_id, 0))[1] > 0
+            ]
+            after = {job.id: job for job in await self._storage.get_jobs(moved)} if moved else {}
+            for job_id in moved:
+                job = after.get(job_id)
+                if job is not None:
+                    sends.append(self._send_checkpoint(job, hb.server_id, fences[job_id]))
             for job_id in dict.fromkeys(hb.started):
                 fence = fences.get(job_id)
                 if fence is None or job_id in refused:
@@ -326,6 +352,8 @@ class ServerManager:
         if result.job is not None and not result.applied:
             await self._stop_copy(result.job, ev.server_id, ev.fence)
             return
+        if result.job is not None and split_fence(ev.fence)[1] > 0:
+            await self._send_checkpoint(result.job, ev.server_id, ev.fence)
         await self._after_start(
             ev.job_id, ev.server_id, ev.fence, before, known=result.job is not None
         )
@@ -380,13 +408,49 @@ class ServerManager:
         result = await self._storage.transition(
             ev.job_id, event, server_id=ev.server_id, fence=ev.fence, now=now, reason=reason
         )
+        if ev.reason in _HELD_STOPS:
+            await self._confirm_held(result, ev.server_id, ev.fence, now, reason)
         if result.applied and event is JobEvent.COMPLETE:
             # Its ack may be lost: servers must drop a redelivered message of it.
             await self._sync_cancellations(now)
 
+    async def _confirm_held(
+        self, result: TransitionResult, server_id: str, fence: int, now: datetime, reason: str
+    ) -> None:
+        """A server stopped a copy of a held job, or dropped its message: the job is
+        ``paused`` now (a quarantine stays), unless a newer owner holds it."""
+        if result.applied or result.job is None or not result.job.status.held:
+            return
+        await self._storage.transition(
+            result.job.id,
+            JobEvent.CONFIRM_HELD,
+            server_id=server_id,
+            fence=fence,
+            now=now,
+            reason=reason,
+        )
+
+    async def _save_checkpoints(
+        self, server_id: str, checkpoints: list[tuple[str, int, str]], now: datetime
+    ) -> None:
+        try:
+            await self._storage.save_checkpoints(server_id, checkpoints, now)
+        except NotImplementedError:
+            log.warning("the storage keeps no checkpoints: %d dropped", len(checkpoints))
+
+    async def _send_checkpoint(self, job: JobRecord, server_id: str, fence: int) -> None:
+        """The latest checkpoint to a server that took a redelivered message (its
+        copy waits for it before the job function starts)."""
+        await self._send(
+            p.JobCheckpoint(job_id=job.id, fence=fence, checkpoint=job.checkpoint), server_id
+        )
+
     async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
         """A server runs a copy the storage did not accept: tell it to stop."""
-        if job.status in (JobStatus.DELETING, JobStatus.DELETED):
+        if job.status.held:
+            # Never CANCELLED: a server would refuse the job for good, also after a resume.
+            reason = p.StopReason.HELD
+        elif job.status in (JobStatus.DELETING, JobStatus.DELETED):
             reason = p.StopReason.CANCELLED
         elif job.server_id == server_id and job.fence == fence:
             return  # it is the recorded owner after all
@@ -525,7 +589,19 @@ class ServerManager:
                 cancels = True
                 done.append(item.id)
                 continue
-            if job is None or job.status.final:
+            if job is None or job.status.final or job.status is JobStatus.PAUSED:
+                done.append(item.id)
+                continue
+            if job.status.held:
+                # Held before this generation's message was sent: nothing can run it.
+                await self._storage.transition(
+                    job.id,
+                    JobEvent.CONFIRM_HELD,
+                    server_id=None,
+                    fence=job.fence,
+                    now=now,
+                    reason="held before it was sent",
+                )
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:
@@ -549,7 +625,7 @@ class ServerManager:
 
     async def _sync_cancellations(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.options.cancel_retention)
-        await self._transport.set_cancellations(await self._storage.cancelled_job_ids(since))
+        await self._transport.set_cancellations(await stop_set(self._storage, since))
         self._last_resync = time.monotonic()
 
 

@@ -1,0 +1,122 @@
+"""Lifecycle controls of a long-running job: pause and resume, checkpoints, and
+the restart budget.
+
+Held jobs (``pausing``, ``paused``, ``quarantined``; :attr:`JobStatus.held`) are
+kept off every server the way cancelled ones are: through the durable
+cancellation set that servers read before their first job delivery. A held job
+is written there as a *hold mark*, ``"<job id>@<generation>"``: a server drops
+every message of the job whose generation is at most the mark's, and stops a
+copy it runs of such a generation. Unlike a cancellation, a hold is reversible:
+``resume`` raises the job's generation, and the message of the new generation
+is not covered by the old mark (servers never forget a mark, and need not).
+
+A server of an older version reads a hold mark as the id of a job that does not
+exist, and a ``CancelJob`` carrying one as malformed: it ignores both, so a mixed
+fleet keeps running (such a server does not pause jobs; the manager still stops
+its copies with a ``StopJob`` when its heartbeats show them).
+
+Checkpoints (``heartbeat(checkpoint=...)``) travel with the server's heartbeats
+and are stored under a fence guard: a checkpoint is kept only if its writer's
+fencing token is at least the job's recorded token and the stored checkpoint's
+(:data:`~orchestratr_core.job.Guard` ``NOT_OLDER`` for checkpoints). What is
+promised: the next owner receives the last checkpoint that reached the manager
+before it took the job; a checkpoint recorded between the last heartbeat and a
+crash is lost.
+"""
+
+from __future__ import annotations
+
+from orchestratr_core.errors import InvalidJobInput
+from orchestratr_core.job import MAX_COUNT, MAX_GENERATION, MAX_JOB_ID_LENGTH
+
+__all__ = [
+    "DEFAULT_MAX_RESTARTS",
+    "DEFAULT_RESTART_WINDOW",
+    "HOLD_SEPARATOR",
+    "MAX_CHECKPOINT_BYTES",
+    "MAX_HOLD_MARK_LENGTH",
+    "MAX_RESTART_WINDOW",
+    "hold_mark",
+    "parse_hold",
+    "validate_checkpoint",
+    "validate_restart_budget",
+]
+
+MAX_CHECKPOINT_BYTES = 64 * 1024
+"""Largest checkpoint a job may record, in UTF-8 bytes."""
+
+HOLD_SEPARATOR = "@"
+"""Between the job id and the generation in a hold mark (never in a job id)."""
+
+MAX_HOLD_MARK_LENGTH = MAX_JOB_ID_LENGTH + 1 + len(str(MAX_GENERATION))
+"""Longest hold mark: a job id, the separator and a generation."""
+
+DEFAULT_MAX_RESTARTS = 20
+"""Failures (exceptions and owner deaths) a job may have within its window
+before it is quarantined, when it was created without a budget of its own."""
+
+DEFAULT_RESTART_WINDOW = 600.0
+"""Seconds of the default restart budget's window."""
+
+MAX_RESTART_WINDOW = 30 * 86400.0
+"""Longest restart window accepted, in seconds."""
+
+
+def hold_mark(job_id: str, generation: int) -> str:
+    """The cancellation-set entry that holds every message of ``job_id`` up to
+    ``generation``."""
+    return f"{job_id}{HOLD_SEPARATOR}{generation}"
+
+
+def parse_hold(entry: str) -> tuple[str, int] | None:
+    """``(job_id, generation)`` of a hold mark, ``None`` for a plain job id (a
+    cancellation) or anything else."""
+    job_id, separator, generation = entry.rpartition(HOLD_SEPARATOR)
+    if not separator or not job_id or len(job_id) > MAX_JOB_ID_LENGTH:
+        return None
+    if not generation.isascii() or not generation.isdigit() or len(generation) > 10:
+        return None
+    value = int(generation)
+    return (job_id, value) if value <= MAX_GENERATION else None
+
+
+def validate_checkpoint(checkpoint: object) -> str:
+    """Return ``checkpoint`` if a job may record it, else raise
+    :class:`InvalidJobInput`: a string of at most :data:`MAX_CHECKPOINT_BYTES`
+    bytes of UTF-8, without NUL (no storage keeps it everywhere)."""
+    if not isinstance(checkpoint, str):
+        raise InvalidJobInput(f"checkpoint must be a string, not {type(checkpoint).__name__}")
+    if "\x00" in checkpoint:
+        raise InvalidJobInput("checkpoint contains NUL (U+0000); encode binary data, e.g. base64")
+    try:
+        size = len(checkpoint.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidJobInput("checkpoint is not valid Unicode (lone surrogate)") from exc
+    if size > MAX_CHECKPOINT_BYTES:
+        raise InvalidJobInput(
+            f"checkpoint is {size} bytes; the limit is {MAX_CHECKPOINT_BYTES} bytes "
+            "(keep a checkpoint small: a position, an offset, a cursor)"
+        )
+    return checkpoint
+
+
+def validate_restart_budget(
+    max_restarts: object, restart_window: object
+) -> tuple[int | None, float | None]:
+    """A job's restart budget as given at create (``None``: the default), checked;
+    :class:`InvalidJobInput` for anything else."""
+    if max_restarts is not None and (
+        isinstance(max_restarts, bool)
+        or not isinstance(max_restarts, int)
+        or not 0 <= max_restarts <= MAX_COUNT
+    ):
+        raise InvalidJobInput(f"max_restarts must be a whole number within 0..{MAX_COUNT}")
+    if restart_window is not None and (
+        isinstance(restart_window, bool)
+        or not isinstance(restart_window, int | float)
+        or not 0 < restart_window <= MAX_RESTART_WINDOW
+    ):
+        raise InvalidJobInput(
+            f"restart_window must be a number of seconds in (0, {MAX_RESTART_WINDOW:.0f}]"
+        )
+    return max_restarts, None if restart_window is None else float(restart_window)
