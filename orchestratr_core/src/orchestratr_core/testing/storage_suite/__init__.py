@@ -38,13 +38,13 @@ from orchestratr_core.testing.storage_suite.creation import (
     RequestCancelTests,
 )
 from orchestratr_core.testing.storage_suite.hygiene import HostileInputTests, LifecycleTests
+from orchestratr_core.testing.storage_suite.job_lifecycle import JobLifecycleTests
 from orchestratr_core.testing.storage_suite.reads import GetJobTests, ListJobsTests
 from orchestratr_core.testing.storage_suite.servers import (
     HeartbeatTests,
     ServerExpiryTests,
     ServerQueryTests,
 )
-from orchestratr_core.testing.storage_suite.job_lifecycle import JobLifecycleTests
 from orchestratr_core.testing.storage_suite.transitions import TransitionTests
 
 __all__ = [
