@@ -139,8 +139,13 @@ class OrchestratedServer:
     # -- public API -----------------------------------------------------------------
 
     def running(self) -> dict[str, JobArgument]:
-        """Jobs running now (not being stopped): job id -> argument."""
-        return {jid: run.arg for jid, run in self._runs.items() if run.stop_reason is None}
+        """Jobs running now (not being stopped, nor waiting for their checkpoint):
+        job id -> argument."""
+        return {
+            jid: run.arg
+            for jid, run in self._runs.items()
+            if run.stop_reason is None and run.handover is None
+        }
 
     @property
     def transport(self) -> Transport:
