@@ -276,3 +276,69 @@ def test_a_checkpoint_over_the_limit_or_of_the_wrong_type_is_malformed() -> None
     for bad in (["a", 5, None, 0, 7], ["a", 5, None, 0, "x" * (MAX_CHECKPOINT_BYTES + 1)]):
         with pytest.raises(MalformedMessage):
             p.decode(json.dumps({**base, "jobs": [bad]}))
+
+
+# -- crash-loop containment ---------------------------------------------------------------
+
+
+async def test_a_job_that_keeps_raising_is_quarantined_with_its_errors_and_resume_releases_it(
+    cluster: Cluster,
+) -> None:
+    runs: list[int] = []
+
+    async def failing(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        runs.append(arg.fence)
+        raise RuntimeError(f"bad config #{len(runs)}")
+
+    await cluster.start_manager()
+    await cluster.add_server("a", 2, job=failing)
+    job_id = await cluster.client.create_job("crashy", "", max_restarts=2, restart_window=60)
+    record = await cluster.wait_status(job_id, JobStatus.QUARANTINED)
+    assert record.reason is not None and "restart budget spent: 3 failures" in record.reason
+    errors = record.to_dict()["last_errors"]
+    assert isinstance(errors, list) and len(errors) == 3
+    assert "RuntimeError: bad config #3" in str(errors[-1])
+    await eventually(lambda: _unowned(cluster, job_id), what="confirmed stopped")
+    count = len(runs)
+    await asyncio.sleep(4 * FAST_SERVER.heartbeat_interval)
+    assert len(runs) == count  # it does not cycle on: held until resumed
+    resumed = await cluster.client.resume(job_id)
+    assert resumed.status is JobStatus.PENDING
+    assert resumed.to_dict()["last_errors"] == []
+    await eventually(lambda: len(runs) > count, what="runs again after resume")
+    await cluster.wait_status(job_id, JobStatus.QUARANTINED)
+
+
+async def _unowned(cluster: Cluster, job_id: str) -> bool:
+    return (await cluster.job(job_id)).server_id is None
+
+
+async def test_owner_deaths_count_against_the_budget(cluster: Cluster) -> None:
+    """A job that kills its host: every death of its server counts; the job is
+    quarantined instead of cycling through the fleet."""
+    await cluster.start_manager()
+    for name in ("a", "b", "c"):
+        await cluster.add_server(name, 2)
+    job_id = await cluster.client.create_job("killer", "", max_restarts=1, restart_window=600)
+    for _ in range(2):
+        await cluster.wait_running([job_id])
+        (copy,) = cluster.ledger.running(job_id)
+        await cluster.servers[copy.server].kill()
+        await eventually(lambda: _failures(cluster, job_id, _ + 1), 10, what="death counted")
+    record = await cluster.wait_status(job_id, JobStatus.QUARANTINED)
+    assert "owner died" in (record.reason or "")
+    await eventually(lambda: not cluster.ledger.running(job_id), HOLD_BOUND, what="held")
+
+
+async def _failures(cluster: Cluster, job_id: str, n: int) -> bool:
+    return (await cluster.job(job_id)).failure_seq >= n
+
+
+def test_restart_budget_input_is_checked() -> None:
+    from orchestratr_core.lifecycle import validate_restart_budget
+
+    assert validate_restart_budget(None, None) == (None, None)
+    assert validate_restart_budget(3, 60) == (3, 60.0)
+    for bad in ((-1, None), (True, None), ("3", None), (None, 0), (None, -5), (None, 10**9)):
+        with pytest.raises(InvalidJobInput):
+            validate_restart_budget(*bad)

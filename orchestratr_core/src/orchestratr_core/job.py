@@ -10,6 +10,7 @@ then writes it.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import threading
 import time
@@ -378,7 +379,8 @@ server: ``processing`` becomes ``pending``, ``deleting``, ``pausing`` and
 ``quarantined`` stay as they are, and the owner is cleared in every case.
 
 ``RESUME`` also raises the job's ``generation`` by one (its new message is not
-covered by the hold mark of the old one) and clears ``reason``. ``PAUSE`` keeps
+covered by the hold mark of the old one) and empties its failure log (a fresh
+restart budget). ``PAUSE`` keeps
 the owner (it confirms, as for a cancel); ``QUARANTINE`` keeps it too.
 
 A deleted or completed job never changes again: no transition has a final
@@ -472,6 +474,11 @@ class JobRecord:
     (``None``: the default of :mod:`orchestratr_core.lifecycle`)."""
     restart_window: float | None = None
     """Seconds of the restart budget's window (``None``: the default)."""
+    failure_seq: int = 0
+    """How many failures were ever counted (the compare-and-set token of ``failure_log``)."""
+    failure_log: str | None = None
+    """The latest failures as JSON ``[[epoch, error], ...]``
+    (:func:`orchestratr_core.lifecycle.failure_log` reads it)."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -499,6 +506,8 @@ class JobRecord:
             "max_restarts": self.max_restarts,
             "restart_window": self.restart_window,
             "quarantine_reason": self.reason if self.status is JobStatus.QUARANTINED else None,
+            "failures": self.failure_seq,
+            "last_errors": _errors(self.failure_log),
         }
 
 
@@ -586,6 +595,19 @@ class ServerQuery:
     """``None`` lists every server ever seen, dead and left ones too."""
     name_prefix: str | None = None
     with_jobs: bool = True
+
+
+def _errors(log: str | None) -> list[dict[str, object]]:
+    """A failure log as JSON-ready dicts (``at`` in ISO 8601), oldest first."""
+    if not log:
+        return []
+    try:
+        return [
+            {"at": datetime.fromtimestamp(float(at), UTC).isoformat(), "error": str(error)}
+            for at, error in json.loads(log)
+        ]
+    except (ValueError, TypeError):
+        return []
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -26,12 +26,19 @@ crash is lost.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+
 from orchestratr_core.errors import InvalidJobInput
-from orchestratr_core.job import MAX_COUNT, MAX_GENERATION, MAX_JOB_ID_LENGTH
+from orchestratr_core.job import MAX_COUNT, MAX_GENERATION, MAX_JOB_ID_LENGTH, JobRecord
 
 __all__ = [
     "DEFAULT_MAX_RESTARTS",
     "DEFAULT_RESTART_WINDOW",
+    "FAILURE_LOG_LENGTH",
+    "Failure",
+    "count_failure",
+    "failure_log",
     "HOLD_SEPARATOR",
     "MAX_CHECKPOINT_BYTES",
     "MAX_HOLD_MARK_LENGTH",
@@ -120,3 +127,52 @@ def validate_restart_budget(
             f"restart_window must be a number of seconds in (0, {MAX_RESTART_WINDOW:.0f}]"
         )
     return max_restarts, None if restart_window is None else float(restart_window)
+
+
+FAILURE_LOG_LENGTH = 10
+"""How many of a job's latest failures its record keeps (``failure_log``)."""
+
+_LOGGED_ERROR_LENGTH = 500
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failure of a job: its function raised, or its server died holding it."""
+
+    at: float
+    """When, in epoch seconds."""
+    error: str
+    """What happened (an exception's text, or ``owner died: <server>``)."""
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return {"at": self.at, "error": self.error}
+
+
+def failure_log(job: JobRecord) -> list[Failure]:
+    """The job's latest failures, oldest first (an unreadable log reads as empty)."""
+    if not job.failure_log:
+        return []
+    try:
+        items = json.loads(job.failure_log)
+        return [Failure(float(at), str(error)) for at, error in items]
+    except (ValueError, TypeError):
+        return []
+
+
+def count_failure(job: JobRecord, at: float, error: str) -> tuple[str, str | None]:
+    """The job's failure log with one more failure, and the quarantine reason if
+    that spends its restart budget (more than ``max_restarts`` failures within
+    ``restart_window`` seconds up to ``at``), else ``None``."""
+    limit = DEFAULT_MAX_RESTARTS if job.max_restarts is None else job.max_restarts
+    window = DEFAULT_RESTART_WINDOW if job.restart_window is None else job.restart_window
+    failures = [*failure_log(job), Failure(at, error[:_LOGGED_ERROR_LENGTH])]
+    failures = failures[-max(FAILURE_LOG_LENGTH, min(limit + 1, 100)) :]
+    recent = sum(1 for f in failures if f.at > at - window)
+    text = json.dumps([[f.at, f.error] for f in failures], ensure_ascii=False)
+    if recent > limit:
+        return text, (
+            f"restart budget spent: {recent} failures within {window:g} s "
+            f"(at most {limit} allowed); last: {error[:200]}"
+        )
+    return text, None

@@ -55,6 +55,7 @@ from orchestratr_core.job import (
     split_fence,
     utcnow,
 )
+from orchestratr_core.lifecycle import count_failure
 from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
@@ -266,7 +267,7 @@ class ServerManager:
         elif isinstance(event, p.JobStopped):
             await self._on_stopped(event, now)
         elif isinstance(event, p.JobFailed):
-            await self._storage.transition(
+            failed = await self._storage.transition(
                 event.job_id,
                 JobEvent.FAIL,
                 server_id=event.server_id,
@@ -275,6 +276,8 @@ class ServerManager:
                 error=clean_text(event.error),
                 restarts=event.restarts,
             )
+            if failed.applied:
+                await self._count_failure(event.job_id, event.at, clean_text(event.error), now)
         elif isinstance(event, p.JobDiscarded):
             result = await self._storage.transition(
                 event.job_id,
@@ -394,6 +397,15 @@ class ServerManager:
                 ),
                 before.server_id,
             )
+            # It moved without being handed back: its owner died or was cut off
+            # (a death found later by the expiry is counted there instead).
+            now = utcnow()
+            await self._count_failure(
+                job_id,
+                now.timestamp(),
+                f"owner died or was cut off: server {before.server_id}",
+                now,
+            )
 
     async def _on_stopped(self, ev: p.JobStopped, now: datetime) -> None:
         if ev.reason is p.StopReason.COMPLETED:
@@ -429,6 +441,56 @@ class ServerManager:
             now=now,
             reason=reason,
         )
+
+    async def _holdings_of_silent_servers(self, cutoff: datetime) -> dict[str, list[JobRecord]]:
+        """The running jobs of every live server not heard from since ``cutoff``
+        (about to be declared dead): each such job counts a failure (an owner
+        death) against its restart budget. One cheap query when none is silent."""
+        servers = await self._storage.list_servers(
+            ServerQuery(
+                statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}), with_jobs=False
+            )
+        )
+        holdings: dict[str, list[JobRecord]] = {}
+        for server in servers:
+            if server.last_seen < cutoff:
+                full = await self._storage.get_server(server.id)
+                if full is not None:
+                    holdings[server.id] = [
+                        job for job in full.running if job.status is JobStatus.PROCESSING
+                    ]
+        return holdings
+
+    async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
+        """Count a failure against the job's restart budget (compare-and-set,
+        retried on a concurrent count); quarantine it when the budget is spent."""
+        for _ in range(5):
+            job = await self._storage.get_job(job_id)
+            if job is None or job.status.final:
+                return
+            failure_log, quarantine = count_failure(job, at, error)
+            try:
+                result = await self._storage.record_failure(
+                    job_id,
+                    seq=job.failure_seq,
+                    failure_log=failure_log,
+                    now=now,
+                    quarantine=quarantine,
+                )
+            except NotImplementedError:
+                return
+            if not result.applied:
+                continue
+            if (
+                quarantine is not None
+                and result.job is not None
+                and result.job.status is JobStatus.QUARANTINED
+                and job.status is not JobStatus.QUARANTINED
+            ):
+                log.warning("job quarantined job_id=%s: %s", job_id, quarantine)
+                await self._sync_cancellations(now)
+            return
+        log.warning("could not count a failure of job %s: its count kept changing", job_id)
 
     async def _save_checkpoints(
         self, server_id: str, checkpoints: list[tuple[str, int, str]], now: datetime
@@ -502,10 +564,17 @@ class ServerManager:
         self.is_leader = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
         if not self.is_leader:
             return
-        expired = await self._storage.expire_servers(
-            now - timedelta(seconds=self.options.server_timeout), now
-        )
+        cutoff = now - timedelta(seconds=self.options.server_timeout)
+        dying = await self._holdings_of_silent_servers(cutoff)
+        expired = await self._storage.expire_servers(cutoff, now)
         for server in expired:
+            for job in dying.get(server.id, ()):
+                await self._count_failure(
+                    job.id,
+                    now.timestamp(),
+                    f"owner died: server {server.name} ({server.id})",
+                    now,
+                )
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
             self._plugins.notify(

@@ -306,7 +306,7 @@ class Storage(abc.ABC):
     ) -> tuple[JobRecord, bool]:
         """Apply :data:`JobEvent.RESUME` (``paused|quarantined -> pending`` while no
         server owns it; ``generation := generation + 1``, reason
-        :data:`REASON_RESUMED`) and, if it applied, insert an outbox row
+        :data:`REASON_RESUMED`, ``failure_log := NULL``) and, if it applied, insert an outbox row
         ``PUBLISH`` of the new generation claimed by ``holder`` — in one
         transaction. Returns the job after the attempt and whether it changed.
         Raises :class:`UnknownJob` for an unknown id."""
@@ -335,6 +335,25 @@ class Storage(abc.ABC):
             )
         )
         return [(job.id, job.generation) for job in page.items]
+
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """Count one failure of a job (its function raised, or its server died
+        holding it), as a compare-and-set: applies only while ``failure_seq =
+        seq`` and the job is not ``deleted`` or ``completed``; then
+        ``failure_seq := seq + 1``, ``failure_log := failure_log``,
+        ``updated_at := now``, and with a ``quarantine`` reason a ``pending``
+        or ``processing`` job becomes ``quarantined`` (:data:`JobEvent.QUARANTINE`;
+        its owner kept, to confirm) with ``reason := quarantine``. The caller
+        reads the job again and retries when it did not apply."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement restart budgets")
 
     async def set_restart_budget(
         self, job_id: str, max_restarts: int | None, restart_window: float | None

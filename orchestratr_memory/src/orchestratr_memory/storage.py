@@ -206,6 +206,7 @@ class _Store:
             changes["restarts"] = restarts
         elif event is JobEvent.RESUME:
             changes["generation"] = row.generation + 1
+            changes["failure_log"] = None
         elif event is JobEvent.QUARANTINE:
             if error is not None:
                 changes["last_error"] = error
@@ -445,6 +446,35 @@ class MemoryStorage(Storage):
             for status in (JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUARANTINED):
                 ids.update(store.by_status[status])
             return [(job_id, store.jobs[job_id].generation) for job_id in sorted(ids)]
+
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """See :meth:`Storage.record_failure`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                return TransitionResult(applied=False, job=None)
+            if row.failure_seq != seq or row.status.final:
+                return TransitionResult(applied=False, job=row)
+            changes: dict[str, object] = {
+                "failure_seq": seq + 1,
+                "failure_log": failure_log,
+                "updated_at": now,
+            }
+            if quarantine is not None and row.status in (JobStatus.PENDING, JobStatus.PROCESSING):
+                changes["status"] = JobStatus.QUARANTINED
+                changes["reason"] = quarantine
+            new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+            store.put(row, new)
+            return TransitionResult(applied=True, job=new)
 
     async def set_restart_budget(
         self, job_id: str, max_restarts: int | None, restart_window: float | None

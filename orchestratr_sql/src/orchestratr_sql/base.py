@@ -167,6 +167,8 @@ class SqlStorageBase(Storage):
             restart_window=(
                 None if row.get("restart_window") is None else float(row["restart_window"])
             ),
+            failure_seq=int(row.get("failure_seq") or 0),
+            failure_log=row.get("failure_log"),
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:

@@ -373,6 +373,34 @@ class SqlStorage(SqlReads):
 
         return await self._run("held_jobs", read, write=False, statement=True)
 
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """One compare-and-set ``UPDATE`` (``record_failure``), then the row."""
+        values = {
+            "id": job_id,
+            "seq": int(seq),
+            "failure_log": failure_log,
+            "quarantine": quarantine,
+            "quarantined": 0 if quarantine is None else 1,
+            "now": self._t(now),
+        }
+
+        async def record(conn: Connection) -> TransitionResult:
+            changed = await conn.execute(self._q["record_failure"], values)
+            row = await conn.fetch_one(self._q["select_job"], values)
+            return TransitionResult(
+                applied=changed > 0, job=None if row is None else self._job(row)
+            )
+
+        return await self._run("record_failure", record)
+
     async def set_restart_budget(
         self, job_id: str, max_restarts: int | None, restart_window: float | None
     ) -> None:

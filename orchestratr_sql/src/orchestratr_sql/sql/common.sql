@@ -141,9 +141,10 @@ WHERE id = :id
   AND (server_id IS NULL OR fence <= :fence);
 
 -- name: transition_resume
--- RESUME: paused|quarantined -> pending, guard UNOWNED, a new generation.
+-- RESUME: paused|quarantined -> pending, guard UNOWNED, a new generation and a
+-- fresh restart budget (the failure log is emptied; failure_seq keeps counting).
 UPDATE jobs SET status = 'pending', generation = generation + 1, updated_at = :now,
-                reason = :reason
+                reason = :reason, failure_log = NULL
 WHERE id = :id AND status IN ('paused', 'quarantined') AND server_id IS NULL;
 
 -- name: transition_quarantine
@@ -167,3 +168,16 @@ SELECT id, generation FROM jobs WHERE status IN ('pausing', 'paused', 'quarantin
 
 -- name: set_restart_budget
 UPDATE jobs SET max_restarts = :max_restarts, restart_window = :restart_window WHERE id = :id;
+
+-- name: record_failure
+-- One more failure, compare-and-set on failure_seq; a spent budget quarantines a
+-- live job (owner kept: it confirms). reason before status: MySQL assigns left to right.
+UPDATE jobs SET
+    reason = CASE WHEN :quarantined = 1 AND status IN ('pending', 'processing')
+                  THEN :quarantine ELSE reason END,
+    status = CASE WHEN :quarantined = 1 AND status IN ('pending', 'processing')
+                  THEN 'quarantined' ELSE status END,
+    failure_seq = failure_seq + 1,
+    failure_log = :failure_log,
+    updated_at = :now
+WHERE id = :id AND failure_seq = :seq AND status NOT IN ('deleted', 'completed');

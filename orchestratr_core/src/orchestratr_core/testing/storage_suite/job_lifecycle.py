@@ -104,6 +104,17 @@ class JobLifecycleTests:
         assert (OutboxKind.PUBLISH, job.generation + 1) in [(i.kind, i.generation) for i in items]
         assert job.id not in [job_id for job_id, _ in await storage.held_jobs()]
 
+    async def test_resume_gives_a_fresh_restart_budget(self, storage: Storage) -> None:
+        now = _now()
+        job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        await storage.record_failure(
+            job.id, seq=0, failure_log='[[1.0, "x"]]', now=now, quarantine="spent"
+        )
+        await _must(storage, job.id, JobEvent.CONFIRM_HELD, "s1", 7, now)
+        resumed, changed = await storage.request_resume(job.id, now, HOLDER, now + LEASE)
+        assert changed
+        assert (resumed.failure_log, resumed.failure_seq) == (None, 1)
+
     async def test_resume_waits_until_no_server_holds_a_copy(self, storage: Storage) -> None:
         now = _now()
         for status in (JobStatus.PAUSING, JobStatus.QUARANTINED):
@@ -288,3 +299,39 @@ class JobLifecycleTests:
         assert (stored.max_restarts, stored.restart_window) == (3, 120.0)
         await storage.set_restart_budget(new_id(), 1, 1.0)  # unknown: ignored
         assert await storage.get_job(job.id) == stored
+
+    async def test_failures_are_counted_by_compare_and_set_and_a_spent_budget_quarantines(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        first = await storage.record_failure(job.id, seq=0, failure_log='[[1.0, "a"]]', now=now)
+        assert first.applied
+        assert first.job is not None
+        assert (first.job.failure_seq, first.job.failure_log) == (1, '[[1.0, "a"]]')
+        assert first.job.status is JobStatus.PROCESSING
+        # A writer that read the old count loses: it must read again.
+        stale = await storage.record_failure(job.id, seq=0, failure_log="[]", now=now)
+        assert not stale.applied
+        assert stale.job == first.job
+        spent = await storage.record_failure(
+            job.id, seq=1, failure_log='[[1.0, "a"], [2.0, "b"]]', now=now, quarantine="spent ✓"
+        )
+        assert spent.applied
+        assert spent.job is not None
+        assert (spent.job.status, spent.job.reason) == (JobStatus.QUARANTINED, "spent ✓")
+        assert (spent.job.server_id, spent.job.fence) == ("s1", 7)  # the owner confirms
+        # Counted again while held: the count grows, the status stays.
+        again = await storage.record_failure(
+            job.id, seq=2, failure_log="[]", now=now, quarantine="other"
+        )
+        assert again.job is not None
+        assert (again.job.status, again.job.reason, again.job.failure_seq) == (
+            JobStatus.QUARANTINED,
+            "spent ✓",
+            3,
+        )
+        done = await _in_status(storage, JobStatus.COMPLETED, now)
+        assert not (await storage.record_failure(done.id, seq=0, failure_log="[]", now=now)).applied
+        unknown = await storage.record_failure(new_id(), seq=0, failure_log="[]", now=now)
+        assert unknown.job is None

@@ -5,6 +5,8 @@ ALTER TABLE jobs ADD COLUMN checkpoint_fence INTEGER NULL;
 ALTER TABLE jobs ADD COLUMN checkpoint_at TEXT NULL;
 ALTER TABLE jobs ADD COLUMN max_restarts INTEGER NULL;
 ALTER TABLE jobs ADD COLUMN restart_window REAL NULL;
+ALTER TABLE jobs ADD COLUMN failure_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN failure_log TEXT NULL;
 -- SQLite cannot alter a CHECK constraint: the status list is widened in the stored
 -- table definition (sqlite.org/lang_altertable.html, "making other kinds of table
 -- schema changes": safe for a constraint every existing row satisfies, whatever

@@ -8,3 +8,5 @@ ALTER TABLE jobs ADD checkpoint_fence BIGINT NULL;
 ALTER TABLE jobs ADD checkpoint_at DATETIME2(6) NULL;
 ALTER TABLE jobs ADD max_restarts INT NULL;
 ALTER TABLE jobs ADD restart_window FLOAT NULL;
+ALTER TABLE jobs ADD failure_seq INT NOT NULL CONSTRAINT jobs_failure_seq_default DEFAULT 0;
+ALTER TABLE jobs ADD failure_log NVARCHAR(MAX) NULL;
