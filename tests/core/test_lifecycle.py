@@ -5,6 +5,7 @@ servers honour, and what older message shapes still mean."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 
@@ -320,11 +321,12 @@ async def test_owner_deaths_count_against_the_budget(cluster: Cluster) -> None:
     for name in ("a", "b", "c"):
         await cluster.add_server(name, 2)
     job_id = await cluster.client.create_job("killer", "", max_restarts=1, restart_window=600)
-    for _ in range(2):
+    for deaths in (1, 2):
         await cluster.wait_running([job_id])
         (copy,) = cluster.ledger.running(job_id)
         await cluster.servers[copy.server].kill()
-        await eventually(lambda: _failures(cluster, job_id, _ + 1), 10, what="death counted")
+        counted = functools.partial(_failures, cluster, job_id, deaths)
+        await eventually(counted, 10, what="death counted")
     record = await cluster.wait_status(job_id, JobStatus.QUARANTINED)
     assert "owner died" in (record.reason or "")
     await eventually(lambda: not cluster.ledger.running(job_id), HOLD_BOUND, what="held")

@@ -16,9 +16,9 @@ fleet keeps running (such a server does not pause jobs; the manager still stops
 its copies with a ``StopJob`` when its heartbeats show them).
 
 Checkpoints (``heartbeat(checkpoint=...)``) travel with the server's heartbeats
-and are stored under a fence guard: a checkpoint is kept only if its writer's
-fencing token is at least the job's recorded token and the stored checkpoint's
-(:data:`~orchestratr_core.job.Guard` ``NOT_OLDER`` for checkpoints). What is
+and are stored under a fence guard: a checkpoint is kept only if its writer is
+the job's recorded owner under its fencing token (``Guard.OWNER``) and that
+token is not below the stored checkpoint's. What is
 promised: the next owner receives the last checkpoint that reached the manager
 before it took the job; a checkpoint recorded between the last heartbeat and a
 crash is lost.
@@ -36,13 +36,13 @@ __all__ = [
     "DEFAULT_MAX_RESTARTS",
     "DEFAULT_RESTART_WINDOW",
     "FAILURE_LOG_LENGTH",
-    "Failure",
-    "count_failure",
-    "failure_log",
     "HOLD_SEPARATOR",
     "MAX_CHECKPOINT_BYTES",
     "MAX_HOLD_MARK_LENGTH",
     "MAX_RESTART_WINDOW",
+    "Failure",
+    "count_failure",
+    "failure_log",
     "hold_mark",
     "parse_hold",
     "validate_checkpoint",

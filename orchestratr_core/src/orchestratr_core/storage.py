@@ -317,9 +317,10 @@ class Storage(abc.ABC):
     ) -> list[str]:
         """Store ``(job_id, fence, checkpoint)`` reports of ``server_id``, each as
         one guarded update (I9): kept only if the job is not ``deleted`` or
-        ``completed``, the report's fence passes the ``NEWER`` guard against the
-        job's owner (``fence < :fence OR (fence = :fence AND (server_id IS NULL OR
-        server_id = :server))``) and is not below the stored checkpoint's fence.
+        ``completed``, ``server_id`` is its recorded owner under this fence
+        (guard ``OWNER``: a stale owner, or a copy whose start was refused, never
+        writes one) and the fence is not below the stored checkpoint's.
+        :meth:`apply_heartbeat` runs first, so a heartbeat's own start counts.
         Sets ``checkpoint``, ``checkpoint_fence := :fence``, ``checkpoint_at :=
         now``; nothing else. Returns the ids whose checkpoint was stored."""
         raise NotImplementedError(f"{type(self).__name__} does not implement checkpoints")

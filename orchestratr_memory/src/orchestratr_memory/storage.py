@@ -427,7 +427,7 @@ class MemoryStorage(Storage):
                 if (
                     row is None
                     or row.status.final
-                    or not _guard_holds(Guard.NEWER, row, server_id, fence)
+                    or not _guard_holds(Guard.OWNER, row, server_id, fence)
                     or (row.checkpoint_fence is not None and row.checkpoint_fence > fence)
                 ):
                     continue

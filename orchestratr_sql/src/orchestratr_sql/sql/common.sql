@@ -154,12 +154,12 @@ UPDATE jobs SET status = 'quarantined', last_error = COALESCE(:error, last_error
 WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
 
 -- name: save_checkpoint
--- A checkpoint under the NEWER guard of its writer's token, and never below the
+-- A checkpoint of the job's recorded owner only (guard OWNER), never below the
 -- token of the checkpoint it replaces (I9).
 UPDATE jobs SET checkpoint = :checkpoint, checkpoint_fence = :fence, checkpoint_at = :now
 WHERE id = :id
   AND status NOT IN ('deleted', 'completed')
-  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)))
+  AND server_id = :server_id AND fence = :fence
   AND (checkpoint_fence IS NULL OR checkpoint_fence <= :fence);
 
 -- name: select_held_jobs
