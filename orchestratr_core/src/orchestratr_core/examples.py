@@ -45,13 +45,25 @@ async def ticker(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> No
     interval, report liveness with ``heartbeat()``, and return as soon as the
     server asks it to stop."""
     interval = tick_interval(arg.argument)
-    log.info("%s: started (job %s, fence %d, every %gs)", arg.name, arg.job_id, arg.fence, interval)
-    ticks = 0
+    ticks = _ticks_from(arg.checkpoint)
+    log.info(
+        "%s: started (job %s, fence %d, every %gs, from tick %d)",
+        arg.name,
+        arg.job_id,
+        arg.fence,
+        interval,
+        ticks,
+    )
     while not await token.sleep(interval):
         ticks += 1
-        heartbeat()
+        heartbeat(checkpoint=str(ticks))  # the next owner goes on counting from here
         log.info("%s: tick %d (fence %d)", arg.name, ticks, arg.fence)
     log.info("%s: stopping after %d ticks (%s)", arg.name, ticks, token.reason)
+
+
+def _ticks_from(checkpoint: str | None) -> int:
+    """The tick count an earlier owner recorded (0 without a usable checkpoint)."""
+    return int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else 0
 
 
 def blocking_ticker(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
