@@ -48,6 +48,7 @@ __all__ = [
     "ServerStatus",
     "Transition",
     "TransitionResult",
+    "bounded_text",
     "clean_text",
     "make_fence",
     "new_id",
@@ -181,23 +182,28 @@ def validate_argument(argument: object) -> str:
     UTF-8 is accepted (serialize structured data yourself, e.g. as JSON) except
     one holding NUL (U+0000), which PostgreSQL cannot store: refused here so that
     every storage accepts the same arguments."""
-    if not isinstance(argument, str):
-        raise InvalidJobInput(f"job argument must be a string, not {type(argument).__name__}")
-    nul = argument.find("\x00")
+    return bounded_text(argument, "job argument", MAX_ARGUMENT_BYTES)
+
+
+def bounded_text(value: object, what: str, limit: int, hint: str = "") -> str:
+    """Return ``value`` if it is a string every storage keeps whole (no NUL, no
+    lone surrogate) of at most ``limit`` bytes of UTF-8, else raise
+    :class:`InvalidJobInput` naming it ``what`` (``hint`` ends the size error)."""
+    if not isinstance(value, str):
+        raise InvalidJobInput(f"{what} must be a string, not {type(value).__name__}")
+    nul = value.find("\x00")
     if nul >= 0:
         raise InvalidJobInput(
-            f"job argument contains NUL (U+0000) at position {nul}; no storage can keep it "
+            f"{what} contains NUL (U+0000) at position {nul}; no storage can keep it "
             "on every database (escape or encode binary data, e.g. as base64)"
         )
     try:
-        size = len(argument.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InvalidJobInput("job argument is not valid Unicode (lone surrogate)") from exc
-    if size > MAX_ARGUMENT_BYTES:
-        raise InvalidJobInput(
-            f"job argument is {size} bytes; the limit is {MAX_ARGUMENT_BYTES} bytes"
-        )
-    return argument
+        raise InvalidJobInput(f"{what} is not valid Unicode (lone surrogate)") from exc
+    if size > limit:
+        raise InvalidJobInput(f"{what} is {size} bytes; the limit is {limit} bytes{hint}")
+    return value
 
 
 def clean_text(text: str, limit: int = MAX_ERROR_LENGTH) -> str:

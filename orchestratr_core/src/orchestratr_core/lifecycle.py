@@ -30,7 +30,13 @@ import json
 from dataclasses import dataclass
 
 from orchestratr_core.errors import InvalidJobInput
-from orchestratr_core.job import MAX_COUNT, MAX_GENERATION, MAX_JOB_ID_LENGTH, JobRecord
+from orchestratr_core.job import (
+    MAX_COUNT,
+    MAX_GENERATION,
+    MAX_JOB_ID_LENGTH,
+    JobRecord,
+    bounded_text,
+)
 
 __all__ = [
     "DEFAULT_MAX_RESTARTS",
@@ -91,20 +97,12 @@ def validate_checkpoint(checkpoint: object) -> str:
     """Return ``checkpoint`` if a job may record it, else raise
     :class:`InvalidJobInput`: a string of at most :data:`MAX_CHECKPOINT_BYTES`
     bytes of UTF-8, without NUL (no storage keeps it everywhere)."""
-    if not isinstance(checkpoint, str):
-        raise InvalidJobInput(f"checkpoint must be a string, not {type(checkpoint).__name__}")
-    if "\x00" in checkpoint:
-        raise InvalidJobInput("checkpoint contains NUL (U+0000); encode binary data, e.g. base64")
-    try:
-        size = len(checkpoint.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidJobInput("checkpoint is not valid Unicode (lone surrogate)") from exc
-    if size > MAX_CHECKPOINT_BYTES:
-        raise InvalidJobInput(
-            f"checkpoint is {size} bytes; the limit is {MAX_CHECKPOINT_BYTES} bytes "
-            "(keep a checkpoint small: a position, an offset, a cursor)"
-        )
-    return checkpoint
+    return bounded_text(
+        checkpoint,
+        "checkpoint",
+        MAX_CHECKPOINT_BYTES,
+        " (keep a checkpoint small: a position, an offset, a cursor)",
+    )
 
 
 def validate_restart_budget(

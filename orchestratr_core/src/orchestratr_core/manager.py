@@ -662,27 +662,15 @@ class ServerManager:
                 done.append(item.id)
                 continue
             if job.status.held:
-                # Held before this generation's message was sent: nothing can run it.
-                await self._storage.transition(
-                    job.id,
-                    JobEvent.CONFIRM_HELD,
-                    server_id=None,
-                    fence=job.fence,
-                    now=now,
-                    reason="held before it was sent",
-                )
+                # Held before this generation's message was sent: nothing can run it
+                # (unless an owner still runs an older one: that owner confirms).
+                if job.server_id is None:
+                    await self._confirm_unsent(job, JobEvent.CONFIRM_HELD, now, "held")
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:
                 # Cancelled before its message was ever sent: nothing can run it.
-                await self._storage.transition(
-                    job.id,
-                    JobEvent.CONFIRM_DELETED,
-                    server_id=None,
-                    fence=job.fence,
-                    now=now,
-                    reason="cancelled before it was sent",
-                )
+                await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
             await self._transport.publish_job(job_message(job, item.generation))
@@ -691,6 +679,19 @@ class ServerManager:
             await self._sync_cancellations(now)
         await self._storage.complete_outbox(done)
         log.info("outbox relay sent %d item(s)", len(done))
+
+    async def _confirm_unsent(
+        self, job: JobRecord, event: JobEvent, now: datetime, what: str
+    ) -> None:
+        """Confirm a job stopped whose message was never sent (``event``)."""
+        await self._storage.transition(
+            job.id,
+            event,
+            server_id=None,
+            fence=job.fence,
+            now=now,
+            reason=f"{what} before it was sent",
+        )
 
     async def _sync_cancellations(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.options.cancel_retention)

@@ -354,22 +354,15 @@ class MemoryStorage(Storage):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """See :meth:`Storage.request_cancel`."""
-        store = self._data()
-        with store.lock:
-            row = store.jobs.get(job_id)
-            if row is None:
-                raise UnknownJob(job_id)
-            applied, job = store.apply(
-                row,
-                JobEvent.CANCEL,
-                server_id=None,
-                fence=0,
-                now=now,
-                reason=REASON_CANCEL_REQUESTED,
-            )
-            if applied:
-                store.add_outbox(job, OutboxKind.CANCEL, now, holder, lease_until)
-            return job, applied
+        return self._request(
+            job_id,
+            JobEvent.CANCEL,
+            OutboxKind.CANCEL,
+            now,
+            holder,
+            lease_until,
+            REASON_CANCEL_REQUESTED,
+        )
 
     async def request_pause(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime

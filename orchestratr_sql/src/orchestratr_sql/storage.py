@@ -247,29 +247,16 @@ class SqlStorage(SqlReads):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """Guarded ``CANCEL`` plus a ``cancel`` outbox row, in one transaction."""
-        values = {"id": job_id, "now": self._t(now), "reason": REASON_CANCEL_REQUESTED}
-
-        async def cancel(conn: Connection) -> tuple[JobRecord, bool]:
-            changed = await conn.execute(self._q["transition_cancel"], values)
-            row = await conn.fetch_one(self._q["select_job"], values)
-            if row is None:
-                raise UnknownJob(job_id)
-            job = self._job(row)
-            if changed:
-                await conn.execute(
-                    self._q["insert_outbox"],
-                    {
-                        "job_id": job_id,
-                        "kind": OutboxKind.CANCEL.value,
-                        "generation": job.generation,
-                        "now": self._t(now),
-                        "holder": holder,
-                        "lease_until": self._t(lease_until),
-                    },
-                )
-            return job, changed > 0
-
-        return await self._run("request_cancel", cancel)
+        return await self._request(
+            "request_cancel",
+            "transition_cancel",
+            OutboxKind.CANCEL,
+            job_id,
+            now,
+            holder,
+            lease_until,
+            REASON_CANCEL_REQUESTED,
+        )
 
     async def request_pause(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
