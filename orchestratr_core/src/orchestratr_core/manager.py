@@ -157,6 +157,10 @@ class ServerManager:
         self._events: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._known_servers: set[str] = set()
+        self._moved_from: dict[str, dict[str, float]] = {}
+        """Server id -> jobs that moved away from it while it was their recorded
+        owner (-> when noted): owner deaths, if it is declared dead before a
+        heartbeat it sent after the note arrives."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
         self._started = False
@@ -291,6 +295,7 @@ class ServerManager:
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
+            self._moved_from.pop(event.server_id, None)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -301,6 +306,10 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        notes = self._moved_from.get(hb.server_id)
+        if notes:  # alive after the move: those jobs were released, not lost
+            for job_id in [j for j, noted in notes.items() if noted < hb.sent_at]:
+                del notes[job_id]
         checkpoints = [
             (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
         ]
@@ -397,15 +406,11 @@ class ServerManager:
                 ),
                 before.server_id,
             )
-            # It moved without being handed back: its owner died or was cut off
-            # (a death found later by the expiry is counted there instead).
-            now = utcnow()
-            await self._count_failure(
-                job_id,
-                now.timestamp(),
-                f"owner died or was cut off: server {before.server_id}",
-                now,
-            )
+            # It moved while the old owner is still recorded: that owner died, was
+            # cut off, or its release is still on the way (events of two servers
+            # are not ordered). Counted as a death only if the old owner is then
+            # declared dead; a heartbeat of it clears the note.
+            self._moved_from.setdefault(before.server_id, {})[job_id] = time.time()
 
     async def _on_stopped(self, ev: p.JobStopped, now: datetime) -> None:
         if ev.reason is p.StopReason.COMPLETED:
@@ -568,9 +573,11 @@ class ServerManager:
         dying = await self._holdings_of_silent_servers(cutoff)
         expired = await self._storage.expire_servers(cutoff, now)
         for server in expired:
-            for job in dying.get(server.id, ()):
+            lost = {job.id for job in dying.get(server.id, ())}
+            lost |= set(self._moved_from.pop(server.id, {}))
+            for job_id in sorted(lost):
                 await self._count_failure(
-                    job.id,
+                    job_id,
                     now.timestamp(),
                     f"owner died: server {server.name} ({server.id})",
                     now,
