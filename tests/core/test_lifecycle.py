@@ -344,3 +344,17 @@ def test_restart_budget_input_is_checked() -> None:
     for bad in ((-1, None), (True, None), ("3", None), (None, 0), (None, -5), (None, 10**9)):
         with pytest.raises(InvalidJobInput):
             validate_restart_budget(*bad)
+
+
+async def test_a_graceful_hand_over_counts_no_failure(cluster: Cluster) -> None:
+    """Released jobs start elsewhere, sometimes before the manager has the release
+    (two servers' events are not ordered): no owner death is counted."""
+    await cluster.start_manager()
+    await cluster.add_server("a", 10)
+    ids = await cluster.create(8, "handed")
+    await cluster.wait_running(ids)
+    await cluster.add_server("b", 10)
+    await cluster.servers["a"].stop()
+    await cluster.wait_running(ids)
+    await asyncio.sleep(FAST_SERVER.heartbeat_interval + 1.6)  # past a's expiry
+    assert [(await cluster.job(j)).failure_seq for j in ids] == [0] * len(ids)
