@@ -302,10 +302,14 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("restarts", job.restarts),
         ("last error", job.last_error),
         ("reason", job.reason),
+    ]
+    # The lifecycle's rows only when they have something to say.
+    lifecycle = [
         ("checkpoint", _checkpoint_label(job)),
         ("failures", job.failure_seq or None),
         ("restart budget", _budget_label(job)),
     ]
+    rows += [(key, value) for key, value in lifecycle if value is not None]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")
