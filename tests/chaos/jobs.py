@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import IO
 
 from orchestratr_core import JobArgument, StopToken
+from orchestratr_core.lifecycle import checkpointed
 from orchestratr_core.runner import Heartbeat
 
 WRITE_EVERY = 0.1
@@ -80,6 +81,7 @@ async def stubborn_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[
         record("stop", arg, copy)
 
 
+@checkpointed
 async def checkpoint_job(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
     """:func:`ledger_job` that records a checkpoint ``"<fence>:<step>"`` with every
     write, and notes in its start line (``cpf``) the token of the owner whose

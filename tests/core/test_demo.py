@@ -135,9 +135,11 @@ async def test_blocking_ticker_runs_in_a_thread_and_returns_when_told_to_stop() 
     token = StopToken()
     beats: list[str] = []
     arg = JobArgument(job_id="j", name="t", argument="0.01", fence=1)
-    future = asyncio.get_running_loop().run_in_executor(
-        None, blocking_ticker, arg, token, lambda: beats.append(threading.current_thread().name)
-    )
+
+    def beat(checkpoint: str | None = None) -> None:
+        beats.append(threading.current_thread().name)
+
+    future = asyncio.get_running_loop().run_in_executor(None, blocking_ticker, arg, token, beat)
     await asyncio.sleep(0.2)
     token.request_stop("cancelled")
     await asyncio.wait_for(future, timeout=1)

@@ -13,7 +13,7 @@ import pytest
 
 from orchestratr_core import InvalidJobInput, JobArgument, JobStatus, StopToken
 from orchestratr_core import protocol as p
-from orchestratr_core.lifecycle import MAX_CHECKPOINT_BYTES, hold_mark, parse_hold
+from orchestratr_core.lifecycle import MAX_CHECKPOINT_BYTES, checkpointed, hold_mark, parse_hold
 from orchestratr_core.runner import Heartbeat
 from tests.support.cluster import FAST_SERVER, Cluster, eventually
 
@@ -36,7 +36,7 @@ def _counter_job(cluster: Cluster, server: str, seen: list[tuple[str, str | None
 
         await cluster.ledger.job(server, body=body)(arg, token, heartbeat)
 
-    return job
+    return checkpointed(job)
 
 
 async def test_pause_stops_a_running_job_and_resume_starts_it_again_once(
@@ -358,3 +358,20 @@ async def test_a_graceful_hand_over_counts_no_failure(cluster: Cluster) -> None:
     await cluster.wait_running(ids)
     await asyncio.sleep(FAST_SERVER.heartbeat_interval + 1.6)  # past a's expiry
     assert [(await cluster.job(j)).failure_seq for j in ids] == [0] * len(ids)
+
+
+async def test_an_unmarked_job_fails_over_at_once_even_without_a_manager(cluster: Cluster) -> None:
+    """Only a :func:`checkpointed` function waits for the manager's checkpoint on a
+    redelivery: others keep the failover bound, also while no manager runs."""
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    await cluster.add_server("b", 2)
+    (job_id,) = await cluster.create(1, "plain")
+    await cluster.wait_running([job_id])
+    assert cluster.manager is not None
+    await cluster.manager.stop()
+    (copy,) = cluster.ledger.running(job_id)
+    await cluster.servers[copy.server].kill()
+    t0 = time.monotonic()
+    await cluster.wait_running([job_id], timeout=3)
+    assert time.monotonic() - t0 < 1.5

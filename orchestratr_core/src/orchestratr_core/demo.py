@@ -32,6 +32,7 @@ from orchestratr_core.backend_urls import sqlite_url
 from orchestratr_core.errors import MissingDriver, PluginNotFound
 from orchestratr_core.examples import ticker
 from orchestratr_core.job import JobArgument, JobQuery, JobStatus, ServerQuery, ServerStatus
+from orchestratr_core.lifecycle import checkpointed
 from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.plugin.manager import get_plugin_manager, mask_url
 from orchestratr_core.runner import Heartbeat, StopToken
@@ -108,7 +109,7 @@ class DemoLedger:
             finally:
                 run.stopped = time.monotonic()
 
-        return demo_job
+        return checkpointed(demo_job)
 
     def running_on(self, job_id: str) -> list[str]:
         """The servers on which the job's function is running now."""

@@ -27,7 +27,9 @@ crash is lost.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from orchestratr_core.errors import InvalidJobInput
 from orchestratr_core.job import (
@@ -39,6 +41,7 @@ from orchestratr_core.job import (
 )
 
 __all__ = [
+    "CHECKPOINTED_ATTRIBUTE",
     "DEFAULT_MAX_RESTARTS",
     "DEFAULT_RESTART_WINDOW",
     "FAILURE_LOG_LENGTH",
@@ -47,13 +50,18 @@ __all__ = [
     "MAX_HOLD_MARK_LENGTH",
     "MAX_RESTART_WINDOW",
     "Failure",
+    "checkpointed",
     "count_failure",
     "failure_log",
     "hold_mark",
+    "is_checkpointed",
     "parse_hold",
     "validate_checkpoint",
     "validate_restart_budget",
 ]
+
+CHECKPOINTED_ATTRIBUTE = "orchestratr_checkpointed"
+"""Set on a job function by :func:`checkpointed`."""
 
 MAX_CHECKPOINT_BYTES = 64 * 1024
 """Largest checkpoint a job may record, in UTF-8 bytes."""
@@ -73,6 +81,27 @@ DEFAULT_RESTART_WINDOW = 600.0
 
 MAX_RESTART_WINDOW = 30 * 86400.0
 """Longest restart window accepted, in seconds."""
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def checkpointed(func: _F) -> _F:
+    """Mark a job function that resumes from ``arg.checkpoint``: a server running
+    it waits, when it takes a *redelivered* message (the previous owner died,
+    handed it back or was cut off), for the manager to send the latest stored
+    checkpoint before it calls the function (at most
+    ``ServerOptions.checkpoint_wait``). Unmarked functions start at once with the
+    checkpoint their message carries (the one stored when it was published),
+    so that a fleet without checkpoints fails over as fast as before, also while
+    no manager runs."""
+    setattr(func, CHECKPOINTED_ATTRIBUTE, True)
+    return func
+
+
+def is_checkpointed(func: object) -> bool:
+    """True if :func:`checkpointed` marked ``func``."""
+    return getattr(func, CHECKPOINTED_ATTRIBUTE, False) is True
 
 
 def hold_mark(job_id: str, generation: int) -> str:

@@ -33,7 +33,9 @@ class ServerOptions:
     checkpoint_wait: float = 5.0
     """Seconds a job taken from a redelivered message (its previous owner died or
     handed it back) waits for the manager to send its latest checkpoint before
-    the job function starts without it (a manager of an older version sends none)."""
+    the job function starts without it (no manager running, or one of an older
+    version). Only for job functions marked
+    :func:`~orchestratr_core.lifecycle.checkpointed`."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "restart_initial", "restart_max"):

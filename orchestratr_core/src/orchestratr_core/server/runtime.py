@@ -51,7 +51,7 @@ from orchestratr_core.job import (
     new_id,
     split_fence,
 )
-from orchestratr_core.lifecycle import parse_hold
+from orchestratr_core.lifecycle import is_checkpointed, parse_hold
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay, retrying
 from orchestratr_core.runner import Heartbeat, JobRunner, StopToken
@@ -110,6 +110,7 @@ class OrchestratedServer:
             self._plugins.make_transport(transport) if isinstance(transport, str) else transport
         )
         self._job = job
+        self._checkpointed = is_checkpointed(job)
         self._runner: JobRunner = self._plugins.make_runner(job)
         self._runner.resize(max_workers)
         self._runs: dict[str, Run] = {}
@@ -295,7 +296,7 @@ class OrchestratedServer:
             heartbeat_timeout=message.heartbeat_timeout,
             checkpoint=message.checkpoint,
         )
-        if delivery.delivery_count > 0:
+        if delivery.delivery_count > 0 and self._checkpointed:
             # Redelivered: an earlier owner may have recorded a newer checkpoint
             # than the message carries; the manager sends it after our start.
             run.handover = asyncio.get_running_loop().create_future()
