@@ -232,6 +232,7 @@ class ChaosCluster:
         self.monitor: AdminOrchestratorMonitor | None = None
         self.cancelled_at: dict[str, float] = {}
         self.cancels: dict[str, checker.Cancel] = {}
+        self.holds: dict[str, list[checker.Hold]] = {}
         self.running: list[checker.Running] = []
         self.views: list[checker.ViewWait] = []
         self.proxies = ProxyLoop()
@@ -599,6 +600,46 @@ class ChaosCluster:
                 return took
             await asyncio.sleep(0.2)
 
+    async def pause(self, job_id: str) -> None:
+        """Pause a job through the test's client; noted for the checker (I8)."""
+        assert self.client is not None
+        await self.client.pause(job_id)
+        self.holds.setdefault(job_id, []).append(checker.Hold(at=time.time()))
+
+    async def resume(self, job_id: str) -> None:
+        """Resume a paused job; the checker lets copies start again from now."""
+        assert self.client is not None
+        released = time.time()
+        record = await self.client.resume(job_id)
+        assert record.status is JobStatus.PENDING, record
+        for hold in self.holds.get(job_id, []):
+            if hold.released is None:
+                hold.released = released
+
+    async def wait_paused(self, job_ids: list[str], within: float) -> float:
+        """Wait until each job has no live copy and is ``paused`` in the storage,
+        within ``within`` of its pause; the checker then holds every copy of each
+        to that bound (I8). Returns the longest time it took."""
+        took = 0.0
+        while True:
+            records = {job.id: job for job in await self.jobs()}
+            copies, now = self.copies(), time.time()
+            running = {c.job for c in checker.live_at(copies, self.facts(now), now)}
+            open_holds = [(j, h) for j in job_ids for h in self.holds[j] if h.bound is None]
+            for job_id, hold in open_holds:
+                if job_id not in running and records[job_id].status is JobStatus.PAUSED:
+                    hold.bound = within
+                    took = max(took, now - hold.at)
+                elif now > hold.at + within:
+                    raise AssertionError(
+                        f"job {job_id} not paused within {within} s: "
+                        f"{records[job_id].status.value}, running={job_id in running} "
+                        f"({self.tail_logs()})"
+                    )
+            if all(h.bound is not None for _, h in open_holds):
+                return took
+            await asyncio.sleep(0.2)
+
     async def jobs(self) -> list[JobRecord]:
         assert self.monitor is not None
         return await self.monitor.all_jobs(JobQuery(include_deleted=True, limit=None))
@@ -640,6 +681,7 @@ class ChaosCluster:
             lost_confirms=set(self.unconfirmed.ids),
             running=self.running,
             views=self.views,
+            holds=self.holds,
         )
 
     def live_copies(

@@ -28,7 +28,12 @@ from typing import Any, TypeVar
 
 from orchestratr_core import protocol as p
 from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
-from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient, job_message
+from orchestratr_core.client import (
+    DEFAULT_CANCEL_RETENTION,
+    OrchestratorClient,
+    job_message,
+    stop_set,
+)
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -44,10 +49,13 @@ from orchestratr_core.job import (
     JobStatus,
     ServerQuery,
     ServerStatus,
+    TransitionResult,
     clean_text,
     new_id,
+    split_fence,
     utcnow,
 )
+from orchestratr_core.lifecycle import count_failure
 from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
@@ -67,6 +75,9 @@ LEADER_LEASE = "leader"
 
 _PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
 """A job id no job has: reading it proves the storage answers."""
+
+_HELD_STOPS = frozenset({p.StopReason.HELD, p.StopReason.CANCELLED, p.StopReason.SUPERSEDED})
+"""Stop reasons with which a server reports a held job's copy stopped and dropped."""
 
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
@@ -158,6 +169,10 @@ class ServerManager:
         self._events: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._known_servers: set[str] = set()
+        self._moved_from: dict[str, dict[str, float]] = {}
+        """Server id -> jobs that moved away from it while it was their recorded
+        owner (-> when noted): owner deaths, if it is declared dead before a
+        heartbeat it sent after the note arrives."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
         self._started = False
@@ -376,7 +391,7 @@ class ServerManager:
         elif isinstance(event, p.JobStopped):
             await self._on_stopped(event, now)
         elif isinstance(event, p.JobFailed):
-            await self._storage.transition(
+            failed = await self._storage.transition(
                 event.job_id,
                 JobEvent.FAIL,
                 server_id=event.server_id,
@@ -385,8 +400,10 @@ class ServerManager:
                 error=clean_text(event.error),
                 restarts=event.restarts,
             )
+            if failed.applied:
+                await self._count_failure(event.job_id, event.at, clean_text(event.error), now)
         elif isinstance(event, p.JobDiscarded):
-            await self._storage.transition(
+            result = await self._storage.transition(
                 event.job_id,
                 JobEvent.CONFIRM_DELETED,
                 server_id=event.server_id,
@@ -394,9 +411,11 @@ class ServerManager:
                 now=now,
                 reason="queued message dropped",
             )
+            await self._confirm_held(result, event.server_id, event.fence, now, "message dropped")
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
+            self._moved_from.pop(event.server_id, None)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -407,6 +426,15 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        notes = self._moved_from.get(hb.server_id)
+        if notes:  # alive after the move: those jobs were released, not lost
+            for job_id in [j for j, noted in notes.items() if noted < hb.sent_at]:
+                del notes[job_id]
+        checkpoints = [
+            (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
+        ]
+        if checkpoints:
+            await self._save_checkpoints(hb.server_id, checkpoints, now)
         if hb.server_id not in self._known_servers:
             self._known_servers.add(hb.server_id)
             self._plugins.notify(
@@ -418,6 +446,16 @@ class ServerManager:
         ]
         if hb.started:
             refused = {job.id for job in conflicts}
+            moved = [
+                job_id
+                for job_id in dict.fromkeys(hb.started)
+                if job_id not in refused and split_fence(fences.get(job_id, 0))[1] > 0
+            ]
+            after = {job.id: job for job in await self._storage.get_jobs(moved)} if moved else {}
+            for job_id in moved:
+                job = after.get(job_id)
+                if job is not None:
+                    sends.append(self._send_checkpoint(job, hb.server_id, fences[job_id]))
             for job_id in dict.fromkeys(hb.started):
                 fence = fences.get(job_id)
                 if fence is None or job_id in refused:
@@ -446,6 +484,8 @@ class ServerManager:
         if result.job is not None and not result.applied:
             await self._stop_copy(result.job, ev.server_id, ev.fence)
             return
+        if result.job is not None and split_fence(ev.fence)[1] > 0:
+            await self._send_checkpoint(result.job, ev.server_id, ev.fence)
         await self._after_start(
             ev.job_id, ev.server_id, ev.fence, before, known=result.job is not None
         )
@@ -486,6 +526,11 @@ class ServerManager:
                 ),
                 before.server_id,
             )
+            # It moved while the old owner is still recorded: that owner died, was
+            # cut off, or its release is still on the way (events of two servers
+            # are not ordered). Counted as a death only if the old owner is then
+            # declared dead; a heartbeat of it clears the note.
+            self._moved_from.setdefault(before.server_id, {})[job_id] = time.time()
 
     async def _on_stopped(self, ev: p.JobStopped, now: datetime) -> None:
         if ev.reason is p.StopReason.COMPLETED:
@@ -500,13 +545,99 @@ class ServerManager:
         result = await self._storage.transition(
             ev.job_id, event, server_id=ev.server_id, fence=ev.fence, now=now, reason=reason
         )
+        if ev.reason in _HELD_STOPS:
+            await self._confirm_held(result, ev.server_id, ev.fence, now, reason)
         if result.applied and event is JobEvent.COMPLETE:
             # Its ack may be lost: servers must drop a redelivered message of it.
             await self._sync_cancellations(now)
 
+    async def _confirm_held(
+        self, result: TransitionResult, server_id: str, fence: int, now: datetime, reason: str
+    ) -> None:
+        """A server stopped a copy of a held job, or dropped its message: the job is
+        ``paused`` now (a quarantine stays), unless a newer owner holds it."""
+        if result.applied or result.job is None or not result.job.status.held:
+            return
+        await self._storage.transition(
+            result.job.id,
+            JobEvent.CONFIRM_HELD,
+            server_id=server_id,
+            fence=fence,
+            now=now,
+            reason=reason,
+        )
+
+    async def _holdings_of_silent_servers(self, cutoff: datetime) -> dict[str, list[JobRecord]]:
+        """The running jobs of every live server not heard from since ``cutoff``
+        (about to be declared dead): each such job counts a failure (an owner
+        death) against its restart budget. One cheap query when none is silent."""
+        servers = await self._storage.list_servers(
+            ServerQuery(
+                statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}), with_jobs=False
+            )
+        )
+        holdings: dict[str, list[JobRecord]] = {}
+        for server in servers:
+            if server.last_seen < cutoff:
+                full = await self._storage.get_server(server.id)
+                if full is not None:
+                    holdings[server.id] = [
+                        job for job in full.running if job.status is JobStatus.PROCESSING
+                    ]
+        return holdings
+
+    async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
+        """Count a failure against the job's restart budget (compare-and-set,
+        retried on a concurrent count); quarantine it when the budget is spent."""
+        for _ in range(5):
+            job = await self._storage.get_job(job_id)
+            if job is None or job.status.final:
+                return
+            failure_log, quarantine = count_failure(job, at, error)
+            try:
+                result = await self._storage.record_failure(
+                    job_id,
+                    seq=job.failure_seq,
+                    failure_log=failure_log,
+                    now=now,
+                    quarantine=quarantine,
+                )
+            except NotImplementedError:
+                return
+            if not result.applied:
+                continue
+            if (
+                quarantine is not None
+                and result.job is not None
+                and result.job.status is JobStatus.QUARANTINED
+                and job.status is not JobStatus.QUARANTINED
+            ):
+                log.warning("job quarantined job_id=%s: %s", job_id, quarantine)
+                await self._sync_cancellations(now)
+            return
+        log.warning("could not count a failure of job %s: its count kept changing", job_id)
+
+    async def _save_checkpoints(
+        self, server_id: str, checkpoints: list[tuple[str, int, str]], now: datetime
+    ) -> None:
+        try:
+            await self._storage.save_checkpoints(server_id, checkpoints, now)
+        except NotImplementedError:
+            log.warning("the storage keeps no checkpoints: %d dropped", len(checkpoints))
+
+    async def _send_checkpoint(self, job: JobRecord, server_id: str, fence: int) -> None:
+        """The latest checkpoint to a server that took a redelivered message (its
+        copy waits for it before the job function starts)."""
+        await self._send(
+            p.JobCheckpoint(job_id=job.id, fence=fence, checkpoint=job.checkpoint), server_id
+        )
+
     async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
         """A server runs a copy the storage did not accept: tell it to stop."""
-        if job.status in (JobStatus.DELETING, JobStatus.DELETED):
+        if job.status.held:
+            # Never CANCELLED: a server would refuse the job for good, also after a resume.
+            reason = p.StopReason.HELD
+        elif job.status in (JobStatus.DELETING, JobStatus.DELETED):
             reason = p.StopReason.CANCELLED
         elif job.server_id == server_id and job.fence == fence:
             return  # it is the recorded owner after all
@@ -575,10 +706,19 @@ class ServerManager:
         self.is_leader = won
         if not self._lease_held():
             return
-        expired = await self._storage.expire_servers(
-            now - timedelta(seconds=self.options.server_timeout), now
-        )
+        cutoff = now - timedelta(seconds=self.options.server_timeout)
+        dying = await self._holdings_of_silent_servers(cutoff)
+        expired = await self._storage.expire_servers(cutoff, now)
         for server in expired:
+            lost = {job.id for job in dying.get(server.id, ())}
+            lost |= set(self._moved_from.pop(server.id, {}))
+            for job_id in sorted(lost):
+                await self._count_failure(
+                    job_id,
+                    now.timestamp(),
+                    f"owner died: server {server.name} ({server.id})",
+                    now,
+                )
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
             self._plugins.notify(
@@ -667,7 +807,14 @@ class ServerManager:
                 cancels = True
                 done.append(item.id)
                 continue
-            if job is None or job.status.final:
+            if job is None or job.status.final or job.status is JobStatus.PAUSED:
+                done.append(item.id)
+                continue
+            if job.status.held:
+                # Held before this generation's message was sent: nothing can run it
+                # (unless an owner still runs an older one: that owner confirms).
+                if job.server_id is None:
+                    await self._confirm_unsent(job, JobEvent.CONFIRM_HELD, now, "held")
                 done.append(item.id)
                 continue
             if job.status is JobStatus.PROCESSING and job.generation == item.generation:
@@ -679,14 +826,7 @@ class ServerManager:
                 continue
             if job.status is JobStatus.DELETING:
                 # Cancelled before its message was ever sent: nothing can run it.
-                await self._storage.transition(
-                    job.id,
-                    JobEvent.CONFIRM_DELETED,
-                    server_id=None,
-                    fence=job.fence,
-                    now=now,
-                    reason="cancelled before it was sent",
-                )
+                await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
             await self._transport.publish_job(job_message(job, item.generation))
@@ -696,9 +836,22 @@ class ServerManager:
         await self._storage.complete_outbox(done)
         log.info("outbox relay sent %d item(s)", len(done))
 
+    async def _confirm_unsent(
+        self, job: JobRecord, event: JobEvent, now: datetime, what: str
+    ) -> None:
+        """Confirm a job stopped whose message was never sent (``event``)."""
+        await self._storage.transition(
+            job.id,
+            event,
+            server_id=None,
+            fence=job.fence,
+            now=now,
+            reason=f"{what} before it was sent",
+        )
+
     async def _sync_cancellations(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.options.cancel_retention)
-        await self._transport.set_cancellations(await self._storage.cancelled_job_ids(since))
+        await self._transport.set_cancellations(await stop_set(self._storage, since))
         self._last_resync = time.monotonic()
 
 

@@ -390,6 +390,36 @@ def create_app(
         that is already cancelled or completed changes nothing."""
         return job_out(await backend.client.mark_on_deleting(plain(job_id, "job", status=404)))
 
+    @app.post(
+        "/api/jobs/{job_id}/pause",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Pause a job",
+    )
+    async def pause_job(job_id: str) -> JobOut:
+        """Pause a job, durably: it stops wherever it runs (``pausing`` until a
+        server confirms, then ``paused``) and does not run again until resumed.
+        Pausing a job that is not pending or processing changes nothing."""
+        return job_out(await backend.client.pause(plain(job_id, "job", status=404)))
+
+    @app.post(
+        "/api/jobs/{job_id}/resume",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Resume a paused or quarantined job",
+    )
+    async def resume_job(job_id: str) -> JobOut:
+        """Resume a ``paused`` or ``quarantined`` job (``pending`` again, with its
+        latest checkpoint and a fresh restart budget). A job still ``pausing``, or
+        in any other status, is returned unchanged."""
+        return job_out(await backend.client.resume(plain(job_id, "job", status=404)))
+
     # -- servers --------------------------------------------------------------------
 
     @app.get(
