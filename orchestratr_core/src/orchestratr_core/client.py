@@ -25,6 +25,12 @@ from orchestratr_core.job import (
     validate_argument,
     validate_name,
 )
+from orchestratr_core.placement import (
+    DEFAULT_KIND,
+    parse_constraints,
+    validate_kind,
+    validate_spread,
+)
 from orchestratr_core.plugin.manager import get_plugin_manager
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxKind, Storage
@@ -57,6 +63,9 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
         generation=generation,
         created_at=job.created_at.timestamp(),
         heartbeat_timeout=job.heartbeat_timeout,
+        kind=job.kind,
+        constraints=job.constraints,
+        spread=job.spread,
     )
 
 
@@ -263,13 +272,25 @@ class OrchestratorClient:
     aclose = close
 
     async def create_job(
-        self, name: str, argument: str = "", *, heartbeat_timeout: float | None = None
+        self,
+        name: str,
+        argument: str = "",
+        *,
+        heartbeat_timeout: float | None = None,
+        kind: str = DEFAULT_KIND,
+        require: Sequence[str] | None = None,
+        spread: str | None = None,
     ) -> str:
         """Create a job and start it on one server as soon as one has room.
 
         :param heartbeat_timeout: optional watchdog: if the job function does not
             call ``heartbeat()`` within this many seconds, its server restarts it
             (recorded as a failure with a ``watchdog`` error).
+        :param kind: the job's kind: only a server that runs this kind runs it.
+        :param require: hard constraints on the labels of the server that runs it
+            (``["region=eu", "nic!=1g"]``).
+        :param spread: a spread group: servers avoid running two jobs of one group
+            while others could take them.
 
         :returns: the new job's id.
         :raises InvalidJobInput: empty, blank, over-long name or one with control
@@ -279,6 +300,7 @@ class OrchestratorClient:
         name = validate_name(name)
         argument = validate_argument(argument)
         timeout = _heartbeat_timeout(heartbeat_timeout)
+        kind, constraints, spread = _placement(kind, require, spread)
         await self.open()
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
@@ -290,6 +312,9 @@ class OrchestratorClient:
                 argument=argument,
                 created_at=now,
                 heartbeat_timeout=timeout,
+                kind=kind,
+                constraints=constraints,
+                spread=spread,
             ),
             self._holder,
             lease_until,
@@ -309,16 +334,22 @@ class OrchestratorClient:
 
     async def create_jobs(
         self,
-        items: Sequence[tuple[str, str]] | Sequence[str],
+        items: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]] | Sequence[str],
         *,
         heartbeat_timeout: float | None = None,
+        kind: str = DEFAULT_KIND,
+        require: Sequence[str] | None = None,
+        spread: str | None = None,
     ) -> list[str]:
         """Create many jobs at once, all or nothing: every item is checked first,
         then every job and its outbox row is inserted in one transaction, then
         the messages are published (pipelined) and the outbox rows deleted.
 
-        :param items: ``(name, argument)`` pairs, or names alone (argument ``""``).
+        :param items: ``(name, argument)`` pairs, ``(name, argument, kind)``
+            triples, or names alone (argument ``""``).
         :param heartbeat_timeout: the watchdog of every job (see :meth:`create_job`).
+        :param kind: the kind of every item that names none.
+        :param require: the constraints of every job; ``spread``: their spread group.
         :returns: the new jobs' ids, in the order of ``items``.
         :raises InvalidJobInput: an item is not valid; the message names its
             index. Nothing is stored.
@@ -330,32 +361,46 @@ class OrchestratorClient:
         if isinstance(items, str | bytes) or not isinstance(items, Sequence):
             raise InvalidJobInput("items must be a sequence of (name, argument) pairs or names")
         timeout = _heartbeat_timeout(heartbeat_timeout)
-        pairs: list[tuple[str, str]] = []
+        default_kind, constraints, spread = _placement(kind, require, spread)
+        triples: list[tuple[str, str, str]] = []
         for index, item in enumerate(items):
             try:
+                item_kind = default_kind
                 if isinstance(item, str):
                     name, argument = item, ""
                 elif isinstance(item, tuple | list) and len(item) == 2:
                     name, argument = item
+                elif isinstance(item, tuple | list) and len(item) == 3:
+                    name, argument, item_kind = item
+                    item_kind = validate_kind(item_kind)
                 else:
-                    raise InvalidJobInput("must be a (name, argument) pair or a name")
-                pairs.append((validate_name(name), validate_argument(argument)))
+                    raise InvalidJobInput(
+                        "must be a (name, argument) pair, a (name, argument, kind) triple or a name"
+                    )
+                triples.append((validate_name(name), validate_argument(argument), item_kind))
             except InvalidJobInput as exc:
                 raise InvalidJobInput(f"item {index}: {exc}") from None
         seen: set[str] = set()
-        for name, _ in pairs:
+        for name, _, _ in triples:
             if name in seen:
                 raise DuplicateJobName(name)
             seen.add(name)
-        if not pairs:
+        if not triples:
             return []
         await self.open()
         now = utcnow()
         jobs = [
             NewJob(
-                id=new_id(), name=name, argument=argument, created_at=now, heartbeat_timeout=timeout
+                id=new_id(),
+                name=name,
+                argument=argument,
+                created_at=now,
+                heartbeat_timeout=timeout,
+                kind=job_kind,
+                constraints=constraints,
+                spread=spread,
             )
-            for name, argument in pairs
+            for name, argument, job_kind in triples
         ]
         if self._transport is None:
             lease_until = now
@@ -445,6 +490,13 @@ async def _close_all(backends: Sequence[Storage | Transport]) -> None:
     for backend in sorted(backends, key=lambda b: isinstance(b, Storage)):
         with contextlib.suppress(OrchestratrError, OSError):
             await backend.close()
+
+
+def _placement(
+    kind: object, require: Sequence[str] | None, spread: object
+) -> tuple[str, tuple[str, ...], str | None]:
+    """A job's kind, canonical constraints and spread group, checked."""
+    return validate_kind(kind), parse_constraints(require), validate_spread(spread)
 
 
 def _heartbeat_timeout(value: object) -> float | None:

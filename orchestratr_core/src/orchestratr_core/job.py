@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from orchestratr_core.errors import InvalidJobInput
+from orchestratr_core.placement import DEFAULT_KIND
 
 __all__ = [
     "FENCE_GENERATION_SHIFT",
@@ -353,6 +354,8 @@ class JobArgument:
     fence: int
     """The fencing token of this ownership: every new owner of the job gets a
     larger one. Pass it to downstream systems so they can reject a stale owner."""
+    kind: str = DEFAULT_KIND
+    """The job's kind (the function a server runs it with is the one for this kind)."""
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,12 @@ class NewJob:
     generation: int = 1
     heartbeat_timeout: float | None = None
     """Watchdog: restart the job if it does not call ``heartbeat()`` this often (s)."""
+    kind: str = DEFAULT_KIND
+    """The job's kind (validated)."""
+    constraints: tuple[str, ...] = ()
+    """Hard constraints on server labels, canonical (``placement.parse_constraints``)."""
+    spread: str | None = None
+    """Spread group (anti-affinity), if any."""
 
     def record(self) -> JobRecord:
         """The job as a storage holds it right after creating it: ``pending``, on
@@ -381,6 +390,9 @@ class NewJob:
             created_at=self.created_at,
             updated_at=self.created_at,
             heartbeat_timeout=self.heartbeat_timeout,
+            kind=self.kind,
+            constraints=self.constraints,
+            spread=self.spread,
         )
 
 
@@ -405,6 +417,15 @@ class JobRecord:
     """Why the job last changed status when that was not obvious (e.g. ``server dead``)."""
     heartbeat_timeout: float | None = None
     """The job's watchdog timeout in seconds, if it has one."""
+    kind: str = DEFAULT_KIND
+    """The job's kind."""
+    constraints: tuple[str, ...] = ()
+    """Hard constraints on the labels of the server that runs it (canonical texts)."""
+    spread: str | None = None
+    """The job's spread group, if any."""
+    pending_reason: str | None = None
+    """Why a pending job waits, as the leading manager last worked it out from the
+    live servers' kinds and labels (``None`` while it runs)."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -424,6 +445,10 @@ class JobRecord:
             "last_error": self.last_error,
             "reason": self.reason,
             "heartbeat_timeout": self.heartbeat_timeout,
+            "kind": self.kind,
+            "constraints": list(self.constraints),
+            "spread": self.spread,
+            "pending_reason": self.pending_reason if self.status is JobStatus.PENDING else None,
         }
 
 
@@ -441,6 +466,10 @@ class ServerRecord:
     pid: int = 0
     running: tuple[JobRecord, ...] = ()
     """Jobs the storage records as running on this server (filled by monitor queries)."""
+    kinds: tuple[str, ...] = (DEFAULT_KIND,)
+    """The job kinds the server runs."""
+    labels: tuple[str, ...] = ()
+    """The server's labels, sorted ``KEY=VALUE`` texts."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict, shaped like the original's server JSON."""
@@ -453,6 +482,8 @@ class ServerRecord:
             "last_seen": _iso(self.last_seen),
             "host": self.host,
             "pid": self.pid,
+            "kinds": list(self.kinds),
+            "labels": dict(label.split("=", 1) for label in self.labels),
             "jobs": [
                 {"id": j.id, "name": j.name, "status": j.status.value, "fence": j.fence}
                 for j in self.running
@@ -482,6 +513,8 @@ class JobQuery:
     statuses: frozenset[JobStatus] | None = None
     name_prefix: str | None = None
     server_id: str | None = None
+    kind: str | None = None
+    """Only jobs of this kind."""
     include_deleted: bool = False
     """When ``statuses`` is None, deleted jobs are left out unless this is True."""
     after: str | None = None
@@ -511,6 +544,10 @@ class ServerQuery:
     """``None`` lists every server ever seen, dead and left ones too."""
     name_prefix: str | None = None
     with_jobs: bool = True
+    label: str | None = None
+    """Only servers with this ``KEY=VALUE`` label."""
+    kind: str | None = None
+    """Only servers that run this kind."""
 
 
 def _iso(value: datetime | None) -> str | None:

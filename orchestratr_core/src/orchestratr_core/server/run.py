@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestratr_core import protocol as p
 from orchestratr_core.job import JobArgument
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.runner import StopToken
 from orchestratr_core.transport import Delivery
 
@@ -60,6 +61,10 @@ class Run:
     loss_watch: asyncio.Future[Any] | None = None
     report: p.RunningJob | None = None
     """What the last heartbeat said about this job (reused while it holds)."""
+    pool: Pool = DEFAULT_POOL
+    """The pool its delivery came from."""
+    spread: str | None = None
+    """Its spread group, if any."""
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
