@@ -57,9 +57,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 """Kinds, label keys and spread groups: 1..63 characters, safe in a queue name."""
 _VALUE = re.compile(r"[A-Za-z0-9_.:/-]{1,63}")
 """Label and constraint values."""
-_QUEUE_SUFFIX_LIMIT = 180
-"""Longest pool key that names its queue as it is (RabbitMQ allows 255 bytes); a
-longer one is named by a digest."""
 
 
 def _check_name(what: str, value: object, error: type[Exception]) -> str:
@@ -224,15 +221,17 @@ class Pool:
         return cls.of(key)
 
     def queue_suffix(self) -> str:
-        """What names this pool's queue after the namespace's jobs queue: empty for
-        the default pool, the key while short, else the kind and a digest."""
+        """What names this pool's queue after the namespace's jobs queue, in the
+        characters every broker takes in a queue name (letters, digits, ``_.:-``):
+        empty for the default pool, the kind for a kind without constraints, else
+        the kind and a digest of the constraints (``feed.c-1f2e...``). Brokers
+        list the key of each pool's queue in their registry."""
         if self.is_default:
             return ""
-        key = self.key
-        if len(key) <= _QUEUE_SUFFIX_LIMIT:
-            return key
-        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
-        return f"{self.kind}[#{digest}]"
+        if not self.constraints:
+            return self.kind
+        digest = hashlib.sha256(",".join(self.constraints).encode()).hexdigest()[:20]
+        return f"{self.kind}.c-{digest}"
 
     def accepts(self, kinds: Collection[str], labels: Mapping[str, str]) -> bool:
         """Whether a server running ``kinds`` with ``labels`` may run this pool's jobs."""

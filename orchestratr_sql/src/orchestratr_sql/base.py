@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from orchestratr_core.errors import OrchestratrError
 from orchestratr_core.job import JobRecord, JobStatus, NewJob, ServerRecord, ServerStatus
+from orchestratr_core.placement import DEFAULT_KIND
 from orchestratr_core.retry import retrying
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
@@ -21,7 +22,7 @@ from orchestratr_sql.queries import load_queries
 from orchestratr_sql.schema import guard, migrate
 from orchestratr_sql.url import DatabaseUrl
 
-__all__ = ["SqlStorageBase"]
+__all__ = ["SqlStorageBase", "join_list", "split_list"]
 
 log = logging.getLogger("orchestratr.storage.sql")
 
@@ -160,6 +161,10 @@ class SqlStorageBase(Storage):
             heartbeat_timeout=(
                 None if row["heartbeat_timeout"] is None else float(row["heartbeat_timeout"])
             ),
+            kind=str(row["kind"]),
+            constraints=split_list(row["requires"]),
+            spread=row["spread"],
+            pending_reason=row["pending_reason"],
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:
@@ -173,6 +178,8 @@ class SqlStorageBase(Storage):
             host=str(row["host"]),
             pid=int(row["pid"]),
             running=tuple(running),
+            kinds=split_list(row["kinds"]) or (DEFAULT_KIND,),
+            labels=split_list(row["labels"]),
         )
 
     def _outbox(self, row: Row) -> OutboxItem:
@@ -192,6 +199,9 @@ class SqlStorageBase(Storage):
             "generation": job.generation,
             "heartbeat_timeout": job.heartbeat_timeout,
             "now": self._t(job.created_at),
+            "job_kind": job.kind,
+            "requires": join_list(job.constraints),
+            "spread": job.spread,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -214,3 +224,16 @@ class SqlStorageBase(Storage):
         """Close the pool. Idempotent."""
         self._opened = False
         await self.connector.close()
+
+
+def join_list(items: Sequence[str]) -> str:
+    """Kinds, labels or constraints as one column: comma-joined (none of them holds
+    a comma: :mod:`orchestratr_core.placement` refuses it)."""
+    return ",".join(items)
+
+
+def split_list(value: object) -> tuple[str, ...]:
+    """Inverse of :func:`join_list`; ``NULL`` and ``''`` are empty."""
+    if not value:
+        return ()
+    return tuple(str(value).split(","))
