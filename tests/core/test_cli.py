@@ -251,7 +251,16 @@ def test_jobs_list_is_an_aligned_table_with_filters(tmp_path: Path, db: str) -> 
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = lines[0]
-    assert header.split() == ["ID", "NAME", "STATUS", "SERVER", "FENCE", "RESTARTS", "UPDATED"]
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "SERVER",
+        "FENCE",
+        "RESTARTS",
+        "UPDATED",
+        "KIND",
+    ]
     rows = lines[1:3]
     assert [r.split()[1] for r in rows] == ["alpha-1", "alpha-2"]
     status_column = header.index("STATUS")
