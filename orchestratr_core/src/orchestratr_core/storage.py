@@ -344,15 +344,15 @@ class Storage(abc.ABC):
     async def count_running_by_pool(self) -> dict[tuple[str, Pool], int]:
         """How many jobs are ``processing`` on each server in each pool:
         ``(server id, pool) -> count``. What rebalancing by pool needs. This default
-        reads the running jobs through :meth:`list_servers`; override it with one
-        aggregate query."""
-        servers = await self.list_servers(ServerQuery(statuses=None, with_jobs=True))
+        reads every running job; override it with one aggregate query."""
+        page = await self.list_jobs(
+            JobQuery(statuses=frozenset({JobStatus.PROCESSING}), limit=None)
+        )
         counts: dict[tuple[str, Pool], int] = {}
-        for server in servers:
-            for job in server.running:
-                if job.status is JobStatus.PROCESSING:
-                    key = (server.id, Pool(job.kind, job.constraints))
-                    counts[key] = counts.get(key, 0) + 1
+        for job in page.items:
+            if job.server_id is not None:
+                key = (job.server_id, Pool(job.kind, job.constraints))
+                counts[key] = counts.get(key, 0) + 1
         return counts
 
     @abc.abstractmethod

@@ -38,6 +38,7 @@ from orchestratr_core.testing.storage_suite.creation import (
     RequestCancelTests,
 )
 from orchestratr_core.testing.storage_suite.hygiene import HostileInputTests, LifecycleTests
+from orchestratr_core.testing.storage_suite.placement import PlacementTests
 from orchestratr_core.testing.storage_suite.reads import GetJobTests, ListJobsTests
 from orchestratr_core.testing.storage_suite.servers import (
     HeartbeatTests,
@@ -57,6 +58,7 @@ __all__ = [
     "LifecycleTests",
     "ListJobsTests",
     "OutboxTests",
+    "PlacementTests",
     "RequestCancelTests",
     "ServerExpiryTests",
     "ServerQueryTests",
@@ -67,6 +69,7 @@ __all__ = [
 
 # pytest collects the last base first: the sections run in the order listed in the files
 class StorageConformance(
+    PlacementTests,
     HostileInputTests,
     LifecycleTests,
     ListJobsTests,
