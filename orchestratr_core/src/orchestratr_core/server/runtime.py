@@ -73,6 +73,8 @@ from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Tran
 SPREAD_BOUNCES = 3
 """A job of a spread group that this server already runs is handed back this
 many times (so that a server without one takes it) before it runs here anyway."""
+SPREAD_PAUSE = 0.2
+"""Seconds a spread job is held before it is handed back, times its delivery count + 1."""
 
 __all__ = ["JobFunction", "OrchestratedServer"]
 
@@ -349,9 +351,12 @@ class OrchestratedServer:
         previous = self._runs.get(message.job_id)
         if previous is None and not self._has_room(pool):
             # More was delivered than there is room for (prefetch follows capacity
-            # a moment late across several pools): give it back at once.
-            await self._settle(delivery, release=True)
+            # a moment late across several pools): lower the prefetch first, let
+            # that reach the transport, then give the message back, so that it is
+            # not handed straight back to us.
             self._update_capacity()
+            await asyncio.sleep(0)
+            await self._settle(delivery, release=True)
             return
         if (
             previous is None
@@ -362,12 +367,21 @@ class OrchestratedServer:
                 for run in self._runs.values()
             )
         ):
+            # Hand it back after a pause that grows with each bounce, so that
+            # servers that may not have consumed its pool yet get their chance.
+            delay = SPREAD_PAUSE * (delivery.delivery_count + 1)
             log.info(
-                "handing back job_id=%s: it runs a job of spread group %r already",
+                "handing back job_id=%s in %.1fs: a job of spread group %r runs here",
                 message.job_id,
+                delay,
                 message.spread,
             )
-            await self._settle(delivery, release=True)
+            spawn(
+                self._release_later(delivery, delay),
+                name="orchestratr-spread",
+                logger=log,
+                keep=self._background,
+            )
             return
         if previous is not None:
             if previous.arg.fence >= fence:
@@ -402,6 +416,11 @@ class OrchestratedServer:
         )
         if len(self._consumers) > 1:
             self._update_capacity()  # the other pools' credit shrinks with this one
+
+    async def _release_later(self, delivery: Delivery, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not delivery.lost.is_set():
+            await self._settle(delivery, release=True)
 
     async def _settle(self, delivery: Delivery, *, release: bool) -> bool:
         try:
