@@ -1,4 +1,4 @@
-"""The chaos checker: invariants I1-I4 and I6 of ``design-notes.md``, judged from
+"""The chaos checker: invariants I1-I4, I6 and I7 of ``design-notes.md``, judged from
 the jobs' own ledger and the facts the harness observed (kills, freezes, exits,
 cancels, waits, manager views).
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestratr_core.job import JobStatus
+from orchestratr_core.placement import DEFAULT_KIND, Pool, parse_labels
 
 FREEZE_SLACK = 0.01
 """A ledger line stamped up to this long after ``SIGSTOP`` was sent counts as
@@ -40,6 +41,12 @@ class Copy:
     writes: list[float] = field(default_factory=list)
     copy_id: str = ""
     """Unique per call of the job function: tells two copies in one process apart."""
+    kind: str = DEFAULT_KIND
+    """The kind the copy was run as (the function of that kind was called)."""
+    server_kinds: tuple[str, ...] = (DEFAULT_KIND,)
+    """The kinds its server process runs."""
+    server_labels: tuple[str, ...] = ()
+    """Its server process's labels (``KEY=VALUE``)."""
 
     def last_step(self, dead_at: float | None) -> float:
         """The last moment this copy did something (its start, a write)."""
@@ -124,6 +131,9 @@ class Facts:
     """Jobs whose first publish lost its confirm (the broker may hold two messages)."""
     running: list[Running] = field(default_factory=list)
     views: list[ViewWait] = field(default_factory=list)
+    placements: dict[str, Pool] = field(default_factory=dict)
+    """I7: the pool (kind and constraints) each job was created with; a job not
+    named is of the default kind without constraints."""
 
 
 @dataclass
@@ -154,6 +164,8 @@ class Report:
     """I2: (job, seconds after the fault it was judged, live copies then: not 1)."""
     view_not_converged: list[tuple[str, ...]] = field(default_factory=list)
     """I4: mismatches of the last sample of a wait that never matched in its bound."""
+    misplaced: list[tuple[str, str, str]] = field(default_factory=list)
+    """I7: (job, server, why) for copies run where the job may not run."""
 
     def assert_ok(self, *, cancel_grace: float = 0.0, duplicate_grace: float = 0.0) -> None:
         """No invariant violated. ``cancel_grace``: a copy started after a cancel the
@@ -177,6 +189,7 @@ class Report:
             "I3 cancelled job not deleted": self.not_deleted,
             "I4 manager view never converged": self.view_not_converged,
             "I6 over capacity": self.over_capacity,
+            "I7 ran where it may not": self.misplaced,
         }
         bad = {k: v for k, v in problems.items() if v}
         assert not bad, f"invariants violated: {bad}"
@@ -208,6 +221,9 @@ def parse_ledger(lines: Iterable[str]) -> list[Copy]:
                 line["server"],
                 line["t"],
                 copy_id=key,
+                kind=line.get("kind", DEFAULT_KIND),
+                server_kinds=tuple(filter(None, line.get("server_kinds", DEFAULT_KIND).split(","))),
+                server_labels=tuple(filter(None, line.get("server_labels", "").split(","))),
             )
             current[key] = copy
             out.append(copy)
@@ -286,7 +302,7 @@ def view_mismatches(sample: ViewSample, live: list[Copy]) -> list[str]:
 
 
 def check(copies: list[Copy], facts: Facts, *, final: bool = True) -> Report:
-    """Judge I1, I2, I3, I4 and I6 over a whole ledger. ``final``: the test is
+    """Judge I1, I2, I3, I4, I6 and I7 over a whole ledger. ``final``: the test is
     done with its cancels, so one that no wait saw final is a violation."""
     report = Report()
     spans = _spans(copies, facts)
@@ -310,7 +326,27 @@ def check(copies: list[Copy], facts: Facts, *, final: bool = True) -> Report:
     for w in facts.views:
         _converges(w, spans, report)
     _capacity(spans, facts, report)
+    _placement(copies, facts, report)
     return report
+
+
+def _placement(copies: list[Copy], facts: Facts, report: Report) -> None:
+    """I7: every copy ran on a server that runs its job's kind and whose labels
+    satisfy its constraints, and was run by the function of that kind."""
+    for c in copies:
+        pool = facts.placements.get(c.job, Pool())
+        labels = parse_labels(c.server_labels)
+        if c.kind != pool.kind:
+            report.misplaced.append((c.job, c.server, f"run as kind {c.kind!r}, not {pool.kind!r}"))
+        elif not pool.accepts(c.server_kinds, labels):
+            report.misplaced.append(
+                (
+                    c.job,
+                    c.server,
+                    f"pool {pool.key} on a server running {','.join(c.server_kinds)} "
+                    f"with labels {','.join(c.server_labels) or '-'}",
+                )
+            )
 
 
 def _one_runner(job: str, js: list[_Span], lost_confirm: bool, report: Report) -> None:
