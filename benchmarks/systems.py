@@ -262,9 +262,18 @@ class OrchestratRKinds(OrchestratR):
 
     @property
     def queue(self) -> str:
-        # A server watches the pool registry first; the kinds' queues appear with
-        # their first job.
-        return f"{self.prefix}.pools"
+        return f"{self.prefix}.jobs.{self.kinds[0]}"  # a worker is up once it consumes it
+
+    async def setup(self) -> None:
+        """As :meth:`OrchestratR.setup`, then register the four pools (as the first
+        job of each kind would), so that a starting worker consumes them at once."""
+        from orchestratr_core.placement import Pool
+
+        await super().setup()
+        transport = self._transport
+        session = await transport._live()
+        for kind in self.kinds:
+            await transport._register_pool(session, Pool.of(kind))
 
     def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
         argv, env = super().worker_argv(label, capacity, port)

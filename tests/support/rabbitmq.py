@@ -37,14 +37,9 @@ async def drop_namespace(namespace: str) -> None:
     names the broker alone knows, at the end of the session)."""
     names = Topology(namespace, "quorum", BrokerVersion(3, 10))
     _DROPPED.add(namespace)
+    await _delete_queues(names.names())
     connection = await aio_pika.connect(BROKER_URL)
     try:
-        for queue in names.names():
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
-            with contextlib.suppress(Exception):
-                await channel.close()
         for exchange in names.exchanges():
             channel = await connection.channel()
             with contextlib.suppress(Exception):
