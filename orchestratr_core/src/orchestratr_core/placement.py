@@ -123,15 +123,17 @@ def parse_constraint(text: object) -> Constraint:
     return Constraint(key, value, negated)
 
 
-def parse_constraints(items: Iterable[object] | None) -> tuple[str, ...]:
+def parse_constraints(items: object) -> tuple[str, ...]:
     """Constraints in their canonical form: parsed, unique, sorted, as text. Raises
     :class:`InvalidJobInput` for a malformed one, for more than
     :data:`MAX_CONSTRAINTS`, and for two that no server can satisfy at once
     (``region=eu`` with ``region=us``, or ``region=eu`` with ``region!=eu``)."""
     if items is None:
         return ()
-    if isinstance(items, str | bytes):
-        raise InvalidJobInput("constraints must be a list of KEY=VALUE strings, not one string")
+    if not isinstance(items, list | tuple | set | frozenset):
+        raise InvalidJobInput(
+            f"constraints must be a list of KEY=VALUE strings, not {type(items).__name__}"
+        )
     parsed = sorted({parse_constraint(item) for item in items})
     if len(parsed) > MAX_CONSTRAINTS:
         raise InvalidJobInput(f"a job may carry at most {MAX_CONSTRAINTS} constraints")
