@@ -210,3 +210,25 @@ async def test_bad_kinds_labels_and_constraints_are_refused(cluster: Cluster) ->
             {"a": cluster.ledger.job("s")}, transport="memory", max_workers_per_kind={"b": 1}
         )
     assert (await cluster.monitor.jobs(JobQuery())).items == ()
+
+
+async def test_a_kill_with_four_kinds_moves_every_job_once_and_holds_capacity(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    kinds = ("k0", "k1", "k2", "k3")
+    for name in ("w1", "w2", "w3", "w4"):
+        await cluster.add_server(name, max_workers=30, kinds=kinds)
+    pools: dict[str, Pool] = {}
+    ids = await cluster.client.create_jobs([(f"j{n}", "", kinds[n % 4]) for n in range(80)])
+    for n, job_id in enumerate(ids):
+        pools[job_id] = Pool.of(kinds[n % 4])
+    await cluster.wait_running(ids)
+    victim = max(cluster.servers, key=lambda s: len(cluster.servers[s].running()))
+    await cluster.servers[victim].kill()
+    await cluster.wait_running(ids, timeout=10.0)
+    for name, server in cluster.servers.items():
+        if name != victim:
+            assert len(server.running()) <= 30
+    assert cluster.ledger.misplaced(pools) == []
+    assert cluster.ledger.overlaps() == []

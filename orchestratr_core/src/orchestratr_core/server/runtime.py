@@ -414,8 +414,6 @@ class OrchestratedServer:
         run.task = asyncio.create_task(
             self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
         )
-        if len(self._consumers) > 1:
-            self._update_capacity()  # the other pools' credit shrinks with this one
 
     async def _release_later(self, delivery: Delivery, delay: float) -> None:
         await asyncio.sleep(delay)
