@@ -560,7 +560,9 @@ def test_tables_escape_control_characters_of_stored_text(tmp_path: Path, db: str
     assert "\\x1b[31mevil" in listing.stdout
     assert "\\x1b[2Jarg" in shown.stdout
     assert "ValueError: \\x1b[31mboom\\nsecond line" in shown.stdout
-    assert len(shown.stdout.splitlines()) == 17  # one line per field (kind, constraints, spread too): no raw newline
+    assert (
+        len(shown.stdout.splitlines()) == 17
+    )  # one line per field (kind, constraints, spread too): no raw newline
     assert "\\x1b]0;pwned\\x07srv" in servers.stdout and "\\x1b[31mhost" in servers.stdout
 
     # JSON stays exact: the very strings that are stored.
