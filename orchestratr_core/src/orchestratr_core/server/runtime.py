@@ -35,6 +35,7 @@ resolve.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -151,6 +152,8 @@ class OrchestratedServer:
         self._capacities: dict[Pool, int] = {}
         self._pool_holds: dict[Pool, int] = {}
         self._pools: Subscription | None = None
+        self._pool_runs: collections.Counter[Pool] = collections.Counter()
+        self._kind_runs: collections.Counter[str] = collections.Counter()
         self._commands: Subscription | None = None
         self._outbox = EventOutbox(
             self._transport.publish_event,
@@ -410,7 +413,9 @@ class OrchestratedServer:
             pool=pool,
             spread=message.spread,
         )
+        self._count(self._runs.get(message.job_id), -1)
         self._runs[message.job_id] = run
+        self._count(run, 1)
         run.task = asyncio.create_task(
             self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
         )
@@ -520,6 +525,7 @@ class OrchestratedServer:
             run.unwatch_loss()
             if self._runs.get(arg.job_id) is run:
                 del self._runs[arg.job_id]
+                self._count(run, -1)
             self._gc.ended += 1
             await self._finish(run, forced=forced, error=error)
             self._update_capacity()
@@ -584,6 +590,13 @@ class OrchestratedServer:
             capacity = min(capacity, self._hold)
         return max(0, capacity)
 
+    def _count(self, run: Run | None, step: int) -> None:
+        """Keep the counts of runs per pool and per kind (O(1) capacity sums for a
+        server holding thousands of jobs)."""
+        if run is not None:
+            self._pool_runs[run.pool] += step
+            self._kind_runs[run.arg.kind] += step
+
     def _pool_capacity(self, pool: Pool) -> int:
         """The prefetch of one pool's consumer: the room the server has in all and
         for the pool's kind, less what the *other* pools' jobs take. With one pool
@@ -591,16 +604,11 @@ class OrchestratedServer:
         the whole room left, and a delivery beyond it is handed back at once
         (:meth:`_has_room`). Never based on this pool's own held count: a job of
         it handed back (rebalance) must not leave a slot for its own message."""
-        others = of_kind = 0
-        for run in self._runs.values():
-            if run.pool != pool:
-                others += 1
-                if run.arg.kind == pool.kind:
-                    of_kind += 1
-        capacity = self._total_capacity() - others
+        mine = self._pool_runs[pool]
+        capacity = self._total_capacity() - (len(self._runs) - mine)
         limit = self.kind_limits.get(pool.kind)
         if limit is not None:
-            capacity = min(capacity, limit - of_kind)
+            capacity = min(capacity, limit - (self._kind_runs[pool.kind] - mine))
         hold = self._pool_holds.get(pool)
         if hold is not None:
             capacity = min(capacity, hold)
@@ -611,9 +619,7 @@ class OrchestratedServer:
         if len(self._runs) >= self._total_capacity():
             return False
         limit = self.kind_limits.get(pool.kind)
-        return (
-            limit is None or sum(1 for r in self._runs.values() if r.arg.kind == pool.kind) < limit
-        )
+        return limit is None or self._kind_runs[pool.kind] < limit
 
     def _update_capacity(self) -> None:
         """Keep every pool's prefetch at what this server can really run."""
