@@ -253,6 +253,60 @@ class OrchestratRSigned(OrchestratR):
         return {**super().settings(), "signing": "HMAC-SHA256 on every message (a key file)"}
 
 
+class OrchestratRKinds(OrchestratR):
+    """OrchestratR with four job kinds: every server runs the four (one pool, so one
+    quorum queue and one consumer, per kind), the jobs spread evenly over them."""
+
+    name = "orchestratr-kinds4"
+    kinds = ("k0", "k1", "k2", "k3")
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}.jobs.{self.kinds[0]}"  # a worker is up once it consumes it
+
+    async def setup(self) -> None:
+        """As :meth:`OrchestratR.setup`, then register the four pools (as the first
+        job of each kind would), so that a starting worker consumes them at once."""
+        from orchestratr_core.placement import Pool
+
+        await super().setup()
+        transport = self._transport
+        session = await transport._live()
+        for kind in self.kinds:
+            await transport._register_pool(session, Pool.of(kind))
+
+    def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
+        argv, env = super().worker_argv(label, capacity, port)
+        job = argv.index("--job")
+        spec = argv[job + 1]
+        kinds = [arg for kind in self.kinds for arg in ("--job", f"{kind}={spec}")]
+        return [*argv[:job], *kinds, *argv[job + 2 :]], env
+
+    async def submit(self, keys: list[str]) -> dict[str, float]:
+        """As :meth:`OrchestratR.submit`, the jobs' kinds taking turns."""
+        sent: dict[str, float] = {}
+        gate = asyncio.Semaphore(CREATE_BATCHES_IN_FLIGHT)
+        kinds = self.kinds
+
+        async def batch(chunk: list[tuple[str, str, str]]) -> None:
+            async with gate:
+                sent.update(dict.fromkeys((key for key, _, _ in chunk), time.time()))
+                await self.client.create_jobs(chunk)
+
+        items = [(key, "", kinds[i % len(kinds)]) for i, key in enumerate(keys)]
+        chunks = [items[i : i + CREATE_BATCH] for i in range(0, len(items), CREATE_BATCH)]
+        await asyncio.gather(*(batch(c) for c in chunks))
+        return sent
+
+    async def submit_one(self, key: str) -> float:
+        t0 = time.time()
+        await self.client.create_job(key, "", kind=self.kinds[0])
+        return t0
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "kinds": "4 kinds, every server runs all four"}
+
+
 class Celery(System):
     """Celery workers (threads pool) on RabbitMQ."""
 
@@ -385,6 +439,7 @@ class Dramatiq(System):
 CLASSES: dict[str, type[System]] = {
     "orchestratr": OrchestratR,
     "orchestratr-signed": OrchestratRSigned,
+    "orchestratr-kinds4": OrchestratRKinds,
     "celery": Celery,
     "dramatiq": Dramatiq,
 }

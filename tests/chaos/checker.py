@@ -1,4 +1,4 @@
-"""The chaos checker: invariants I1-I4, I6, I8 and I9 of ``design-notes.md``, judged from
+"""The chaos checker: invariants I1-I4 and I6-I9 of ``design-notes.md``, judged from
 the jobs' own ledger and the facts the harness observed (kills, freezes, exits,
 cancels, waits, manager views).
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestratr_core.job import JobStatus
+from orchestratr_core.placement import DEFAULT_KIND, Pool, parse_labels
 
 FREEZE_SLACK = 0.01
 """A ledger line stamped up to this long after ``SIGSTOP`` was sent counts as
@@ -43,6 +44,12 @@ class Copy:
     got_checkpoint: int | None = None
     """I9: the token of the owner that wrote the checkpoint this copy started with
     (``None``: it started without one)."""
+    kind: str = DEFAULT_KIND
+    """The kind the copy was run as (the function of that kind was called)."""
+    server_kinds: tuple[str, ...] = (DEFAULT_KIND,)
+    """The kinds its server process runs."""
+    server_labels: tuple[str, ...] = ()
+    """Its server process's labels (``KEY=VALUE``)."""
 
     def last_step(self, dead_at: float | None) -> float:
         """The last moment this copy did something (its start, a write)."""
@@ -141,6 +148,9 @@ class Facts:
     views: list[ViewWait] = field(default_factory=list)
     holds: dict[str, list[Hold]] = field(default_factory=dict)
     """I8: the pauses of each job."""
+    placements: dict[str, Pool] = field(default_factory=dict)
+    """I7: the pool (kind and constraints) each job was created with; a job not
+    named is of the default kind without constraints."""
 
 
 @dataclass
@@ -180,6 +190,8 @@ class Report:
     checkpoint_regressed: list[tuple[str, int, int]] = field(default_factory=list)
     """I9: a later owner started with an older owner's checkpoint than an earlier
     owner got: (job, the earlier owner's writer token, the later one's)."""
+    misplaced: list[tuple[str, str, str]] = field(default_factory=list)
+    """I7: (job, server, why) for copies run where the job may not run."""
 
     def assert_ok(self, *, cancel_grace: float = 0.0, duplicate_grace: float = 0.0) -> None:
         """No invariant violated. ``cancel_grace``: a copy started after a cancel the
@@ -207,6 +219,7 @@ class Report:
             "I8 copy outlived the hold's bound": self.outlived_hold,
             "I9 checkpoint from a newer owner": self.checkpoint_from_newer,
             "I9 checkpoint went back to an older owner's": self.checkpoint_regressed,
+            "I7 ran where it may not": self.misplaced,
         }
         bad = {k: v for k, v in problems.items() if v}
         assert not bad, f"invariants violated: {bad}"
@@ -239,6 +252,9 @@ def parse_ledger(lines: Iterable[str]) -> list[Copy]:
                 line["t"],
                 copy_id=key,
                 got_checkpoint=line.get("cpf"),
+                kind=line.get("kind", DEFAULT_KIND),
+                server_kinds=tuple(filter(None, line.get("server_kinds", DEFAULT_KIND).split(","))),
+                server_labels=tuple(filter(None, line.get("server_labels", "").split(","))),
             )
             current[key] = copy
             out.append(copy)
@@ -317,7 +333,7 @@ def view_mismatches(sample: ViewSample, live: list[Copy]) -> list[str]:
 
 
 def check(copies: list[Copy], facts: Facts, *, final: bool = True) -> Report:
-    """Judge I1, I2, I3, I4 and I6 over a whole ledger. ``final``: the test is
+    """Judge I1, I2, I3, I4, I6 and I7 over a whole ledger. ``final``: the test is
     done with its cancels, so one that no wait saw final is a violation."""
     report = Report()
     spans = _spans(copies, facts)
@@ -344,7 +360,27 @@ def check(copies: list[Copy], facts: Facts, *, final: bool = True) -> Report:
     for w in facts.views:
         _converges(w, spans, report)
     _capacity(spans, facts, report)
+    _placement(copies, facts, report)
     return report
+
+
+def _placement(copies: list[Copy], facts: Facts, report: Report) -> None:
+    """I7: every copy ran on a server that runs its job's kind and whose labels
+    satisfy its constraints, and was run by the function of that kind."""
+    for c in copies:
+        pool = facts.placements.get(c.job, Pool())
+        labels = parse_labels(c.server_labels)
+        if c.kind != pool.kind:
+            report.misplaced.append((c.job, c.server, f"run as kind {c.kind!r}, not {pool.kind!r}"))
+        elif not pool.accepts(c.server_kinds, labels):
+            report.misplaced.append(
+                (
+                    c.job,
+                    c.server,
+                    f"pool {pool.key} on a server running {','.join(c.server_kinds)} "
+                    f"with labels {','.join(c.server_labels) or '-'}",
+                )
+            )
 
 
 def _one_runner(job: str, js: list[_Span], lost_confirm: bool, report: Report) -> None:

@@ -37,6 +37,7 @@ from orchestratr_core import OrchestratorClient
 from orchestratr_core.errors import BackendUnavailable, DuplicateJobName, PublishError
 from orchestratr_core.job import JobQuery, JobRecord, JobStatus, ServerQuery, ServerRecord
 from orchestratr_core.monitor import AdminOrchestratorMonitor
+from orchestratr_core.placement import Pool
 from orchestratr_core.plugin import get_plugin_manager
 from orchestratr_core.storage import Storage
 from orchestratr_core.testing.proxy import SilentProxy
@@ -235,6 +236,7 @@ class ChaosCluster:
         self.holds: dict[str, list[checker.Hold]] = {}
         self.running: list[checker.Running] = []
         self.views: list[checker.ViewWait] = []
+        self.placements: dict[str, Pool] = {}
         self.proxies = ProxyLoop()
         self.unconfirmed = _PublishFailures()
         logging.getLogger("orchestratr.client").addHandler(self.unconfirmed)
@@ -374,18 +376,27 @@ class ChaosCluster:
         return time.time()
 
     async def add_server(
-        self, name: str, max_workers: int = 10, *, job: str = "tests.chaos.jobs:ledger_job"
+        self,
+        name: str,
+        max_workers: int = 10,
+        *,
+        job: str = "tests.chaos.jobs:ledger_job",
+        kinds: tuple[str, ...] = (),
+        labels: tuple[str, ...] = (),
     ) -> Proc:
-        """Start an ``orchestratr server`` process behind its own silent proxy."""
+        """Start an ``orchestratr server`` process behind its own silent proxy.
+        ``kinds``: run ``job`` for each of these kinds (``--job KIND=...``) instead
+        of the default kind; ``labels``: ``KEY=VALUE`` labels of the server."""
         proxy = self.proxies.new_proxy()
         t = self.timings
+        jobs = [f"{kind}={job}" for kind in kinds] or [job]
         proc = self._spawn(
             name,
             "server",
             [
                 "server",
-                "--job",
-                job,
+                *[arg for spec in jobs for arg in ("--job", spec)],
+                *[arg for label in labels for arg in ("--label", label)],
                 "--name",
                 name,
                 "--max-workers",
@@ -397,7 +408,12 @@ class ChaosCluster:
                 "--stop-grace",
                 str(t.stop_grace),
             ],
-            {"ORCHESTRATR_LEDGER_DIR": str(self.ledger_dir), "ORCHESTRATR_SERVER_LABEL": name},
+            {
+                "ORCHESTRATR_LEDGER_DIR": str(self.ledger_dir),
+                "ORCHESTRATR_SERVER_LABEL": name,
+                "ORCHESTRATR_SERVER_KINDS": ",".join(kinds or ("default",)),
+                "ORCHESTRATR_SERVER_LABELS": ",".join(labels),
+            },
         )
         proc.proxy = proxy
         proc.max_workers = max_workers
@@ -508,19 +524,29 @@ class ChaosCluster:
 
     # -- jobs --------------------------------------------------------------------------------
 
-    async def create(self, n: int, prefix: str = "job") -> list[str]:
+    async def create(
+        self, n: int, prefix: str = "job", *, kind: str = "default", require: tuple[str, ...] = ()
+    ) -> list[str]:
         """Create jobs the way an application would: a create that fails with
         BackendUnavailable (the database is restarting) is retried; one whose
-        commit went through before the connection dropped is found by name."""
-        return [await self._create_one(f"{prefix}-{i}", str(i)) for i in range(n)]
+        commit went through before the connection dropped is found by name.
+        ``kind`` and ``require``: the jobs' placement, kept for the checker (I7)."""
+        ids = [await self._create_one(f"{prefix}-{i}", str(i), kind, require) for i in range(n)]
+        for job_id in ids:
+            self.placements[job_id] = Pool.of(kind, require)
+        return ids
 
-    async def _create_one(self, name: str, argument: str) -> str:
+    async def _create_one(
+        self, name: str, argument: str, kind: str = "default", require: tuple[str, ...] = ()
+    ) -> str:
         assert self.client is not None and self.monitor is not None
         deadline = time.time() + 30
         retried = False
         while True:
             try:
-                return await self.client.create_job(name, argument)
+                return await self.client.create_job(
+                    name, argument, kind=kind, require=list(require)
+                )
             except BackendUnavailable:
                 if time.time() > deadline:
                     raise
@@ -682,6 +708,7 @@ class ChaosCluster:
             running=self.running,
             views=self.views,
             holds=self.holds,
+            placements=self.placements,
         )
 
     def live_copies(

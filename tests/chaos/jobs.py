@@ -51,6 +51,10 @@ def record(event: str, arg: JobArgument, copy: str = "", **extra: object) -> Non
         "pid": os.getpid(),
         "server": os.environ.get("ORCHESTRATR_SERVER_LABEL", ""),
         "t": time.time(),
+        # I7: the kind the copy was run as, and what its server runs and carries.
+        "kind": arg.kind,
+        "server_kinds": os.environ.get("ORCHESTRATR_SERVER_KINDS", "default"),
+        "server_labels": os.environ.get("ORCHESTRATR_SERVER_LABELS", ""),
     }
     _ledger().write(json.dumps(line) + "\n")
 

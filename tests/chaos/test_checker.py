@@ -18,6 +18,7 @@ import pytest
 
 from orchestratr_core.errors import BackendUnavailable, PublishError
 from orchestratr_core.job import JobStatus
+from orchestratr_core.placement import Pool
 from tests.chaos import checker
 from tests.chaos.checker import (
     Cancel,
@@ -621,3 +622,34 @@ def test_the_ledger_carries_the_checkpoint_a_copy_started_with() -> None:
         ),
     ]
     assert [c.got_checkpoint for c in parse_ledger(lines)] == [4, None]
+
+
+def test_i7_a_copy_on_a_server_without_its_kind_or_labels_is_misplaced() -> None:
+    eu = Pool.of("feed", ["region=eu"])
+    good = copy("a", "s1", 1.0, 2.0)
+    good.kind, good.server_kinds, good.server_labels = "feed", ("feed",), ("region=eu",)
+    wrong_labels = copy("a", "s2", 3.0, 4.0, fence=2)
+    wrong_labels.kind, wrong_labels.server_kinds = "feed", ("feed",)
+    wrong_kind = copy("b", "s3", 1.0, 2.0)
+    wrong_kind.kind, wrong_kind.server_kinds = "feed", ("socket", "feed")
+    plain = copy("c", "s1", 1.0, 2.0)  # default kind on a default server: fine
+    facts = Facts(now=NOW, placements={"a": eu, "b": Pool.of("socket")})
+    report = check([good, wrong_labels, wrong_kind, plain], facts)
+    assert [(job, server) for job, server, _ in report.misplaced] == [("a", "s2"), ("b", "s3")]
+    assert "region=eu" in report.misplaced[0][2]
+    assert "run as kind 'feed'" in report.misplaced[1][2]
+    with pytest.raises(AssertionError, match="I7"):
+        report.assert_ok()
+
+
+def test_the_ledger_carries_the_kind_and_the_servers_kinds_and_labels() -> None:
+    line = json.loads(_line("start", 1.0, "x"))
+    line.update(kind="feed", server_kinds="feed,socket", server_labels="nic=40g,region=eu")
+    (parsed,) = parse_ledger([json.dumps(line)])
+    assert (parsed.kind, parsed.server_kinds, parsed.server_labels) == (
+        "feed",
+        ("feed", "socket"),
+        ("nic=40g", "region=eu"),
+    )
+    (old,) = parse_ledger([_line("start", 1.0, "y")])  # a ledger from before kinds
+    assert (old.kind, old.server_kinds, old.server_labels) == ("default", ("default",), ())

@@ -251,7 +251,16 @@ def test_jobs_list_is_an_aligned_table_with_filters(tmp_path: Path, db: str) -> 
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = lines[0]
-    assert header.split() == ["ID", "NAME", "STATUS", "SERVER", "FENCE", "RESTARTS", "UPDATED"]
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "STATUS",
+        "SERVER",
+        "FENCE",
+        "RESTARTS",
+        "UPDATED",
+        "KIND",
+    ]
     rows = lines[1:3]
     assert [r.split()[1] for r in rows] == ["alpha-1", "alpha-2"]
     status_column = header.index("STATUS")
@@ -551,7 +560,9 @@ def test_tables_escape_control_characters_of_stored_text(tmp_path: Path, db: str
     assert "\\x1b[31mevil" in listing.stdout
     assert "\\x1b[2Jarg" in shown.stdout
     assert "ValueError: \\x1b[31mboom\\nsecond line" in shown.stdout
-    assert len(shown.stdout.splitlines()) == 14  # one line per field: no raw newline
+    assert (
+        len(shown.stdout.splitlines()) == 17
+    )  # one line per field (kind, constraints, spread too): no raw newline
     assert "\\x1b]0;pwned\\x07srv" in servers.stdout and "\\x1b[31mhost" in servers.stdout
 
     # JSON stays exact: the very strings that are stored.
@@ -624,3 +635,57 @@ def test_jobs_pause_resume_by_id_and_selection_with_the_lifecycle_fields(
     assert_one_line_error(both, 2, "give a job id, or select jobs")
     bad = run("jobs", "create", "z", "--max-restarts", "-1", "--storage", db, cwd=tmp_path)
     assert bad.returncode == 2
+
+
+def test_jobs_kinds_constraints_and_spread_on_the_command_line(tmp_path: Path, db: str) -> None:
+    created = run(
+        "jobs", "create", "eu-socket", "7", "--kind", "socket", "--require", "region=eu",
+        "--require", "nic!=1g", "--spread", "tenant-7", "--storage", db, "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    body = json.loads(created.stdout)
+    assert (body["kind"], body["constraints"], body["spread"]) == (
+        "socket",
+        ["nic!=1g", "region=eu"],
+        "tenant-7",
+    )
+    plain = run("jobs", "create", "plain", "--storage", db, "--json", cwd=tmp_path)
+    assert json.loads(plain.stdout)["kind"] == "default"
+    listed = run("jobs", "list", "--kind", "socket", "--storage", db, "--json", cwd=tmp_path)
+    assert [j["name"] for j in json.loads(listed.stdout)["items"]] == ["eu-socket"]
+    shown = run("jobs", "show", body["id"], "--storage", db, "--json", cwd=tmp_path)
+    job = json.loads(shown.stdout)
+    assert job["kind"] == "socket" and job["constraints"] == ["nic!=1g", "region=eu"]
+    assert "pending_reason" in job  # set by a running manager's leader
+    text = run("jobs", "show", body["id"], "--storage", db, cwd=tmp_path).stdout
+    assert "kind" in text and "region=eu" in text and "pending reason" in text
+    table = run("jobs", "list", "--storage", db, cwd=tmp_path).stdout
+    assert "socket" in table
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--kind", "bad kind"], "job kind"),
+        (["--require", "region"], "KEY=VALUE"),
+        (["--require", "a=1", "--require", "a=2"], "never both hold"),
+        (["--spread", "no spaces"], "spread group"),
+    ],
+)
+def test_jobs_create_refuses_bad_placement_in_one_line(
+    tmp_path: Path, db: str, args: list[str], needle: str
+) -> None:
+    proc = run("jobs", "create", "x", *args, "--storage", db, cwd=tmp_path)
+    assert_one_line_error(proc, 2, needle)
+
+
+def test_server_job_kinds_and_labels_are_checked_before_it_connects(tmp_path: Path) -> None:
+    base = ["server", "--transport", "memory://cli-kinds", "--job"]
+    twice = run(*base, "a=orchestratr_core.examples:ticker", "--job",
+                "a=orchestratr_core.examples:ticker", cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(twice, 2, "names kind 'a' twice")
+    label = run(*base, "orchestratr_core.examples:ticker", "--label", "nolabel", cwd=tmp_path)
+    assert_one_line_error(label, 2, "KEY=VALUE")
+    limit = run(*base, "a=orchestratr_core.examples:ticker", "--max-workers-per-kind", "b=2",
+                cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(limit, 2, "does not run")

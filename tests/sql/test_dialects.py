@@ -157,6 +157,9 @@ async def test_a_failed_operation_leaves_nothing_behind(storage: SqlStorage) -> 
                 "generation": 1,
                 "heartbeat_timeout": None,
                 "now": storage.dialect.time_in(now),
+                "job_kind": "default",
+                "requires": "",
+                "spread": None,
             },
         )
         await conn.execute(  # violates the outbox -> jobs foreign key

@@ -66,6 +66,13 @@ async def test_upgrade_from_an_earlier_version_keeps_the_data(
     try:
         job = await upgraded.get_job(job_id)
         assert job is not None and job.name == "survivor" and job.heartbeat_timeout is None
+        # 0004: an existing job is of the default kind, without constraints.
+        assert (job.kind, job.constraints, job.spread, job.pending_reason) == (
+            "default",
+            (),
+            None,
+            None,
+        )
         assert abs(job.created_at - now) < timedelta(milliseconds=1)
         page = await upgraded.list_jobs(JobQuery(name_prefix="surv"), with_total=True)
         assert page.total == 1

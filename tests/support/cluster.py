@@ -27,6 +27,7 @@ from orchestratr_core import (
 )
 from orchestratr_core import protocol as p
 from orchestratr_core.job import JobRecord, JobStatus, new_id
+from orchestratr_core.placement import DEFAULT_KIND, Pool
 from orchestratr_memory import MemoryStorage
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
@@ -65,6 +66,7 @@ class Copy:
     start: float
     end: float | None = None
     writes: list[tuple[float, int]] = field(default_factory=list)
+    kind: str = DEFAULT_KIND
 
 
 class Ledger:
@@ -72,12 +74,14 @@ class Ledger:
 
     def __init__(self) -> None:
         self.copies: list[Copy] = []
+        self.placements: dict[str, tuple[frozenset[str], dict[str, str]]] = {}
+        """What each server (by name) runs and carries: its kinds and labels."""
 
     def job(self, server: str, *, body: Callable[..., Awaitable[None]] | None = None) -> Any:
         """A job function for ``server`` that records its copy and runs until stopped."""
 
         async def job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
-            copy = Copy(arg.job_id, arg.name, arg.fence, server, time.monotonic())
+            copy = Copy(arg.job_id, arg.name, arg.fence, server, time.monotonic(), kind=arg.kind)
             self.copies.append(copy)
             try:
                 if body is not None:
@@ -115,6 +119,18 @@ class Ledger:
                 b_end = b.end if b.end is not None else now
                 if b.start < a_end:
                     out.append((a, b, min(a_end, b_end) - b.start))
+        return out
+
+    def misplaced(self, pools: dict[str, Pool]) -> list[Copy]:
+        """I7: copies that ran on a server that does not run their kind or whose
+        labels do not satisfy their job's constraints (``pools``: job id -> pool),
+        or that were handed to the function of another kind."""
+        out = []
+        for c in self.copies:
+            kinds, labels = self.placements.get(c.server, (frozenset({DEFAULT_KIND}), {}))
+            pool = pools.get(c.job_id, Pool())
+            if c.kind != pool.kind or not pool.accepts(kinds, labels):
+                out.append(c)
         return out
 
     def fences_grow(self) -> bool:
@@ -183,14 +199,25 @@ class Cluster:
         *,
         job: Any = None,
         options: ServerOptions = FAST_SERVER,
+        kinds: tuple[str, ...] | None = None,
+        labels: dict[str, str] | None = None,
+        max_workers_per_kind: dict[str, int] | None = None,
         **transport_options: Any,
     ) -> OrchestratedServer:
+        functions = (
+            {kind: self.ledger.job(name) for kind in kinds}
+            if kinds is not None
+            else job or self.ledger.job(name)
+        )
+        self.ledger.placements[name] = (frozenset(kinds or (DEFAULT_KIND,)), dict(labels or {}))
         server = OrchestratedServer(
-            job or self.ledger.job(name),
+            functions,
             transport=self.transport(**transport_options),
             name=name,
             max_workers=max_workers,
             options=options,
+            labels=labels,
+            max_workers_per_kind=max_workers_per_kind,
         )
         await server.start()
         self.servers[name] = server

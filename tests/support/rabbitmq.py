@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -29,21 +29,55 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
+_DROPPED: set[str] = set()
+"""Namespaces this test session dropped: their pool queues are deleted at its end."""
+
+
 async def drop_namespace(namespace: str) -> None:
-    """Delete every queue and exchange of ``namespace``."""
+    """Delete every queue and exchange of ``namespace`` (its pools' queues, whose
+    names the broker alone knows, at the end of the session)."""
     names = Topology(namespace, "quorum", BrokerVersion(3, 10))
+    _DROPPED.add(namespace)
+    await _delete_queues(names.names())
     connection = await aio_pika.connect(BROKER_URL)
     try:
-        for queue in names.names():
-            channel = await connection.channel()
-            with contextlib.suppress(Exception):
-                await channel.queue_delete(queue)
-            with contextlib.suppress(Exception):
-                await channel.close()
         for exchange in names.exchanges():
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 await channel.exchange_delete(exchange)
+            with contextlib.suppress(Exception):
+                await channel.close()
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def drop_pool_queues() -> Iterator[None]:
+    """At the end of the session, delete the pool queues (``<ns>.jobs.<pool>``) of
+    the namespaces it dropped: one ``rabbitmqctl`` call, only when there are some."""
+    yield
+    if not _DROPPED:
+        return
+    try:
+        listed = rabbitmqctl("list_queues", "-q", "--no-table-headers", "name")
+    except (OSError, subprocess.SubprocessError):
+        return
+    doomed = [
+        name
+        for name in (line.strip() for line in listed.splitlines())
+        if any(name.startswith(f"{ns}.jobs.") for ns in _DROPPED)
+    ]
+    if doomed:
+        asyncio.run(_delete_queues(doomed))
+
+
+async def _delete_queues(queues: list[str]) -> None:
+    connection = await aio_pika.connect(BROKER_URL)
+    try:
+        for queue in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
             with contextlib.suppress(Exception):
                 await channel.close()
     finally:

@@ -447,3 +447,31 @@ async def test_pause_and_resume_through_the_api_with_the_lifecycle_fields(
     assert again.json()["status"] == "processing"  # not held: unchanged
     missing = await local_api.post("/api/jobs/no-such-job/pause")
     assert missing.status_code == 404
+
+
+async def test_kinds_constraints_labels_and_the_pending_reason_through_the_api(
+    cluster: Cluster, local_api: httpx.AsyncClient
+) -> None:
+    await cluster.add_server("eu", 3, kinds=("feed",), labels={"region": "eu"})
+    feed = await local_api.post(
+        "/api/jobs", json={"name": "f", "kind": "feed", "require": ["region=eu"]}
+    )
+    socket = await local_api.post("/api/jobs", json={"name": "s", "kind": "socket"})
+    assert feed.status_code == 201 and socket.status_code == 201
+    assert feed.json()["kind"] == "feed" and feed.json()["constraints"] == ["region=eu"]
+
+    async def waiting() -> dict | None:
+        body = (await local_api.get(f"/api/jobs/{socket.json()['id']}")).json()
+        return body if body["pending_reason"] else None
+
+    shown = await eventually(waiting, 5, what="a pending reason")
+    assert shown["pending_reason"] == "waiting: no live server runs kind 'socket'"
+    page = (await local_api.get("/api/jobs", params={"kind": "feed"})).json()
+    assert [j["name"] for j in page["items"]] == ["f"]
+    servers = (await local_api.get("/api/servers", params={"label": "region=eu"})).json()
+    assert [(s["name"], s["kinds"], s["labels"]) for s in servers] == [
+        ("eu", ["feed"], {"region": "eu"})
+    ]
+    assert (await local_api.get("/api/servers", params={"kind": "socket"})).json() == []
+    bad = await local_api.post("/api/jobs", json={"name": "b", "require": ["no-equals"]})
+    assert_problem(bad, 422, "constraint 'no-equals' must be KEY=VALUE or KEY!=VALUE")

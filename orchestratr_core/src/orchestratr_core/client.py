@@ -29,6 +29,12 @@ from orchestratr_core.job import (
     validate_name,
 )
 from orchestratr_core.lifecycle import hold_mark, validate_restart_budget
+from orchestratr_core.placement import (
+    DEFAULT_KIND,
+    parse_constraints,
+    validate_kind,
+    validate_spread,
+)
 from orchestratr_core.plugin.manager import get_plugin_manager
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxKind, Storage
@@ -68,12 +74,10 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
         created_at=job.created_at.timestamp(),
         heartbeat_timeout=job.heartbeat_timeout,
         checkpoint=job.checkpoint,
+        kind=job.kind,
+        constraints=job.constraints,
+        spread=job.spread,
     )
-
-
-DEFAULT_KIND = "default"
-"""The kind of a job created without one (selection by ``kind`` in
-:meth:`OrchestratorClient.pause_jobs`; a storage without kinds holds only these)."""
 
 
 async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
@@ -87,11 +91,6 @@ async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
         held = []
     entries.extend(hold_mark(job_id, generation) for job_id, generation in held)
     return entries
-
-
-def _kind_of(job: JobRecord) -> str:
-    kind = getattr(job, "kind", None)
-    return kind if isinstance(kind, str) else DEFAULT_KIND
 
 
 class _OutboxFlusher:
@@ -304,6 +303,9 @@ class OrchestratorClient:
         heartbeat_timeout: float | None = None,
         max_restarts: int | None = None,
         restart_window: float | None = None,
+        kind: str = DEFAULT_KIND,
+        require: Sequence[str] | None = None,
+        spread: str | None = None,
     ) -> str:
         """Create a job and start it on one server as soon as one has room.
 
@@ -314,6 +316,11 @@ class OrchestratorClient:
             (exceptions and deaths of its server) within ``restart_window``
             seconds; ``None`` keeps the defaults of :mod:`orchestratr_core.lifecycle`.
         :param restart_window: the budget's window in seconds.
+        :param kind: the job's kind: only a server that runs this kind runs it.
+        :param require: hard constraints on the labels of the server that runs it
+            (``["region=eu", "nic!=1g"]``).
+        :param spread: a spread group: servers avoid running two jobs of one group
+            while others could take them.
 
         :returns: the new job's id.
         :raises InvalidJobInput: empty, blank, over-long name or one with control
@@ -324,6 +331,7 @@ class OrchestratorClient:
         argument = validate_argument(argument)
         timeout = _heartbeat_timeout(heartbeat_timeout)
         budget = validate_restart_budget(max_restarts, restart_window)
+        kind, constraints, spread = _placement(kind, require, spread)
         await self.open()
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
@@ -337,6 +345,9 @@ class OrchestratorClient:
                 heartbeat_timeout=timeout,
                 max_restarts=budget[0],
                 restart_window=budget[1],
+                kind=kind,
+                constraints=constraints,
+                spread=spread,
             ),
             self._holder,
             lease_until,
@@ -358,16 +369,22 @@ class OrchestratorClient:
 
     async def create_jobs(
         self,
-        items: Sequence[tuple[str, str]] | Sequence[str],
+        items: Sequence[tuple[str, str]] | Sequence[tuple[str, str, str]] | Sequence[str],
         *,
         heartbeat_timeout: float | None = None,
+        kind: str = DEFAULT_KIND,
+        require: Sequence[str] | None = None,
+        spread: str | None = None,
     ) -> list[str]:
         """Create many jobs at once, all or nothing: every item is checked first,
         then every job and its outbox row is inserted in one transaction, then
         the messages are published (pipelined) and the outbox rows deleted.
 
-        :param items: ``(name, argument)`` pairs, or names alone (argument ``""``).
+        :param items: ``(name, argument)`` pairs, ``(name, argument, kind)``
+            triples, or names alone (argument ``""``).
         :param heartbeat_timeout: the watchdog of every job (see :meth:`create_job`).
+        :param kind: the kind of every item that names none.
+        :param require: the constraints of every job; ``spread``: their spread group.
         :returns: the new jobs' ids, in the order of ``items``.
         :raises InvalidJobInput: an item is not valid; the message names its
             index. Nothing is stored.
@@ -379,32 +396,46 @@ class OrchestratorClient:
         if isinstance(items, str | bytes) or not isinstance(items, Sequence):
             raise InvalidJobInput("items must be a sequence of (name, argument) pairs or names")
         timeout = _heartbeat_timeout(heartbeat_timeout)
-        pairs: list[tuple[str, str]] = []
+        default_kind, constraints, spread = _placement(kind, require, spread)
+        triples: list[tuple[str, str, str]] = []
         for index, item in enumerate(items):
             try:
+                item_kind = default_kind
                 if isinstance(item, str):
                     name, argument = item, ""
                 elif isinstance(item, tuple | list) and len(item) == 2:
                     name, argument = item
+                elif isinstance(item, tuple | list) and len(item) == 3:
+                    name, argument, item_kind = item
+                    item_kind = validate_kind(item_kind)
                 else:
-                    raise InvalidJobInput("must be a (name, argument) pair or a name")
-                pairs.append((validate_name(name), validate_argument(argument)))
+                    raise InvalidJobInput(
+                        "must be a (name, argument) pair, a (name, argument, kind) triple or a name"
+                    )
+                triples.append((validate_name(name), validate_argument(argument), item_kind))
             except InvalidJobInput as exc:
                 raise InvalidJobInput(f"item {index}: {exc}") from None
         seen: set[str] = set()
-        for name, _ in pairs:
+        for name, _, _ in triples:
             if name in seen:
                 raise DuplicateJobName(name)
             seen.add(name)
-        if not pairs:
+        if not triples:
             return []
         await self.open()
         now = utcnow()
         jobs = [
             NewJob(
-                id=new_id(), name=name, argument=argument, created_at=now, heartbeat_timeout=timeout
+                id=new_id(),
+                name=name,
+                argument=argument,
+                created_at=now,
+                heartbeat_timeout=timeout,
+                kind=job_kind,
+                constraints=constraints,
+                spread=spread,
             )
-            for name, argument in pairs
+            for name, argument, job_kind in triples
         ]
         if self._transport is None:
             lease_until = now
@@ -560,14 +591,14 @@ class OrchestratorClient:
             raise InvalidJobInput("select jobs by name prefix or kind (or give a job id)")
         if name_prefix is not None and not name_prefix:
             raise InvalidJobInput("the name prefix must not be empty")
+        if kind is not None:
+            kind = validate_kind(kind)
         await self.open()
         page = await self._storage.list_jobs(
-            JobQuery(statuses=statuses, name_prefix=name_prefix, limit=None)
+            JobQuery(statuses=statuses, name_prefix=name_prefix, kind=kind, limit=None)
         )
         changed: list[JobRecord] = []
         for job in page.items:
-            if kind is not None and _kind_of(job) != kind:
-                continue
             after = await action(job.id)
             if after.status is not job.status:
                 changed.append(after)
@@ -614,6 +645,13 @@ async def _close_all(backends: Sequence[Storage | Transport]) -> None:
     for backend in sorted(backends, key=lambda b: isinstance(b, Storage)):
         with contextlib.suppress(OrchestratrError, OSError):
             await backend.close()
+
+
+def _placement(
+    kind: object, require: Sequence[str] | None, spread: object
+) -> tuple[str, tuple[str, ...], str | None]:
+    """A job's kind, canonical constraints and spread group, checked."""
+    return validate_kind(kind), parse_constraints(require), validate_spread(spread)
 
 
 def _heartbeat_timeout(value: object) -> float | None:

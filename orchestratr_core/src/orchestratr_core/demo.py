@@ -476,6 +476,50 @@ class _Demo:
             self.out.ok(f"all {expected} jobs that were not cancelled are running")
         await self.show_fleet()
 
+    async def kinds_and_labels(self, tag: str) -> None:
+        """Job kinds and labels: a server that runs another kind, with a label, joins;
+        jobs of that kind run only there, one only because of its label, and one whose
+        constraint no live server satisfies waits and says why."""
+        label = "server-eu"
+        self.out.step(f"Job kinds and labels: {label} runs kind 'report' and has region=eu")
+        server = OrchestratedServer(
+            {"report": self.ledger.job_function(label)},
+            transport=TRANSPORT,
+            name=label,
+            max_workers=MAX_WORKERS,
+            options=SERVER_OPTIONS,
+            labels={"region": "eu"},
+        )
+        self.servers[label] = server
+        await server.start()
+        create = self.mgr.client.create_job
+        anywhere = await create(f"report-{tag}any", TICK_SECONDS, kind="report")
+        eu = await create(f"report-{tag}eu", TICK_SECONDS, kind="report", require=["region=eu"])
+        us = await create(f"report-{tag}us", TICK_SECONDS, kind="report", require=["region=us"])
+        self.out.line(
+            "    created report-any (kind report), report-eu (region=eu), report-us (region=us)"
+        )
+
+        async def placed() -> bool:
+            return all(self.ledger.running_on(j) == [label] for j in (anywhere, eu))
+
+        took = await self._until(placed)
+        if took < 0:
+            self._fail("the 'report' jobs did not start on the server that runs that kind")
+        else:
+            self.out.ok(f"report-any and report-eu run on {label} only, after {_secs(took)}")
+
+        async def waits() -> bool:
+            return (await self.mgr.monitor.job(us)).pending_reason is not None
+
+        if await self._until(waits) < 0 or self.ledger.runs.get(us):
+            self._fail("report-us did not wait for a server in region us")
+            return
+        reason = (await self.mgr.monitor.job(us)).pending_reason
+        self.out.ok(f"report-us is pending: {reason}")
+        self.summary.append(f"kind 'report' ran only on {label}; report-us: {reason}")
+        await self.show_fleet()
+
     async def forever(self) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -577,7 +621,7 @@ async def run_demo(
     :param stream: where to write (standard output by default).
     """
     out = _Out(stream or sys.stdout)
-    out.line("OrchestratR demo: one manager, three servers, 30 jobs, one process, no services")
+    out.line("OrchestratR demo: one manager, four servers, two job kinds, one process, no services")
     chosen, tag = _choose_storage(storage, out)
     out.line(f"transport: {TRANSPORT} (in-memory broker)")
     demo = _Demo(chosen, out)
@@ -590,6 +634,7 @@ async def run_demo(
         await demo.cancel_one()
         await demo.pause_and_resume_one()
         await demo.dead_detected()
+        await demo.kinds_and_labels(tag)
         if forever:
             await demo.forever()
         await demo.shutdown()

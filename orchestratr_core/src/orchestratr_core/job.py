@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from orchestratr_core.errors import InvalidJobInput
+from orchestratr_core.placement import DEFAULT_KIND
 
 __all__ = [
     "FENCE_GENERATION_SHIFT",
@@ -411,6 +412,8 @@ class JobArgument:
     checkpoint: str | None = None
     """The latest checkpoint an earlier owner recorded (``heartbeat(checkpoint=...)``)
     that reached the manager, or ``None`` (first start, or none recorded)."""
+    kind: str = DEFAULT_KIND
+    """The job's kind (the function a server runs it with is the one for this kind)."""
 
 
 @dataclass(frozen=True)
@@ -428,6 +431,12 @@ class NewJob:
     """The restart budget (see :attr:`JobRecord.max_restarts`)."""
     restart_window: float | None = None
     """The restart budget's window in seconds (see :attr:`JobRecord.restart_window`)."""
+    kind: str = DEFAULT_KIND
+    """The job's kind (validated)."""
+    constraints: tuple[str, ...] = ()
+    """Hard constraints on server labels, canonical (``placement.parse_constraints``)."""
+    spread: str | None = None
+    """Spread group (anti-affinity), if any."""
 
     def record(self) -> JobRecord:
         """The job as a storage holds it right after creating it: ``pending``, on
@@ -445,6 +454,9 @@ class NewJob:
             heartbeat_timeout=self.heartbeat_timeout,
             max_restarts=self.max_restarts,
             restart_window=self.restart_window,
+            kind=self.kind,
+            constraints=self.constraints,
+            spread=self.spread,
         )
 
 
@@ -485,6 +497,15 @@ class JobRecord:
     failure_log: str | None = None
     """The latest failures as JSON ``[[epoch, error], ...]``
     (:func:`orchestratr_core.lifecycle.failure_log` reads it)."""
+    kind: str = DEFAULT_KIND
+    """The job's kind."""
+    constraints: tuple[str, ...] = ()
+    """Hard constraints on the labels of the server that runs it (canonical texts)."""
+    spread: str | None = None
+    """The job's spread group, if any."""
+    pending_reason: str | None = None
+    """Why a pending job waits, as the leading manager last worked it out from the
+    live servers' kinds and labels (``None`` while it runs)."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -514,6 +535,10 @@ class JobRecord:
             "quarantine_reason": self.reason if self.status is JobStatus.QUARANTINED else None,
             "failures": self.failure_seq,
             "last_errors": _errors(self.failure_log),
+            "kind": self.kind,
+            "constraints": list(self.constraints),
+            "spread": self.spread,
+            "pending_reason": self.pending_reason if self.status is JobStatus.PENDING else None,
         }
 
 
@@ -531,6 +556,10 @@ class ServerRecord:
     pid: int = 0
     running: tuple[JobRecord, ...] = ()
     """Jobs the storage records as running on this server (filled by monitor queries)."""
+    kinds: tuple[str, ...] = (DEFAULT_KIND,)
+    """The job kinds the server runs."""
+    labels: tuple[str, ...] = ()
+    """The server's labels, sorted ``KEY=VALUE`` texts."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict, shaped like the original's server JSON."""
@@ -543,6 +572,8 @@ class ServerRecord:
             "last_seen": _iso(self.last_seen),
             "host": self.host,
             "pid": self.pid,
+            "kinds": list(self.kinds),
+            "labels": dict(label.split("=", 1) for label in self.labels),
             "jobs": [
                 {"id": j.id, "name": j.name, "status": j.status.value, "fence": j.fence}
                 for j in self.running
@@ -572,6 +603,8 @@ class JobQuery:
     statuses: frozenset[JobStatus] | None = None
     name_prefix: str | None = None
     server_id: str | None = None
+    kind: str | None = None
+    """Only jobs of this kind."""
     include_deleted: bool = False
     """When ``statuses`` is None, deleted jobs are left out unless this is True."""
     after: str | None = None
@@ -601,6 +634,10 @@ class ServerQuery:
     """``None`` lists every server ever seen, dead and left ones too."""
     name_prefix: str | None = None
     with_jobs: bool = True
+    label: str | None = None
+    """Only servers with this ``KEY=VALUE`` label."""
+    kind: str | None = None
+    """Only servers that run this kind."""
 
 
 def _errors(log: str | None) -> list[dict[str, object]]:

@@ -48,6 +48,7 @@ from orchestratr_core.job import (
     JobRecord,
     JobStatus,
     ServerQuery,
+    ServerRecord,
     ServerStatus,
     TransitionResult,
     clean_text,
@@ -58,6 +59,7 @@ from orchestratr_core.job import (
 from orchestratr_core.lifecycle import count_failure
 from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
+from orchestratr_core.placement import Pool, ServerPlacement, parse_labels, pending_reason
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
 from orchestratr_core.storage import OutboxKind, Storage
@@ -177,6 +179,7 @@ class ServerManager:
         self._last_rebalance = time.monotonic()
         self._started = False
         self._stopped = False
+        self._reasons_stored = True
         self.is_leader = False
         self._lease_valid_until = 0.0
         self._stepped_back = False
@@ -729,6 +732,7 @@ class ServerManager:
         await self._relay_outbox(now)
         if not self._lease_held():
             return
+        await self.update_pending_reasons()
         if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
             await self._sync_cancellations(now)
         if (
@@ -739,12 +743,46 @@ class ServerManager:
             self._last_rebalance = time.monotonic()
             await self.rebalance()
 
+    async def update_pending_reasons(self) -> int:
+        """Work out why the jobs of each pool with pending jobs wait, from the live
+        servers' kinds, labels and free room, and store it on those jobs
+        (:meth:`Storage.set_pending_reason`). Returns how many rows changed. Done
+        by the leader every sweep; a storage without reasons is skipped."""
+        if not self._reasons_stored:
+            return 0
+        pending = await self._storage.pending_pools()
+        if not pending:
+            return 0
+        servers = await self._storage.list_servers(
+            ServerQuery(statuses=frozenset({ServerStatus.ALIVE}), with_jobs=False)
+        )
+        counts = await self._storage.count_running_by_server() if servers else {}
+        placements = [
+            ServerPlacement(
+                frozenset(s.kinds), parse_labels(s.labels), s.max_workers - counts.get(s.id, 0)
+            )
+            for s in servers
+        ]
+        changed = 0
+        try:
+            for pool in pending:
+                changed += await self._storage.set_pending_reason(
+                    pool, pending_reason(pool, placements)
+                )
+        except NotImplementedError as exc:
+            log.info("pending reasons are not shown: %s", exc)
+            self._reasons_stored = False
+        return changed
+
     async def rebalance(self) -> int:
-        """One rebalancing round: tell servers above their capacity-proportional
-        share (by more than one job) to hand the surplus back, while every server
-        caps itself at its share for ``rebalance_hold`` seconds. Does nothing while
-        jobs wait in the queue (free servers take those first). Returns how many
-        jobs were asked to move."""
+        """One rebalancing round, pool by pool (a kind with its constraints): tell
+        the servers that may run a pool and hold more than their
+        capacity-proportional share of its jobs (by more than one job) to hand the
+        surplus back, while every such server caps its deliveries of that pool at
+        its share for ``rebalance_hold`` seconds. A job only ever moves to a server
+        that may run it. A pool whose jobs wait is left alone (free servers take
+        those first); so is everything while any server went quiet. Returns how
+        many jobs were asked to move."""
         servers = await self._storage.list_servers(
             ServerQuery(statuses=frozenset({ServerStatus.ALIVE}), with_jobs=False)
         )
@@ -756,11 +794,29 @@ class ServerManager:
         waiting = await self._storage.list_jobs(
             JobQuery(statuses=frozenset({JobStatus.PENDING}), limit=1)
         )
-        if waiting.items:
-            return 0
+        pending = await self._storage.pending_pools() if waiting.items else {}
         # Counted by the storage, not read (docs/benchmarks.md, "What changed", item 4).
-        counts = await self._storage.count_running_by_server()
-        running = {s.id: counts.get(s.id, 0) for s in servers}
+        by_pool = await self._storage.count_running_by_pool()
+        pools = sorted({pool for _, pool in by_pool} - set(pending), key=lambda p: p.key)
+        labels = {s.id: parse_labels(s.labels) for s in servers}
+        moved = 0
+        for pool in pools:
+            eligible = [s for s in servers if pool.accepts(s.kinds, labels[s.id])]
+            whole = pool.is_default and len(eligible) == len(servers) and len(pools) == 1
+            moved += await self._rebalance_pool(
+                None if whole else pool,
+                eligible,
+                {s.id: by_pool.get((s.id, pool), 0) for s in eligible},
+            )
+        return moved
+
+    async def _rebalance_pool(
+        self, pool: Pool | None, servers: list[ServerRecord], running: dict[str, int]
+    ) -> int:
+        """Rebalance one pool over the servers that may run it (``pool=None``: the
+        whole server, as a fleet of one kind without constraints always did)."""
+        if len(servers) < 2:
+            return 0
         total = sum(running.values())
         capacity = sum(s.max_workers for s in servers)
         if total == 0 or capacity == 0:
@@ -785,11 +841,16 @@ class ServerManager:
                 count=moves.get(server.id, 0),
                 hold=max(1, math.ceil(share[server.id])),
                 hold_for=self.options.rebalance_hold,
+                pool=None if pool is None else pool.key,
             )
             await self._send(command, server.id)
         moved = sum(moves.values())
         log.info(
-            "rebalance: moving %d of %d running job(s) over %d servers", moved, total, len(servers)
+            "rebalance: moving %d of %d running job(s) of pool %s over %d servers",
+            moved,
+            total,
+            "(all)" if pool is None else pool.key,
+            len(servers),
         )
         return moved
 

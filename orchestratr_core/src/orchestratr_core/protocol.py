@@ -85,6 +85,14 @@ from orchestratr_core.job import (
     validate_argument,
 )
 from orchestratr_core.lifecycle import MAX_HOLD_MARK_LENGTH, validate_checkpoint
+from orchestratr_core.placement import (
+    DEFAULT_KIND,
+    Pool,
+    parse_constraints,
+    parse_labels,
+    validate_kind,
+    validate_spread,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -159,6 +167,25 @@ class JobMessage(Message):
     """The job's latest checkpoint when this generation was published (a resume,
     an update). A redelivered message's may be stale: its new owner waits for a
     :class:`JobCheckpoint` (see :mod:`orchestratr_core.lifecycle`)."""
+    kind: str = DEFAULT_KIND
+    """The job's kind: only a server that runs this kind receives the message."""
+    constraints: tuple[str, ...] = ()
+    """Hard constraints on the labels of the server that runs it (canonical)."""
+    spread: str | None = None
+    """The job's spread group (anti-affinity), if any."""
+
+    def __post_init__(self) -> None:
+        # Checked on decode too: a server never acts on a kind or constraint it
+        # cannot read (a ValueError here makes the message malformed).
+        validate_kind(self.kind)
+        if parse_constraints(self.constraints) != self.constraints:
+            raise ValueError("constraints must be canonical (parsed, unique, sorted)")
+        validate_spread(self.spread)
+
+    @property
+    def pool(self) -> Pool:
+        """The pool this message is delivered in."""
+        return Pool(self.kind, self.constraints)
 
 
 @dataclass(frozen=True)
@@ -217,6 +244,10 @@ class ReleaseJobs(Command):
     count: int
     hold: int | None = None
     hold_for: float = 10.0
+    pool: str | None = None
+    """Only jobs of this pool (its :attr:`~orchestratr_core.placement.Pool.key`),
+    and the hold caps only that pool's deliveries; ``None``: any job, the hold caps
+    the whole server."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +289,21 @@ class ServerHeartbeat(Event):
     """Ids of jobs whose start reports this heartbeat replaces (each also in
     ``jobs``, with its fence): the manager treats them as it treats a
     :class:`JobStarted`. Empty in a periodic heartbeat."""
+    kinds: tuple[str, ...] = ()
+    """The job kinds the server runs (empty: only the default kind, as a server
+    of an older version)."""
+    labels: tuple[str, ...] = ()
+    """The server's labels as sorted ``KEY=VALUE`` texts."""
+
+    def __post_init__(self) -> None:
+        for kind in self.kinds:
+            validate_kind(kind, error=ValueError)
+        parse_labels(self.labels)  # a ConfigurationError is a ValueError: malformed
+
+    @property
+    def runs_kinds(self) -> tuple[str, ...]:
+        """The kinds the server runs: :attr:`kinds`, or the default kind when empty."""
+        return tuple(sorted(self.kinds)) if self.kinds else (DEFAULT_KIND,)
 
 
 @dataclass(frozen=True)
@@ -377,6 +423,10 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
     }
     if hb.started:  # left out when empty: a periodic heartbeat is written as before
         body["started"] = list(hb.started)
+    if hb.kinds:
+        body["kinds"] = list(hb.kinds)
+    if hb.labels:
+        body["labels"] = list(hb.labels)
     return body
 
 
@@ -593,12 +643,20 @@ def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
     return tuple(jobs)
 
 
+_STRING_ITEM_LIMITS: dict[str, int] = {"started": MAX_JOB_ID_LENGTH}
+"""Longest item of a list of strings, by field (kinds, labels, constraints: 130)."""
+
+
 def _strings(name: str, value: Any) -> tuple[str, ...]:
-    """A list of strings (``ServerHeartbeat.started``: up to one per running job)."""
+    """A list of strings (``ServerHeartbeat.started``: up to one per running job;
+    kinds, labels, constraints)."""
     if type(value) is not list:
         raise ValueError(f"field {name!r} must be a list of str")
+    limit = _STRING_ITEM_LIMITS.get(name, 130)
+    if name != "started" and len(value) > 64:
+        raise ValueError(f"field {name!r} holds more than 64 items")
     for index, item in enumerate(value):
         if type(item) is not str:
             raise ValueError(f"item {index} of {name!r} must be str")
-        _identifier(f"{name}[{index}]", item, MAX_JOB_ID_LENGTH)
+        _identifier(f"{name}[{index}]", item, limit)
     return tuple(value)

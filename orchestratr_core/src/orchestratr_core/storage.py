@@ -54,6 +54,7 @@ from orchestratr_core.job import (
     ServerStatus,
     TransitionResult,
 )
+from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
 
 __all__ = [
@@ -205,7 +206,9 @@ class Storage(abc.ABC):
         """Ingest one server heartbeat, in one transaction and with a bounded
         number of statements (not one per job):
 
-        * upsert the server row (name, max_workers, host, pid, started_at,
+        * upsert the server row (name, max_workers, host, pid, started_at, the
+          kinds it runs (``heartbeat.kinds``, the default kind when empty) and its
+          labels,
           ``last_seen = now``, status ``draining`` if ``heartbeat.draining`` or
           the row is already ``draining`` (a drain was requested), else
           ``alive``). A server already marked ``dead`` or ``left`` comes back
@@ -398,6 +401,40 @@ class Storage(abc.ABC):
             running = sum(1 for job in server.running if job.status is JobStatus.PROCESSING)
             if running:
                 counts[server.id] = running
+        return counts
+
+    async def pending_pools(self) -> dict[Pool, int]:
+        """How many jobs are ``pending`` in each pool (kind and constraints), pools
+        without a pending job left out. What the leader needs to work out pending
+        reasons. This default reads every pending job; override it with one
+        aggregate query."""
+        page = await self.list_jobs(JobQuery(statuses=frozenset({JobStatus.PENDING}), limit=None))
+        counts: dict[Pool, int] = {}
+        for job in page.items:
+            pool = Pool(job.kind, job.constraints)
+            counts[pool] = counts.get(pool, 0) + 1
+        return counts
+
+    async def set_pending_reason(self, pool: Pool, reason: str | None) -> int:
+        """Set ``pending_reason`` of every ``pending`` job of ``pool`` (kind and
+        constraints) to ``reason``, in one statement; returns how many rows
+        changed. Jobs in other statuses keep theirs (a reader shows it only
+        while pending). Optional: this default raises :class:`NotImplementedError`
+        and the manager then shows no reasons."""
+        raise NotImplementedError(f"{type(self).__name__} does not store pending reasons")
+
+    async def count_running_by_pool(self) -> dict[tuple[str, Pool], int]:
+        """How many jobs are ``processing`` on each server in each pool:
+        ``(server id, pool) -> count``. What rebalancing by pool needs. This default
+        reads every running job; override it with one aggregate query."""
+        page = await self.list_jobs(
+            JobQuery(statuses=frozenset({JobStatus.PROCESSING}), limit=None)
+        )
+        counts: dict[tuple[str, Pool], int] = {}
+        for job in page.items:
+            if job.server_id is not None:
+                key = (job.server_id, Pool(job.kind, job.constraints))
+                counts[key] = counts.get(key, 0) + 1
         return counts
 
     @abc.abstractmethod

@@ -39,6 +39,17 @@ Loss
     ``consumer_timeout``): a backend must configure the broker so that it never
     times out a held delivery, or hand deliveries back before it would.
 
+Pools
+    A job message is delivered in its *pool* (:class:`~orchestratr_core.placement.Pool`:
+    its kind and canonical constraints; :attr:`JobMessage.pool`), and a server
+    consumes each pool it can run with :meth:`Transport.consume_pool`, so that a
+    job is only ever delivered to a server that runs its kind and satisfies its
+    constraints. The default pool is the jobs queue of :meth:`consume_jobs`.
+    :meth:`Transport.publish_job` registers a pool durably before its first
+    message; :meth:`Transport.watch_pools` tells a server every registered pool
+    and then each new one, without polling. Each pool's queue keeps every
+    guarantee above (fencing, loss, no expiry, dead letters).
+
 Cancellations
     A durable set of cancelled job ids, written by managers
     (:meth:`Transport.set_cancellations`) and read by servers when they
@@ -88,6 +99,8 @@ import math
 from collections.abc import Awaitable, Callable, Collection
 from typing import ClassVar
 
+from orchestratr_core.errors import ConfigurationError
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.protocol import Command, Event, JobMessage
 
 __all__ = [
@@ -96,6 +109,7 @@ __all__ = [
     "DeliveryHandler",
     "EventHandler",
     "JobConsumer",
+    "PoolHandler",
     "Subscription",
     "Transport",
 ]
@@ -149,6 +163,7 @@ class Delivery(abc.ABC):
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 CommandHandler = Callable[[Command], Awaitable[None]]
 EventHandler = Callable[[Event], Awaitable[None]]
+PoolHandler = Callable[[Pool], Awaitable[None]]
 
 
 class Subscription(abc.ABC):
@@ -157,6 +172,13 @@ class Subscription(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop consuming. Idempotent."""
+
+
+class _NoSubscription(Subscription):
+    """What :meth:`Transport.watch_pools` returns when nothing is watched."""
+
+    async def close(self) -> None:
+        """Nothing to stop."""
 
 
 class JobConsumer(Subscription):
@@ -213,7 +235,10 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def publish_job(self, message: JobMessage) -> None:
-        """Publish a job message durably. Returns only after the broker confirmed
+        """Publish a job message durably to its pool (``message.pool``; a transport
+        without pools takes only the default pool's messages and raises
+        :class:`~orchestratr_core.errors.ConfigurationError` for others), registering
+        the pool first if it is new. Returns only after the broker confirmed
         it stored the message; raises :class:`PublishError` otherwise. Publishing
         the same message twice is allowed (the core fences duplicates)."""
 
@@ -264,3 +289,25 @@ class Transport(abc.ABC):
         The handler is called once per delivery and should return quickly (the
         server starts the job in a task). Deliveries that fail to decode are
         dead-lettered and never reach the handler."""
+
+    async def consume_pool(
+        self, pool: Pool, capacity: int, handler: DeliveryHandler
+    ) -> JobConsumer:
+        """:meth:`consume_jobs` for one pool's queue: only messages of ``pool`` are
+        delivered through it. The pool must be registered (:meth:`watch_pools`
+        named it) unless it is the default pool. This default serves the default
+        pool only (a backend without pools)."""
+        if pool.is_default:
+            return await self.consume_jobs(capacity, handler)
+        raise ConfigurationError(
+            f"{type(self).__name__} does not route job kinds or placement constraints "
+            f"(pool {pool.key!r})"
+        )
+
+    async def watch_pools(self, handler: PoolHandler) -> Subscription:
+        """Call ``handler`` with every registered pool (the default pool always
+        among them), then with each pool registered later, as it is registered.
+        After a reconnect the registered pools are named again: the handler must
+        be idempotent. This default names only the default pool."""
+        await handler(DEFAULT_POOL)
+        return _NoSubscription()

@@ -27,11 +27,13 @@ class SubscriptionKind(enum.IntEnum):
     """The kinds of subscription, in the order a transport re-attaches them to a new
     connection: commands first (the cancellation set is read again and every id
     added while away is handed over before any job delivery of the new connection),
-    then events, then jobs."""
+    then events, then jobs, then pool watchers (which name every registered pool
+    again: a server opens the consumers of pools it learns of only then)."""
 
     COMMANDS = 0
     EVENTS = 1
     JOBS = 2
+    POOLS = 3
 
 
 class Reattachable(Protocol):

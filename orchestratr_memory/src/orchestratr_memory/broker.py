@@ -14,6 +14,14 @@ whole system can be tested fast and faults can be injected precisely:
     its **original position**, ahead of everything published after it, as
     RabbitMQ's classic queues do; in practice: at the head.
 
+pools
+    A job of a kind other than the default, or with placement constraints, is
+    published to its **pool**'s own jobs queue (``jobs/<pool key>``), which
+    behaves exactly as ``jobs`` does (``jobs`` is the default pool's). A pool is
+    registered before its first message (:meth:`BrokerConnection.register_pool`);
+    pool watchers get every registered pool when they subscribe and each new one
+    as it is registered, so a server consumes exactly the pools it can run.
+
 ``events`` queue
     Durable, single active consumer: the consumer that subscribed first
     receives, one event at a time; when it goes the next one takes over.
@@ -73,6 +81,7 @@ __all__ = [
     "Frame",
     "JobFrame",
     "MemoryBroker",
+    "PoolFrame",
     "QueueName",
 ]
 
@@ -85,7 +94,13 @@ DEAD_LETTER_LIMIT = 10_000
 """Most dead letters a broker keeps (the same default as ``<ns>.dead`` on RabbitMQ)."""
 
 QueueName = Literal["jobs", "events"]
-"""The two shared queues. Command queues are named ``commands/<server_id>``."""
+"""The two shared queues. Command queues are named ``commands/<server_id>``; the
+jobs queue of a pool other than the default one ``jobs/<pool key>``."""
+
+
+def pool_queue(key: str) -> str:
+    """The name of a pool's jobs queue (``jobs`` for the default pool, key ``""``)."""
+    return f"jobs/{key}" if key else "jobs"
 
 
 @dataclass(frozen=True)
@@ -140,7 +155,15 @@ class CloseFrame:
     channel_only: bool = False
 
 
-Frame = JobFrame | EventFrame | CommandFrame | CloseFrame
+@dataclass(frozen=True)
+class PoolFrame:
+    """A pool was registered (to a pool watcher)."""
+
+    consumer_tag: str
+    key: str
+
+
+Frame = JobFrame | EventFrame | CommandFrame | CloseFrame | PoolFrame
 """Anything the broker pushes to a client."""
 
 
@@ -183,6 +206,7 @@ class _JobConsumer:
     conn: BrokerConnection
     prefetch: int
     held: set[int] = field(default_factory=set)
+    queue: str = "jobs"
 
 
 @dataclass(eq=False)
@@ -201,7 +225,7 @@ class _CommandConsumer:
 
 @dataclass(eq=False)
 class _Held:
-    queue: QueueName
+    queue: str
     message: _Stored
     consumer_tag: str
 
@@ -236,20 +260,38 @@ class BrokerConnection:
         """How many deliveries (jobs and events) this connection holds."""
         return len(self._held)
 
-    def publish(self, queue: QueueName, payload: bytes) -> None:
-        """Store a message on ``jobs`` or ``events`` (stored = confirmed)."""
+    def publish(self, queue: str, payload: bytes) -> None:
+        """Store a message on ``jobs``, a registered pool's ``jobs/<key>`` or
+        ``events`` (stored = confirmed)."""
         self._check()
         self.broker._publish(queue, payload)
+
+    def register_pool(self, key: str) -> None:
+        """Register a pool (idempotent): its queue exists from now on, and every
+        pool watcher hears of it."""
+        self._check()
+        self.broker._register_pool(key)
+
+    def watch_pools(self, tag: str) -> list[str]:
+        """Watch pool registrations; returns the pools registered so far (the
+        default pool, key ``""``, first)."""
+        self._check()
+        return self.broker._add_pool_watcher(tag, self)
 
     def send_command(self, payload: bytes, server_id: str | None) -> None:
         """Route a command to one server's subscriptions, or to all (``None``)."""
         self._check()
         self.broker._route_command(payload, server_id)
 
-    def consume_jobs(self, tag: str, prefetch: int) -> None:
-        """Start a jobs consumer named ``tag`` holding at most ``prefetch`` messages."""
+    def consume_jobs(self, tag: str, prefetch: int, queue: str = "jobs") -> None:
+        """Start a consumer named ``tag`` on a jobs queue (``jobs`` or a registered
+        pool's ``jobs/<key>``) holding at most ``prefetch`` messages."""
         self._check()
-        self.broker._add_job_consumer(_JobConsumer(tag=tag, conn=self, prefetch=prefetch))
+        if queue not in self.broker._job_queues:
+            raise ValueError(f"no queue {queue!r}: register its pool first")
+        self.broker._add_job_consumer(
+            _JobConsumer(tag=tag, conn=self, prefetch=prefetch, queue=queue)
+        )
 
     def set_prefetch(self, tag: str, prefetch: int) -> None:
         """Change a jobs consumer's prefetch; lowering it revokes nothing."""
@@ -320,6 +362,8 @@ class MemoryBroker:
         self._tags = itertools.count(1)
         self._jobs = _OrderedQueue()
         self._events = _OrderedQueue()
+        self._job_queues: dict[str, _OrderedQueue] = {"jobs": self._jobs}
+        self._pool_watchers: list[tuple[str, BrokerConnection]] = []
         self._cancellations: frozenset[str] = frozenset()
         self._connections: set[BrokerConnection] = set()
         self._job_consumers: list[_JobConsumer] = []
@@ -376,11 +420,16 @@ class MemoryBroker:
         """How many connections are open."""
         return len(self._connections)
 
-    def depth(self, queue: QueueName) -> int:
+    def depth(self, queue: str) -> int:
         """How many messages wait in ``queue`` (not counting held ones)."""
-        return len(self._jobs if queue == "jobs" else self._events)
+        return len(self._queue(queue))
 
-    def held(self, queue: QueueName = "jobs") -> int:
+    @property
+    def pools(self) -> list[str]:
+        """The keys of the registered pools (``""``: the default pool), in order."""
+        return [""] + [name.removeprefix("jobs/") for name in self._job_queues if name != "jobs"]
+
+    def held(self, queue: str = "jobs") -> int:
         """How many messages of ``queue`` are held by consumers right now."""
         return sum(1 for c in self._connections for h in c._held.values() if h.queue == queue)
 
@@ -388,8 +437,8 @@ class MemoryBroker:
         """Put raw bytes on a queue, bypassing the codec (malformed, foreign or
         newer-version messages). ``queue`` is ``"jobs"``, ``"events"``,
         ``"commands"`` (broadcast) or ``"commands/<server_id>"``."""
-        if queue in ("jobs", "events"):
-            self._publish("jobs" if queue == "jobs" else "events", payload)
+        if queue in self._job_queues or queue == "events":
+            self._publish(queue, payload)
         elif queue == "commands":
             self._route_command(payload, None)
         elif queue.startswith("commands/") and queue != "commands/":
@@ -445,6 +494,7 @@ class MemoryBroker:
         conn.open = False
         self._connections.discard(conn)
         self._job_consumers = [c for c in self._job_consumers if c.conn is not conn]
+        self._pool_watchers = [w for w in self._pool_watchers if w[1] is not conn]
         self._event_consumers = [c for c in self._event_consumers if c.conn is not conn]
         self._command_consumers = [c for c in self._command_consumers if c.conn is not conn]
         if notify:
@@ -463,10 +513,27 @@ class MemoryBroker:
 
     # -- queues -------------------------------------------------------------------------
 
-    def _queue(self, queue: QueueName) -> _OrderedQueue:
-        return self._jobs if queue == "jobs" else self._events
+    def _queue(self, queue: str) -> _OrderedQueue:
+        if queue == "events":
+            return self._events
+        found = self._job_queues.get(queue)
+        if found is None:
+            raise BackendUnavailable(f"no queue {queue!r} (its pool was never registered)")
+        return found
 
-    def _publish(self, queue: QueueName, payload: bytes) -> None:
+    def _register_pool(self, key: str) -> None:
+        name = pool_queue(key)
+        if name in self._job_queues:
+            return
+        self._job_queues[name] = _OrderedQueue()
+        for tag, conn in self._pool_watchers:
+            conn.client.push(PoolFrame(tag, key))
+
+    def _add_pool_watcher(self, tag: str, conn: BrokerConnection) -> list[str]:
+        self._pool_watchers.append((tag, conn))
+        return self.pools
+
+    def _publish(self, queue: str, payload: bytes) -> None:
         self._queue(queue).push(_Stored(seq=next(self._seq), payload=bytes(payload)))
         self._dispatch()
 
@@ -501,6 +568,7 @@ class MemoryBroker:
         self._job_consumers = [
             c for c in self._job_consumers if not (c.conn is conn and c.tag == tag)
         ]
+        self._pool_watchers = [w for w in self._pool_watchers if w != (tag, conn)]
         self._command_consumers = [
             c for c in self._command_consumers if not (c.conn is conn and c.tag == tag)
         ]
@@ -559,27 +627,31 @@ class MemoryBroker:
         finally:
             self._dispatching = False
 
-    def _next_job_consumer(self) -> _JobConsumer | None:
+    def _next_job_consumer(self, queue: str) -> _JobConsumer | None:
         consumers = self._job_consumers
         for offset in range(len(consumers)):
             index = (self._next_consumer + offset) % len(consumers)
             consumer = consumers[index]
-            if len(consumer.held) < consumer.prefetch:
+            if consumer.queue == queue and len(consumer.held) < consumer.prefetch:
                 self._next_consumer = index + 1
                 return consumer
         return None
 
     def _dispatch_jobs(self) -> None:
-        while self._jobs:
-            consumer = self._next_job_consumer()
+        for name, queue in self._job_queues.items():
+            self._dispatch_queue(name, queue)
+
+    def _dispatch_queue(self, name: str, queue: _OrderedQueue) -> None:
+        while queue:
+            consumer = self._next_job_consumer(name)
             if consumer is None:
                 return
-            message = self._jobs.pop()
+            message = queue.pop()
             count = message.handed_out
             message.handed_out += 1
             tag = next(self._tags)
             consumer.held.add(tag)
-            consumer.conn._held[tag] = _Held("jobs", message, consumer.tag)
+            consumer.conn._held[tag] = _Held(name, message, consumer.tag)
             consumer.conn.client.push(JobFrame(consumer.tag, tag, message.payload, count))
 
     def _dispatch_events(self) -> None:

@@ -46,6 +46,7 @@ from orchestratr_core.job import (
     ServerStatus,
     TransitionResult,
 )
+from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.storage import (
     HEARTBEAT_REFRESH_STEP,
@@ -248,6 +249,8 @@ def _matches(job: JobRecord, query: JobQuery) -> bool:
     elif job.status is JobStatus.DELETED and not query.include_deleted:
         return False
     if query.name_prefix is not None and not job.name.startswith(query.name_prefix):
+        return False
+    if query.kind is not None and job.kind != query.kind:
         return False
     return query.server_id is None or job.server_id == query.server_id
 
@@ -538,6 +541,8 @@ class MemoryStorage(Storage):
                 last_seen=now,
                 host=heartbeat.host,
                 pid=heartbeat.pid,
+                kinds=heartbeat.runs_kinds,
+                labels=tuple(sorted(heartbeat.labels)),
             )
             reported: set[str] = set()
             refused: list[JobRecord] = []
@@ -758,6 +763,8 @@ class MemoryStorage(Storage):
                 for server in store.servers.values()
                 if (query.statuses is None or server.status in query.statuses)
                 and (query.name_prefix is None or server.name.startswith(query.name_prefix))
+                and (query.label is None or query.label in server.labels)
+                and (query.kind is None or query.kind in server.kinds)
             ]
             servers.sort(key=lambda s: (s.name, s.id))
             if query.with_jobs:
@@ -776,6 +783,31 @@ class MemoryStorage(Storage):
                 if running:
                     counts[server_id] = running
             return counts
+
+    async def pending_pools(self) -> dict[Pool, int]:
+        """See :meth:`Storage.pending_pools` (from the status index)."""
+        store = self._data()
+        with store.lock:
+            counts: dict[Pool, int] = {}
+            for job_id in store.by_status[JobStatus.PENDING]:
+                job = store.jobs[job_id]
+                pool = Pool(job.kind, job.constraints)
+                counts[pool] = counts.get(pool, 0) + 1
+            return counts
+
+    async def set_pending_reason(self, pool: Pool, reason: str | None) -> int:
+        """See :meth:`Storage.set_pending_reason`."""
+        store = self._data()
+        with store.lock:
+            changed = 0
+            for job_id in list(store.by_status[JobStatus.PENDING]):
+                job = store.jobs[job_id]
+                if (job.kind, job.constraints) == (pool.kind, pool.constraints) and (
+                    job.pending_reason != reason
+                ):
+                    store.put(job, dataclasses.replace(job, pending_reason=reason))
+                    changed += 1
+            return changed
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
         """See :meth:`Storage.get_server`."""

@@ -69,6 +69,7 @@ from orchestratr_core.errors import (
     PublishError,
 )
 from orchestratr_core.options import check_known, coerce, merge, split_query
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.protocol import (
     CancelJob,
     Command,
@@ -84,6 +85,7 @@ from orchestratr_core.transport import (
     DeliveryHandler,
     EventHandler,
     JobConsumer,
+    PoolHandler,
     Subscription,
     Transport,
 )
@@ -101,6 +103,8 @@ from orchestratr_memory.broker import (
     Frame,
     JobFrame,
     MemoryBroker,
+    PoolFrame,
+    pool_queue,
 )
 
 __all__ = ["DEFAULT_OPTIONS", "MemoryDelivery", "MemoryTransport"]
@@ -374,13 +378,20 @@ class _Consumer:
 class _MemoryJobConsumer(_Consumer, JobConsumer):
     kind = SubscriptionKind.JOBS
 
-    def __init__(self, transport: MemoryTransport, capacity: int, handler: DeliveryHandler) -> None:
+    def __init__(
+        self,
+        transport: MemoryTransport,
+        capacity: int,
+        handler: DeliveryHandler,
+        queue: str = "jobs",
+    ) -> None:
         super().__init__(transport)
         self.capacity = capacity
         self.handler = handler
+        self.queue = queue
 
     def register(self, conn: BrokerConnection) -> None:
-        conn.consume_jobs(self.tag, self.capacity)
+        conn.consume_jobs(self.tag, self.capacity, self.queue)
 
     def restore(self, link: _Link) -> None:
         self.attach(link)
@@ -477,6 +488,35 @@ class _CommandSubscription(_Consumer, Subscription):
             await self._cancel()
 
 
+class _PoolWatch(_Consumer, Subscription):
+    kind = SubscriptionKind.POOLS
+
+    def __init__(self, transport: MemoryTransport, handler: PoolHandler) -> None:
+        super().__init__(transport)
+        self.handler = handler
+
+    def restore(self, link: _Link) -> None:
+        self.attach(link)
+        assert link.conn is not None
+        for key in link.conn.watch_pools(self.tag):
+            self.transport._inbox.put_nowait(_PoolItem(self, key))
+
+    async def close(self) -> None:
+        """Stop hearing of new pools."""
+        if not self.closed:
+            await self._cancel()
+
+
+@dataclass(frozen=True)
+class _PoolItem:
+    watch: _PoolWatch
+    key: str
+
+
+def _pool_of_key(key: str) -> Pool:
+    return Pool.from_key(key) if key else DEFAULT_POOL
+
+
 @dataclass(frozen=True)
 class _JobItem:
     consumer: _MemoryJobConsumer
@@ -526,7 +566,7 @@ class MemoryTransport(Transport):
         self._link: _Link | None = None
         self._links = itertools.count(1)
         self._consumers: list[_Consumer] = []
-        self._inbox: asyncio.Queue[_JobItem | _CommandItem] = asyncio.Queue()
+        self._inbox: asyncio.Queue[_JobItem | _CommandItem | _PoolItem] = asyncio.Queue()
         self._healed = asyncio.Event()
         self._healed.set()
         self._connected = asyncio.Event()
@@ -782,6 +822,9 @@ class MemoryTransport(Transport):
                 link.send(lambda conn: conn.dead_letter(tag, reason))
                 return
             consumer.queue.put_nowait((link, tag, event))
+        elif isinstance(frame, PoolFrame):
+            if isinstance(consumer, _PoolWatch) and not consumer.closed:
+                self._inbox.put_nowait(_PoolItem(consumer, frame.key))
         elif isinstance(frame, CommandFrame):
             if not isinstance(consumer, _CommandSubscription) or consumer.closed:
                 return
@@ -816,6 +859,13 @@ class MemoryTransport(Transport):
                         "job delivery handler raised; the delivery stays held job_id=%s",
                         delivery.message.job_id,
                     )
+            elif isinstance(item, _PoolItem):
+                if item.watch.closed:
+                    continue
+                try:
+                    await item.watch.handler(_pool_of_key(item.key))
+                except Exception:
+                    log.exception("pool handler raised on pool %r", item.key)
             else:
                 if item.subscription.closed:
                     continue
@@ -827,9 +877,22 @@ class MemoryTransport(Transport):
     # -- manager side -------------------------------------------------------------------
 
     async def publish_job(self, message: JobMessage) -> None:
-        """Store a job message; returns once the broker has it."""
+        """Store a job message in its pool's queue (registering the pool first when
+        it is new); returns once the broker has it."""
         payload = encode(message)
-        await self._require_link().call(lambda conn: conn.publish("jobs", payload), publish=True)
+        pool = message.pool
+        if pool.is_default:
+            await self._require_link().call(
+                lambda conn: conn.publish("jobs", payload), publish=True
+            )
+            return
+        key = pool.key
+
+        def publish(conn: BrokerConnection) -> None:
+            conn.register_pool(key)
+            conn.publish(pool_queue(key), payload)
+
+        await self._require_link().call(publish, publish=True)
 
     async def send_command(self, command: Command, server_id: str | None = None) -> None:
         """Send a command to one server or, with ``server_id=None``, to all."""
@@ -892,9 +955,33 @@ class MemoryTransport(Transport):
 
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:
         """Consume the jobs queue holding at most ``capacity`` deliveries."""
+        return await self.consume_pool(DEFAULT_POOL, capacity, handler)
+
+    async def watch_pools(self, handler: PoolHandler) -> Subscription:
+        """Name every registered pool to ``handler`` (the default one first), then
+        each new one as the broker registers it (through the inbox, in order with
+        deliveries and commands); after a reconnect, all of them again."""
+        link = self._require_link()
+        watch = _PoolWatch(self, handler)
+        watch.attach(link)
+        self._consumers.append(watch)
+        try:
+            keys = await link.call(lambda conn: conn.watch_pools(watch.tag))
+        except BaseException:
+            await watch.close()
+            raise
+        for key in keys:
+            await handler(_pool_of_key(key))
+        return watch
+
+    async def consume_pool(
+        self, pool: Pool, capacity: int, handler: DeliveryHandler
+    ) -> JobConsumer:
+        """Consume one pool's queue holding at most ``capacity`` deliveries."""
         _check_capacity(capacity)
         link = self._require_link()
-        consumer = _MemoryJobConsumer(self, capacity, handler)
+        queue = "jobs" if pool.is_default else pool_queue(pool.key)
+        consumer = _MemoryJobConsumer(self, capacity, handler, queue)
         consumer.attach(link)
         self._consumers.append(consumer)
         try:

@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from orchestratr_core.placement import Pool
+
 __all__ = [
     "CONSUMER_TIMEOUT_MS",
     "DEAD_LETTER_LIMIT",
@@ -132,6 +134,13 @@ class Topology:
         self.broadcast_exchange = f"{namespace}.broadcast"
         self.dead_letter_exchange = f"{namespace}.dlx"
         self.dead = f"{namespace}.dead"
+        self.pools = f"{namespace}.pools"
+
+    def pool_queue(self, pool: Pool) -> str:
+        """The jobs queue of a pool: ``<ns>.jobs`` for the default pool (what a fleet
+        without kinds always used), ``<ns>.jobs.<kind>[<constraints>]`` otherwise."""
+        suffix = pool.queue_suffix()
+        return f"{self.jobs}.{suffix}" if suffix else self.jobs
 
     def command_queue(self, server_id: str) -> str:
         """A fresh name for one connection's command queue. Unique per connection:
@@ -155,6 +164,12 @@ class Topology:
         if self.version.queue_consumer_timeout:
             extra["x-consumer-timeout"] = CONSUMER_TIMEOUT_MS
         return self._durable(**extra)
+
+    def pools_arguments(self) -> dict[str, Any]:
+        """The pool registry: an append-only stream of pool keys. Every server reads
+        it from the first entry and then hears each new pool as it is appended (no
+        polling); reading takes nothing away from other readers."""
+        return {"x-queue-type": "stream"}
 
     def events_arguments(self) -> dict[str, Any]:
         """The events queue: one active consumer at a time keeps events in order."""
@@ -203,7 +218,14 @@ class Topology:
 
     def names(self) -> list[str]:
         """Every durable queue of the namespace (for clean-up in tests and tools)."""
-        return [self.jobs, self.events, self.cancellations, self.cancellations_lock, self.dead]
+        return [
+            self.jobs,
+            self.events,
+            self.cancellations,
+            self.cancellations_lock,
+            self.dead,
+            self.pools,
+        ]
 
     def exchanges(self) -> list[str]:
         """Every exchange of the namespace."""
@@ -270,14 +292,16 @@ def permissions(role: str, namespace: str = "orchestratr") -> Permissions:
 _ROLE_PATTERNS: dict[str, tuple[str, str, str]] = {
     "manager": (
         r"^NS\.",
-        r"^NS\.(jobs|jobs\.in|events|commands|broadcast|cancellations|cancellations\.in|dlx|dead)$",
-        r"^NS\.(jobs|jobs\.in|events|events\.in|cancellations|cancellations\.in"
-        r"|cancellations\.lock|dlx)$",
+        r"^NS\.(jobs|jobs\.in|jobs\..+|events|commands|broadcast|cancellations|cancellations\.in"
+        r"|dlx|dead|pools)$",
+        r"^NS\.(jobs|jobs\.in|jobs\..+|events|events\.in|cancellations|cancellations\.in"
+        r"|cancellations\.lock|dlx|pools)$",
     ),
     "server": (
         r"^NS\.commands\..+$",
         r"^NS\.(events\.in|dlx|commands\..+)$",
-        r"^NS\.(jobs|commands|broadcast|cancellations|cancellations\.lock|commands\..+)$",
+        r"^NS\.(jobs|jobs\..+|commands|broadcast|cancellations|cancellations\.lock|pools"
+        r"|commands\..+)$",
     ),
     "web": (
         r"^NS\.cancellations\.written$",

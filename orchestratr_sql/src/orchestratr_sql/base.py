@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from orchestratr_core.errors import OrchestratrError
 from orchestratr_core.job import JobRecord, JobStatus, NewJob, ServerRecord, ServerStatus
+from orchestratr_core.placement import DEFAULT_KIND
 from orchestratr_core.retry import retrying
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_sql.connection import Connection, Connector, ErrorKind, Row, scrub
@@ -21,7 +22,7 @@ from orchestratr_sql.queries import load_queries
 from orchestratr_sql.schema import guard, migrate
 from orchestratr_sql.url import DatabaseUrl
 
-__all__ = ["SqlStorageBase"]
+__all__ = ["SqlStorageBase", "join_list", "split_list"]
 
 log = logging.getLogger("orchestratr.storage.sql")
 
@@ -169,6 +170,10 @@ class SqlStorageBase(Storage):
             ),
             failure_seq=int(row.get("failure_seq") or 0),
             failure_log=row.get("failure_log"),
+            kind=str(row["kind"]),
+            constraints=split_list(row["requires"]),
+            spread=row["spread"],
+            pending_reason=row["pending_reason"],
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:
@@ -182,6 +187,8 @@ class SqlStorageBase(Storage):
             host=str(row["host"]),
             pid=int(row["pid"]),
             running=tuple(running),
+            kinds=split_list(row["kinds"]) or (DEFAULT_KIND,),
+            labels=split_list(row["labels"]),
         )
 
     def _outbox(self, row: Row) -> OutboxItem:
@@ -201,6 +208,9 @@ class SqlStorageBase(Storage):
             "generation": job.generation,
             "heartbeat_timeout": job.heartbeat_timeout,
             "now": self._t(job.created_at),
+            "job_kind": job.kind,
+            "requires": join_list(job.constraints),
+            "spread": job.spread,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -228,3 +238,16 @@ class SqlStorageBase(Storage):
 def _int_or_none(value: object) -> int | None:
     """A nullable integer column (drivers return int or Decimal)."""
     return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def join_list(items: Sequence[str]) -> str:
+    """Kinds, labels or constraints as one column: comma-joined (none of them holds
+    a comma: :mod:`orchestratr_core.placement` refuses it)."""
+    return ",".join(items)
+
+
+def split_list(value: object) -> tuple[str, ...]:
+    """Inverse of :func:`join_list`; ``NULL`` and ``''`` are empty."""
+    if not value:
+        return ()
+    return tuple(str(value).split(","))

@@ -30,7 +30,7 @@ class Dialect:
     lock_in_transaction = False
     """True if the migration lock is the migration's own transaction (SQLite)."""
     insert_rows = 100
-    """Rows per multi-row ``INSERT`` of ``create_jobs`` (7 parameters a row)."""
+    """Rows per multi-row ``INSERT`` of ``create_jobs`` (10 parameters a row)."""
     insert_bytes = 4 << 20
     """...and at most about this many bytes of names and arguments per statement."""
     stored_as_sent = True
@@ -116,7 +116,7 @@ class SQLiteDialect(Dialect):
 
     name = "sqlite"
     lock_in_transaction = True
-    insert_rows = 100  # 700 parameters: under SQLite's old limit of 999 too
+    insert_rows = 90  # 900 parameters: under SQLite's old limit of 999 too
 
     def time_in(self, value: datetime | None) -> Any:
         """Times are stored as ``YYYY-MM-DD HH:MM:SS.ffffff`` text, UTC."""
@@ -203,7 +203,7 @@ class SQLServerDialect(Dialect):
     """SQL Server 2016+ (``OPENJSON``, filtered indexes). Times are ``DATETIME2(6)`` UTC."""
 
     name = "sqlserver"
-    insert_rows = 250  # 1,750 parameters: under SQL Server's 2,100 (and 1,000 VALUES rows)
+    insert_rows = 200  # 2,000 parameters: under SQL Server's 2,100 (and 1,000 VALUES rows)
     # Not verified on a real SQL Server (how the Microsoft driver binds DATETIME2):
     # read the row back rather than trust it kept every microsecond.
     stored_as_sent = False

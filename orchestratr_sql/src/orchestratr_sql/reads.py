@@ -16,7 +16,8 @@ from orchestratr_core.job import (
     ServerRecord,
     ServerStatus,
 )
-from orchestratr_sql.base import SqlStorageBase
+from orchestratr_core.placement import Pool
+from orchestratr_sql.base import SqlStorageBase, split_list
 from orchestratr_sql.connection import Connection
 from orchestratr_sql.dialect import Dialect
 
@@ -99,7 +100,14 @@ class SqlReads(SqlStorageBase):
                 ):
                     job = self._job(job_row)
                     running.setdefault(job.server_id or "", []).append(job)
-            return [self._server(row, running.get(str(row["id"]), ())) for row in rows]
+            servers = [self._server(row, running.get(str(row["id"]), ())) for row in rows]
+            # Few servers: labels and kinds are matched here, not in SQL.
+            return [
+                s
+                for s in servers
+                if (query.label is None or query.label in s.labels)
+                and (query.kind is None or query.kind in s.kinds)
+            ]
 
         return await self._run("list_servers", read, write=False)
 
@@ -111,6 +119,32 @@ class SqlReads(SqlStorageBase):
             return {str(row["server_id"]): int(row["running"]) for row in rows}
 
         return await self._run("count_running_by_server", read, write=False, statement=True)
+
+    async def pending_pools(self) -> dict[Pool, int]:
+        """Pending jobs per pool: one ``GROUP BY``."""
+
+        async def read(conn: Connection) -> dict[Pool, int]:
+            rows = await conn.fetch(self._q["pending_pools"], {})
+            return {
+                Pool(str(row["kind"]), split_list(row["requires"])): int(row["pending"])
+                for row in rows
+            }
+
+        return await self._run("pending_pools", read, write=False, statement=True)
+
+    async def count_running_by_pool(self) -> dict[tuple[str, Pool], int]:
+        """Running jobs per server and pool: one ``GROUP BY``."""
+
+        async def read(conn: Connection) -> dict[tuple[str, Pool], int]:
+            rows = await conn.fetch(self._q["count_running_by_pool"], {})
+            return {
+                (str(row["server_id"]), Pool(str(row["kind"]), split_list(row["requires"]))): int(
+                    row["running"]
+                )
+                for row in rows
+            }
+
+        return await self._run("count_running_by_pool", read, write=False, statement=True)
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
         """One server with its running jobs."""
@@ -161,6 +195,9 @@ def job_listing_sql(dialect: Dialect, query: JobQuery) -> tuple[str, str, dict[s
     if query.server_id is not None:
         conditions.append("server_id = :filter_server_id")
         params["filter_server_id"] = query.server_id
+    if query.kind is not None:
+        conditions.append("kind = :filter_kind")
+        params["filter_kind"] = query.kind
     base = list(conditions)
     if query.after is not None:
         conditions.append("id > :after_id")

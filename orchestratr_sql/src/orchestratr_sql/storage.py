@@ -25,6 +25,7 @@ from orchestratr_core.job import (
     ServerStatus,
     TransitionResult,
 )
+from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.storage import (
     REASON_CANCEL_REQUESTED,
@@ -38,6 +39,7 @@ from orchestratr_core.storage import (
     check_heartbeat,
     check_transition,
 )
+from orchestratr_sql.base import join_list
 from orchestratr_sql.connection import Connection
 from orchestratr_sql.errors import backend_error
 from orchestratr_sql.queries import multi_row_values, values_query
@@ -162,6 +164,9 @@ class SqlStorage(SqlReads):
                             "generations": [job.generation for job in chunk],
                             "created": [self._t(job.created_at) for job in chunk],
                             "timeouts": [job.heartbeat_timeout for job in chunk],
+                            "kinds": [job.kind for job in chunk],
+                            "requires": [join_list(job.constraints) for job in chunk],
+                            "spreads": [job.spread for job in chunk],
                         },
                     )
                     records.extend(self._job(row) for row in rows)
@@ -453,6 +458,8 @@ class SqlStorage(SqlReads):
             "started_at": self._t(datetime.fromtimestamp(heartbeat.started_at, UTC)),
             "now": self._t(now),
             "reason": REASON_NOT_REPORTED,
+            "kinds": join_list(heartbeat.runs_kinds),
+            "labels": join_list(sorted(heartbeat.labels)),
         }
         values.update(self.dialect.heartbeat_batch(heartbeat.jobs, now))
 
@@ -593,6 +600,19 @@ class SqlStorage(SqlReads):
             return await conn.execute(self._q["set_server_status"], values) > 0
 
         return await self._run("set_server_status", update, statement=True)
+
+    async def set_pending_reason(self, pool: Pool, reason: str | None) -> int:
+        """Set the reason of the pool's pending jobs whose reason differs: one
+        ``UPDATE`` (nothing is written when it is unchanged)."""
+        values: dict[str, Any] = {"kind": pool.kind, "requires": join_list(pool.constraints)}
+        name = "clear_pending_reason" if reason is None else "set_pending_reason"
+        if reason is not None:
+            values["reason"] = reason
+
+        async def update(conn: Connection) -> int:
+            return await conn.execute(self._q[name], values)
+
+        return await self._run("set_pending_reason", update, statement=True)
 
 
 class _LeaseTaken(Exception):

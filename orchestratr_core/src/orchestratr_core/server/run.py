@@ -17,6 +17,7 @@ from typing import Any
 from orchestratr_core import protocol as p
 from orchestratr_core.job import JobArgument
 from orchestratr_core.lifecycle import validate_checkpoint
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.runner import StopToken
 from orchestratr_core.transport import Delivery
 
@@ -68,6 +69,10 @@ class Run:
     handover: asyncio.Future[str | None] | None = None
     """Set while a copy from a redelivered message waits for the manager's
     :class:`~orchestratr_core.protocol.JobCheckpoint`."""
+    pool: Pool = DEFAULT_POOL
+    """The pool its delivery came from."""
+    spread: str | None = None
+    """Its spread group, if any."""
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):

@@ -18,7 +18,12 @@ the job runs, and:
   job waits for the first copy to end, and the lower fencing token is dropped;
 * publishes a heartbeat every ``heartbeat_interval`` with every running job and
   its fencing token, so that the manager can reconcile after anything; when many
-  jobs start at once, one heartbeat replaces their start reports.
+  jobs start at once, one heartbeat replaces their start reports;
+* runs one function per job **kind** and consumes exactly the pools (kind and
+  constraints, :mod:`orchestratr_core.placement`) whose kind it runs and whose
+  constraints its labels satisfy, learning of new pools from the transport
+  (:meth:`Transport.watch_pools`); it never runs more than ``max_workers`` jobs
+  in all, nor more than a kind's limit of that kind.
 
 A running job costs two asyncio tasks (its supervisor and the job function) and
 a few small objects, so that one process can hold tens of thousands of idle jobs:
@@ -30,6 +35,7 @@ resolve.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -37,7 +43,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from orchestratr_core import protocol as p
@@ -52,6 +58,14 @@ from orchestratr_core.job import (
     split_fence,
 )
 from orchestratr_core.lifecycle import is_checkpointed, parse_hold
+from orchestratr_core.placement import (
+    DEFAULT_KIND,
+    DEFAULT_POOL,
+    Pool,
+    format_labels,
+    parse_labels,
+    validate_kind,
+)
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay, retrying
 from orchestratr_core.runner import Heartbeat, JobRunner, StopToken
@@ -59,6 +73,12 @@ from orchestratr_core.server.options import ServerOptions, check_server_name
 from orchestratr_core.server.outbox import EventOutbox
 from orchestratr_core.server.run import GcFreezer, Outcome, Run
 from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Transport
+
+SPREAD_BOUNCES = 3
+"""A job of a spread group that this server already runs is handed back this
+many times (so that a server without one takes it) before it runs here anyway."""
+SPREAD_PAUSE = 0.2
+"""Seconds a spread job is held before it is handed back, times its delivery count + 1."""
 
 __all__ = ["JobFunction", "OrchestratedServer"]
 
@@ -72,25 +92,32 @@ class OrchestratedServer:
     """Runs jobs delivered by the transport. See the module docstring.
 
     :param job: ``async def job(arg, token, heartbeat)`` or a blocking function of
-        the same parameters (run in a thread pool of ``max_workers`` threads).
+        the same parameters (run in a thread pool of ``max_workers`` threads); or
+        a mapping of job kind to such a function, one per kind this server runs
+        (a single function runs the default kind).
     :param transport: a :class:`Transport`, or a plugin name / URL
         (``"memory"``, ``"amqp://guest:guest@localhost/"``).
     :param name: a label for people; need not be unique.
-    :param max_workers: how many jobs this server runs at once (>= 1).
+    :param max_workers: how many jobs this server runs at once (>= 1), all kinds together.
+    :param labels: the server's labels (``{"region": "eu"}`` or ``["region=eu"]``),
+        which jobs' placement constraints are matched against.
+    :param max_workers_per_kind: at most this many jobs of a kind at once
+        (``{"feed": 20}``); kinds not named are limited by ``max_workers`` alone.
     """
 
     def __init__(
         self,
-        job: JobFunction,
+        job: JobFunction | Mapping[str, JobFunction],
         *,
         transport: Transport | str,
         name: str = "server",
         max_workers: int = 10,
         options: ServerOptions | None = None,
         plugins: PluginManager | None = None,
+        labels: Mapping[str, str] | Iterable[str] | None = None,
+        max_workers_per_kind: Mapping[str, int] | None = None,
     ) -> None:
-        if not callable(job):
-            raise ConfigurationError("job must be callable: async def job(arg, token, heartbeat)")
+        jobs = _job_functions(job)
         if (
             isinstance(max_workers, bool)
             or not isinstance(max_workers, int)
@@ -109,15 +136,31 @@ class OrchestratedServer:
         self._transport = (
             self._plugins.make_transport(transport) if isinstance(transport, str) else transport
         )
-        self._job = job
-        self._checkpointed = is_checkpointed(job)
-        self._runner: JobRunner = self._plugins.make_runner(job)
-        self._runner.resize(max_workers)
+        self._jobs = jobs
+        self._checkpointed = frozenset(kind for kind, fn in jobs.items() if is_checkpointed(fn))
+        """The kinds whose function waits for a moved job's latest checkpoint."""
+        self.kinds = frozenset(jobs)
+        """The job kinds this server runs."""
+        self.labels = parse_labels(labels)
+        """The server's labels."""
+        self.kind_limits = _kind_limits(max_workers_per_kind, self.kinds, max_workers)
+        """Per-kind limits (kinds not named: ``max_workers``)."""
+        self._runners: dict[str, JobRunner] = {}
+        for kind, function in jobs.items():
+            self._runners[kind] = self._plugins.make_runner(function)
+            self._runners[kind].resize(min(max_workers, self.kind_limits.get(kind, max_workers)))
         self._runs: dict[str, Run] = {}
         self._cancelled: set[str] = set()
         self._held: dict[str, int] = {}
         """Hold marks: job id -> the largest generation no copy may run."""
         self._consumer: JobConsumer | None = None
+        """The first job consumer opened (it says the server got as far as taking jobs)."""
+        self._consumers: dict[Pool, JobConsumer] = {}
+        self._capacities: dict[Pool, int] = {}
+        self._pool_holds: dict[Pool, int] = {}
+        self._pools: Subscription | None = None
+        self._pool_runs: collections.Counter[Pool] = collections.Counter()
+        self._kind_runs: collections.Counter[str] = collections.Counter()
         self._commands: Subscription | None = None
         self._outbox = EventOutbox(
             self._transport.publish_event,
@@ -167,13 +210,27 @@ class OrchestratedServer:
             self._note_cancellation(entry)
         self._tasks.append(spawn(self._outbox.pump(), name="orchestratr-events", logger=log))
         self._outbox.publish(self._heartbeat_event())
-        self._consumer = await self._transport.consume_jobs(self.max_workers, self._on_delivery)
+        if self.kinds == {DEFAULT_KIND} and not self.labels:
+            # Today's single-function server: the jobs queue only (no pool watching).
+            await self._on_pool(DEFAULT_POOL)
+        else:
+            if type(self._transport).consume_pool is Transport.consume_pool:
+                raise ConfigurationError(
+                    f"{type(self._transport).__name__} does not route job kinds or labels; "
+                    "run a single job function without labels on it"
+                )
+            self._pools = await self._transport.watch_pools(self._on_pool)
         self._tasks.append(spawn(self._heartbeats(), name="orchestratr-hb", logger=log))
         self._plugins.notify(
             "server_joined", server_id=self.id, name=self.name, max_workers=self.max_workers
         )
         log.info(
-            "server started id=%s name=%s max_workers=%d", self.id, self.name, self.max_workers
+            "server started id=%s name=%s max_workers=%d kinds=%s labels=%s",
+            self.id,
+            self.name,
+            self.max_workers,
+            ",".join(sorted(self.kinds)),
+            ",".join(format_labels(self.labels)) or "-",
         )
 
     async def readiness(self) -> str | None:
@@ -196,11 +253,7 @@ class OrchestratedServer:
         if self._stopped.is_set():
             return
         self._draining = True
-        if self._consumer is not None:
-            try:
-                await self._consumer.close()
-            except Exception as exc:  # a broken transport must not stop the hand-over
-                log.warning("could not cancel the job consumer: %s", exc)
+        await self._close_consumers()
         reason = p.StopReason.RELEASED if handover else p.StopReason.LOST
         runs = list(self._runs.values())
         for run in runs:
@@ -249,6 +302,36 @@ class OrchestratedServer:
             with attempt:
                 await self._transport.connect()
 
+    async def _close_consumers(self) -> None:
+        if self._pools is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await self._pools.close()
+        for consumer in list(self._consumers.values()):
+            try:
+                await consumer.close()
+            except Exception as exc:  # a broken transport must not stop the hand-over
+                log.warning("could not cancel a job consumer: %s", exc)
+
+    async def _on_pool(self, pool: Pool) -> None:
+        """A pool exists: consume it if this server may run its jobs (idempotent)."""
+        if pool in self._consumers or self._draining or self._stopped.is_set():
+            return
+        if not pool.accepts(self.kinds, self.labels):
+            return
+        self._consumers[pool] = _OPENING  # a second naming while we await is ignored
+        capacity = self._pool_capacity(pool)
+        try:
+            consumer = await self._transport.consume_pool(pool, capacity, self._on_delivery)
+        except BaseException:
+            del self._consumers[pool]
+            raise
+        self._consumers[pool] = consumer
+        self._capacities[pool] = capacity
+        if self._consumer is None:
+            self._consumer = consumer
+        log.info("consuming pool %s (capacity %d)", pool.key, capacity)
+        self._update_capacity()
+
     async def _shutdown(self) -> None:
         self._stopped.set()
         await cancel_and_log(self._tasks, logger=log)
@@ -258,7 +341,8 @@ class OrchestratedServer:
                 await self._commands.close()
         with contextlib.suppress(OrchestratrError, OSError):
             await self._transport.close()
-        await self._runner.close()
+        for runner in self._runners.values():
+            await runner.close()
 
     async def _wait_runs(self, runs: list[Run]) -> None:
         tasks = [run.task for run in runs if run.task is not None]
@@ -282,7 +366,52 @@ class OrchestratedServer:
                     )
                 )
             return
+        pool = message.pool
+        if not pool.accepts(self.kinds, self.labels):
+            # Never run a job this server may not (I7): only a foreign message on
+            # a pool's queue could get here. Hand it back for a server that may.
+            log.error(
+                "handing back a job of a pool this server does not run job_id=%s pool=%s",
+                message.job_id,
+                pool.key,
+            )
+            await self._settle(delivery, release=True)
+            return
         previous = self._runs.get(message.job_id)
+        if previous is None and not self._has_room(pool):
+            # More was delivered than there is room for (prefetch follows capacity
+            # a moment late across several pools): lower the prefetch first, let
+            # that reach the transport, then give the message back, so that it is
+            # not handed straight back to us.
+            self._update_capacity()
+            await asyncio.sleep(0)
+            await self._settle(delivery, release=True)
+            return
+        if (
+            previous is None
+            and message.spread is not None
+            and delivery.delivery_count < SPREAD_BOUNCES
+            and any(
+                run.spread == message.spread and run.stop_reason is None
+                for run in self._runs.values()
+            )
+        ):
+            # Hand it back after a pause that grows with each bounce, so that
+            # servers that may not have consumed its pool yet get their chance.
+            delay = SPREAD_PAUSE * (delivery.delivery_count + 1)
+            log.info(
+                "handing back job_id=%s in %.1fs: a job of spread group %r runs here",
+                message.job_id,
+                delay,
+                message.spread,
+            )
+            spawn(
+                self._release_later(delivery, delay),
+                name="orchestratr-spread",
+                logger=log,
+                keep=self._background,
+            )
+            return
         if previous is not None:
             if previous.arg.fence >= fence:
                 # A duplicate copy with an older token: drop it, keep what runs.
@@ -301,6 +430,7 @@ class OrchestratedServer:
             argument=message.argument,
             fence=fence,
             checkpoint=message.checkpoint,
+            kind=message.kind,
         )
         run = Run(
             delivery=delivery,
@@ -308,15 +438,24 @@ class OrchestratedServer:
             token=StopToken(lease=_lease_of(delivery)),
             heartbeat_timeout=message.heartbeat_timeout,
             checkpoint=message.checkpoint,
+            pool=pool,
+            spread=message.spread,
         )
-        if delivery.delivery_count > 0 and self._checkpointed:
+        if delivery.delivery_count > 0 and message.kind in self._checkpointed:
             # Redelivered: an earlier owner may have recorded a newer checkpoint
             # than the message carries; the manager sends it after our start.
             run.handover = asyncio.get_running_loop().create_future()
+        self._count(self._runs.get(message.job_id), -1)
         self._runs[message.job_id] = run
+        self._count(run, 1)
         run.task = asyncio.create_task(
             self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
         )
+
+    async def _release_later(self, delivery: Delivery, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if not delivery.lost.is_set():
+            await self._settle(delivery, release=True)
 
     async def _settle(self, delivery: Delivery, *, release: bool) -> bool:
         try:
@@ -360,7 +499,7 @@ class OrchestratedServer:
                 if arg.checkpoint != run.checkpoint:
                     arg = run.arg = dataclasses.replace(arg, checkpoint=run.checkpoint)
                 job_task: asyncio.Task[None] = asyncio.create_task(
-                    self._runner.run(self._job, arg, run.token, run.beat)
+                    self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, run.beat)
                 )
                 job_task.add_done_callback(run.alert)
                 outcome = await run.wait_job(job_task, began)
@@ -422,6 +561,7 @@ class OrchestratedServer:
             run.unwatch_loss()
             if self._runs.get(arg.job_id) is run:
                 del self._runs[arg.job_id]
+                self._count(run, -1)
             self._gc.ended += 1
             await self._finish(run, forced=forced, error=error)
             self._update_capacity()
@@ -519,21 +659,61 @@ class OrchestratedServer:
             forced,
         )
 
-    def _update_capacity(self) -> None:
-        """Keep the prefetch at what this server can really run: threads that
-        ignored their stop token still occupy a worker."""
-        capacity = self.max_workers - self._runner.abandoned()
+    def _total_capacity(self) -> int:
+        """Jobs this server may hold now: threads that ignored their stop token
+        still occupy a worker, and a rebalancing hold caps it for a while."""
+        capacity = self.max_workers - sum(r.abandoned() for r in self._runners.values())
         if self._hold is not None:
             capacity = min(capacity, self._hold)
-        capacity = max(0, capacity)
-        if capacity != self._capacity and self._consumer is not None and not self._draining:
-            self._capacity = capacity
-            spawn(
-                self._consumer.set_capacity(capacity),
-                name="orchestratr-capacity",
-                logger=log,
-                keep=self._background,
-            )
+        return max(0, capacity)
+
+    def _count(self, run: Run | None, step: int) -> None:
+        """Keep the counts of runs per pool and per kind (O(1) capacity sums for a
+        server holding thousands of jobs)."""
+        if run is not None:
+            self._pool_runs[run.pool] += step
+            self._kind_runs[run.arg.kind] += step
+
+    def _pool_capacity(self, pool: Pool) -> int:
+        """The prefetch of one pool's consumer: the room the server has in all and
+        for the pool's kind, less what the *other* pools' jobs take. With one pool
+        this is the total capacity, as before pools; with several, each may take
+        the whole room left, and a delivery beyond it is handed back at once
+        (:meth:`_has_room`). Never based on this pool's own held count: a job of
+        it handed back (rebalance) must not leave a slot for its own message."""
+        mine = self._pool_runs[pool]
+        capacity = self._total_capacity() - (len(self._runs) - mine)
+        limit = self.kind_limits.get(pool.kind)
+        if limit is not None:
+            capacity = min(capacity, limit - (self._kind_runs[pool.kind] - mine))
+        hold = self._pool_holds.get(pool)
+        if hold is not None:
+            capacity = min(capacity, hold)
+        return max(0, capacity)
+
+    def _has_room(self, pool: Pool) -> bool:
+        """Whether one more job of ``pool`` fits (in all and for its kind)."""
+        if len(self._runs) >= self._total_capacity():
+            return False
+        limit = self.kind_limits.get(pool.kind)
+        return limit is None or self._kind_runs[pool.kind] < limit
+
+    def _update_capacity(self) -> None:
+        """Keep every pool's prefetch at what this server can really run."""
+        if self._draining:
+            return
+        for pool, consumer in self._consumers.items():
+            if consumer is _OPENING:
+                continue
+            capacity = self._pool_capacity(pool)
+            if capacity != self._capacities.get(pool):
+                self._capacities[pool] = capacity
+                spawn(
+                    consumer.set_capacity(capacity),
+                    name="orchestratr-capacity",
+                    logger=log,
+                    keep=self._background,
+                )
 
     # -- commands ---------------------------------------------------------------------
 
@@ -576,14 +756,24 @@ class OrchestratedServer:
             else:
                 spawn(self.stop(), name="orchestratr-drain", logger=log, keep=self._background)
         elif isinstance(command, p.ReleaseJobs):
-            self._hold = command.hold
-            self._hold_until = time.monotonic() + max(0.0, command.hold_for)
+            pool = Pool.from_key(command.pool) if command.pool is not None else None
+            if pool is not None and pool not in self._consumers:
+                return  # a pool this server does not run: nothing of it to release
+            if pool is None:
+                self._hold = command.hold
+                self._hold_until = time.monotonic() + max(0.0, command.hold_for)
+            elif command.hold is not None:
+                self._pool_holds[pool] = command.hold
             self._update_capacity()
-            asyncio.get_running_loop().call_later(max(0.0, command.hold_for), self._end_hold)
+            asyncio.get_running_loop().call_later(max(0.0, command.hold_for), self._end_hold, pool)
             # Release the jobs that have been here longest: a job that just
             # arrived (perhaps moved by the previous round) never moves twice.
             runs = sorted(
-                (r for r in self._runs.values() if r.stop_reason is None),
+                (
+                    r
+                    for r in self._runs.values()
+                    if r.stop_reason is None and (pool is None or r.pool == pool)
+                ),
                 key=lambda r: r.started_at,
             )
             count = max(0, command.count)
@@ -631,10 +821,16 @@ class OrchestratedServer:
             pid=os.getpid(),
             draining=self._draining,
             jobs=jobs,
+            kinds=tuple(sorted(self.kinds)),
+            labels=format_labels(self.labels),
         )
 
-    def _end_hold(self) -> None:
+    def _end_hold(self, pool: Pool | None = None) -> None:
         """A rebalancing cap is temporary: lift it once its time is up."""
+        if pool is not None:
+            if self._pool_holds.pop(pool, None) is not None:
+                self._update_capacity()
+            return
         if self._hold is not None and time.monotonic() >= self._hold_until - 0.001:
             self._hold = None
             self._update_capacity()
@@ -653,6 +849,55 @@ class OrchestratedServer:
 
 
 _HOST = socket.gethostname()
+
+
+class _Opening(JobConsumer):
+    """Stands in the consumer table while a pool's consumer is being opened."""
+
+    async def set_capacity(self, capacity: int) -> None:
+        """Nothing to change yet: the consumer opens with the capacity of its time."""
+
+    async def close(self) -> None:
+        """Nothing opened yet."""
+
+
+_OPENING = _Opening()
+
+
+def _job_functions(job: JobFunction | Mapping[str, JobFunction]) -> dict[str, JobFunction]:
+    """The server's job functions by kind, checked."""
+    if isinstance(job, Mapping):
+        if not job:
+            raise ConfigurationError("give at least one job function (kind -> function)")
+        jobs = {validate_kind(k, error=ConfigurationError): f for k, f in job.items()}
+    elif not callable(job):
+        raise ConfigurationError("job must be callable: async def job(arg, token, heartbeat)")
+    else:
+        jobs = {DEFAULT_KIND: job}
+    for kind, function in jobs.items():
+        if not callable(function):
+            raise ConfigurationError(
+                f"the job function of kind {kind!r} must be callable: "
+                "async def job(arg, token, heartbeat)"
+            )
+    return jobs
+
+
+def _kind_limits(
+    limits: Mapping[str, int] | None, kinds: frozenset[str], max_workers: int
+) -> dict[str, int]:
+    """Per-kind limits, checked: kinds this server runs, 1..``max_workers``."""
+    result: dict[str, int] = {}
+    for kind, limit in (limits or {}).items():
+        if kind not in kinds:
+            raise ConfigurationError(
+                f"max_workers_per_kind names kind {kind!r}, which this server does not run "
+                f"(it runs {', '.join(sorted(kinds))})"
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"the limit of kind {kind!r} must be a whole number >= 1")
+        result[kind] = min(limit, max_workers)
+    return result
 
 
 def _lease_of(delivery: Delivery) -> Callable[[], float]:

@@ -4,6 +4,7 @@ Prometheus metrics at ``/metrics``, the OpenAPI document at ``/api/openapi.json`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import time
@@ -312,7 +313,9 @@ def create_app(
     )
     async def create_job(body: CreateJob, response: Response) -> JobOut:
         """Create a job; it starts on one server as soon as one has room."""
-        job_id = await backend.client.create_job(body.name, body.argument)
+        job_id = await backend.client.create_job(
+            body.name, body.argument, kind=body.kind, require=body.require, spread=body.spread
+        )
         response.headers["Location"] = f"/api/jobs/{job_id}"
         return job_out(await backend.monitor.job(job_id))
 
@@ -331,6 +334,7 @@ def create_app(
         ] = None,
         name_prefix: Annotated[str | None, Query(description="Names starting with this")] = None,
         server_id: Annotated[str | None, Query(description="Jobs on this server")] = None,
+        kind: Annotated[str | None, Query(description="Jobs of this kind")] = None,
         include_deleted: Annotated[
             bool, Query(description="Also deleted jobs (when no status is given)")
         ] = False,
@@ -348,7 +352,10 @@ def create_app(
             plain(server_id, "server_id", status=422)
         if cursor is not None:
             plain(cursor, "cursor", status=422)
+        if kind is not None:
+            plain(kind, "kind", status=422)
         query = JobQuery(
+            kind=kind or None,
             statuses=frozenset(status) if status else None,
             name_prefix=name_prefix or None,
             server_id=server_id or None,
@@ -434,9 +441,15 @@ def create_app(
         include_gone: Annotated[
             bool, Query(alias="all", description="Also servers that died or left")
         ] = False,
+        kind: Annotated[str | None, Query(description="Servers that run this kind")] = None,
+        label: Annotated[str | None, Query(description="Servers with this KEY=VALUE label")] = None,
     ) -> list[ServerOut]:
         """Live (alive and draining) servers, or every server ever seen."""
+        for value, what in ((kind, "kind"), (label, "label")):
+            if value is not None:
+                plain(value, what, status=422)
         query = ServerQuery(statuses=None) if include_gone else ServerQuery()
+        query = dataclasses.replace(query, kind=kind or None, label=label or None)
         return [server_out(s) for s in await backend.monitor.servers(query)]
 
     @app.get(

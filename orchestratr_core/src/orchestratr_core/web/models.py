@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from orchestratr_core.job import MAX_NAME_LENGTH, JobRecord, JobStatus, ServerRecord, ServerStatus
+from orchestratr_core.placement import DEFAULT_KIND, parse_labels
 from orchestratr_core.web.problems import ApiProblem, Problem
 
 __all__ = [
@@ -48,6 +49,19 @@ class CreateJob(BaseModel):
     )
     argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
         default="", description="Passed to the job function (up to 64 KiB of UTF-8)"
+    )
+    kind: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        default=DEFAULT_KIND,
+        description="The job's kind: only a server that runs it takes the job",
+        examples=["feed"],
+    )
+    require: Annotated[Any, WithJsonSchema({"type": "array", "items": {"type": "string"}})] = Field(
+        default=None,
+        description="Hard constraints on the server's labels: KEY=VALUE or KEY!=VALUE",
+        examples=[["region=eu"]],
+    )
+    spread: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        default=None, description="Spread group: its jobs avoid sharing a server"
     )
 
 
@@ -95,6 +109,16 @@ class JobOut(BaseModel):
     quarantine_reason: str | None = Field(
         default=None, description="Why the job is quarantined (when it is)"
     )
+    kind: str = Field(default=DEFAULT_KIND, description="The job's kind")
+    constraints: list[str] = Field(
+        default_factory=list, description="Hard constraints on its server's labels"
+    )
+    spread: str | None = Field(default=None, description="Its spread group, if any")
+    pending_reason: str | None = Field(
+        default=None,
+        description="While pending: why no server runs it (e.g. no live server "
+        "runs its kind with its labels)",
+    )
 
 
 class JobPageOut(BaseModel):
@@ -133,6 +157,8 @@ class ServerOut(BaseModel):
     host: str
     pid: int
     jobs: list[ServerJobOut]
+    kinds: list[str] = Field(default_factory=lambda: [DEFAULT_KIND], description="Kinds it runs")
+    labels: dict[str, str] = Field(default_factory=dict, description="Its labels")
 
 
 class HistoryOut(BaseModel):
@@ -169,6 +195,8 @@ def server_out(server: ServerRecord) -> ServerOut:
         host=server.host,
         pid=server.pid,
         jobs=[ServerJobOut.model_validate(j) for j in server.running],
+        kinds=list(server.kinds),
+        labels=parse_labels(server.labels),
     )
 
 

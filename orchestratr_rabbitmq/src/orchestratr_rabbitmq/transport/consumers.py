@@ -1,6 +1,7 @@
 """Consumers, one per kind: jobs (the job consumer settles and hands back its own
-deliveries), events and commands. Each is re-attached to every new session; they
-reach the transport only through the callbacks of a :class:`Wiring`."""
+deliveries; one per pool a server runs), events, commands and the pool registry.
+Each is re-attached to every new session; they reach the transport only through
+the callbacks of a :class:`Wiring`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from orchestratr_core.errors import (
     DeliveryLost,
     MalformedMessage,
 )
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.protocol import CancelJob, Command, Event, JobMessage, decode_as
 from orchestratr_core.retry import retrying
 from orchestratr_core.transport import (
@@ -30,6 +32,7 @@ from orchestratr_core.transport import (
     DeliveryHandler,
     EventHandler,
     JobConsumer,
+    PoolHandler,
     Subscription,
 )
 from orchestratr_core.transport_base import SubscriptionKind, cancel_and_log, spawn
@@ -48,6 +51,7 @@ __all__ = [
     "BrokerSubscription",
     "CommandSubscription",
     "EventSubscription",
+    "PoolWatch",
     "RabbitJobConsumer",
     "Wiring",
     "known_consumer_timeout",
@@ -146,10 +150,14 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
 
     kind = SubscriptionKind.JOBS
 
-    def __init__(self, wiring: Wiring, capacity: int, handler: DeliveryHandler):
+    def __init__(
+        self, wiring: Wiring, capacity: int, handler: DeliveryHandler, pool: Pool = DEFAULT_POOL
+    ):
         super().__init__(wiring)
         self.capacity = capacity
         self.handler = handler
+        self.pool = pool
+        """The pool whose queue this consumer takes jobs from."""
         self.lock = asyncio.Lock()
         self.underlay: aiormq.abc.AbstractChannel | None = None
         self.tag: str | None = None
@@ -200,7 +208,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             return  # prefetch 0 would mean "unlimited": pause by not consuming
         await underlay.basic_qos(prefetch_count=desired)
         ok = await underlay.basic_consume(
-            session.topology.jobs,
+            session.topology.pool_queue(self.pool),
             functools.partial(self._on_message, session, underlay),
             no_ack=False,
             arguments=session.topology.jobs_consumer_arguments(),
@@ -243,7 +251,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             message = decode_as(raw.body, JobMessage)
         except MalformedMessage as exc:
             with Quiet():
-                await self._dead_letter(session, underlay, raw, session.topology.jobs, exc)
+                await self._dead_letter(
+                    session, underlay, raw, session.topology.pool_queue(self.pool), exc
+                )
             return
         delivery = RabbitDelivery(
             self,
@@ -579,3 +589,50 @@ class CommandSubscription(BrokerSubscription):
     async def _before_channel_closes(self) -> None:
         if self.worker is not None:
             await cancel_and_log([self.worker], logger=log)
+
+
+class PoolWatch(BrokerSubscription):
+    """Reads the pool registry (the stream ``<ns>.pools``) from its first entry and
+    then each pool as it is appended, and names each to the handler (which must
+    be idempotent: a pool may be appended more than once, and every session reads
+    the stream again)."""
+
+    kind = SubscriptionKind.POOLS
+
+    def __init__(self, wiring: Wiring, handler: PoolHandler) -> None:
+        super().__init__(wiring)
+        self.handler = handler
+
+    async def attach(self, session: Session) -> None:
+        self.session = session
+        self.channel = await session.channel("pools")
+        underlay = await self._watch_cancel(session, "pools")
+        await underlay.basic_qos(prefetch_count=200)  # a stream consumer needs a prefetch
+        await underlay.basic_consume(
+            session.topology.pools,
+            functools.partial(self._on_message, session, underlay),
+            no_ack=False,
+            arguments={"x-stream-offset": "first"},
+        )
+        self.wiring.spawn(self._name(DEFAULT_POOL))
+
+    async def _on_message(
+        self,
+        session: Session,
+        underlay: aiormq.abc.AbstractChannel,
+        raw: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        if not session.alive or self.closed:
+            return
+        with Quiet():
+            await underlay.basic_ack(delivery_tag(raw))
+        try:
+            self.wiring.authenticity.verify(raw)
+            pool = Pool.from_key(raw.body.decode("utf-8"))
+        except Exception as exc:  # a stream keeps what it got: skip, never act on it
+            log.warning("ignoring an unreadable entry of %s: %s", session.topology.pools, exc)
+            return
+        self.wiring.spawn(self._name(pool))
+
+    async def _name(self, pool: Pool) -> None:
+        await self.handler(pool)

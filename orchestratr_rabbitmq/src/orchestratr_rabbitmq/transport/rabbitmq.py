@@ -27,8 +27,10 @@ from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
     OrchestratrError,
+    PublishError,
 )
 from orchestratr_core.metrics import record_reconnect
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.protocol import Command, Event, JobMessage, encode
 from orchestratr_core.retry import retrying
 from orchestratr_core.transport import (
@@ -36,6 +38,7 @@ from orchestratr_core.transport import (
     DeliveryHandler,
     EventHandler,
     JobConsumer,
+    PoolHandler,
     Subscription,
     Transport,
 )
@@ -48,6 +51,7 @@ from orchestratr_rabbitmq.transport.consumers import (
     BrokerSubscription,
     CommandSubscription,
     EventSubscription,
+    PoolWatch,
     RabbitJobConsumer,
     Wiring,
 )
@@ -93,6 +97,7 @@ class RabbitMQTransport(Transport):
         self._subscriptions: list[BrokerSubscription] = []
         self._reconnector: asyncio.Task[None] | None = None
         self._cancel_lock = asyncio.Lock()
+        self._pool_lock = asyncio.Lock()
         self._background: set[asyncio.Task[Any]] = set()
         self._authenticity = Authenticity(self.settings.signer)
         self._publisher = Publisher(self.settings, self._authenticity)
@@ -321,11 +326,38 @@ class RabbitMQTransport(Transport):
         await self._publisher.publish(session, exchange_name, routing_key, body, kind, **options)
 
     async def publish_job(self, message: JobMessage) -> None:
-        """Publish a job durably to ``<ns>.jobs``; returns once confirmed."""
+        """Publish a job durably to its pool's queue (``<ns>.jobs`` for the default
+        pool); returns once confirmed. A pool new to this session is declared and
+        appended to the registry ``<ns>.pools`` first, so that its queue exists
+        before any server hears of it and before its first message."""
         assert isinstance(message, JobMessage)
-        await self._publish(
-            self.topology_name("jobs.in"), self.topology_name("jobs"), encode(message), "job"
-        )
+        pool = message.pool
+        queue = self.topology_name("jobs")
+        if not pool.is_default:
+            session = await self._live()
+            await self._register_pool(session, pool)
+            queue = session.topology.pool_queue(pool)
+        await self._publish(self.topology_name("jobs.in"), queue, encode(message), "job")
+
+    async def _register_pool(self, session: Session, pool: Pool) -> None:
+        if pool in session.pools_ready:
+            return
+        async with self._pool_lock:
+            if pool in session.pools_ready:
+                return
+            try:
+                await session.declare_pool(pool)
+            except OrchestratrError as exc:
+                raise PublishError(f"the queue of pool {pool.key!r} is missing: {exc}") from None
+            except Exception as exc:
+                raise PublishError(
+                    f"declaring the queue of pool {pool.key!r} failed: {describe(exc)}"
+                ) from None
+            await self._publisher.publish(
+                session, "", session.topology.pools, pool.key.encode("utf-8"), "pool"
+            )
+            session.pools_ready.add(pool)
+            log.info("registered pool %s (queue %s)", pool.key, session.topology.pool_queue(pool))
 
     async def publish_event(self, event: Event) -> None:
         """Publish an event to ``<ns>.events``; returns once confirmed."""
@@ -394,9 +426,23 @@ class RabbitMQTransport(Transport):
 
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:
         """Consume ``<ns>.jobs`` holding at most ``capacity`` deliveries."""
+        return await self.consume_pool(DEFAULT_POOL, capacity, handler)
+
+    async def watch_pools(self, handler: PoolHandler) -> Subscription:
+        """Read the pool registry ``<ns>.pools`` (a stream) from its start, then
+        follow it: ``handler`` hears the default pool and every registered pool,
+        and each new one as a manager registers it; again after a reconnect."""
+        sub = PoolWatch(self._wiring, handler)
+        await self._subscribe(sub)
+        return sub
+
+    async def consume_pool(
+        self, pool: Pool, capacity: int, handler: DeliveryHandler
+    ) -> JobConsumer:
+        """Consume one pool's queue (on its own channel, with its own prefetch)."""
         if capacity < 0:
             raise ConfigurationError(f"capacity must be >= 0, got {capacity}")
-        sub = RabbitJobConsumer(self._wiring, capacity, handler)
+        sub = RabbitJobConsumer(self._wiring, capacity, handler, pool)
         session = await self._subscribe(sub)
         self._warn_consumer_timeout(session.topology)
         return sub

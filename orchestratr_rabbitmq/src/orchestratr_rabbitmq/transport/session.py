@@ -17,6 +17,7 @@ import aiormq
 import aiormq.abc
 
 from orchestratr_core.errors import BackendUnavailable, PermanentBackendError
+from orchestratr_core.placement import Pool
 from orchestratr_core.transport_base import spawn
 from orchestratr_rabbitmq.settings import Settings
 from orchestratr_rabbitmq.topology import Topology
@@ -93,6 +94,8 @@ class Session:
         self._waits: dict[asyncio.Task[Any] | None, asyncio.Timeout] = {}
         self.mismatched: set[str] = set()
         """Queues that exist with other arguments than this version declares."""
+        self.pools_ready: set[Pool] = set()
+        """Pools whose queue this session declared and registered."""
 
     @staticmethod
     def underlay(connection: aio_pika.abc.AbstractConnection) -> aiormq.abc.AbstractConnection:
@@ -165,6 +168,7 @@ class Session:
                 (t.jobs, t.jobs_arguments()),
                 (t.events, t.events_arguments()),
                 (t.cancellations, t.cancellations_arguments()),
+                (t.pools, t.pools_arguments()),
             ):
                 await self._ensure(
                     "queue",
@@ -181,6 +185,29 @@ class Session:
                 await self._declaring(
                     functools.partial(_bind, queue, exchange, key), refused_ok=True
                 )
+        finally:
+            if self._declare_channel is not None:
+                with Quiet():
+                    await self._declare_channel.close()
+                self._declare_channel = None
+
+    async def declare_pool(self, pool: Pool) -> None:
+        """Declare a pool's jobs queue (the jobs queue's arguments: quorum, no
+        delivery limit, the consumer timeout, dead letters) and bind it to the jobs
+        exchange under its own name. Raises :class:`PermanentBackendError` when this
+        broker user may not declare it and it does not exist."""
+        t = self.topology
+        name = t.pool_queue(pool)
+        try:
+            await self._ensure(
+                "queue",
+                name,
+                functools.partial(_declare_queue, name, t.jobs_arguments(), passive=False),
+                functools.partial(_declare_queue, name, {}, passive=True),
+            )
+            error = await self._declaring(functools.partial(_bind, name, t.jobs_exchange, name))
+            if error is not None:
+                raise error
         finally:
             if self._declare_channel is not None:
                 with Quiet():

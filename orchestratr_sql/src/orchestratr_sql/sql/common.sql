@@ -11,8 +11,9 @@
 -- name: insert_job
 -- Also the row template of create_jobs' multi-row INSERT (queries.values_query).
 INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
-                  created_at, updated_at, restarts, heartbeat_timeout)
-VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0, :heartbeat_timeout);
+                  created_at, updated_at, restarts, heartbeat_timeout, kind, requires, spread)
+VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0, :heartbeat_timeout,
+        :job_kind, :requires, :spread);
 
 -- name: insert_outbox
 INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
@@ -116,6 +117,28 @@ INSERT INTO schema_version (version, name, applied_at) VALUES (:version, :name, 
 
 -- name: delete_outbox_for_job
 DELETE FROM outbox WHERE job_id = :job_id AND kind = :kind AND claimed_by = :holder;
+
+-- name: pending_pools
+-- How many jobs wait in each pool (kind and constraints): the leader's pending reasons.
+SELECT kind, requires, COUNT(*) AS pending FROM jobs
+WHERE status = 'pending'
+GROUP BY kind, requires;
+
+-- name: set_pending_reason
+UPDATE jobs SET pending_reason = :reason
+WHERE status = 'pending' AND kind = :kind AND requires = :requires
+  AND (pending_reason IS NULL OR pending_reason <> :reason);
+
+-- name: clear_pending_reason
+UPDATE jobs SET pending_reason = NULL
+WHERE status = 'pending' AND kind = :kind AND requires = :requires
+  AND pending_reason IS NOT NULL;
+
+-- name: count_running_by_pool
+-- Rebalancing by pool: running jobs per server, kind and constraints.
+SELECT server_id, kind, requires, COUNT(*) AS running FROM jobs
+WHERE status = 'processing' AND server_id IS NOT NULL
+GROUP BY server_id, kind, requires;
 
 -- name: count_running_by_server
 -- Rebalancing counts, not jobs: one aggregate instead of reading every running row.

@@ -3,11 +3,12 @@
 -- counts are rows matched, as in the other dialects.
 
 -- name: upsert_server
-INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now)
+INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
+                     kinds, labels)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
 ON DUPLICATE KEY UPDATE
     name = VALUES(name), max_workers = VALUES(max_workers), host = VALUES(host),
-    pid = VALUES(pid),
+    pid = VALUES(pid), kinds = VALUES(kinds), labels = VALUES(labels),
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = IF(status = 'draining', 'draining', VALUES(status)), started_at = VALUES(started_at),
     last_seen = VALUES(last_seen);

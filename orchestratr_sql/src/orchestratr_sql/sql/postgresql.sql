@@ -8,9 +8,9 @@
 -- row is checked at the end of the statement, when the job row exists.
 WITH j AS (
     INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
-                      created_at, updated_at, restarts, heartbeat_timeout)
+                      created_at, updated_at, restarts, heartbeat_timeout, kind, requires, spread)
     VALUES (:id, :name, :argument, 'pending', NULL, 0, :generation, :now, :now, 0,
-            :heartbeat_timeout)
+            :heartbeat_timeout, :job_kind, :requires, :spread)
     RETURNING *
 ), o AS (
     INSERT INTO outbox (job_id, kind, generation, created_at, claimed_by, claimed_until)
@@ -27,13 +27,15 @@ SELECT * FROM j;
 WITH b AS (
     SELECT * FROM unnest(:ids::text[], :names::text[], :arguments::text[],
                          :generations::bigint[], :created::timestamptz[],
-                         :timeouts::float8[])
-        WITH ORDINALITY AS b(id, name, argument, generation, created_at, heartbeat_timeout, n)
+                         :timeouts::float8[], :kinds::text[], :requires::text[],
+                         :spreads::text[])
+        WITH ORDINALITY AS b(id, name, argument, generation, created_at, heartbeat_timeout,
+                             kind, requires, spread, n)
 ), j AS (
     INSERT INTO jobs (id, name, argument, status, server_id, fence, generation,
-                      created_at, updated_at, restarts, heartbeat_timeout)
+                      created_at, updated_at, restarts, heartbeat_timeout, kind, requires, spread)
     SELECT b.id, b.name, b.argument, 'pending', NULL, 0, b.generation,
-           b.created_at, b.created_at, 0, b.heartbeat_timeout
+           b.created_at, b.created_at, 0, b.heartbeat_timeout, b.kind, b.requires, b.spread
     FROM b ORDER BY b.n
     RETURNING *
 ), o AS (
@@ -46,11 +48,12 @@ WITH b AS (
 SELECT * FROM j;
 
 -- name: upsert_server
-INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now)
+INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
+                     kinds, labels)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
 ON CONFLICT (id) DO UPDATE SET
     name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
-    pid = excluded.pid,
+    pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;

@@ -1,11 +1,12 @@
 -- SQLite 3.33+ (UPDATE ... FROM, json_each). Lists travel as JSON arrays.
 
 -- name: upsert_server
-INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now)
+INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
+                     kinds, labels)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
 ON CONFLICT (id) DO UPDATE SET
     name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
-    pid = excluded.pid,
+    pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;

@@ -8,12 +8,13 @@ MERGE INTO servers WITH (HOLDLOCK) AS s
 USING (SELECT :id AS id) AS v ON s.id = v.id
 WHEN MATCHED THEN UPDATE SET
     name = :name, max_workers = :max_workers, host = :host, pid = :pid,
+    kinds = :kinds, labels = :labels,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN s.status = 'draining' THEN 'draining' ELSE :status END,
     started_at = :started_at, last_seen = :now
 WHEN NOT MATCHED THEN
-    INSERT (id, name, max_workers, host, pid, status, started_at, last_seen)
-    VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now);
+    INSERT (id, name, max_workers, host, pid, status, started_at, last_seen, kinds, labels)
+    VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels);
 
 -- name: heartbeat_start_jobs
 -- Rows the report changes in nothing but a recent last_heartbeat are left alone

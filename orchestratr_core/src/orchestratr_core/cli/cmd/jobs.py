@@ -29,6 +29,12 @@ from orchestratr_core.job import (
     validate_name,
 )
 from orchestratr_core.monitor import OrchestratorMonitor
+from orchestratr_core.placement import (
+    DEFAULT_KIND,
+    parse_constraints,
+    validate_kind,
+    validate_spread,
+)
 from orchestratr_core.plugin.spec import CommandParents
 from orchestratr_core.storage import Storage
 
@@ -50,6 +56,24 @@ def add_commands(
     )
     create.add_argument("name", help="the job's name, unique among jobs not deleted")
     create.add_argument("argument", nargs="?", default="", help="the job's argument string")
+    create.add_argument(
+        "--kind",
+        default=DEFAULT_KIND,
+        metavar="KIND",
+        help="the job's kind: only a server that runs it (--job KIND=...) takes the job",
+    )
+    create.add_argument(
+        "--require",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only on a server with this label (KEY!=VALUE: without it); repeatable",
+    )
+    create.add_argument(
+        "--spread",
+        metavar="GROUP",
+        help="avoid running two jobs of GROUP on one server while others have room",
+    )
     create.set_defaults(handler=_cmd_jobs_create)
     cancel = job_commands.add_parser(
         "cancel",
@@ -70,6 +94,7 @@ def add_commands(
         help="only these statuses: " + ", ".join(s.value for s in JobStatus),
     )
     listing.add_argument("--server", metavar="ID", help="only jobs on this server")
+    listing.add_argument("--kind", metavar="KIND", help="only jobs of this kind")
     listing.add_argument("--name-prefix", metavar="P", help="only names starting with P")
     listing.add_argument("--include-deleted", action="store_true", help="list deleted jobs too")
     listing.add_argument(
@@ -114,15 +139,30 @@ async def _cmd_jobs_create(args: argparse.Namespace) -> int:
     # Refuse bad input before touching the storage (the client checks again).
     validate_name(args.name)
     validate_argument(args.argument)
+    kind = validate_kind(args.kind)
+    constraints = parse_constraints(args.require)
+    validate_spread(args.spread)
     async with OpenStorage(storage_url(args, must_exist=False)) as storage:
         job_id = await OrchestratorClient(storage).create_job(
             args.name,
             args.argument,
+            kind=kind,
+            require=constraints,
+            spread=args.spread,
             max_restarts=args.max_restarts,
             restart_window=args.restart_window,
         )
     if args.json:
-        print_json({"id": job_id, "name": args.name, "status": JobStatus.PENDING.value})
+        print_json(
+            {
+                "id": job_id,
+                "name": args.name,
+                "status": JobStatus.PENDING.value,
+                "kind": kind,
+                "constraints": list(constraints),
+                "spread": args.spread,
+            }
+        )
     else:
         print(job_id)
         print(
@@ -208,6 +248,7 @@ async def _cmd_jobs_list(args: argparse.Namespace) -> int:
         statuses=statuses or None,
         name_prefix=args.name_prefix,
         server_id=args.server,
+        kind=args.kind,
         include_deleted=args.include_deleted,
         after=args.after,
         limit=args.limit,
@@ -229,7 +270,7 @@ async def _cmd_jobs_list(args: argparse.Namespace) -> int:
         return 0
     print(
         table(
-            ["ID", "NAME", "STATUS", "SERVER", "FENCE", "RESTARTS", "UPDATED"],
+            ["ID", "NAME", "STATUS", "SERVER", "FENCE", "RESTARTS", "UPDATED", "KIND"],
             [
                 [
                     j.id,
@@ -239,6 +280,7 @@ async def _cmd_jobs_list(args: argparse.Namespace) -> int:
                     fence_label(j.fence),
                     j.restarts,
                     ago(j.updated_at),
+                    j.kind,
                 ]
                 for j in page.items
             ],
@@ -302,6 +344,9 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("restarts", job.restarts),
         ("last error", job.last_error),
         ("reason", job.reason),
+        ("kind", job.kind),
+        ("constraints", ", ".join(job.constraints) or None),
+        ("spread", job.spread),
     ]
     # The lifecycle's rows only when they have something to say.
     lifecycle = [
@@ -310,6 +355,8 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("restart budget", _budget_label(job)),
     ]
     rows += [(key, value) for key, value in lifecycle if value is not None]
+    if job.status is JobStatus.PENDING:
+        rows.append(("pending reason", job.pending_reason))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")

@@ -25,6 +25,7 @@ from orchestratr_core.cli.api import (
 )
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.manager import ManagerOptions, ServerManager
+from orchestratr_core.placement import DEFAULT_KIND, parse_labels, validate_kind
 from orchestratr_core.plugin.spec import CommandParents
 from orchestratr_core.server import OrchestratedServer, ServerOptions
 
@@ -47,8 +48,10 @@ def add_commands(
     server.add_argument(
         "--job",
         required=True,
-        metavar="MODULE:FUNCTION",
-        help="the job function, e.g. orchestratr_core.examples:ticker",
+        action="append",
+        metavar="[KIND=]MODULE:FUNCTION",
+        help="a job function, e.g. orchestratr_core.examples:ticker (the default kind) or "
+        "feed=pkg.feeds:follow (jobs of kind 'feed'); repeat it for each kind the server runs",
     )
     server.add_argument("--name", default="server", help="server name (need not be unique)")
     server.add_argument(
@@ -76,6 +79,20 @@ def add_commands(
         help="serve Prometheus metrics here, and /healthz and /readyz (needs prometheus-client)",
     )
     server.add_argument("--otel", action="store_true", help="emit OpenTelemetry spans and metrics")
+    server.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a label of this server, matched by jobs' --require (repeatable)",
+    )
+    server.add_argument(
+        "--max-workers-per-kind",
+        action="append",
+        default=[],
+        metavar="KIND=N",
+        help="run at most N jobs of KIND at once (repeatable; within --max-workers)",
+    )
     server.set_defaults(handler=_cmd_server)
 
     manager = commands.add_parser(
@@ -191,22 +208,54 @@ def load_job(spec: str) -> Callable[..., Any]:
     return cast("Callable[..., Any]", target)
 
 
+def load_jobs(specs: list[str]) -> dict[str, Callable[..., Any]]:
+    """``--job`` values as job functions by kind: ``KIND=MODULE:FUNCTION``, or
+    ``MODULE:FUNCTION`` for the default kind. A kind given twice is an error."""
+    jobs: dict[str, Callable[..., Any]] = {}
+    for spec in specs:
+        kind, sep, target = spec.partition("=")
+        if not sep or ":" in kind:
+            kind, target = DEFAULT_KIND, spec
+        kind = validate_kind(kind.strip(), error=ConfigurationError)
+        if kind in jobs:
+            raise ConfigurationError(f"--job names kind {kind!r} twice")
+        jobs[kind] = load_job(target)
+    return jobs
+
+
+def _kind_limits(specs: list[str]) -> dict[str, int]:
+    limits: dict[str, int] = {}
+    for spec in specs:
+        kind, sep, number = spec.partition("=")
+        if not sep or not number.strip().isdigit():
+            raise ConfigurationError(f"--max-workers-per-kind must be KIND=N, got {spec!r}")
+        limits[kind.strip()] = int(number)
+    return limits
+
+
 async def _cmd_server(args: argparse.Namespace) -> int:
     use_signing_key(args)
-    job = load_job(args.job)
+    jobs = load_jobs(args.job)
     transport = transport_url(args)
     options = _options(
         ServerOptions(), heartbeat_interval=args.heartbeat_interval, stop_grace=args.stop_grace
     )
     server = OrchestratedServer(
-        job, transport=transport, name=args.name, max_workers=args.max_workers, options=options
+        jobs if set(jobs) != {DEFAULT_KIND} else jobs[DEFAULT_KIND],
+        transport=transport,
+        name=args.name,
+        max_workers=args.max_workers,
+        options=options,
+        labels=parse_labels(args.label),
+        max_workers_per_kind=_kind_limits(args.max_workers_per_kind),
     )
     log.info(
-        "server %s (%s) starting: job %s, max %d workers, transport %s",
+        "server %s (%s) starting: job %s, max %d workers, labels %s, transport %s",
         args.name,
         server.id,
-        args.job,
+        ", ".join(args.job),
         args.max_workers,
+        ", ".join(args.label) or "none",
         describe(transport),
     )
     if args.otel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from orchestratr_core.cli.api import (
     OpenStorage,
@@ -40,6 +41,8 @@ def add_commands(
     servers_list.add_argument(
         "--all", action="store_true", help="include servers that died or left"
     )
+    servers_list.add_argument("--kind", metavar="KIND", help="only servers that run this kind")
+    servers_list.add_argument("--label", metavar="KEY=VALUE", help="only servers with this label")
     servers_list.set_defaults(handler=_cmd_servers_list)
     drain = server_commands.add_parser(
         "drain",
@@ -52,6 +55,7 @@ def add_commands(
 
 async def _cmd_servers_list(args: argparse.Namespace) -> int:
     query = ServerQuery(statuses=None) if args.all else ServerQuery()
+    query = dataclasses.replace(query, kind=args.kind, label=args.label)
     async with OpenStorage(storage_url(args, must_exist=True)) as storage:
         servers = await OrchestratorMonitor(storage).servers(query)
     if args.json:
@@ -62,7 +66,7 @@ async def _cmd_servers_list(args: argparse.Namespace) -> int:
         return 0
     print(
         table(
-            ["ID", "NAME", "STATUS", "JOBS", "LAST SEEN", "HOST", "PID"],
+            ["ID", "NAME", "STATUS", "JOBS", "LAST SEEN", "HOST", "PID", "KINDS", "LABELS"],
             [_server_row(s) for s in servers],
         )
     )
@@ -78,6 +82,8 @@ def _server_row(server: ServerRecord) -> list[object]:
         ago(server.last_seen),
         server.host or None,
         server.pid or None,
+        ",".join(server.kinds),
+        ",".join(server.labels) or None,
     ]
 
 

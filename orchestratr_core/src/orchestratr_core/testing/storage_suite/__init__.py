@@ -39,6 +39,7 @@ from orchestratr_core.testing.storage_suite.creation import (
 )
 from orchestratr_core.testing.storage_suite.hygiene import HostileInputTests, LifecycleTests
 from orchestratr_core.testing.storage_suite.job_lifecycle import JobLifecycleTests
+from orchestratr_core.testing.storage_suite.placement import PlacementTests
 from orchestratr_core.testing.storage_suite.reads import GetJobTests, ListJobsTests
 from orchestratr_core.testing.storage_suite.servers import (
     HeartbeatTests,
@@ -59,6 +60,7 @@ __all__ = [
     "LifecycleTests",
     "ListJobsTests",
     "OutboxTests",
+    "PlacementTests",
     "RequestCancelTests",
     "ServerExpiryTests",
     "ServerQueryTests",
@@ -70,6 +72,7 @@ __all__ = [
 # pytest collects the last base first: the sections run in the order listed in the files
 class StorageConformance(
     JobLifecycleTests,
+    PlacementTests,
     HostileInputTests,
     LifecycleTests,
     ListJobsTests,

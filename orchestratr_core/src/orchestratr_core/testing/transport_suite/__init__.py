@@ -65,13 +65,14 @@ from orchestratr_core.testing.transport_suite.commands import CommandTests
 from orchestratr_core.testing.transport_suite.events import EventTests
 from orchestratr_core.testing.transport_suite.jobs import JobTests
 from orchestratr_core.testing.transport_suite.malformed import MalformedMessageTests
+from orchestratr_core.testing.transport_suite.pools import PoolTests
 from orchestratr_core.transport import Transport
 
 __all__ = ["Collector", "QueueKind", "RawPublisher", "TransportConformance", "TransportFactory"]
 
 
-# pytest collects the last base first: jobs, events, commands, malformed messages
-class TransportConformance(MalformedMessageTests, CommandTests, EventTests, JobTests):
+# pytest collects the last base first: jobs, events, commands, malformed messages, pools
+class TransportConformance(PoolTests, MalformedMessageTests, CommandTests, EventTests, JobTests):
     """The transport contract. Subclass it (as ``Test...``) and provide
     ``transport_factory`` and ``raw_publisher`` (see the module docstring)."""
 

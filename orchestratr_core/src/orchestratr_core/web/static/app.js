@@ -124,9 +124,12 @@ function renderServers(servers) {
       el("td", { title: s.last_seen }, ago(s.last_seen)),
       el("td", {}, s.host ? s.host + (s.pid ? ":" + s.pid : "") : "—"),
       el("td", { class: "id", title: s.id }, shortId(s.id)),
-      el("td", {}, drain));
+      el("td", {}, drain),
+      el("td", { class: "muted", dataset: { field: "placement" } },
+        (s.kinds || ["default"]).join(", ") +
+        Object.entries(s.labels || {}).map(([k, v]) => " · " + k + "=" + v).join("")));
   });
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "7", class: "muted" }, "no servers")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "8", class: "muted" }, "no servers")));
   body.replaceChildren(...rows);
   const live = servers.filter((s) => s.status === "alive" || s.status === "draining");
   const running = live.reduce((n, s) => n + s.running, 0);
@@ -233,6 +236,8 @@ function jobQuery() {
   if (prefix) params.set("name_prefix", prefix);
   const server = $("server-filter").value;
   if (server) params.set("server_id", server);
+  const kind = $("kind-filter").value.trim();
+  if (kind) params.set("kind", kind);
   params.set("limit", $("page-size").value);
   const cursor = state.cursors[state.cursors.length - 1];
   if (cursor) params.set("cursor", cursor);
@@ -263,9 +268,11 @@ function renderJobs(page) {
       el("td", {}, job.restarts),
       el("td", { title: job.last_heartbeat || "" }, ago(job.last_heartbeat)),
       el("td", { class: "error", title: job.last_error || "" }, job.last_error || ""),
-      el("td", {}, cancel));
+      el("td", {}, cancel),
+      el("td", { title: job.pending_reason || (job.constraints || []).join(", ") },
+        (job.kind || "default") + ((job.constraints || []).length ? " [" + job.constraints.join(", ") + "]" : "")));
   });
-  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "8", class: "muted" }, "no jobs match")));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "9", class: "muted" }, "no jobs match")));
   body.replaceChildren(...rows);
   state.nextCursor = page.next_cursor;
   if (page.total !== null && page.total !== undefined) state.total = page.total;
@@ -343,6 +350,8 @@ async function refreshDetail() {
     ["checkpoint", job.checkpoint_size === null ? "—" : job.checkpoint_size + " bytes, " + ago(job.checkpoint_at)],
     ["failures", job.failures + (job.max_restarts !== null ? " (budget " + job.max_restarts + " in " + (job.restart_window ?? "default") + " s)" : "")],
     ["quarantine reason", job.quarantine_reason || "—"],
+    ["kind", job.kind || "default"], ["constraints", (job.constraints || []).join(", ") || "—"],
+    ["spread", job.spread || "—"], ["pending reason", job.pending_reason || "—"],
   ];
   $("detail-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k } }, v)]));
   $("detail-argument").textContent = job.argument || "(empty)";
@@ -417,6 +426,7 @@ function init() {
   $("filters").addEventListener("change", resetPaging);
   let typing = null;
   $("name-prefix").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(resetPaging, 250); });
+  $("kind-filter").addEventListener("input", () => { clearTimeout(typing); typing = setTimeout(resetPaging, 250); });
   $("servers-all").addEventListener("change", refresh);
   $("chart-window").addEventListener("change", refresh);
   $("next-page").addEventListener("click", () => { if (state.nextCursor) { state.cursors.push(state.nextCursor); refresh(); } });
