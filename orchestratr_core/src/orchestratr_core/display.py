@@ -36,7 +36,9 @@ def _split(url: str) -> SplitResult | None:
 
     Clean means: a ``scheme://`` prefix, no white space or control character,
     at most one ``@`` and only in the authority (an ``@`` further on means a
-    password ran into the path, query or fragment), and a numeric port.
+    password ran into the path, query or fragment), and a numeric port. The
+    authority may name several hosts separated by commas
+    (``amqp://u:p@h1:5682,h2:5683/``), each with its own port.
     """
     if _SCHEME.match(url) is None:
         return None
@@ -44,7 +46,9 @@ def _split(url: str) -> SplitResult | None:
         return None
     try:
         parts = urlsplit(url)
-        _ = parts.port  # raises for a non-numeric or out-of-range port
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            # raises for a non-numeric or out-of-range port
+            _ = urlsplit(f"//{host}").port
     except ValueError:
         return None
     if url.count("@") > 1 or ("@" in url and "@" not in parts.netloc):
