@@ -17,7 +17,7 @@ from orchestratr_core.protocol import JobMessage
 from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.support.rabbitmq import eventually
+from tests.support.rabbitmq import broker_address, eventually
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -26,7 +26,7 @@ MakeTransport = Callable[..., RabbitMQTransport]
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[SilentProxy]:
-    proxy = SilentProxy()
+    proxy = SilentProxy(*broker_address())
     await proxy.start()
     yield proxy
     await proxy.stop()
