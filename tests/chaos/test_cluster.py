@@ -21,6 +21,7 @@ import pytest
 
 from orchestratr_rabbitmq import RabbitMQTransport
 from tests.chaos.harness import ChaosCluster, Timings
+from tests.chaos.test_faults import _burst, _three_servers_with_jobs
 from tests.support.rabbitmq import drop_namespace, infra
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql, pytest.mark.rabbitmq_cluster]
@@ -43,6 +44,10 @@ BOUND_PAUSE = PAUSE + 15.0
 again (or the cluster declares it down, net_ticktime 60 s); then they come back."""
 BOUND_MAJORITY_BACK = 40.0
 """From the two lost nodes answering again to every job running once."""
+BOUND_VIEW = 30.0
+"""The manager's view matches the ledger: a manager whose node died reconnects with
+backoff (at most 5 s apart) and cannot declare its namespace while the node holding
+the classic ``<ns>.dead`` queue is down (docs/reliability.md)."""
 OUTAGE = 10.0
 """How long two of the three nodes stay down."""
 
@@ -71,14 +76,6 @@ async def _node(action: str, node: str) -> float:
     """Run ``bash .ci/infra rabbitmq-cluster ACTION NODE``; when it returned."""
     await asyncio.to_thread(infra, CLUSTER, action, node, timeout=300)
     return time.time()
-
-
-async def _servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[str]:
-    for name in ("s1", "s2", "s3"):
-        await chaos.add_server(name, 10)
-    ids = await chaos.create(jobs)
-    await chaos.wait_all_running(ids, within=30)
-    return ids
 
 
 def _leader(chaos: ChaosCluster) -> str:
@@ -114,7 +111,7 @@ async def _lose_and_bring_back(chaos: ChaosCluster, node: str, prefix: str) -> N
     ``DOWN`` s later start it again (as its supervisor would). Checked: never two
     copies (at any time), and every job running once within ``BOUND_BACK`` s of
     the node answering again."""
-    ids = await _servers_with_jobs(chaos)
+    ids = await _three_servers_with_jobs(chaos)
     assert await asyncio.to_thread(_leader, chaos) == LEADER_NODE
     killed = await _node("kill", node)
     kept, _ = await _burst(chaos, prefix)
@@ -130,7 +127,9 @@ async def _lose_and_bring_back(chaos: ChaosCluster, node: str, prefix: str) -> N
     await chaos.wait_cancels_final(within=BOUND_BACK + DOWN + 30)
     grace = chaos.timings
     chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
-    await chaos.wait_view_converges(ids + kept, within=15, figure=f"cluster: node {node} view")
+    await chaos.wait_view_converges(
+        ids + kept, within=BOUND_VIEW, figure=f"cluster: node {node} view"
+    )
     chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
 
 
@@ -159,7 +158,7 @@ async def test_a_node_frozen_past_the_heartbeat_then_back_no_two_copies(
     """SIGSTOP the servers' node for ``PAUSE`` s (its sockets stay open, nothing
     answers): the servers fence their jobs and move to node 3; their deliveries
     come back when node 2 answers again and sees them gone."""
-    ids = await _servers_with_jobs(chaos)
+    ids = await _three_servers_with_jobs(chaos)
     paused = await _node("pause", SERVERS_NODE)
     await asyncio.sleep(PAUSE)
     chaos.check(final=False).assert_ok()
@@ -167,7 +166,7 @@ async def test_a_node_frozen_past_the_heartbeat_then_back_no_two_copies(
     await chaos.wait_all_running(ids, within=BOUND_PAUSE, after=paused)
     chaos.record_figure("cluster: node frozen 10 s", time.time() - paused, BOUND_PAUSE)
     chaos.check().assert_ok()
-    await chaos.wait_view_converges(ids, within=10, figure="cluster: frozen node view")
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW, figure="cluster: frozen node view")
     chaos.check().assert_ok()
 
 
@@ -177,7 +176,7 @@ async def test_losing_two_of_three_nodes_jobs_wait_then_run_once(chaos: ChaosClu
     quorum; the surviving node pauses itself (``pause_minority``) and nothing is
     delivered -- jobs wait, none runs a second copy; creates and cancels are kept
     in the storage and sent when the cluster is back; then every job runs once."""
-    ids = await _servers_with_jobs(chaos)
+    ids = await _three_servers_with_jobs(chaos)
     lost = time.time()
     await asyncio.gather(_node("kill", LEADER_NODE), _node("kill", SERVERS_NODE))
     kept, _ = await _burst(chaos, "majority-lost")
@@ -193,14 +192,5 @@ async def test_losing_two_of_three_nodes_jobs_wait_then_run_once(chaos: ChaosClu
     await chaos.wait_cancels_final(within=BOUND_MAJORITY_BACK + OUTAGE + 30)
     grace = chaos.timings
     chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
-    await chaos.wait_view_converges(ids + kept, within=15, figure="cluster: majority view")
+    await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW, figure="cluster: majority view")
     chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
-
-
-async def _burst(chaos: ChaosCluster, prefix: str) -> tuple[list[str], list[str]]:
-    """Creates and cancels during a fault: (jobs to keep, jobs cancelled)."""
-    created = await chaos.create(4, prefix=prefix)
-    cancelled = created[::2]
-    for job_id in cancelled:
-        await chaos.cancel(job_id)
-    return [j for j in created if j not in cancelled], cancelled
