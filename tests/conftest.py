@@ -9,6 +9,7 @@ import logging
 pytest_plugins = [
     "tests.support.cli",
     "tests.support.cluster",
+    "tests.support.pgha",
     "tests.support.rabbitmq",
     "tests.support.sql",
     "tests.support.web",

@@ -1,4 +1,4 @@
-"""The chaos checker: invariants I1-I4 and I6 of ``design-notes.md``, judged from
+"""The chaos checker: invariants I1-I4, I6, I8 and I9 of ``design-notes.md``, judged from
 the jobs' own ledger and the facts the harness observed (kills, freezes, exits,
 cancels, waits, manager views).
 
@@ -40,6 +40,9 @@ class Copy:
     writes: list[float] = field(default_factory=list)
     copy_id: str = ""
     """Unique per call of the job function: tells two copies in one process apart."""
+    got_checkpoint: int | None = None
+    """I9: the token of the owner that wrote the checkpoint this copy started with
+    (``None``: it started without one)."""
 
     def last_step(self, dead_at: float | None) -> float:
         """The last moment this copy did something (its start, a write)."""
@@ -78,6 +81,18 @@ class Cancel:
     """The storage status that wait saw (must be ``deleted``)."""
     asked: float | None = None
     """When the ``mark_on_deleting`` call that succeeded began (for figures)."""
+
+
+@dataclass
+class Hold:
+    """A pause (or quarantine) of a job the test saw take effect: I8."""
+
+    at: float
+    """When ``pause`` returned."""
+    bound: float | None = None
+    """Seconds after ``at`` by which every copy must have ended (``None``: unchecked)."""
+    released: float | None = None
+    """When ``resume`` was called (``None``: still held): copies may start after it."""
 
 
 @dataclass
@@ -124,6 +139,8 @@ class Facts:
     """Jobs whose first publish lost its confirm (the broker may hold two messages)."""
     running: list[Running] = field(default_factory=list)
     views: list[ViewWait] = field(default_factory=list)
+    holds: dict[str, list[Hold]] = field(default_factory=dict)
+    """I8: the pauses of each job."""
 
 
 @dataclass
@@ -154,6 +171,15 @@ class Report:
     """I2: (job, seconds after the fault it was judged, live copies then: not 1)."""
     view_not_converged: list[tuple[str, ...]] = field(default_factory=list)
     """I4: mismatches of the last sample of a wait that never matched in its bound."""
+    started_while_held: list[tuple[str, str, float]] = field(default_factory=list)
+    """I8: copies started after a pause and before its resume: (job, server, seconds after)."""
+    outlived_hold: list[tuple[str, str, float]] = field(default_factory=list)
+    """I8: copies that ended later than the bound after the pause (inf: still running)."""
+    checkpoint_from_newer: list[tuple[str, int, int]] = field(default_factory=list)
+    """I9: a copy started with a checkpoint of a larger token: (job, its token, the writer's)."""
+    checkpoint_regressed: list[tuple[str, int, int]] = field(default_factory=list)
+    """I9: a later owner started with an older owner's checkpoint than an earlier
+    owner got: (job, the earlier owner's writer token, the later one's)."""
 
     def assert_ok(self, *, cancel_grace: float = 0.0, duplicate_grace: float = 0.0) -> None:
         """No invariant violated. ``cancel_grace``: a copy started after a cancel the
@@ -177,6 +203,10 @@ class Report:
             "I3 cancelled job not deleted": self.not_deleted,
             "I4 manager view never converged": self.view_not_converged,
             "I6 over capacity": self.over_capacity,
+            "I8 started while held": self.started_while_held,
+            "I8 copy outlived the hold's bound": self.outlived_hold,
+            "I9 checkpoint from a newer owner": self.checkpoint_from_newer,
+            "I9 checkpoint went back to an older owner's": self.checkpoint_regressed,
         }
         bad = {k: v for k, v in problems.items() if v}
         assert not bad, f"invariants violated: {bad}"
@@ -208,6 +238,7 @@ def parse_ledger(lines: Iterable[str]) -> list[Copy]:
                 line["server"],
                 line["t"],
                 copy_id=key,
+                got_checkpoint=line.get("cpf"),
             )
             current[key] = copy
             out.append(copy)
@@ -299,6 +330,9 @@ def check(copies: list[Copy], facts: Facts, *, final: bool = True) -> Report:
         cancel = facts.cancels.get(job)
         if cancel is not None:
             _cancel_is_final(job, js, cancel, report)
+        for hold in facts.holds.get(job, ()):
+            _held_means_held(job, js, hold, report)
+        _checkpoints_follow_the_fence(job, js, report)
     for job, cancel in facts.cancels.items():
         if cancel.bound is None:
             if final:
@@ -358,6 +392,36 @@ def _cancel_is_final(job: str, js: list[_Span], cancel: Cancel, report: Report) 
             after = (s.end if s.end is not None else math.inf) - cancel.at
             if after > cancel.bound:
                 report.outlived_cancel.append((job, c.server, after))
+
+
+def _held_means_held(job: str, js: list[_Span], hold: Hold, report: Report) -> None:
+    """I8: nothing starts while held; everything running ends within the bound."""
+    for s in js:
+        c = s.copy
+        started_inside = c.start > hold.at + CANCEL_SLACK and (
+            hold.released is None or c.start < hold.released
+        )
+        if started_inside:
+            report.started_while_held.append((job, c.server, c.start - hold.at))
+        if hold.bound is not None and c.start <= hold.at + CANCEL_SLACK:
+            after = (s.end if s.end is not None else math.inf) - hold.at
+            if after > hold.bound:
+                report.outlived_hold.append((job, c.server, after))
+
+
+def _checkpoints_follow_the_fence(job: str, js: list[_Span], report: Report) -> None:
+    """I9: a copy starts with a checkpoint written under a token no larger than its
+    own, and owners (by token) never get an older writer's than an earlier owner got."""
+    best: int | None = None
+    for s in sorted(js, key=lambda s: (s.copy.fence, s.copy.start)):
+        got = s.copy.got_checkpoint
+        if got is None:
+            continue
+        if got > s.copy.fence:
+            report.checkpoint_from_newer.append((job, s.copy.fence, got))
+        if best is not None and got < best:
+            report.checkpoint_regressed.append((job, best, got))
+        best = got if best is None else max(best, got)
 
 
 def _nothing_lost(r: Running, spans: list[_Span], now: float, report: Report) -> None:

@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -213,15 +214,19 @@ class ChaosCluster:
         workdir: Path,
         timings: Timings | None = None,
         *,
+        database: str = PG_ADMIN,
         broker_url: str | None = None,
         server_broker_url: str | None = None,
     ) -> None:
-        """``broker_url``: the RabbitMQ URL of the manager and the test's client
-        (default: the broker under test, ``tests/support/rabbitmq.py``), without query.
-        ``server_broker_url``: given, the servers connect to it directly (for
-        example a cluster's nodes in another order); else each through its own
-        silent proxy to the first node of ``broker_url``."""
+        """``database``: the storage's server URL. ``broker_url``: the RabbitMQ URL of
+        the manager and the test's client (default: the broker under test,
+        ``tests/support/rabbitmq.py``), without query. ``server_broker_url``: given,
+        the servers connect to it directly (for example a cluster's nodes in another
+        order); else each through its own silent proxy to the first node of
+        ``broker_url``."""
         self.workdir = workdir
+        self.database = database
+        """The database URL (one host, or a primary/standby pair) the schema lives in."""
         self.timings = timings or Timings()
         self.broker_url = broker_url or BROKER_URL
         self.server_broker_url = server_broker_url
@@ -232,6 +237,8 @@ class ChaosCluster:
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, Proc] = {}
         self.manager: Proc | None = None
+        self.managers: list[Proc] = []
+        """Every manager process started, in order (``manager`` is the last)."""
         self._manager_count = 0
         self.storage: Storage | None = None
         self.transport: Transport | None = None
@@ -239,6 +246,7 @@ class ChaosCluster:
         self.monitor: AdminOrchestratorMonitor | None = None
         self.cancelled_at: dict[str, float] = {}
         self.cancels: dict[str, checker.Cancel] = {}
+        self.holds: dict[str, list[checker.Hold]] = {}
         self.running: list[checker.Running] = []
         self.views: list[checker.ViewWait] = []
         self.proxies = ProxyLoop()
@@ -249,7 +257,11 @@ class ChaosCluster:
 
     @property
     def storage_url(self) -> str:
-        return f"{PG_ADMIN}?schema={self.schema}"
+        return self.database_url(self.database)
+
+    def database_url(self, database: str) -> str:
+        """The storage URL of this run's schema in ``database``."""
+        return f"{database}{'&' if '?' in database else '?'}schema={self.schema}"
 
     def transport_url(self, port: int | None = None, base: str | None = None) -> str:
         """The transport URL with this run's namespace and timings: to
@@ -266,7 +278,7 @@ class ChaosCluster:
 
     async def start(self) -> None:
         """Create the schema, start the manager, connect the test's own client."""
-        conn = await asyncpg.connect(PG_ADMIN)
+        conn = await asyncpg.connect(self.database)
         try:
             await conn.execute(f'CREATE SCHEMA "{self.schema}"')
         finally:
@@ -285,16 +297,18 @@ class ChaosCluster:
         logging.getLogger("orchestratr.client").removeHandler(self.unconfirmed)
         for proc in list(self.procs.values()):
             self._reap(proc)
-        if self.manager is not None:
-            self._reap(self.manager)
-        self.proxies.stop([p.proxy for p in self.procs.values() if p.proxy is not None])
+        for manager in self.managers:
+            self._reap(manager)
+        self.proxies.stop(
+            [p.proxy for p in [*self.procs.values(), *self.managers] if p.proxy is not None]
+        )
         with contextlib.suppress(Exception):
             if self.transport is not None:
                 await self.transport.close()
         with contextlib.suppress(Exception):
             if self.storage is not None:
                 await self.storage.close()
-        conn = await asyncpg.connect(PG_ADMIN)
+        conn = await asyncpg.connect(self.database)
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
@@ -325,28 +339,57 @@ class ChaosCluster:
         )
         return Proc(name=name, role=role, popen=popen, log=log)
 
-    async def start_manager(self) -> Proc:
-        """Start a manager process (a new one after a kill)."""
+    async def start_manager(
+        self, *, leader_lease: float | None = None, db_proxy: bool = False
+    ) -> Proc:
+        """Start a manager process (a new one after a kill; another one beside
+        the running ones). ``leader_lease``: its ``--leader-lease``. ``db_proxy``:
+        reach the database (one host, this port) through a silent proxy of its
+        own (a one-host database only), which :meth:`partition_manager` pauses."""
         self._manager_count += 1
         t = self.timings
+        storage = self.storage_url
+        proxy = None
+        if db_proxy:
+            db = urlsplit(self.database)
+            proxy = self.proxies.new_proxy(("127.0.0.1", db.port or 5432))
+            user = db.netloc.rpartition("@")[0]
+            netloc = f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
+            storage = self.database_url(urlunsplit(db._replace(netloc=netloc)))
+        lease = ["--leader-lease", str(leader_lease)] if leader_lease is not None else []
         proc = self._spawn(
             f"manager-{self._manager_count}",
             "manager",
             [
                 "manager",
                 "--storage",
-                self.storage_url,
+                storage,
                 "--transport",
                 self.transport_url(),
                 "--server-timeout",
                 str(t.server_timeout),
                 "--rebalance-interval",
                 str(t.rebalance_interval),
+                *lease,
             ],
             {},
         )
+        proc.proxy = proxy
         self.manager = proc
+        self.managers.append(proc)
         return proc
+
+    def partition_manager(self, proc: Proc) -> float:
+        """Silence the manager's database connections (see :meth:`start_manager`)."""
+        assert proc.proxy is not None
+        self.proxies.pause(proc.proxy)
+        return time.time()
+
+    def heal_manager(self, proc: Proc) -> float:
+        """Let the manager's database traffic flow again."""
+        assert proc.proxy is not None
+        self.proxies.resume(proc.proxy)
+        return time.time()
 
     async def add_server(
         self, name: str, max_workers: int = 10, *, job: str = "tests.chaos.jobs:ledger_job"
@@ -455,12 +498,14 @@ class ChaosCluster:
             raise AssertionError(f"orchestratr {' '.join(args)} failed: {err.decode()}")
         return out.decode()
 
-    def kill_manager(self) -> float:
-        assert self.manager is not None
-        self.manager.killed_at = time.time()
-        self.manager.popen.kill()
-        self.manager.popen.wait(timeout=10)
-        return self.manager.killed_at
+    def kill_manager(self, proc: Proc | None = None) -> float:
+        """``kill -9`` a manager (default: the last one started)."""
+        proc = proc or self.manager
+        assert proc is not None
+        proc.killed_at = time.time()
+        proc.popen.kill()
+        proc.popen.wait(timeout=10)
+        return proc.killed_at
 
     async def restart_broker(self) -> tuple[float, float]:
         """``rabbitmqctl stop_app`` then ``start_app`` on the broker under test:
@@ -580,6 +625,46 @@ class ChaosCluster:
                 return took
             await asyncio.sleep(0.2)
 
+    async def pause(self, job_id: str) -> None:
+        """Pause a job through the test's client; noted for the checker (I8)."""
+        assert self.client is not None
+        await self.client.pause(job_id)
+        self.holds.setdefault(job_id, []).append(checker.Hold(at=time.time()))
+
+    async def resume(self, job_id: str) -> None:
+        """Resume a paused job; the checker lets copies start again from now."""
+        assert self.client is not None
+        released = time.time()
+        record = await self.client.resume(job_id)
+        assert record.status is JobStatus.PENDING, record
+        for hold in self.holds.get(job_id, []):
+            if hold.released is None:
+                hold.released = released
+
+    async def wait_paused(self, job_ids: list[str], within: float) -> float:
+        """Wait until each job has no live copy and is ``paused`` in the storage,
+        within ``within`` of its pause; the checker then holds every copy of each
+        to that bound (I8). Returns the longest time it took."""
+        took = 0.0
+        while True:
+            records = {job.id: job for job in await self.jobs()}
+            copies, now = self.copies(), time.time()
+            running = {c.job for c in checker.live_at(copies, self.facts(now), now)}
+            open_holds = [(j, h) for j in job_ids for h in self.holds[j] if h.bound is None]
+            for job_id, hold in open_holds:
+                if job_id not in running and records[job_id].status is JobStatus.PAUSED:
+                    hold.bound = within
+                    took = max(took, now - hold.at)
+                elif now > hold.at + within:
+                    raise AssertionError(
+                        f"job {job_id} not paused within {within} s: "
+                        f"{records[job_id].status.value}, running={job_id in running} "
+                        f"({self.tail_logs()})"
+                    )
+            if all(h.bound is not None for _, h in open_holds):
+                return took
+            await asyncio.sleep(0.2)
+
     async def jobs(self) -> list[JobRecord]:
         assert self.monitor is not None
         return await self.monitor.all_jobs(JobQuery(include_deleted=True, limit=None))
@@ -621,6 +706,7 @@ class ChaosCluster:
             lost_confirms=set(self.unconfirmed.ids),
             running=self.running,
             views=self.views,
+            holds=self.holds,
         )
 
     def live_copies(
@@ -698,7 +784,7 @@ class ChaosCluster:
     def tail_logs(self, lines: int = 15) -> str:
         """The last lines of every process's log, for a failure message."""
         out = []
-        for proc in [*self.procs.values(), *([self.manager] if self.manager else [])]:
+        for proc in [*self.procs.values(), *self.managers]:
             text = proc.log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {proc.name} ---\n" + "\n".join(text))
         return "\n".join(out)
@@ -733,10 +819,16 @@ class ChaosCluster:
     ) -> float:
         """Wait until the manager's view of the jobs matches the ledger; the
         seconds it took. Every sample is kept for the checker (I4). ``figure``:
-        record the seconds under this name, with ``within`` as its bound."""
+        record the seconds under this name, with ``within`` as its bound.
+
+        Converged means two samples in a row matched: a copy may end just before
+        a sample whose ledger read does not hold its stop line yet (a rebalance
+        in flight), and the checker, reading the whole ledger later, would find
+        that one sample wrong; the next sample sees the stop."""
         t0 = time.time()
         wait = checker.ViewWait(tuple(job_ids), t0, within)
         self.views.append(wait)
+        first_match: float | None = None
         while True:
             sample = await self._view(job_ids)
             copies = self.copies()
@@ -744,11 +836,12 @@ class ChaosCluster:
             wait.samples.append(sample)
             live = checker.live_at(copies, self.facts(sample.at), sample.at)
             wrong = checker.view_mismatches(sample, live)
-            if not wrong:
+            if not wrong and first_match is not None:
                 if figure is not None:
-                    self.record_figure(figure, sample.at - t0, within, "view converged")
-                return sample.at - t0
-            if time.time() - t0 > within:
+                    self.record_figure(figure, first_match - t0, within, "view converged")
+                return first_match - t0
+            first_match = None if wrong else sample.at
+            if wrong and time.time() - t0 > within:
                 records = [j.to_dict() for j in await self.jobs() if j.id in str(wrong[:5])]
                 servers = [(s.name, s.status.value, str(s.last_seen)) for s in await self.servers()]
                 raise AssertionError(

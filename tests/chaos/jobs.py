@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import IO
 
 from orchestratr_core import JobArgument, StopToken
+from orchestratr_core.lifecycle import checkpointed
+from orchestratr_core.runner import Heartbeat
 
 WRITE_EVERY = 0.1
 
@@ -37,9 +39,10 @@ def _ledger() -> IO[str]:
     return _file
 
 
-def record(event: str, arg: JobArgument, copy: str = "") -> None:
+def record(event: str, arg: JobArgument, copy: str = "", **extra: object) -> None:
     """Append one ledger line of the copy ``copy``."""
     line = {
+        **extra,
         "e": event,
         "copy": copy,
         "job": arg.job_id,
@@ -74,5 +77,24 @@ async def stubborn_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[
             record("write", arg, copy)
             heartbeat()
             await asyncio.sleep(WRITE_EVERY)
+    finally:
+        record("stop", arg, copy)
+
+
+@checkpointed
+async def checkpoint_job(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+    """:func:`ledger_job` that records a checkpoint ``"<fence>:<step>"`` with every
+    write, and notes in its start line (``cpf``) the token of the owner whose
+    checkpoint it started with (I9)."""
+    copy = uuid.uuid4().hex
+    got = None if arg.checkpoint is None else int(arg.checkpoint.split(":")[0])
+    record("start", arg, copy, cpf=got)
+    step = 0
+    try:
+        while not token.stop_requested:
+            record("write", arg, copy)
+            step += 1
+            heartbeat(checkpoint=f"{arg.fence}:{step}")
+            await token.sleep(WRITE_EVERY)
     finally:
         record("stop", arg, copy)

@@ -23,6 +23,7 @@ from tests.chaos.checker import (
     Cancel,
     Copy,
     Facts,
+    Hold,
     Process,
     Report,
     Running,
@@ -520,3 +521,103 @@ def test_live_at_uses_the_same_ends_as_the_checks() -> None:
     # A copy that has not ended runs at the instant of the check itself.
     assert [c.job for c in checker.live_at(ledger, f, NOW)] == []
     assert [c.job for c in checker.live_at([copy("c", "s2", 1.0)], f, NOW)] == ["c"]
+
+
+# -- I8: held means held -----------------------------------------------------------------------
+
+
+def _held(released: float | None = None) -> dict[str, list[Hold]]:
+    return {"a": [Hold(at=5.0, bound=3.0, released=released)]}
+
+
+def test_a_pause_that_stops_the_copy_within_its_bound_and_a_resume_pass() -> None:
+    ledger = [copy("a", "s1", 1.0, 6.0), copy("a", "s2", 9.5, 12.0, fence=2)]
+    check(ledger, facts(holds=_held(released=9.0))).assert_ok()
+
+
+def test_a_held_copy_still_running_after_the_bound_fails() -> None:
+    report = check([copy("a", "s1", 1.0)], facts(holds=_held()))
+    assert rounded(report.outlived_hold) == [("a", "s1", math.inf)]
+    fails(report, "I8 copy outlived the hold's bound")
+    late = check([copy("a", "s1", 1.0, 8.5)], facts(holds=_held()))
+    assert rounded(late.outlived_hold) == [("a", "s1", 3.5)]
+
+
+def test_a_copy_started_while_held_fails_and_after_the_resume_passes() -> None:
+    ledger = [copy("a", "s1", 1.0, 5.5), copy("a", "s2", 7.0, 7.5, fence=2)]
+    report = check(ledger, facts(holds=_held(released=9.0)))
+    assert rounded(report.started_while_held) == [("a", "s2", 2.0)]
+    fails(report, "I8 started while held")
+    check(ledger, facts(holds=_held(released=6.5))).assert_ok()
+
+
+# -- I9: checkpoints follow the fence -----------------------------------------------------------
+
+
+def _with_checkpoint(c: Copy, writer: int | None) -> Copy:
+    c.got_checkpoint = writer
+    return c
+
+
+def test_checkpoints_handed_on_in_fence_order_pass() -> None:
+    ledger = [
+        copy("a", "s1", 1.0, 2.0, fence=1),
+        _with_checkpoint(copy("a", "s2", 2.5, 3.5, fence=2), 1),
+        _with_checkpoint(copy("a", "s3", 4.0, 5.0, fence=3), 2),
+    ]
+    check(ledger, facts()).assert_ok()
+
+
+def test_a_checkpoint_from_a_newer_owner_fails() -> None:
+    ledger = [
+        copy("a", "s1", 1.0, 2.0, fence=1),
+        _with_checkpoint(copy("a", "s2", 2.5, fence=2), 3),
+    ]
+    report = check(ledger, facts())
+    assert report.checkpoint_from_newer == [("a", 2, 3)]
+    fails(report, "I9 checkpoint from a newer owner")
+
+
+def test_a_stale_owners_checkpoint_reaching_a_later_owner_fails() -> None:
+    """The stale owner (token 1) overwrote the checkpoint of owner 2, so owner 3
+    started from 1's: a regression."""
+    ledger = [
+        copy("a", "s1", 1.0, 2.0, fence=1),
+        _with_checkpoint(copy("a", "s2", 2.5, 3.5, fence=2), 1),
+        _with_checkpoint(copy("a", "s3", 4.0, 5.0, fence=3), 2),
+        _with_checkpoint(copy("a", "s1", 6.0, 7.0, fence=4), 1),
+    ]
+    report = check(ledger, facts())
+    assert report.checkpoint_regressed == [("a", 2, 1)]
+    fails(report, "I9 checkpoint went back")
+
+
+def test_the_ledger_carries_the_checkpoint_a_copy_started_with() -> None:
+    lines = [
+        json.dumps(
+            {
+                "e": "start",
+                "copy": "c1",
+                "job": "a",
+                "name": "a",
+                "fence": 5,
+                "pid": 1,
+                "server": "s1",
+                "t": 1.0,
+                "cpf": 4,
+            }
+        ),
+        json.dumps(
+            {
+                "e": "start",
+                "copy": "c2",
+                "job": "b",
+                "name": "b",
+                "fence": 5,
+                "pid": 1,
+                "server": "s1",
+                "t": 1.0,
+            }
+        ),
+    ]
+    assert [c.got_checkpoint for c in parse_ledger(lines)] == [4, None]

@@ -24,7 +24,12 @@ from tests.chaos.harness import ChaosCluster, Timings
 from tests.chaos.test_faults import _burst, _three_servers_with_jobs
 from tests.support.rabbitmq import drop_namespace, infra
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql, pytest.mark.rabbitmq_cluster]
+pytestmark = [
+    pytest.mark.rabbitmq,
+    pytest.mark.postgresql,
+    pytest.mark.cluster,
+    pytest.mark.rabbitmq_cluster,
+]
 
 CLUSTER = "rabbitmq-cluster"
 SERVERS_URL = "amqp://guest:guest@127.0.0.1:5683,127.0.0.1:5684,127.0.0.1:5682/"

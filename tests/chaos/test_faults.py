@@ -403,3 +403,54 @@ async def _soak(
     report = chaos.check()
     assert not report.overlaps, (seed, report)
     report.assert_ok()
+
+
+# -- lifecycle controls: I8 (held means held) and I9 (checkpoints follow the fence) ------------
+
+
+async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old_owner(
+    chaos: ChaosCluster,
+) -> None:
+    """Paused jobs stop within the bound and stay stopped through a kill -9 and a
+    partition; moved jobs start from the checkpoint their dead owner last sent; a
+    partitioned old owner that keeps recording checkpoints (its heartbeats flush on
+    heal) never overwrites its successor's; a resumed job starts from its last one."""
+    for name in ("s1", "s2", "s3"):
+        await chaos.add_server(name, 10, job="tests.chaos.jobs:checkpoint_job")
+    ids = await chaos.create(9, prefix="cp")
+    await chaos.wait_all_running(ids, within=30)
+    await asyncio.sleep(1.5)  # a few heartbeats carry checkpoints
+    paused, live = ids[:2], ids[2:]
+    for job_id in paused:
+        await chaos.pause(job_id)
+    await chaos.wait_paused(paused, within=BOUND_CANCEL)
+
+    victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
+    moved = _on(chaos, victim)
+    assert moved
+    killed = chaos.kill9(victim)
+    await chaos.wait_all_running(live, within=BOUND_KILL, exclude=(victim,), figure="kill -9 cp")
+    after_kill = [c for c in chaos.copies() if c.job in moved and c.start > killed]
+    assert after_kill and all(c.got_checkpoint is not None for c in after_kill), after_kill
+
+    survivors = [s for s in ("s1", "s2", "s3") if s != victim]
+    cut = max(survivors, key=lambda s: len(_on(chaos, s)))
+    chaos.partition(cut)
+    await chaos.wait_all_running(
+        live, within=BOUND_SILENT, exclude=(victim, cut), figure="partition cp"
+    )
+    healed = chaos.heal(cut)
+    await chaos.wait_server_seen(cut, healed, within=BOUND_VIEW)
+    await asyncio.sleep(2)  # its queued heartbeats, stale checkpoints included, arrive
+
+    await chaos.resume(paused[0])
+    await chaos.wait_all_running([*live, paused[0]], within=10)
+    resumed = max((c for c in chaos.copies() if c.job == paused[0]), key=lambda c: c.start)
+    assert resumed.got_checkpoint is not None, resumed
+    chaos.check().assert_ok()  # I1..I4, I6, I8 (the paused jobs), I9 (every start)
+    records = {job.id: job for job in await chaos.jobs()}
+    assert records[paused[1]].status is JobStatus.PAUSED
+    for job_id in ids:
+        record = records[job_id]
+        assert record.checkpoint_fence is not None
+        assert record.checkpoint_fence <= record.fence, record

@@ -579,3 +579,48 @@ def test_a_token_that_is_not_printable_ascii_is_refused_before_starting(
                "127.0.0.1:0", "--api-token", token, cwd=tmp_path)  # fmt: skip
     assert_one_line_error(proc, 2, "printable ASCII")
     assert token not in proc.stdout + proc.stderr
+
+
+def test_jobs_pause_resume_by_id_and_selection_with_the_lifecycle_fields(
+    tmp_path: Path, db: str
+) -> None:
+    """Without a transport: the pause is committed with its outbox row (a running
+    manager tells the servers); a queued job is paused until a server confirms."""
+    created = run(
+        "jobs", "create", "tenant-x-1", "--max-restarts", "3", "--restart-window", "90",
+        "--storage", db, "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    for name in ("tenant-x-2", "tenant-y-1"):
+        assert run("jobs", "create", name, "--storage", db, cwd=tmp_path).returncode == 0
+
+    shown = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
+    for field in ("status", "checkpoint_size", "checkpoint_at", "restarts", "last_error",
+                  "quarantine_reason", "last_errors", "failures"):  # fmt: skip
+        assert field in shown, field
+    assert (shown["max_restarts"], shown["restart_window"]) == (3, 90.0)
+
+    paused = run("jobs", "pause", job_id, "--storage", db, "--json", cwd=tmp_path)
+    assert paused.returncode == 0, paused.stderr
+    assert json.loads(paused.stdout)["status"] == "pausing"
+    # Still pausing (no server confirmed): resume says so and changes nothing.
+    early = run("jobs", "resume", job_id, "--storage", db, cwd=tmp_path)
+    assert early.returncode == 1
+    assert "still pausing" in early.stdout
+
+    selection = run("jobs", "pause", "--name-prefix", "tenant-x", "--storage", db, cwd=tmp_path)
+    assert selection.returncode == 0, selection.stderr
+    assert "paused 1 job(s)" in selection.stdout  # tenant-x-1 was pausing already
+    kinds = run("jobs", "pause", "--kind", "socket", "--storage", db, "--json", cwd=tmp_path)
+    assert json.loads(kinds.stdout) == []
+    listed = json.loads(run("jobs", "list", "--storage", db, "--json", cwd=tmp_path).stdout)
+    assert sorted((j["name"], j["status"]) for j in listed["items"]) == [
+        ("tenant-x-1", "pausing"),
+        ("tenant-x-2", "pausing"),
+        ("tenant-y-1", "pending"),
+    ]
+    both = run("jobs", "pause", job_id, "--name-prefix", "x", "--storage", db, cwd=tmp_path)
+    assert_one_line_error(both, 2, "give a job id, or select jobs")
+    bad = run("jobs", "create", "z", "--max-restarts", "-1", "--storage", db, cwd=tmp_path)
+    assert bad.returncode == 2

@@ -116,22 +116,30 @@ def test_ticker_interval_comes_from_a_numeric_argument(argument: str, interval: 
 
 async def test_ticker_beats_every_tick_and_returns_when_told_to_stop() -> None:
     token = StopToken()
-    beats: list[float] = []
-    arg = JobArgument(job_id="j", name="t", argument="0.01", fence=1)
-    task = asyncio.create_task(ticker(arg, token, lambda: beats.append(time.monotonic())))
+    beats: list[tuple[float, str | None]] = []
+    arg = JobArgument(job_id="j", name="t", argument="0.01", fence=1, checkpoint="41")
+
+    def beat(checkpoint: str | None = None) -> None:
+        beats.append((time.monotonic(), checkpoint))
+
+    task = asyncio.create_task(ticker(arg, token, beat))
     await asyncio.sleep(0.2)
     token.request_stop("cancelled")
     await asyncio.wait_for(task, timeout=1)
     assert len(beats) >= 3
+    # It counts on from the checkpoint it started with, and records each tick.
+    assert [cp for _, cp in beats[:3]] == ["42", "43", "44"]
 
 
 async def test_blocking_ticker_runs_in_a_thread_and_returns_when_told_to_stop() -> None:
     token = StopToken()
     beats: list[str] = []
     arg = JobArgument(job_id="j", name="t", argument="0.01", fence=1)
-    future = asyncio.get_running_loop().run_in_executor(
-        None, blocking_ticker, arg, token, lambda: beats.append(threading.current_thread().name)
-    )
+
+    def beat(checkpoint: str | None = None) -> None:
+        beats.append(threading.current_thread().name)
+
+    future = asyncio.get_running_loop().run_in_executor(None, blocking_ticker, arg, token, beat)
     await asyncio.sleep(0.2)
     token.request_stop("cancelled")
     await asyncio.wait_for(future, timeout=1)

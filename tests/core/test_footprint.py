@@ -9,26 +9,17 @@ import gc
 import time
 import tracemalloc
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from orchestratr_core import JobArgument, OrchestratedServer, ServerOptions, StopToken
 from orchestratr_core import protocol as p
-from orchestratr_core.job import new_id
 from orchestratr_core.transport import Delivery
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
-from tests.support.cluster import eventually
-
-
-async def idle_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
-    """The benchmarks' idle job: report liveness, sleep until told to stop."""
-    while True:
-        heartbeat()
-        if await token.sleep(10.0):
-            return
+from tests.support.cluster import eventually, idle_job, job_message
 
 
 class Rig:
@@ -59,15 +50,7 @@ class Rig:
 
     async def publish(self, n: int) -> None:
         for i in range(n):
-            await self.publisher.publish_job(
-                p.JobMessage(
-                    job_id=new_id(),
-                    name=f"job-{i}",
-                    argument=str(i),
-                    generation=1,
-                    created_at=time.time(),
-                )
-            )
+            await self.publisher.publish_job(job_message(i))
 
     async def wait_running(self, n: int, timeout: float = 60.0) -> None:
         assert self.server is not None

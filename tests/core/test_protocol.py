@@ -81,9 +81,10 @@ def test_array_values_are_typed_like_the_object_fields() -> None:
     [job] = p.decode_as(_body([["a", 7, 5, 1]]), p.ServerHeartbeat).jobs
     assert job == p.RunningJob("a", 7, 5.0, 1)
     assert type(job.last_heartbeat) is float  # an integral time is still a float
-    # Values after the fourth are ignored, as unknown fields of an object are.
+    # The fifth is the job's new checkpoint; values after it are ignored, as unknown
+    # fields of an object are.
     [job] = p.decode_as(_body([["a", 7, None, 1, "later", {"x": 1}]]), p.ServerHeartbeat).jobs
-    assert job == p.RunningJob("a", 7, None, 1)
+    assert job == p.RunningJob("a", 7, None, 1, "later")
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -17,19 +17,11 @@ from orchestratr_core.protocol import JobMessage
 from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.support.rabbitmq import broker_address, eventually
+from tests.support.rabbitmq import eventually
 
 pytestmark = pytest.mark.rabbitmq
 
 MakeTransport = Callable[..., RabbitMQTransport]
-
-
-@pytest.fixture
-async def proxy() -> AsyncIterator[SilentProxy]:
-    proxy = SilentProxy(*broker_address())
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
 
 
 async def test_a_silent_partition_marks_jobs_lost_before_the_broker_gives_them_away(

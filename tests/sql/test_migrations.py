@@ -150,7 +150,10 @@ NAMED = {
     "unique": "jobs_active_name_uq",
 }
 SQLITE_NAMED = {
-    "check": "status IN ('pending', 'processing', 'deleting', 'deleted', 'completed')",
+    "check": (
+        "status IN ('pending', 'processing', 'deleting', 'deleted', 'completed', "
+        "'pausing', 'paused', 'quarantined')"
+    ),
     "foreign key": "",
     "unique": "jobs.name",
 }

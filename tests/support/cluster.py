@@ -25,7 +25,8 @@ from orchestratr_core import (
     ServerOptions,
     StopToken,
 )
-from orchestratr_core.job import JobRecord, JobStatus
+from orchestratr_core import protocol as p
+from orchestratr_core.job import JobRecord, JobStatus, new_id
 from orchestratr_memory import MemoryStorage
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
@@ -36,6 +37,21 @@ FAST_SERVER = ServerOptions(
 FAST_MANAGER = ManagerOptions(
     server_timeout=1.5, sweep_interval=0.1, leader_lease=1.0, cancellation_resync=1.0
 )
+
+
+async def idle_job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
+    """The benchmarks' idle job: report liveness, sleep until told to stop."""
+    while True:
+        heartbeat()
+        if await token.sleep(10.0):
+            return
+
+
+def job_message(i: int) -> p.JobMessage:
+    """A new job message, ``job-<i>`` with argument ``<i>``, as the client publishes it."""
+    return p.JobMessage(
+        job_id=new_id(), name=f"job-{i}", argument=str(i), generation=1, created_at=time.time()
+    )
 
 
 @dataclass

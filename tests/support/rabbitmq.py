@@ -17,6 +17,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_rabbitmq import RabbitMQTransport
 from orchestratr_rabbitmq.settings import Settings
 from orchestratr_rabbitmq.topology import BrokerVersion, Topology
@@ -102,6 +103,16 @@ async def drop_namespace(namespace: str, url: str | None = None) -> None:
                 await channel.close()
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[SilentProxy]:
+    """A silent TCP proxy to the broker under test (pause it to partition what goes
+    through it)."""
+    proxy = SilentProxy(*broker_address())
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
 
 
 @pytest.fixture

@@ -422,3 +422,28 @@ async def test_tokenless_loopback_refuses_what_a_hostile_page_could_send(
         same_site = {"Origin": "http://127.0.0.1:8080", "Sec-Fetch-Site": "same-origin"}
         assert (await api.get("/api/jobs", headers=same_site)).status_code == 200
     assert await cluster.monitor.all_jobs() == []
+
+
+async def test_pause_and_resume_through_the_api_with_the_lifecycle_fields(
+    cluster: Cluster, local_api: httpx.AsyncClient
+) -> None:
+    await cluster.add_server("alpha", 3)
+    job = (await local_api.post("/api/jobs", json={"name": "held"})).json()
+    assert job["checkpoint_size"] is None and job["last_errors"] == [] and job["failures"] == 0
+    await cluster.wait_running([job["id"]])
+
+    paused = await local_api.post(f"/api/jobs/{job['id']}/pause")
+    assert paused.status_code == 202
+    assert paused.json()["status"] in ("pausing", "paused")
+    await cluster.wait_status(job["id"], JobStatus.PAUSED, 5)
+    await eventually(lambda: not cluster.ledger.running(job["id"]), 5, what="copy stopped")
+
+    resumed = await local_api.post(f"/api/jobs/{job['id']}/resume")
+    assert resumed.status_code == 202
+    assert resumed.json()["status"] == "pending"
+    assert resumed.json()["generation"] == job["generation"] + 1
+    await cluster.wait_running([job["id"]])
+    again = await local_api.post(f"/api/jobs/{job['id']}/resume")
+    assert again.json()["status"] == "processing"  # not held: unchanged
+    missing = await local_api.post("/api/jobs/no-such-job/pause")
+    assert missing.status_code == 404

@@ -198,3 +198,43 @@ async def test_token_is_entered_in_the_page_and_unlocks_create_detail_and_drain(
         assert errors == []
     finally:
         await web.stop()
+
+
+async def test_dashboard_pauses_and_resumes_a_job_and_shows_a_quarantine_with_its_errors(
+    cluster: Cluster, browser: BrowserContext
+) -> None:
+    from orchestratr_core import JobArgument, JobStatus, StopToken
+    from orchestratr_core.runner import Heartbeat
+
+    async def crashing(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        if arg.name.startswith("crash"):
+            raise RuntimeError("cannot reach the feed")
+        await cluster.ledger.job("alpha")(arg, token, heartbeat)
+
+    await cluster.add_server("alpha", 4, job=crashing)
+    web = await serve(cluster)
+    try:
+        page, errors = await open_page(browser, web.url + "/")
+        held = await cluster.client.create_job("held-1", "")
+        crash = await cluster.client.create_job("crash-1", "", max_restarts=1)
+        await cluster.wait_running([held])
+        await job_row(page, "held-1").click()
+        await page.get_by_test_id("detail-pause").click()
+        await expect(job_row(page, "held-1")).to_have_attribute("data-status", "paused")
+        assert cluster.ledger.running(held) == []
+        await expect(page.get_by_test_id("detail-resume")).to_be_enabled()
+        await page.get_by_test_id("detail-resume").click()
+        await expect(job_row(page, "held-1")).to_have_attribute("data-status", "processing")
+
+        await cluster.wait_status(crash, JobStatus.QUARANTINED)
+        await job_row(page, "crash-1").click()
+        await expect(
+            page.locator('#detail-fields dd[data-field="quarantine reason"]')
+        ).to_contain_text("restart budget spent")
+        await expect(page.get_by_test_id("detail-errors").locator("li")).to_have_count(2)
+        await expect(page.get_by_test_id("detail-errors")).to_contain_text("cannot reach the feed")
+        await expect(page.get_by_test_id("detail-resume")).to_be_enabled()
+        await expect(page.get_by_test_id("detail-pause")).to_be_disabled()
+        assert errors == []
+    finally:
+        await web.stop()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from orchestratr_core._aio import spawn
@@ -18,19 +18,29 @@ from orchestratr_core.errors import (
     PublishError,
 )
 from orchestratr_core.job import (
+    JobEvent,
+    JobQuery,
     JobRecord,
+    JobStatus,
     NewJob,
     new_id,
     utcnow,
     validate_argument,
     validate_name,
 )
+from orchestratr_core.lifecycle import hold_mark, validate_restart_budget
 from orchestratr_core.plugin.manager import get_plugin_manager
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Transport
 
-__all__ = ["DEFAULT_CANCEL_RETENTION", "OrchestratorClient", "job_message"]
+__all__ = [
+    "DEFAULT_CANCEL_RETENTION",
+    "DEFAULT_KIND",
+    "OrchestratorClient",
+    "job_message",
+    "stop_set",
+]
 
 log = logging.getLogger("orchestratr.client")
 
@@ -57,7 +67,31 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
         generation=generation,
         created_at=job.created_at.timestamp(),
         heartbeat_timeout=job.heartbeat_timeout,
+        checkpoint=job.checkpoint,
     )
+
+
+DEFAULT_KIND = "default"
+"""The kind of a job created without one (selection by ``kind`` in
+:meth:`OrchestratorClient.pause_jobs`; a storage without kinds holds only these)."""
+
+
+async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
+    """The servers' cancellation set: every job that must never run again
+    (:meth:`Storage.cancelled_job_ids`) and a hold mark for every held job
+    (:mod:`orchestratr_core.lifecycle`)."""
+    entries = await storage.cancelled_job_ids(deleted_since)
+    try:
+        held = await storage.held_jobs()
+    except NotImplementedError:
+        held = []
+    entries.extend(hold_mark(job_id, generation) for job_id, generation in held)
+    return entries
+
+
+def _kind_of(job: JobRecord) -> str:
+    kind = getattr(job, "kind", None)
+    return kind if isinstance(kind, str) else DEFAULT_KIND
 
 
 class _OutboxFlusher:
@@ -263,13 +297,23 @@ class OrchestratorClient:
     aclose = close
 
     async def create_job(
-        self, name: str, argument: str = "", *, heartbeat_timeout: float | None = None
+        self,
+        name: str,
+        argument: str = "",
+        *,
+        heartbeat_timeout: float | None = None,
+        max_restarts: int | None = None,
+        restart_window: float | None = None,
     ) -> str:
         """Create a job and start it on one server as soon as one has room.
 
         :param heartbeat_timeout: optional watchdog: if the job function does not
             call ``heartbeat()`` within this many seconds, its server restarts it
             (recorded as a failure with a ``watchdog`` error).
+        :param max_restarts: the job's restart budget: at most this many failures
+            (exceptions and deaths of its server) within ``restart_window``
+            seconds; ``None`` keeps the defaults of :mod:`orchestratr_core.lifecycle`.
+        :param restart_window: the budget's window in seconds.
 
         :returns: the new job's id.
         :raises InvalidJobInput: empty, blank, over-long name or one with control
@@ -279,6 +323,7 @@ class OrchestratorClient:
         name = validate_name(name)
         argument = validate_argument(argument)
         timeout = _heartbeat_timeout(heartbeat_timeout)
+        budget = validate_restart_budget(max_restarts, restart_window)
         await self.open()
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
@@ -290,10 +335,14 @@ class OrchestratorClient:
                 argument=argument,
                 created_at=now,
                 heartbeat_timeout=timeout,
+                max_restarts=budget[0],
+                restart_window=budget[1],
             ),
             self._holder,
             lease_until,
         )
+        if budget != (None, None):
+            await self._storage.set_restart_budget(record.id, *budget)
         if self._transport is not None:
             try:
                 await self._transport.publish_job(job_message(record, record.generation))
@@ -413,21 +462,141 @@ class OrchestratorClient:
 
         :raises UnknownJob: no job has this id.
         """
-        if not isinstance(job_id, str) or not job_id.strip():
-            raise InvalidJobInput("job id must be a non-empty string")
+        _check_id(job_id)
         await self.open()
+        before = await self._storage.get_job(job_id)
         now = utcnow()
         lease_until = now + self._lease if self._transport is not None else now
         record, changed = await self._storage.request_cancel(job_id, now, self._holder, lease_until)
-        if changed and self._transport is not None:
-            try:
-                ids = await self._storage.cancelled_job_ids(now - self._retention)
-                await self._transport.set_cancellations(ids)
-            except (PublishError, BackendUnavailable) as exc:
-                log.warning("job %s cancelled; the manager will broadcast it (%s)", job_id, exc)
-                return record
-            await self._storage.complete_outbox_for_job(job_id, OutboxKind.CANCEL, self._holder)
+        if changed and before is not None and before.status in _STOPPED_HELD:
+            # Paused or quarantined: confirmed stopped, its message dropped, so no
+            # server will confirm. The guard refuses if a server owns it by now.
+            result = await self._storage.transition(
+                job_id,
+                JobEvent.CONFIRM_DELETED,
+                server_id=None,
+                fence=record.fence,
+                now=now,
+                reason=f"cancelled while {before.status.value}",
+            )
+            record = result.job or record
+        # Unchanged but deleting: cancelled before -- maybe by this very call, whose
+        # commit went through while its acknowledgement was lost (a database
+        # failover) and whose retry then changed nothing. Broadcast again, or the
+        # cancel would wait for the manager's relay while the job could start.
+        if changed or record.status is JobStatus.DELETING:
+            await self._send_stop_set(job_id, now, "cancelled")
         return record
+
+    # -- lifecycle controls (orchestratr_core.lifecycle) ---------------------------------
+
+    async def pause(self, job_id: str) -> JobRecord:
+        """Pause a job, durably: it stops wherever it runs (``pausing``, then
+        ``paused`` once a server confirms) and no server starts it — also when it
+        is queued, between servers, or its server is dead — until :meth:`resume`.
+        Pausing a job that is not ``pending`` or ``processing`` changes nothing.
+
+        :raises UnknownJob: no job has this id.
+        """
+        _check_id(job_id)
+        await self.open()
+        now = utcnow()
+        lease_until = now + self._lease if self._transport is not None else now
+        record, changed = await self._storage.request_pause(job_id, now, self._holder, lease_until)
+        if changed:
+            await self._send_stop_set(job_id, now, "paused")
+        return record
+
+    async def resume(self, job_id: str) -> JobRecord:
+        """Resume a ``paused`` or ``quarantined`` job: it is ``pending`` again under
+        a new generation and starts on a server as a new job would, with its
+        latest checkpoint. A job still ``pausing`` (its server has not confirmed
+        yet) or in any other status is returned unchanged: look at its status.
+
+        :raises UnknownJob: no job has this id.
+        """
+        _check_id(job_id)
+        await self.open()
+        now = utcnow()
+        lease_until = now + self._lease if self._transport is not None else now
+        record, changed = await self._storage.request_resume(job_id, now, self._holder, lease_until)
+        if changed and self._transport is not None:
+            await self._send_stop_set(job_id, now, "resumed", outbox=False)
+            try:
+                await self._transport.publish_job(job_message(record, record.generation))
+            except (PublishError, BackendUnavailable) as exc:
+                log.warning("job %s resumed; the manager will send it (%s)", job_id, exc)
+                return record
+            self._sent.add([job_id])
+        return record
+
+    async def pause_jobs(
+        self, *, name_prefix: str | None = None, kind: str | None = None
+    ) -> list[JobRecord]:
+        """Pause every ``pending`` or ``processing`` job whose name starts with
+        ``name_prefix`` and whose kind is ``kind`` (each given filter must match;
+        at least one). Returns the jobs that changed."""
+        return await self._select_and_apply(
+            self.pause, frozenset({JobStatus.PENDING, JobStatus.PROCESSING}), name_prefix, kind
+        )
+
+    async def resume_jobs(
+        self, *, name_prefix: str | None = None, kind: str | None = None
+    ) -> list[JobRecord]:
+        """Resume every ``paused`` or ``quarantined`` job of the selection (as
+        :meth:`pause_jobs` selects). Returns the jobs that changed."""
+        return await self._select_and_apply(
+            self.resume, frozenset({JobStatus.PAUSED, JobStatus.QUARANTINED}), name_prefix, kind
+        )
+
+    async def _select_and_apply(
+        self,
+        action: Callable[[str], Awaitable[JobRecord]],
+        statuses: frozenset[JobStatus],
+        name_prefix: str | None,
+        kind: str | None,
+    ) -> list[JobRecord]:
+        if name_prefix is None and kind is None:
+            raise InvalidJobInput("select jobs by name prefix or kind (or give a job id)")
+        if name_prefix is not None and not name_prefix:
+            raise InvalidJobInput("the name prefix must not be empty")
+        await self.open()
+        page = await self._storage.list_jobs(
+            JobQuery(statuses=statuses, name_prefix=name_prefix, limit=None)
+        )
+        changed: list[JobRecord] = []
+        for job in page.items:
+            if kind is not None and _kind_of(job) != kind:
+                continue
+            after = await action(job.id)
+            if after.status is not job.status:
+                changed.append(after)
+        return changed
+
+    async def _send_stop_set(
+        self, job_id: str, now: datetime, what: str, *, outbox: bool = True
+    ) -> None:
+        """Write the servers' cancellation set now (the fast path; the manager's
+        relay does it otherwise) and delete the outbox row that asked for it."""
+        if self._transport is None:
+            return
+        try:
+            await self._transport.set_cancellations(
+                await stop_set(self._storage, now - self._retention)
+            )
+        except (PublishError, BackendUnavailable) as exc:
+            log.warning("job %s %s; the manager will tell the servers (%s)", job_id, what, exc)
+            return
+        if outbox:
+            await self._storage.complete_outbox_for_job(job_id, OutboxKind.CANCEL, self._holder)
+
+
+_STOPPED_HELD = frozenset({JobStatus.PAUSED, JobStatus.QUARANTINED})
+
+
+def _check_id(job_id: object) -> None:
+    if not isinstance(job_id, str) or not job_id.strip():
+        raise InvalidJobInput("job id must be a non-empty string")
 
 
 def _spec(value: object, kind: str, expected: type) -> str:

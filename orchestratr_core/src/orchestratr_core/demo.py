@@ -32,6 +32,7 @@ from orchestratr_core.backend_urls import sqlite_url
 from orchestratr_core.errors import MissingDriver, PluginNotFound
 from orchestratr_core.examples import ticker
 from orchestratr_core.job import JobArgument, JobQuery, JobStatus, ServerQuery, ServerStatus
+from orchestratr_core.lifecycle import checkpointed
 from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.plugin.manager import get_plugin_manager, mask_url
 from orchestratr_core.runner import Heartbeat, StopToken
@@ -72,6 +73,8 @@ class _Run:
     fence: int
     started: float
     stopped: float | None = None
+    checkpoint: str | None = None
+    """The checkpoint this run started with (``arg.checkpoint``)."""
 
 
 @dataclass
@@ -90,21 +93,23 @@ class DemoLedger:
         """The job function for the server labelled ``server``."""
 
         async def demo_job(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
-            run = _Run(server=server, fence=arg.fence, started=time.monotonic())
+            run = _Run(
+                server=server, fence=arg.fence, started=time.monotonic(), checkpoint=arg.checkpoint
+            )
             runs = self.runs.setdefault(arg.job_id, [])
             runs.append(run)
             self.max_copies = max(self.max_copies, sum(1 for r in runs if r.stopped is None))
 
-            def beat() -> None:
+            def beat(checkpoint: str | None = None) -> None:
                 self.ticks += 1
-                heartbeat()
+                heartbeat(checkpoint)
 
             try:
                 await ticker(arg, token, beat)
             finally:
                 run.stopped = time.monotonic()
 
-        return demo_job
+        return checkpointed(demo_job)
 
     def running_on(self, job_id: str) -> list[str]:
         """The servers on which the job's function is running now."""
@@ -345,6 +350,19 @@ class _Demo:
             self.out.ok("every moved job got a larger fencing token than its dead owner had")
         else:
             self._fail("a moved job did not get a larger fencing token")
+        resumed = [
+            run.checkpoint
+            for j in moved
+            for run in self.ledger.runs[j][-1:]
+            if run.server != label and run.checkpoint is not None
+        ]
+        if resumed:
+            self.out.ok(
+                f"{len(resumed)} of {len(moved)} moved jobs went on counting from the checkpoint "
+                f"their dead owner last sent (e.g. from tick {resumed[0]})"
+            )
+        else:
+            self._fail("no moved job started from its checkpoint")
         self.summary.append(
             f"{label} killed with {len(moved)} jobs: running on the survivors after "
             f"{_secs(took)}" + (f", manager's view right after {_secs(seen)}" if seen >= 0 else "")
@@ -382,6 +400,47 @@ class _Demo:
         else:
             self.out.ok(f"{name} did not run again (watched for 1.5s)")
         self.summary.append(f"{name} cancelled: deleted after {_secs(took)}, never ran again")
+
+    async def pause_and_resume_one(self) -> None:
+        live = [s for n, s in self.servers.items() if n not in self.dead]
+        job_id = sorted(live[-1].running())[0] if live and live[-1].running() else ""
+        if not job_id:
+            self._fail("no running job to pause")
+            return
+        name = self.job_ids.get(job_id, job_id)
+        self.out.step(f"Pausing {name} (running on {', '.join(self.ledger.running_on(job_id))})")
+        await self.mgr.client.pause(job_id)
+
+        async def paused() -> bool:
+            record = await self.mgr.monitor.job(job_id)
+            return record.status is JobStatus.PAUSED and not self.ledger.running_on(job_id)
+
+        took = await self._until(paused)
+        if took < 0:
+            self._fail(f"{name} did not pause")
+            return
+        t0 = time.monotonic()
+        await asyncio.sleep(1.0)
+        if self.ledger.started_after(job_id, t0):
+            self._fail(f"{name} ran while paused")
+            return
+        self.out.ok(f"{name} paused after {_secs(took)}; nothing ran it for 1.0s")
+        checkpoint = (await self.mgr.monitor.job(job_id)).checkpoint
+        await self.mgr.client.resume(job_id)
+
+        async def running_again() -> bool:
+            return bool(self.ledger.running_on(job_id))
+
+        again = await self._until(running_again)
+        if again < 0:
+            self._fail(f"{name} did not run again after resume")
+            return
+        start = self.ledger.runs[job_id][-1].checkpoint
+        self.out.ok(
+            f"{name} resumed: running again after {_secs(again)}, from tick {start} "
+            f"(its last checkpoint: {checkpoint})"
+        )
+        self.summary.append(f"{name} paused and resumed, counting on from tick {start}")
 
     async def dead_detected(self) -> None:
         """Wait for the manager to declare the killed server dead (missed heartbeats)."""
@@ -529,6 +588,7 @@ async def run_demo(
         await demo.join_one()
         await demo.kill_one()
         await demo.cancel_one()
+        await demo.pause_and_resume_one()
         await demo.dead_detected()
         if forever:
             await demo.forever()

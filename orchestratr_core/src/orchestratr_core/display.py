@@ -36,9 +36,8 @@ def _split(url: str) -> SplitResult | None:
 
     Clean means: a ``scheme://`` prefix, no white space or control character,
     at most one ``@`` and only in the authority (an ``@`` further on means a
-    password ran into the path, query or fragment), and a numeric port. The
-    authority may name several hosts separated by commas
-    (``amqp://u:p@h1:5682,h2:5683/``), each with its own port.
+    password ran into the path, query or fragment), and numeric ports (one per
+    host of a comma-separated host list).
     """
     if _SCHEME.match(url) is None:
         return None
@@ -46,14 +45,20 @@ def _split(url: str) -> SplitResult | None:
         return None
     try:
         parts = urlsplit(url)
-        for host in parts.netloc.rpartition("@")[2].split(","):
-            # raises for a non-numeric or out-of-range port
-            _ = urlsplit(f"//{host}").port
+        _check_ports(parts)
     except ValueError:
         return None
     if url.count("@") > 1 or ("@" in url and "@" not in parts.netloc):
         return None
     return parts
+
+
+def _check_ports(parts: SplitResult) -> None:
+    """Raise ``ValueError`` unless every port is numeric and in range, also in
+    a list of hosts (``h1:5432,h2:5433``, which ``urlsplit`` sees as one)."""
+    hosts = parts.netloc.rpartition("@")[2]
+    for spec in hosts.split(","):
+        _ = urlsplit(f"//{spec}").port  # raises for a bad port
 
 
 def url_is_clean(url: str) -> bool:

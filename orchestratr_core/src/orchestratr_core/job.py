@@ -10,6 +10,7 @@ then writes it.
 from __future__ import annotations
 
 import enum
+import json
 import os
 import threading
 import time
@@ -47,6 +48,7 @@ __all__ = [
     "ServerStatus",
     "Transition",
     "TransitionResult",
+    "bounded_text",
     "clean_text",
     "make_fence",
     "new_id",
@@ -180,23 +182,28 @@ def validate_argument(argument: object) -> str:
     UTF-8 is accepted (serialize structured data yourself, e.g. as JSON) except
     one holding NUL (U+0000), which PostgreSQL cannot store: refused here so that
     every storage accepts the same arguments."""
-    if not isinstance(argument, str):
-        raise InvalidJobInput(f"job argument must be a string, not {type(argument).__name__}")
-    nul = argument.find("\x00")
+    return bounded_text(argument, "job argument", MAX_ARGUMENT_BYTES)
+
+
+def bounded_text(value: object, what: str, limit: int, hint: str = "") -> str:
+    """Return ``value`` if it is a string every storage keeps whole (no NUL, no
+    lone surrogate) of at most ``limit`` bytes of UTF-8, else raise
+    :class:`InvalidJobInput` naming it ``what`` (``hint`` ends the size error)."""
+    if not isinstance(value, str):
+        raise InvalidJobInput(f"{what} must be a string, not {type(value).__name__}")
+    nul = value.find("\x00")
     if nul >= 0:
         raise InvalidJobInput(
-            f"job argument contains NUL (U+0000) at position {nul}; no storage can keep it "
+            f"{what} contains NUL (U+0000) at position {nul}; no storage can keep it "
             "on every database (escape or encode binary data, e.g. as base64)"
         )
     try:
-        size = len(argument.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise InvalidJobInput("job argument is not valid Unicode (lone surrogate)") from exc
-    if size > MAX_ARGUMENT_BYTES:
-        raise InvalidJobInput(
-            f"job argument is {size} bytes; the limit is {MAX_ARGUMENT_BYTES} bytes"
-        )
-    return argument
+        raise InvalidJobInput(f"{what} is not valid Unicode (lone surrogate)") from exc
+    if size > limit:
+        raise InvalidJobInput(f"{what} is {size} bytes; the limit is {limit} bytes{hint}")
+    return value
 
 
 def clean_text(text: str, limit: int = MAX_ERROR_LENGTH) -> str:
@@ -224,11 +231,22 @@ class JobStatus(enum.StrEnum):
     """Cancelled and confirmed: the job will never run again."""
     COMPLETED = "completed"
     """The job function returned normally; the job will not run again."""
+    PAUSING = "pausing"
+    """Pause requested and durable; not yet confirmed stopped by a server."""
+    PAUSED = "paused"
+    """Paused and confirmed: no server runs it until it is resumed."""
+    QUARANTINED = "quarantined"
+    """Its restart budget is spent; held like a paused job until it is resumed."""
 
     @property
     def final(self) -> bool:
         """True for statuses a job never leaves."""
         return self in (JobStatus.DELETED, JobStatus.COMPLETED)
+
+    @property
+    def held(self) -> bool:
+        """True for statuses in which no server may run the job, until a resume."""
+        return self in (JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUARANTINED)
 
 
 class ServerStatus(enum.StrEnum):
@@ -258,6 +276,8 @@ class Guard(enum.StrEnum):
     NOT_OLDER = "not_older"
     """``server_id IS NULL OR fence <= :fence``: nobody owns it, or the report is
     at least as new as the recorded owner (who is then stale: it already moved)."""
+    UNOWNED = "unowned"
+    """``server_id IS NULL``: no server holds a copy (a held job confirmed stopped)."""
 
 
 class JobEvent(enum.StrEnum):
@@ -277,6 +297,15 @@ class JobEvent(enum.StrEnum):
     """A server stopped a cancelled job, or dropped a queued message of one."""
     SERVER_LOST = "server_lost"
     """The job's server is dead or left; its message went back to the queue."""
+    PAUSE = "pause"
+    """A client asked for the job to be paused (durable, like a cancel)."""
+    CONFIRM_HELD = "confirm_held"
+    """A server stopped a held job's copy, or dropped a queued message of it:
+    ``pausing`` becomes ``paused``, ``quarantined`` stays, the owner is cleared."""
+    RESUME = "resume"
+    """A client resumed a paused or quarantined job: ``pending`` with a new generation."""
+    QUARANTINE = "quarantine"
+    """The job's restart budget is spent: held until resumed."""
 
 
 @dataclass(frozen=True)
@@ -314,7 +343,11 @@ TRANSITIONS: dict[JobEvent, Transition] = {
         clears_owner=True,
     ),
     JobEvent.FAIL: Transition(frozenset({JobStatus.PROCESSING}), None, Guard.OWNER),
-    JobEvent.CANCEL: Transition(_LIVE, JobStatus.DELETING, Guard.NONE),
+    JobEvent.CANCEL: Transition(
+        _LIVE | {JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUARANTINED},
+        JobStatus.DELETING,
+        Guard.NONE,
+    ),
     JobEvent.CONFIRM_DELETED: Transition(
         frozenset({JobStatus.DELETING}),
         JobStatus.DELETED,
@@ -322,17 +355,39 @@ TRANSITIONS: dict[JobEvent, Transition] = {
         clears_owner=True,
     ),
     JobEvent.SERVER_LOST: Transition(
-        frozenset({JobStatus.PROCESSING, JobStatus.DELETING}),
+        frozenset(
+            {JobStatus.PROCESSING, JobStatus.DELETING, JobStatus.PAUSING, JobStatus.QUARANTINED}
+        ),
         None,  # processing -> pending is special-cased below; deleting stays deleting
         Guard.NONE,
         clears_owner=True,
+    ),
+    # Lifecycle controls (orchestratr_core.lifecycle): a held job is kept off every
+    # server by a hold mark in the servers' cancellation set.
+    JobEvent.PAUSE: Transition(_LIVE, JobStatus.PAUSING, Guard.NONE),
+    JobEvent.CONFIRM_HELD: Transition(
+        frozenset({JobStatus.PAUSING, JobStatus.QUARANTINED}),
+        None,  # pausing -> paused is special-cased; quarantined stays quarantined
+        Guard.NOT_OLDER,
+        clears_owner=True,
+    ),
+    JobEvent.RESUME: Transition(
+        frozenset({JobStatus.PAUSED, JobStatus.QUARANTINED}), JobStatus.PENDING, Guard.UNOWNED
+    ),
+    JobEvent.QUARANTINE: Transition(
+        frozenset({JobStatus.PROCESSING}), JobStatus.QUARANTINED, Guard.OWNER
     ),
 }
 """The one job state machine. Storage backends implement these rows exactly.
 
 ``SERVER_LOST`` is applied in bulk to every job whose ``server_id`` is the lost
-server: ``processing`` becomes ``pending``, ``deleting`` stays ``deleting``, and
-the owner is cleared in both cases.
+server: ``processing`` becomes ``pending``, ``deleting``, ``pausing`` and
+``quarantined`` stay as they are, and the owner is cleared in every case.
+
+``RESUME`` also raises the job's ``generation`` by one (its new message is not
+covered by the hold mark of the old one) and empties its failure log (a fresh
+restart budget). ``PAUSE`` keeps
+the owner (it confirms, as for a cancel); ``QUARANTINE`` keeps it too.
 
 A deleted or completed job never changes again: no transition has a final
 status as a source (this is defect 7 of the original: any "started" report used
@@ -353,6 +408,9 @@ class JobArgument:
     fence: int
     """The fencing token of this ownership: every new owner of the job gets a
     larger one. Pass it to downstream systems so they can reject a stale owner."""
+    checkpoint: str | None = None
+    """The latest checkpoint an earlier owner recorded (``heartbeat(checkpoint=...)``)
+    that reached the manager, or ``None`` (first start, or none recorded)."""
 
 
 @dataclass(frozen=True)
@@ -366,6 +424,10 @@ class NewJob:
     generation: int = 1
     heartbeat_timeout: float | None = None
     """Watchdog: restart the job if it does not call ``heartbeat()`` this often (s)."""
+    max_restarts: int | None = None
+    """The restart budget (see :attr:`JobRecord.max_restarts`)."""
+    restart_window: float | None = None
+    """The restart budget's window in seconds (see :attr:`JobRecord.restart_window`)."""
 
     def record(self) -> JobRecord:
         """The job as a storage holds it right after creating it: ``pending``, on
@@ -381,6 +443,8 @@ class NewJob:
             created_at=self.created_at,
             updated_at=self.created_at,
             heartbeat_timeout=self.heartbeat_timeout,
+            max_restarts=self.max_restarts,
+            restart_window=self.restart_window,
         )
 
 
@@ -405,6 +469,22 @@ class JobRecord:
     """Why the job last changed status when that was not obvious (e.g. ``server dead``)."""
     heartbeat_timeout: float | None = None
     """The job's watchdog timeout in seconds, if it has one."""
+    checkpoint: str | None = None
+    """The latest checkpoint the job recorded (see :class:`JobArgument`)."""
+    checkpoint_fence: int | None = None
+    """The fencing token of the owner that wrote ``checkpoint`` (it only grows)."""
+    checkpoint_at: datetime | None = None
+    """When ``checkpoint`` was stored."""
+    max_restarts: int | None = None
+    """The restart budget: at most this many failures within ``restart_window``
+    (``None``: the default of :mod:`orchestratr_core.lifecycle`)."""
+    restart_window: float | None = None
+    """Seconds of the restart budget's window (``None``: the default)."""
+    failure_seq: int = 0
+    """How many failures were ever counted (the compare-and-set token of ``failure_log``)."""
+    failure_log: str | None = None
+    """The latest failures as JSON ``[[epoch, error], ...]``
+    (:func:`orchestratr_core.lifecycle.failure_log` reads it)."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -424,6 +504,16 @@ class JobRecord:
             "last_error": self.last_error,
             "reason": self.reason,
             "heartbeat_timeout": self.heartbeat_timeout,
+            "checkpoint_size": (
+                None if self.checkpoint is None else len(self.checkpoint.encode("utf-8"))
+            ),
+            "checkpoint_fence": self.checkpoint_fence,
+            "checkpoint_at": _iso(self.checkpoint_at),
+            "max_restarts": self.max_restarts,
+            "restart_window": self.restart_window,
+            "quarantine_reason": self.reason if self.status is JobStatus.QUARANTINED else None,
+            "failures": self.failure_seq,
+            "last_errors": _errors(self.failure_log),
         }
 
 
@@ -511,6 +601,19 @@ class ServerQuery:
     """``None`` lists every server ever seen, dead and left ones too."""
     name_prefix: str | None = None
     with_jobs: bool = True
+
+
+def _errors(log: str | None) -> list[dict[str, object]]:
+    """A failure log as JSON-ready dicts (``at`` in ISO 8601), oldest first."""
+    if not log:
+        return []
+    try:
+        return [
+            {"at": datetime.fromtimestamp(float(at), UTC).isoformat(), "error": str(error)}
+            for at, error in json.loads(log)
+        ]
+    except (ValueError, TypeError):
+        return []
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -24,11 +24,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from orchestratr_core import protocol as p
 from orchestratr_core._aio import cancel_and_log, keep_running, run_until_signal, spawn
-from orchestratr_core.client import DEFAULT_CANCEL_RETENTION, OrchestratorClient, job_message
+from orchestratr_core.client import (
+    DEFAULT_CANCEL_RETENTION,
+    OrchestratorClient,
+    job_message,
+    stop_set,
+)
 from orchestratr_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -44,10 +49,13 @@ from orchestratr_core.job import (
     JobStatus,
     ServerQuery,
     ServerStatus,
+    TransitionResult,
     clean_text,
     new_id,
+    split_fence,
     utcnow,
 )
+from orchestratr_core.lifecycle import count_failure
 from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
@@ -64,6 +72,12 @@ _SEND_CHUNK = 200
 """Commands one heartbeat asks for are sent this many at a time (pipelined)."""
 
 LEADER_LEASE = "leader"
+
+_PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
+"""A job id no job has: reading it proves the storage answers."""
+
+_HELD_STOPS = frozenset({p.StopReason.HELD, p.StopReason.CANCELLED, p.StopReason.SUPERSEDED})
+"""Stop reasons with which a server reports a held job's copy stopped and dropped."""
 
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
@@ -104,10 +118,19 @@ class ManagerOptions:
     rebalance_hold: float = 3.0
     """Seconds every server caps itself at its share after a round, so that the
     released jobs land on servers below their share and move only once."""
+    storage_probe_after: float | None = None
+    """Seconds an event may take to apply before the manager asks whether its
+    storage still answers (a short read, given as long again). If it does not --
+    this manager is cut off from the database -- it leaves the events queue to
+    the other managers (the broker hands them the event it held) and joins again
+    once the storage answers. ``None``: a third of ``server_timeout``, so that
+    the others apply the servers' heartbeats before any server looks dead."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
             raise ConfigurationError("server_timeout and sweep_interval must be > 0")
+        if self.storage_probe_after is not None and self.storage_probe_after <= 0:
+            raise ConfigurationError("storage_probe_after must be > 0")
         if self.leader_lease <= self.sweep_interval:
             raise ConfigurationError("leader_lease must be longer than sweep_interval")
 
@@ -146,11 +169,20 @@ class ServerManager:
         self._events: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._known_servers: set[str] = set()
+        self._moved_from: dict[str, dict[str, float]] = {}
+        """Server id -> jobs that moved away from it while it was their recorded
+        owner (-> when noted): owner deaths, if it is declared dead before a
+        heartbeat it sent after the note arrives."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
         self._started = False
         self._stopped = False
         self.is_leader = False
+        self._lease_valid_until = 0.0
+        self._stepped_back = False
+        """True while this manager has left the events queue (storage unreachable)."""
+        self._probe: asyncio.Future[Any] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
 
     @property
     def storage(self) -> Storage:
@@ -232,7 +264,7 @@ class ServerManager:
         while True:
             attempt += 1
             try:
-                await self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+                await self._apply_unless_cut_off(event)
                 return
             except DataRejected as exc:
                 raise DeadLetter(f"{_about(event)} refused by the storage: {exc}") from None
@@ -247,6 +279,109 @@ class ServerManager:
                     ) from None
                 await asyncio.sleep(0.1 * attempt)
 
+    @property
+    def _probe_after(self) -> float:
+        after = self.options.storage_probe_after
+        return self.options.server_timeout / 3 if after is None else after
+
+    async def _apply_unless_cut_off(self, event: p.Event) -> None:
+        """Apply ``event`` (retrying while the storage is down) -- unless, while it
+        takes long, the storage does not answer a probe either: then leave the
+        events queue (:meth:`_step_back`) and raise :class:`BackendUnavailable`,
+        so that the broker hands the event to another manager. Slow but
+        answering is waited for."""
+        if self._stepped_back:
+            raise BackendUnavailable("the storage does not answer: events are left to others")
+        applying = asyncio.ensure_future(
+            self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
+        )
+        try:
+            while not (await asyncio.wait({applying}, timeout=self._probe_after))[0]:
+                if not await self.storage_answers():
+                    self._step_back()
+                    raise BackendUnavailable(
+                        f"the storage did not answer while a {event.TYPE} event was applied"
+                    )
+            applying.result()
+        finally:
+            if not applying.done():
+                # Not awaited: a driver may turn the cancellation into an error of
+                # its own and retry on (asyncpg in a connect), and this handler
+                # must return now so that the broker hands the event on.
+                applying.cancel()
+                self._let_finish(applying)
+
+    async def readiness(self) -> str | None:
+        """``None`` when this manager can do its work now, else one line saying why
+        not: not started, no live broker session, or a storage that does not answer
+        (it has then left the events queue to the other managers). ``/readyz``
+        answers with it (:mod:`orchestratr_core.health`)."""
+        if not self._started or self._stopped:
+            return "not started" if not self._started else "stopped"
+        if not self._transport.connected:
+            return "no live broker session (reconnecting)"
+        if self._stepped_back or not await self.storage_answers():
+            return "the storage does not answer"
+        return None
+
+    async def storage_answers(self) -> bool:
+        """Whether the storage answers a short read within ``storage_probe_after``
+        seconds. Readiness probes (``/readyz``) ask it too. One read at a time:
+        a read still under way (the storage's own retries) is waited on again,
+        never cancelled (a driver may not honour that) nor doubled."""
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.ensure_future(self._storage.get_job(_PROBE_JOB_ID))
+            self._let_finish(probe)
+        done, _ = await asyncio.wait({probe}, timeout=self._probe_after)
+        return bool(done) and not probe.cancelled() and probe.exception() is None
+
+    def _let_finish(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` referenced until it ends, then read (and drop) its
+        outcome: the storage is known to be failing when nobody waits for it."""
+        self._background.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and (exc := finished.exception()) is not None:
+                log.debug("an abandoned storage call ended: %s", exc)
+
+        task.add_done_callback(done)
+
+    def _step_back(self) -> None:
+        """Leave the events queue until the storage answers again (in a task: the
+        subscription is closed from outside the handler that noticed)."""
+        if self._stepped_back or self._stopped:
+            return
+        self._stepped_back = True
+        self._tasks.append(
+            spawn(self._rejoin_events(), name="orchestratr-rejoin-events", logger=log)
+        )
+
+    async def _rejoin_events(self) -> None:
+        log.warning(
+            "the storage does not answer: leaving the events queue to the other managers "
+            "until it does"
+        )
+        events, self._events = self._events, None
+        if events is not None:
+            with contextlib.suppress(OrchestratrError, OSError):
+                await events.close()
+
+        async def probe() -> None:
+            if not await self.storage_answers():
+                raise BackendUnavailable("the storage does not answer")
+
+        # Probed every storage_probe_after at most: the events wait meanwhile.
+        async for attempt in retrying("reach the storage", maximum=self._probe_after, logger=log):
+            with attempt:
+                await probe()
+        self._events = await self._retry(
+            "consume events", lambda: self._transport.consume_events(self._on_event)
+        )
+        self._stepped_back = False
+        log.info("the storage answers again: consuming events")
+
     async def _apply(self, event: p.Event) -> None:
         now = utcnow()
         if isinstance(event, p.ServerHeartbeat):
@@ -256,7 +391,7 @@ class ServerManager:
         elif isinstance(event, p.JobStopped):
             await self._on_stopped(event, now)
         elif isinstance(event, p.JobFailed):
-            await self._storage.transition(
+            failed = await self._storage.transition(
                 event.job_id,
                 JobEvent.FAIL,
                 server_id=event.server_id,
@@ -265,8 +400,10 @@ class ServerManager:
                 error=clean_text(event.error),
                 restarts=event.restarts,
             )
+            if failed.applied:
+                await self._count_failure(event.job_id, event.at, clean_text(event.error), now)
         elif isinstance(event, p.JobDiscarded):
-            await self._storage.transition(
+            result = await self._storage.transition(
                 event.job_id,
                 JobEvent.CONFIRM_DELETED,
                 server_id=event.server_id,
@@ -274,9 +411,11 @@ class ServerManager:
                 now=now,
                 reason="queued message dropped",
             )
+            await self._confirm_held(result, event.server_id, event.fence, now, "message dropped")
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
+            self._moved_from.pop(event.server_id, None)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -287,6 +426,15 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        notes = self._moved_from.get(hb.server_id)
+        if notes:  # alive after the move: those jobs were released, not lost
+            for job_id in [j for j, noted in notes.items() if noted < hb.sent_at]:
+                del notes[job_id]
+        checkpoints = [
+            (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
+        ]
+        if checkpoints:
+            await self._save_checkpoints(hb.server_id, checkpoints, now)
         if hb.server_id not in self._known_servers:
             self._known_servers.add(hb.server_id)
             self._plugins.notify(
@@ -298,6 +446,16 @@ class ServerManager:
         ]
         if hb.started:
             refused = {job.id for job in conflicts}
+            moved = [
+                job_id
+                for job_id in dict.fromkeys(hb.started)
+                if job_id not in refused and split_fence(fences.get(job_id, 0))[1] > 0
+            ]
+            after = {job.id: job for job in await self._storage.get_jobs(moved)} if moved else {}
+            for job_id in moved:
+                job = after.get(job_id)
+                if job is not None:
+                    sends.append(self._send_checkpoint(job, hb.server_id, fences[job_id]))
             for job_id in dict.fromkeys(hb.started):
                 fence = fences.get(job_id)
                 if fence is None or job_id in refused:
@@ -326,6 +484,8 @@ class ServerManager:
         if result.job is not None and not result.applied:
             await self._stop_copy(result.job, ev.server_id, ev.fence)
             return
+        if result.job is not None and split_fence(ev.fence)[1] > 0:
+            await self._send_checkpoint(result.job, ev.server_id, ev.fence)
         await self._after_start(
             ev.job_id, ev.server_id, ev.fence, before, known=result.job is not None
         )
@@ -366,6 +526,11 @@ class ServerManager:
                 ),
                 before.server_id,
             )
+            # It moved while the old owner is still recorded: that owner died, was
+            # cut off, or its release is still on the way (events of two servers
+            # are not ordered). Counted as a death only if the old owner is then
+            # declared dead; a heartbeat of it clears the note.
+            self._moved_from.setdefault(before.server_id, {})[job_id] = time.time()
 
     async def _on_stopped(self, ev: p.JobStopped, now: datetime) -> None:
         if ev.reason is p.StopReason.COMPLETED:
@@ -380,13 +545,99 @@ class ServerManager:
         result = await self._storage.transition(
             ev.job_id, event, server_id=ev.server_id, fence=ev.fence, now=now, reason=reason
         )
+        if ev.reason in _HELD_STOPS:
+            await self._confirm_held(result, ev.server_id, ev.fence, now, reason)
         if result.applied and event is JobEvent.COMPLETE:
             # Its ack may be lost: servers must drop a redelivered message of it.
             await self._sync_cancellations(now)
 
+    async def _confirm_held(
+        self, result: TransitionResult, server_id: str, fence: int, now: datetime, reason: str
+    ) -> None:
+        """A server stopped a copy of a held job, or dropped its message: the job is
+        ``paused`` now (a quarantine stays), unless a newer owner holds it."""
+        if result.applied or result.job is None or not result.job.status.held:
+            return
+        await self._storage.transition(
+            result.job.id,
+            JobEvent.CONFIRM_HELD,
+            server_id=server_id,
+            fence=fence,
+            now=now,
+            reason=reason,
+        )
+
+    async def _holdings_of_silent_servers(self, cutoff: datetime) -> dict[str, list[JobRecord]]:
+        """The running jobs of every live server not heard from since ``cutoff``
+        (about to be declared dead): each such job counts a failure (an owner
+        death) against its restart budget. One cheap query when none is silent."""
+        servers = await self._storage.list_servers(
+            ServerQuery(
+                statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}), with_jobs=False
+            )
+        )
+        holdings: dict[str, list[JobRecord]] = {}
+        for server in servers:
+            if server.last_seen < cutoff:
+                full = await self._storage.get_server(server.id)
+                if full is not None:
+                    holdings[server.id] = [
+                        job for job in full.running if job.status is JobStatus.PROCESSING
+                    ]
+        return holdings
+
+    async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
+        """Count a failure against the job's restart budget (compare-and-set,
+        retried on a concurrent count); quarantine it when the budget is spent."""
+        for _ in range(5):
+            job = await self._storage.get_job(job_id)
+            if job is None or job.status.final:
+                return
+            failure_log, quarantine = count_failure(job, at, error)
+            try:
+                result = await self._storage.record_failure(
+                    job_id,
+                    seq=job.failure_seq,
+                    failure_log=failure_log,
+                    now=now,
+                    quarantine=quarantine,
+                )
+            except NotImplementedError:
+                return
+            if not result.applied:
+                continue
+            if (
+                quarantine is not None
+                and result.job is not None
+                and result.job.status is JobStatus.QUARANTINED
+                and job.status is not JobStatus.QUARANTINED
+            ):
+                log.warning("job quarantined job_id=%s: %s", job_id, quarantine)
+                await self._sync_cancellations(now)
+            return
+        log.warning("could not count a failure of job %s: its count kept changing", job_id)
+
+    async def _save_checkpoints(
+        self, server_id: str, checkpoints: list[tuple[str, int, str]], now: datetime
+    ) -> None:
+        try:
+            await self._storage.save_checkpoints(server_id, checkpoints, now)
+        except NotImplementedError:
+            log.warning("the storage keeps no checkpoints: %d dropped", len(checkpoints))
+
+    async def _send_checkpoint(self, job: JobRecord, server_id: str, fence: int) -> None:
+        """The latest checkpoint to a server that took a redelivered message (its
+        copy waits for it before the job function starts)."""
+        await self._send(
+            p.JobCheckpoint(job_id=job.id, fence=fence, checkpoint=job.checkpoint), server_id
+        )
+
     async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
         """A server runs a copy the storage did not accept: tell it to stop."""
-        if job.status in (JobStatus.DELETING, JobStatus.DELETED):
+        if job.status.held:
+            # Never CANCELLED: a server would refuse the job for good, also after a resume.
+            reason = p.StopReason.HELD
+        elif job.status in (JobStatus.DELETING, JobStatus.DELETED):
             reason = p.StopReason.CANCELLED
         elif job.server_id == server_id and job.fence == fence:
             return  # it is the recorded owner after all
@@ -431,27 +682,58 @@ class ServerManager:
                 log.exception("sweep failed unexpectedly")
             await asyncio.sleep(self.options.sweep_interval)
 
+    def _lease_held(self) -> bool:
+        """Whether the lease this manager last won is surely still its own, by its
+        own clock from *before* it asked: a round slowed by the database (a
+        partition, a failover) stops at the next step once another manager may
+        have taken the lease over, instead of acting on what it read before."""
+        if time.monotonic() < self._lease_valid_until:
+            return True
+        if self.is_leader:
+            log.warning("leader lease may have expired during this round: stopping it")
+        self.is_leader = False
+        return False
+
     async def _sweep(self) -> None:
-        """One round of the leader's duties."""
+        """One round of the leader's duties; each step first checks the lease
+        (:meth:`_lease_held`)."""
+        asked = time.monotonic()
         now = utcnow()
         until = now + timedelta(seconds=self.options.leader_lease)
-        self.is_leader = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
-        if not self.is_leader:
+        self.is_leader = False
+        won = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
+        self._lease_valid_until = asked + self.options.leader_lease if won else 0.0
+        self.is_leader = won
+        if not self._lease_held():
             return
-        expired = await self._storage.expire_servers(
-            now - timedelta(seconds=self.options.server_timeout), now
-        )
+        cutoff = now - timedelta(seconds=self.options.server_timeout)
+        dying = await self._holdings_of_silent_servers(cutoff)
+        expired = await self._storage.expire_servers(cutoff, now)
         for server in expired:
+            lost = {job.id for job in dying.get(server.id, ())}
+            lost |= set(self._moved_from.pop(server.id, {}))
+            for job_id in sorted(lost):
+                await self._count_failure(
+                    job_id,
+                    now.timestamp(),
+                    f"owner died: server {server.name} ({server.id})",
+                    now,
+                )
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
+        if not self._lease_held():
+            return
         await self._relay_outbox(now)
+        if not self._lease_held():
+            return
         if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
             await self._sync_cancellations(now)
         if (
-            self.options.rebalance
+            self._lease_held()
+            and self.options.rebalance
             and time.monotonic() - self._last_rebalance >= self.options.rebalance_interval
         ):
             self._last_rebalance = time.monotonic()
@@ -525,19 +807,26 @@ class ServerManager:
                 cancels = True
                 done.append(item.id)
                 continue
-            if job is None or job.status.final:
+            if job is None or job.status.final or job.status is JobStatus.PAUSED:
+                done.append(item.id)
+                continue
+            if job.status.held:
+                # Held before this generation's message was sent: nothing can run it
+                # (unless an owner still runs an older one: that owner confirms).
+                if job.server_id is None:
+                    await self._confirm_unsent(job, JobEvent.CONFIRM_HELD, now, "held")
+                done.append(item.id)
+                continue
+            if job.status is JobStatus.PROCESSING and job.generation == item.generation:
+                # Started: a server holds this generation's message, so it was sent
+                # (its sender could not delete the row: a database failover) and the
+                # broker gives it to another server if that one dies. A second one
+                # would run the job twice under one fencing token.
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:
                 # Cancelled before its message was ever sent: nothing can run it.
-                await self._storage.transition(
-                    job.id,
-                    JobEvent.CONFIRM_DELETED,
-                    server_id=None,
-                    fence=job.fence,
-                    now=now,
-                    reason="cancelled before it was sent",
-                )
+                await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
             await self._transport.publish_job(job_message(job, item.generation))
@@ -547,9 +836,22 @@ class ServerManager:
         await self._storage.complete_outbox(done)
         log.info("outbox relay sent %d item(s)", len(done))
 
+    async def _confirm_unsent(
+        self, job: JobRecord, event: JobEvent, now: datetime, what: str
+    ) -> None:
+        """Confirm a job stopped whose message was never sent (``event``)."""
+        await self._storage.transition(
+            job.id,
+            event,
+            server_id=None,
+            fence=job.fence,
+            now=now,
+            reason=f"{what} before it was sent",
+        )
+
     async def _sync_cancellations(self, now: datetime) -> None:
         since = now - timedelta(seconds=self.options.cancel_retention)
-        await self._transport.set_cancellations(await self._storage.cancelled_job_ids(since))
+        await self._transport.set_cancellations(await stop_set(self._storage, since))
         self._last_resync = time.monotonic()
 
 

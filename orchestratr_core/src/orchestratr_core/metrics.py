@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import socket
+import socketserver
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +45,7 @@ from orchestratr_core.errors import MissingDriver
 from orchestratr_core.plugin.spec import hookimpl
 
 if TYPE_CHECKING:
+    from orchestratr_core.health import HealthProbe
     from orchestratr_core.plugin.manager import PluginManager
 
 __all__ = [
@@ -289,20 +293,51 @@ def parse_listen_address(value: str, default_port: int) -> tuple[str, int]:
 
 
 def start_metrics_server(
-    host: str = "127.0.0.1", port: int = 9464, *, plugins: PluginManager | None = None
+    host: str = "127.0.0.1",
+    port: int = 9464,
+    *,
+    plugins: PluginManager | None = None,
+    probe: HealthProbe | None = None,
 ) -> MetricsServer:
     """Serve this process's metrics at ``http://host:port/metrics`` from a
     background thread (for server processes, which have no web app), and make
-    sure the observer is registered.
+    sure the observer is registered. With ``probe``, ``/healthz`` and ``/readyz``
+    too (:mod:`orchestratr_core.health`).
 
     :param port: ``0`` picks a free port (see :attr:`MetricsServer.port`).
     :raises MissingDriver: ``prometheus_client`` is not installed.
     """
     if not prometheus_available():
         raise MissingDriver("metrics", "prometheus-client", _INSTALL)
-    from prometheus_client import start_http_server
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
 
     install(plugins)
     _get()
-    server, thread = start_http_server(port, addr=host)
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if probe is not None and path in ("/healthz", "/readyz"):
+            verdict = probe.live() if path == "/healthz" else probe.ready()
+            body = (verdict.reason + "\n").encode()
+            status = "200 OK" if verdict.ok else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [body]
+        result: Iterable[bytes] = metrics_app(environ, start_response)
+        return result
+
+    class _Threaded(socketserver.ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Probes every few seconds are not worth a log line each."""
+
+    if ":" in host:
+        _Threaded.address_family = socket.AF_INET6
+    server = make_server(host, port, app, server_class=_Threaded, handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="orchestratr-metrics", daemon=True)
+    thread.start()
     return MetricsServer(host, int(server.server_address[1]), server, thread)

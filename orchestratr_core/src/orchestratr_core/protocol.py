@@ -10,7 +10,9 @@ Three flows, each on its own queue(s) in a broker:
 * **jobs** (manager -> any server): :class:`JobMessage`, one per job generation.
   Held unacknowledged by the server that runs the job for as long as it runs.
 * **commands** (manager -> one server, or broadcast to all): :class:`StopJob`,
-  :class:`CancelJob`, :class:`DrainServer`, :class:`ReleaseJobs`.
+  :class:`CancelJob`, :class:`DrainServer`, :class:`ReleaseJobs`,
+  :class:`JobCheckpoint`. A ``CancelJob`` may carry a hold mark instead of a job
+  id (:mod:`orchestratr_core.lifecycle`).
 * **events** (server -> managers): :class:`ServerHeartbeat`, :class:`JobStarted`,
   :class:`JobStopped`, :class:`JobFailed`, :class:`JobDiscarded`, :class:`ServerLeft`.
   Events from one server are delivered in the order it published them.
@@ -18,8 +20,10 @@ Three flows, each on its own queue(s) in a broker:
 Heartbeats are the largest messages (every running job, every 2 s), so they have
 a hand-written path instead of the generic dataclass walk. ``ServerHeartbeat.jobs``
 is written as arrays, ``[[job_id, fence, last_heartbeat, restarts], ...]``
-(``last_heartbeat`` may be ``null``). The reader accepts that form and the older
-object form, ``[{"job_id": ..., "fence": ..., "last_heartbeat": ..., "restarts": ...}]``
+(``last_heartbeat`` may be ``null``), with a fifth value, the job's new
+checkpoint, when it recorded one since the previous heartbeat. The reader
+accepts that form and the older object form,
+``[{"job_id": ..., "fence": ..., "last_heartbeat": ..., "restarts": ...}]``
 (items of both forms may be mixed), so a manager of this version reads the
 heartbeats of older servers. A manager of an older version cannot read the array
 form (it dead-letters such heartbeats): **upgrade managers before servers**. An
@@ -80,6 +84,7 @@ from orchestratr_core.job import (
     MAX_SERVER_TEXT_LENGTH,
     validate_argument,
 )
+from orchestratr_core.lifecycle import MAX_HOLD_MARK_LENGTH, validate_checkpoint
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -87,6 +92,7 @@ __all__ = [
     "Command",
     "DrainServer",
     "Event",
+    "JobCheckpoint",
     "JobDiscarded",
     "JobFailed",
     "JobMessage",
@@ -125,6 +131,9 @@ class StopReason(enum.StrEnum):
     """The job function returned normally; the message was dropped."""
     WATCHDOG = "watchdog"
     """The job stopped calling ``heartbeat()`` within its heartbeat timeout."""
+    HELD = "held"
+    """The job is paused or quarantined (a hold mark); the message was dropped.
+    Managers before the lifecycle controls cannot read it: upgrade them first."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,10 @@ class JobMessage(Message):
     created_at: float
     heartbeat_timeout: float | None = None
     """Optional watchdog: restart the job if it does not call ``heartbeat()`` this often."""
+    checkpoint: str | None = None
+    """The job's latest checkpoint when this generation was published (a resume,
+    an update). A redelivered message's may be stale: its new owner waits for a
+    :class:`JobCheckpoint` (see :mod:`orchestratr_core.lifecycle`)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,18 @@ class CancelJob(Command):
 
     TYPE: ClassVar[str] = "cancel"
     job_id: str
+
+
+@dataclass(frozen=True)
+class JobCheckpoint(Command):
+    """To the server that started ``job_id`` under ``fence`` from a redelivered
+    message: the latest stored checkpoint (``None``: none), read after its start
+    was recorded. The server starts the job function with it."""
+
+    TYPE: ClassVar[str] = "checkpoint"
+    job_id: str
+    fence: int
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +236,9 @@ class RunningJob:
     last_heartbeat: float | None = None
     """When the job function last called ``heartbeat()`` (epoch seconds)."""
     restarts: int = 0
+    checkpoint: str | None = None
+    """A checkpoint the job recorded since the previous heartbeat (``None``: none
+    new). Written as a fifth array value, left out when ``None``."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +322,7 @@ _TYPES: dict[str, type[Message]] = {
         JobMessage,
         StopJob,
         CancelJob,
+        JobCheckpoint,
         DrainServer,
         ReleaseJobs,
         ServerHeartbeat,
@@ -339,7 +368,12 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         # Tuples (written as arrays): the garbage collector stops tracking a tuple
         # of plain values, so tens of thousands of them are not promoted to its
         # oldest generation while the message is written (full collections).
-        "jobs": [(j.job_id, j.fence, j.last_heartbeat, j.restarts) for j in hb.jobs],
+        "jobs": [
+            (j.job_id, j.fence, j.last_heartbeat, j.restarts)
+            if j.checkpoint is None
+            else (j.job_id, j.fence, j.last_heartbeat, j.restarts, j.checkpoint)
+            for j in hb.jobs
+        ],
     }
     if hb.started:  # left out when empty: a periodic heartbeat is written as before
         body["started"] = list(hb.started)
@@ -451,6 +485,10 @@ def _check_bounds(cls: type, name: str, value: Any) -> None:
     elif type(value) is str:
         if name == "argument":
             validate_argument(value)  # InvalidJobInput is a ValueError
+        elif name == "checkpoint":
+            validate_checkpoint(value)
+        elif name == "job_id" and cls is CancelJob:
+            _identifier(name, value, MAX_HOLD_MARK_LENGTH)  # a job id or a hold mark
         elif name == "error":
             if len(value) > MAX_ERROR_LENGTH:
                 raise ValueError(f"field 'error' is longer than {MAX_ERROR_LENGTH} characters")
@@ -542,7 +580,12 @@ def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
                 raise ValueError(
                     f"item {index} of {name!r}: restarts must be int in 0..{MAX_COUNT}"
                 )
-            append(RunningJob(job_id, fence, beat, restarts))
+            checkpoint = item[4] if len(item) > 4 else None
+            if checkpoint is not None:
+                if type(checkpoint) is not str:
+                    raise ValueError(f"item {index} of {name!r}: checkpoint must be str or null")
+                validate_checkpoint(checkpoint)
+            append(RunningJob(job_id, fence, beat, restarts, checkpoint))
         elif isinstance(item, dict):
             append(_build(RunningJob, item))
         else:

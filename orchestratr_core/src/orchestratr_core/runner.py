@@ -14,7 +14,7 @@ import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from typing import Any, Protocol
 
 from orchestratr_core.job import JobArgument
 
@@ -27,9 +27,20 @@ __all__ = [
     "default_runner",
 ]
 
-Heartbeat = Callable[[], None]
-"""``heartbeat()``: record that the job is alive. Cheap (sets a timestamp);
-callable from the event loop or from a job thread. Awaiting its result is not needed."""
+
+class Heartbeat(Protocol):
+    """``heartbeat()``: record that the job is alive. Cheap (sets a timestamp);
+    callable from the event loop or from a job thread. Awaiting its result is not
+    needed.
+
+    ``heartbeat(checkpoint="...")`` also records a checkpoint (a string of at most
+    64 KiB; :class:`~orchestratr_core.errors.InvalidJobInput` above): it travels
+    to the manager with the server's next heartbeat, and the job's next owner
+    finds the latest one that arrived in ``arg.checkpoint``
+    (:mod:`orchestratr_core.lifecycle`)."""
+
+    def __call__(self, checkpoint: str | None = None) -> None:
+        """Record liveness, and ``checkpoint`` when given."""
 
 
 _THREAD_EVENT_LOCK = threading.Lock()

@@ -60,6 +60,8 @@ __all__ = [
     "HEARTBEAT_REFRESH_STEP",
     "REASON_CANCEL_REQUESTED",
     "REASON_NOT_REPORTED",
+    "REASON_PAUSE_REQUESTED",
+    "REASON_RESUMED",
     "REASON_SERVER_DEAD",
     "REASON_SERVER_LEFT",
     "OutboxItem",
@@ -87,6 +89,10 @@ REASON_SERVER_DEAD = "server dead"
 """The job's server missed its heartbeats (``SERVER_LOST``)."""
 REASON_SERVER_LEFT = "server left"
 """The job's server said it stopped (``SERVER_LOST``)."""
+REASON_PAUSE_REQUESTED = "pause requested"
+"""A client asked to pause the job (``PAUSE``)."""
+REASON_RESUMED = "resumed"
+"""A client resumed the job (``RESUME``)."""
 
 
 class OutboxKind(enum.StrEnum):
@@ -280,6 +286,82 @@ class Storage(abc.ABC):
         """Ids of jobs ``deleting``, plus ``deleted`` and ``completed`` ones with
         ``updated_at >= deleted_since``: the set of jobs servers must never run
         again (a completed job's ack may be lost, and its message redelivered)."""
+
+    # -- lifecycle controls (orchestratr_core.lifecycle) -------------------------------
+    # Optional for a backend written before them: each default raises
+    # NotImplementedError, which the client turns into a clear message.
+
+    async def request_pause(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Apply :data:`JobEvent.PAUSE` (reason :data:`REASON_PAUSE_REQUESTED`) and,
+        if it applied, insert an outbox row ``CANCEL`` (it asks for the stop set,
+        hold marks included, to be written) claimed by ``holder`` — in one
+        transaction. Returns the job after the attempt and whether it changed.
+        Raises :class:`UnknownJob` for an unknown id."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement pause")
+
+    async def request_resume(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Apply :data:`JobEvent.RESUME` (``paused|quarantined -> pending`` while no
+        server owns it; ``generation := generation + 1``, reason
+        :data:`REASON_RESUMED`, ``failure_log := NULL``) and, if it applied, insert an outbox row
+        ``PUBLISH`` of the new generation claimed by ``holder`` — in one
+        transaction. Returns the job after the attempt and whether it changed.
+        Raises :class:`UnknownJob` for an unknown id."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement resume")
+
+    async def save_checkpoints(
+        self, server_id: str, checkpoints: Sequence[tuple[str, int, str]], now: datetime
+    ) -> list[str]:
+        """Store ``(job_id, fence, checkpoint)`` reports of ``server_id``, each as
+        one guarded update (I9): kept only if the job is not ``deleted`` or
+        ``completed``, ``server_id`` is its recorded owner under this fence
+        (guard ``OWNER``: a stale owner, or a copy whose start was refused, never
+        writes one) and the fence is not below the stored checkpoint's.
+        :meth:`apply_heartbeat` runs first, so a heartbeat's own start counts.
+        Sets ``checkpoint``, ``checkpoint_fence := :fence``, ``checkpoint_at :=
+        now``; nothing else. Returns the ids whose checkpoint was stored."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement checkpoints")
+
+    async def held_jobs(self) -> list[tuple[str, int]]:
+        """``(id, generation)`` of every ``pausing``, ``paused`` or ``quarantined``
+        job, ascending by id: the hold marks of the servers' cancellation set.
+        This default reads them through :meth:`list_jobs`."""
+        page = await self.list_jobs(
+            JobQuery(
+                statuses=frozenset({JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUARANTINED}),
+                limit=None,
+            )
+        )
+        return [(job.id, job.generation) for job in page.items]
+
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """Count one failure of a job (its function raised, or its server died
+        holding it), as a compare-and-set: applies only while ``failure_seq =
+        seq`` and the job is not ``deleted`` or ``completed``; then
+        ``failure_seq := seq + 1``, ``failure_log := failure_log``,
+        ``updated_at := now``, and with a ``quarantine`` reason a ``pending``
+        or ``processing`` job becomes ``quarantined`` (:data:`JobEvent.QUARANTINE`;
+        its owner kept, to confirm) with ``reason := quarantine``. The caller
+        reads the job again and retries when it did not apply."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement restart budgets")
+
+    async def set_restart_budget(
+        self, job_id: str, max_restarts: int | None, restart_window: float | None
+    ) -> None:
+        """Record a job's restart budget (``max_restarts``, ``restart_window``),
+        nothing else. Unknown ids are ignored."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement restart budgets")
 
     # -- queries ----------------------------------------------------------------
 

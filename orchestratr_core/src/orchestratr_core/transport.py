@@ -194,6 +194,13 @@ class Transport(abc.ABC):
         """Close everything. Held deliveries are marked lost and go back to the
         queue. Idempotent."""
 
+    @property
+    def connected(self) -> bool:
+        """True while this transport holds a live session with the broker (one its
+        fence has given up on is not live). Readiness probes (``/readyz``) read it;
+        a transport that cannot tell answers True."""
+        return True
+
     def crash(self) -> Awaitable[None] | None:
         """Die at once, as ``kill -9`` of the process would: no goodbye, every held
         delivery lost (idempotent). Called by :meth:`OrchestratedServer.kill`

@@ -51,6 +51,8 @@ from orchestratr_core.storage import (
     HEARTBEAT_REFRESH_STEP,
     REASON_CANCEL_REQUESTED,
     REASON_NOT_REPORTED,
+    REASON_PAUSE_REQUESTED,
+    REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
     OutboxItem,
@@ -83,6 +85,8 @@ def _guard_holds(guard: Guard, row: JobRecord, server_id: str | None, fence: int
         )
     if guard is Guard.NOT_OLDER:
         return row.server_id is None or row.fence <= fence
+    if guard is Guard.UNOWNED:
+        return row.server_id is None
     raise ValueError(f"unknown guard {guard!r}")  # pragma: no cover - enum is closed
 
 
@@ -174,9 +178,14 @@ class _Store:
             return False, row
         changes: dict[str, object] = {"updated_at": now, "reason": reason}
         if event is JobEvent.SERVER_LOST:
-            # The one row whose target depends on the source (see TRANSITIONS).
+            # The rows whose target depends on the source (see TRANSITIONS).
             if row.status is JobStatus.PROCESSING:
                 changes["status"] = JobStatus.PENDING
+        elif event is JobEvent.CONFIRM_HELD:
+            if row.status is JobStatus.PAUSING:
+                changes["status"] = JobStatus.PAUSED
+            else:
+                changes["reason"] = row.reason  # a quarantine keeps its reason
         elif rule.target is not None:
             changes["status"] = rule.target
         if rule.sets_owner:
@@ -195,6 +204,14 @@ class _Store:
                 changes["restarts"] = restarts
         elif event is JobEvent.START and restarts is not None:
             changes["restarts"] = restarts
+        elif event is JobEvent.RESUME:
+            changes["generation"] = row.generation + 1
+            changes["failure_log"] = None
+        elif event is JobEvent.QUARANTINE:
+            if error is not None:
+                changes["last_error"] = error
+            if restarts is not None:
+                changes["restarts"] = restarts
         new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
         self.put(row, new)
         return True, new
@@ -337,22 +354,135 @@ class MemoryStorage(Storage):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """See :meth:`Storage.request_cancel`."""
+        return self._request(
+            job_id,
+            JobEvent.CANCEL,
+            OutboxKind.CANCEL,
+            now,
+            holder,
+            lease_until,
+            REASON_CANCEL_REQUESTED,
+        )
+
+    async def request_pause(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """See :meth:`Storage.request_pause`."""
+        return self._request(
+            job_id,
+            JobEvent.PAUSE,
+            OutboxKind.CANCEL,
+            now,
+            holder,
+            lease_until,
+            REASON_PAUSE_REQUESTED,
+        )
+
+    async def request_resume(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """See :meth:`Storage.request_resume`."""
+        return self._request(
+            job_id, JobEvent.RESUME, OutboxKind.PUBLISH, now, holder, lease_until, REASON_RESUMED
+        )
+
+    def _request(
+        self,
+        job_id: str,
+        event: JobEvent,
+        kind: OutboxKind,
+        now: datetime,
+        holder: str,
+        lease_until: datetime,
+        reason: str,
+    ) -> tuple[JobRecord, bool]:
         store = self._data()
         with store.lock:
             row = store.jobs.get(job_id)
             if row is None:
                 raise UnknownJob(job_id)
-            applied, job = store.apply(
-                row,
-                JobEvent.CANCEL,
-                server_id=None,
-                fence=0,
-                now=now,
-                reason=REASON_CANCEL_REQUESTED,
-            )
+            applied, job = store.apply(row, event, server_id=None, fence=0, now=now, reason=reason)
             if applied:
-                store.add_outbox(job, OutboxKind.CANCEL, now, holder, lease_until)
+                store.add_outbox(job, kind, now, holder, lease_until)
             return job, applied
+
+    async def save_checkpoints(
+        self, server_id: str, checkpoints: Sequence[tuple[str, int, str]], now: datetime
+    ) -> list[str]:
+        """See :meth:`Storage.save_checkpoints`."""
+        for _, fence, _ in checkpoints:
+            check_transition(fence, None)
+        store = self._data()
+        saved: list[str] = []
+        with store.lock:
+            for job_id, fence, checkpoint in checkpoints:
+                row = store.jobs.get(job_id)
+                if (
+                    row is None
+                    or row.status.final
+                    or not _guard_holds(Guard.OWNER, row, server_id, fence)
+                    or (row.checkpoint_fence is not None and row.checkpoint_fence > fence)
+                ):
+                    continue
+                new = dataclasses.replace(
+                    row, checkpoint=checkpoint, checkpoint_fence=fence, checkpoint_at=now
+                )
+                store.put(row, new)
+                saved.append(job_id)
+        return saved
+
+    async def held_jobs(self) -> list[tuple[str, int]]:
+        """See :meth:`Storage.held_jobs`."""
+        store = self._data()
+        with store.lock:
+            ids = set()
+            for status in (JobStatus.PAUSING, JobStatus.PAUSED, JobStatus.QUARANTINED):
+                ids.update(store.by_status[status])
+            return [(job_id, store.jobs[job_id].generation) for job_id in sorted(ids)]
+
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """See :meth:`Storage.record_failure`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                return TransitionResult(applied=False, job=None)
+            if row.failure_seq != seq or row.status.final:
+                return TransitionResult(applied=False, job=row)
+            changes: dict[str, object] = {
+                "failure_seq": seq + 1,
+                "failure_log": failure_log,
+                "updated_at": now,
+            }
+            if quarantine is not None and row.status in (JobStatus.PENDING, JobStatus.PROCESSING):
+                changes["status"] = JobStatus.QUARANTINED
+                changes["reason"] = quarantine
+            new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+            store.put(row, new)
+            return TransitionResult(applied=True, job=new)
+
+    async def set_restart_budget(
+        self, job_id: str, max_restarts: int | None, restart_window: float | None
+    ) -> None:
+        """See :meth:`Storage.set_restart_budget`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is not None:
+                store.put(
+                    row,
+                    dataclasses.replace(
+                        row, max_restarts=max_restarts, restart_window=restart_window
+                    ),
+                )
 
     async def transition(
         self,
@@ -367,8 +497,10 @@ class MemoryStorage(Storage):
         reason: str | None = None,
     ) -> TransitionResult:
         """See :meth:`Storage.transition`."""
-        if event is JobEvent.SERVER_LOST:
-            raise ValueError("SERVER_LOST is applied by expire_servers() and server_left()")
+        if event in (JobEvent.SERVER_LOST, JobEvent.RESUME):
+            raise ValueError(
+                f"{event.value} is applied by expire_servers(), server_left() or request_resume()"
+            )
         check_transition(fence, restarts)
         store = self._data()
         with store.lock:

@@ -552,6 +552,11 @@ class MemoryTransport(Transport):
         """True while a connection to the broker is up (as far as the client knows)."""
         return self._link is not None and self._link.alive
 
+    @property
+    def connected(self) -> bool:
+        """:attr:`is_connected` (the contract's name)."""
+        return self.is_connected
+
     async def wait_connected(self) -> None:
         """Return once the transport is connected (again)."""
         await self._connected.wait()

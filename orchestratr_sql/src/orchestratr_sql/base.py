@@ -160,6 +160,15 @@ class SqlStorageBase(Storage):
             heartbeat_timeout=(
                 None if row["heartbeat_timeout"] is None else float(row["heartbeat_timeout"])
             ),
+            checkpoint=row.get("checkpoint"),
+            checkpoint_fence=_int_or_none(row.get("checkpoint_fence")),
+            checkpoint_at=d.time_out(row.get("checkpoint_at")),
+            max_restarts=_int_or_none(row.get("max_restarts")),
+            restart_window=(
+                None if row.get("restart_window") is None else float(row["restart_window"])
+            ),
+            failure_seq=int(row.get("failure_seq") or 0),
+            failure_log=row.get("failure_log"),
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:
@@ -214,3 +223,8 @@ class SqlStorageBase(Storage):
         """Close the pool. Idempotent."""
         self._opened = False
         await self.connector.close()
+
+
+def _int_or_none(value: object) -> int | None:
+    """A nullable integer column (drivers return int or Decimal)."""
+    return None if value is None else int(value)  # type: ignore[call-overload]

@@ -3,11 +3,24 @@
 URL: ``postgresql://user:password@host:5432/dbname?schema=name&pool_max=10``
 (also ``postgres://``). ``schema`` sets the ``search_path`` and is created by
 the migrations if missing, so one database can hold several isolated stores.
+
+A primary with standbys: name every node, comma-separated, as libpq does --
+``postgresql://user:password@db1:5432,db2:5432/dbname`` -- and every new
+connection goes to the first one that accepts writes
+(``target_session_attrs=read-write``, the default when several hosts are
+named; ``primary`` or ``any`` may be given instead). After a failover the
+connections to the old primary break, the operation in flight is retried whole
+(``retries``, ``retry_initial``, ``retry_max``) on a connection to the promoted
+node, and if the promotion takes longer than those attempts the caller gets
+:class:`~orchestratr_core.errors.BackendUnavailable` -- a transient error after
+which nothing of that operation was applied, or (a lost commit acknowledgement)
+all of it, never a part: every operation is one transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -28,7 +41,9 @@ __all__ = ["PostgresConnector", "make_connector", "orchestratr_make_storage"]
 _AUTH = {"28P01", "28000"}
 _UNKNOWN_DATABASE = {"3D000", "3F000"}
 _TRANSIENT = {"40001", "40P01", "55P03"}
-_UNAVAILABLE = {"57P01", "57P02", "57P03", "53300", "53400", "58030"}
+# 25006: a write reached a server in read-only mode (a standby, or a primary being
+# demoted): the next connection goes to the node that accepts writes.
+_UNAVAILABLE = {"57P01", "57P02", "57P03", "53300", "53400", "58030", "25006"}
 
 
 @hookimpl
@@ -90,12 +105,22 @@ class PostgresConnector(Connector):
 
     def _connect_args(self) -> dict[str, Any]:
         options = self.url.options
-        settings = {"application_name": "orchestratr"}
+        settings = {
+            "application_name": "orchestratr",
+            "idle_in_transaction_session_timeout": str(
+                max(1, round(options.idle_in_transaction_timeout * 1000))
+            ),
+        }
         if options.schema:
             settings["search_path"] = f'"{options.schema}"'
+        hosts = self.url.hosts or ((self.url.host, self.url.port),)
+        extra: dict[str, Any] = {}
+        if options.target_session_attrs is not None:
+            extra["target_session_attrs"] = options.target_session_attrs
         return {
-            "host": self.url.host,
-            "port": self.url.port,
+            **extra,
+            "host": [host for host, _ in hosts] if len(hosts) > 1 else hosts[0][0],
+            "port": [port for _, port in hosts] if len(hosts) > 1 else hosts[0][1],
             "user": self.url.user,
             "password": self.url.password,
             "database": self.url.database,
@@ -140,7 +165,12 @@ class PostgresConnector(Connector):
         no longer probes connections with a reset query) never hands it out
         again -- e.g. one left mid-protocol by a server restart."""
         if self.classify(exc) is ErrorKind.UNAVAILABLE:
-            raw.terminate()
+            import asyncpg
+
+            # A connection the server dropped is already closed and detached from
+            # its pool proxy, which then raises on any call: that must not hide ``exc``.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                raw.terminate()
 
     @asynccontextmanager
     async def transaction(self, *, write: bool = True) -> AsyncIterator[Connection]:
@@ -211,7 +241,9 @@ class PostgresConnector(Connector):
     def classify(self, exc: BaseException) -> ErrorKind | None:
         """By SQLSTATE: 28xxx auth, 3D000 unknown database, 40001/40P01 retry,
         23505 unique, 08xxx/57Pxx/53300 unavailable, 22xxx and other 23xxx data;
-        socket errors unavailable; asyncpg's own argument errors data."""
+        25006 (read-only: a standby) unavailable; socket errors and "no host
+        accepts writes" (during a failover) unavailable; asyncpg's own argument
+        errors data."""
         import asyncpg
         import asyncpg.exceptions._base
 
@@ -242,7 +274,9 @@ class PostgresConnector(Connector):
             return None
         if isinstance(exc, asyncpg.InternalClientError):
             # A connection left mid-protocol by a server restart ("cannot switch
-            # to state 15; another operation is in progress"): retry on another.
+            # to state 15; another operation is in progress"), or no host of the
+            # URL accepts writes (TargetServerAttributeNotMatched: the primary is
+            # dead, the standby not yet promoted): retry on another.
             return ErrorKind.UNAVAILABLE
         if isinstance(exc, OSError | ConnectionError | TimeoutError | asyncio.TimeoutError):
             return ErrorKind.UNAVAILABLE

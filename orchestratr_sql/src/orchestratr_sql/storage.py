@@ -29,6 +29,8 @@ from orchestratr_core.protocol import ServerHeartbeat
 from orchestratr_core.storage import (
     REASON_CANCEL_REQUESTED,
     REASON_NOT_REPORTED,
+    REASON_PAUSE_REQUESTED,
+    REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
     OutboxItem,
@@ -50,6 +52,9 @@ _TRANSITION_QUERY = {
     JobEvent.FAIL: "transition_fail",
     JobEvent.CANCEL: "transition_cancel",
     JobEvent.CONFIRM_DELETED: "transition_confirm_deleted",
+    JobEvent.PAUSE: "transition_pause",
+    JobEvent.CONFIRM_HELD: "transition_confirm_held",
+    JobEvent.QUARANTINE: "transition_quarantine",
 }
 """Which guarded UPDATE of common.sql implements which row of TRANSITIONS."""
 
@@ -242,10 +247,64 @@ class SqlStorage(SqlReads):
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
         """Guarded ``CANCEL`` plus a ``cancel`` outbox row, in one transaction."""
-        values = {"id": job_id, "now": self._t(now), "reason": REASON_CANCEL_REQUESTED}
+        return await self._request(
+            "request_cancel",
+            "transition_cancel",
+            OutboxKind.CANCEL,
+            job_id,
+            now,
+            holder,
+            lease_until,
+            REASON_CANCEL_REQUESTED,
+        )
 
-        async def cancel(conn: Connection) -> tuple[JobRecord, bool]:
-            changed = await conn.execute(self._q["transition_cancel"], values)
+    async def request_pause(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Guarded ``PAUSE`` plus a ``cancel`` outbox row (the stop set), in one transaction."""
+        return await self._request(
+            "request_pause",
+            "transition_pause",
+            OutboxKind.CANCEL,
+            job_id,
+            now,
+            holder,
+            lease_until,
+            REASON_PAUSE_REQUESTED,
+        )
+
+    async def request_resume(
+        self, job_id: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Guarded ``RESUME`` (a new generation) plus its ``publish`` outbox row."""
+        return await self._request(
+            "request_resume",
+            "transition_resume",
+            OutboxKind.PUBLISH,
+            job_id,
+            now,
+            holder,
+            lease_until,
+            REASON_RESUMED,
+        )
+
+    async def _request(
+        self,
+        what: str,
+        query: str,
+        kind: OutboxKind,
+        job_id: str,
+        now: datetime,
+        holder: str,
+        lease_until: datetime,
+        reason: str,
+    ) -> tuple[JobRecord, bool]:
+        """A client's guarded transition and, if it applied, its outbox row of
+        ``kind`` for the generation it left: one transaction."""
+        values = {"id": job_id, "now": self._t(now), "reason": reason}
+
+        async def request(conn: Connection) -> tuple[JobRecord, bool]:
+            changed = await conn.execute(self._q[query], values)
             row = await conn.fetch_one(self._q["select_job"], values)
             if row is None:
                 raise UnknownJob(job_id)
@@ -255,7 +314,7 @@ class SqlStorage(SqlReads):
                     self._q["insert_outbox"],
                     {
                         "job_id": job_id,
-                        "kind": OutboxKind.CANCEL.value,
+                        "kind": kind.value,
                         "generation": job.generation,
                         "now": self._t(now),
                         "holder": holder,
@@ -264,7 +323,81 @@ class SqlStorage(SqlReads):
                 )
             return job, changed > 0
 
-        return await self._run("request_cancel", cancel)
+        return await self._run(what, request)
+
+    async def save_checkpoints(
+        self, server_id: str, checkpoints: Sequence[tuple[str, int, str]], now: datetime
+    ) -> list[str]:
+        """One guarded ``UPDATE`` per checkpoint (a heartbeat carries only the
+        changed ones), in one transaction."""
+        for _, fence, _ in checkpoints:
+            check_transition(fence, None)
+
+        async def save(conn: Connection) -> list[str]:
+            saved = []
+            for job_id, fence, checkpoint in checkpoints:
+                values = {
+                    "id": job_id,
+                    "server_id": server_id,
+                    "fence": int(fence),
+                    "checkpoint": checkpoint,
+                    "now": self._t(now),
+                }
+                if await conn.execute(self._q["save_checkpoint"], values):
+                    saved.append(job_id)
+            return saved
+
+        if not checkpoints:
+            return []
+        return await self._run("save_checkpoints", save)
+
+    async def held_jobs(self) -> list[tuple[str, int]]:
+        """``(id, generation)`` of every held job, in one query."""
+
+        async def read(conn: Connection) -> list[tuple[str, int]]:
+            rows = await conn.fetch(self._q["select_held_jobs"], {})
+            return [(str(row["id"]), int(row["generation"])) for row in rows]
+
+        return await self._run("held_jobs", read, write=False, statement=True)
+
+    async def record_failure(
+        self,
+        job_id: str,
+        *,
+        seq: int,
+        failure_log: str,
+        now: datetime,
+        quarantine: str | None = None,
+    ) -> TransitionResult:
+        """One compare-and-set ``UPDATE`` (``record_failure``), then the row."""
+        values = {
+            "id": job_id,
+            "seq": int(seq),
+            "failure_log": failure_log,
+            "quarantine": quarantine,
+            "quarantined": 0 if quarantine is None else 1,
+            "now": self._t(now),
+        }
+
+        async def record(conn: Connection) -> TransitionResult:
+            changed = await conn.execute(self._q["record_failure"], values)
+            row = await conn.fetch_one(self._q["select_job"], values)
+            return TransitionResult(
+                applied=changed > 0, job=None if row is None else self._job(row)
+            )
+
+        return await self._run("record_failure", record)
+
+    async def set_restart_budget(
+        self, job_id: str, max_restarts: int | None, restart_window: float | None
+    ) -> None:
+        """Record a job's restart budget (right after creating it)."""
+        values = {"id": job_id, "max_restarts": max_restarts, "restart_window": restart_window}
+
+        async def update(conn: Connection) -> None:
+            await conn.execute(self._q["set_restart_budget"], values)
+
+        await self._run("set_restart_budget", update, statement=True)
 
     async def transition(
         self,
@@ -281,7 +414,9 @@ class SqlStorage(SqlReads):
         """One guarded UPDATE (see ``common.sql``), then the row as it is now."""
         name = _TRANSITION_QUERY.get(event)
         if name is None:
-            raise ValueError(f"{event.value} is applied by expire_servers/server_left")
+            raise ValueError(
+                f"{event.value} is applied by expire_servers/server_left/request_resume"
+            )
         check_transition(fence, restarts)
         values = {
             "id": job_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -59,6 +59,17 @@ class StorageOptions:
     """PostgreSQL: the schema to use (``search_path``); created by migrations."""
     statement_cache_size: int = 100
     """PostgreSQL: prepared statements cached per connection (0 behind PgBouncer)."""
+    idle_in_transaction_timeout: float = 5.0
+    """PostgreSQL: the server ends a session of ours that sits this long inside a
+    transaction (``idle_in_transaction_session_timeout``). Our transactions send
+    their statements back to back, so only a client cut off mid-transaction (a
+    partition: nothing closes) sits there -- holding row locks that every other
+    manager would wait on until TCP gave up, hours later."""
+    target_session_attrs: str | None = None
+    """PostgreSQL: which of the URL's hosts to use, as libpq's option of that
+    name: ``read-write`` (the default when the URL names several hosts: the
+    first host that accepts writes, i.e. the primary), ``primary`` or ``any``.
+    The storage writes, so the standby targets are refused."""
     odbc: Mapping[str, str] = field(default_factory=dict)
     """SQL Server plugin only: further ODBC connection-string keywords
     (``Encrypt``, ``TrustServerCertificate``, ...)."""
@@ -71,9 +82,11 @@ _FLOAT_FIELDS = {
     "acquire_timeout",
     "retry_initial",
     "retry_max",
+    "idle_in_transaction_timeout",
 }
 _BOOL_FIELDS = {"migrate"}
-_STR_FIELDS = {"schema"}
+_STR_FIELDS = {"schema", "target_session_attrs"}
+_WRITABLE_TARGETS = ("read-write", "primary", "any")
 _KNOWN = _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS
 
 
@@ -85,7 +98,9 @@ class DatabaseUrl:
     """``sqlite``, ``postgresql``, ``mysql`` or ``sqlserver`` (the plugin name)."""
     raw: str = field(repr=False)
     host: str | None = None
+    """The first (or only) host."""
     port: int | None = None
+    """The first (or only) host's port."""
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     database: str | None = None
@@ -93,6 +108,9 @@ class DatabaseUrl:
     driver: str | None = None
     """SQL Server: the ODBC driver name."""
     options: StorageOptions = field(default_factory=StorageOptions)
+    hosts: tuple[tuple[str, int], ...] = ()
+    """Every ``(host, port)`` the URL names, in order (PostgreSQL may name
+    several: ``postgresql://user@h1:5432,h2:5432/db``); empty for SQLite."""
 
     @property
     def masked(self) -> str:
@@ -119,7 +137,7 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> DatabaseUrl
     """
     try:
         parts = urlsplit(url)
-        port = parts.port
+        hosts = _hosts(parts.netloc.rpartition("@")[2])
     except ValueError as exc:
         # The parser's reason may quote a piece of the password ("port 'ab'").
         reason = "a password must percent-encode '/', '?', '#' and '@'" if "@" in url else str(exc)
@@ -141,17 +159,38 @@ def parse_url(url: str, options: Mapping[str, Any] | None = None) -> DatabaseUrl
         )
     if dialect == "sqlserver" and not driver:
         driver = "ODBC Driver 18 for SQL Server"
+    if len(hosts) > 1 and dialect != "postgresql":
+        raise ConfigurationError(
+            f"database URL {mask_url(url)!r} names several hosts; only PostgreSQL "
+            "URLs may (postgresql://user@host1:5432,host2:5432/db)"
+        )
+    if dialect == "postgresql" and len(hosts) > 1 and opts.target_session_attrs is None:
+        opts = replace(opts, target_session_attrs="read-write")
+    default_port = _DEFAULT_PORTS[dialect]
+    all_hosts = tuple((host or "localhost", port or default_port) for host, port in hosts)
     return DatabaseUrl(
         dialect=dialect,
         raw=url,
-        host=parts.hostname or "localhost",
-        port=port or _DEFAULT_PORTS[dialect],
+        hosts=all_hosts,
+        host=all_hosts[0][0],
+        port=all_hosts[0][1],
         user=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password is not None else None,
         database=database,
         driver=str(driver) if driver else None,
         options=opts,
     )
+
+
+def _hosts(netloc_hosts: str) -> list[tuple[str | None, int | None]]:
+    """``host[:port]`` items of a comma-separated list (``[v6]:port`` too);
+    ``ValueError`` for a port that is not a number in range."""
+    found: list[tuple[str | None, int | None]] = []
+    for spec in netloc_hosts.split(","):
+        parts = urlsplit(f"//{spec}")
+        port = parts.port
+        found.append((unquote(parts.hostname) if parts.hostname else None, port))
+    return found
 
 
 def _sqlite_path(url: str) -> str:
@@ -191,6 +230,13 @@ def _options(dialect: str, values: Mapping[str, Any], masked: str) -> StorageOpt
             raise ConfigurationError(
                 f"unknown option {key!r} for {dialect} storage ({masked}); known: {known}"
             )
+    target = kwargs.get("target_session_attrs")
+    if target is not None and (dialect != "postgresql" or target not in _WRITABLE_TARGETS):
+        raise ConfigurationError(
+            f"target_session_attrs={target!r} is not possible for a {dialect} storage "
+            f"({masked}): PostgreSQL only, one of {', '.join(_WRITABLE_TARGETS)} "
+            "(the storage writes, so it needs a server that accepts writes)"
+        )
     schema = kwargs.get("schema")
     if schema is not None and not _IDENTIFIER.match(schema):
         raise ConfigurationError(f"schema {schema!r} is not a plain SQL identifier")

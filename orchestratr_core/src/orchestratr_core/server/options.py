@@ -30,6 +30,12 @@ class ServerOptions:
     freeze_gc: bool = True
     """Keep the objects of long-running jobs out of the garbage collector's full
     passes once a server holds thousands of them (:class:`GcFreezer`)."""
+    checkpoint_wait: float = 5.0
+    """Seconds a job taken from a redelivered message (its previous owner died or
+    handed it back) waits for the manager to send its latest checkpoint before
+    the job function starts without it (no manager running, or one of an older
+    version). Only for job functions marked
+    :func:`~orchestratr_core.lifecycle.checkpointed`."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "restart_initial", "restart_max"):

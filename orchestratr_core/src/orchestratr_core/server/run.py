@@ -16,6 +16,7 @@ from typing import Any
 
 from orchestratr_core import protocol as p
 from orchestratr_core.job import JobArgument
+from orchestratr_core.lifecycle import validate_checkpoint
 from orchestratr_core.runner import StopToken
 from orchestratr_core.transport import Delivery
 
@@ -60,6 +61,13 @@ class Run:
     loss_watch: asyncio.Future[Any] | None = None
     report: p.RunningJob | None = None
     """What the last heartbeat said about this job (reused while it holds)."""
+    checkpoint: str | None = None
+    """The latest checkpoint this copy knows (its own, or the one it started with)."""
+    unsent_checkpoint: bool = False
+    """``checkpoint`` was recorded by the job and is not in a heartbeat yet."""
+    handover: asyncio.Future[str | None] | None = None
+    """Set while a copy from a redelivered message waits for the manager's
+    :class:`~orchestratr_core.protocol.JobCheckpoint`."""
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
@@ -69,7 +77,13 @@ class Run:
         self.token.request_stop(self.stop_reason.value)
         self.alert()
 
-    def beat(self) -> None:
+    def beat(self, checkpoint: str | None = None) -> None:
+        """``heartbeat()`` of the job function; ``checkpoint`` records a checkpoint
+        (at most 64 KiB: :class:`InvalidJobInput` above) that travels with the
+        next server heartbeat."""
+        if checkpoint is not None:
+            self.checkpoint = validate_checkpoint(checkpoint)
+            self.unsent_checkpoint = True
         self.last_heartbeat = time.time()
 
     def reported(self) -> p.RunningJob:
@@ -77,6 +91,12 @@ class Run:
         thousands of objects every heartbeat costs CPU, and full collections of
         the garbage collector as they pile up."""
         report = self.report
+        if self.unsent_checkpoint:
+            self.unsent_checkpoint = False
+            self.report = None  # the checkpoint goes once; the next report is built plain
+            return p.RunningJob(
+                self.arg.job_id, self.arg.fence, self.last_heartbeat, self.restarts, self.checkpoint
+            )
         if (
             report is None
             or report.last_heartbeat != self.last_heartbeat

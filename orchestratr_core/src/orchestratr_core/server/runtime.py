@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -48,10 +49,12 @@ from orchestratr_core.job import (
     JobArgument,
     make_fence,
     new_id,
+    split_fence,
 )
+from orchestratr_core.lifecycle import is_checkpointed, parse_hold
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay, retrying
-from orchestratr_core.runner import JobRunner, StopToken
+from orchestratr_core.runner import Heartbeat, JobRunner, StopToken
 from orchestratr_core.server.options import ServerOptions, check_server_name
 from orchestratr_core.server.outbox import EventOutbox
 from orchestratr_core.server.run import GcFreezer, Outcome, Run
@@ -61,7 +64,7 @@ __all__ = ["JobFunction", "OrchestratedServer"]
 
 log = logging.getLogger("orchestratr.server")
 
-JobFunction = Callable[[JobArgument, StopToken, Callable[[], None]], Any]
+JobFunction = Callable[[JobArgument, StopToken, Heartbeat], Any]
 """``async def job(arg, token, heartbeat)`` — or a plain blocking function."""
 
 
@@ -107,10 +110,13 @@ class OrchestratedServer:
             self._plugins.make_transport(transport) if isinstance(transport, str) else transport
         )
         self._job = job
+        self._checkpointed = is_checkpointed(job)
         self._runner: JobRunner = self._plugins.make_runner(job)
         self._runner.resize(max_workers)
         self._runs: dict[str, Run] = {}
         self._cancelled: set[str] = set()
+        self._held: dict[str, int] = {}
+        """Hold marks: job id -> the largest generation no copy may run."""
         self._consumer: JobConsumer | None = None
         self._commands: Subscription | None = None
         self._outbox = EventOutbox(
@@ -134,8 +140,13 @@ class OrchestratedServer:
     # -- public API -----------------------------------------------------------------
 
     def running(self) -> dict[str, JobArgument]:
-        """Jobs running now (not being stopped): job id -> argument."""
-        return {jid: run.arg for jid, run in self._runs.items() if run.stop_reason is None}
+        """Jobs running now (not being stopped, nor waiting for their checkpoint):
+        job id -> argument."""
+        return {
+            jid: run.arg
+            for jid, run in self._runs.items()
+            if run.stop_reason is None and run.handover is None
+        }
 
     @property
     def transport(self) -> Transport:
@@ -152,7 +163,8 @@ class OrchestratedServer:
         self._commands, cancelled = await self._transport.consume_commands(
             self.id, self._on_command
         )
-        self._cancelled.update(cancelled)
+        for entry in cancelled:
+            self._note_cancellation(entry)
         self._tasks.append(spawn(self._outbox.pump(), name="orchestratr-events", logger=log))
         self._outbox.publish(self._heartbeat_event())
         self._consumer = await self._transport.consume_jobs(self.max_workers, self._on_delivery)
@@ -163,6 +175,19 @@ class OrchestratedServer:
         log.info(
             "server started id=%s name=%s max_workers=%d", self.id, self.name, self.max_workers
         )
+
+    async def readiness(self) -> str | None:
+        """``None`` when this server can take and hold jobs now, else one line
+        saying why not: not started, stopping (draining), or no live broker
+        session (cut off: its fence gave the session up, or it is reconnecting).
+        ``/readyz`` answers with it (:mod:`orchestratr_core.health`)."""
+        if self._consumer is None:
+            return "not started"
+        if self._draining or self._stopped.is_set():
+            return "stopping: handing its jobs over"
+        if not self._transport.connected:
+            return "no live broker session (reconnecting)"
+        return None
 
     async def stop(self, *, handover: bool = True) -> None:
         """Stop gracefully: take no more jobs, stop every job cooperatively (hard
@@ -248,8 +273,8 @@ class OrchestratedServer:
         if self._draining:
             await self._settle(delivery, release=True)
             return
-        if message.job_id in self._cancelled:
-            log.info("dropping cancelled job job_id=%s fence=%d", message.job_id, fence)
+        if message.job_id in self._cancelled or self._is_held(message.job_id, fence):
+            log.info("dropping cancelled or held job job_id=%s fence=%d", message.job_id, fence)
             if await self._settle(delivery, release=False):
                 self._outbox.publish(
                     p.JobDiscarded(
@@ -271,14 +296,23 @@ class OrchestratedServer:
                 return
             previous.request_stop(p.StopReason.SUPERSEDED)
         arg = JobArgument(
-            job_id=message.job_id, name=message.name, argument=message.argument, fence=fence
+            job_id=message.job_id,
+            name=message.name,
+            argument=message.argument,
+            fence=fence,
+            checkpoint=message.checkpoint,
         )
         run = Run(
             delivery=delivery,
             arg=arg,
             token=StopToken(lease=_lease_of(delivery)),
             heartbeat_timeout=message.heartbeat_timeout,
+            checkpoint=message.checkpoint,
         )
+        if delivery.delivery_count > 0 and self._checkpointed:
+            # Redelivered: an earlier owner may have recorded a newer checkpoint
+            # than the message carries; the manager sends it after our start.
+            run.handover = asyncio.get_running_loop().create_future()
         self._runs[message.job_id] = run
         run.task = asyncio.create_task(
             self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
@@ -321,6 +355,10 @@ class OrchestratedServer:
                     ),
                     arg.name,
                 )
+                if run.handover is not None and not await self._await_checkpoint(run):
+                    break
+                if arg.checkpoint != run.checkpoint:
+                    arg = run.arg = dataclasses.replace(arg, checkpoint=run.checkpoint)
                 job_task: asyncio.Task[None] = asyncio.create_task(
                     self._runner.run(self._job, arg, run.token, run.beat)
                 )
@@ -387,6 +425,47 @@ class OrchestratedServer:
             self._gc.ended += 1
             await self._finish(run, forced=forced, error=error)
             self._update_capacity()
+
+    async def _await_checkpoint(self, run: Run) -> bool:
+        """Wait (at most ``checkpoint_wait``, or until stopped) for the manager's
+        :class:`~protocol.JobCheckpoint` of a redelivered job. False if the job
+        was told to stop meanwhile."""
+        handover = run.handover
+        assert handover is not None
+        deadline = time.monotonic() + self.options.checkpoint_wait
+        while not handover.done() and run.stop_reason is None:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                log.warning(
+                    "no checkpoint from the manager within %.1f s job_id=%s fence=%d: "
+                    "starting with the message's",
+                    self.options.checkpoint_wait,
+                    run.arg.job_id,
+                    run.arg.fence,
+                )
+                break
+            await run.sleep(wait)
+        if handover.done():
+            run.checkpoint = handover.result()
+        run.handover = None
+        return run.stop_reason is None
+
+    def _is_held(self, job_id: str, fence: int) -> bool:
+        """True if a hold mark covers this copy's generation."""
+        held = self._held.get(job_id)
+        return held is not None and split_fence(fence)[0] <= held
+
+    def _note_cancellation(self, entry: str) -> str | None:
+        """Record a cancellation-set entry: a cancelled job id, or a hold mark.
+        Returns the job id a hold mark names (``None`` for a cancellation)."""
+        hold = parse_hold(entry)
+        if hold is None:
+            self._cancelled.add(entry)
+            return None
+        job_id, generation = hold
+        if generation > self._held.get(job_id, -1):
+            self._held[job_id] = generation
+        return job_id
 
     async def _stop_job(self, run: Run, job_task: asyncio.Task[None]) -> bool:
         """Stop the job function; True if it had to be cancelled hard."""
@@ -460,11 +539,23 @@ class OrchestratedServer:
 
     async def _on_command(self, command: p.Command) -> None:
         if isinstance(command, p.CancelJob):
-            self._cancelled.add(command.job_id)
+            held = self._note_cancellation(command.job_id)
+            if held is not None:
+                run = self._runs.get(held)
+                if run is not None and self._is_held(held, run.arg.fence):
+                    log.info("hold job_id=%s fence=%d", held, run.arg.fence)
+                    run.request_stop(p.StopReason.HELD)
+                return
             run = self._runs.get(command.job_id)
             if run is not None:
                 log.info("cancel job_id=%s fence=%d", command.job_id, run.arg.fence)
                 run.request_stop(p.StopReason.CANCELLED)
+        elif isinstance(command, p.JobCheckpoint):
+            run = self._runs.get(command.job_id)
+            if run is not None and run.arg.fence == command.fence and run.handover is not None:
+                if not run.handover.done():
+                    run.handover.set_result(command.checkpoint)
+                run.alert()
         elif isinstance(command, p.StopJob):
             run = self._runs.get(command.job_id)
             if run is None:

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
 from orchestratr_core import metrics as _metrics
@@ -81,13 +81,20 @@ class WebBackend:
     client: OrchestratorClient
     monitor: OrchestratorMonitor
     drain: Callable[[str], Awaitable[None]]
+    ready: Callable[[], Awaitable[str | None]] | None = None
+    """``/readyz``: ``None`` when ready, else why not (see :mod:`orchestratr_core.health`)."""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
     @classmethod
     def of(cls, manager: Any) -> WebBackend:
         """The backend of a :class:`~orchestratr_core.manager.ServerManager`
         (started by its owner)."""
-        return cls(client=manager.client, monitor=manager.monitor, drain=manager.drain_server)
+        return cls(
+            client=manager.client,
+            monitor=manager.monitor,
+            drain=manager.drain_server,
+            ready=manager.readiness,
+        )
 
     @classmethod
     async def open(cls, storage: Any, transport: Any) -> WebBackend:
@@ -118,6 +125,13 @@ class WebBackend:
             await manager.storage.close()
             raise
         backend = cls.of(manager)
+
+        async def ready() -> str | None:
+            if not manager.transport.connected:
+                return "no live broker session (reconnecting)"
+            return None if await manager.storage_answers() else "the storage does not answer"
+
+        backend.ready = ready
         backend._closers += [manager.transport.close, manager.storage.close]
         return backend
 
@@ -376,6 +390,36 @@ def create_app(
         that is already cancelled or completed changes nothing."""
         return job_out(await backend.client.mark_on_deleting(plain(job_id, "job", status=404)))
 
+    @app.post(
+        "/api/jobs/{job_id}/pause",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Pause a job",
+    )
+    async def pause_job(job_id: str) -> JobOut:
+        """Pause a job, durably: it stops wherever it runs (``pausing`` until a
+        server confirms, then ``paused``) and does not run again until resumed.
+        Pausing a job that is not pending or processing changes nothing."""
+        return job_out(await backend.client.pause(plain(job_id, "job", status=404)))
+
+    @app.post(
+        "/api/jobs/{job_id}/resume",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=problem_responses(404, 503),
+        tags=["jobs"],
+        summary="Resume a paused or quarantined job",
+    )
+    async def resume_job(job_id: str) -> JobOut:
+        """Resume a ``paused`` or ``quarantined`` job (``pending`` again, with its
+        latest checkpoint and a fresh restart budget). A job still ``pausing``, or
+        in any other status, is returned unchanged."""
+        return job_out(await backend.client.resume(plain(job_id, "job", status=404)))
+
     # -- servers --------------------------------------------------------------------
 
     @app.get(
@@ -445,6 +489,19 @@ def create_app(
     async def health() -> Health:
         """Always answers (no token needed; says nothing about the fleet)."""
         return Health(status="ok", auth="loopback" if policy.open_locally else "token")
+
+    # -- probes (orchestratr_core.health): no token, nothing about the fleet ---------
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> PlainTextResponse:
+        """Liveness: answering at all means the event loop runs."""
+        return PlainTextResponse("ok\n")
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> PlainTextResponse:
+        """Readiness: broker and storage reachable (a manager: consuming events)."""
+        reason = await backend.ready() if backend.ready is not None else None
+        return PlainTextResponse(f"{reason or 'ok'}\n", status_code=503 if reason else 200)
 
     # -- metrics ----------------------------------------------------------------------
 

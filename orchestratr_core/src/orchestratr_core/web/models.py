@@ -51,6 +51,13 @@ class CreateJob(BaseModel):
     )
 
 
+class FailureOut(BaseModel):
+    """One failure of a job: its function raised, or its server died holding it."""
+
+    at: datetime
+    error: str
+
+
 class JobOut(BaseModel):
     """A job."""
 
@@ -70,6 +77,24 @@ class JobOut(BaseModel):
     restarts: int = Field(description="How often the job function failed and was restarted")
     last_error: str | None
     reason: str | None = Field(description="Why the job last changed status, when not obvious")
+    checkpoint_size: int | None = Field(
+        default=None, description="Bytes of the latest stored checkpoint (none: null)"
+    )
+    checkpoint_at: datetime | None = Field(default=None, description="When it was stored")
+    checkpoint_fence: int | None = Field(
+        default=None, description="Fencing token of the owner that wrote it"
+    )
+    max_restarts: int | None = Field(default=None, description="Restart budget (null: default)")
+    restart_window: float | None = Field(
+        default=None, description="Restart budget's window in seconds (null: default)"
+    )
+    failures: int = Field(default=0, description="Failures counted against the budget, ever")
+    last_errors: list[FailureOut] = Field(
+        default_factory=list, description="The latest failures, oldest first"
+    )
+    quarantine_reason: str | None = Field(
+        default=None, description="Why the job is quarantined (when it is)"
+    )
 
 
 class JobPageOut(BaseModel):
@@ -148,7 +173,8 @@ def server_out(server: ServerRecord) -> ServerOut:
 
 
 def job_out(job: JobRecord) -> JobOut:
-    return JobOut.model_validate(job)
+    """The API's view of a job: its record as :meth:`JobRecord.to_dict` shows it."""
+    return JobOut.model_validate(job.to_dict())
 
 
 # -- input checks that keep odd bytes away from the storage ---------------------------

@@ -56,9 +56,9 @@ UPDATE jobs SET last_error = :error, restarts = COALESCE(:restarts, restarts),
 WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
 
 -- name: transition_cancel
--- CANCEL: pending|processing -> deleting, no guard; the owner stays (it confirms).
+-- CANCEL: pending|processing (or held) -> deleting, no guard; the owner stays (it confirms).
 UPDATE jobs SET status = 'deleting', updated_at = :now, reason = :reason
-WHERE id = :id AND status IN ('pending', 'processing');
+WHERE id = :id AND status IN ('pending', 'processing', 'pausing', 'paused', 'quarantined');
 
 -- name: transition_confirm_deleted
 -- CONFIRM_DELETED: deleting -> deleted, guard NOT_OLDER, clears the owner.
@@ -68,10 +68,11 @@ WHERE id = :id
   AND (server_id IS NULL OR fence <= :fence);
 
 -- name: release_server_jobs
--- SERVER_LOST in bulk: processing -> pending, deleting stays, owner cleared.
+-- SERVER_LOST in bulk: processing -> pending, deleting and held stay, owner cleared.
 UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
                 server_id = NULL, updated_at = :now, reason = :reason
-WHERE server_id = :server_id AND status IN ('processing', 'deleting');
+WHERE server_id = :server_id
+  AND status IN ('processing', 'deleting', 'pausing', 'quarantined');
 
 -- name: select_expired_servers
 SELECT * FROM servers
@@ -121,3 +122,62 @@ DELETE FROM outbox WHERE job_id = :job_id AND kind = :kind AND claimed_by = :hol
 SELECT server_id, COUNT(*) AS running FROM jobs
 WHERE status = 'processing' AND server_id IS NOT NULL
 GROUP BY server_id;
+
+-- Lifecycle controls (orchestratr_core.lifecycle).
+
+-- name: transition_pause
+-- PAUSE: pending|processing -> pausing, no guard; the owner stays (it confirms).
+UPDATE jobs SET status = 'pausing', updated_at = :now, reason = :reason
+WHERE id = :id AND status IN ('pending', 'processing');
+
+-- name: transition_confirm_held
+-- CONFIRM_HELD: pausing -> paused, quarantined stays (with its reason), guard
+-- NOT_OLDER, clears the owner. reason before status: MySQL assigns left to right.
+UPDATE jobs SET reason = CASE WHEN status = 'quarantined' THEN reason ELSE :reason END,
+                status = CASE WHEN status = 'pausing' THEN 'paused' ELSE status END,
+                server_id = NULL, updated_at = :now
+WHERE id = :id
+  AND status IN ('pausing', 'quarantined')
+  AND (server_id IS NULL OR fence <= :fence);
+
+-- name: transition_resume
+-- RESUME: paused|quarantined -> pending, guard UNOWNED, a new generation and a
+-- fresh restart budget (the failure log is emptied; failure_seq keeps counting).
+UPDATE jobs SET status = 'pending', generation = generation + 1, updated_at = :now,
+                reason = :reason, failure_log = NULL
+WHERE id = :id AND status IN ('paused', 'quarantined') AND server_id IS NULL;
+
+-- name: transition_quarantine
+-- QUARANTINE: processing -> quarantined, guard OWNER; records the error.
+UPDATE jobs SET status = 'quarantined', last_error = COALESCE(:error, last_error),
+                restarts = COALESCE(:restarts, restarts), updated_at = :now, reason = :reason
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
+
+-- name: save_checkpoint
+-- A checkpoint of the job's recorded owner only (guard OWNER), never below the
+-- token of the checkpoint it replaces (I9).
+UPDATE jobs SET checkpoint = :checkpoint, checkpoint_fence = :fence, checkpoint_at = :now
+WHERE id = :id
+  AND status NOT IN ('deleted', 'completed')
+  AND server_id = :server_id AND fence = :fence
+  AND (checkpoint_fence IS NULL OR checkpoint_fence <= :fence);
+
+-- name: select_held_jobs
+-- Held jobs and their generation: the hold marks of the servers' cancellation set.
+SELECT id, generation FROM jobs WHERE status IN ('pausing', 'paused', 'quarantined') ORDER BY id;
+
+-- name: set_restart_budget
+UPDATE jobs SET max_restarts = :max_restarts, restart_window = :restart_window WHERE id = :id;
+
+-- name: record_failure
+-- One more failure, compare-and-set on failure_seq; a spent budget quarantines a
+-- live job (owner kept: it confirms). reason before status: MySQL assigns left to right.
+UPDATE jobs SET
+    reason = CASE WHEN :quarantined = 1 AND status IN ('pending', 'processing')
+                  THEN :quarantine ELSE reason END,
+    status = CASE WHEN :quarantined = 1 AND status IN ('pending', 'processing')
+                  THEN 'quarantined' ELSE status END,
+    failure_seq = failure_seq + 1,
+    failure_log = :failure_log,
+    updated_at = :now
+WHERE id = :id AND failure_seq = :seq AND status NOT IN ('deleted', 'completed');

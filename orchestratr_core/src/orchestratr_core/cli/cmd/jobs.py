@@ -1,4 +1,4 @@
-"""``orchestratr jobs create | cancel | list | show``."""
+"""``orchestratr jobs create | cancel | list | show | pause | resume``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from orchestratr_core.cli.api import (
     OpenStorage,
     ago,
+    duration,
     fence_label,
     positive_int,
     print_json,
@@ -17,6 +18,7 @@ from orchestratr_core.cli.api import (
 )
 from orchestratr_core.client import OrchestratorClient
 from orchestratr_core.display import printable
+from orchestratr_core.errors import InvalidJobInput
 from orchestratr_core.job import (
     JobQuery,
     JobRecord,
@@ -80,6 +82,32 @@ def add_commands(
     )
     show.add_argument("id", help="job id")
     show.set_defaults(handler=_cmd_jobs_show)
+    # Lifecycle controls (orchestratr_core.lifecycle): appended, the commands above unchanged.
+    create.add_argument(
+        "--max-restarts",
+        type=_count,
+        metavar="N",
+        help="restart budget: quarantine the job after more than N failures within the window",
+    )
+    create.add_argument(
+        "--restart-window",
+        type=duration,
+        metavar="S",
+        help="the restart budget's window in seconds",
+    )
+    for name, verb, handler in (
+        ("pause", "pause a job, or a selection, until resumed", _cmd_jobs_pause),
+        ("resume", "resume a paused or quarantined job, or a selection", _cmd_jobs_resume),
+    ):
+        command = job_commands.add_parser(
+            name, parents=[parents.common, parents.storage, parents.as_json], help=verb
+        )
+        command.add_argument("id", nargs="?", help="job id (or select with --kind / --name-prefix)")
+        command.add_argument("--kind", metavar="K", help="every job of kind K")
+        command.add_argument(
+            "--name-prefix", metavar="P", help="every job whose name starts with P"
+        )
+        command.set_defaults(handler=handler)
 
 
 async def _cmd_jobs_create(args: argparse.Namespace) -> int:
@@ -87,7 +115,12 @@ async def _cmd_jobs_create(args: argparse.Namespace) -> int:
     validate_name(args.name)
     validate_argument(args.argument)
     async with OpenStorage(storage_url(args, must_exist=False)) as storage:
-        job_id = await OrchestratorClient(storage).create_job(args.name, args.argument)
+        job_id = await OrchestratorClient(storage).create_job(
+            args.name,
+            args.argument,
+            max_restarts=args.max_restarts,
+            restart_window=args.restart_window,
+        )
     if args.json:
         print_json({"id": job_id, "name": args.name, "status": JobStatus.PENDING.value})
     else:
@@ -109,6 +142,57 @@ async def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
     else:
         print(f"job {job.name!r} ({job.id}) is {job.status.value}; nothing to cancel")
     return 0
+
+
+async def _cmd_jobs_pause(args: argparse.Namespace) -> int:
+    return await _hold_or_release(args, pause=True)
+
+
+async def _cmd_jobs_resume(args: argparse.Namespace) -> int:
+    return await _hold_or_release(args, pause=False)
+
+
+async def _hold_or_release(args: argparse.Namespace, *, pause: bool) -> int:
+    """``jobs pause`` / ``jobs resume``: one job by id, or a selection."""
+    selection = args.kind is not None or args.name_prefix is not None
+    if (args.id is None) == (not selection):
+        raise InvalidJobInput("give a job id, or select jobs with --kind and/or --name-prefix")
+    async with OpenStorage(storage_url(args, must_exist=True)) as storage:
+        client = OrchestratorClient(storage)
+        if args.id is not None:
+            job = await (client.pause(args.id) if pause else client.resume(args.id))
+            jobs = [job]
+        elif pause:
+            jobs = await client.pause_jobs(name_prefix=args.name_prefix, kind=args.kind)
+        else:
+            jobs = await client.resume_jobs(name_prefix=args.name_prefix, kind=args.kind)
+    if args.json:
+        print_json(jobs[0].to_dict() if args.id is not None else [j.to_dict() for j in jobs])
+        return 0
+    if args.id is None:
+        print(f"{'paused' if pause else 'resumed'} {len(jobs)} job(s)")
+        for job in jobs:
+            print(f"  {job.id}  {printable(short(job.name))}  {job.status.value}")
+        return 0
+    job = jobs[0]
+    wanted = (JobStatus.PAUSING, JobStatus.PAUSED) if pause else (JobStatus.PENDING,)
+    if job.status in wanted:
+        what = "is pausing; a running manager stops it" if pause else "is resumed"
+        print(f"job {printable(job.name)!r} ({job.id}) {what}")
+        return 0
+    hint = (
+        " (still pausing: resume it once it is paused)" if job.status is JobStatus.PAUSING else ""
+    )
+    print(
+        f"job {printable(job.name)!r} ({job.id}) is {job.status.value}; "
+        f"nothing to {'pause' if pause else 'resume'}{hint}"
+    )
+    return 1
+
+
+def _count(text: str) -> int:
+    """An argparse type: a count within 0..MAX_COUNT."""
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 async def _server_names(storage: Storage) -> dict[str, str]:
@@ -188,6 +272,20 @@ async def _cmd_jobs_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_label(job: JobRecord) -> str | None:
+    if job.checkpoint is None or job.checkpoint_at is None:
+        return None
+    return f"{len(job.checkpoint.encode('utf-8'))} bytes, stored {ago(job.checkpoint_at)}"
+
+
+def _budget_label(job: JobRecord) -> str | None:
+    if job.max_restarts is None and job.restart_window is None:
+        return None
+    limit = "default" if job.max_restarts is None else job.max_restarts
+    window = "the default window" if job.restart_window is None else f"{job.restart_window:g} s"
+    return f"at most {limit} failures within {window}"
+
+
 def _print_job(job: JobRecord, names: dict[str, str]) -> None:
     rows = [
         ("id", job.id),
@@ -205,6 +303,13 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("last error", job.last_error),
         ("reason", job.reason),
     ]
+    # The lifecycle's rows only when they have something to say.
+    lifecycle = [
+        ("checkpoint", _checkpoint_label(job)),
+        ("failures", job.failure_seq or None),
+        ("restart budget", _budget_label(job)),
+    ]
+    rows += [(key, value) for key, value in lifecycle if value is not None]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import importlib
 import logging
@@ -72,7 +73,7 @@ def add_commands(
     server.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics here (needs prometheus-client)",
+        help="serve Prometheus metrics here, and /healthz and /readyz (needs prometheus-client)",
     )
     server.add_argument("--otel", action="store_true", help="emit OpenTelemetry spans and metrics")
     server.set_defaults(handler=_cmd_server)
@@ -93,6 +94,13 @@ def add_commands(
         type=duration,
         metavar="S",
         help="seconds between the leader's rounds: dead servers, outbox (default 1)",
+    )
+    manager.add_argument(
+        "--leader-lease",
+        type=duration,
+        metavar="S",
+        help="the leader's lease: another manager takes its duties over at most this long "
+        "(plus one sweep) after it died or lost the database (default 10)",
     )
     manager.add_argument(
         "--rebalance-interval",
@@ -207,9 +215,11 @@ async def _cmd_server(args: argparse.Namespace) -> int:
         install()
     metrics = None
     if args.metrics:
+        from orchestratr_core.health import HealthProbe
         from orchestratr_core.metrics import parse_listen_address, start_metrics_server
 
-        metrics = start_metrics_server(*parse_listen_address(args.metrics, 9464))
+        probe = HealthProbe(asyncio.get_running_loop(), server.readiness)
+        metrics = start_metrics_server(*parse_listen_address(args.metrics, 9464), probe=probe)
     try:
         await server.run_forever()
     finally:
@@ -237,6 +247,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         ManagerOptions(),
         server_timeout=args.server_timeout,
         sweep_interval=args.sweep_interval,
+        leader_lease=args.leader_lease,
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
     )

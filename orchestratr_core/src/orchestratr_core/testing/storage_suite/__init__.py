@@ -38,6 +38,7 @@ from orchestratr_core.testing.storage_suite.creation import (
     RequestCancelTests,
 )
 from orchestratr_core.testing.storage_suite.hygiene import HostileInputTests, LifecycleTests
+from orchestratr_core.testing.storage_suite.job_lifecycle import JobLifecycleTests
 from orchestratr_core.testing.storage_suite.reads import GetJobTests, ListJobsTests
 from orchestratr_core.testing.storage_suite.servers import (
     HeartbeatTests,
@@ -53,6 +54,7 @@ __all__ = [
     "GetJobTests",
     "HeartbeatTests",
     "HostileInputTests",
+    "JobLifecycleTests",
     "LeaseTests",
     "LifecycleTests",
     "ListJobsTests",
@@ -67,6 +69,7 @@ __all__ = [
 
 # pytest collects the last base first: the sections run in the order listed in the files
 class StorageConformance(
+    JobLifecycleTests,
     HostileInputTests,
     LifecycleTests,
     ListJobsTests,

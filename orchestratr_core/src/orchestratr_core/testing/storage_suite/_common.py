@@ -30,7 +30,10 @@ LEASE = timedelta(seconds=30)
 FAR = timedelta(days=1)
 STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
 
-_CLIENT_EVENTS = [event for event in TRANSITIONS if event is not JobEvent.SERVER_LOST]
+_CLIENT_EVENTS = [
+    event for event in TRANSITIONS if event not in (JobEvent.SERVER_LOST, JobEvent.RESUME)
+]
+"""The events :meth:`Storage.transition` applies (``RESUME`` is ``request_resume``'s)."""
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -153,8 +156,9 @@ async def _in_status(
     fence: int = 7,
     name: str | None = None,
 ) -> JobRecord:
-    """A job in ``status``; owned by ``server`` with ``fence`` while processing or
-    deleting, unowned with that fence otherwise (pending after a release)."""
+    """A job in ``status``; owned by ``server`` with ``fence`` while processing,
+    deleting, pausing or quarantined, unowned with that fence otherwise (pending
+    after a release, paused after a confirmed pause)."""
     job = await _create(storage, name, at=now)
     await _must(storage, job.id, JobEvent.START, server, fence, now)
     if status is JobStatus.PROCESSING:
@@ -163,6 +167,14 @@ async def _in_status(
         return await _must(storage, job.id, JobEvent.RELEASE, server, fence, now)
     if status is JobStatus.COMPLETED:
         return await _must(storage, job.id, JobEvent.COMPLETE, server, fence, now)
+    if status is JobStatus.QUARANTINED:
+        return await _must(storage, job.id, JobEvent.QUARANTINE, server, fence, now)
+    if status in (JobStatus.PAUSING, JobStatus.PAUSED):
+        pausing, changed = await storage.request_pause(job.id, now, HOLDER, now + LEASE)
+        assert changed
+        if status is JobStatus.PAUSING:
+            return pausing
+        return await _must(storage, job.id, JobEvent.CONFIRM_HELD, server, fence, now)
     cancelled, changed = await storage.request_cancel(job.id, now, HOLDER, now + LEASE)
     assert changed
     if status is JobStatus.DELETING:

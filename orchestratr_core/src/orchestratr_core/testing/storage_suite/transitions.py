@@ -49,10 +49,16 @@ class TransitionTests:
             assert after == before
             return
         assert result.applied
-        assert after.status is (rule.target if rule.target is not None else status)
+        if event is JobEvent.CONFIRM_HELD and status is JobStatus.PAUSING:
+            assert after.status is JobStatus.PAUSED
+        else:
+            assert after.status is (rule.target if rule.target is not None else status)
         assert after.fence == 7
         assert _same_time(after.updated_at, later)
-        assert after.reason == "table test"
+        if event is JobEvent.CONFIRM_HELD and status is JobStatus.QUARANTINED:
+            assert after.reason == before.reason  # a quarantine keeps its reason
+        else:
+            assert after.reason == "table test"
         if rule.clears_owner:
             assert after.server_id is None
         elif rule.sets_owner:

@@ -279,9 +279,11 @@ function renderJobs(page) {
   $("first-page").disabled = pageNo <= 1;
 }
 
-async function cancelJob(id, name) {
+async function cancelJob(id, name) { await jobAction(id, name, "cancel"); }
+
+async function jobAction(id, name, action) {
   try {
-    const job = await api("POST", "/api/jobs/" + encodeURIComponent(id) + "/cancel");
+    const job = await api("POST", "/api/jobs/" + encodeURIComponent(id) + "/" + action);
     banner("Job " + name + " is " + job.status + ".", "info");
     state.total = undefined;
     await refresh();
@@ -338,14 +340,26 @@ async function refreshDetail() {
     ["restarts", job.restarts], ["created", job.created_at], ["started", job.started_at || "—"],
     ["last heartbeat", job.last_heartbeat ? ago(job.last_heartbeat) + " (" + job.last_heartbeat + ")" : "—"],
     ["updated", job.updated_at], ["reason", job.reason || "—"],
+    ["checkpoint", job.checkpoint_size === null ? "—" : job.checkpoint_size + " bytes, " + ago(job.checkpoint_at)],
+    ["failures", job.failures + (job.max_restarts !== null ? " (budget " + job.max_restarts + " in " + (job.restart_window ?? "default") + " s)" : "")],
+    ["quarantine reason", job.quarantine_reason || "—"],
   ];
   $("detail-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k } }, v)]));
   $("detail-argument").textContent = job.argument || "(empty)";
   $("detail-error").textContent = job.last_error || "(none)";
   $("detail-history").replaceChildren(...seen.map((s) => el("li", {}, s.at.toLocaleTimeString() + " — " + s.text)));
+  $("detail-errors").replaceChildren(...(job.last_errors.length ? job.last_errors : [{ at: "", error: "(none)" }])
+    .map((e) => el("li", {}, (e.at ? e.at + " — " : "") + e.error)));
+  const live = job.status === "pending" || job.status === "processing";
   const cancel = $("detail-cancel");
-  cancel.disabled = !(job.status === "pending" || job.status === "processing");
+  cancel.disabled = !(live || job.status === "pausing" || job.status === "paused" || job.status === "quarantined");
   cancel.onclick = () => cancelJob(job.id, job.name);
+  const pause = $("detail-pause");
+  pause.disabled = !live;
+  pause.onclick = () => jobAction(job.id, job.name, "pause");
+  const resume = $("detail-resume");
+  resume.disabled = !(job.status === "paused" || job.status === "quarantined");
+  resume.onclick = () => jobAction(job.id, job.name, "resume");
 }
 
 // -- polling ---------------------------------------------------------------------------

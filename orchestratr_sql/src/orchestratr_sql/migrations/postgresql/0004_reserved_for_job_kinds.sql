@@ -1,0 +1,3 @@
+-- Placeholder for version 4, which the job-kinds branch fills with
+-- 0004_job_kinds_and_placement.sql: delete this file when merging it (versions
+-- must run 1..n without gaps, and 0005_job_lifecycle.sql follows).

@@ -1,0 +1,12 @@
+-- Job lifecycle controls: held statuses (pause, quarantine), checkpoints under a
+-- fence, and the restart budget (orchestratr_core.lifecycle).
+ALTER TABLE jobs DROP CONSTRAINT jobs_status_check;
+ALTER TABLE jobs ADD CONSTRAINT jobs_status_check
+    CHECK (status IN ('pending', 'processing', 'deleting', 'deleted', 'completed', 'pausing', 'paused', 'quarantined'));
+ALTER TABLE jobs ADD COLUMN checkpoint TEXT NULL;
+ALTER TABLE jobs ADD COLUMN checkpoint_fence BIGINT NULL;
+ALTER TABLE jobs ADD COLUMN checkpoint_at TIMESTAMPTZ NULL;
+ALTER TABLE jobs ADD COLUMN max_restarts INTEGER NULL;
+ALTER TABLE jobs ADD COLUMN restart_window DOUBLE PRECISION NULL;
+ALTER TABLE jobs ADD COLUMN failure_seq INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN failure_log TEXT NULL;
