@@ -8,7 +8,8 @@
 #   make layers      import-linter: the layer contracts in pyproject.toml
 #   make test-slow   the minutes-long fault tests (pytest -m slow); also: make chaos
 #   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
-#   make chaos-cluster the cluster fault tests (pytest -m cluster), quick and slow: docs/reliability.md
+#   make chaos-cluster the cluster fault tests (pytest -m cluster; brings the RabbitMQ cluster up): docs/reliability.md
+#   make test-rabbitmq4 the RabbitMQ tests and quick chaos variants on RabbitMQ 4.0.5 (.ci/infra rabbitmq4)
 #   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
 #   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)
@@ -33,7 +34,7 @@ PYPROJECTS := pyproject.toml $(wildcard orchestratr_*/pyproject.toml)
 FULL_STAMP := $(VENV)/.installed-full
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: help install demo test test-slow chaos chaos-cluster chaos-record bench bench-quick docs-images lint typecheck format services clean
+.PHONY: help install demo test test-slow chaos chaos-cluster chaos-record test-rabbitmq4 bench bench-quick docs-images lint typecheck format services clean
 
 help:
 	@grep -E '^#   make ' Makefile | sed 's/^#   //'
@@ -77,8 +78,17 @@ test-slow: install services
 
 chaos: test-slow
 
+# Brings the three RabbitMQ nodes up (idempotent; left running: `bash .ci/infra rabbitmq-cluster down`).
 chaos-cluster: install services
+	bash .ci/infra rabbitmq-cluster up
 	$(BIN)/pytest -m cluster $(PYTEST_ARGS)
+
+# RabbitMQ 4.0.5 from a cached Debian trixie root (made once with debootstrap, a few minutes).
+RABBITMQ4_CHAOS := test_kill_9_a_server or test_silent_partition or test_broker_restart
+test-rabbitmq4: install services
+	bash .ci/infra rabbitmq4 up
+	ORCHESTRATR_TEST_BROKER=rabbitmq4 $(BIN)/pytest -m rabbitmq tests/rabbitmq $(PYTEST_ARGS)
+	ORCHESTRATR_TEST_BROKER=rabbitmq4 $(BIN)/pytest tests/chaos/test_faults.py -k '$(RABBITMQ4_CHAOS)' $(PYTEST_ARGS)
 
 chaos-record: install services
 	ORCHESTRATR_CHAOS_RESULTS=record $(BIN)/pytest -q tests/chaos $(PYTEST_ARGS)

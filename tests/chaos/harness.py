@@ -44,7 +44,7 @@ from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.transport import Transport
 from tests.chaos import checker
 from tests.chaos.checker import Copy, Report
-from tests.support.rabbitmq import drop_namespace
+from tests.support.rabbitmq import BROKER_URL, broker_address, drop_namespace, rabbitmqctl
 from tests.support.sql import PG_DATABASE, PG_SERVER
 
 __all__ = ["ChaosCluster", "Copy", "Report", "Timings", "seeded"]
@@ -129,8 +129,8 @@ class ProxyLoop:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
-    def new_proxy(self, port: int = 5672) -> SilentProxy:
-        proxy = SilentProxy(upstream_port=port)
+    def new_proxy(self, upstream: tuple[str, int]) -> SilentProxy:
+        proxy = SilentProxy(*upstream)
         self.call(proxy.start())
         return proxy
 
@@ -211,12 +211,26 @@ class ChaosCluster:
     """See the module docstring."""
 
     def __init__(
-        self, workdir: Path, timings: Timings | None = None, *, database: str = PG_ADMIN
+        self,
+        workdir: Path,
+        timings: Timings | None = None,
+        *,
+        database: str = PG_ADMIN,
+        broker_url: str | None = None,
+        server_broker_url: str | None = None,
     ) -> None:
+        """``database``: the storage's server URL. ``broker_url``: the RabbitMQ URL of
+        the manager and the test's client (default: the broker under test,
+        ``tests/support/rabbitmq.py``), without query. ``server_broker_url``: given,
+        the servers connect to it directly (for example a cluster's nodes in another
+        order); else each through its own silent proxy to the first node of
+        ``broker_url``."""
         self.workdir = workdir
         self.database = database
         """The database URL (one host, or a primary/standby pair) the schema lives in."""
         self.timings = timings or Timings()
+        self.broker_url = broker_url or BROKER_URL
+        self.server_broker_url = server_broker_url
         self.run_id = uuid.uuid4().hex[:10]
         self.namespace = f"chaos-{self.run_id}"
         self.schema = f"chaos_{self.run_id}"
@@ -251,10 +265,14 @@ class ChaosCluster:
         """The storage URL of this run's schema in ``database``."""
         return f"{database}{'&' if '?' in database else '?'}schema={self.schema}"
 
-    def transport_url(self, port: int = 5672) -> str:
+    def transport_url(self, port: int | None = None, base: str | None = None) -> str:
+        """The transport URL with this run's namespace and timings: to
+        127.0.0.1:``port`` (a proxy) if given, else to ``base`` (default the broker)."""
         t = self.timings
+        if port is not None:
+            base = f"amqp://guest:guest@127.0.0.1:{port}/"
         return (
-            f"amqp://guest:guest@127.0.0.1:{port}/?namespace={self.namespace}"
+            f"{base or self.broker_url}?namespace={self.namespace}"
             f"&heartbeat={t.broker_heartbeat}&fence_timeout={t.fence_timeout}"
         )
 
@@ -297,7 +315,7 @@ class ChaosCluster:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
             await conn.close()
-        await drop_namespace(self.namespace)
+        await drop_namespace(self.namespace, self.broker_url)
 
     def _reap(self, proc: Proc) -> None:
         if proc.alive:
@@ -336,7 +354,7 @@ class ChaosCluster:
         proxy = None
         if db_proxy:
             db = urlsplit(self.database)
-            proxy = self.proxies.new_proxy(db.port or 5432)
+            proxy = self.proxies.new_proxy(("127.0.0.1", db.port or 5432))
             user = db.netloc.rpartition("@")[0]
             netloc = f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
             storage = self.database_url(urlunsplit(db._replace(netloc=netloc)))
@@ -384,10 +402,16 @@ class ChaosCluster:
         kinds: tuple[str, ...] = (),
         labels: tuple[str, ...] = (),
     ) -> Proc:
-        """Start an ``orchestratr server`` process behind its own silent proxy.
-        ``kinds``: run ``job`` for each of these kinds (``--job KIND=...``) instead
-        of the default kind; ``labels``: ``KEY=VALUE`` labels of the server."""
-        proxy = self.proxies.new_proxy()
+        """Start an ``orchestratr server`` process behind its own silent proxy (or
+        straight to ``server_broker_url``). ``kinds``: run ``job`` for each of these
+        kinds (``--job KIND=...``) instead of the default kind; ``labels``:
+        ``KEY=VALUE`` labels of the server."""
+        proxy: SilentProxy | None = None
+        if self.server_broker_url is None:
+            proxy = self.proxies.new_proxy(broker_address(self.broker_url))
+            url = self.transport_url(proxy.port)
+        else:
+            url = self.transport_url(base=self.server_broker_url)
         t = self.timings
         jobs = [f"{kind}={job}" for kind in kinds] or [job]
         proc = self._spawn(
@@ -402,7 +426,7 @@ class ChaosCluster:
                 "--max-workers",
                 str(max_workers),
                 "--transport",
-                self.transport_url(proxy.port),
+                url,
                 "--heartbeat-interval",
                 str(t.heartbeat_interval),
                 "--stop-grace",
@@ -500,12 +524,13 @@ class ChaosCluster:
         return proc.killed_at
 
     async def restart_broker(self) -> tuple[float, float]:
-        """``rabbitmqctl stop_app`` then ``start_app``: (stopped at, back up at)."""
-        await _run("rabbitmqctl", "stop_app")
+        """``rabbitmqctl stop_app`` then ``start_app`` on the broker under test:
+        (stopped at, back up at)."""
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
         down = time.time()
-        await _run("rabbitmqctl", "start_app")
+        await asyncio.to_thread(rabbitmqctl, "start_app")
         up = time.time()
-        await _run("rabbitmqctl", "await_startup")
+        await asyncio.to_thread(rabbitmqctl, "await_startup")
         return down, up
 
     async def restart_postgres(self) -> float:

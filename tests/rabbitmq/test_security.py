@@ -30,7 +30,7 @@ from orchestratr_memory import MemoryStorage
 from orchestratr_rabbitmq import RabbitMQTransport
 from orchestratr_rabbitmq.topology import ROLES, permissions
 from tests.support.cluster import FAST_MANAGER, FAST_SERVER, Ledger, eventually
-from tests.support.rabbitmq import BROKER_URL, rabbitmqctl
+from tests.support.rabbitmq import BROKER_URL, broker_address, rabbitmqctl
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "deployment.md"
 
@@ -59,7 +59,7 @@ def users(namespace: str) -> Iterator[Users]:
             rabbitmqctl(
                 "set_permissions", "-p", "/", name, granted.configure, granted.write, granted.read
             )
-            urls[role] = f"amqp://{name}:{password}@127.0.0.1:5672/"
+            urls[role] = f"amqp://{name}:{password}@{':'.join(map(str, broker_address()))}/"
         yield Users(urls, names)
     finally:
         for name in names.values():

@@ -23,7 +23,7 @@ from orchestratr_core.errors import (
 from orchestratr_core.protocol import CancelJob, Event, JobMessage, JobStarted
 from orchestratr_core.transport import Delivery
 from orchestratr_rabbitmq import BrokerVersion, RabbitMQTransport
-from tests.support.rabbitmq import close_connections, eventually, rabbitmqctl
+from tests.support.rabbitmq import BROKER_URL, close_connections, eventually, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -416,11 +416,12 @@ async def test_a_snapshot_queue_from_an_older_version_is_rebuilt_keeping_the_set
     await server.connect()
     _, ids = await server.consume_commands("s", Inbox())
     assert ids == frozenset({"kept"})
+    assert server.topology is not None
+    arguments = server.topology.cancellations_arguments()
+    assert arguments["x-dead-letter-exchange"] == f"{namespace}.dlx"
     check = await broker.channel()
     await check.declare_queue(  # the current arguments are now equivalent
-        f"{namespace}.cancellations",
-        durable=True,
-        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": f"{namespace}.dlx"},
+        f"{namespace}.cancellations", durable=True, arguments=arguments
     )
 
 
@@ -486,7 +487,7 @@ async def test_a_reader_that_dies_holding_the_set_does_not_make_it_look_empty(
     await manager.connect()
     await server.connect()
     await manager.set_cancellations({"x", "y"})
-    dying = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    dying = await aio_pika.connect(BROKER_URL)
     channel = await dying.channel()
     lock = await channel.declare_queue(f"{namespace}.cancellations.lock", passive=True)
 

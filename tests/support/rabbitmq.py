@@ -1,14 +1,17 @@
 """Fixtures and tools of the RabbitMQ transport tests: a unique namespace per test on
-the real broker at 127.0.0.1:5672, deleted afterwards; a way to reach the broker's
+the real broker (127.0.0.1:5672, or the one ``ORCHESTRATR_TEST_BROKER`` names), deleted
+afterwards; a way to reach the broker's
 management command line; closing a broker connection by name."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -16,30 +19,82 @@ import pytest
 
 from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_rabbitmq import RabbitMQTransport
+from orchestratr_rabbitmq.settings import Settings
 from orchestratr_rabbitmq.topology import BrokerVersion, Topology
 
-BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/"
+BROKER_ENV = "ORCHESTRATR_TEST_BROKER"
+"""Names the ``.ci/infra`` broker the RabbitMQ tests run against (``rabbitmq4``:
+RabbitMQ 4.0.5; ``rabbitmq-cluster``: the three 3.10.8 nodes); unset or empty: the
+shared 3.10.8 node at 127.0.0.1:5672. The infrastructure must be up."""
+INFRA = Path(__file__).resolve().parents[2] / ".ci" / "infra"
+
+
+def infra(name: str, *args: str, timeout: float = 60) -> str:
+    """Run ``bash .ci/infra NAME ARGS...``; return what it printed."""
+    done = subprocess.run(
+        ["bash", str(INFRA), name, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode:
+        raise RuntimeError(f".ci/infra {name} {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _broker() -> tuple[str, list[str]]:
+    """The broker under test: its URL and the command that runs rabbitmqctl on it."""
+    name = os.environ.get(BROKER_ENV, "").strip()
+    if not name:
+        return "amqp://guest:guest@127.0.0.1:5672/", ["rabbitmqctl"]
+    url = infra(name, "url").strip().splitlines()[-1]
+    return url, ["bash", str(INFRA), name, "rabbitmqctl"]
+
+
+BROKER_URL, _RABBITMQCTL = _broker()
+
+
+def broker_address(url: str | None = None) -> tuple[str, int]:
+    """Host and port of the first node of ``url`` (default: the broker under test)."""
+    node = Settings.build(url or BROKER_URL, {}).nodes[0]
+    host, _, port = node.rpartition(":")
+    return host, int(port)
 
 
 def rabbitmqctl(*args: str) -> str:
-    """Run ``rabbitmqctl`` (the tests run as root next to the broker)."""
+    """Run ``rabbitmqctl`` on the broker under test (the tests run as root next to it)."""
     done = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=True
+        [*_RABBITMQCTL, *args], capture_output=True, text=True, timeout=60, check=True
     )
     return done.stdout
+
+
+async def connect_any(url: str) -> aio_pika.abc.AbstractConnection:
+    """A plain aio-pika connection to the first node of ``url`` that answers."""
+    settings = Settings.build(url, {})
+    error: Exception | None = None
+    for node in range(len(settings.nodes)):
+        try:
+            return await aio_pika.connect(settings.connection_url(node), timeout=10)
+        except Exception as exc:
+            error = exc
+    assert error is not None
+    raise error
 
 
 _DROPPED: set[str] = set()
 """Namespaces this test session dropped: their pool queues are deleted at its end."""
 
 
-async def drop_namespace(namespace: str) -> None:
-    """Delete every queue and exchange of ``namespace`` (its pools' queues, whose
-    names the broker alone knows, at the end of the session)."""
+async def drop_namespace(namespace: str, url: str | None = None) -> None:
+    """Delete every queue and exchange of ``namespace`` (on ``url``, default the
+    broker under test; its pools' queues, whose names the broker alone knows, at
+    the end of the session)."""
     names = Topology(namespace, "quorum", BrokerVersion(3, 10))
     _DROPPED.add(namespace)
-    await _delete_queues(names.names())
-    connection = await aio_pika.connect(BROKER_URL)
+    await _delete_queues(names.names(), url)
+    connection = await connect_any(url or BROKER_URL)
     try:
         for exchange in names.exchanges():
             channel = await connection.channel()
@@ -71,8 +126,8 @@ def drop_pool_queues() -> Iterator[None]:
         asyncio.run(_delete_queues(doomed))
 
 
-async def _delete_queues(queues: list[str]) -> None:
-    connection = await aio_pika.connect(BROKER_URL)
+async def _delete_queues(queues: list[str], url: str | None = None) -> None:
+    connection = await connect_any(url or BROKER_URL)
     try:
         for queue in queues:
             channel = await connection.channel()
@@ -86,8 +141,9 @@ async def _delete_queues(queues: list[str]) -> None:
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[SilentProxy]:
-    """A silent TCP proxy to the broker (pause it to partition what goes through it)."""
-    proxy = SilentProxy()
+    """A silent TCP proxy to the broker under test (pause it to partition what goes
+    through it)."""
+    proxy = SilentProxy(*broker_address())
     await proxy.start()
     yield proxy
     await proxy.stop()

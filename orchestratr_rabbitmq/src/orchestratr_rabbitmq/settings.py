@@ -3,7 +3,11 @@ jobs single-owner.
 
 Any option may also be given in the URL query (``amqp://h/vhost?namespace=blue``);
 keyword options win. The URL comes from the constructor, else ``ORCHESTRATR_RABBITMQ_URL``, else
-``amqp://guest:guest@localhost:5672/``. A password missing from the URL is taken from
+``amqp://guest:guest@localhost:5672/``. The URL may name several nodes of one cluster,
+comma-separated in its authority (``amqp://user:pw@h1:5682,h2:5683,h3/vhost``; a node
+without a port uses the scheme's default): the transport connects to the first that
+answers, and after losing a connection tries the next one first (see
+``docs/rabbitmq.md``). A password missing from the URL is taken from
 ``ORCHESTRATR_RABBITMQ_PASSWORD``. TLS (``amqps://``) options are the URL query
 parameters aiormq understands (``cafile``, ``certfile``, ``keyfile``,
 ``no_verify_ssl``) or an ``ssl_context`` option. Nothing here ever logs the URL
@@ -23,7 +27,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.options import OptionKind, check_known, coerce, merge, split_query
@@ -176,11 +180,24 @@ class Settings:
             f"signer={self.signer!r})"
         )
 
-    def connection_url(self) -> str:
-        """The URL handed to aio-pika, with our heartbeat (it decides the fence)."""
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """``host:port`` of each node the URL names, in the URL's order."""
+        parts = urlsplit(self.url)
+        default = 5671 if parts.scheme == "amqps" else 5672
+        return tuple(
+            f"{node.hostname or 'localhost'}:{node.port or default}"
+            for node in map(_node, _hosts(parts.netloc))
+        )
+
+    def connection_url(self, node: int = 0) -> str:
+        """The URL handed to aio-pika for node number ``node`` of :attr:`nodes`,
+        with our heartbeat (it decides the fence)."""
         parts = urlsplit(split_query(self.url, {"heartbeat", "name"}, plus_is_space=False)[0])
         query = "&".join(q for q in (parts.query, f"heartbeat={self.heartbeat}") if q)
-        return parts._replace(query=query).geturl()
+        user, at, _ = parts.netloc.rpartition("@")
+        netloc = f"{user}{at}{_hosts(parts.netloc)[node]}"
+        return parts._replace(netloc=netloc, query=query).geturl()
 
     @property
     def vhost(self) -> str:
@@ -196,10 +213,9 @@ class Settings:
 
     @property
     def host(self) -> str:
-        """``host:port`` of the broker, for messages (never the credentials)."""
-        parts = urlsplit(self.url)
-        default = 5671 if parts.scheme == "amqps" else 5672
-        return f"{parts.hostname or 'localhost'}:{parts.port or default}"
+        """``host:port`` of the broker (of each node, comma-separated), for messages
+        (never the credentials)."""
+        return ",".join(self.nodes)
 
 
 _INTS = frozenset({"heartbeat", "connect_attempts", "prefetch_step", "dead_letter_limit"})
@@ -223,7 +239,10 @@ def _resolve_url(url: str | None) -> str:
     value = (url or os.environ.get(URL_ENV) or DEFAULT_URL).strip()
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
+        for host in _hosts(parts.netloc):
+            if not host:
+                raise ValueError("an empty node")
+            _node(host).port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         raise ConfigurationError(
             "the RabbitMQ URL cannot be parsed (it is not shown: it may hold a password)"
@@ -235,6 +254,15 @@ def _resolve_url(url: str | None) -> str:
     password = os.environ.get(PASSWORD_ENV)
     if parts.password is None and password and parts.hostname:
         user = parts.username or "guest"
-        host = parts.netloc.rsplit("@", 1)[-1]
+        host = parts.netloc.rpartition("@")[2]
         value = parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}").geturl()
     return value
+
+
+def _hosts(netloc: str) -> list[str]:
+    """The ``host[:port]`` parts of an authority that may name several nodes."""
+    return netloc.rpartition("@")[2].split(",")
+
+
+def _node(host: str) -> SplitResult:
+    return urlsplit(f"//{host}")

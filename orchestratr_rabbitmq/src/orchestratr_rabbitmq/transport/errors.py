@@ -49,11 +49,14 @@ def describe(exc: BaseException | None) -> str:
     return text.splitlines()[0][:300]
 
 
-def classify_connect_error(exc: BaseException, settings: Settings) -> OrchestratrError:
-    """What a failed ``aio_pika.connect`` means: a refused login or virtual host is
-    permanent, anything else is the broker being unavailable. The password never
-    appears in the message."""
+def classify_connect_error(
+    exc: BaseException, settings: Settings, node: str | None = None
+) -> OrchestratrError:
+    """What a failed ``aio_pika.connect`` (to ``node``, ``host:port``; default: the
+    URL's nodes) means: a refused login or virtual host is permanent, anything else
+    is the broker being unavailable. The password never appears in the message."""
     s = settings
+    where = node or s.host
     parts = urlsplit(s.url)
     user = unquote(parts.username or "guest")
     text = describe(exc)
@@ -67,14 +70,14 @@ def classify_connect_error(exc: BaseException, settings: Settings) -> Orchestrat
         or "ACCESS_REFUSED" in text
     ):
         return PermanentBackendError(
-            f"RabbitMQ at {s.host} refused the login of user {user!r} (ACCESS_REFUSED): "
+            f"RabbitMQ at {where} refused the login of user {user!r} (ACCESS_REFUSED): "
             "check the user name and password"
         )
     if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
         isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text
     ):
         return PermanentBackendError(
-            f"RabbitMQ at {s.host} refused access to virtual host {s.vhost!r} (NOT_ALLOWED): "
+            f"RabbitMQ at {where} refused access to virtual host {s.vhost!r} (NOT_ALLOWED): "
             f"it does not exist or user {user!r} has no permissions on it"
         )
     if isinstance(exc, ConnectionError | OSError | TimeoutError | aiormq.exceptions.AMQPError):
@@ -85,8 +88,8 @@ def classify_connect_error(exc: BaseException, settings: Settings) -> Orchestrat
             reason = exc.strerror
         elif isinstance(exc, aiormq.exceptions.AMQPConnectionError) and len(exc.args) >= 2:
             reason = str(exc.args[1])
-        return BackendUnavailable(f"RabbitMQ at {s.host} cannot be reached: {reason}")
-    return BackendUnavailable(f"RabbitMQ at {s.host}: {type(exc).__name__}: {text}")
+        return BackendUnavailable(f"RabbitMQ at {where} cannot be reached: {reason}")
+    return BackendUnavailable(f"RabbitMQ at {where}: {type(exc).__name__}: {text}")
 
 
 def setup_failed(exc: Exception, settings: Settings) -> OrchestratrError:

@@ -94,6 +94,8 @@ class RabbitMQTransport(Transport):
         self._closed = False
         self._connected = False
         self._generation = 0
+        self._node = 0
+        """Index in ``settings.nodes`` of the node of the latest session."""
         self._subscriptions: list[BrokerSubscription] = []
         self._reconnector: asyncio.Task[None] | None = None
         self._cancel_lock = asyncio.Lock()
@@ -148,13 +150,18 @@ class RabbitMQTransport(Transport):
                 self._install(session)
                 self._connected = True
 
-    async def _open_session(self) -> Session:
+    @property
+    def node(self) -> str:
+        """``host:port`` of the node the latest session connected to."""
+        return self.settings.nodes[self._node]
+
+    async def _open_session(self, first: int = 0) -> Session:
         s = self.settings
         started = asyncio.get_running_loop().time()
         name = s.connection_name or f"orchestratr {s.namespace}"
-        connection = await self._connect_one(name)
+        connection, node = await self._connect_any(name, first)
         try:
-            publisher = await self._connect_one(f"{name} (publish)")
+            publisher = await self._connect_one(f"{name} (publish)", node)
         except BaseException:
             with Quiet():
                 await connection.close()
@@ -182,11 +189,12 @@ class RabbitMQTransport(Transport):
             raise error from None
         self.version = version
         self.topology = topology
+        self._node = node
         log.info(
             "connected to RabbitMQ %s at %s (vhost %r, namespace %r, %s queues, heartbeat %ds, "
             "fence %.1fs%s)",
             version,
-            s.host,
+            s.nodes[node],
             s.vhost,
             s.namespace,
             s.queue_type,
@@ -196,17 +204,37 @@ class RabbitMQTransport(Transport):
         )
         return session
 
-    async def _connect_one(self, name: str) -> aio_pika.abc.AbstractConnection:
+    async def _connect_any(
+        self, name: str, first: int
+    ) -> tuple[aio_pika.abc.AbstractConnection, int]:
+        """Connect to the first node that answers, trying them in the URL's order
+        from node number ``first`` on; return the connection and the node's number."""
+        count = len(self.settings.nodes)
+        error: BackendUnavailable | None = None
+        for step in range(count):
+            node = (first + step) % count
+            try:
+                return await self._connect_one(name, node), node
+            # A refused login or vhost (PermanentBackendError) is raised at once:
+            # every node of a cluster says the same.
+            except BackendUnavailable as exc:
+                error = exc
+                if count > 1:
+                    log.info("%s; trying the next node", exc)
+        assert error is not None
+        raise error
+
+    async def _connect_one(self, name: str, node: int = 0) -> aio_pika.abc.AbstractConnection:
         s = self.settings
         try:
             return await aio_pika.connect(
-                s.connection_url(),
+                s.connection_url(node),
                 timeout=s.connect_timeout,
                 ssl_context=s.ssl_context,
                 client_properties={"connection_name": name},
             )
         except Exception as exc:
-            raise classify_connect_error(exc, s) from None
+            raise classify_connect_error(exc, s, s.nodes[node]) from None
 
     def _install(self, session: Session) -> None:
         self._session = session
@@ -244,7 +272,8 @@ class RabbitMQTransport(Transport):
                 if self._closed:
                     return
                 with attempt:
-                    session = await self._open_session()
+                    # The node just lost is tried last: it is likely still down.
+                    session = await self._open_session(self._node + 1)
                     await self._reattach(session)
                     if not session.alive:
                         raise _SessionDied(f"RabbitMQ at {s.host}: connection lost")

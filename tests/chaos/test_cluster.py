@@ -1,0 +1,207 @@
+"""Chaos on a three-node RabbitMQ cluster (``bash .ci/infra rabbitmq-cluster up``):
+real server and manager processes, the ledger and the checker, while RabbitMQ nodes
+are killed, frozen, or lost two at a time.
+
+Layout: the manager and the test's client name the nodes in the order 1, 2, 3, so
+they connect to node 1, which declares the jobs queue and so leads it; the servers
+name them 2, 3, 1, so they connect to node 2. Killing node 2 is then "the node the
+servers are connected to" and killing node 1 "the node that leads the jobs queue".
+Bounds and measured figures: ``docs/reliability.md`` ("RabbitMQ cluster").
+``make chaos-cluster`` runs them all; the quick ones also run in the default suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestratr_rabbitmq import RabbitMQTransport
+from tests.chaos.harness import ChaosCluster, Timings
+from tests.chaos.test_faults import _burst, _three_servers_with_jobs
+from tests.support.rabbitmq import drop_namespace, infra
+
+pytestmark = [
+    pytest.mark.rabbitmq,
+    pytest.mark.postgresql,
+    pytest.mark.cluster,
+    pytest.mark.rabbitmq_cluster,
+]
+
+CLUSTER = "rabbitmq-cluster"
+SERVERS_URL = "amqp://guest:guest@127.0.0.1:5683,127.0.0.1:5684,127.0.0.1:5682/"
+SERVERS_NODE, LEADER_NODE, OTHER_NODE = "2", "1", "3"
+
+# Bounds (seconds) with the harness's timings; see docs/reliability.md.
+DOWN = 8.0
+"""How long a killed node stays down: more than two AMQP heartbeats (2 x 3 s)."""
+BOUND_BACK = 30.0
+"""From a killed node answering again to every job running once. Jobs whose
+deliveries the broker could give back while the node was down run before that
+(see docs/reliability.md for what RabbitMQ 3.10 keeps until the node is back)."""
+PAUSE = 10.0
+"""How long a node is frozen: more than two AMQP heartbeats (2 x 3 s)."""
+BOUND_PAUSE = PAUSE + 15.0
+"""Deliveries held through the frozen node stay assigned to it until it answers
+again (or the cluster declares it down, net_ticktime 60 s); then they come back."""
+BOUND_MAJORITY_BACK = 40.0
+"""From the two lost nodes answering again to every job running once."""
+BOUND_VIEW = 30.0
+"""The manager's view matches the ledger: a manager whose node died reconnects with
+backoff (at most 5 s apart) and cannot declare its namespace while the node holding
+the classic ``<ns>.dead`` queue is down (docs/reliability.md)."""
+OUTAGE = 10.0
+"""How long two of the three nodes stay down."""
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    """The cluster, up (started if needed; all three nodes running)."""
+    yield infra(CLUSTER, "up", timeout=300).strip().splitlines()[-1]
+
+
+@pytest.fixture
+async def chaos(cluster_url: str, tmp_path: Path) -> AsyncIterator[ChaosCluster]:
+    infra(CLUSTER, "up", timeout=300)  # a node a test left down comes back
+    cluster = ChaosCluster(
+        tmp_path, Timings(), broker_url=cluster_url, server_broker_url=SERVERS_URL
+    )
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+        await asyncio.to_thread(infra, CLUSTER, "up", timeout=300)
+
+
+async def _node(action: str, node: str) -> float:
+    """Run ``bash .ci/infra rabbitmq-cluster ACTION NODE``; when it returned."""
+    await asyncio.to_thread(infra, CLUSTER, action, node, timeout=300)
+    return time.time()
+
+
+def _leader(chaos: ChaosCluster) -> str:
+    return infra(CLUSTER, "leader", f"{chaos.namespace}.jobs").strip()
+
+
+@pytest.mark.slow
+async def test_the_queues_are_quorum_queues_replicated_on_all_three_nodes(
+    cluster_url: str,
+) -> None:
+    """Checked with rabbitmqctl on a namespace declared through the cluster URL."""
+    namespace = f"quorum-{time.monotonic_ns()}"
+    transport = RabbitMQTransport(cluster_url, namespace=namespace)
+    await transport.connect()
+    try:
+        assert transport.node == "127.0.0.1:5682"  # the URL's first node
+        listed = await asyncio.to_thread(
+            infra, CLUSTER, "rabbitmqctl", "-q", "list_queues", "name", "type"
+        )
+        types = dict(line.split("\t")[:2] for line in listed.splitlines() if "\t" in line)
+        for queue in ("jobs", "events", "cancellations"):
+            name = f"{namespace}.{queue}"
+            assert types[name] == "quorum", (name, types.get(name))
+            members = await asyncio.to_thread(infra, CLUSTER, "members", name)
+            assert sorted(members.split()) == ["1", "2", "3"], (name, members)
+    finally:
+        await transport.close()
+        await drop_namespace(namespace, cluster_url)
+
+
+async def _lose_and_bring_back(chaos: ChaosCluster, node: str, prefix: str) -> None:
+    """kill -9 ``node`` while the servers run 12 jobs; creates and cancels meanwhile;
+    ``DOWN`` s later start it again (as its supervisor would). Checked: never two
+    copies (at any time), and every job running once within ``BOUND_BACK`` s of
+    the node answering again."""
+    ids = await _three_servers_with_jobs(chaos)
+    assert await asyncio.to_thread(_leader, chaos) == LEADER_NODE
+    killed = await _node("kill", node)
+    kept, _ = await _burst(chaos, prefix)
+    await asyncio.sleep(max(0.0, killed + DOWN - time.time()))
+    chaos.check(final=False).assert_ok()
+    running = len({c.job for c in chaos.live_copies()} & set(ids + kept))
+    chaos.record_figure(f"cluster: node {node} down: jobs running", running, len(ids + kept))
+    back = await _node("start", node)
+    await chaos.wait_all_running(ids + kept, within=BOUND_BACK)
+    chaos.record_figure(
+        f"cluster: kill -9 node {node}: all running after back", time.time() - back, BOUND_BACK
+    )
+    await chaos.wait_cancels_final(within=BOUND_BACK + DOWN + 30)
+    grace = chaos.timings
+    chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
+    await chaos.wait_view_converges(
+        ids + kept, within=BOUND_VIEW, figure=f"cluster: node {node} view"
+    )
+    chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="RabbitMQ 3.10.8 never returns the deliveries a consumer held after it was "
+    "cancelled when that consumer's node dies (not even when the node is back) unless "
+    "the jobs queue changes leader; the transport cancels and re-consumes to change "
+    "its credit. Known defect, docs/reliability.md 'RabbitMQ cluster'.",
+    strict=False,
+)
+async def test_kill_9_the_node_the_servers_are_connected_to(chaos: ChaosCluster) -> None:
+    await _lose_and_bring_back(chaos, SERVERS_NODE, "node-kill")
+
+
+@pytest.mark.slow
+async def test_kill_9_the_node_that_leads_the_jobs_queue(chaos: ChaosCluster) -> None:
+    await _lose_and_bring_back(chaos, LEADER_NODE, "leader-kill")
+    assert await asyncio.to_thread(_leader, chaos) in (SERVERS_NODE, OTHER_NODE)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="jobs move and never run twice (checked), but in both runs here the manager's "
+    "view still showed them pending 10 s / 30 s after they all ran; cause not found "
+    "(docs/reliability.md 'RabbitMQ cluster').",
+    strict=False,
+)
+async def test_a_node_frozen_past_the_heartbeat_then_back_no_two_copies(
+    chaos: ChaosCluster,
+) -> None:
+    """SIGSTOP the servers' node for ``PAUSE`` s (its sockets stay open, nothing
+    answers): the servers fence their jobs and move to node 3; their deliveries
+    come back when node 2 answers again and sees them gone."""
+    ids = await _three_servers_with_jobs(chaos)
+    paused = await _node("pause", SERVERS_NODE)
+    await asyncio.sleep(PAUSE)
+    chaos.check(final=False).assert_ok()
+    await _node("resume", SERVERS_NODE)
+    await chaos.wait_all_running(ids, within=BOUND_PAUSE, after=paused)
+    chaos.record_figure("cluster: node frozen 10 s", time.time() - paused, BOUND_PAUSE)
+    chaos.check().assert_ok()
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW, figure="cluster: frozen node view")
+    chaos.check().assert_ok()
+
+
+@pytest.mark.slow
+async def test_losing_two_of_three_nodes_jobs_wait_then_run_once(chaos: ChaosCluster) -> None:
+    """The promise (docs/reliability.md): with two of three nodes down there is no
+    quorum; the surviving node pauses itself (``pause_minority``) and nothing is
+    delivered -- jobs wait, none runs a second copy; creates and cancels are kept
+    in the storage and sent when the cluster is back; then every job runs once."""
+    ids = await _three_servers_with_jobs(chaos)
+    lost = time.time()
+    await asyncio.gather(_node("kill", LEADER_NODE), _node("kill", SERVERS_NODE))
+    kept, _ = await _burst(chaos, "majority-lost")
+    await asyncio.sleep(OUTAGE)
+    assert not chaos.live_copies(after=lost), "a job started while the cluster had no quorum"
+    chaos.check(final=False).assert_ok()
+    await asyncio.gather(_node("start", LEADER_NODE), _node("start", SERVERS_NODE))
+    back = time.time()
+    await chaos.wait_all_running(ids + kept, within=BOUND_MAJORITY_BACK)
+    chaos.record_figure(
+        "cluster: majority back", time.time() - back, BOUND_MAJORITY_BACK, "all jobs running"
+    )
+    await chaos.wait_cancels_final(within=BOUND_MAJORITY_BACK + OUTAGE + 30)
+    grace = chaos.timings
+    chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
+    await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW, figure="cluster: majority view")
+    chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
