@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -93,6 +94,13 @@ class Timings:
     """Client: give every delivery up after this much silence from the broker —
     strictly less than the broker's earliest detection (2 x broker_heartbeat).
     Not tighter: on a loaded 2-core machine a 1.5 s fence fired falsely."""
+    pg_heartbeat: float = 1.0
+    """PostgreSQL transport: seconds between the pings of a session."""
+    pg_fence_timeout: float = 4.0
+    """PostgreSQL transport: no answered statement for this long -> jobs lost."""
+    pg_session_timeout: float = 8.0
+    """PostgreSQL transport: PostgreSQL ends a silent session (and frees its jobs)
+    no sooner than this after the last statement it received."""
 
     @property
     def duplicate_grace(self) -> float:
@@ -127,8 +135,8 @@ class ProxyLoop:
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
-    def new_proxy(self) -> SilentProxy:
-        proxy = SilentProxy()
+    def new_proxy(self, upstream_port: int = 5672) -> SilentProxy:
+        proxy = SilentProxy(upstream_port=upstream_port)
         self.call(proxy.start())
         return proxy
 
@@ -208,9 +216,13 @@ def lost_confirm(exc: object) -> bool:
 class ChaosCluster:
     """See the module docstring."""
 
-    def __init__(self, workdir: Path, timings: Timings | None = None) -> None:
+    def __init__(
+        self, workdir: Path, timings: Timings | None = None, transport: str = "rabbitmq"
+    ) -> None:
         self.workdir = workdir
         self.timings = timings or Timings()
+        self.transport_kind = transport
+        """``rabbitmq`` or ``postgresql`` (a fleet on PostgreSQL alone)."""
         self.run_id = uuid.uuid4().hex[:10]
         self.namespace = f"chaos-{self.run_id}"
         self.schema = f"chaos_{self.run_id}"
@@ -237,8 +249,24 @@ class ChaosCluster:
     def storage_url(self) -> str:
         return f"{PG_ADMIN}?schema={self.schema}"
 
-    def transport_url(self, port: int = 5672) -> str:
+    @property
+    def broker_port(self) -> int:
+        """Where the servers' proxies forward to: RabbitMQ's or PostgreSQL's port."""
+        if self.transport_kind == "postgresql":
+            return urlsplit(PG_SERVER).port or 5432
+        return 5672
+
+    def transport_url(self, port: int | None = None) -> str:
         t = self.timings
+        if self.transport_kind == "postgresql":
+            parts = urlsplit(PG_ADMIN)
+            netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+            return (
+                f"{parts.scheme}://{netloc}:{port or self.broker_port}{parts.path}"
+                f"?schema={self.schema}&namespace=chaos&heartbeat={t.pg_heartbeat}"
+                f"&fence_timeout={t.pg_fence_timeout}&session_timeout={t.pg_session_timeout}"
+            )
+        port = port or 5672
         return (
             f"amqp://guest:guest@127.0.0.1:{port}/?namespace={self.namespace}"
             f"&heartbeat={t.broker_heartbeat}&fence_timeout={t.fence_timeout}"
@@ -281,7 +309,8 @@ class ChaosCluster:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
             await conn.close()
-        await drop_namespace(self.namespace)
+        if self.transport_kind == "rabbitmq":
+            await drop_namespace(self.namespace)
 
     def _reap(self, proc: Proc) -> None:
         if proc.alive:
@@ -334,7 +363,7 @@ class ChaosCluster:
         self, name: str, max_workers: int = 10, *, job: str = "tests.chaos.jobs:ledger_job"
     ) -> Proc:
         """Start an ``orchestratr server`` process behind its own silent proxy."""
-        proxy = self.proxies.new_proxy()
+        proxy = self.proxies.new_proxy(self.broker_port)
         t = self.timings
         proc = self._spawn(
             name,
@@ -439,7 +468,11 @@ class ChaosCluster:
         return self.manager.killed_at
 
     async def restart_broker(self) -> tuple[float, float]:
-        """``rabbitmqctl stop_app`` then ``start_app``: (stopped at, back up at)."""
+        """``rabbitmqctl stop_app`` then ``start_app``: (stopped at, back up at).
+        On PostgreSQL alone the broker is PostgreSQL: it is restarted."""
+        if self.transport_kind == "postgresql":
+            down = time.time()
+            return down, await self.restart_postgres()
         await _run("rabbitmqctl", "stop_app")
         down = time.time()
         await _run("rabbitmqctl", "start_app")

@@ -443,10 +443,26 @@ class PostgresTransport(Transport):
         log.info("transport %s reconnected after %d attempt(s)", self.label, attempt.number)
 
     async def _ping(self, session: _Session) -> None:
+        """Prove the session alive every ``heartbeat``. The ping reads which sessions
+        of the namespace hold their lock: when one is gone, PostgreSQL has freed its
+        rows, and the consumers look at once (a NOTIFY cannot say so)."""
+        cls = self.settings.lock_class & 0xFFFFFFFF
+        sql = (
+            "SELECT coalesce(array_agg(objid::bigint), '{}') FROM pg_locks "
+            "WHERE locktype = 'advisory' AND classid::bigint = $1 AND objsubid = 2"
+        )
+        known: set[int] = set()
         while session.alive:
             await asyncio.sleep(self.settings.heartbeat)
-            with contextlib.suppress(BackendUnavailable):
-                await self._call(lambda conn: conn.fetchval("SELECT 1"), "ping", session)
+            try:
+                live = set(await self._call(lambda conn: conn.fetchval(sql, cls), "ping", session))
+            except BackendUnavailable:
+                continue
+            if known - live:
+                for sub in self._subs:
+                    if isinstance(sub, _JobSub | _EventSub):
+                        sub.wake.set()
+            known = live
 
     async def _watch(self, session: _Session) -> None:
         """The fence watchdog: no answered statement for ``fence_timeout`` -> lost."""
