@@ -253,6 +253,68 @@ class OrchestratRSigned(OrchestratR):
         return {**super().settings(), "signing": "HMAC-SHA256 on every message (a key file)"}
 
 
+class OrchestratRPg(OrchestratR):
+    """OrchestratR on PostgreSQL alone: the ``postgresql`` transport (``--transport
+    postgresql://...``) on the same PostgreSQL as the storage; RabbitMQ is not used."""
+
+    name = "orchestratr-pg"
+
+    @property
+    def namespace(self) -> str:
+        return self.prefix.replace("-", "_")
+
+    def transport_url(self, port: int = BROKER_PORT) -> str:
+        # The transport's own tables go into the run's schema, beside the storage's.
+        return f"{PG_ADMIN}?schema={self.schema}&namespace={self.namespace}"
+
+    async def consumers(self) -> int:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                f"orchestratr-transport:{self.namespace}",
+            )
+        finally:
+            await conn.close()
+        return int(count)
+
+    async def transport_backend_pids(self) -> list[int]:
+        """PostgreSQL backends serving this run's transport sessions (same host)."""
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                f"orchestratr-transport:{self.namespace}",
+            )
+        finally:
+            await conn.close()
+        return [int(r["pid"]) for r in rows]
+
+    async def teardown(self) -> None:
+        for proc in [*self.workers, *([self.manager] if self.manager else [])]:
+            self.procs.stop(proc, timeout=0)
+        with contextlib.suppress(Exception):
+            await self._transport.close()
+        with contextlib.suppress(Exception):
+            await self._storage.close()
+        await drop_schema(self.schema)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "transport": "PostgreSQL (orchestratr_sql.pgtransport), same database as the "
+            "storage; no RabbitMQ",
+            "amqp_heartbeat_s": "-",
+            "fence_timeout_s": "3 (ping every 1 s; PostgreSQL frees a silent session's jobs "
+            "after 8 s)",
+            "prefetch_step": "claims of up to 100 rows per statement",
+        }
+
+
 class Celery(System):
     """Celery workers (threads pool) on RabbitMQ."""
 
@@ -385,6 +447,7 @@ class Dramatiq(System):
 CLASSES: dict[str, type[System]] = {
     "orchestratr": OrchestratR,
     "orchestratr-signed": OrchestratRSigned,
+    "orchestratr-pg": OrchestratRPg,
     "celery": Celery,
     "dramatiq": Dramatiq,
 }

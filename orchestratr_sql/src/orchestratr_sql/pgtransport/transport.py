@@ -309,7 +309,9 @@ class PostgresTransport(Transport):
 
         s = self.settings
         args = self._connector._connect_args()
-        args["server_settings"] = {**args["server_settings"], "application_name": "orchestratr"}
+        # Named so that an operator (and the benchmarks) can tell the sessions apart.
+        name = f"orchestratr-transport:{s.namespace}"
+        args["server_settings"] = {**args["server_settings"], "application_name": name}
         try:
             conn = await asyncpg.connect(**args)
         except Exception as exc:
