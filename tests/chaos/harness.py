@@ -94,7 +94,7 @@ class Timings:
     """Client: give every delivery up after this much silence from the broker —
     strictly less than the broker's earliest detection (2 x broker_heartbeat).
     Not tighter: on a loaded 2-core machine a 1.5 s fence fired falsely."""
-    pg_heartbeat: float = 1.0
+    pg_heartbeat: float = 0.5
     """PostgreSQL transport: seconds between the pings of a session."""
     pg_fence_timeout: float = 4.0
     """PostgreSQL transport: no answered statement for this long -> jobs lost."""
