@@ -268,17 +268,7 @@ class OrchestratRPg(OrchestratR):
         return f"{PG_ADMIN}?schema={self.schema}&namespace={self.namespace}"
 
     async def consumers(self) -> int:
-        import asyncpg
-
-        conn = await asyncpg.connect(PG_ADMIN)
-        try:
-            count = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                f"orchestratr-transport:{self.namespace}",
-            )
-        finally:
-            await conn.close()
-        return int(count)
+        return len(await self.transport_backend_pids())
 
     async def transport_backend_pids(self) -> list[int]:
         """PostgreSQL backends serving this run's transport sessions (same host)."""
