@@ -320,6 +320,9 @@ class PostgresTransport(Transport):
             await self._prepare(conn)
             number = await conn.fetchval(f"SELECT nextval('{s.table('sessions')}')")
             await conn.execute("SELECT pg_advisory_lock($1, $2)", s.lock_class, number)
+        except (BackendUnavailable, PermanentBackendError):
+            conn.terminate()
+            raise
         except Exception as exc:
             conn.terminate()
             raise self._error(exc, "open a session") from None
@@ -737,6 +740,8 @@ class PostgresTransport(Transport):
                         await self._handle_event(sub, row)
             except BackendUnavailable:
                 await self._ready.wait()
+            except Exception:
+                log.exception("reading events failed; trying again at the next wake-up")
 
     async def _handle_event(self, sub: _EventSub, row: Any) -> None:
         events = self.settings.table("events")
@@ -826,6 +831,8 @@ class PostgresTransport(Transport):
                 await self._fetch_commands()
             except BackendUnavailable:
                 await self._ready.wait()
+            except Exception:
+                log.exception("reading commands failed; trying again at the next wake-up")
 
     async def _fetch_commands(self) -> None:
         """Every command subscription's new rows into the inbox, in id order."""
@@ -876,6 +883,8 @@ class PostgresTransport(Transport):
                     pass
             except BackendUnavailable:
                 await self._ready.wait()
+            except Exception:
+                log.exception("claiming jobs failed; trying again at the next wake-up")
 
     async def _claim(self, sub: _JobSub) -> bool:
         """Claim what capacity allows; True when a full batch came (claim again)."""
@@ -936,7 +945,10 @@ class PostgresTransport(Transport):
                 "acknowledge a job" if ack else "release a job",
                 session,
             )
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            # Not settled, and not sure why: the session cannot be trusted to hold the
+            # row any longer (its other deliveries go too; they come back as new ones).
+            self._lose_session(session, f"a delivery could not be settled: {exc}")
             raise DeliveryLost(
                 f"delivery of job {delivery.message.job_id} was lost with its session"
             ) from None
