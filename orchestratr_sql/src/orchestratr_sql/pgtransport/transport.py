@@ -81,6 +81,8 @@ log = logging.getLogger("orchestratr.transport.postgresql")
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
 _labels = itertools.count(1)
+_PUBLISH_BATCH = 500
+"""Most rows one publishing statement inserts."""
 
 
 class _Session:
@@ -283,6 +285,11 @@ class PostgresTransport(Transport):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnecting: asyncio.Task[None] | None = None
         self._command_lock = asyncio.Lock()
+        self._pending: dict[str, list[tuple[bytes, str | None, asyncio.Future[None]]]] = {
+            "jobs": [],
+            "events": [],
+        }
+        self._flushing: set[str] = set()
         self._migrated = False
         s = self.settings
         self._pick_sql, self._take_sql = claim_sql(s)
@@ -639,17 +646,56 @@ class PostgresTransport(Transport):
         await self._insert("jobs", body, self._sign(body, "jobs"))
 
     async def _insert(self, what: str, body: bytes, signature: str | None) -> None:
+        """Insert one row, committed before this returns. Rows published while an
+        insert is in flight go together in the next statement (one commit, one
+        NOTIFY), in call order: ``create_jobs`` publishes hundreds concurrently, and
+        a commit each would make it wait on the disk once per job."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending[what].append((body, signature, future))
+        if what not in self._flushing:
+            self._flushing.add(what)
+            self._spawn(self._flush(what), f"publish-{what}")
+        await future
+
+    async def _flush(self, what: str) -> None:
         sql = (
             f"WITH ins AS (INSERT INTO {self.settings.table(what)} (payload, signature) "
-            f"VALUES ($1, $2) RETURNING id) SELECT pg_notify($3, '') FROM ins"
+            "SELECT * FROM unnest($1::bytea[], $2::text[]) RETURNING id) "
+            "SELECT pg_notify($3, '') WHERE EXISTS (SELECT FROM ins)"
         )
+        pending = self._pending[what]
+        batch: list[tuple[bytes, str | None, asyncio.Future[None]]] = []
         try:
-            await self._call(
-                lambda conn: conn.execute(sql, body, signature, self._channels[what]),
-                f"publish to {what}",
-            )
-        except BackendUnavailable as exc:
-            raise PublishError(f"not stored by PostgreSQL: {exc}") from None
+            while pending:
+                batch = pending[:_PUBLISH_BATCH]
+                del pending[:_PUBLISH_BATCH]
+                bodies = [b for b, _, _ in batch]
+                signatures = [s for _, s, _ in batch]
+                error: Exception | None = None
+                try:
+                    await self._call(
+                        lambda conn, b=bodies, s=signatures: conn.execute(  # type: ignore[misc]
+                            sql, b, s, self._channels[what]
+                        ),
+                        f"publish to {what}",
+                    )
+                except BackendUnavailable as exc:
+                    error = PublishError(f"not stored by PostgreSQL: {exc}")
+                for _, _, future in batch:
+                    if future.done():
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+        finally:
+            self._flushing.discard(what)
+            for _, _, future in [*batch, *pending]:  # cancelled (closed) meanwhile
+                if not future.done():
+                    future.set_exception(
+                        PublishError("the transport closed before PostgreSQL confirmed it")
+                    )
+            pending.clear()
 
     async def send_command(self, command: Command, server_id: str | None = None) -> None:
         """Insert a command row for ``server_id`` (or all servers) and wake them."""
