@@ -23,12 +23,14 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from benchmarks import scenarios
 from benchmarks.common import figure, machine, write_result
 
+_T = TypeVar("_T")
 SUBJECTS = ("orchestratr", "orchestratr-pg")
 FIGURES = {
     "failover_total_s": "s",
@@ -40,6 +42,20 @@ FIGURES = {
 }
 
 
+async def _again(what: str, call: Callable[[], Awaitable[_T]], tries: int = 3) -> _T:
+    """Run one measurement, again if it failed: the shared broker is restarted now
+    and then by other tests (a run that saw that is discarded, as ``run.py`` does)."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await call()
+        except Exception as exc:
+            if attempt == tries:
+                raise
+            print(f"{what} failed ({exc!r:.200}); discarded, measuring again", flush=True)
+            await asyncio.sleep(10)
+    raise AssertionError("unreachable")
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     """``args.runs`` rounds of every scenario for each subject, in turn."""
     work = Path(tempfile.mkdtemp(prefix="orx-bench-pgtransport-"))
@@ -48,16 +64,28 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         # Alternate who goes first: the second of a round starts amid the first's teardown.
         for name in SUBJECTS if r % 2 == 0 else SUBJECTS[::-1]:
             mine = got[name]
-            result = await scenarios.failover(name, work, per_worker=args.per_worker)
+            result = await _again(
+                "failover",
+                lambda name=name: scenarios.failover(name, work, per_worker=args.per_worker),  # type: ignore[misc]
+            )
             if result["total_s"] is not None:
                 mine["failover_total_s"].append(result["total_s"])
-            starts = await scenarios.latency(name, work, samples=args.samples)
+            starts = await _again(
+                "latency",
+                lambda name=name: scenarios.latency(name, work, samples=args.samples),  # type: ignore[misc]
+            )
             mine["latency_run_medians_ms"].append(statistics.median(starts) * 1000)
-            alloc = await scenarios.throughput(name, work, jobs=args.jobs, within=300)
+            alloc = await _again(
+                "allocation",
+                lambda name=name: scenarios.throughput(name, work, jobs=args.jobs, within=300),  # type: ignore[misc]
+            )
             mine["allocation_s"].append(alloc["all_running_s"])
-            foot = await scenarios.throughput(
-                name, work, jobs=args.footprint, workers=1, footprint_window=args.window,
-                within=300,
+            foot = await _again(
+                "footprint",
+                lambda name=name: scenarios.throughput(  # type: ignore[misc]
+                    name, work, jobs=args.footprint, workers=1,
+                    footprint_window=args.window, within=300,
+                ),
             )  # fmt: skip
             mine["footprint_bytes_per_job"].append(foot["rss_per_job_bytes"])
             mine["idle_cpu_pct"].append(foot["idle_cpu_pct_total"])
