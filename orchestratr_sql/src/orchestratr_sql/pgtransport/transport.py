@@ -376,7 +376,7 @@ class PostgresTransport(Transport):
                 if (
                     (what == "jobs" and isinstance(sub, _JobSub))
                     or (what == "events" and isinstance(sub, _EventSub))
-                    or (what == "commands" and isinstance(sub, _CommandSub | _JobSub))
+                    or (what == "commands" and isinstance(sub, _CommandSub))
                 ):
                     sub.wake.set()
 
@@ -961,6 +961,9 @@ class PostgresTransport(Transport):
                 )
                 continue
             delivery = PostgresDelivery(self, session, row["id"], message, row["count"])
+            if not session.alive:  # died while this batch was being looked at
+                delivery.lose()
+                continue
             session.deliveries.add(delivery)
             sub.held.add(delivery)
             deliveries.append(delivery)
