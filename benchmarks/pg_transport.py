@@ -12,7 +12,8 @@ latency (ms from ``create_job`` to the job's first line on an idle server, media
 first line); idle footprint of ``--footprint`` jobs on one server (bytes per job, the
 server's CPU and, on PostgreSQL, the CPU of the database backends serving the
 transport's sessions, over ``--window`` seconds). Writes
-``benchmarks/results/pg_transport.json`` and prints the medians and the ratios.
+``benchmarks/results/pg_transport.json`` (``--out``) and prints the medians and the
+ratios; ``--scenarios failover,latency,allocation,footprint`` picks some.
 """
 
 from __future__ import annotations
@@ -64,33 +65,37 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         # Alternate who goes first: the second of a round starts amid the first's teardown.
         for name in SUBJECTS if r % 2 == 0 else SUBJECTS[::-1]:
             mine = got[name]
-            result = await _again(
-                "failover",
-                lambda name=name: scenarios.failover(name, work, per_worker=args.per_worker),  # type: ignore[misc]
-            )
-            if result["total_s"] is not None:
-                mine["failover_total_s"].append(result["total_s"])
-            starts = await _again(
-                "latency",
-                lambda name=name: scenarios.latency(name, work, samples=args.samples),  # type: ignore[misc]
-            )
-            mine["latency_run_medians_ms"].append(statistics.median(starts) * 1000)
-            alloc = await _again(
-                "allocation",
-                lambda name=name: scenarios.throughput(name, work, jobs=args.jobs, within=300),  # type: ignore[misc]
-            )
-            mine["allocation_s"].append(alloc["all_running_s"])
-            foot = await _again(
-                "footprint",
-                lambda name=name: scenarios.throughput(  # type: ignore[misc]
-                    name, work, jobs=args.footprint, workers=1,
-                    footprint_window=args.window, within=300,
-                ),
-            )  # fmt: skip
-            mine["footprint_bytes_per_job"].append(foot["rss_per_job_bytes"])
-            mine["idle_cpu_pct"].append(foot["idle_cpu_pct_total"])
-            if "idle_db_cpu_pct" in foot:
-                mine["idle_db_cpu_pct"].append(foot["idle_db_cpu_pct"])
+            if "failover" in args.scenarios:
+                result = await _again(
+                    "failover",
+                    lambda name=name: scenarios.failover(name, work, per_worker=args.per_worker),  # type: ignore[misc]
+                )
+                if result["total_s"] is not None:
+                    mine["failover_total_s"].append(result["total_s"])
+            if "latency" in args.scenarios:
+                starts = await _again(
+                    "latency",
+                    lambda name=name: scenarios.latency(name, work, samples=args.samples),  # type: ignore[misc]
+                )
+                mine["latency_run_medians_ms"].append(statistics.median(starts) * 1000)
+            if "allocation" in args.scenarios:
+                alloc = await _again(
+                    "allocation",
+                    lambda name=name: scenarios.throughput(name, work, jobs=args.jobs, within=300),  # type: ignore[misc]
+                )
+                mine["allocation_s"].append(alloc["all_running_s"])
+            if "footprint" in args.scenarios:
+                foot = await _again(
+                    "footprint",
+                    lambda name=name: scenarios.throughput(  # type: ignore[misc]
+                        name, work, jobs=args.footprint, workers=1,
+                        footprint_window=args.window, within=300,
+                    ),
+                )  # fmt: skip
+                mine["footprint_bytes_per_job"].append(foot["rss_per_job_bytes"])
+                mine["idle_cpu_pct"].append(foot["idle_cpu_pct_total"])
+                if "idle_db_cpu_pct" in foot:
+                    mine["idle_db_cpu_pct"].append(foot["idle_db_cpu_pct"])
             print(
                 f"round {r + 1}/{args.runs} {name}: " + ", ".join(
                     f"{k} {v[-1]:.4g}" for k, v in mine.items() if v
@@ -125,7 +130,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10000, help="jobs allocated on 4 servers")
     parser.add_argument("--footprint", type=int, default=10000, help="idle jobs on one server")
     parser.add_argument("--window", type=float, default=20.0, help="idle window, seconds")
+    parser.add_argument(
+        "--scenarios", default="failover,latency,allocation,footprint", help="which to run"
+    )
+    parser.add_argument("--out", default="pg_transport", help="results/<out>.json")
     args = parser.parse_args()
+    args.scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
     load_before = machine()["load_average"]
     started = time.time()
     payload = asyncio.run(measure(args))
@@ -135,7 +145,7 @@ def main() -> None:
         load_average_after=machine()["load_average"],
         duration_s=round(time.time() - started, 1),
     )
-    path = write_result("pg_transport", payload)
+    path = write_result(args.out, payload)
     for name, part in payload["systems"].items():
         medians = {k: f.get("median") for k, f in part["figures"].items()}
         print(f"{name}: {medians}")
