@@ -213,8 +213,12 @@ class OrchestratR(System):
             await self._transport.close()
         with contextlib.suppress(Exception):
             await self._storage.close()
-        await super().teardown()
+        await self.drop_queues()
         await drop_schema(self.schema)
+
+    async def drop_queues(self) -> None:
+        """Delete this run's queues and exchanges from the broker."""
+        await delete_broker_objects(self.prefix)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -284,14 +288,8 @@ class OrchestratRPg(OrchestratR):
             await conn.close()
         return [int(r["pid"]) for r in rows]
 
-    async def teardown(self) -> None:
-        for proc in [*self.workers, *([self.manager] if self.manager else [])]:
-            self.procs.stop(proc, timeout=0)
-        with contextlib.suppress(Exception):
-            await self._transport.close()
-        with contextlib.suppress(Exception):
-            await self._storage.close()
-        await drop_schema(self.schema)
+    async def drop_queues(self) -> None:
+        """Nothing: this system has no broker objects (its tables go with the schema)."""
 
     def settings(self) -> dict[str, Any]:
         return {
