@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from orchestratr_sql.pgtransport.settings import PgTransportSettings
 
-__all__ = ["DEAD_LETTER_LIMIT", "MIGRATION_KEY", "SERIAL_KEY", "claim_sql", "migrate"]
+__all__ = [
+    "CONSUMER_KEY",
+    "DEAD_LETTER_LIMIT",
+    "MIGRATION_KEY",
+    "SERIAL_KEY",
+    "claim_sql",
+    "migrate",
+]
 
 MIGRATION_KEY = -1
 """Second key of the transaction lock that serializes migrations."""
@@ -25,6 +32,10 @@ SERIAL_KEY = -2
 """Second key of the transaction lock that serializes command writes, so that
 command ids commit in id order and a reader's cursor never skips one."""
 EVENTS_KEY = 0
+"""Second key of the session lock held by the one active events consumer."""
+CONSUMER_KEY = -3
+"""Second key of the *shared* session lock every job-consuming session holds: the
+number of holders is the number of servers a claim shares the free rows with."""
 """Second key of the session lock held by the one active events consumer."""
 DEAD_LETTER_LIMIT = 10_000
 """Most rows kept in ``<namespace>_dead`` (oldest dropped first)."""
@@ -87,8 +98,10 @@ async def migrate(conn: Any, s: PgTransportSettings) -> int:
 def claim_sql(s: PgTransportSettings) -> tuple[str, str]:
     """The two statements, run in one transaction, that take jobs for a session.
 
-    *Pick* (``$1`` lock class as ``pg_locks`` shows it, ``$2`` how many) locks up to
-    ``$2`` free rows, ``SKIP LOCKED`` so that claiming servers never wait on each
+    *Pick* (``$1`` lock class as ``pg_locks`` shows it, ``$2`` how many at most, ``$3``
+    the consumer key as ``pg_locks`` shows it) locks up to ``$2`` free rows -- no more
+    than a fair share: the free rows divided by the sessions consuming jobs --
+    ``SKIP LOCKED`` so that claiming servers never wait on each
     other. A row is free when nobody holds it or its holder's session lock is gone
     (the session ended: PostgreSQL released the lock with it). *Take* (``$1`` this
     session's number, ``$2`` the lock class, ``$3`` the picked ids) reads the live
@@ -106,12 +119,24 @@ def claim_sql(s: PgTransportSettings) -> tuple[str, str]:
         "AND classid::bigint = {cls} AND objsubid = 2 AND granted"
     )
     pool_predicate = "TRUE"
+    free = "({a}.holder IS NULL OR {a}.holder NOT IN (" + live.format(cls="$1") + "))"
+    consumers = (
+        "SELECT count(DISTINCT l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
+        "AND l.classid::bigint = $1 AND l.objid::bigint = $3 AND l.objsubid = 2"
+    )
+    # A fair share: the free rows over the consuming servers, so that the first server
+    # woken does not take everything (RabbitMQ hands messages round-robin).
+    share = (
+        f"least($2, greatest(1, ceil((SELECT count(*) FROM {jobs} f WHERE "
+        f"{free.format(a='f')} AND {pool_predicate})::numeric "
+        f"/ greatest(1, ({consumers})))))::integer"
+    )
     pick = f"""
         SELECT c.id FROM {jobs} c
-        WHERE (c.holder IS NULL OR c.holder NOT IN ({live.format(cls="$1")}))
+        WHERE {free.format(a="c")}
           AND {pool_predicate}
         ORDER BY c.id
-        LIMIT $2
+        LIMIT {share}
         FOR UPDATE SKIP LOCKED
     """
     take = f"""

@@ -66,6 +66,7 @@ from orchestratr_sql.connection import ErrorKind
 from orchestratr_sql.errors import backend_error
 from orchestratr_sql.pgdriver import PostgresConnector
 from orchestratr_sql.pgtransport.schema import (
+    CONSUMER_KEY,
     DEAD_LETTER_LIMIT,
     EVENTS_KEY,
     SERIAL_KEY,
@@ -81,6 +82,8 @@ log = logging.getLogger("orchestratr.transport.postgresql")
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=Message)
 _labels = itertools.count(1)
+_SHARE_AGAIN = 0.05
+"""Seconds before a server that took its fair share of free jobs looks again."""
 _PUBLISH_BATCH = 500
 """Most rows one publishing statement inserts."""
 
@@ -97,6 +100,8 @@ class _Session:
         self.last_ok = time.monotonic()
         self.deliveries: set[PostgresDelivery] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.consumer = False
+        """Whether this session holds the shared consumer lock."""
 
     @property
     def valid_until(self) -> float:
@@ -248,6 +253,11 @@ class _JobSub(_Sub, JobConsumer):
         self.handler = handler
         self.held: set[PostgresDelivery] = set()
 
+    async def attach(self, session: _Session) -> None:
+        """Count as a consumer on the new session, then claim."""
+        await self.transport._count_consumer(session)
+        self.wake.set()
+
     async def set_capacity(self, capacity: int) -> None:
         """Hold at most ``capacity`` rows; 0 pauses; nothing held is revoked."""
         _check_capacity(capacity)
@@ -256,7 +266,10 @@ class _JobSub(_Sub, JobConsumer):
 
     async def close(self) -> None:
         """Stop claiming; held rows stay held. Idempotent."""
+        if self.closed:
+            return
         await self._close()
+        await self.transport._count_consumer(None)
 
 
 def _check_capacity(capacity: int) -> None:
@@ -470,7 +483,9 @@ class PostgresTransport(Transport):
                 live = set(await self._call(lambda conn: conn.fetchval(sql, cls), "ping", session))
             except BackendUnavailable:
                 continue
-            if known - live:
+            # A session gone since the last ping -- or before the first one, which has
+            # nothing to compare with (a server killed while this one was starting).
+            if not known or known - live:
                 for sub in self._subs:
                     if isinstance(sub, _JobSub | _EventSub):
                         sub.wake.set()
@@ -914,6 +929,7 @@ class PostgresTransport(Transport):
         _check_capacity(capacity)
         await self._current()
         sub = _JobSub(self, capacity, handler)
+        await self._count_consumer(await self._current())
         self._subs.append(sub)
         sub.task = self._spawn(self._job_loop(sub), "jobs")
         sub.wake.set()
@@ -944,7 +960,8 @@ class PostgresTransport(Transport):
 
         async def op(conn: Any) -> list[Any]:
             async with conn.transaction():
-                ids = [r["id"] for r in await conn.fetch(self._pick_sql, cls, want)]
+                picked = await conn.fetch(self._pick_sql, cls, want, CONSUMER_KEY & 0xFFFFFFFF)
+                ids = [r["id"] for r in picked]
                 if not ids:
                     return []
                 rows: list[Any] = await conn.fetch(self._take_sql, session.number, cls, ids)
@@ -973,7 +990,44 @@ class PostgresTransport(Transport):
             await self._fetch_commands()
         for delivery in deliveries:
             self._inbox.put_nowait((sub, delivery))
-        return len(rows) >= want
+        if len(rows) >= want:
+            return True  # a full batch: there may be more
+        if rows:
+            # Took a fair share: look again once the others have had theirs.
+            asyncio.get_running_loop().call_later(_SHARE_AGAIN, sub.wake.set)
+        return False
+
+    async def _count_consumer(self, session: _Session | None) -> None:
+        """Hold the shared consumer lock on ``session`` (once), or, with ``None``,
+        give it up when no job consumer is left (claims share the free rows among
+        the holders)."""
+        s = self.settings
+        if session is not None:
+            if session.consumer:
+                return
+            await self._call(
+                lambda conn: conn.execute(
+                    "SELECT pg_advisory_lock_shared($1, $2)", s.lock_class, CONSUMER_KEY
+                ),
+                "count as a consumer",
+                session,
+            )
+            session.consumer = True
+            return
+        current = self._session
+        if current is None or not current.consumer:
+            return
+        if any(isinstance(sub, _JobSub) and not sub.closed for sub in self._subs):
+            return
+        current.consumer = False
+        with contextlib.suppress(BackendUnavailable):
+            await self._call(
+                lambda conn: conn.execute(
+                    "SELECT pg_advisory_unlock_shared($1, $2)", s.lock_class, CONSUMER_KEY
+                ),
+                "stop counting as a consumer",
+                current,
+            )
 
     async def _settle(self, delivery: PostgresDelivery, *, ack: bool) -> None:
         jobs = self.settings.table("jobs")
