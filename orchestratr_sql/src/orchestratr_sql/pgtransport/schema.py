@@ -5,9 +5,9 @@ Tables live in the URL's schema (``public`` without one), each named
 Migrations are forward-only, applied under a transaction-level advisory lock and
 recorded in ``<namespace>_version``; they never touch the storage's tables.
 
-Claiming jobs is :func:`claim_sql`: the one place that says which rows a server may
-take (the *pool predicate*). Job kinds and placement constraints add their filter
-there, and only there.
+Claiming jobs is :func:`claim_sql` (a function in the database): the one place that
+says which rows a server may take (the *pool predicate*). Job kinds and placement
+constraints add their filter there, and only there.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def _migrations(s: PgTransportSettings) -> list[list[str]]:
                 reason text NOT NULL,
                 dead_at timestamptz NOT NULL DEFAULT now())""",
             f"CREATE SEQUENCE IF NOT EXISTS {seq} AS integer MINVALUE 1 CYCLE",
+            claim_sql(s),
         ],
     ]
 
@@ -95,54 +96,65 @@ async def migrate(conn: Any, s: PgTransportSettings) -> int:
     return len(steps)
 
 
-def claim_sql(s: PgTransportSettings) -> tuple[str, str]:
-    """The two statements, run in one transaction, that take jobs for a session.
+def claim_sql(s: PgTransportSettings) -> str:
+    """``CREATE FUNCTION <namespace>_claim(me, cls, n, consumer)``: take jobs for session
+    ``me`` in **one statement** -- one round trip, autocommitted, so a server cut off in
+    the middle of a claim never leaves a transaction (and its row locks) open.
 
-    *Pick* (``$1`` lock class as ``pg_locks`` shows it, ``$2`` how many at most, ``$3``
-    the consumer key as ``pg_locks`` shows it) locks up to ``$2`` free rows -- no more
-    than a fair share: the free rows divided by the sessions consuming jobs --
-    ``SKIP LOCKED`` so that claiming servers never wait on each
-    other. A row is free when nobody holds it or its holder's session lock is gone
-    (the session ended: PostgreSQL released the lock with it). *Take* (``$1`` this
-    session's number, ``$2`` the lock class, ``$3`` the picked ids) reads the live
-    sessions again *after* the rows are locked -- a holder that claimed a row
-    between the pick's look at ``pg_locks`` and its row lock is live by then -- and
-    marks the rows held and counts the delivery, in the same transaction.
+    *Pick* locks up to ``n`` free rows -- no more than a fair share: the free rows
+    divided by the sessions consuming jobs (holders of the shared lock ``consumer``)
+    -- ``SKIP LOCKED`` so that claiming servers never wait on each other. A row is
+    free when nobody holds it or its holder's session lock is gone (the session
+    ended: PostgreSQL released the lock with it); ``cls`` is the lock class as
+    ``pg_locks`` shows it. *Take* reads the live sessions again *after* the rows are
+    locked (each statement of the function reads ``pg_locks`` anew) -- a holder that
+    claimed a row between the pick's look at ``pg_locks`` and its row lock took its
+    session lock before claiming, so it is live by then -- and marks the rows held
+    and counts the delivery, in the same transaction.
 
     Pool predicate: which pool a delivery comes from. Today every server takes from
-    the one pool; kinds and placement constraints become one more condition in
-    ``pool_predicate`` (with their parameters), and only there.
+    the one pool; job kinds and placement constraints become one more condition in
+    ``pool_predicate`` (with parameters of their own, in a migration that replaces
+    this function), and only there.
     """
     jobs = s.table("jobs")
     live = (
-        "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory' "
-        "AND classid::bigint = {cls} AND objsubid = 2 AND granted"
+        "SELECT l.objid::bigint FROM pg_locks l WHERE l.locktype = 'advisory' "
+        "AND l.classid::bigint = cls AND l.objsubid = 2 AND l.granted"
     )
-    pool_predicate = "TRUE"
-    free = "({a}.holder IS NULL OR {a}.holder NOT IN (" + live.format(cls="$1") + "))"
     consumers = (
         "SELECT count(DISTINCT l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
-        "AND l.classid::bigint = $1 AND l.objid::bigint = $3 AND l.objsubid = 2"
+        "AND l.classid::bigint = cls AND l.objid::bigint = consumer AND l.objsubid = 2"
     )
-    # A fair share: the free rows over the consuming servers, so that the first server
-    # woken does not take everything (RabbitMQ hands messages round-robin).
-    share = (
-        f"least($2, greatest(1, ceil((SELECT count(*) FROM {jobs} f WHERE "
-        f"{free.format(a='f')} AND {pool_predicate})::numeric "
-        f"/ greatest(1, ({consumers})))))::integer"
-    )
-    pick = f"""
-        SELECT c.id FROM {jobs} c
-        WHERE {free.format(a="c")}
-          AND {pool_predicate}
-        ORDER BY c.id
-        LIMIT {share}
-        FOR UPDATE SKIP LOCKED
+    pool_predicate = "TRUE"
+    free = "({a}.holder IS NULL OR {a}.holder NOT IN (" + live + "))"
+    return f"""
+        CREATE OR REPLACE FUNCTION {s.table("claim")}(
+            me integer, cls bigint, n integer, consumer bigint
+        )
+        RETURNS TABLE (row_id bigint, row_payload bytea, row_signature text, row_count integer)
+        LANGUAGE plpgsql AS $fn$
+        DECLARE
+            share integer;
+            picked bigint[];
+        BEGIN
+            SELECT least(n, greatest(1, ceil(count(*)::numeric / greatest(1, ({consumers})))))
+              INTO share
+              FROM {jobs} f WHERE {free.format(a="f")} AND {pool_predicate};
+            SELECT array_agg(p.id) INTO picked FROM (
+                SELECT c.id FROM {jobs} c
+                WHERE {free.format(a="c")} AND {pool_predicate}
+                ORDER BY c.id
+                LIMIT share
+                FOR UPDATE SKIP LOCKED
+            ) p;
+            IF picked IS NULL THEN
+                RETURN;
+            END IF;
+            RETURN QUERY
+                UPDATE {jobs} j SET holder = me, deliveries = j.deliveries + 1
+                WHERE j.id = ANY(picked) AND {free.format(a="j")}
+                RETURNING j.id, j.payload, j.signature, j.deliveries - 1;
+        END
+        $fn$
     """
-    take = f"""
-        UPDATE {jobs} j SET holder = $1, deliveries = j.deliveries + 1
-        WHERE j.id = ANY($3::bigint[])
-          AND (j.holder IS NULL OR j.holder NOT IN ({live.format(cls="$2")}))
-        RETURNING j.id, j.payload, j.signature, j.deliveries - 1 AS count
-    """
-    return pick, take

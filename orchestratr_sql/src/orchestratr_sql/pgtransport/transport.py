@@ -70,7 +70,6 @@ from orchestratr_sql.pgtransport.schema import (
     DEAD_LETTER_LIMIT,
     EVENTS_KEY,
     SERIAL_KEY,
-    claim_sql,
     migrate,
 )
 from orchestratr_sql.pgtransport.settings import PgTransportSettings
@@ -305,7 +304,10 @@ class PostgresTransport(Transport):
         self._flushing: set[str] = set()
         self._migrated = False
         s = self.settings
-        self._pick_sql, self._take_sql = claim_sql(s)
+        self._claim_sql = (
+            "SELECT row_id AS id, row_payload AS payload, row_signature AS signature, "
+            f"row_count AS count FROM {s.table('claim')}($1, $2, $3, $4)"
+        )
         self._channels = {what: f"{s.channel}_{what}" for what in ("jobs", "events", "commands")}
 
     def __repr__(self) -> str:
@@ -959,13 +961,10 @@ class PostgresTransport(Transport):
         cls = s.lock_class & 0xFFFFFFFF
 
         async def op(conn: Any) -> list[Any]:
-            async with conn.transaction():
-                picked = await conn.fetch(self._pick_sql, cls, want, CONSUMER_KEY & 0xFFFFFFFF)
-                ids = [r["id"] for r in picked]
-                if not ids:
-                    return []
-                rows: list[Any] = await conn.fetch(self._take_sql, session.number, cls, ids)
-                return rows
+            rows: list[Any] = await conn.fetch(
+                self._claim_sql, session.number, cls, want, CONSUMER_KEY & 0xFFFFFFFF
+            )
+            return rows
 
         rows = await self._call(op, "claim jobs", session)
         deliveries: list[PostgresDelivery] = []
