@@ -266,6 +266,11 @@ async def throughput(
             out["rss_loaded_bytes"] = list(rss.values())
             out["held"] = [len(held[p.pid]) for p in procs]
             cpu0 = {p.pid: cpu_seconds(p.pid) for p in procs}
+            # On PostgreSQL alone the broker is PostgreSQL: the CPU of the backends
+            # serving the transport's sessions is the database load of idle jobs.
+            backends = getattr(cluster.system, "transport_backend_pids", None)
+            db_pids = await backends() if backends is not None else []
+            db0 = {pid: cpu_seconds(pid) for pid in db_pids}
             w0 = time.monotonic()
             await asyncio.sleep(footprint_window)
             wall = time.monotonic() - w0
@@ -273,6 +278,11 @@ async def throughput(
                 100 * (cpu_seconds(p.pid) - cpu0[p.pid]) / wall for p in procs
             ]
             out["idle_cpu_pct_total"] = sum(out["idle_cpu_pct_per_worker"])
+            if db_pids:
+                out["idle_db_cpu_pct"] = sum(
+                    100 * (cpu_seconds(pid) - db0[pid]) / wall for pid in db_pids
+                )
+                out["db_sessions"] = len(db_pids)
         if manager_cpu_window and isinstance(cluster.system, OrchestratR):
             manager = cluster.system.manager
             assert manager is not None

@@ -213,8 +213,12 @@ class OrchestratR(System):
             await self._transport.close()
         with contextlib.suppress(Exception):
             await self._storage.close()
-        await super().teardown()
+        await self.drop_queues()
         await drop_schema(self.schema)
+
+    async def drop_queues(self) -> None:
+        """Delete this run's queues and exchanges from the broker."""
+        await delete_broker_objects(self.prefix)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -305,6 +309,52 @@ class OrchestratRKinds(OrchestratR):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "kinds": "4 kinds, every server runs all four"}
+
+
+class OrchestratRPg(OrchestratR):
+    """OrchestratR on PostgreSQL alone: the ``postgresql`` transport (``--transport
+    postgresql://...``) on the same PostgreSQL as the storage; RabbitMQ is not used."""
+
+    name = "orchestratr-pg"
+
+    @property
+    def namespace(self) -> str:
+        return self.prefix.replace("-", "_")
+
+    def transport_url(self, port: int = BROKER_PORT) -> str:
+        # The transport's own tables go into the run's schema, beside the storage's.
+        return f"{PG_ADMIN}?schema={self.schema}&namespace={self.namespace}"
+
+    async def consumers(self) -> int:
+        return len(await self.transport_backend_pids())
+
+    async def transport_backend_pids(self) -> list[int]:
+        """PostgreSQL backends serving this run's transport sessions (same host)."""
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                f"orchestratr-transport:{self.namespace}",
+            )
+        finally:
+            await conn.close()
+        return [int(r["pid"]) for r in rows]
+
+    async def drop_queues(self) -> None:
+        """Nothing: this system has no broker objects (its tables go with the schema)."""
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "transport": "PostgreSQL (orchestratr_sql.pgtransport), same database as the "
+            "storage; no RabbitMQ",
+            "amqp_heartbeat_s": "-",
+            "fence_timeout_s": "3 (ping every 1 s; PostgreSQL frees a silent session's jobs "
+            "after 8 s)",
+            "prefetch_step": "claims of up to 100 rows per statement",
+        }
 
 
 class Celery(System):
@@ -440,6 +490,7 @@ CLASSES: dict[str, type[System]] = {
     "orchestratr": OrchestratR,
     "orchestratr-signed": OrchestratRSigned,
     "orchestratr-kinds4": OrchestratRKinds,
+    "orchestratr-pg": OrchestratRPg,
     "celery": Celery,
     "dramatiq": Dramatiq,
 }

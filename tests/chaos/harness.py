@@ -95,6 +95,13 @@ class Timings:
     """Client: give every delivery up after this much silence from the broker —
     strictly less than the broker's earliest detection (2 x broker_heartbeat).
     Not tighter: on a loaded 2-core machine a 1.5 s fence fired falsely."""
+    pg_heartbeat: float = 0.5
+    """PostgreSQL transport: seconds between the pings of a session."""
+    pg_fence_timeout: float = 4.0
+    """PostgreSQL transport: no answered statement for this long -> jobs lost."""
+    pg_session_timeout: float = 8.0
+    """PostgreSQL transport: PostgreSQL ends a silent session (and frees its jobs)
+    no sooner than this after the last statement it received."""
 
     @property
     def duplicate_grace(self) -> float:
@@ -218,19 +225,23 @@ class ChaosCluster:
         database: str = PG_ADMIN,
         broker_url: str | None = None,
         server_broker_url: str | None = None,
+        transport: str = "rabbitmq",
     ) -> None:
         """``database``: the storage's server URL. ``broker_url``: the RabbitMQ URL of
         the manager and the test's client (default: the broker under test,
         ``tests/support/rabbitmq.py``), without query. ``server_broker_url``: given,
         the servers connect to it directly (for example a cluster's nodes in another
         order); else each through its own silent proxy to the first node of
-        ``broker_url``."""
+        ``broker_url``. ``transport``: ``rabbitmq``, or ``postgresql`` (a fleet on
+        PostgreSQL alone: servers reach PostgreSQL through their proxies)."""
         self.workdir = workdir
         self.database = database
         """The database URL (one host, or a primary/standby pair) the schema lives in."""
         self.timings = timings or Timings()
         self.broker_url = broker_url or BROKER_URL
         self.server_broker_url = server_broker_url
+        self.transport_kind = transport
+        """``rabbitmq`` or ``postgresql`` (a fleet on PostgreSQL alone)."""
         self.run_id = uuid.uuid4().hex[:10]
         self.namespace = f"chaos-{self.run_id}"
         self.schema = f"chaos_{self.run_id}"
@@ -265,10 +276,24 @@ class ChaosCluster:
         """The storage URL of this run's schema in ``database``."""
         return f"{database}{'&' if '?' in database else '?'}schema={self.schema}"
 
+    @property
+    def broker_port(self) -> int:
+        """Where the servers' proxies forward to on PostgreSQL alone: its port."""
+        return urlsplit(PG_SERVER).port or 5432
+
     def transport_url(self, port: int | None = None, base: str | None = None) -> str:
         """The transport URL with this run's namespace and timings: to
-        127.0.0.1:``port`` (a proxy) if given, else to ``base`` (default the broker)."""
+        127.0.0.1:``port`` (a proxy) if given, else to ``base`` (default the broker).
+        On PostgreSQL alone: the run's schema through the proxy at ``port``."""
         t = self.timings
+        if self.transport_kind == "postgresql":
+            parts = urlsplit(PG_ADMIN)
+            netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+            return (
+                f"{parts.scheme}://{netloc}:{port or self.broker_port}{parts.path}"
+                f"?schema={self.schema}&namespace=chaos&heartbeat={t.pg_heartbeat}"
+                f"&fence_timeout={t.pg_fence_timeout}&session_timeout={t.pg_session_timeout}"
+            )
         if port is not None:
             base = f"amqp://guest:guest@127.0.0.1:{port}/"
         return (
@@ -315,7 +340,8 @@ class ChaosCluster:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
             await conn.close()
-        await drop_namespace(self.namespace, self.broker_url)
+        if self.transport_kind == "rabbitmq":
+            await drop_namespace(self.namespace, self.broker_url)
 
     def _reap(self, proc: Proc) -> None:
         if proc.alive:
@@ -407,7 +433,10 @@ class ChaosCluster:
         kinds (``--job KIND=...``) instead of the default kind; ``labels``:
         ``KEY=VALUE`` labels of the server."""
         proxy: SilentProxy | None = None
-        if self.server_broker_url is None:
+        if self.transport_kind == "postgresql":
+            proxy = self.proxies.new_proxy(("127.0.0.1", self.broker_port))
+            url = self.transport_url(proxy.port)
+        elif self.server_broker_url is None:
             proxy = self.proxies.new_proxy(broker_address(self.broker_url))
             url = self.transport_url(proxy.port)
         else:
@@ -525,7 +554,11 @@ class ChaosCluster:
 
     async def restart_broker(self) -> tuple[float, float]:
         """``rabbitmqctl stop_app`` then ``start_app`` on the broker under test:
-        (stopped at, back up at)."""
+        (stopped at, back up at). On PostgreSQL alone the broker is PostgreSQL: it
+        is restarted."""
+        if self.transport_kind == "postgresql":
+            down = time.time()
+            return down, await self.restart_postgres()
         await asyncio.to_thread(rabbitmqctl, "stop_app")
         down = time.time()
         await asyncio.to_thread(rabbitmqctl, "start_app")
