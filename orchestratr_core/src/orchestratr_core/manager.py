@@ -52,6 +52,7 @@ from orchestratr_core.metrics import record_heartbeat_lag
 from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonitor
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
+from orchestratr_core.server_views import ServerViews, Verdict
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Subscription, Transport
 
@@ -146,6 +147,8 @@ class ServerManager:
         self._events: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._known_servers: set[str] = set()
+        self._views = ServerViews(stale_after=self.options.server_timeout / 2)
+        """Each server's set of jobs as of its acknowledged heartbeat."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
         self._started = False
@@ -277,6 +280,7 @@ class ServerManager:
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
+            self._views.forget(event.server_id)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -312,6 +316,11 @@ class ServerManager:
         # pipelined on the channel, not one confirm round trip after another.
         for i in range(0, len(sends), _SEND_CHUNK):
             await asyncio.gather(*sends[i : i + _SEND_CHUNK])
+        verdict = self._views.receive(hb)
+        if verdict is not Verdict.NOTHING:
+            # After the stops above: what the server hears next is on a set that
+            # already excludes the copies it was told to stop.
+            await self._send(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id)
 
     async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
         before = await self._storage.get_job(ev.job_id)
@@ -444,6 +453,7 @@ class ServerManager:
         for server in expired:
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
+            self._views.forget(server.id)
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
