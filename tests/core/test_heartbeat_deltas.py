@@ -247,7 +247,7 @@ async def test_idle_jobs_are_left_out_of_heartbeats_and_cost_the_storage_no_writ
         what="20 runs",
     )
     await asyncio.sleep(0.5)  # the starts are applied
-    before = {job_id: await cluster.job(job_id) for job_id in ids}
+    before = {job_id: await cluster.storage.get_job(job_id) for job_id in ids}
     seen: list[p.ServerHeartbeat] = []
     manager = cluster.manager
     assert manager is not None
@@ -261,7 +261,7 @@ async def test_idle_jobs_are_left_out_of_heartbeats_and_cost_the_storage_no_writ
     await eventually(lambda: len(seen) >= 4, what="four heartbeats")
     assert all(hb.base and not hb.jobs and not hb.gone and hb.running == 20 for hb in seen)
     for job_id in ids:
-        assert await cluster.job(job_id) == before[job_id]  # not a field rewritten
+        assert await cluster.storage.get_job(job_id) == before[job_id]  # no field rewritten
 
 
 async def test_a_restarted_manager_gets_a_complete_listing_and_converges(
@@ -282,3 +282,33 @@ async def test_a_restarted_manager_gets_a_complete_listing_and_converges(
         record = await cluster.job(job_id)
         assert (record.status, record.server_id) == (JobStatus.PROCESSING, server.id)
     assert len(manager._views) == 1
+
+
+async def test_a_healthy_running_job_shows_its_server_s_heartbeat_as_its_liveness(
+    cluster: Cluster,
+) -> None:
+    """Idle jobs are not in every heartbeat, so their stored beat ages; what an
+    operator sees (monitor, API, CLI, dashboard) is the server's last heartbeat."""
+    from orchestratr_core.web.models import JobOut, job_out
+
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 4)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    await asyncio.sleep(0.6)  # a few server heartbeats later
+    record = await cluster.job(job_id)
+    live = await cluster.monitor.server(server.id)
+    assert record.server_seen is not None and record.liveness == record.server_seen
+    assert record.last_heartbeat is not None and record.liveness > record.last_heartbeat
+    assert abs((record.server_seen - live.last_seen).total_seconds()) < 1.0
+    assert record.to_dict()["liveness"] == record.server_seen.isoformat()
+    assert job_out(record).liveness == record.server_seen
+    assert "liveness" in JobOut.model_json_schema()["properties"]
+    (running,) = live.running
+    assert running.liveness == live.last_seen
+    page = await cluster.monitor.jobs()
+    assert page.items[0].server_seen is not None
+    # Once its server is gone, a job shows its own stored beat again.
+    await server.kill()
+    pending = await cluster.wait_status(job_id, JobStatus.PENDING)
+    assert pending.server_seen is None and pending.liveness == pending.last_heartbeat

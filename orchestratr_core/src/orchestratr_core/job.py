@@ -405,6 +405,17 @@ class JobRecord:
     """Why the job last changed status when that was not obvious (e.g. ``server dead``)."""
     heartbeat_timeout: float | None = None
     """The job's watchdog timeout in seconds, if it has one."""
+    server_seen: datetime | None = None
+    """When the server running the job was last heard, for a job ``processing`` on
+    a live server (filled by the monitor's reads; ``None`` otherwise)."""
+
+    @property
+    def liveness(self) -> datetime | None:
+        """When the job was last known to be alive: its server's last heartbeat
+        while it runs on a live server (a healthy job is as alive as its server,
+        and idle jobs are not in every heartbeat), else the job's own stored beat
+        (``last_heartbeat``: kept fresh for jobs with a watchdog)."""
+        return self.server_seen if self.server_seen is not None else self.last_heartbeat
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -424,6 +435,7 @@ class JobRecord:
             "last_error": self.last_error,
             "reason": self.reason,
             "heartbeat_timeout": self.heartbeat_timeout,
+            "liveness": _iso(self.liveness),
         }
 
 

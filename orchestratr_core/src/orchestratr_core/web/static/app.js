@@ -261,7 +261,7 @@ function renderJobs(page) {
       el("td", { title: job.server_id || "" }, serverLabel(job.server_id)),
       el("td", { class: "mono", title: fence.title }, fence.short),
       el("td", {}, job.restarts),
-      el("td", { title: job.last_heartbeat || "" }, ago(job.last_heartbeat)),
+      el("td", { title: job.liveness || job.last_heartbeat || "" }, ago(job.liveness || job.last_heartbeat)),
       el("td", { class: "error", title: job.last_error || "" }, job.last_error || ""),
       el("td", {}, cancel));
   });
@@ -336,7 +336,7 @@ async function refreshDetail() {
     ["id", job.id], ["status", badge(job.status)], ["server", job.server_id ? serverLabel(job.server_id) + " (" + job.server_id + ")" : "—"],
     ["fencing token", job.fence + " (" + fenceText(job.fence).short + ")"], ["generation", job.generation],
     ["restarts", job.restarts], ["created", job.created_at], ["started", job.started_at || "—"],
-    ["last heartbeat", job.last_heartbeat ? ago(job.last_heartbeat) + " (" + job.last_heartbeat + ")" : "—"],
+    ["last heartbeat", (job.liveness || job.last_heartbeat) ? ago(job.liveness || job.last_heartbeat) + " (" + (job.liveness || job.last_heartbeat) + ")" : "—"],
     ["updated", job.updated_at], ["reason", job.reason || "—"],
   ];
   $("detail-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k } }, v)]));
