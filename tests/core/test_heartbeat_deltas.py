@@ -312,3 +312,19 @@ async def test_a_healthy_running_job_shows_its_server_s_heartbeat_as_its_livenes
     await server.kill()
     pending = await cluster.wait_status(job_id, JobStatus.PENDING)
     assert pending.server_seen is None and pending.liveness == pending.last_heartbeat
+
+
+def test_a_heartbeat_with_refused_copies_is_not_acknowledged_so_they_are_listed_again() -> None:
+    """A copy the storage refused is raised again by every heartbeat until it is
+    gone: the manager does not take the set as known while it holds one."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A)))
+    assert views.receive(first, refused=True) is Verdict.NOTHING
+    assert len(views) == 0
+    again = _hb(series.next(_reports(A)))
+    assert (again.base, again.jobs) == (0, (A,))  # still a complete listing
+    assert views.receive(again) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=again.seq))
+    delta = _hb(series.next(_reports(A, B)))
+    assert views.receive(delta, refused=True) is Verdict.NOTHING
+    assert _hb(series.next(_reports(A, B))).jobs == (B,)  # listed again

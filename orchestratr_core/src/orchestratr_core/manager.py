@@ -316,7 +316,7 @@ class ServerManager:
         # pipelined on the channel, not one confirm round trip after another.
         for i in range(0, len(sends), _SEND_CHUNK):
             await asyncio.gather(*sends[i : i + _SEND_CHUNK])
-        verdict = self._views.receive(hb)
+        verdict = self._views.receive(hb, refused=bool(conflicts))
         if verdict is not Verdict.NOTHING:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.

@@ -84,12 +84,21 @@ class ServerViews:
         """Drop every copy."""
         self._views.clear()
 
-    def receive(self, hb: p.ServerHeartbeat) -> Verdict:
+    def receive(self, hb: p.ServerHeartbeat, *, refused: bool = False) -> Verdict:
         """Update the copy for ``hb`` (already applied to the storage) and say what
         to answer. A delta whose complete set cannot be checked was still applied
-        for what it says (starts and gone jobs are guarded transitions)."""
+        for what it says (starts and gone jobs are guarded transitions).
+
+        ``refused``: the storage refused some of the reported jobs (the server was
+        told to stop those copies). Then nothing is acknowledged, so that the server
+        keeps listing them and every later heartbeat raises the conflict again until
+        the copies are gone -- as a complete listing always did."""
         if not hb.seq:
             return Verdict.NOTHING  # an older server: every heartbeat is complete
+        if refused:
+            if not hb.base:
+                self._views.pop(hb.server_id, None)
+            return Verdict.NOTHING
         now = time.monotonic()
         view = self._views.get(hb.server_id)
         if view is not None and now - view.seen >= self._stale_after:
