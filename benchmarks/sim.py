@@ -18,7 +18,7 @@ Measured, per size (jobs spread evenly over ``--servers`` servers):
 * a server that falls silent: seconds until the database shows it dead and its
   jobs pending (where the broker then hands their messages to live servers).
 
-    .venv/bin/python -m benchmarks.sim --sizes 100000,200000 --servers 100
+    .venv/bin/python -m benchmarks.sim --sizes 100000,200000,400000   # 1,000 jobs a server
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ from orchestratr_core import protocol as p
 class SimServer:
     """One simulated server: its jobs, its heartbeat series, its command queue."""
 
-    def __init__(self, server_id: str, job_ids: list[str], fence: int) -> None:
+    def __init__(self, server_id: str, job_ids: list[str], fence: int, legacy: bool) -> None:
         self.id = server_id
+        self.legacy = legacy
+        """Speak as a server of the previous version: every heartbeat a complete,
+        unnumbered listing (and no acknowledgement expected)."""
         self.jobs = tuple(p.RunningJob(job_id, fence, None, 0) for job_id in job_ids)
         self.digest = p.jobs_digest(p.job_digest(job_id, fence) for job_id in job_ids)
         self.seq = 0
@@ -59,6 +62,21 @@ class SimServer:
         full = not self.base
         if full:
             self.full_seqs.add(self.seq)
+        if self.legacy:
+            hb = p.ServerHeartbeat(
+                server_id=self.id,
+                name=f"sim-{self.id}",
+                max_workers=len(self.jobs) + 10,
+                started_at=1_700_000_000.0,
+                sent_at=time.time(),
+                host="sim",
+                pid=1,
+                jobs=self.jobs,
+            )
+            body = p.encode(hb)
+            self.sent += 1
+            self.sent_bytes += len(body)
+            return body
         hb = p.ServerHeartbeat(
             server_id=self.id,
             name=f"sim-{self.id}",
@@ -94,14 +112,19 @@ class SimServer:
 
 
 async def simulate(
-    workdir: Path, *, jobs: int, servers: int, interval: float, window: float
+    workdir: Path, *, jobs: int, servers: int, interval: float, window: float, legacy: bool
 ) -> dict[str, Any]:
     import aio_pika
 
     from benchmarks.sql_storage import _load
 
     per_server = jobs // servers
-    out: dict[str, Any] = {"jobs": per_server * servers, "servers": servers, "interval_s": interval}
+    out: dict[str, Any] = {
+        "jobs": per_server * servers,
+        "servers": servers,
+        "interval_s": interval,
+        "heartbeats": "complete listings, unnumbered (previous version)" if legacy else "deltas",
+    }
     async with Cluster("orchestratr", workdir) as cluster:
         system = cluster.system
         assert isinstance(system, OrchestratR) and system.manager is not None
@@ -109,7 +132,7 @@ async def simulate(
         ids = await _load(system._storage, system.schema, jobs, per_server * servers, per_server)
         out["load_s"] = round(time.monotonic() - t0, 1)
         sims = [
-            SimServer(f"s{i:03d}", ids[i * per_server : (i + 1) * per_server], 1 << 32)
+            SimServer(f"s{i:03d}", ids[i * per_server : (i + 1) * per_server], 1 << 32, legacy)
             for i in range(servers)
         ]
         connection = await aio_pika.connect(AMQP)
@@ -154,10 +177,14 @@ async def simulate(
 
             beats = asyncio.create_task(beat_loop())
             try:
-                out["first_convergence_s"] = await _converged(sims, time.monotonic(), 600)
-                await asyncio.sleep(2 * interval)
+                if legacy:
+                    await asyncio.sleep(3 * interval)
+                else:
+                    out["first_convergence_s"] = await _converged(sims, time.monotonic(), 600)
+                    await asyncio.sleep(2 * interval)
                 out.update(await _steady(system, sims, window))
-                out.update(await _restart(cluster, system, sims, interval))
+                if not legacy:
+                    out.update(await _restart(cluster, system, sims, interval))
                 out.update(await _silent(system, sims[-1], per_server))
             finally:
                 beats.cancel()
@@ -258,10 +285,16 @@ async def main_async(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="orx-sim-"))
     runs = []
     for size in sizes:
-        print(f"[{time.strftime('%H:%M:%S')}] {size} jobs on {args.servers} servers", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {size} jobs", flush=True)
         try:
+            servers = args.servers or max(1, size // args.per_server)
             result = await simulate(
-                work, jobs=size, servers=args.servers, interval=args.interval, window=args.window
+                work,
+                jobs=size,
+                servers=servers,
+                interval=args.interval,
+                window=args.window,
+                legacy=args.legacy,
             )
         except Exception as exc:  # recorded, not raised: the next size may still fit
             result = {"jobs": size, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -274,15 +307,20 @@ async def main_async(args: argparse.Namespace) -> None:
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sim.json").write_text(json.dumps(doc, indent=2) + "\n")
+    name = "sim-legacy.json" if args.legacy else "sim.json"
+    (RESULTS / name).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--sizes", default="100000", help="jobs per run, comma-separated")
-    parser.add_argument("--servers", type=int, default=100)
+    parser.add_argument("--servers", type=int, default=0, help="0: jobs / --per-server")
+    parser.add_argument("--per-server", type=int, default=1000)
     parser.add_argument("--interval", type=float, default=2.0, help="server heartbeat (s)")
     parser.add_argument("--window", type=float, default=20.0, help="steady-state window (s)")
+    parser.add_argument(
+        "--legacy", action="store_true", help="servers of the previous version (complete listings)"
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 
