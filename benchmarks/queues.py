@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
 import sys
 import time
@@ -29,27 +27,7 @@ from typing import Any
 import aio_pika
 
 from benchmarks.common import AMQP, RESULTS, machine
-
-HOLDER = r"""
-import asyncio, sys, aio_pika
-async def main(url, names, count):
-    connection = await aio_pika.connect(url)
-    channel = await connection.channel()
-    await channel.set_qos(prefetch_count=count)
-    held = []
-    ready = asyncio.Event()
-    async def hold(message):
-        held.append(message)  # never acked
-        if len(held) == count:
-            ready.set()
-    for name in names.split(","):
-        q = await channel.get_queue(name, ensure=False)
-        await q.consume(hold)
-    await ready.wait()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
-asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
-"""
+from benchmarks.rabbitmq_failover import hand_over
 
 
 async def _declare(channel: aio_pika.abc.AbstractChannel, n: int) -> list[str]:
@@ -88,35 +66,7 @@ async def one_run(n: int, creates: int, messages: int, in_flight: int) -> dict[s
         for name in names:
             await (await channel.get_queue(name, ensure=False)).purge()
         await _publish(channel, names, messages, in_flight)
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", HOLDER, AMQP, ",".join(names), str(messages),
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert holder.stdout is not None
-        line = await asyncio.wait_for(holder.stdout.readline(), 60)
-        assert line.strip() == b"ready", line
-        waiting = await connection.channel()
-        await waiting.set_qos(prefetch_count=messages)
-        received = 0
-        done = asyncio.Event()
-
-        async def take(_: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal received
-            received += 1
-            if received == messages:
-                done.set()
-
-        for name in names:
-            queue = await waiting.get_queue(name, ensure=False)
-            await queue.consume(take)
-        await asyncio.sleep(0.5)
-        assert received == 0, "the waiting consumer got messages the holder held"
-        started = time.perf_counter()
-        os.kill(holder.pid, signal.SIGKILL)
-        await asyncio.wait_for(done.wait(), 60)
-        failover = time.perf_counter() - started
-        await holder.wait()
-        await waiting.close()
+        failover = await hand_over(connection, AMQP, names, messages)
         return {"creates_per_s": rate, "failover_s": failover}
     finally:
         cleanup = await connection.channel()

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+
 from benchmarks.common import AMQP, RESULTS, cpu_seconds, machine, rss_bytes
 from benchmarks.scenarios import Cluster
 from benchmarks.systems import OrchestratR
@@ -59,24 +61,17 @@ class SimServer:
 
     def heartbeat(self) -> bytes:
         self.seq += 1
-        full = not self.base
+        full = self.legacy or not self.base
         if full:
             self.full_seqs.add(self.seq)
-        if self.legacy:
-            hb = p.ServerHeartbeat(
-                server_id=self.id,
-                name=f"sim-{self.id}",
-                max_workers=len(self.jobs) + 10,
-                started_at=1_700_000_000.0,
-                sent_at=time.time(),
-                host="sim",
-                pid=1,
-                jobs=self.jobs,
-            )
-            body = p.encode(hb)
-            self.sent += 1
-            self.sent_bytes += len(body)
-            return body
+        numbered: dict[str, Any] = {}
+        if not self.legacy:  # a server of the previous version leaves these out
+            numbered = {
+                "seq": self.seq,
+                "base": self.base,
+                "digest": self.digest,
+                "running": len(self.jobs),
+            }
         hb = p.ServerHeartbeat(
             server_id=self.id,
             name=f"sim-{self.id}",
@@ -86,10 +81,7 @@ class SimServer:
             host="sim",
             pid=1,
             jobs=self.jobs if full else (),
-            seq=self.seq,
-            base=self.base,
-            digest=self.digest,
-            running=len(self.jobs),
+            **numbered,
         )
         body = p.encode(hb)
         self.sent += 1
@@ -114,8 +106,6 @@ class SimServer:
 async def simulate(
     workdir: Path, *, jobs: int, servers: int, interval: float, window: float, legacy: bool
 ) -> dict[str, Any]:
-    import aio_pika
-
     from benchmarks.sql_storage import _load
 
     per_server = jobs // servers
@@ -181,7 +171,7 @@ async def simulate(
                     await asyncio.sleep(3 * interval)
                 else:
                     out["first_convergence_s"] = await _converged(sims, time.monotonic(), 600)
-                    await asyncio.sleep(2 * interval)
+                out["settled_s"] = await _settled(channel, events, len(sims), 180)
                 out.update(await _steady(system, sims, window))
                 if not legacy:
                     out.update(await _restart(cluster, system, sims, interval))
@@ -201,6 +191,23 @@ async def _converged(sims: list[SimServer], since: float, within: float) -> floa
         if all(sim.full_acked_at > since for sim in sims):
             return round(max(sim.full_acked_at for sim in sims) - since, 2)
         await asyncio.sleep(0.05)
+    return None
+
+
+async def _settled(
+    channel: aio_pika.abc.AbstractChannel, queue: str, servers: int, within: float
+) -> float | None:
+    """Seconds until the manager keeps up: the events queue held fewer messages
+    than there are servers at three checks in a row (a backlog makes the
+    manager's copies stale, and the steady state would measure the catching up)."""
+    started = time.monotonic()
+    quiet = 0
+    while time.monotonic() - started < within:
+        depth = (await channel.declare_queue(queue, passive=True)).declaration_result
+        quiet = quiet + 1 if int(depth.message_count or 0) < servers else 0
+        if quiet >= 3:
+            return round(time.monotonic() - started, 1)
+        await asyncio.sleep(0.5)
     return None
 
 
@@ -247,14 +254,7 @@ async def _restart(
     cluster.procs.kill9(system.manager)
     await asyncio.sleep(0.5)
     started = time.monotonic()
-    system.manager = system.procs.python(
-        f"{system.prefix}-manager2",
-        [
-            "-m", "orchestratr_core.cli", "--log-level", "warning", "manager",
-            "--storage", system.storage_url(),
-            "--transport", system.transport_url(),
-        ],
-    )  # fmt: skip
+    system.manager = system.procs.python(f"{system.prefix}-manager2", system.manager_argv())
     converged = await _converged(sims, started, 600)
     return {"restart_convergence_s": converged, "restart_note": "from spawning the new manager"}
 
