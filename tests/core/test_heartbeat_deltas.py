@@ -232,6 +232,21 @@ async def test_an_older_server_s_heartbeats_are_complete_listings_and_get_no_ans
     assert not [c for c, target in sent if isinstance(c, p.HeartbeatAck)]
 
 
+def _heartbeats_applied(cluster: Cluster) -> list[p.ServerHeartbeat]:
+    """A list that the running manager's storage fills with each heartbeat it applies."""
+    seen: list[p.ServerHeartbeat] = []
+    manager = cluster.manager
+    assert manager is not None
+    apply = manager.storage.apply_heartbeat
+
+    async def spy(hb: p.ServerHeartbeat, now: Any) -> Any:
+        seen.append(hb)
+        return await apply(hb, now)
+
+    manager.storage.apply_heartbeat = spy  # type: ignore[method-assign]
+    return seen
+
+
 async def test_idle_jobs_are_left_out_of_heartbeats_and_cost_the_storage_no_write(
     cluster: Cluster,
 ) -> None:
@@ -248,16 +263,7 @@ async def test_idle_jobs_are_left_out_of_heartbeats_and_cost_the_storage_no_writ
     )
     await asyncio.sleep(0.5)  # the starts are applied
     before = {job_id: await cluster.storage.get_job(job_id) for job_id in ids}
-    seen: list[p.ServerHeartbeat] = []
-    manager = cluster.manager
-    assert manager is not None
-    apply = manager.storage.apply_heartbeat
-
-    async def spy(hb: p.ServerHeartbeat, now: Any) -> Any:
-        seen.append(hb)
-        return await apply(hb, now)
-
-    manager.storage.apply_heartbeat = spy  # type: ignore[method-assign]
+    seen = _heartbeats_applied(cluster)
     await eventually(lambda: len(seen) >= 4, what="four heartbeats")
     assert all(hb.base and not hb.jobs and not hb.gone and hb.running == 20 for hb in seen)
     for job_id in ids:
@@ -383,16 +389,7 @@ async def test_a_checkpoint_of_an_otherwise_idle_job_reaches_the_storage_through
     await cluster.wait_running([job_id, other])
     await eventually(lambda: server._beats.base > 0, what="a heartbeat acknowledged")
     await asyncio.sleep(0.5)  # the starts are applied and acknowledged: deltas are empty
-    seen: list[p.ServerHeartbeat] = []
-    manager = cluster.manager
-    assert manager is not None
-    apply = manager.storage.apply_heartbeat
-
-    async def spy(hb: p.ServerHeartbeat, now: Any) -> Any:
-        seen.append(hb)
-        return await apply(hb, now)
-
-    manager.storage.apply_heartbeat = spy  # type: ignore[method-assign]
+    seen = _heartbeats_applied(cluster)
     server._runs[job_id].beat('{"step": 7}')  # what heartbeat(checkpoint=...) does
 
     async def stored() -> bool:

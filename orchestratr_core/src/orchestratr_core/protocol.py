@@ -21,16 +21,18 @@ Heartbeats are the largest messages (every running job, every 2 s), so they have
 a hand-written path instead of the generic dataclass walk. ``ServerHeartbeat.jobs``
 is written as arrays, ``[[job_id, fence, last_heartbeat, restarts], ...]``
 (``last_heartbeat`` may be ``null``), with a fifth value, the job's new
-checkpoint, when it recorded one since the previous heartbeat. The reader
+checkpoint, when it recorded one that no acknowledged heartbeat carried yet
+(:mod:`orchestratr_core.server.beats`; a heartbeat lost on the way loses no
+checkpoint, and a complete listing carries them as a delta does). The reader
 accepts that form and the older object form,
 ``[{"job_id": ..., "fence": ..., "last_heartbeat": ..., "restarts": ...}]``
 (items of both forms may be mixed), so a manager of this version reads the
 heartbeats of older servers. A manager of an older version cannot read the array
 form (it dead-letters such heartbeats): **upgrade managers before servers**. An
 array with fewer than four values, or a value of the wrong type (``true`` is not
-a number here), makes the whole message malformed; values after the fourth are
+a number here), makes the whole message malformed; values after the fifth are
 ignored, as unknown fields of an object are, so that a newer minor writer may
-append some.
+append some (an older server's four-value arrays read with no checkpoint).
 
 ``ServerHeartbeat.started`` lists the ids of the jobs whose start reports a
 heartbeat replaces (a server that takes many jobs at once sends one heartbeat

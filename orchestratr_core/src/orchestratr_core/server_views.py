@@ -15,6 +15,16 @@ the server's complete set without seeing it (:meth:`ServerViews.receive`):
   the events over), a digest that does not match, a gap in the heartbeats long
   enough for the server to have been declared dead meanwhile -- asks for a
   complete listing.
+
+The copy and the digest cover each job's identity and ownership -- its id and
+fence (:func:`~orchestratr_core.protocol.job_digest`) -- which is what a
+complete listing settles (a job it leaves out is released). A job's other
+fields (its restart count, its own beat, a new checkpoint) are not state the
+manager keeps per server: the storage holds them, and the server lists a job
+again whenever one of them changed since the acknowledged heartbeat (a new
+checkpoint until a heartbeat carrying it is acknowledged), so a lost heartbeat
+loses none of them. Kinds and labels are per server and travel in every
+heartbeat, delta or not.
 """
 
 from __future__ import annotations
