@@ -27,23 +27,63 @@ import aio_pika
 
 HOLDER = r"""
 import asyncio, sys, aio_pika
-async def main(url, queue, count):
+async def main(url, names, count):
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=count)
-    q = await channel.get_queue(queue, ensure=False)
     held = []
     ready = asyncio.Event()
     async def hold(message):
         held.append(message)  # never acked
         if len(held) == count:
             ready.set()
-    await q.consume(hold)
+    for name in names.split(","):
+        q = await channel.get_queue(name, ensure=False)
+        await q.consume(hold)
     await ready.wait()
     print("ready", flush=True)
     await asyncio.Event().wait()
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
+"""A consumer process holding ``count`` messages of the queues named (comma-separated)."""
+
+
+async def hand_over(
+    connection: aio_pika.abc.AbstractConnection, url: str, names: list[str], messages: int
+) -> float:
+    """Start a holder of ``messages`` messages from ``names``, let a waiting consumer
+    subscribe to every one of them, ``kill -9`` the holder: seconds until the waiting
+    consumer has them all."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLDER, url, ",".join(names), str(messages),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert holder.stdout is not None
+    line = await asyncio.wait_for(holder.stdout.readline(), 60)
+    assert line.strip() == b"ready", line
+
+    waiting = await connection.channel()
+    await waiting.set_qos(prefetch_count=messages)
+    received = 0
+    done = asyncio.Event()
+
+    async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal received
+        received += 1
+        if received == messages:
+            done.set()
+
+    for name in names:
+        await (await waiting.get_queue(name, ensure=False)).consume(take)
+    await asyncio.sleep(0.5)  # nothing may arrive while the holder lives
+    assert received == 0, "the waiting consumer got messages the holder held"
+    started = time.perf_counter()
+    os.kill(holder.pid, signal.SIGKILL)
+    await asyncio.wait_for(done.wait(), 60)
+    elapsed = time.perf_counter() - started
+    await holder.wait()
+    await waiting.close()
+    return elapsed
 
 
 async def one_run(url: str, queue_type: str, messages: int) -> float:
@@ -63,41 +103,7 @@ async def one_run(url: str, queue_type: str, messages: int) -> float:
                 for n in range(messages)
             )
         )
-        holder = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            HOLDER,
-            url,
-            name,
-            str(messages),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        assert holder.stdout is not None
-        line = await asyncio.wait_for(holder.stdout.readline(), 60)
-        assert line.strip() == b"ready", line
-
-        waiting = await connection.channel()
-        await waiting.set_qos(prefetch_count=messages)
-        waiting_queue = await waiting.get_queue(name, ensure=False)
-        received = 0
-        done = asyncio.Event()
-
-        async def take(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            nonlocal received
-            received += 1
-            if received == messages:
-                done.set()
-
-        await waiting_queue.consume(take)
-        await asyncio.sleep(0.5)  # nothing may arrive while the holder lives
-        assert received == 0, "the waiting consumer got messages the holder held"
-        started = time.perf_counter()
-        os.kill(holder.pid, signal.SIGKILL)
-        await asyncio.wait_for(done.wait(), 60)
-        elapsed = time.perf_counter() - started
-        await holder.wait()
-        await waiting.close()
-        return elapsed
+        return await hand_over(connection, url, [name], messages)
     finally:
         await queue.delete(if_unused=False, if_empty=False)
         await connection.close()

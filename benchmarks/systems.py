@@ -164,14 +164,15 @@ class OrchestratR(System):
         await self._storage.open()  # runs the migrations before the manager starts
         await self._transport.connect()
         self.client = OrchestratorClient(self._storage, self._transport)
-        self.manager = self.procs.python(
-            f"{self.prefix}-manager",
-            [
-                "-m", "orchestratr_core.cli", "--log-level", "warning", "manager",
-                "--storage", self.storage_url(),
-                "--transport", self.transport_url(),
-            ],
-        )  # fmt: skip
+        self.manager = self.procs.python(f"{self.prefix}-manager", self.manager_argv())
+
+    def manager_argv(self) -> list[str]:
+        """The ``orchestratr manager`` command line (after the interpreter)."""
+        return [
+            "-m", "orchestratr_core.cli", "--log-level", "warning", "manager",
+            "--storage", self.storage_url(),
+            "--transport", self.transport_url(),
+        ]  # fmt: skip
 
     def worker_argv(self, label: str, capacity: int, port: int) -> tuple[list[str], dict[str, str]]:
         import sys

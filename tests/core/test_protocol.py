@@ -360,3 +360,71 @@ def test_decode_of_any_json_with_our_field_names_raises_nothing_but_malformed(
     except MalformedMessage:
         return
     assert kind == message.TYPE
+
+
+_JOB_FIELDS = [f.name for f in dataclasses.fields(p.JobMessage)]
+_JOB_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**64), max_value=2**64)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.sampled_from(["j", "a\x00b", "\ud800", "n" * 201, "j" * 37, 2**31 - 1, 2**31, 1e300])
+    | st.lists(st.integers(), max_size=2)
+    # kinds, constraints, spread groups, checkpoints: valid ones and near misses
+    | st.sampled_from(["default", "video", "Bad Kind", "zone", '{"n": 3}'])
+    | st.lists(st.sampled_from(["zone=a", "gpu", "zone!=b", "=x", "a=b"]), max_size=2)
+)
+
+
+def _generic_or_error(body: dict[str, Any]) -> Any:
+    try:
+        return p._build(p.JobMessage, dict(body))
+    except (TypeError, ValueError):
+        return "refused"
+
+
+def _fast_or_error(body: dict[str, Any]) -> Any:
+    try:
+        return p._job_message(dict(body))
+    except (TypeError, ValueError):
+        return "refused"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    base=st.fixed_dictionaries(
+        {},
+        optional={
+            "job_id": st.just("j1"),
+            "name": st.just("job one"),
+            "argument": st.just("{}"),
+            "generation": st.just(3),
+            "created_at": st.just(1700000000.5),
+            "heartbeat_timeout": st.just(30),
+            "kind": st.just("video"),
+            "constraints": st.just(["zone=a"]),
+            "spread": st.just("group-1"),
+            "checkpoint": st.just('{"n": 3}'),
+        },
+    ),
+    changes=st.dictionaries(st.sampled_from([*_JOB_FIELDS, "extra"]), _JOB_VALUES, max_size=4),
+)
+def test_the_hand_written_job_message_path_accepts_and_refuses_what_the_generic_one_does(
+    base: dict[str, Any], changes: dict[str, Any]
+) -> None:
+    """A job message is read on every delivery, so it skips the generic dataclass
+    walk; it must accept exactly what that walk accepts, with the same values."""
+    body = {**base, **changes}
+    assert _fast_or_error(body) == _generic_or_error(body)
+
+
+def test_a_job_message_read_by_decode_keeps_every_value_and_ignores_unknown_fields() -> None:
+    message = p.JobMessage("j1", "n", "arg", 7, 12.0, heartbeat_timeout=5.0)
+    body = json.loads(p.encode(message)) | {"added_by_a_newer_writer": [1, 2]}
+    assert p.decode_as(json.dumps(body), p.JobMessage) == message
+    body["created_at"] = 12  # an integral number reads as a float, as before
+    assert p.decode_as(json.dumps(body), p.JobMessage).created_at == 12.0
+    for name in ("job_id", "created_at", "generation"):
+        with pytest.raises(MalformedMessage, match=name):
+            p.decode(json.dumps({k: v for k, v in body.items() if k != name}))

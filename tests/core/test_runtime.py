@@ -40,6 +40,7 @@ from orchestratr_core.job import (
     split_fence,
     utcnow,
 )
+from orchestratr_core.server import beats as server_beats
 from orchestratr_core.transport import Delivery, Subscription
 from orchestratr_memory import storage as memory_storage
 from orchestratr_memory.transport import MemoryTransport
@@ -122,8 +123,10 @@ async def test_heartbeat_from_the_job_reaches_the_monitor_batched(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The storage refreshes an unchanged job's last_heartbeat only every
-    # HEARTBEAT_REFRESH_STEP (30 s); this test's storage does it on every report.
+    # HEARTBEAT_REFRESH_STEP (30 s), and a server reports a watchdog job's own beat
+    # again only every BEAT_REPORT_STEP (the same); here both do it every time.
     monkeypatch.setattr(memory_storage, "_REFRESH_STEP", timedelta(0))
+    monkeypatch.setattr(server_beats, "BEAT_REPORT_STEP", 0.0)
     go = asyncio.Event()
     beats: list[tuple[float, float]] = []  # wall clock just before and after heartbeat()
 
@@ -138,7 +141,8 @@ async def test_heartbeat_from_the_job_reaches_the_monitor_batched(
 
     await cluster.start_manager()
     await cluster.add_server("a", 2, job=beats_after_go)
-    (job_id,) = await cluster.create(1)
+    # A job's own beat is reported where its watchdog uses it (heartbeat_timeout).
+    job_id = await cluster.client.create_job("watched", heartbeat_timeout=60.0)
     started = await cluster.wait_status(job_id, JobStatus.PROCESSING)
     assert started.last_heartbeat is not None  # the start sets it, before any job beat
     go.set()

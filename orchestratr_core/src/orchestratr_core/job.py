@@ -506,6 +506,17 @@ class JobRecord:
     pending_reason: str | None = None
     """Why a pending job waits, as the leading manager last worked it out from the
     live servers' kinds and labels (``None`` while it runs)."""
+    server_seen: datetime | None = None
+    """When the server running the job was last heard, for a job ``processing`` on
+    a live server (filled by the monitor's reads; ``None`` otherwise)."""
+
+    @property
+    def liveness(self) -> datetime | None:
+        """When the job was last known to be alive: its server's last heartbeat
+        while it runs on a live server (a healthy job is as alive as its server,
+        and idle jobs are not in every heartbeat), else the job's own stored beat
+        (``last_heartbeat``: kept fresh for jobs with a watchdog)."""
+        return self.server_seen if self.server_seen is not None else self.last_heartbeat
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (datetimes as ISO 8601)."""
@@ -539,6 +550,7 @@ class JobRecord:
             "constraints": list(self.constraints),
             "spread": self.spread,
             "pending_reason": self.pending_reason if self.status is JobStatus.PENDING else None,
+            "liveness": _iso(self.liveness),
         }
 
 

@@ -62,6 +62,7 @@ from orchestratr_core.monitor import AdminOrchestratorMonitor, OrchestratorMonit
 from orchestratr_core.placement import Pool, ServerPlacement, parse_labels, pending_reason
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
+from orchestratr_core.server_views import ServerViews, Verdict
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Subscription, Transport
 
@@ -175,6 +176,8 @@ class ServerManager:
         """Server id -> jobs that moved away from it while it was their recorded
         owner (-> when noted): owner deaths, if it is declared dead before a
         heartbeat it sent after the note arrives."""
+        self._views = ServerViews(stale_after=self.options.server_timeout / 2)
+        """Each server's set of jobs as of its acknowledged heartbeat."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
         self._started = False
@@ -419,6 +422,7 @@ class ServerManager:
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
             self._moved_from.pop(event.server_id, None)
+            self._views.forget(event.server_id)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -473,6 +477,11 @@ class ServerManager:
         # pipelined on the channel, not one confirm round trip after another.
         for i in range(0, len(sends), _SEND_CHUNK):
             await asyncio.gather(*sends[i : i + _SEND_CHUNK])
+        verdict = self._views.receive(hb, refused=bool(conflicts))
+        if verdict is not Verdict.NOTHING:
+            # After the stops above: what the server hears next is on a set that
+            # already excludes the copies it was told to stop.
+            await self._send(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id)
 
     async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
         before = await self._storage.get_job(ev.job_id)
@@ -724,6 +733,7 @@ class ServerManager:
                 )
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
+            self._views.forget(server.id)
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )

@@ -4,9 +4,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
 
 from orchestratr_core.errors import InvalidJobInput, UnknownJob, UnknownServer
-from orchestratr_core.job import JobPage, JobQuery, JobRecord, ServerQuery, ServerRecord
+from orchestratr_core.job import (
+    JobPage,
+    JobQuery,
+    JobRecord,
+    JobStatus,
+    ServerQuery,
+    ServerRecord,
+    ServerStatus,
+)
 from orchestratr_core.storage import Storage
 
 __all__ = ["MAX_PAGE_SIZE", "AdminOrchestratorMonitor", "OrchestratorMonitor"]
@@ -32,7 +42,8 @@ class OrchestratorMonitor:
             raise InvalidJobInput(f"page size must be between 1 and {MAX_PAGE_SIZE}")
         if query.offset < 0:
             raise InvalidJobInput("offset must not be negative")
-        return await self._storage.list_jobs(query, with_total=with_total)
+        page = await self._storage.list_jobs(query, with_total=with_total)
+        return dataclasses.replace(page, items=tuple(await self._alive(page.items)))
 
     async def job(self, job_id: str) -> JobRecord:
         """One job by id, whatever its status.
@@ -42,11 +53,11 @@ class OrchestratorMonitor:
         record = await self._storage.get_job(job_id)
         if record is None:
             raise UnknownJob(job_id)
-        return record
+        return (await self._alive([record]))[0]
 
     async def servers(self, query: ServerQuery | None = None) -> list[ServerRecord]:
         """Servers (by default the live ones) with the jobs running on each."""
-        return await self._storage.list_servers(query or ServerQuery())
+        return [_alive_on(s) for s in await self._storage.list_servers(query or ServerQuery())]
 
     async def server(self, server_id: str) -> ServerRecord:
         """One server with its running jobs.
@@ -56,7 +67,33 @@ class OrchestratorMonitor:
         record = await self._storage.get_server(server_id)
         if record is None:
             raise UnknownServer(server_id)
-        return record
+        return _alive_on(record)
+
+    async def _alive(self, jobs: Sequence[JobRecord]) -> list[JobRecord]:
+        """``jobs`` with :attr:`JobRecord.server_seen` filled for those running on a
+        live server (one read of the live servers, without their jobs)."""
+        if not any(job.status is JobStatus.PROCESSING and job.server_id for job in jobs):
+            return list(jobs)
+        servers = await self._storage.list_servers(ServerQuery(with_jobs=False))
+        seen = {server.id: server.last_seen for server in servers}
+        return [_seen(job, seen.get(job.server_id or "")) for job in jobs]
+
+
+def _seen(job: JobRecord, last_seen: datetime | None) -> JobRecord:
+    if job.status is not JobStatus.PROCESSING or last_seen is None:
+        return job
+    return dataclasses.replace(job, server_seen=last_seen)
+
+
+def _alive_on(server: ServerRecord) -> ServerRecord:
+    """``server`` with its running jobs' liveness its own, while it is live."""
+    if server.status not in _LIVE or not server.running:
+        return server
+    running = tuple(_seen(job, server.last_seen) for job in server.running)
+    return dataclasses.replace(server, running=running)
+
+
+_LIVE = frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING})
 
 
 class AdminOrchestratorMonitor(OrchestratorMonitor):

@@ -21,16 +21,18 @@ Heartbeats are the largest messages (every running job, every 2 s), so they have
 a hand-written path instead of the generic dataclass walk. ``ServerHeartbeat.jobs``
 is written as arrays, ``[[job_id, fence, last_heartbeat, restarts], ...]``
 (``last_heartbeat`` may be ``null``), with a fifth value, the job's new
-checkpoint, when it recorded one since the previous heartbeat. The reader
+checkpoint, when it recorded one that no acknowledged heartbeat carried yet
+(:mod:`orchestratr_core.server.beats`; a heartbeat lost on the way loses no
+checkpoint, and a complete listing carries them as a delta does). The reader
 accepts that form and the older object form,
 ``[{"job_id": ..., "fence": ..., "last_heartbeat": ..., "restarts": ...}]``
 (items of both forms may be mixed), so a manager of this version reads the
 heartbeats of older servers. A manager of an older version cannot read the array
 form (it dead-letters such heartbeats): **upgrade managers before servers**. An
 array with fewer than four values, or a value of the wrong type (``true`` is not
-a number here), makes the whole message malformed; values after the fourth are
+a number here), makes the whole message malformed; values after the fifth are
 ignored, as unknown fields of an object are, so that a newer minor writer may
-append some.
+append some (an older server's four-value arrays read with no checkpoint).
 
 ``ServerHeartbeat.started`` lists the ids of the jobs whose start reports a
 heartbeat replaces (a server that takes many jobs at once sends one heartbeat
@@ -39,6 +41,22 @@ does for those jobs what it does on a :class:`JobStarted`. It is left out when
 empty (a periodic heartbeat), and a heartbeat without it reads as ``()``. A
 manager of an older version ignores it, as it ignores every unknown field.
 Anything but a list of strings makes the message malformed.
+
+**Heartbeats that carry what changed.** A server of this version numbers its
+heartbeats (``seq``, from 1) and adds ``digest`` and ``running``: a digest of its
+complete set of running jobs (:func:`jobs_digest`, order-free) and its size. A
+manager of this version that applied a numbered heartbeat answers with
+:class:`HeartbeatAck`; from then on the server may send a *delta*: ``base`` is the
+``seq`` of the acknowledged heartbeat, ``jobs`` lists only the jobs started or
+changed since that one, and ``gone`` the ids of its jobs that no longer run. The
+manager rebuilds the complete set from its copy of the acknowledged one and checks
+it against ``digest`` and ``running``; without that copy (it restarted, another
+manager took over) or on a mismatch it applies what the delta says and asks for a
+complete listing (``HeartbeatAck(full=True)``). Every field is left out at its
+default, so that a heartbeat of an older server (no ``seq``) reads as a complete
+listing, as it always was. A server never sends a delta before a manager of this
+version acknowledged one of its heartbeats, so an older manager, which sends no
+acknowledgement, only ever reads complete listings.
 
 Every value is bounded, so that nothing a message carries can fail a database
 write or a conversion later (:func:`decode` refuses the message instead):
@@ -67,7 +85,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -100,6 +120,7 @@ __all__ = [
     "Command",
     "DrainServer",
     "Event",
+    "HeartbeatAck",
     "JobCheckpoint",
     "JobDiscarded",
     "JobFailed",
@@ -116,6 +137,8 @@ __all__ = [
     "decode",
     "decode_as",
     "encode",
+    "job_digest",
+    "jobs_digest",
 ]
 
 PROTOCOL_VERSION = 1
@@ -251,6 +274,19 @@ class ReleaseJobs(Command):
 
 
 @dataclass(frozen=True)
+class HeartbeatAck(Command):
+    """To one server: the manager applied its heartbeat ``seq`` and keeps the set of
+    jobs it listed, so later heartbeats may list only what changed since then
+    (``ServerHeartbeat.base``). With ``full`` the manager lacks (or distrusts) that
+    set: the server's next heartbeat, sent at once, is a complete listing. Sent only
+    to servers whose heartbeats are numbered (``seq``): an older server never gets one."""
+
+    TYPE: ClassVar[str] = "heartbeat-ack"
+    seq: int
+    full: bool = False
+
+
+@dataclass(frozen=True)
 class Event(Message):
     """Base of server -> manager messages."""
 
@@ -274,7 +310,9 @@ class RunningJob:
 
 @dataclass(frozen=True)
 class ServerHeartbeat(Event):
-    """Periodic liveness report, carrying the complete set of running jobs."""
+    """Periodic liveness report: the complete set of running jobs, or (``base``
+    set) what changed since the heartbeat ``base`` the manager acknowledged (see
+    the module docstring)."""
 
     TYPE: ClassVar[str] = "heartbeat"
     name: str
@@ -294,6 +332,18 @@ class ServerHeartbeat(Event):
     of an older version)."""
     labels: tuple[str, ...] = ()
     """The server's labels as sorted ``KEY=VALUE`` texts."""
+    seq: int = 0
+    """This heartbeat's number in the server's life (from 1); 0: an older server,
+    whose heartbeats are complete listings and are not acknowledged."""
+    base: int = 0
+    """0: ``jobs`` is the complete set. Otherwise the ``seq`` of the acknowledged
+    heartbeat this one is relative to: ``jobs`` are the jobs started or changed
+    since, ``gone`` the ids of those that no longer run."""
+    gone: tuple[str, ...] = ()
+    digest: int = 0
+    """:func:`jobs_digest` of the complete set of running jobs (with ``seq``)."""
+    running: int = 0
+    """How many jobs the complete set holds (with ``seq``)."""
 
     def __post_init__(self) -> None:
         for kind in self.kinds:
@@ -371,6 +421,7 @@ _TYPES: dict[str, type[Message]] = {
         JobCheckpoint,
         DrainServer,
         ReleaseJobs,
+        HeartbeatAck,
         ServerHeartbeat,
         JobStarted,
         JobStopped,
@@ -427,7 +478,33 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         body["kinds"] = list(hb.kinds)
     if hb.labels:
         body["labels"] = list(hb.labels)
+    if hb.seq:  # numbered: left out by (and for) older servers
+        body["seq"] = hb.seq
+        body["digest"] = hb.digest
+        body["running"] = hb.running
+        if hb.base:
+            body["base"] = hb.base
+            body["gone"] = list(hb.gone)
     return body
+
+
+_DIGEST_MASK = (1 << 63) - 1
+
+
+def job_digest(job_id: str, fence: int) -> int:
+    """One job's share of :func:`jobs_digest`: 63 bits of BLAKE2b over its id and
+    fence (the same in every process, unlike ``hash``)."""
+    raw = hashlib.blake2b(f"{job_id}:{fence}".encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "big") & _DIGEST_MASK
+
+
+def jobs_digest(shares: Iterable[int]) -> int:
+    """The digest of a set of running jobs: the XOR of their :func:`job_digest`,
+    so that it does not depend on order and follows a change by one XOR each."""
+    digest = 0
+    for share in shares:
+        digest ^= share
+    return digest
 
 
 _M = TypeVar("_M", bound=Message)
@@ -471,7 +548,9 @@ def _decode(data: bytes | str) -> Message:
     if cls is None:
         raise MalformedMessage(f"unknown message type {str(kind)[:40]!r}")
     try:
-        return _build(cls, body)
+        # Exact type: a job message is read on every delivery (a failover moves
+        # thousands at once), so it has a hand-written path like the heartbeat's.
+        return _job_message(body) if cls is JobMessage else _build(cls, body)
     except (TypeError, ValueError) as exc:
         raise MalformedMessage(f"bad {kind!r} message: {exc}"[:300]) from None
 
@@ -516,6 +595,10 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "count": (0, MAX_COUNT),
     "hold": (0, MAX_COUNT),
     "pid": (0, MAX_COUNT),
+    "seq": (0, MAX_FENCE),
+    "base": (0, MAX_FENCE),
+    "digest": (0, _DIGEST_MASK),
+    "running": (0, MAX_COUNT),
 }
 _DURATIONS = frozenset({"heartbeat_timeout", "retry_in", "hold_for"})
 _IDENTIFIERS: dict[str, int] = {"job_id": MAX_JOB_ID_LENGTH, "server_id": MAX_SERVER_TEXT_LENGTH}
@@ -584,6 +667,87 @@ def _convert(name: str, annotation: str, value: Any) -> Any:
     if not isinstance(value, expected) or (base != "bool" and isinstance(value, bool)):
         raise ValueError(f"field {name!r} must be {base}")
     return float(value) if base == "float" else value  # type: ignore[arg-type]
+
+
+def _number(name: str, value: Any, high: float) -> float:
+    """A JSON number (not ``true``/``false``) within 0..``high``, as a float."""
+    kind = type(value)
+    if kind is not float and kind is not int:
+        raise ValueError(f"field {name!r} must be float")
+    number = float(value)
+    if not 0.0 <= number <= high:  # NaN fails too
+        raise ValueError(f"field {name!r} must be a number within 0..{high:.0f}")
+    return number
+
+
+def _required(body: dict[str, Any], name: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        if name in body:
+            raise ValueError(f"field {name!r} must not be null")
+        raise ValueError(f"missing field {name!r}")
+    return value
+
+
+def _job_message(body: dict[str, Any]) -> JobMessage:
+    """A :class:`JobMessage` with the same checks as the generic path
+    (:func:`_build`), written out: ``type(...) is`` for exact JSON types, so that
+    ``true`` is no number (bool is a subclass of int)."""
+    job_id = _required(body, "job_id")
+    if type(job_id) is not str:
+        raise ValueError("field 'job_id' must be str")
+    _identifier("job_id", job_id, MAX_JOB_ID_LENGTH)
+    name = _required(body, "name")
+    if type(name) is not str:
+        raise ValueError("field 'name' must be str")
+    _text("name", name, MAX_NAME_LENGTH)
+    argument = _required(body, "argument")
+    if type(argument) is not str:
+        raise ValueError("field 'argument' must be str")
+    validate_argument(argument)  # InvalidJobInput is a ValueError
+    generation = _required(body, "generation")
+    if type(generation) is not int:
+        raise ValueError("field 'generation' must be int")
+    if not 0 <= generation <= MAX_GENERATION:
+        raise ValueError(f"field 'generation' must be within 0..{MAX_GENERATION}")
+    created_at = _number("created_at", _required(body, "created_at"), MAX_EPOCH)
+    timeout = body.get("heartbeat_timeout")
+    if timeout is not None:
+        timeout = _number("heartbeat_timeout", timeout, MAX_DURATION)
+    checkpoint = body.get("checkpoint")
+    if checkpoint is not None:
+        if type(checkpoint) is not str:
+            raise ValueError("field 'checkpoint' must be str")
+        validate_checkpoint(checkpoint)
+    kind = body.get("kind", DEFAULT_KIND)
+    if type(kind) is not str:
+        raise ValueError("field 'kind' must be str")
+    _text("kind", kind, MAX_NAME_LENGTH)
+    constraints = body.get("constraints")
+    constraints = (
+        ()
+        if constraints is None and "constraints" not in body
+        else (_strings("constraints", constraints))
+    )
+    spread = body.get("spread")
+    if spread is not None:
+        if type(spread) is not str:
+            raise ValueError("field 'spread' must be str")
+        _text("spread", spread, MAX_NAME_LENGTH)
+    # Unknown fields are ignored, as in _build; __post_init__ checks kind,
+    # constraints and spread as it does there.
+    return JobMessage(
+        job_id,
+        name,
+        argument,
+        generation,
+        created_at,
+        timeout,
+        checkpoint,
+        kind,
+        constraints,
+        spread,
+    )
 
 
 _JOB_ARRAY = "[job_id, fence, last_heartbeat, restarts]"

@@ -70,6 +70,7 @@ __all__ = [
     "Storage",
     "check_heartbeat",
     "check_transition",
+    "heartbeat_gone",
 ]
 
 HEARTBEAT_REFRESH_STEP = 30.0
@@ -225,7 +226,10 @@ class Storage(abc.ABC):
         * every job recorded ``processing`` on this server that the report does
           not list goes back to ``pending`` (owner cleared, ``reason`` set) — the
           server no longer runs it. Jobs ``deleting`` on it that the report does
-          not list lose the owner too (they stay ``deleting``).
+          not list lose the owner too (they stay ``deleting``). A heartbeat of
+          what changed (``heartbeat.base`` set) lists only the jobs that are new
+          or changed: then this applies to the ids in ``heartbeat.gone`` alone
+          (:func:`heartbeat_gone`), and the other jobs are left as they are.
 
         Returns the reported jobs whose row did *not* accept the report: owned
         by another server with a newer or equal token, ``deleting``,
@@ -461,6 +465,16 @@ def check_transition(fence: int, restarts: int | None) -> None:
     _in_range("fence", fence, MAX_FENCE)
     if restarts is not None:
         _in_range("restarts", restarts, MAX_COUNT)
+
+
+def heartbeat_gone(heartbeat: ServerHeartbeat) -> list[str] | None:
+    """The jobs a heartbeat releases by name: ``None`` for a complete listing
+    (every unlisted job of the server is released), else the ids it says are gone,
+    less any it also lists as running (a delta never holds both)."""
+    if not heartbeat.base:
+        return None
+    listed = {job.job_id for job in heartbeat.jobs}
+    return sorted({job_id for job_id in heartbeat.gone if job_id not in listed})
 
 
 def check_heartbeat(heartbeat: ServerHeartbeat) -> None:

@@ -61,6 +61,7 @@ from orchestratr_core.storage import (
     Storage,
     check_heartbeat,
     check_transition,
+    heartbeat_gone,
 )
 
 __all__ = ["MemoryStorage"]
@@ -218,11 +219,19 @@ class _Store:
         return True, new
 
     def lose_jobs(
-        self, server_id: str, now: datetime, reason: str, keep: Iterable[str] = ()
+        self,
+        server_id: str,
+        now: datetime,
+        reason: str,
+        keep: Iterable[str] = (),
+        only: Iterable[str] | None = None,
     ) -> None:
-        """Apply SERVER_LOST to every job owned by ``server_id`` except ``keep``."""
-        kept = set(keep)
-        for job_id in sorted(self.by_server.get(server_id, set()) - kept):
+        """Apply SERVER_LOST to every job owned by ``server_id`` except ``keep``
+        (and, given ``only``, not among them)."""
+        owned = self.by_server.get(server_id, set()) - set(keep)
+        if only is not None:
+            owned &= set(only)
+        for job_id in sorted(owned):
             self.apply(
                 self.jobs[job_id],
                 JobEvent.SERVER_LOST,
@@ -578,7 +587,11 @@ class MemoryStorage(Storage):
                     refused.append(job)
                 elif running.last_heartbeat is not None:
                     store.put(job, dataclasses.replace(job, last_heartbeat=beat))
-            store.lose_jobs(server_id, now, REASON_NOT_REPORTED, keep=reported)
+            gone = heartbeat_gone(heartbeat)
+            if gone is None:
+                store.lose_jobs(server_id, now, REASON_NOT_REPORTED, keep=reported)
+            else:
+                store.lose_jobs(server_id, now, REASON_NOT_REPORTED, only=gone)
             return refused
 
     async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:

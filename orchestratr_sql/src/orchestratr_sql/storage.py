@@ -38,6 +38,7 @@ from orchestratr_core.storage import (
     OutboxKind,
     check_heartbeat,
     check_transition,
+    heartbeat_gone,
 )
 from orchestratr_sql.base import join_list
 from orchestratr_sql.connection import Connection
@@ -445,7 +446,9 @@ class SqlStorage(SqlReads):
     async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
         """Four statements whatever the number of jobs: upsert the server, apply
         ``START`` to every reported job (one set-based UPDATE), read back the
-        reports that did not apply, release the jobs the server no longer runs."""
+        reports that did not apply, release the jobs the server no longer runs
+        (those it does not list, or -- a heartbeat of what changed -- those it
+        says are gone; none: no statement)."""
         check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values: dict[str, Any] = {
             "id": heartbeat.server_id,
@@ -462,6 +465,9 @@ class SqlStorage(SqlReads):
             "labels": join_list(sorted(heartbeat.labels)),
         }
         values.update(self.dialect.heartbeat_batch(heartbeat.jobs, now))
+        gone = heartbeat_gone(heartbeat)
+        if gone is not None:
+            values["gone"] = self.dialect.id_list(gone)
 
         async def ingest(conn: Connection) -> list[JobRecord]:
             await conn.execute(self._q["upsert_server"], values)
@@ -470,7 +476,10 @@ class SqlStorage(SqlReads):
                 await conn.execute(self._q["heartbeat_start_jobs"], values)
                 rows = await conn.fetch(self._q["heartbeat_rejected_jobs"], values)
                 rejected = [self._job(row) for row in rows]
-            await conn.execute(self._q["heartbeat_release_unreported"], values)
+            if gone is None:
+                await conn.execute(self._q["heartbeat_release_unreported"], values)
+            elif gone:
+                await conn.execute(self._q["heartbeat_release_gone"], values)
             return rejected
 
         return await self._run("apply_heartbeat", ingest)

@@ -17,8 +17,11 @@ the job runs, and:
 * never runs two copies of one job in one process: a second delivery of the same
   job waits for the first copy to end, and the lower fencing token is dropped;
 * publishes a heartbeat every ``heartbeat_interval`` with every running job and
-  its fencing token, so that the manager can reconcile after anything; when many
-  jobs start at once, one heartbeat replaces their start reports;
+  its fencing token, so that the manager can reconcile after anything -- once the
+  manager acknowledged one, only what changed since (starts, stops, fences, new
+  checkpoints, watchdog beats that matter), with a digest of the whole
+  (:mod:`orchestratr_core.server.beats`); when many jobs start at once, one
+  heartbeat replaces their start reports;
 * runs one function per job **kind** and consumes exactly the pools (kind and
   constraints, :mod:`orchestratr_core.placement`) whose kind it runs and whose
   constraints its labels satisfy, learning of new pools from the transport
@@ -69,6 +72,7 @@ from orchestratr_core.placement import (
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import backoff_delay, retrying
 from orchestratr_core.runner import Heartbeat, JobRunner, StopToken
+from orchestratr_core.server.beats import HeartbeatSeries
 from orchestratr_core.server.options import ServerOptions, check_server_name
 from orchestratr_core.server.outbox import EventOutbox
 from orchestratr_core.server.run import GcFreezer, Outcome, Run
@@ -168,6 +172,7 @@ class OrchestratedServer:
             self._runs.__len__,
             self.options.heartbeat_interval,
         )
+        self._beats = HeartbeatSeries()
         self._gc = GcFreezer()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -781,6 +786,8 @@ class OrchestratedServer:
                 log.info("rebalance: releasing %d job(s), holding %s", count, command.hold)
             for run in runs[:count]:
                 run.request_stop(p.StopReason.RELEASED)
+        elif isinstance(command, p.HeartbeatAck) and self._beats.acknowledged(command):
+            self._outbox.publish(self._heartbeat_event())  # a complete listing, now
 
     # -- events -------------------------------------------------------------------------
 
@@ -810,7 +817,13 @@ class OrchestratedServer:
             )
 
     def _heartbeat_event(self) -> p.ServerHeartbeat:
-        jobs = tuple([run.reported() for run in self._runs.values() if run.stop_reason is None])
+        """The next heartbeat: everything running, or what changed since the one
+        the manager acknowledged (:class:`~orchestratr_core.server.beats.HeartbeatSeries`)."""
+        seq, base, jobs, gone, digest, running = self._beats.next(
+            (run.reported(), run.heartbeat_timeout is not None)
+            for run in self._runs.values()
+            if run.stop_reason is None
+        )
         return p.ServerHeartbeat(
             server_id=self.id,
             name=self.name,
@@ -823,6 +836,11 @@ class OrchestratedServer:
             jobs=jobs,
             kinds=tuple(sorted(self.kinds)),
             labels=format_labels(self.labels),
+            seq=seq,
+            base=base,
+            gone=gone,
+            digest=digest,
+            running=running,
         )
 
     def _end_hold(self, pool: Pool | None = None) -> None:

@@ -87,7 +87,15 @@ class JobOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
-    last_heartbeat: datetime | None
+    last_heartbeat: datetime | None = Field(
+        description="When the job function last called heartbeat(), as stored (kept fresh "
+        "for jobs with a watchdog)"
+    )
+    liveness: datetime | None = Field(
+        default=None,
+        description="When the job was last known alive: its server's last heartbeat while "
+        "it runs on a live server, else `last_heartbeat`",
+    )
     restarts: int = Field(description="How often the job function failed and was restarted")
     last_error: str | None
     reason: str | None = Field(description="Why the job last changed status, when not obvious")
@@ -140,6 +148,9 @@ class ServerJobOut(BaseModel):
     fence: int
     restarts: int
     last_heartbeat: datetime | None
+    liveness: datetime | None = Field(
+        default=None, description="Its server's last heartbeat while the server is live"
+    )
 
 
 class ServerOut(BaseModel):

@@ -53,6 +53,14 @@ WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
   AND id NOT IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
 
+-- name: heartbeat_release_gone
+-- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
+UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
+                server_id = NULL, updated_at = :now, reason = :reason
+WHERE server_id = :server_id
+  AND status IN ('processing', 'deleting')
+  AND id IN (SELECT t.id FROM JSON_TABLE(:gone, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
+
 -- name: select_jobs_by_ids
 SELECT j.* FROM jobs AS j
 JOIN JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t ON j.id = t.id

@@ -94,6 +94,14 @@ WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
   AND NOT (id = ANY(:ids::text[]));
 
+-- name: heartbeat_release_gone
+-- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
+UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
+                server_id = NULL, updated_at = :now, reason = :reason
+WHERE server_id = :server_id
+  AND status IN ('processing', 'deleting')
+  AND id = ANY(:gone::text[]);
+
 -- name: select_jobs_by_ids
 SELECT * FROM jobs WHERE id = ANY(:ids::text[]) ORDER BY id;
 

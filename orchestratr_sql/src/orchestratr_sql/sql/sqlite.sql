@@ -51,6 +51,14 @@ WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
   AND id NOT IN (SELECT value FROM json_each(:ids));
 
+-- name: heartbeat_release_gone
+-- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
+UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
+                server_id = NULL, updated_at = :now, reason = :reason
+WHERE server_id = :server_id
+  AND status IN ('processing', 'deleting')
+  AND id IN (SELECT value FROM json_each(:gone));
+
 -- name: select_jobs_by_ids
 SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id;
 

@@ -340,7 +340,7 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("created", f"{job.created_at.isoformat()} ({ago(job.created_at)})"),
         ("updated", f"{job.updated_at.isoformat()} ({ago(job.updated_at)})"),
         ("started", job.started_at and f"{job.started_at.isoformat()} ({ago(job.started_at)})"),
-        ("last heartbeat", ago(job.last_heartbeat) if job.last_heartbeat else None),
+        ("last heartbeat", ago(job.liveness) if job.liveness else None),
         ("restarts", job.restarts),
         ("last error", job.last_error),
         ("reason", job.reason),

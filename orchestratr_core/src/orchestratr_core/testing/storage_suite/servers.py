@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, ServerQuery, ServerStatus, new_id
 from orchestratr_core.protocol import RunningJob
 from orchestratr_core.storage import Storage
@@ -155,6 +157,40 @@ class HeartbeatTests:
             assert by_id[job.id] == job
             assert await storage.get_job(job.id) == job
         assert (await _get(storage, accepted.id)).server_id == "s1"
+
+    async def test_a_heartbeat_of_what_changed_releases_only_the_jobs_it_says_are_gone(
+        self, storage: Storage
+    ) -> None:
+        """``base`` set: the unlisted jobs stay as they are (no write), the listed
+        ones start, and only the ids in ``gone`` still owned here are released."""
+        now = _now()
+        idle = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=1)
+        gone = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=2)
+        cancelling = await _in_status(storage, JobStatus.DELETING, now, server="s1", fence=3)
+        moved = await _in_status(storage, JobStatus.PROCESSING, now, server="s2", fence=4)
+        new = await _create(storage, at=now)
+        later = now + STEP + _sec(5)  # even past the refresh step, an unlisted job is kept
+        hb = dataclasses.replace(
+            _heartbeat("s1", [RunningJob(new.id, 6)], at=later),
+            seq=9,
+            base=8,
+            gone=(gone.id, cancelling.id, moved.id, new.id, new_id()),
+        )
+        assert await storage.apply_heartbeat(hb, later) == []
+        assert await storage.get_job(idle.id) == idle
+        after_gone = await _get(storage, gone.id)
+        assert (after_gone.status, after_gone.server_id) == (JobStatus.PENDING, None)
+        after_cancelling = await _get(storage, cancelling.id)
+        assert (after_cancelling.status, after_cancelling.server_id) == (JobStatus.DELETING, None)
+        assert await storage.get_job(moved.id) == moved  # another server's: untouched
+        started = await _get(storage, new.id)  # listed and gone at once: listed wins
+        assert (started.status, started.server_id, started.fence) == (
+            JobStatus.PROCESSING,
+            "s1",
+            6,
+        )
+        server = await storage.get_server("s1")
+        assert server is not None and sorted(_ids(server.running)) == sorted([idle.id, new.id])
 
     async def test_heartbeat_hands_back_the_jobs_the_server_no_longer_reports(
         self, storage: Storage

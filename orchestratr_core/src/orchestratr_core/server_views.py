@@ -1,0 +1,171 @@
+"""The manager's copy of each server's set of running jobs, as of the heartbeat it
+acknowledged last: what lets a heartbeat carry only what changed
+(``ServerHeartbeat.base``; the protocol module describes the exchange).
+
+A :class:`ServerViews` answers, for each heartbeat, whether the manager can trust
+the server's complete set without seeing it (:meth:`ServerViews.receive`):
+
+* a complete listing (``base`` 0) replaces the copy;
+* a delta on the acknowledged heartbeat is applied to the copy, and the result
+  must match the heartbeat's ``digest`` and ``running``;
+* a delta on an older heartbeat that this manager acknowledged too (it was sent
+  before the newer acknowledgement arrived) is applied as it says, and the copy
+  stays as it is;
+* anything else -- no copy (a new or restarted manager, another manager took
+  the events over), a digest that does not match, a gap in the heartbeats long
+  enough for the server to have been declared dead meanwhile -- asks for a
+  complete listing.
+
+The copy and the digest cover each job's identity and ownership -- its id and
+fence (:func:`~orchestratr_core.protocol.job_digest`) -- which is what a
+complete listing settles (a job it leaves out is released). A job's other
+fields (its restart count, its own beat, a new checkpoint) are not state the
+manager keeps per server: the storage holds them, and the server lists a job
+again whenever one of them changed since the acknowledged heartbeat (a new
+checkpoint until a heartbeat carrying it is acknowledged), so a lost heartbeat
+loses none of them. Kinds and labels are per server and travel in every
+heartbeat, delta or not.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import time
+from dataclasses import dataclass, field
+
+from orchestratr_core import protocol as p
+
+__all__ = ["ServerViews", "Verdict"]
+
+_ACKED_KEPT = 8
+"""Acknowledged heartbeats remembered per server (deltas on them still apply)."""
+ACK_GRACE = 5.0
+"""Seconds after an acknowledgement during which a delta on an earlier one is
+expected (built before it arrived); later, the acknowledgement was lost."""
+
+
+class Verdict(enum.Enum):
+    """What the manager does after applying a heartbeat."""
+
+    NOTHING = "nothing"
+    """Nothing changed (or an older server): no answer."""
+    ACK = "ack"
+    """Acknowledge it: later heartbeats may be relative to it."""
+    FULL = "full"
+    """Ask the server for a complete listing."""
+
+
+@dataclass
+class _View:
+    shares: dict[str, int]
+    """job id -> its share of the digest, as of ``acked``"""
+    digest: int
+    acked: int
+    seen: float
+    """monotonic time of the last heartbeat applied"""
+    acked_at: float
+    """monotonic time of the acknowledgement of ``acked``"""
+    history: collections.deque[int] = field(
+        default_factory=lambda: collections.deque(maxlen=_ACKED_KEPT)
+    )
+
+
+class ServerViews:
+    """One :class:`_View` per server whose heartbeats are numbered.
+
+    :param stale_after: seconds without a heartbeat after which the copy is not
+        trusted (keep it below the manager's server timeout: a server declared dead
+        has its jobs released in the storage, which the copy does not show).
+    """
+
+    def __init__(self, stale_after: float) -> None:
+        self._views: dict[str, _View] = {}
+        self._stale_after = stale_after
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def forget(self, server_id: str) -> None:
+        """Drop the copy (the server is dead or left; its jobs were released)."""
+        self._views.pop(server_id, None)
+
+    def clear(self) -> None:
+        """Drop every copy."""
+        self._views.clear()
+
+    def receive(self, hb: p.ServerHeartbeat, *, refused: bool = False) -> Verdict:
+        """Update the copy for ``hb`` (already applied to the storage) and say what
+        to answer. A delta whose complete set cannot be checked was still applied
+        for what it says (starts and gone jobs are guarded transitions).
+
+        ``refused``: the storage refused some of the reported jobs (the server was
+        told to stop those copies). Then nothing is acknowledged, so that the server
+        keeps listing them and every later heartbeat raises the conflict again until
+        the copies are gone -- as a complete listing always did."""
+        if not hb.seq:
+            return Verdict.NOTHING  # an older server: every heartbeat is complete
+        if refused:
+            if not hb.base:
+                self._views.pop(hb.server_id, None)
+            return Verdict.NOTHING
+        now = time.monotonic()
+        view = self._views.get(hb.server_id)
+        if view is not None and now - view.seen >= self._stale_after:
+            view = None  # the server may have been declared dead meanwhile
+            del self._views[hb.server_id]
+        if not hb.base:
+            shares = {job.job_id: p.job_digest(job.job_id, job.fence) for job in hb.jobs}
+            digest = p.jobs_digest(shares.values())
+            if digest != hb.digest or len(shares) != hb.running:
+                self._views.pop(hb.server_id, None)
+                return Verdict.FULL  # a listing that contradicts itself: ask again
+            if view is None:
+                view = self._views[hb.server_id] = _View(shares, digest, hb.seq, now, now)
+            else:
+                view.shares, view.digest, view.acked, view.acked_at = shares, digest, hb.seq, now
+            view.seen = now
+            view.history.append(hb.seq)
+            return Verdict.ACK
+        if view is None:
+            return Verdict.FULL
+        view.seen = now
+        if hb.base != view.acked:
+            # Relative to an earlier acknowledgement of ours, built before the newer
+            # one arrived: applied, the copy stays. Else we lack its base, or the
+            # newer acknowledgement never reached the server.
+            if hb.base in view.history and now - view.acked_at < ACK_GRACE:
+                return Verdict.NOTHING
+            return self._lost(hb)
+        shares, digest = view.shares, view.digest
+        removed: dict[str, int] = {}
+        for job_id in hb.gone:
+            share = shares.get(job_id)
+            if share is None:
+                return self._lost(hb)
+            removed[job_id] = share
+            digest ^= share
+        added: dict[str, int] = {}
+        for job in hb.jobs:
+            old = shares.get(job.job_id) if job.job_id not in removed else None
+            new = p.job_digest(job.job_id, job.fence)
+            if old is not None:
+                digest ^= old
+            digest ^= new
+            added[job.job_id] = new
+        count = len(shares) - len(removed) + sum(1 for j in added if j not in shares)
+        if digest != hb.digest or count != hb.running:
+            return self._lost(hb)
+        if not removed and not added:
+            return Verdict.NOTHING  # nothing new: the acknowledgement stands
+        for job_id in removed:
+            del shares[job_id]
+        shares.update(added)
+        view.digest = digest
+        view.acked, view.acked_at = hb.seq, now
+        view.history.append(hb.seq)
+        return Verdict.ACK
+
+    def _lost(self, hb: p.ServerHeartbeat) -> Verdict:
+        self._views.pop(hb.server_id, None)
+        return Verdict.FULL

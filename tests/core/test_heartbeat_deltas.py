@@ -1,0 +1,408 @@
+"""Heartbeats that carry what changed: the server's series, the manager's copy of
+each server's set, the exchange between them (acknowledgement, complete listing on
+request), and a mixed fleet (an older server's heartbeats)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from orchestratr_core import protocol as p
+from orchestratr_core.errors import MalformedMessage
+from orchestratr_core.job import JobStatus
+from orchestratr_core.server import beats as server_beats
+from orchestratr_core.server.beats import ACK_PATIENCE, HeartbeatSeries
+from orchestratr_core.server_views import ServerViews, Verdict
+from tests.support.cluster import FAST_MANAGER, Cluster, eventually
+
+
+def _hb(
+    series_out: tuple[int, int, tuple[p.RunningJob, ...], tuple[str, ...], int, int],
+    server_id: str = "s1",
+) -> p.ServerHeartbeat:
+    seq, base, jobs, gone, digest, running = series_out
+    return p.ServerHeartbeat(
+        server_id=server_id,
+        name="n",
+        max_workers=10,
+        started_at=1.0,
+        sent_at=2.0,
+        jobs=jobs,
+        seq=seq,
+        base=base,
+        gone=gone,
+        digest=digest,
+        running=running,
+    )
+
+
+def _reports(*jobs: p.RunningJob, watched: bool = False) -> list[tuple[p.RunningJob, bool]]:
+    return [(job, watched) for job in jobs]
+
+
+A = p.RunningJob("a", 1, 10.0, 0)
+B = p.RunningJob("b", 2, None, 0)
+C = p.RunningJob("c", 3, None, 0)
+
+
+def test_a_series_lists_everything_until_acknowledged_then_only_what_changed() -> None:
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A, B)))
+    assert (first.seq, first.base, first.jobs, first.running) == (1, 0, (A, B), 2)
+    assert views.receive(first) is Verdict.ACK
+    assert not series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    idle = _hb(series.next(_reports(A, B)))
+    assert (idle.base, idle.jobs, idle.gone, idle.running) == (1, (), (), 2)
+    assert idle.digest == first.digest
+    assert views.receive(idle) is Verdict.NOTHING  # nothing new: no answer
+    restarted = dataclasses.replace(B, restarts=1)
+    change = _hb(series.next(_reports(restarted, C)))
+    assert (change.base, set(change.jobs), change.gone, change.running) == (
+        1,
+        {restarted, C},
+        ("a",),
+        2,
+    )
+    assert views.receive(change) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=change.seq))
+    after = _hb(series.next(_reports(restarted, C)))
+    assert (after.base, after.jobs, after.gone) == (change.seq, (), ())
+    assert views.receive(after) is Verdict.NOTHING
+
+
+def test_a_job_s_own_beat_is_listed_only_for_a_watchdog_and_only_after_the_step() -> None:
+    series = HeartbeatSeries()
+    series.next(_reports(A))
+    series.acknowledged(p.HeartbeatAck(seq=1))
+    fresher = dataclasses.replace(A, last_heartbeat=10.0 + server_beats.BEAT_REPORT_STEP / 2)
+    assert _hb(series.next(_reports(fresher, watched=True))).jobs == ()
+    assert _hb(series.next(_reports(fresher, watched=False))).jobs == ()
+    stale = dataclasses.replace(A, last_heartbeat=10.0 + server_beats.BEAT_REPORT_STEP)
+    assert _hb(series.next(_reports(stale, watched=False))).jobs == ()  # no watchdog
+    assert _hb(series.next(_reports(stale, watched=True))).jobs == (stale,)
+
+
+def test_a_manager_without_the_set_or_with_another_digest_asks_for_a_complete_listing() -> None:
+    series = HeartbeatSeries()
+    first = _hb(series.next(_reports(A, B)))
+    ServerViews(stale_after=60.0).receive(first)
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    delta = _hb(series.next(_reports(A, B, C)))
+    assert delta.base == first.seq
+    # A restarted manager has no copy: it asks, and the server lists everything at once.
+    fresh = ServerViews(stale_after=60.0)
+    assert fresh.receive(delta) is Verdict.FULL
+    assert series.acknowledged(p.HeartbeatAck(seq=delta.seq, full=True))
+    complete = _hb(series.next(_reports(A, B, C)))
+    assert (complete.base, complete.jobs) == (0, (A, B, C))
+    assert fresh.receive(complete) is Verdict.ACK
+    # A copy that disagrees with the server's digest (an event lost on the way).
+    wrong = ServerViews(stale_after=60.0)
+    wrong.receive(first)
+    assert wrong.receive(dataclasses.replace(delta, digest=delta.digest ^ 1)) is Verdict.FULL
+    assert wrong.receive(delta) is Verdict.FULL  # the copy was dropped: still asks
+    # A gone job the copy never had.
+    other = ServerViews(stale_after=60.0)
+    other.receive(first)
+    assert other.receive(dataclasses.replace(delta, gone=("zz",))) is Verdict.FULL
+
+
+def test_a_copy_not_refreshed_for_long_is_not_trusted() -> None:
+    """The server may have been declared dead meanwhile and its jobs released."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=0.0)
+    first = _hb(series.next(_reports(A)))
+    views.receive(first)
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    assert views.receive(_hb(series.next(_reports(A)))) is Verdict.FULL
+    views.forget("s1")
+    assert len(views) == 0
+
+
+def test_a_delta_on_an_earlier_acknowledgement_is_applied_without_asking() -> None:
+    """Built before the newer acknowledgement reached the server."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A)))
+    views.receive(first)
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    second = _hb(series.next(_reports(A, B)))
+    third = _hb(series.next(_reports(A, B, C)))  # built before the ack of `second`
+    assert views.receive(second) is Verdict.ACK
+    assert views.receive(third) is Verdict.NOTHING
+    series.acknowledged(p.HeartbeatAck(seq=second.seq))
+    fourth = _hb(series.next(_reports(A, B, C)))
+    assert (fourth.base, fourth.jobs) == (second.seq, (C,))
+    assert views.receive(fourth) is Verdict.ACK
+
+
+def test_a_server_whose_changes_go_unacknowledged_lists_everything_again() -> None:
+    """An older manager (or none) answers nothing: the server never relies on it."""
+    series = HeartbeatSeries()
+    series.next(_reports(A))
+    series.acknowledged(p.HeartbeatAck(seq=1))
+    bases = [_hb(series.next(_reports(A, B))).base for _ in range(ACK_PATIENCE + 1)]
+    assert bases == [1] * ACK_PATIENCE + [0]
+
+
+def test_the_new_fields_round_trip_and_stay_out_of_an_unnumbered_heartbeat() -> None:
+    delta = p.ServerHeartbeat(
+        server_id="s1",
+        name="n",
+        max_workers=2,
+        started_at=1.0,
+        sent_at=2.0,
+        jobs=(A,),
+        seq=7,
+        base=5,
+        gone=("b",),
+        digest=(1 << 63) - 1,
+        running=4,
+    )
+    assert p.decode(p.encode(delta)) == delta
+    old_shape = dataclasses.replace(delta, seq=0, base=0, gone=(), digest=0, running=0)
+    body = json.loads(p.encode(old_shape))
+    assert not {"seq", "base", "gone", "digest", "running"} & set(body)
+    ack = p.HeartbeatAck(seq=7, full=True)
+    assert p.decode(p.encode(ack)) == ack
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("seq", -1), ("digest", 1 << 63), ("running", True), ("gone", "a"), ("gone", [1])],
+)
+def test_malformed_new_fields_make_the_heartbeat_malformed(field: str, value: Any) -> None:
+    body = json.loads(p.encode(_hb(HeartbeatSeries().next(_reports(A)))))
+    body[field] = value
+    with pytest.raises(MalformedMessage, match=field):
+        p.decode(json.dumps(body))
+
+
+def _older_server_heartbeat(server_id: str, jobs: list[tuple[str, int]]) -> bytes:
+    """A heartbeat exactly as a server of the previous version writes it: no
+    ``seq``, ``digest``, ``running``, ``base`` or ``gone`` (and jobs as objects,
+    as versions before the array form wrote them)."""
+    return json.dumps(
+        {
+            "v": 1,
+            "type": "heartbeat",
+            "server_id": server_id,
+            "name": "old",
+            "max_workers": 10,
+            "started_at": 1.0,
+            "sent_at": 2.0,
+            "host": "h",
+            "pid": 1,
+            "draining": False,
+            "jobs": [
+                {"job_id": job_id, "fence": fence, "last_heartbeat": None, "restarts": 0}
+                for job_id, fence in jobs
+            ],
+        }
+    ).encode()
+
+
+async def test_an_older_server_s_heartbeats_are_complete_listings_and_get_no_answer(
+    cluster: Cluster,
+) -> None:
+    """Mixed fleet during an upgrade: the manager reads an older server's heartbeat
+    as the complete set (what it does not list is released) and sends it nothing
+    it could not read."""
+    manager = await cluster.start_manager()
+    kept, dropped = await cluster.create(2)
+    sent: list[tuple[p.Command, str | None]] = []
+    send = manager.transport.send_command
+
+    async def spy(command: p.Command, server_id: str | None = None) -> None:
+        sent.append((command, server_id))
+        await send(command, server_id)
+
+    manager._transport.send_command = spy  # type: ignore[method-assign]
+    for heartbeat in (
+        _older_server_heartbeat("old-1", [(kept, 1 << 32), (dropped, 1 << 32)]),
+        _older_server_heartbeat("old-1", [(kept, 1 << 32)]),
+    ):
+        event = p.decode_as(heartbeat, p.ServerHeartbeat)
+        assert (event.seq, event.base) == (0, 0)
+        await manager._on_event(event)
+    assert (await cluster.job(kept)).status is JobStatus.PROCESSING
+    assert (await cluster.job(dropped)).status is JobStatus.PENDING  # unlisted: released
+    assert not [c for c, target in sent if isinstance(c, p.HeartbeatAck)]
+
+
+def _heartbeats_applied(cluster: Cluster) -> list[p.ServerHeartbeat]:
+    """A list that the running manager's storage fills with each heartbeat it applies."""
+    seen: list[p.ServerHeartbeat] = []
+    manager = cluster.manager
+    assert manager is not None
+    apply = manager.storage.apply_heartbeat
+
+    async def spy(hb: p.ServerHeartbeat, now: Any) -> Any:
+        seen.append(hb)
+        return await apply(hb, now)
+
+    manager.storage.apply_heartbeat = spy  # type: ignore[method-assign]
+    return seen
+
+
+async def test_idle_jobs_are_left_out_of_heartbeats_and_cost_the_storage_no_write(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 20)
+    ids = await cluster.create(20)
+    await cluster.wait_running(ids)
+    await eventually(lambda: server._beats.base > 0, what="a heartbeat acknowledged")
+    await eventually(
+        lambda: (
+            all(r.stop_reason is None for r in server._runs.values()) and len(server._runs) == 20
+        ),
+        what="20 runs",
+    )
+    await asyncio.sleep(0.5)  # the starts are applied
+    before = {job_id: await cluster.storage.get_job(job_id) for job_id in ids}
+    seen = _heartbeats_applied(cluster)
+    await eventually(lambda: len(seen) >= 4, what="four heartbeats")
+    assert all(hb.base and not hb.jobs and not hb.gone and hb.running == 20 for hb in seen)
+    for job_id in ids:
+        assert await cluster.storage.get_job(job_id) == before[job_id]  # no field rewritten
+
+
+async def test_a_restarted_manager_gets_a_complete_listing_and_converges(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 10)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await eventually(lambda: server._beats.base > 0, what="a heartbeat acknowledged")
+    assert cluster.manager is not None
+    before = server._beats.base
+    await cluster.manager.stop()
+    manager = await cluster.start_manager(dataclasses.replace(FAST_MANAGER))
+    # Its first delta finds no copy: it asks, gets everything, acknowledges that.
+    await eventually(lambda: server._beats.base > before, what="a new acknowledgement")
+    for job_id in ids:
+        record = await cluster.job(job_id)
+        assert (record.status, record.server_id) == (JobStatus.PROCESSING, server.id)
+    assert len(manager._views) == 1
+
+
+async def test_a_healthy_running_job_shows_its_server_s_heartbeat_as_its_liveness(
+    cluster: Cluster,
+) -> None:
+    """Idle jobs are not in every heartbeat, so their stored beat ages; what an
+    operator sees (monitor, API, CLI, dashboard) is the server's last heartbeat."""
+    from orchestratr_core.web.models import JobOut, job_out
+
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 4)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    await asyncio.sleep(0.6)  # a few server heartbeats later
+    record = await cluster.job(job_id)
+    live = await cluster.monitor.server(server.id)
+    assert record.server_seen is not None and record.liveness == record.server_seen
+    assert record.last_heartbeat is not None and record.liveness > record.last_heartbeat
+    assert abs((record.server_seen - live.last_seen).total_seconds()) < 1.0
+    assert record.to_dict()["liveness"] == record.server_seen.isoformat()
+    assert job_out(record).liveness == record.server_seen
+    assert "liveness" in JobOut.model_json_schema()["properties"]
+    (running,) = live.running
+    assert running.liveness == live.last_seen
+    page = await cluster.monitor.jobs()
+    assert page.items[0].server_seen is not None
+    # Once its server is gone, a job shows its own stored beat again.
+    await server.kill()
+    pending = await cluster.wait_status(job_id, JobStatus.PENDING)
+    assert pending.server_seen is None and pending.liveness == pending.last_heartbeat
+
+
+def test_a_heartbeat_with_refused_copies_is_not_acknowledged_so_they_are_listed_again() -> None:
+    """A copy the storage refused is raised again by every heartbeat until it is
+    gone: the manager does not take the set as known while it holds one."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A)))
+    assert views.receive(first, refused=True) is Verdict.NOTHING
+    assert len(views) == 0
+    again = _hb(series.next(_reports(A)))
+    assert (again.base, again.jobs) == (0, (A,))  # still a complete listing
+    assert views.receive(again) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=again.seq))
+    delta = _hb(series.next(_reports(A, B)))
+    assert views.receive(delta, refused=True) is Verdict.NOTHING
+    assert _hb(series.next(_reports(A, B))).jobs == (B,)  # listed again
+
+
+def test_a_new_checkpoint_is_a_change_listed_until_a_heartbeat_carrying_it_is_acknowledged() -> (
+    None
+):
+    """An idle job is in no delta; the heartbeat after it records a checkpoint lists
+    it with the checkpoint, and so do the next ones until one is acknowledged (a
+    lost heartbeat loses no checkpoint). The set's digest does not change."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A, B)))
+    assert views.receive(first) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    saved = dataclasses.replace(B, checkpoint='{"n": 1}')
+    lost = _hb(series.next(_reports(A, saved)))  # never reaches the manager
+    assert (lost.base, lost.jobs, lost.digest) == (first.seq, (saved,), first.digest)
+    again = _hb(series.next(_reports(A, B)))  # the job's report is plain again
+    assert [(j.job_id, j.checkpoint) for j in again.jobs] == [("b", '{"n": 1}')]
+    assert views.receive(again) is Verdict.ACK  # a change: acknowledged
+    series.acknowledged(p.HeartbeatAck(seq=again.seq))
+    assert _hb(series.next(_reports(A, B))).jobs == ()  # idle again
+    # A newer checkpoint replaces an unacknowledged one; a moved job drops it.
+    newer = dataclasses.replace(B, checkpoint='{"n": 3}')
+    series.next(_reports(A, dataclasses.replace(B, checkpoint='{"n": 2}')))
+    assert _hb(series.next(_reports(A, newer))).jobs == (newer,)
+    moved = dataclasses.replace(B, fence=B.fence + 1)
+    assert _hb(series.next(_reports(A, moved))).jobs == (moved,)
+
+
+def test_a_complete_listing_carries_the_unacknowledged_checkpoint_and_gives_up_after_patience() -> (
+    None
+):
+    """Toward a manager that never answers (an older version), a checkpoint goes in
+    at most ACK_PATIENCE + 1 complete listings, then the job is listed plain."""
+    series = HeartbeatSeries()
+    saved = dataclasses.replace(A, checkpoint="c1")
+    carried = [_hb(series.next(_reports(saved if i == 0 else A))).jobs[0] for i in range(6)]
+    assert [job.checkpoint for job in carried] == ["c1"] * (ACK_PATIENCE + 1) + [None] * (
+        5 - ACK_PATIENCE
+    )
+    # A full-listing request also says the heartbeat was applied: the checkpoint goes no more.
+    series = HeartbeatSeries()
+    first = _hb(series.next(_reports(saved)))
+    assert series.acknowledged(p.HeartbeatAck(seq=first.seq, full=True))
+    assert _hb(series.next(_reports(A))).jobs == (A,)
+
+
+async def test_a_checkpoint_of_an_otherwise_idle_job_reaches_the_storage_through_a_delta(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 4)
+    (job_id, other) = await cluster.create(2)
+    await cluster.wait_running([job_id, other])
+    await eventually(lambda: server._beats.base > 0, what="a heartbeat acknowledged")
+    await asyncio.sleep(0.5)  # the starts are applied and acknowledged: deltas are empty
+    seen = _heartbeats_applied(cluster)
+    server._runs[job_id].beat('{"step": 7}')  # what heartbeat(checkpoint=...) does
+
+    async def stored() -> bool:
+        return (await cluster.job(job_id)).checkpoint == '{"step": 7}'
+
+    await eventually(stored, what="the checkpoint stored")
+    carrying = [hb for hb in seen if any(j.checkpoint for j in hb.jobs)]
+    assert carrying and all(hb.base for hb in carrying)  # deltas, not complete listings
+    assert all({j.job_id for j in hb.jobs} == {job_id} for hb in carrying), [
+        hb.jobs for hb in carrying
+    ]
+    record = await cluster.job(job_id)
+    assert record.checkpoint_fence == record.fence
+    await eventually(
+        lambda: job_id not in server._beats._checkpoints, what="the checkpoint acknowledged"
+    )
