@@ -290,7 +290,9 @@ class Storage(abc.ABC):
         is superseded by it (I1). Nothing else of the row changes. The one place a
         generation is raised for a re-send; a backend written before it raises
         NotImplementedError (the relay then re-sends under the old generation)."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement raise_pending_generation")
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement raise_pending_generation"
+        )
 
     @abc.abstractmethod
     async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
