@@ -892,6 +892,7 @@ class ServerManager:
             generation = await self._resend_generation(job)
             if generation is None:
                 continue  # it changed meanwhile: the row is judged again once its claim ends
+            log.info("outbox relay re-sends job %s under generation %d", job.id, generation)
             await self._transport.publish_job(job_message(job, generation))
             done.append(item.id)
         if cancels:
