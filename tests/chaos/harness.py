@@ -210,6 +210,11 @@ class _PublishFailures(logging.Handler):
 _RESENT = re.compile(r"outbox relay re-sends job (\S+) under generation")
 
 
+def resent_in(log_text: str) -> set[str]:
+    """The jobs a manager's log says its outbox relay sent again."""
+    return set(_RESENT.findall(log_text))
+
+
 def lost_confirm(exc: object) -> bool:
     """Whether a failed publish may have reached the broker's queue anyway."""
     if not isinstance(exc, PublishError):
@@ -860,7 +865,7 @@ class ChaosCluster:
         overlap briefly -- under two tokens, the older one told to stop."""
         out: set[str] = set()
         for proc in self.managers:
-            out.update(_RESENT.findall(proc.log.read_text(errors="replace")))
+            out |= resent_in(proc.log.read_text(errors="replace"))
         return out
 
     # -- the checker and the figures -------------------------------------------------------------
