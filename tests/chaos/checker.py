@@ -143,7 +143,10 @@ class Facts:
     processes: list[Process] = field(default_factory=list)
     cancels: dict[str, Cancel] = field(default_factory=dict)
     lost_confirms: set[str] = field(default_factory=set)
-    """Jobs whose first publish lost its confirm (the broker may hold two messages)."""
+    """Jobs whose first publish lost its confirm, or whose message the outbox relay
+    sent again under a new generation: the broker may hold two messages (of two
+    generations), so two copies may overlap -- only under two tokens, and only
+    within the duplicate grace (:meth:`Report.assert_ok`)."""
     running: list[Running] = field(default_factory=list)
     views: list[ViewWait] = field(default_factory=list)
     holds: dict[str, list[Hold]] = field(default_factory=dict)

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -204,6 +205,14 @@ class _PublishFailures(logging.Handler):
                 self.ids.add(str(args[0]))
         elif msg.startswith("job %s cancelled; the manager will broadcast it") and args:
             self.cancels.add(str(args[0]))
+
+
+_RESENT = re.compile(r"outbox relay re-sends job (\S+) under generation")
+
+
+def resent_in(log_text: str) -> set[str]:
+    """The jobs a manager's log says its outbox relay sent again."""
+    return set(_RESENT.findall(log_text))
 
 
 def lost_confirm(exc: object) -> bool:
@@ -762,7 +771,7 @@ class ChaosCluster:
                 for p in self.procs.values()
             ],
             cancels=self.cancels,
-            lost_confirms=set(self.unconfirmed.ids),
+            lost_confirms=set(self.unconfirmed.ids) | self.resent_ids(),
             running=self.running,
             views=self.views,
             holds=self.holds,
@@ -848,6 +857,16 @@ class ChaosCluster:
             text = proc.log.read_text(errors="replace").splitlines()[-lines:]
             out.append(f"--- {proc.name} ---\n" + "\n".join(text))
         return "\n".join(out)
+
+    def resent_ids(self) -> set[str]:
+        """Jobs whose message a manager's outbox relay sent again (under a new
+        generation), from the managers' logs: the first message may have been
+        sent too (its sender could not delete its outbox row), so two copies may
+        overlap briefly -- under two tokens, the older one told to stop."""
+        out: set[str] = set()
+        for proc in self.managers:
+            out |= resent_in(proc.log.read_text(errors="replace"))
+        return out
 
     # -- the checker and the figures -------------------------------------------------------------
 

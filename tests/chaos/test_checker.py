@@ -9,6 +9,7 @@ real job function does (``tests/chaos/jobs.py``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from orchestratr_core.errors import BackendUnavailable, PublishError
 from orchestratr_core.job import JobStatus
+from orchestratr_core.logs import KeyValueFormatter
 from orchestratr_core.placement import Pool
 from tests.chaos import checker
 from tests.chaos.checker import (
@@ -41,6 +43,7 @@ from tests.chaos.harness import (
     Timings,
     lost_confirm,
     record_figure,
+    resent_in,
     results_path,
     seeded,
 )
@@ -235,6 +238,23 @@ def test_an_excused_duplicate_still_gets_the_fence_checks() -> None:
     report = check(ledger, facts(lost_confirms={"a"}))
     assert report.unfenced_stale_writes == 10
     fails(report, "fencing token did not grow", duplicate_grace=10.0)
+
+
+def test_a_job_the_relay_sent_again_is_read_from_the_managers_log() -> None:
+    """The harness counts a job the relay re-sent (under a new generation) like a
+    lost confirm: it finds it in the manager's log line, as the manager writes it."""
+    record = logging.LogRecord(
+        "orchestratr.manager",
+        logging.INFO,
+        __file__,
+        1,
+        "outbox relay re-sends job %s under generation %d",
+        ("01a2-job", 2),
+        None,
+    )
+    line = KeyValueFormatter().format(record)
+    assert resent_in(line + "\n" + line.replace("01a2-job", "other")) == {"01a2-job", "other"}
+    assert resent_in("outbox relay sent 3 item(s)") == set()
 
 
 def test_the_grace_is_the_documented_heartbeat_plus_the_stated_margin() -> None:

@@ -111,10 +111,13 @@ async def _failover_during_burst(chaos: ChaosCluster, postgres_ha: PostgresHA) -
     records = {j.id: j for j in await chaos.jobs()}
     assert all(records[j].status is JobStatus.DELETED for j in cancelled)
     assert all(records[j].status is JobStatus.PROCESSING for j in ids + kept)
-    chaos.check().assert_ok()
+    # A create whose outbox row outlived the client's lease (the failover) is sent
+    # again by the relay under a new generation: its two copies may overlap for a
+    # moment, never under one token (docs/reliability.md, "PostgreSQL failover").
+    chaos.check().assert_ok(duplicate_grace=chaos.timings.duplicate_grace)
 
 
-@pytest.mark.slow  # see docs/reliability.md: a duplicate message can overlap two copies
+@pytest.mark.slow
 async def test_postgres_failover_during_creates_and_cancels_loses_nothing(
     chaos_ha: ChaosCluster, postgres_ha: PostgresHA
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 from orchestratr_core import DuplicateJobName, InvalidJobInput, JobStatus
 from orchestratr_core.client import OrchestratorClient
 from orchestratr_core.errors import PublishError
-from orchestratr_core.job import JobQuery, JobRecord, NewJob, utcnow
+from orchestratr_core.job import JobQuery, JobRecord, NewJob, split_fence, utcnow
 from orchestratr_core.protocol import JobMessage
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_memory import MemoryStorage
@@ -277,3 +277,44 @@ async def test_the_batch_defaults_of_a_legacy_storage_work() -> None:
     ids = [r.id for r in await _stored(storage)]
     assert await storage.complete_outbox_for_jobs([*ids, ids[0]], OutboxKind.PUBLISH, "m") == 3
     assert await storage.count_running_by_server() == {}
+
+
+async def test_a_row_relayed_while_its_first_message_waits_is_sent_under_a_new_generation(
+    cluster: Cluster,
+) -> None:
+    """The gap of docs/reliability.md ("same fencing token"): a client publishes a
+    job but its outbox row outlives the client's lease (a failover, or load), and
+    the relay sends the job again while the first message still waits in the
+    queue. Two servers then each take one message. Sent under one generation both
+    copies would carry the same fencing token; the relay raises the generation
+    first, so the copy of the first message has the smaller token, is superseded,
+    and exactly one copy (of the new generation) keeps running."""
+    await cluster.start_manager()
+    transport = cluster.transport()
+    await transport.connect()
+    slow = OrchestratorClient(
+        cluster.storage, transport, holder="slow-client", outbox_flush_interval=3600
+    )
+    try:
+        job_id = await slow.create_job("sent-twice")
+        assert _outbox_rows(cluster.storage) == 1  # its completion never comes
+        # After the client's lease (2 s) the relay claims the row and sends again,
+        # while the first message still waits: no server runs yet.
+        await eventually(lambda: _outbox_rows(cluster.storage) == 0, timeout=10, what="relayed")
+        await cluster.add_server("a", 1)
+        await cluster.add_server("b", 1)
+        await eventually(lambda: len(cluster.ledger.of(job_id)) == 2, timeout=10, what="2 copies")
+        await cluster.wait_running([job_id])
+        job = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+        await asyncio.sleep(0.5)
+        copies = cluster.ledger.of(job_id)
+        assert len(copies) == 2
+        fences = sorted(c.fence for c in copies)
+        assert fences[0] != fences[1], f"two copies under one fencing token {fences}"
+        assert [split_fence(f)[0] for f in fences] == [1, 2]
+        (running,) = cluster.ledger.running(job_id)
+        assert running.fence == fences[1] == job.fence  # the newer one runs, and owns it
+        assert job.generation == 2
+    finally:
+        await slow.close()
+        await transport.close()

@@ -99,10 +99,11 @@ class _OutboxFlusher:
     Why deleting late is safe: the row was committed with the job and is claimed
     by this client until its lease ends. If the process dies before the batch is
     deleted, the leader's outbox relay claims the row once that lease has ended
-    and publishes the message again. A second message of one job generation is
-    harmless: it carries the same generation, so a server that already runs the
-    job drops it and the storage's fence guard refuses a second owner. Likewise
-    a batch whose deletion fails (storage down) is only logged.
+    and publishes the message again — under a new generation if the job still
+    waits (:meth:`Storage.raise_pending_generation`), so a copy of the first
+    message carries a smaller fencing token than a copy of the second and is
+    superseded by it; a job that already runs is not sent again. Likewise a
+    batch whose deletion fails (storage down) is only logged.
     """
 
     def __init__(

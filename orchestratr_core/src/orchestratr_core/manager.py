@@ -888,11 +888,10 @@ class ServerManager:
                     await self._confirm_unsent(job, JobEvent.CONFIRM_HELD, now, "held")
                 done.append(item.id)
                 continue
-            if job.status is JobStatus.PROCESSING and job.generation == item.generation:
-                # Started: a server holds this generation's message, so it was sent
-                # (its sender could not delete the row: a database failover) and the
-                # broker gives it to another server if that one dies. A second one
-                # would run the job twice under one fencing token.
+            if job.status is JobStatus.PROCESSING:
+                # Started: a server holds a message of it, so one was sent (its
+                # sender could not delete the row: a database failover) and the
+                # broker gives it to another server if that one dies.
                 done.append(item.id)
                 continue
             if job.status is JobStatus.DELETING:
@@ -900,12 +899,32 @@ class ServerManager:
                 await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
-            await self._transport.publish_job(job_message(job, item.generation))
+            generation = await self._resend_generation(job)
+            if generation is None:
+                continue  # it changed meanwhile: the row is judged again once its claim ends
+            log.info("outbox relay re-sends job %s under generation %d", job.id, generation)
+            await self._transport.publish_job(job_message(job, generation))
             done.append(item.id)
         if cancels:
             await self._sync_cancellations(now)
         await self._storage.complete_outbox(done)
         log.info("outbox relay sent %d item(s)", len(done))
+
+    async def _resend_generation(self, job: JobRecord) -> int | None:
+        """The generation to send a pending job's message under again, or ``None``
+        if the job is no longer pending and unowned at ``job.generation``.
+
+        Its sender may have sent the message already (it could not delete its
+        outbox row: a failover, or a lease that ran out under load), and that
+        message may be queued or just started and not yet reported. Sent again
+        under the same generation, both copies would carry the same fencing token;
+        so the generation is raised first (:meth:`Storage.raise_pending_generation`)
+        and the older message's copy is superseded by the new one's."""
+        try:
+            raised = await self._storage.raise_pending_generation(job.id, job.generation)
+        except NotImplementedError:
+            return job.generation  # a backend without it: the old behaviour
+        return job.generation + 1 if raised else None
 
     async def _confirm_unsent(
         self, job: JobRecord, event: JobEvent, now: datetime, what: str

@@ -282,6 +282,22 @@ class Storage(abc.ABC):
             deleted += await self.complete_outbox_for_job(job_id, kind, holder)
         return deleted
 
+    async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
+        """Give a job that waits for a server a new generation, before its message is
+        sent again (the outbox relay): ``generation := generation + 1`` in one
+        guarded update, applied only while the job is ``pending``, no server owns
+        it and its generation is still ``generation``. Returns whether it applied.
+
+        A message that may have been sent already (its sender could not delete its
+        outbox row) is then never sent twice under one generation: a copy of the
+        older message gets a smaller fencing token than a copy of the new one, and
+        is superseded by it (I1). Nothing else of the row changes. The one place a
+        generation is raised for a re-send; a backend written before it raises
+        NotImplementedError (the relay then re-sends under the old generation)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement raise_pending_generation"
+        )
+
     @abc.abstractmethod
     async def acquire_lease(self, name: str, holder: str, now: datetime, until: datetime) -> bool:
         """Take or renew the named lease for ``holder`` until ``until``. Succeeds if

@@ -390,6 +390,21 @@ class MemoryStorage(Storage):
             REASON_PAUSE_REQUESTED,
         )
 
+    async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
+        """See :meth:`Storage.raise_pending_generation`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if (
+                row is None
+                or row.status is not JobStatus.PENDING
+                or row.server_id is not None
+                or row.generation != generation
+            ):
+                return False
+            store.jobs[job_id] = dataclasses.replace(row, generation=generation + 1)
+            return True
+
     async def request_resume(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:

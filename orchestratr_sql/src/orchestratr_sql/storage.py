@@ -279,6 +279,15 @@ class SqlStorage(SqlReads):
             REASON_PAUSE_REQUESTED,
         )
 
+    async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
+        """One guarded ``UPDATE`` (see :meth:`Storage.raise_pending_generation`)."""
+        values = {"id": job_id, "generation": int(generation)}
+
+        async def bump(conn: Connection) -> bool:
+            return bool(await conn.execute(self._q["raise_pending_generation"], values))
+
+        return await self._run("raise_pending_generation", bump, statement=True)
+
     async def request_resume(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:

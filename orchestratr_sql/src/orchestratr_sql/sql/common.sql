@@ -170,6 +170,13 @@ UPDATE jobs SET status = 'pending', generation = generation + 1, updated_at = :n
                 reason = :reason, failure_log = NULL
 WHERE id = :id AND status IN ('paused', 'quarantined') AND server_id IS NULL;
 
+-- name: raise_pending_generation
+-- A new generation for a job that waits for a server, before the outbox relay
+-- sends its message again (Storage.raise_pending_generation): only while it is
+-- pending, unowned and still at the generation the relay read.
+UPDATE jobs SET generation = generation + 1
+WHERE id = :id AND generation = :generation AND status = 'pending' AND server_id IS NULL;
+
 -- name: transition_quarantine
 -- QUARANTINE: processing -> quarantined, guard OWNER; records the error.
 UPDATE jobs SET status = 'quarantined', last_error = COALESCE(:error, last_error),

@@ -29,6 +29,7 @@ import pytest
 
 from orchestratr_core.testing.storage_suite.coordination import (
     CancelledJobIdsTests,
+    GenerationRaiseTests,
     LeaseTests,
     OutboxTests,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "CancelledJobIdsTests",
     "CreateJobTests",
     "CreateJobsTests",
+    "GenerationRaiseTests",
     "GetJobTests",
     "HeartbeatTests",
     "HostileInputTests",
@@ -79,6 +81,7 @@ class StorageConformance(
     GetJobTests,
     CancelledJobIdsTests,
     LeaseTests,
+    GenerationRaiseTests,
     OutboxTests,
     ServerQueryTests,
     ServerExpiryTests,

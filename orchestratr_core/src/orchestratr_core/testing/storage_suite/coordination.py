@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from orchestratr_core.job import JobEvent, JobStatus, new_id
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.testing.storage_suite._common import (
@@ -12,6 +14,7 @@ from orchestratr_core.testing.storage_suite._common import (
     OTHER,
     _all_outbox,
     _create,
+    _get,
     _ids,
     _in_status,
     _must,
@@ -20,7 +23,7 @@ from orchestratr_core.testing.storage_suite._common import (
     _sec,
 )
 
-__all__ = ["CancelledJobIdsTests", "LeaseTests", "OutboxTests"]
+__all__ = ["CancelledJobIdsTests", "GenerationRaiseTests", "LeaseTests", "OutboxTests"]
 
 
 class OutboxTests:
@@ -100,6 +103,81 @@ class OutboxTests:
         assert await storage.complete_outbox_for_jobs(ids, OutboxKind.PUBLISH, HOLDER) == 0
         left = await _all_outbox(storage, now)
         assert sorted(item.job_id for item in left) == sorted([jobs[3].id, other.id])
+
+
+class GenerationRaiseTests:
+    """:meth:`Storage.raise_pending_generation`: the guarded new generation the
+    outbox relay takes before it sends a job's message again."""
+
+    async def test_it_raises_a_waiting_jobs_generation_once_and_changes_nothing_else(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        job = await _create(storage, at=now)
+        other = await _create(storage, at=now)
+        assert await _raise(storage, job.id, 1) is True
+        after = await _get(storage, job.id)
+        assert after.generation == 2
+        assert (after.status, after.server_id, after.fence, after.name, after.argument) == (
+            JobStatus.PENDING,
+            None,
+            0,
+            job.name,
+            job.argument,
+        )
+        # Judged on the generation read: a second raise from 1 is stale.
+        assert await _raise(storage, job.id, 1) is False
+        assert (await _get(storage, job.id)).generation == 2
+        assert await _raise(storage, job.id, 2) is True
+        assert (await _get(storage, job.id)).generation == 3
+        assert (await _get(storage, other.id)).generation == 1
+        assert await _raise(storage, new_id(), 1) is False  # an unknown job: nothing
+
+    async def test_a_released_job_waits_again_and_may_be_raised(self, storage: Storage) -> None:
+        now = _now()
+        job = await _in_status(storage, JobStatus.PENDING, now, fence=9)
+        assert await _raise(storage, job.id, job.generation) is True
+        after = await _get(storage, job.id)
+        assert (after.generation, after.fence) == (job.generation + 1, 9)
+
+    async def test_it_refuses_a_job_that_runs_is_held_or_is_cancelled(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        for status in (
+            JobStatus.PROCESSING,
+            JobStatus.PAUSING,
+            JobStatus.PAUSED,
+            JobStatus.QUARANTINED,
+            JobStatus.DELETING,
+            JobStatus.DELETED,
+            JobStatus.COMPLETED,
+        ):
+            job = await _in_status(storage, status, now)
+            assert await _raise(storage, job.id, job.generation) is False, status
+            after = await _get(storage, job.id)
+            assert (after.status, after.generation) == (status, job.generation), status
+
+    async def test_a_start_and_a_raise_racing_never_both_apply(self, storage: Storage) -> None:
+        now = _now()
+        job = await _create(storage, at=now)
+        await _must(storage, job.id, JobEvent.START, "s1", 5, now)
+        assert await _raise(storage, job.id, 1) is False
+        assert (await _get(storage, job.id)).generation == 1
+
+    async def test_of_two_managers_raising_at_once_one_wins(self, storage: Storage) -> None:
+        job = await _create(storage, at=_now())
+        won = await asyncio.gather(*(_raise(storage, job.id, 1) for _ in range(4)))
+        assert sorted(won) == [False, False, False, True]
+        assert (await _get(storage, job.id)).generation == 2
+
+
+async def _raise(storage: Storage, job_id: str, generation: int) -> bool:
+    """``raise_pending_generation``, or skip for a backend written before it."""
+    try:
+        return await storage.raise_pending_generation(job_id, generation)
+    except NotImplementedError:
+        pytest.skip(f"{type(storage).__name__} does not implement raise_pending_generation")
 
 
 class LeaseTests:
