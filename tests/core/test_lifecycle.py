@@ -375,3 +375,37 @@ async def test_an_unmarked_job_fails_over_at_once_even_without_a_manager(cluster
     t0 = time.monotonic()
     await cluster.wait_running([job_id], timeout=3)
     assert time.monotonic() - t0 < 1.5
+
+
+async def test_a_pause_is_confirmed_when_the_owner_dies_before_its_stop_report(
+    cluster: Cluster,
+) -> None:
+    """The owner stops the held copy (and drops its message) but dies before its
+    ``JobStopped`` reaches the manager: the manager's dead-server handling
+    confirms the pause, so the job does not stay ``pausing`` and resume works."""
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 2)
+    (job_id,) = await cluster.create(1, "stuck")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)  # the storage knows its owner
+    outbox = server._outbox
+    publish = outbox.publish
+
+    def lose_stop_reports(event: p.Event) -> None:
+        if not isinstance(event, p.JobStopped):
+            publish(event)
+
+    outbox.publish = lose_stop_reports  # type: ignore[method-assign]
+    await cluster.client.pause(job_id)
+    await eventually(lambda: not cluster.ledger.running(job_id), HOLD_BOUND, what="stopped")
+    await asyncio.sleep(2 * FAST_SERVER.heartbeat_interval)
+    assert (await cluster.job(job_id)).status is JobStatus.PAUSING  # the report was lost
+    await server.kill()
+    record = await cluster.wait_status(job_id, JobStatus.PAUSED, timeout=15)
+    assert record.server_id is None
+    await cluster.add_server("b", 2)
+    resumed = await cluster.client.resume(job_id)
+    assert resumed.status is JobStatus.PENDING
+    await cluster.wait_running([job_id])
+    assert [copy.server for copy in cluster.ledger.running(job_id)] == ["b"]
+    assert cluster.ledger.overlaps() == []

@@ -218,11 +218,21 @@ class _Store:
         return True, new
 
     def lose_jobs(
-        self, server_id: str, now: datetime, reason: str, keep: Iterable[str] = ()
+        self,
+        server_id: str,
+        now: datetime,
+        reason: str,
+        keep: Iterable[str] | None = None,
     ) -> None:
-        """Apply SERVER_LOST to every job owned by ``server_id`` except ``keep``."""
-        kept = set(keep)
-        for job_id in sorted(self.by_server.get(server_id, set()) - kept):
+        """Apply SERVER_LOST to every job owned by ``server_id``; with ``keep`` (a
+        heartbeat's reported jobs) only to its running (``processing``,
+        ``deleting``) jobs not in ``keep``, as the SQL storages do: a ``pausing``
+        job keeps its owner until that owner confirms or dies."""
+        owned = self.by_server.get(server_id, set())
+        if keep is not None:
+            kept = set(keep)
+            owned = {j for j in owned if j not in kept and self.jobs[j].status in _RUNNING}
+        for job_id in sorted(owned):
             self.apply(
                 self.jobs[job_id],
                 JobEvent.SERVER_LOST,
