@@ -13,8 +13,10 @@ import pytest
 
 from orchestratr_core import InvalidJobInput, JobArgument, JobStatus, StopToken
 from orchestratr_core import protocol as p
+from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.lifecycle import MAX_CHECKPOINT_BYTES, checkpointed, hold_mark, parse_hold
 from orchestratr_core.runner import Heartbeat
+from orchestratr_core.server.runtime import AVOID_BOUNCES
 from tests.support.cluster import FAST_SERVER, Cluster, eventually
 
 # A hold reaches a running copy as a broadcast; it then stops within the grace.
@@ -409,3 +411,53 @@ async def test_a_pause_is_confirmed_when_the_owner_dies_before_its_stop_report(
     await cluster.wait_running([job_id])
     assert [copy.server for copy in cluster.ledger.running(job_id)] == ["b"]
     assert cluster.ledger.overlaps() == []
+
+
+async def test_after_failures_in_a_row_the_next_start_is_on_a_different_server(
+    cluster: Cluster,
+) -> None:
+    """A job that raises on one server only: after ``move_after_failures``
+    failures in a row there, the server hands it back and another one runs it."""
+    failures: list[int] = []
+
+    async def broken_here(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        failures.append(arg.fence)
+        raise RuntimeError("this host lacks a library")
+
+    await cluster.start_manager()
+    await cluster.add_server("a", 2, job=broken_here)
+    (job_id,) = await cluster.create(1, "move")
+    await eventually(lambda: len(failures) >= 1, what="failed on a")
+    await cluster.add_server("b", 2)
+    await cluster.wait_running([job_id])
+    assert [copy.server for copy in cluster.ledger.running(job_id)] == ["b"]
+    moves = FAST_SERVER.move_after_failures
+    assert moves <= len(failures) <= moves + AVOID_BOUNCES * moves  # not restarted for ever on a
+    record = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    assert "this host lacks a library" in (record.last_error or "")
+
+
+async def test_a_job_moved_away_after_failures_still_runs_where_it_is_the_only_server(
+    cluster: Cluster,
+) -> None:
+    calls: list[float] = []
+
+    async def flaky(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("again")
+
+    await cluster.start_manager()
+    await cluster.add_server("only", 2, job=flaky)
+    await cluster.client.create_job("alone", "", max_restarts=1000, restart_window=60)
+    moves = FAST_SERVER.move_after_failures
+    # Moved away, bounced back a few times, then restarted here again.
+    await eventually(lambda: len(calls) > 2 * moves, 15, what="restarted after the move")
+
+
+def test_moving_after_failures_is_checked_and_can_be_turned_off() -> None:
+    from orchestratr_core.server import ServerOptions
+
+    assert ServerOptions().move_after_failures == 3
+    assert ServerOptions(move_after_failures=0).move_after_failures == 0
+    with pytest.raises(ConfigurationError, match="move_after_failures"):
+        ServerOptions(move_after_failures=-1)
