@@ -13,8 +13,10 @@ import pytest
 
 from orchestratr_core import InvalidJobInput, JobArgument, JobStatus, StopToken
 from orchestratr_core import protocol as p
+from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.lifecycle import MAX_CHECKPOINT_BYTES, checkpointed, hold_mark, parse_hold
 from orchestratr_core.runner import Heartbeat
+from orchestratr_core.server.runtime import AVOID_BOUNCES
 from tests.support.cluster import FAST_SERVER, Cluster, eventually
 
 # A hold reaches a running copy as a broadcast; it then stops within the grace.
@@ -375,3 +377,87 @@ async def test_an_unmarked_job_fails_over_at_once_even_without_a_manager(cluster
     t0 = time.monotonic()
     await cluster.wait_running([job_id], timeout=3)
     assert time.monotonic() - t0 < 1.5
+
+
+async def test_a_pause_is_confirmed_when_the_owner_dies_before_its_stop_report(
+    cluster: Cluster,
+) -> None:
+    """The owner stops the held copy (and drops its message) but dies before its
+    ``JobStopped`` reaches the manager: the manager's dead-server handling
+    confirms the pause, so the job does not stay ``pausing`` and resume works."""
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 2)
+    (job_id,) = await cluster.create(1, "stuck")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)  # the storage knows its owner
+    outbox = server._outbox
+    publish = outbox.publish
+
+    def lose_stop_reports(event: p.Event) -> None:
+        if not isinstance(event, p.JobStopped):
+            publish(event)
+
+    outbox.publish = lose_stop_reports  # type: ignore[method-assign]
+    await cluster.client.pause(job_id)
+    await eventually(lambda: not cluster.ledger.running(job_id), HOLD_BOUND, what="stopped")
+    await asyncio.sleep(2 * FAST_SERVER.heartbeat_interval)
+    assert (await cluster.job(job_id)).status is JobStatus.PAUSING  # the report was lost
+    await server.kill()
+    record = await cluster.wait_status(job_id, JobStatus.PAUSED, timeout=15)
+    assert record.server_id is None
+    await cluster.add_server("b", 2)
+    resumed = await cluster.client.resume(job_id)
+    assert resumed.status is JobStatus.PENDING
+    await cluster.wait_running([job_id])
+    assert [copy.server for copy in cluster.ledger.running(job_id)] == ["b"]
+    assert cluster.ledger.overlaps() == []
+
+
+async def test_after_failures_in_a_row_the_next_start_is_on_a_different_server(
+    cluster: Cluster,
+) -> None:
+    """A job that raises on one server only: after ``move_after_failures``
+    failures in a row there, the server hands it back and another one runs it."""
+    failures: list[int] = []
+
+    async def broken_here(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        failures.append(arg.fence)
+        raise RuntimeError("this host lacks a library")
+
+    await cluster.start_manager()
+    await cluster.add_server("a", 2, job=broken_here)
+    (job_id,) = await cluster.create(1, "move")
+    await eventually(lambda: len(failures) >= 1, what="failed on a")
+    await cluster.add_server("b", 2)
+    await cluster.wait_running([job_id])
+    assert [copy.server for copy in cluster.ledger.running(job_id)] == ["b"]
+    moves = FAST_SERVER.move_after_failures
+    assert moves <= len(failures) <= moves + AVOID_BOUNCES * moves  # not restarted for ever on a
+    record = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    assert "this host lacks a library" in (record.last_error or "")
+
+
+async def test_a_job_moved_away_after_failures_still_runs_where_it_is_the_only_server(
+    cluster: Cluster,
+) -> None:
+    calls: list[float] = []
+
+    async def flaky(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("again")
+
+    await cluster.start_manager()
+    await cluster.add_server("only", 2, job=flaky)
+    await cluster.client.create_job("alone", "", max_restarts=1000, restart_window=60)
+    moves = FAST_SERVER.move_after_failures
+    # Moved away, bounced back a few times, then restarted here again.
+    await eventually(lambda: len(calls) > 2 * moves, 15, what="restarted after the move")
+
+
+def test_moving_after_failures_is_checked_and_can_be_turned_off() -> None:
+    from orchestratr_core.server import ServerOptions
+
+    assert ServerOptions().move_after_failures == 3
+    assert ServerOptions(move_after_failures=0).move_after_failures == 0
+    with pytest.raises(ConfigurationError, match="move_after_failures"):
+        ServerOptions(move_after_failures=-1)

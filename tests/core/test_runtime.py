@@ -345,7 +345,10 @@ async def test_a_job_that_raises_is_restarted_with_backoff_and_its_error_is_reco
         "a",
         1,
         job=flaky,
-        options=ServerOptions(heartbeat_interval=0.2, restart_initial=0.1, restart_max=1.0),
+        # In place only: moving after failures in a row is tested in test_lifecycle.
+        options=ServerOptions(
+            heartbeat_interval=0.2, restart_initial=0.1, restart_max=1.0, move_after_failures=0
+        ),
     )
     (job_id,) = await cluster.create(1)
     await eventually(lambda: len(starts) >= 5, what="5 starts")

@@ -581,8 +581,9 @@ class ServerManager:
 
     async def _holdings_of_silent_servers(self, cutoff: datetime) -> dict[str, list[JobRecord]]:
         """The running jobs of every live server not heard from since ``cutoff``
-        (about to be declared dead): each such job counts a failure (an owner
-        death) against its restart budget. One cheap query when none is silent."""
+        (about to be declared dead): each ``processing`` one counts a failure (an
+        owner death) against its restart budget; its ``pausing`` ones are listed
+        too (:meth:`_confirm_held_of_dead`). One cheap query when none is silent."""
         servers = await self._storage.list_servers(
             ServerQuery(
                 statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}), with_jobs=False
@@ -596,7 +597,36 @@ class ServerManager:
                     holdings[server.id] = [
                         job for job in full.running if job.status is JobStatus.PROCESSING
                     ]
+                pausing = await self._storage.list_jobs(
+                    JobQuery(
+                        statuses=frozenset({JobStatus.PAUSING}), server_id=server.id, limit=None
+                    )
+                )
+                holdings.setdefault(server.id, []).extend(pausing.items)
         return holdings
+
+    async def _confirm_held_of_dead(self, jobs: list[JobRecord], now: datetime) -> None:
+        """Confirm the pause of every ``pausing`` job of a server just declared
+        dead: it may have stopped the copy (and dropped the message) but died
+        before its ``JobStopped`` reached us, and the job would stay ``pausing``
+        (``resume`` refuses it) for ever. Safe either way: if it died before
+        stopping the copy, its message went back to the queue and the job's hold
+        mark makes every live server drop it (a ``JobDiscarded``, a no-op on a
+        ``paused`` job). The guard (``NOT_OLDER``, the owner cleared by
+        ``SERVER_LOST``) keeps it from touching a job a newer owner confirmed."""
+        for job in jobs:
+            if job.status is not JobStatus.PAUSING:
+                continue
+            result = await self._storage.transition(
+                job.id,
+                JobEvent.CONFIRM_HELD,
+                server_id=None,
+                fence=job.fence,
+                now=now,
+                reason="paused (its server died while stopping it)",
+            )
+            if result.applied:
+                log.info("confirmed the pause of job %s: its server is dead", job.id)
 
     async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
         """Count a failure against the job's restart budget (compare-and-set,
@@ -722,7 +752,9 @@ class ServerManager:
         dying = await self._holdings_of_silent_servers(cutoff)
         expired = await self._storage.expire_servers(cutoff, now)
         for server in expired:
-            lost = {job.id for job in dying.get(server.id, ())}
+            lost = {
+                job.id for job in dying.get(server.id, ()) if job.status is JobStatus.PROCESSING
+            }
             lost |= set(self._moved_from.pop(server.id, {}))
             for job_id in sorted(lost):
                 await self._count_failure(
@@ -731,6 +763,7 @@ class ServerManager:
                     f"owner died: server {server.name} ({server.id})",
                     now,
                 )
+            await self._confirm_held_of_dead(dying.get(server.id, []), now)
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
             self._views.forget(server.id)

@@ -223,12 +223,18 @@ class _Store:
         server_id: str,
         now: datetime,
         reason: str,
-        keep: Iterable[str] = (),
+        keep: Iterable[str] | None = None,
         only: Iterable[str] | None = None,
     ) -> None:
-        """Apply SERVER_LOST to every job owned by ``server_id`` except ``keep``
-        (and, given ``only``, not among them)."""
-        owned = self.by_server.get(server_id, set()) - set(keep)
+        """Apply SERVER_LOST to every job owned by ``server_id``. From a heartbeat
+        (``keep``: its reported jobs, or ``only``: the jobs a delta says are gone)
+        only to its running (``processing``, ``deleting``) jobs not in ``keep``
+        (and among ``only``), as the SQL storages do: a ``pausing`` job keeps its
+        owner until that owner confirms or dies."""
+        owned = self.by_server.get(server_id, set())
+        if keep is not None or only is not None:
+            kept = set(keep or ())
+            owned = {j for j in owned if j not in kept and self.jobs[j].status in _RUNNING}
         if only is not None:
             owned &= set(only)
         for job_id in sorted(owned):

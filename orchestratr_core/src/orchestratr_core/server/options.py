@@ -36,6 +36,14 @@ class ServerOptions:
     the job function starts without it (no manager running, or one of an older
     version). Only for job functions marked
     :func:`~orchestratr_core.lifecycle.checkpointed`."""
+    move_after_failures: int = 3
+    """After this many failures in a row of a job function here (exceptions and
+    watchdog stops, restarted in place with backoff), the server hands the job's
+    message back so that a different server takes the next start, and bounces
+    it for :attr:`avoid_for` seconds (a few times at most: with no other server
+    it comes back and runs here). ``0`` keeps restarting in place for ever."""
+    avoid_for: float = 30.0
+    """Seconds a server hands back a job that it moved away after failures."""
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "restart_initial", "restart_max"):
@@ -43,6 +51,8 @@ class ServerOptions:
                 raise ConfigurationError(f"{name} must be > 0")
         if self.stop_grace < 0:
             raise ConfigurationError("stop_grace must be >= 0")
+        if self.move_after_failures < 0 or self.avoid_for < 0:
+            raise ConfigurationError("move_after_failures and avoid_for must be >= 0")
 
 
 def check_server_name(name: object) -> None:

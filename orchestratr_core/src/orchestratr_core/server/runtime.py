@@ -84,6 +84,15 @@ many times (so that a server without one takes it) before it runs here anyway.""
 SPREAD_PAUSE = 0.2
 """Seconds a spread job is held before it is handed back, times its delivery count + 1."""
 
+AVOID_BOUNCES = 3
+"""How many times a server hands back the message of a job it moved away after
+failures (:attr:`ServerOptions.move_after_failures`) before it runs it after all:
+with no other server able to take it, the job must still run."""
+
+AVOID_PAUSE = 0.2
+"""Seconds (times the bounce) a server holds such a message before handing it
+back, so that other servers get their turn."""
+
 __all__ = ["JobFunction", "OrchestratedServer"]
 
 log = logging.getLogger("orchestratr.server")
@@ -156,6 +165,8 @@ class OrchestratedServer:
         self._runs: dict[str, Run] = {}
         self._cancelled: set[str] = set()
         self._held: dict[str, int] = {}
+        self._avoid: dict[str, tuple[float, int]] = {}
+        """Jobs moved away after failures: job id -> (monotonic until, bounces)."""
         """Hold marks: job id -> the largest generation no copy may run."""
         self._consumer: JobConsumer | None = None
         """The first job consumer opened (it says the server got as far as taking jobs)."""
@@ -392,6 +403,17 @@ class OrchestratedServer:
             await asyncio.sleep(0)
             await self._settle(delivery, release=True)
             return
+        if previous is None and self._avoids(message.job_id):
+            log.info(
+                "handing back job_id=%s: it failed here, another server may take it", message.job_id
+            )
+            spawn(
+                self._release_later(delivery, AVOID_PAUSE * self._avoid[message.job_id][1]),
+                name="orchestratr-avoid",
+                logger=log,
+                keep=self._background,
+            )
+            return
         if (
             previous is None
             and message.spread is not None
@@ -556,6 +578,18 @@ class OrchestratedServer:
                     ),
                     arg.name,
                 )
+                moves = self.options.move_after_failures
+                if moves and attempt >= moves and run.stop_reason is None:
+                    # Failed here again and again: let a different server try next.
+                    log.warning(
+                        "moving job_id=%s fence=%d away after %d failures in a row",
+                        arg.job_id,
+                        arg.fence,
+                        attempt,
+                    )
+                    self._note_avoid(arg.job_id)
+                    run.request_stop(p.StopReason.RELEASED)
+                    break
                 retry_at = time.monotonic() + delay
                 while run.stop_reason is None and (wait := retry_at - time.monotonic()) > 0:
                     await run.sleep(wait)
@@ -594,6 +628,27 @@ class OrchestratedServer:
             run.checkpoint = handover.result()
         run.handover = None
         return run.stop_reason is None
+
+    def _note_avoid(self, job_id: str) -> None:
+        """Remember to hand ``job_id`` back for a while; forget expired notes."""
+        now = time.monotonic()
+        for stale in [j for j, (until, _) in self._avoid.items() if until <= now]:
+            del self._avoid[stale]
+        self._avoid[job_id] = (now + self.options.avoid_for, 0)
+
+    def _avoids(self, job_id: str) -> bool:
+        """True if this server should hand back a message of ``job_id`` (it moved
+        the job away after failures, lately, and bounced it fewer than
+        :data:`AVOID_BOUNCES` times); counts the bounce."""
+        note = self._avoid.get(job_id)
+        if note is None:
+            return False
+        until, bounces = note
+        if time.monotonic() >= until or bounces >= AVOID_BOUNCES:
+            del self._avoid[job_id]
+            return False
+        self._avoid[job_id] = (until, bounces + 1)
+        return True
 
     def _is_held(self, job_id: str, fence: int) -> bool:
         """True if a hold mark covers this copy's generation."""
