@@ -1,6 +1,7 @@
-"""Chaos with job kinds and labelled servers (real processes on RabbitMQ and
-PostgreSQL): I7 -- a job only ever runs on a server that runs its kind and
-satisfies its constraints -- checked over the ledger, with I1-I4 and I6.
+"""Chaos with job kinds and labelled servers (real processes), on each transport:
+RabbitMQ (with PostgreSQL as the storage) and PostgreSQL alone. I7 -- a job only
+ever runs on a server that runs its kind and satisfies its constraints -- checked
+over the ledger, with I1-I4 and I6.
 
 Two servers run different kinds, a third carries a label; kill -9 of the only
 server of a kind leaves its jobs pending with a reason, and they start within
@@ -10,16 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from orchestratr_core.job import JobStatus
-from tests.chaos.harness import ChaosCluster
+from tests.chaos.harness import ChaosCluster, Timings
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql]
+pytestmark = [pytest.mark.postgresql]
 
 BOUND_REASON = 6.0  # server timeout 3 s + a sweep + margin
 BOUND_JOIN = 5.0  # a server that joins: connect, read the pool registry, consume
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+        pytest.param("postgresql", id="postgresql-alone"),
+    ]
+)
+async def chaos(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ChaosCluster]:
+    """A started cluster on the parameter's transport, closed (and cleaned up) after."""
+    cluster = ChaosCluster(tmp_path, Timings(), transport=request.param)
+    await cluster.start()
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
 
 
 async def test_kill_9_of_the_only_server_of_a_kind_its_jobs_wait_with_a_reason_then_start(
