@@ -85,3 +85,40 @@ async def test_kill_9_of_the_only_server_of_a_kind_its_jobs_wait_with_a_reason_t
     report = chaos.check()
     report.assert_ok()
     assert report.misplaced == []
+
+
+async def test_full_servers_of_several_kinds_never_exceed_capacity_across_pools(
+    chaos: ChaosCluster,
+) -> None:
+    """Two servers of two kinds, one labelled, exactly full (each consumes two or
+    three pools: its capacity is shared across them); kill -9 of the labelled one:
+    its labelled jobs wait (the other cannot run them, and it is full), then a third
+    server joins and takes what waits. I6 and I7 over the ledger."""
+    await chaos.add_server("a", 4, kinds=("feed", "socket"), labels=("region=eu",))
+    await chaos.add_server("b", 4, kinds=("feed", "socket"))
+    eu = await chaos.create(2, "eu", kind="feed", require=("region=eu",))
+    await chaos.wait_all_running(eu, within=30)
+    feeds = await chaos.create(3, "feed", kind="feed")
+    sockets = await chaos.create(3, "socket", kind="socket")
+    everything = eu + feeds + sockets
+    await chaos.wait_all_running(everything, within=30)
+    assert {c.server for c in chaos.live_copies() if c.job in eu} == {"a"}
+    chaos.check(final=False).assert_ok()
+    await asyncio.sleep(1.0)  # every start in the ledger (a copy logs its start as it runs)
+
+    killed = chaos.kill9("a")
+    await asyncio.sleep(BOUND_REASON)  # a's jobs are pending by now; b stays full
+    # The labelled jobs wait for a labelled server (b may hand its own jobs over to
+    # a's, the manager's choice; never above its capacity: I6 below).
+    assert not [c for c in chaos.copies() if c.job in eu and c.start > killed]
+    report = chaos.check(final=False)
+    report.assert_ok()
+    assert report.over_capacity == []
+
+    joined = time.time()
+    await chaos.add_server("c", 4, kinds=("feed", "socket"), labels=("region=eu",))
+    await chaos.wait_server_seen("c", joined, within=30)
+    await chaos.wait_all_running(everything, within=BOUND_JOIN + 5, exclude=("a",))
+    report = chaos.check()
+    report.assert_ok()
+    assert report.misplaced == [] and report.over_capacity == []
