@@ -129,3 +129,33 @@ async def test_each_pool_consumed_holds_one_shared_lock_given_up_on_close(
     await consumers[1].close()
     left = {r["k"] for r in await _admin(sql, cls, list(keys))}
     assert left == keys - {consumer_key(feed) & 0xFFFFFFFF}
+
+
+async def test_the_safety_poll_is_one_statement_and_wakes_the_pool_with_a_free_row(
+    make_pg_transport: Make,
+) -> None:
+    server = make_pg_transport(poll_interval=1.0)
+    await server.connect()
+    s = server.settings
+    pools = [Pool.of(f"k{n}") for n in range(6)]
+    collectors = [Collector[Delivery](10) for _ in pools]
+    for pool, collector in zip(pools, collectors, strict=True):
+        await server.consume_pool(pool, 5, collector)
+    await asyncio.sleep(s.heartbeat * 1.5)
+    claims: list[str] = []
+    real_claim = server._claim
+
+    async def counting(sub: Any) -> bool:
+        claims.append(sub.pool.key)
+        return await real_claim(sub)
+
+    server._claim = counting  # type: ignore[method-assign]
+    # A row whose NOTIFY was missed (none sent): the safety poll finds it.
+    await _admin(
+        f"INSERT INTO {s.table('jobs')} (payload, pool) VALUES ($1, $2)",
+        encode(_job(7, pools[3])),
+        pools[3].key,
+    )
+    got = await collectors[3].next()
+    assert got.message.job_id == "job-7"
+    assert set(claims) == {pools[3].key}

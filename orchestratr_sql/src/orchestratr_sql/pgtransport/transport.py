@@ -544,9 +544,54 @@ class PostgresTransport(Transport):
             # nothing to compare with (a server killed while this one was starting).
             if not known or known - live:
                 for sub in self._subs:
-                    if isinstance(sub, _JobSub | _EventSub):
+                    if isinstance(sub, _EventSub):
                         sub.wake.set()
+                with contextlib.suppress(BackendUnavailable):
+                    await self._wake_free_pools(session)
             known = live
+
+    async def _job_poll(self) -> None:
+        """The job consumers' safety poll (a missed NOTIFY): one statement every
+        ``poll_interval`` for the whole transport, whatever the number of pools."""
+        while self._state == "open":
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                await self._wake_free_pools()
+            except BackendUnavailable:
+                await self._ready.wait()
+            except Exception:
+                log.exception("looking for free jobs failed; trying again later")
+
+    async def _wake_free_pools(self, session: _Session | None = None) -> None:
+        """Wake the consumers with room whose pool has a free row. With consumers of
+        one pool, wake them (a claim costs what the look would); with several, one
+        statement says which pools have free rows, so that a server consuming many
+        pools does not run a claim per pool."""
+        subs = [
+            sub
+            for sub in self._subs
+            if isinstance(sub, _JobSub) and not sub.closed and sub.capacity > len(sub.held)
+        ]
+        keys = sorted({sub.pool.key for sub in subs})
+        if len(keys) <= 1:
+            for sub in subs:
+                sub.wake.set()
+            return
+        jobs = self.settings.table("jobs")
+        sql = (
+            f"SELECT DISTINCT j.pool FROM {jobs} j WHERE j.pool = ANY($1::text[]) AND "
+            "(j.holder IS NULL OR j.holder NOT IN (SELECT l.objid::bigint FROM pg_locks l "
+            "WHERE l.locktype = 'advisory' AND l.classid::bigint = $2 AND l.objsubid = 2 "
+            "AND l.granted))"
+        )
+        cls = self.settings.lock_class & 0xFFFFFFFF
+        rows = await self._call(
+            lambda conn: conn.fetch(sql, keys, cls), "look for free jobs", session
+        )
+        free = {row["pool"] for row in rows}
+        for sub in subs:
+            if sub.pool.key in free:
+                sub.wake.set()
 
     async def _watch(self, session: _Session) -> None:
         """The fence watchdog: no answered statement for ``fence_timeout`` -> lost."""
@@ -615,6 +660,7 @@ class PostgresTransport(Transport):
         self._state = "open"
         self._install(session)
         self._spawn(self._run_inbox(), "inbox")
+        self._spawn(self._job_poll(), "job-poll")
 
     async def close(self) -> None:
         """Close: deliveries are lost first, then the session ends (its rows are free)."""
@@ -1073,9 +1119,10 @@ class PostgresTransport(Transport):
             sub.named.add(key)
 
     async def _job_loop(self, sub: _JobSub) -> None:
+        """Claim when woken: by a NOTIFY naming the pool, a settle, a capacity
+        change, a session gone, or the transport's safety poll (:meth:`_job_poll`)."""
         while not sub.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sub.wake.wait(), self.settings.poll_interval)
+            await sub.wake.wait()
             sub.wake.clear()
             try:
                 while not sub.closed and await self._claim(sub):
