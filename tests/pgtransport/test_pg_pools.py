@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import pytest
 
 from orchestratr_core.placement import DEFAULT_POOL, Pool
@@ -19,7 +18,7 @@ from orchestratr_core.testing.transport_suite import Collector
 from orchestratr_core.transport import Delivery
 from orchestratr_sql.pgtransport import PostgresTransport
 from orchestratr_sql.pgtransport.schema import CONSUMER_KEY, _migrations, consumer_key
-from tests.support.sql import PG_DATABASE, PG_SERVER
+from tests.pgtransport._support import admin
 
 pytestmark = pytest.mark.postgresql
 
@@ -31,41 +30,33 @@ def _job(n: int, pool: Pool = DEFAULT_POOL) -> JobMessage:
     return dataclasses.replace(message, kind=pool.kind, constraints=pool.constraints)
 
 
-async def _admin(sql: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(f"{PG_SERVER}/{PG_DATABASE}")
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
 async def test_a_version_1_namespace_is_upgraded_its_rows_are_the_default_pools(
     make_pg_transport: Make,
 ) -> None:
     server = make_pg_transport()
     s = server.settings
     # The namespace as version 1 left it, with a row in it.
-    await _admin(f'CREATE SCHEMA IF NOT EXISTS "{s.schema}"')
-    await _admin(f"CREATE TABLE {s.table('version')} (version integer)")
+    await admin(f'CREATE SCHEMA IF NOT EXISTS "{s.schema}"')
+    await admin(f"CREATE TABLE {s.table('version')} (version integer)")
     for statement in _migrations(s)[0]:
-        await _admin(statement)
-    await _admin(f"INSERT INTO {s.table('version')} VALUES (1)")
-    await _admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", encode(_job(1)))
+        await admin(statement)
+    await admin(f"INSERT INTO {s.table('version')} VALUES (1)")
+    await admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", encode(_job(1)))
 
     await server.connect()  # migrates to version 2
-    versions = await _admin(f"SELECT max(version) AS v FROM {s.table('version')}")
+    versions = await admin(f"SELECT max(version) AS v FROM {s.table('version')}")
     assert versions[0]["v"] == 2
-    rows = await _admin(f"SELECT pool FROM {s.table('jobs')}")
+    rows = await admin(f"SELECT pool FROM {s.table('jobs')}")
     assert [r["pool"] for r in rows] == [DEFAULT_POOL.key]
     # A server of version 1 (the four-argument claim) takes default-pool rows only.
     feed = Pool.of("feed")
     await server.publish_job(_job(2, feed))
     cls = s.lock_class & 0xFFFFFFFF
-    old = await _admin(
+    old = await admin(
         f"SELECT row_id FROM {s.table('claim')}(1, $1, 10, $2)", cls, CONSUMER_KEY & 0xFFFFFFFF
     )
     assert len(old) == 1
-    await _admin(f"UPDATE {s.table('jobs')} SET holder = NULL")
+    await admin(f"UPDATE {s.table('jobs')} SET holder = NULL")
     # This version: each pool through its own consumer.
     default: Collector[Delivery] = Collector(10)
     feeds: Collector[Delivery] = Collector(10)
@@ -125,9 +116,9 @@ async def test_each_pool_consumed_holds_one_shared_lock_given_up_on_close(
         "AND classid::bigint = $1 AND objsubid = 2 AND objid::bigint = ANY($2::bigint[])"
     )
     cls = s.lock_class & 0xFFFFFFFF
-    assert {r["k"] for r in await _admin(sql, cls, list(keys))} == keys
+    assert {r["k"] for r in await admin(sql, cls, list(keys))} == keys
     await consumers[1].close()
-    left = {r["k"] for r in await _admin(sql, cls, list(keys))}
+    left = {r["k"] for r in await admin(sql, cls, list(keys))}
     assert left == keys - {consumer_key(feed) & 0xFFFFFFFF}
 
 
@@ -151,7 +142,7 @@ async def test_the_safety_poll_is_one_statement_and_wakes_the_pool_with_a_free_r
 
     server._claim = counting  # type: ignore[method-assign]
     # A row whose NOTIFY was missed (none sent): the safety poll finds it.
-    await _admin(
+    await admin(
         f"INSERT INTO {s.table('jobs')} (payload, pool) VALUES ($1, $2)",
         encode(_job(7, pools[3])),
         pools[3].key,
@@ -159,3 +150,40 @@ async def test_the_safety_poll_is_one_statement_and_wakes_the_pool_with_a_free_r
     got = await collectors[3].next()
     assert got.message.job_id == "job-7"
     assert set(claims) == {pools[3].key}
+
+
+async def test_after_postgresql_ends_the_session_pools_are_named_again_and_consumed(
+    make_pg_transport: Make,
+) -> None:
+    fast = {"heartbeat": 0.5, "fence_timeout": 1.5, "session_timeout": 3.0}
+    manager, server = make_pg_transport(**fast), make_pg_transport(**fast)
+    await manager.connect()
+    await server.connect()
+    feed = Pool.of("feed", ["region=eu"])
+    await manager.publish_job(_job(1, feed))
+    heard: Collector[Pool] = Collector(10)
+    await server.watch_pools(heard)
+    assert set(await heard.take(2)) == {DEFAULT_POOL, feed}
+    deliveries: Collector[Delivery] = Collector(10)
+    await server.consume_pool(feed, 5, deliveries)
+    first = await deliveries.next()
+    session = server._session
+    assert session is not None
+    await admin("SELECT pg_terminate_backend($1)", session.conn.get_server_pid())
+    assert await _lost(first)
+    # The new session names every pool again, and the pool's consumer claims again.
+    assert set(await heard.take(2)) == {DEFAULT_POOL, feed}
+    again = await deliveries.next()
+    assert again.message == first.message
+    assert again.delivery_count == first.delivery_count + 1
+    late = Pool.of("late")
+    await manager.publish_job(_job(2, late))
+    assert await heard.next() == late
+
+
+async def _lost(delivery: Delivery) -> bool:
+    for _ in range(250):
+        if delivery.lost.is_set():
+            return True
+        await asyncio.sleep(0.02)
+    return False
