@@ -1081,7 +1081,11 @@ class PostgresTransport(Transport):
         await self._current()
         sub = _PoolWatch(self, handler)
         self._subs.append(sub)
-        await self._name_pools(sub)
+        try:
+            await self._name_pools(sub)
+        except BaseException:
+            await sub.close()
+            raise
         sub.task = self._spawn(self._pool_loop(sub), "pools")
         return sub
 
