@@ -8,9 +8,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
 
-import asyncpg
 import pytest
 
 from orchestratr_core.errors import ConfigurationError, DeliveryLost
@@ -21,7 +19,8 @@ from orchestratr_core.testing.proxy import SilentProxy
 from orchestratr_core.testing.transport_suite import Collector
 from orchestratr_core.transport import Delivery
 from orchestratr_sql.pgtransport import PostgresTransport
-from tests.support.sql import PG_DATABASE, PG_SERVER
+from tests.pgtransport._support import admin
+from tests.support.sql import PG_SERVER
 
 pytestmark = pytest.mark.postgresql
 
@@ -31,14 +30,6 @@ FAST = {"heartbeat": 0.5, "fence_timeout": 1.5, "session_timeout": 3.0, "poll_in
 
 def _job(n: int) -> JobMessage:
     return JobMessage(f"job-{n}", f"name {n}", "", 1, 1_700_000_000.0)
-
-
-async def _admin(sql: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(f"{PG_SERVER}/{PG_DATABASE}")
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
 
 
 async def _wait_until(check: Callable[[], bool], within: float) -> float:
@@ -107,7 +98,7 @@ async def test_a_session_ended_by_postgresql_loses_its_jobs_and_comes_back(
     name = f"orchestratr-transport:{server.settings.namespace}"
     session = server._session
     assert session is not None
-    await _admin("SELECT pg_terminate_backend($1)", session.conn.get_server_pid())
+    await admin("SELECT pg_terminate_backend($1)", session.conn.get_server_pid())
     await _wait_until(first.lost.is_set, 5)
     # Cancelled while the server was away: reported before any new delivery.
     await manager.set_cancellations({"gone"})
@@ -115,7 +106,7 @@ async def test_a_session_ended_by_postgresql_loses_its_jobs_and_comes_back(
     assert again.message == first.message
     assert again.delivery_count == first.delivery_count + 1
     assert CancelJob(job_id="gone") in commands.items
-    assert len(await _admin("SELECT 1 FROM pg_stat_activity WHERE application_name = $1", name))
+    assert len(await admin("SELECT 1 FROM pg_stat_activity WHERE application_name = $1", name))
 
 
 async def test_hundreds_of_jobs_are_held_by_one_connection(make_pg_transport: Make) -> None:
@@ -129,11 +120,11 @@ async def test_hundreds_of_jobs_are_held_by_one_connection(make_pg_transport: Ma
     held = await deliveries.take(300)
     assert len({d.message.job_id for d in held}) == 300
     name = f"orchestratr-transport:{server.settings.namespace}"
-    rows = await _admin(
+    rows = await admin(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1", name
     )
     assert rows[0]["n"] == 2  # the manager's session and the server's: no connection per job
-    locks = await _admin(
+    locks = await admin(
         "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = $1",
         server.settings.lock_class & 0xFFFFFFFF,
     )
@@ -148,15 +139,15 @@ async def test_a_malformed_job_row_is_dead_lettered_with_its_reason(
     await manager.connect()
     await server.connect()
     s = server.settings
-    await _admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", b"\xffnot json")
+    await admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", b"\xffnot json")
     deliveries: Collector[Delivery] = Collector(10)
     await server.consume_jobs(1, deliveries)
     await manager.publish_job(_job(1))
     assert (await deliveries.next()).message == _job(1)
-    dead = await _admin(f"SELECT queue, payload, reason FROM {s.table('dead')}")
+    dead = await admin(f"SELECT queue, payload, reason FROM {s.table('dead')}")
     assert [(r["queue"], r["payload"]) for r in dead] == [("jobs", b"\xffnot json")]
     assert dead[0]["reason"]
-    left = await _admin(f"SELECT count(*) AS n FROM {s.table('jobs')}")
+    left = await admin(f"SELECT count(*) AS n FROM {s.table('jobs')}")
     assert left[0]["n"] == 1  # only the good one, held
 
 
@@ -167,13 +158,13 @@ async def test_with_a_fleet_key_unsigned_rows_are_refused(make_pg_transport: Mak
     await server.connect()
     s = server.settings
     forged = encode(_job(666))
-    await _admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", forged)
+    await admin(f"INSERT INTO {s.table('jobs')} (payload) VALUES ($1)", forged)
     deliveries: Collector[Delivery] = Collector(10)
     await server.consume_jobs(5, deliveries)
     await manager.publish_job(_job(1))
     assert (await deliveries.next()).message == _job(1)
     await deliveries.quiet(0.5)
-    dead = await _admin(f"SELECT payload, reason FROM {s.table('dead')}")
+    dead = await admin(f"SELECT payload, reason FROM {s.table('dead')}")
     assert [r["payload"] for r in dead] == [forged]
     assert "unsigned" in dead[0]["reason"]
 

@@ -6,13 +6,19 @@ Migrations are forward-only, applied under a transaction-level advisory lock and
 recorded in ``<namespace>_version``; they never touch the storage's tables.
 
 Claiming jobs is :func:`claim_sql` (a function in the database): the one place that
-says which rows a server may take (the *pool predicate*). Job kinds and placement
-constraints add their filter there, and only there.
+says which rows a server may take (the *pool predicate*). Since version 2 every job
+row names its pool (:attr:`orchestratr_core.placement.Pool.key`: the kind and the
+canonical constraints; ``default`` for the default pool, which every row written
+before version 2 is in), ``<namespace>_pools`` registers every pool jobs were
+published to, and a claim takes rows of one pool only.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
+
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 
 if TYPE_CHECKING:
     from orchestratr_sql.pgtransport.settings import PgTransportSettings
@@ -23,6 +29,7 @@ __all__ = [
     "MIGRATION_KEY",
     "SERIAL_KEY",
     "claim_sql",
+    "consumer_key",
     "migrate",
 ]
 
@@ -36,9 +43,22 @@ EVENTS_KEY = 0
 CONSUMER_KEY = -3
 """Second key of the *shared* session lock every job-consuming session holds: the
 number of holders is the number of servers a claim shares the free rows with."""
-"""Second key of the session lock held by the one active events consumer."""
 DEAD_LETTER_LIMIT = 10_000
 """Most rows kept in ``<namespace>_dead`` (oldest dropped first)."""
+_POOL_KEYS = 2**31 - 16
+"""How many second keys the consumer locks of non-default pools spread over."""
+
+
+def consumer_key(pool: Pool) -> int:
+    """Second key of the shared session lock held by every session consuming ``pool``:
+    :data:`CONSUMER_KEY` for the default pool, else a negative number from a digest
+    of the pool's key (below -15, so that it is never a session number, which are
+    positive, nor one of the keys above). Two pools whose keys share a digest only
+    share their count of consumers (the fair share of a claim), nothing else."""
+    if pool == DEFAULT_POOL:
+        return CONSUMER_KEY
+    digest = int.from_bytes(hashlib.sha256(pool.key.encode()).digest()[:4], "big")
+    return -16 - digest % _POOL_KEYS
 
 
 def _migrations(s: PgTransportSettings) -> list[list[str]]:
@@ -74,6 +94,19 @@ def _migrations(s: PgTransportSettings) -> list[list[str]]:
                 reason text NOT NULL,
                 dead_at timestamptz NOT NULL DEFAULT now())""",
             f"CREATE SEQUENCE IF NOT EXISTS {seq} AS integer MINVALUE 1 CYCLE",
+            _claim_function(s, pooled=None),
+        ],
+        [
+            # Pools: every row names its pool; rows already there are the default pool's.
+            f"ALTER TABLE {t('jobs')} ADD COLUMN IF NOT EXISTS pool text NOT NULL "
+            f"DEFAULT '{DEFAULT_POOL.key}'",
+            f'CREATE INDEX IF NOT EXISTS "{s.namespace}_jobs_pool" ON {t("jobs")} (pool, id)',
+            f"""CREATE TABLE IF NOT EXISTS {t("pools")} (
+                key text PRIMARY KEY,
+                registered_at timestamptz NOT NULL DEFAULT now())""",
+            # A server of version 1 calls the claim without a pool: it takes the
+            # default pool's rows only (it runs the default kind without labels).
+            _claim_function(s, pooled=False),
             claim_sql(s),
         ],
     ]
@@ -97,7 +130,13 @@ async def migrate(conn: Any, s: PgTransportSettings) -> int:
 
 
 def claim_sql(s: PgTransportSettings) -> str:
-    """``CREATE FUNCTION <namespace>_claim(me, cls, n, consumer)``: take jobs for session
+    """``CREATE FUNCTION <namespace>_claim(me, cls, n, consumer, want)``: see
+    :func:`_claim_function`; ``want`` is the key of the pool to take rows of."""
+    return _claim_function(s, pooled=True)
+
+
+def _claim_function(s: PgTransportSettings, *, pooled: bool | None) -> str:
+    """``CREATE FUNCTION <namespace>_claim(me, cls, n, consumer[, want])``: take jobs for session
     ``me`` in **one statement** -- one round trip, autocommitted, so a server cut off in
     the middle of a claim never leaves a transaction (and its row locks) open.
 
@@ -112,10 +151,12 @@ def claim_sql(s: PgTransportSettings) -> str:
     session lock before claiming, so it is live by then -- and marks the rows held
     and counts the delivery, in the same transaction.
 
-    Pool predicate: which pool a delivery comes from. Today every server takes from
-    the one pool; job kinds and placement constraints become one more condition in
-    ``pool_predicate`` (with parameters of their own, in a migration that replaces
-    this function), and only there.
+    Pool predicate: which pool a delivery comes from. ``pooled=True``: the rows of
+    pool ``want`` (the function servers call since version 2, one consumer per
+    pool, ``consumer`` being that pool's :func:`consumer_key`); ``False``: the
+    default pool's (the four-argument function of version 1, kept for servers of
+    version 1); ``None``: every row (version 1 as it was created; replaced by
+    version 2).
     """
     jobs = s.table("jobs")
     live = (
@@ -126,11 +167,16 @@ def claim_sql(s: PgTransportSettings) -> str:
         "SELECT count(DISTINCT l.pid) FROM pg_locks l WHERE l.locktype = 'advisory' "
         "AND l.classid::bigint = cls AND l.objid::bigint = consumer AND l.objsubid = 2"
     )
-    pool_predicate = "TRUE"
+    pool_predicate = {
+        None: "TRUE",
+        False: f"{{a}}.pool = '{DEFAULT_POOL.key}'",
+        True: "{a}.pool = want",
+    }[pooled]
+    want = ", want text" if pooled else ""
     free = "({a}.holder IS NULL OR {a}.holder NOT IN (" + live + "))"
     return f"""
         CREATE OR REPLACE FUNCTION {s.table("claim")}(
-            me integer, cls bigint, n integer, consumer bigint
+            me integer, cls bigint, n integer, consumer bigint{want}
         )
         RETURNS TABLE (row_id bigint, row_payload bytea, row_signature text, row_count integer)
         LANGUAGE plpgsql AS $fn$
@@ -140,10 +186,10 @@ def claim_sql(s: PgTransportSettings) -> str:
         BEGIN
             SELECT least(n, greatest(1, ceil(count(*)::numeric / greatest(1, ({consumers})))))
               INTO share
-              FROM {jobs} f WHERE {free.format(a="f")} AND {pool_predicate};
+              FROM {jobs} f WHERE {free.format(a="f")} AND {pool_predicate.format(a="f")};
             SELECT array_agg(p.id) INTO picked FROM (
                 SELECT c.id FROM {jobs} c
-                WHERE {free.format(a="c")} AND {pool_predicate}
+                WHERE {free.format(a="c")} AND {pool_predicate.format(a="c")}
                 ORDER BY c.id
                 LIMIT share
                 FOR UPDATE SKIP LOCKED

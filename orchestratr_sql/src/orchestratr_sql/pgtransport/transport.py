@@ -21,6 +21,12 @@ the settings keep larger than ``fence_timeout`` plus one ping.
 
 Jobs, events and commands are rows; an insert NOTIFYs the interested sessions, and a
 slow safety poll (``poll_interval``) covers a missed notification.
+
+Pools (job kinds and placement constraints): every job row names its pool, the
+registry ``<namespace>_pools`` lists every pool jobs were published to (written in
+the statement that inserts the pool's first rows, and NOTIFYing the watchers), and a
+server claims with one consumer per pool it may run -- each claim takes rows of its
+own pool only, so a job is never handed to a server that cannot run it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from orchestratr_core.errors import (
     PublishError,
 )
 from orchestratr_core.metrics import record_reconnect
+from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.protocol import (
     CancelJob,
     Command,
@@ -58,6 +65,7 @@ from orchestratr_core.transport import (
     DeliveryHandler,
     EventHandler,
     JobConsumer,
+    PoolHandler,
     Subscription,
     Transport,
 )
@@ -66,10 +74,10 @@ from orchestratr_sql.connection import ErrorKind
 from orchestratr_sql.errors import backend_error
 from orchestratr_sql.pgdriver import PostgresConnector
 from orchestratr_sql.pgtransport.schema import (
-    CONSUMER_KEY,
     DEAD_LETTER_LIMIT,
     EVENTS_KEY,
     SERIAL_KEY,
+    consumer_key,
     migrate,
 )
 from orchestratr_sql.pgtransport.settings import PgTransportSettings
@@ -85,6 +93,15 @@ _SHARE_AGAIN = 0.05
 """Seconds before a server that took its fair share of free jobs looks again."""
 _PUBLISH_BATCH = 500
 """Most rows one publishing statement inserts."""
+_NOTIFY_PAYLOAD = 7000
+"""Longest list of pool keys a jobs NOTIFY carries (PostgreSQL takes 8000 bytes);
+a longer one is sent empty, which wakes every pool consumer."""
+
+
+def _wake_payload(keys: Collection[str]) -> str:
+    """The jobs NOTIFY payload naming the pools that got rows ('' = every pool)."""
+    text = "\n".join(sorted(set(keys)))
+    return text if len(text) <= _NOTIFY_PAYLOAD else ""
 
 
 class _Session:
@@ -99,8 +116,8 @@ class _Session:
         self.last_ok = time.monotonic()
         self.deliveries: set[PostgresDelivery] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
-        self.consumer = False
-        """Whether this session holds the shared consumer lock."""
+        self.consumers: set[int] = set()
+        """Second keys of the shared consumer locks this session holds (one per pool)."""
 
     @property
     def valid_until(self) -> float:
@@ -246,15 +263,20 @@ class _EventSub(_Sub, Subscription):
 class _JobSub(_Sub, JobConsumer):
     kind = SubscriptionKind.JOBS
 
-    def __init__(self, transport: PostgresTransport, capacity: int, handler: DeliveryHandler):
+    def __init__(
+        self, transport: PostgresTransport, capacity: int, handler: DeliveryHandler, pool: Pool
+    ):
         super().__init__(transport)
         self.capacity = capacity
         self.handler = handler
+        self.pool = pool
+        """The pool whose rows this consumer claims."""
+        self.key = consumer_key(pool)
         self.held: set[PostgresDelivery] = set()
 
     async def attach(self, session: _Session) -> None:
-        """Count as a consumer on the new session, then claim."""
-        await self.transport._count_consumer(session)
+        """Count as a consumer of the pool on the new session, then claim."""
+        await self.transport._count_consumer(self.key, session)
         self.wake.set()
 
     async def set_capacity(self, capacity: int) -> None:
@@ -268,7 +290,30 @@ class _JobSub(_Sub, JobConsumer):
         if self.closed:
             return
         await self._close()
-        await self.transport._count_consumer(None)
+        await self.transport._count_consumer(self.key, None)
+
+
+class _PoolWatch(_Sub, Subscription):
+    """Names every registered pool (and the default one) to its handler, then each
+    pool registered later: woken by the pools NOTIFY, and read again on every new
+    session (a pool registered while away is named then)."""
+
+    kind = SubscriptionKind.POOLS
+
+    def __init__(self, transport: PostgresTransport, handler: PoolHandler) -> None:
+        super().__init__(transport)
+        self.handler = handler
+        self.named: set[str] = set()
+        """Keys already named on the current session."""
+
+    async def attach(self, session: _Session) -> None:
+        """A new session: name every pool again (the handler is idempotent)."""
+        self.named.clear()
+        self.wake.set()
+
+    async def close(self) -> None:
+        """Stop watching. Idempotent."""
+        await self._close()
 
 
 def _check_capacity(capacity: int) -> None:
@@ -297,7 +342,7 @@ class PostgresTransport(Transport):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._reconnecting: asyncio.Task[None] | None = None
         self._command_lock = asyncio.Lock()
-        self._pending: dict[str, list[tuple[bytes, str | None, asyncio.Future[None]]]] = {
+        self._pending: dict[str, list[tuple[bytes, str | None, str, asyncio.Future[None]]]] = {
             "jobs": [],
             "events": [],
         }
@@ -306,9 +351,11 @@ class PostgresTransport(Transport):
         s = self.settings
         self._claim_sql = (
             "SELECT row_id AS id, row_payload AS payload, row_signature AS signature, "
-            f"row_count AS count FROM {s.table('claim')}($1, $2, $3, $4)"
+            f"row_count AS count FROM {s.table('claim')}($1, $2, $3, $4, $5)"
         )
-        self._channels = {what: f"{s.channel}_{what}" for what in ("jobs", "events", "commands")}
+        self._channels = {
+            what: f"{s.channel}_{what}" for what in ("jobs", "events", "commands", "pools")
+        }
 
     def __repr__(self) -> str:
         return f"<PostgresTransport {self.settings.url.masked} namespace={self.settings.namespace}>"
@@ -386,13 +433,21 @@ class PostgresTransport(Transport):
             self._migrated = True
 
     def _notified(self, what: str) -> Callable[..., None]:
-        def wake(*_: Any) -> None:
+        kinds: dict[str, type[_Sub]] = {
+            "jobs": _JobSub,
+            "events": _EventSub,
+            "commands": _CommandSub,
+            "pools": _PoolWatch,
+        }
+        kind = kinds[what]
+
+        def wake(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            # A jobs NOTIFY names the pools that got rows ('': any pool may have).
+            pools = set(payload.split("\n")) if what == "jobs" and payload else None
             for sub in self._subs:
-                if (
-                    (what == "jobs" and isinstance(sub, _JobSub))
-                    or (what == "events" and isinstance(sub, _EventSub))
-                    or (what == "commands" and isinstance(sub, _CommandSub))
-                ):
+                if not isinstance(sub, kind):
+                    continue
+                if pools is None or getattr(sub, "pool", DEFAULT_POOL).key in pools:
                     sub.wake.set()
 
         return wake
@@ -489,9 +544,54 @@ class PostgresTransport(Transport):
             # nothing to compare with (a server killed while this one was starting).
             if not known or known - live:
                 for sub in self._subs:
-                    if isinstance(sub, _JobSub | _EventSub):
+                    if isinstance(sub, _EventSub):
                         sub.wake.set()
+                with contextlib.suppress(BackendUnavailable):
+                    await self._wake_free_pools(session)
             known = live
+
+    async def _job_poll(self) -> None:
+        """The job consumers' safety poll (a missed NOTIFY): one statement every
+        ``poll_interval`` for the whole transport, whatever the number of pools."""
+        while self._state == "open":
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                await self._wake_free_pools()
+            except BackendUnavailable:
+                await self._ready.wait()
+            except Exception:
+                log.exception("looking for free jobs failed; trying again later")
+
+    async def _wake_free_pools(self, session: _Session | None = None) -> None:
+        """Wake the consumers with room whose pool has a free row. With consumers of
+        one pool, wake them (a claim costs what the look would); with several, one
+        statement says which pools have free rows, so that a server consuming many
+        pools does not run a claim per pool."""
+        subs = [
+            sub
+            for sub in self._subs
+            if isinstance(sub, _JobSub) and not sub.closed and sub.capacity > len(sub.held)
+        ]
+        keys = sorted({sub.pool.key for sub in subs})
+        if len(keys) <= 1:
+            for sub in subs:
+                sub.wake.set()
+            return
+        jobs = self.settings.table("jobs")
+        sql = (
+            f"SELECT DISTINCT j.pool FROM {jobs} j WHERE j.pool = ANY($1::text[]) AND "
+            "(j.holder IS NULL OR j.holder NOT IN (SELECT l.objid::bigint FROM pg_locks l "
+            "WHERE l.locktype = 'advisory' AND l.classid::bigint = $2 AND l.objsubid = 2 "
+            "AND l.granted))"
+        )
+        cls = self.settings.lock_class & 0xFFFFFFFF
+        rows = await self._call(
+            lambda conn: conn.fetch(sql, keys, cls), "look for free jobs", session
+        )
+        free = {row["pool"] for row in rows}
+        for sub in subs:
+            if sub.pool.key in free:
+                sub.wake.set()
 
     async def _watch(self, session: _Session) -> None:
         """The fence watchdog: no answered statement for ``fence_timeout`` -> lost."""
@@ -560,6 +660,7 @@ class PostgresTransport(Transport):
         self._state = "open"
         self._install(session)
         self._spawn(self._run_inbox(), "inbox")
+        self._spawn(self._job_poll(), "job-poll")
 
     async def close(self) -> None:
         """Close: deliveries are lost first, then the session ends (its rows are free)."""
@@ -658,47 +759,74 @@ class PostgresTransport(Transport):
     # -- manager side -----------------------------------------------------------------
 
     async def publish_job(self, message: JobMessage) -> None:
-        """Insert the job row and wake the servers; returns once committed."""
+        """Insert the job row in its pool and wake the servers that consume the pool;
+        a pool new to the registry is registered by the same statement (and the
+        watchers woken). Returns once committed."""
         body = encode(message)
-        await self._insert("jobs", body, self._sign(body, "jobs"))
+        await self._insert("jobs", body, self._sign(body, "jobs"), message.pool.key)
 
-    async def _insert(self, what: str, body: bytes, signature: str | None) -> None:
+    async def _insert(
+        self, what: str, body: bytes, signature: str | None, pool: str = DEFAULT_POOL.key
+    ) -> None:
         """Insert one row, committed before this returns. Rows published while an
         insert is in flight go together in the next statement (one commit, one
         NOTIFY), in call order: ``create_jobs`` publishes hundreds concurrently, and
         a commit each would make it wait on the disk once per job."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending[what].append((body, signature, future))
+        self._pending[what].append((body, signature, pool, future))
         if what not in self._flushing:
             self._flushing.add(what)
             self._spawn(self._flush(what), f"publish-{what}")
         await future
 
-    async def _flush(self, what: str) -> None:
-        sql = (
-            f"WITH ins AS (INSERT INTO {self.settings.table(what)} (payload, signature) "
-            "SELECT * FROM unnest($1::bytea[], $2::text[]) RETURNING id) "
-            "SELECT pg_notify($3, '') WHERE EXISTS (SELECT FROM ins)"
+    def _flush_sql(self, what: str) -> str:
+        """The statement that inserts a batch (payloads $1, signatures $2, pools $3)
+        and NOTIFYs channel $4 with payload $5. For jobs it registers the batch's
+        pools first (``ON CONFLICT DO NOTHING``: a pool registered already costs one
+        index probe) and NOTIFYs the pool watchers, channel $6, of each new one, in
+        the same transaction as the rows: a watcher that hears of a pool finds its
+        rows."""
+        s = self.settings
+        if what != "jobs":
+            return (
+                f"WITH ins AS (INSERT INTO {s.table(what)} (payload, signature) "
+                "SELECT p, g FROM unnest($1::bytea[], $2::text[], $3::text[]) AS u(p, g, k) "
+                "RETURNING id) SELECT pg_notify($4, $5) WHERE EXISTS (SELECT FROM ins)"
+            )
+        return (
+            f"WITH reg AS (INSERT INTO {s.table('pools')} (key) "
+            f"SELECT DISTINCT k FROM unnest($3::text[]) AS u(k) WHERE k <> '{DEFAULT_POOL.key}' "
+            "ON CONFLICT DO NOTHING RETURNING key), "
+            f"ins AS (INSERT INTO {s.table('jobs')} (payload, signature, pool) "
+            "SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[]) RETURNING id) "
+            "SELECT pg_notify($4, $5) WHERE EXISTS (SELECT FROM ins) "
+            "UNION ALL SELECT pg_notify($6, key) FROM reg"
         )
+
+    async def _flush(self, what: str) -> None:
+        sql = self._flush_sql(what)
         pending = self._pending[what]
-        batch: list[tuple[bytes, str | None, asyncio.Future[None]]] = []
+        batch: list[tuple[bytes, str | None, str, asyncio.Future[None]]] = []
         try:
             while pending:
                 batch = pending[:_PUBLISH_BATCH]
                 del pending[:_PUBLISH_BATCH]
-                bodies = [b for b, _, _ in batch]
-                signatures = [s for _, s, _ in batch]
+                bodies = [b for b, _, _, _ in batch]
+                signatures = [s for _, s, _, _ in batch]
+                pools = [k for _, _, k, _ in batch]
+                args: list[Any] = [bodies, signatures, pools, self._channels[what]]
+                args.append(_wake_payload(pools) if what == "jobs" else "")
+                if what == "jobs":
+                    args.append(self._channels["pools"])
                 error: Exception | None = None
                 try:
                     await self._call(
-                        lambda conn, b=bodies, s=signatures: conn.execute(  # type: ignore[misc]
-                            sql, b, s, self._channels[what]
-                        ),
+                        lambda conn, a=args: conn.execute(sql, *a),  # type: ignore[misc]
                         f"publish to {what}",
                     )
                 except BackendUnavailable as exc:
                     error = PublishError(f"not stored by PostgreSQL: {exc}")
-                for _, _, future in batch:
+                for _, _, _, future in batch:
                     if future.done():
                         continue
                     if error is None:
@@ -707,7 +835,7 @@ class PostgresTransport(Transport):
                         future.set_exception(error)
         finally:
             self._flushing.discard(what)
-            for _, _, future in [*batch, *pending]:  # cancelled (closed) meanwhile
+            for _, _, _, future in [*batch, *pending]:  # cancelled (closed) meanwhile
                 if not future.done():
                     future.set_exception(
                         PublishError("the transport closed before PostgreSQL confirmed it")
@@ -927,20 +1055,78 @@ class PostgresTransport(Transport):
                     self._inbox.put_nowait((sub, command))
 
     async def consume_jobs(self, capacity: int, handler: DeliveryHandler) -> JobConsumer:
-        """Claim up to ``capacity`` job rows at a time."""
+        """Claim up to ``capacity`` job rows of the default pool at a time."""
+        return await self.consume_pool(DEFAULT_POOL, capacity, handler)
+
+    async def consume_pool(
+        self, pool: Pool, capacity: int, handler: DeliveryHandler
+    ) -> JobConsumer:
+        """Claim up to ``capacity`` rows of ``pool`` at a time (a consumer of its own,
+        woken by the NOTIFYs that name the pool; capacity across pools is the
+        server's, which sets each consumer's)."""
         _check_capacity(capacity)
-        await self._current()
-        sub = _JobSub(self, capacity, handler)
-        await self._count_consumer(await self._current())
+        session = await self._current()
+        sub = _JobSub(self, capacity, handler, pool)
+        await self._count_consumer(sub.key, session)
         self._subs.append(sub)
-        sub.task = self._spawn(self._job_loop(sub), "jobs")
+        sub.task = self._spawn(self._job_loop(sub), f"jobs-{pool.key}")
         sub.wake.set()
         return sub
 
-    async def _job_loop(self, sub: _JobSub) -> None:
+    async def watch_pools(self, handler: PoolHandler) -> Subscription:
+        """Name the default pool and every pool of ``<namespace>_pools`` to
+        ``handler``, then each pool registered later (the pools NOTIFY wakes the
+        watch; the safety poll covers a missed one), and all of them again after a
+        reconnect."""
+        await self._current()
+        sub = _PoolWatch(self, handler)
+        self._subs.append(sub)
+        try:
+            await self._name_pools(sub)
+        except BaseException:
+            await sub.close()
+            raise
+        sub.task = self._spawn(self._pool_loop(sub), "pools")
+        return sub
+
+    async def _pool_loop(self, sub: _PoolWatch) -> None:
         while not sub.closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(sub.wake.wait(), self.settings.poll_interval)
+            sub.wake.clear()
+            try:
+                await self._name_pools(sub)
+            except BackendUnavailable:
+                await self._ready.wait()
+            except Exception:
+                log.exception("reading the pool registry failed; trying again at the next wake-up")
+
+    async def _name_pools(self, sub: _PoolWatch) -> None:
+        """Name the pools ``sub`` has not named on this session, in registration order."""
+        table = self.settings.table("pools")
+        rows = await self._call(
+            lambda conn: conn.fetch(f"SELECT key FROM {table} ORDER BY registered_at, key"),
+            "read the pool registry",
+        )
+        for key in [DEFAULT_POOL.key, *(r["key"] for r in rows)]:
+            if sub.closed:
+                return
+            if key in sub.named:
+                continue
+            try:
+                pool = Pool.from_key(key)
+            except Exception as exc:
+                log.warning("ignoring an unreadable entry of %s: %s", table, exc)
+                sub.named.add(key)
+                continue
+            await sub.handler(pool)
+            sub.named.add(key)
+
+    async def _job_loop(self, sub: _JobSub) -> None:
+        """Claim when woken: by a NOTIFY naming the pool, a settle, a capacity
+        change, a session gone, or the transport's safety poll (:meth:`_job_poll`)."""
+        while not sub.closed:
+            await sub.wake.wait()
             sub.wake.clear()
             try:
                 while not sub.closed and await self._claim(sub):
@@ -962,7 +1148,7 @@ class PostgresTransport(Transport):
 
         async def op(conn: Any) -> list[Any]:
             rows: list[Any] = await conn.fetch(
-                self._claim_sql, session.number, cls, want, CONSUMER_KEY & 0xFFFFFFFF
+                self._claim_sql, session.number, cls, want, sub.key & 0xFFFFFFFF, sub.pool.key
             )
             return rows
 
@@ -996,33 +1182,35 @@ class PostgresTransport(Transport):
             asyncio.get_running_loop().call_later(_SHARE_AGAIN, sub.wake.set)
         return False
 
-    async def _count_consumer(self, session: _Session | None) -> None:
-        """Hold the shared consumer lock on ``session`` (once), or, with ``None``,
-        give it up when no job consumer is left (claims share the free rows among
-        the holders)."""
+    async def _count_consumer(self, key: int, session: _Session | None) -> None:
+        """Hold the shared consumer lock ``key`` (one pool's) on ``session`` (once),
+        or, with ``None``, give it up when no consumer of that pool is left (claims
+        share a pool's free rows among the holders of its lock)."""
         s = self.settings
         if session is not None:
-            if session.consumer:
+            if key in session.consumers:
                 return
             await self._call(
                 lambda conn: conn.execute(
-                    "SELECT pg_advisory_lock_shared($1, $2)", s.lock_class, CONSUMER_KEY
+                    "SELECT pg_advisory_lock_shared($1, $2)", s.lock_class, key
                 ),
                 "count as a consumer",
                 session,
             )
-            session.consumer = True
+            session.consumers.add(key)
             return
         current = self._session
-        if current is None or not current.consumer:
+        if current is None or key not in current.consumers:
             return
-        if any(isinstance(sub, _JobSub) and not sub.closed for sub in self._subs):
+        if any(
+            isinstance(sub, _JobSub) and not sub.closed and sub.key == key for sub in self._subs
+        ):
             return
-        current.consumer = False
+        current.consumers.discard(key)
         with contextlib.suppress(BackendUnavailable):
             await self._call(
                 lambda conn: conn.execute(
-                    "SELECT pg_advisory_unlock_shared($1, $2)", s.lock_class, CONSUMER_KEY
+                    "SELECT pg_advisory_unlock_shared($1, $2)", s.lock_class, key
                 ),
                 "stop counting as a consumer",
                 current,
@@ -1036,14 +1224,16 @@ class PostgresTransport(Transport):
                 sub.held.discard(delivery)
         if ack:
             sql = f"DELETE FROM {jobs} WHERE id = $1 AND holder = $2"
+            args: tuple[Any, ...] = (delivery.row_id, session.number)
         else:
             sql = (
                 f"WITH upd AS (UPDATE {jobs} SET holder = NULL WHERE id = $1 AND holder = $2 "
-                f"RETURNING id) SELECT pg_notify('{self._channels['jobs']}', '') FROM upd"
+                f"RETURNING pool) SELECT pg_notify('{self._channels['jobs']}', pool) FROM upd"
             )
+            args = (delivery.row_id, session.number)
         try:
             await self._call(
-                lambda conn: conn.execute(sql, delivery.row_id, session.number),
+                lambda conn: conn.execute(sql, *args),
                 "acknowledge a job" if ack else "release a job",
                 session,
             )
@@ -1054,8 +1244,9 @@ class PostgresTransport(Transport):
             raise DeliveryLost(
                 f"delivery of job {delivery.message.job_id} was lost with its session"
             ) from None
+        pool = delivery.message.pool
         for sub in self._subs:
-            if isinstance(sub, _JobSub):
+            if isinstance(sub, _JobSub) and sub.pool == pool:
                 sub.wake.set()
 
     async def _run_inbox(self) -> None:
