@@ -10,7 +10,7 @@
 #   make chaos-record the quick chaos suite, figures into the tracked benchmarks/results/chaos.json
 #   make chaos-cluster the cluster fault tests (pytest -m cluster; brings the RabbitMQ cluster up): docs/reliability.md
 #   make test-rabbitmq4 the RabbitMQ tests and quick chaos variants on RabbitMQ 4.0.5 (.ci/infra rabbitmq4)
-#   make bench       the benchmarks beside Celery and Dramatiq (docs/benchmarks.md)
+#   make bench       the benchmarks beside Celery and Dramatiq, PostgreSQL alone beside RabbitMQ, one vs four kinds (docs/benchmarks.md)
 #   make bench-quick the same, scaled down (under 10 minutes)
 #   make docs-images regenerate the dashboard screenshots in docs/images/ (browser tests)
 #   make format      ruff format + ruff check --fix
@@ -101,6 +101,8 @@ $(BENCH_STAMP): $(FULL_STAMP)
 
 bench: $(BENCH_STAMP) services
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.pg_transport
+	$(BIN)/python -m benchmarks.kinds
 
 bench-quick: $(BENCH_STAMP) services
 	$(BIN)/python -m benchmarks.run --quick
