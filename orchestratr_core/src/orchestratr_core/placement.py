@@ -11,8 +11,9 @@ which server may run which job, and that says why a job waits.
   exactly the pools it :meth:`~Pool.accepts`: delivery itself is correct, no job
   is handed to a server that cannot run it.
 * A job may name a **spread** group: servers avoid running two jobs of one group
-  at once while other servers could take them (best effort, see
-  ``docs/architecture.md``, "Kinds, labels and placement").
+  at once while other servers could take them (hand-backs at delivery, and the
+  leader moves them apart at rebalancing; see ``docs/architecture.md``, "Kinds,
+  labels and placement").
 
 Storages, transports, the manager, the server, the CLI and the web API all use
 these functions, so that the rules and the texts are written once.
