@@ -115,7 +115,8 @@ async def test_silent_partition_with_kinds_and_labels_jobs_move_only_where_they_
     victim = max(eu_on, key=lambda s: eu_on[s])  # its eu feeds may go to the other eu only
     assert eu_on[victim]
     chaos.partition(victim)
-    kept, _ = await _burst(chaos, "eu-during-partition", kind="feed", require=EU)
+    # Created with "in" (region=eu|us): only the eu servers carry either value.
+    kept, _ = await _burst(chaos, "eu-during-partition", kind="feed", require=("region=eu|us",))
     await chaos.wait_all_running(
         ids + kept, within=BOUND_SILENT, exclude=(victim,), figure="partition, kinds"
     )

@@ -286,3 +286,22 @@ async def test_spread_jobs_stay_together_when_no_other_server_may_take_one(
 
 
 _SPREAD_MANAGER = dataclasses.replace(FAST_MANAGER, rebalance_interval=0.2, rebalance_hold=1.0)
+
+
+async def test_a_job_with_an_in_constraint_runs_only_on_a_server_with_one_of_the_values(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("ap", kinds=("feed",), labels={"region": "ap"})
+    job_id, pool = await _create(cluster, "eu-or-us", "feed", ("region=us|eu",))
+    assert (await cluster.job(job_id)).constraints == ("region=eu|us",)
+
+    async def waits() -> bool:
+        reason = (await cluster.job(job_id)).pending_reason
+        return reason == "waiting: no live server runs kind 'feed' with region=eu|us"
+
+    await eventually(waits, what="the pending reason")
+    await cluster.add_server("us", kinds=("feed",), labels={"region": "us"})
+    await cluster.wait_running([job_id])
+    assert [c.server for c in cluster.ledger.of(job_id)] == ["us"]
+    assert cluster.ledger.misplaced({job_id: pool}) == []

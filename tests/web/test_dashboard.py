@@ -261,9 +261,9 @@ async def test_dashboard_shows_kinds_labels_constraints_the_kind_filter_and_a_pe
         await expect(job_row(page, "eu-1").locator(placement)).to_have_text("feed [region=eu]")
         await expect(job_row(page, "feed-1").locator(placement)).to_have_text("feed")
         await expect(job_row(page, "sock-1")).to_have_attribute("data-status", "pending")
-        shown = job_row(page, "sock-1").locator('[data-field="pending-reason"]')
-        await expect(shown).to_have_text(reason)
-        await expect(job_row(page, "eu-1").locator('[data-field="pending-reason"]')).to_have_count(0)
+        shown = '[data-field="pending-reason"]'
+        await expect(job_row(page, "sock-1").locator(shown)).to_have_text(reason)
+        await expect(job_row(page, "eu-1").locator(shown)).to_have_count(0)
 
         await page.get_by_test_id("kind-filter").fill("socket")
         await expect(page.locator("#jobs tbody tr[data-job-id]")).to_have_count(1)

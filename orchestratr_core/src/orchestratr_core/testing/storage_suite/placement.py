@@ -46,7 +46,7 @@ class PlacementTests:
             "tenant-7",
         )
         batch = [
-            dataclasses.replace(_new_job(), kind="socket", constraints=("zone=a",)),
+            dataclasses.replace(_new_job(), kind="socket", constraints=("zone=a|b",)),
             _new_job(),
         ]
         try:
@@ -54,11 +54,11 @@ class PlacementTests:
         except NotImplementedError:
             return  # create_jobs is optional
         assert [(r.kind, r.constraints) for r in records] == [
-            ("socket", ("zone=a",)),
+            ("socket", ("zone=a|b",)),
             (DEFAULT_KIND, ()),
         ]
         stored = await _get(storage, batch[0].id)
-        assert (stored.kind, stored.constraints, stored.spread) == ("socket", ("zone=a",), None)
+        assert (stored.kind, stored.constraints, stored.spread) == ("socket", ("zone=a|b",), None)
 
     async def test_a_job_created_without_a_kind_is_of_the_default_kind(
         self, storage: Storage
