@@ -72,8 +72,8 @@ async def test_the_jobs_of_a_kind_nobody_runs_wait_with_a_reason_and_start_when_
     await cluster.add_server("sockets", kinds=("socket",))
     await cluster.add_server("eu", kinds=("feed",), labels={"region": "eu"})
     await cluster.wait_running([socket_id, eu_id])
-    running = await cluster.job(socket_id)
-    assert running.status is JobStatus.PROCESSING
+    # The job function runs before the manager has applied its start event.
+    running = await cluster.wait_status(socket_id, JobStatus.PROCESSING)
     assert running.to_dict()["pending_reason"] is None
     pools = {socket_id: socket_pool, eu_id: eu_pool, feed_id: feed_pool}
     assert cluster.ledger.misplaced(pools) == []
