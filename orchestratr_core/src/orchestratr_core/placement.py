@@ -136,9 +136,7 @@ def parse_constraint(text: object) -> Constraint:
     negated = "!=" in text
     key, sep, value = text.partition("!=" if negated else "=")
     if not sep:
-        raise InvalidJobInput(
-            f"constraint {text!r} must be KEY=VALUE, KEY!=VALUE or KEY=VALUE|VALUE..."
-        )
+        raise InvalidJobInput(f"constraint {text!r} must be KEY=VALUE or KEY!=VALUE")
     _check_name("constraint key", key, InvalidJobInput)
     values = value.split(VALUE_SEPARATOR)
     if len(values) > MAX_VALUES:
