@@ -592,19 +592,33 @@ class ChaosCluster:
     # -- jobs --------------------------------------------------------------------------------
 
     async def create(
-        self, n: int, prefix: str = "job", *, kind: str = "default", require: tuple[str, ...] = ()
+        self,
+        n: int,
+        prefix: str = "job",
+        *,
+        kind: str = "default",
+        require: tuple[str, ...] = (),
+        spread: str | None = None,
     ) -> list[str]:
         """Create jobs the way an application would: a create that fails with
         BackendUnavailable (the database is restarting) is retried; one whose
         commit went through before the connection dropped is found by name.
-        ``kind`` and ``require``: the jobs' placement, kept for the checker (I7)."""
-        ids = [await self._create_one(f"{prefix}-{i}", str(i), kind, require) for i in range(n)]
+        ``kind`` and ``require``: the jobs' placement, kept for the checker (I7);
+        ``spread``: their spread group."""
+        ids = [
+            await self._create_one(f"{prefix}-{i}", str(i), kind, require, spread) for i in range(n)
+        ]
         for job_id in ids:
             self.placements[job_id] = Pool.of(kind, require)
         return ids
 
     async def _create_one(
-        self, name: str, argument: str, kind: str = "default", require: tuple[str, ...] = ()
+        self,
+        name: str,
+        argument: str,
+        kind: str = "default",
+        require: tuple[str, ...] = (),
+        spread: str | None = None,
     ) -> str:
         assert self.client is not None and self.monitor is not None
         deadline = time.time() + 30
@@ -612,7 +626,7 @@ class ChaosCluster:
         while True:
             try:
                 return await self.client.create_job(
-                    name, argument, kind=kind, require=list(require)
+                    name, argument, kind=kind, require=list(require), spread=spread
                 )
             except BackendUnavailable:
                 if time.time() > deadline:

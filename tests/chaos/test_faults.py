@@ -41,9 +41,11 @@ async def _three_servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[
     return ids
 
 
-async def _burst(chaos: ChaosCluster, prefix: str) -> tuple[list[str], list[str]]:
+async def _burst(
+    chaos: ChaosCluster, prefix: str, *, kind: str = "default", require: tuple[str, ...] = ()
+) -> tuple[list[str], list[str]]:
     """Creates and cancels during a fault: (jobs to keep, jobs cancelled)."""
-    created = await chaos.create(6, prefix=prefix)
+    created = await chaos.create(6, prefix=prefix, kind=kind, require=require)
     cancelled = created[::2]
     for job_id in cancelled:
         await chaos.cancel(job_id)

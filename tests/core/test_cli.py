@@ -669,6 +669,8 @@ def test_jobs_kinds_constraints_and_spread_on_the_command_line(tmp_path: Path, d
         (["--kind", "bad kind"], "job kind"),
         (["--require", "region"], "KEY=VALUE"),
         (["--require", "a=1", "--require", "a=2"], "never both hold"),
+        (["--require", "a=1|2", "--require", "a!=1|2"], "never both hold"),
+        (["--require", "a=1|"], "constraint value"),
         (["--spread", "no spaces"], "spread group"),
     ],
 )

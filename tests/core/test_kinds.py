@@ -232,3 +232,76 @@ async def test_a_kill_with_four_kinds_moves_every_job_once_and_holds_capacity(
             assert len(server.running()) <= 30
     assert cluster.ledger.misplaced(pools) == []
     assert cluster.ledger.overlaps() == []
+
+
+async def test_rebalancing_moves_a_spread_job_off_a_server_that_runs_two_of_its_group(
+    cluster: Cluster,
+) -> None:
+    """The only server takes both jobs of a group (after its hand-backs); when a
+    second server joins, counting alone would move nothing (2 jobs over two equal
+    servers are within one of their share), yet one job of the group moves there,
+    once."""
+    await cluster.start_manager(_SPREAD_MANAGER)
+    await cluster.add_server("x", kinds=("t",))
+    ids = [
+        await cluster.client.create_job(f"tenant-{n}", "", kind="t", spread="tenant")
+        for n in range(2)
+    ]
+    await cluster.wait_running(ids)
+    assert len(cluster.servers["x"].running()) == 2
+    await cluster.add_server("y", kinds=("t",))
+
+    def apart() -> bool:
+        live = {c.job_id: c.server for c in cluster.ledger.copies if c.end is None}
+        return all(j in live for j in ids) and live[ids[0]] != live[ids[1]]
+
+    await eventually(apart, what="the spread group on two servers")
+    await asyncio.sleep(1.0)  # later rounds move nothing more
+    assert apart()
+    assert max(len(cluster.ledger.of(j)) for j in ids) <= 2
+    assert sum(len(cluster.ledger.of(j)) for j in ids) == 3  # exactly one moved
+    assert cluster.ledger.overlaps() == []
+
+
+async def test_spread_jobs_stay_together_when_no_other_server_may_take_one(
+    cluster: Cluster,
+) -> None:
+    """No move without a target: the other server is full, or runs another kind, or
+    already runs a job of the group."""
+    await cluster.start_manager(_SPREAD_MANAGER)
+    await cluster.add_server("x", kinds=("t",))
+    await cluster.add_server("full", max_workers=1, kinds=("t",))
+    await cluster.add_server("other-kind", kinds=("u",))
+    filler = await cluster.client.create_job("filler", "", kind="t")
+    await cluster.wait_running([filler])
+    ids = [
+        await cluster.client.create_job(f"tenant-{n}", "", kind="t", spread="tenant")
+        for n in range(2)
+    ]
+    await cluster.wait_running(ids)
+    await asyncio.sleep(1.5)  # several rebalancing rounds
+    assert all(len(cluster.ledger.of(j)) == 1 for j in [*ids, filler])
+    assert cluster.manager is not None
+    assert await cluster.manager.rebalance() == 0
+
+
+_SPREAD_MANAGER = dataclasses.replace(FAST_MANAGER, rebalance_interval=0.2, rebalance_hold=1.0)
+
+
+async def test_a_job_with_an_in_constraint_runs_only_on_a_server_with_one_of_the_values(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("ap", kinds=("feed",), labels={"region": "ap"})
+    job_id, pool = await _create(cluster, "eu-or-us", "feed", ("region=us|eu",))
+    assert (await cluster.job(job_id)).constraints == ("region=eu|us",)
+
+    async def waits() -> bool:
+        reason = (await cluster.job(job_id)).pending_reason
+        return reason == "waiting: no live server runs kind 'feed' with region=eu|us"
+
+    await eventually(waits, what="the pending reason")
+    await cluster.add_server("us", kinds=("feed",), labels={"region": "us"})
+    await cluster.wait_running([job_id])
+    assert [c.server for c in cluster.ledger.of(job_id)] == ["us"]
+    assert cluster.ledger.misplaced({job_id: pool}) == []

@@ -238,3 +238,51 @@ async def test_dashboard_pauses_and_resumes_a_job_and_shows_a_quarantine_with_it
         assert errors == []
     finally:
         await web.stop()
+
+
+async def test_dashboard_shows_kinds_labels_constraints_the_kind_filter_and_a_pending_reason(
+    cluster: Cluster, browser: BrowserContext
+) -> None:
+    await cluster.add_server("feeds", 4, kinds=("feed",))
+    await cluster.add_server("eu", 4, kinds=("feed",), labels={"region": "eu", "nic": "40g"})
+    feed = await cluster.client.create_job("feed-1", "", kind="feed")
+    eu = await cluster.client.create_job("eu-1", "", kind="feed", require=["region=eu"])
+    sock = await cluster.client.create_job("sock-1", "", kind="socket")
+    await cluster.wait_running([feed, eu])
+    reason = "waiting: no live server runs kind 'socket'"
+    web = await serve(cluster)
+    try:
+        page, errors = await open_page(browser, web.url + "/")
+        placement = 'td[data-field="placement"]'
+        await expect(server_row(page, "eu").locator(placement)).to_have_text(
+            "feed · nic=40g · region=eu"
+        )
+        await expect(server_row(page, "feeds").locator(placement)).to_have_text("feed")
+        await expect(job_row(page, "eu-1").locator(placement)).to_have_text("feed [region=eu]")
+        await expect(job_row(page, "feed-1").locator(placement)).to_have_text("feed")
+        await expect(job_row(page, "sock-1")).to_have_attribute("data-status", "pending")
+        shown = '[data-field="pending-reason"]'
+        await expect(job_row(page, "sock-1").locator(shown)).to_have_text(reason)
+        await expect(job_row(page, "eu-1").locator(shown)).to_have_count(0)
+
+        await page.get_by_test_id("kind-filter").fill("socket")
+        await expect(page.locator("#jobs tbody tr[data-job-id]")).to_have_count(1)
+        await expect(job_row(page, "sock-1")).to_have_count(1)
+        await page.get_by_test_id("kind-filter").fill("feed")
+        await expect(page.locator("#jobs tbody tr[data-job-id]")).to_have_count(2)
+        await expect(job_row(page, "sock-1")).to_have_count(0)
+        await page.get_by_test_id("kind-filter").fill("")
+        await expect(page.locator("#jobs tbody tr[data-job-id]")).to_have_count(3)
+
+        await job_row(page, "sock-1").click()
+        fields = page.get_by_test_id("detail").locator("#detail-fields")
+        await expect(fields.locator('dd[data-field="pending reason"]')).to_have_text(reason)
+        await expect(fields.locator('dd[data-field="kind"]')).to_have_text("socket")
+        await page.locator("#detail-close").click()
+        await job_row(page, "eu-1").click()
+        await expect(fields.locator('dd[data-field="constraints"]')).to_have_text("region=eu")
+        await expect(fields.locator('dd[data-field="pending reason"]')).to_have_text("—")
+        assert cluster.ledger.of(sock) == []
+        assert errors == []
+    finally:
+        await web.stop()

@@ -63,7 +63,7 @@ from orchestratr_core.placement import Pool, ServerPlacement, parse_labels, pend
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
 from orchestratr_core.server_views import ServerViews, Verdict
-from orchestratr_core.storage import OutboxKind, Storage
+from orchestratr_core.storage import OutboxKind, SpreadJob, Storage
 from orchestratr_core.transport import Subscription, Transport
 
 __all__ = ["ManagerOptions", "ServerManager"]
@@ -851,7 +851,82 @@ class ServerManager:
                 eligible,
                 {s.id: by_pool.get((s.id, pool), 0) for s in eligible},
             )
+        if moved == 0:
+            # Counts first; groups apart only in a round that moved nothing, so
+            # that the two kinds of move never cap the same pool at once.
+            moved = await self._separate_spread(servers, labels, by_pool, set(pending))
         return moved
+
+    async def _separate_spread(
+        self,
+        servers: list[ServerRecord],
+        labels: dict[str, dict[str, str]],
+        by_pool: dict[tuple[str, Pool], int],
+        pending: set[Pool],
+    ) -> int:
+        """Anti-affinity: move each job that shares a server with another job of
+        its spread group to a server that may run its pool, has a free slot and runs
+        no job of that group (each free slot and each group-free server taken once
+        per round). The source server stops the job (``RELEASED``: its message goes
+        back to the pool's queue) and caps that pool's deliveries one below what it
+        held for ``rebalance_hold`` seconds, so the message goes to another server;
+        a server that runs a job of the group hands it back (the spread bounces),
+        so the group-free one takes it. Pools with waiting jobs are left alone.
+        Returns how many jobs were asked to move."""
+        doubles: dict[tuple[str, str], list[SpreadJob]] = {}
+        holders: dict[str, set[str]] = {}
+        for job in await self._storage.running_spread_jobs():
+            doubles.setdefault((job.server_id, job.spread), []).append(job)
+            holders.setdefault(job.spread, set()).add(job.server_id)
+        if all(len(jobs) < 2 for jobs in doubles.values()):
+            return 0
+        running: dict[str, int] = {}
+        for (sid, _), count in by_pool.items():
+            running[sid] = running.get(sid, 0) + count
+        free = {s.id: s.max_workers - running.get(s.id, 0) for s in servers}
+        by_id = {s.id: s for s in servers}
+        held: dict[tuple[str, Pool], int] = {}
+        moves: list[SpreadJob] = []
+        for (sid, group), jobs in sorted(doubles.items()):
+            if sid not in by_id:
+                continue  # its owner is not (or no longer) a live server
+            for job in jobs[1:]:
+                if job.pool in pending:
+                    continue
+                target = next(
+                    (
+                        s
+                        for s in servers
+                        if s.id != sid
+                        and free[s.id] > 0
+                        and s.id not in holders[group]
+                        and job.pool.accepts(s.kinds, labels[s.id])
+                    ),
+                    None,
+                )
+                if target is None:
+                    continue
+                free[target.id] -= 1
+                holders[group].add(target.id)
+                key = (sid, job.pool)
+                held[key] = held.get(key, by_pool.get(key, 0)) - 1
+                moves.append(job)
+        for (sid, pool), hold in sorted(held.items(), key=lambda kv: (kv[0][0], kv[0][1].key)):
+            command = p.ReleaseJobs(
+                count=0, hold=max(0, hold), hold_for=self.options.rebalance_hold, pool=pool.key
+            )
+            await self._send(command, sid)
+        for job in moves:
+            stop = p.StopJob(
+                job_id=job.job_id, reason=p.StopReason.RELEASED, drop=False, max_fence=job.fence
+            )
+            await self._send(stop, job.server_id)
+        if moves:
+            log.info(
+                "rebalance: moving %d job(s) off servers that run two of their spread group",
+                len(moves),
+            )
+        return len(moves)
 
     async def _rebalance_pool(
         self, pool: Pool | None, servers: list[ServerRecord], running: dict[str, int]

@@ -4,15 +4,16 @@ which server may run which job, and that says why a job waits.
 * A job has a **kind** (:data:`DEFAULT_KIND` unless given) and a server runs one
   function per kind it names.
 * A server has **labels** (``region=eu``); a job may carry hard **constraints**
-  on them (``region=eu``, ``region!=us``). A job never runs on a server that does
-  not satisfy every constraint.
+  on them (``region=eu``, ``region!=us``, ``region=eu|us`` for "in"). A job
+  never runs on a server that does not satisfy every constraint.
 * A **pool** is a kind with a canonical set of constraints (:class:`Pool`). Jobs
   are delivered per pool (a queue per pool on RabbitMQ), and a server consumes
   exactly the pools it :meth:`~Pool.accepts`: delivery itself is correct, no job
   is handed to a server that cannot run it.
 * A job may name a **spread** group: servers avoid running two jobs of one group
-  at once while other servers could take them (best effort, see
-  ``docs/architecture.md``, "Kinds, labels and placement").
+  at once while other servers could take them (hand-backs at delivery, and the
+  leader moves them apart at rebalancing; see ``docs/architecture.md``, "Kinds,
+  labels and placement").
 
 Storages, transports, the manager, the server, the CLI and the web API all use
 these functions, so that the rules and the texts are written once.
@@ -32,6 +33,8 @@ __all__ = [
     "DEFAULT_POOL",
     "MAX_CONSTRAINTS",
     "MAX_LABELS",
+    "MAX_VALUES",
+    "VALUE_SEPARATOR",
     "Constraint",
     "Pool",
     "ServerPlacement",
@@ -92,7 +95,9 @@ def _check_value(what: str, value: str, error: type[Exception]) -> str:
 @dataclass(frozen=True, order=True)
 class Constraint:
     """One hard constraint on a server's labels: ``key=value`` (the server has the
-    label with that value) or ``key!=value`` (it does not: another value or none)."""
+    label with that value) or ``key!=value`` (it does not: another value or none).
+    ``value`` may name several values as ``eu|us`` (canonical: sorted, unique):
+    ``region=eu|us`` is ``region in (eu, us)`` and ``region!=eu|us`` is ``not in``."""
 
     key: str
     value: str
@@ -101,15 +106,29 @@ class Constraint:
     def __str__(self) -> str:
         return f"{self.key}{'!=' if self.negated else '='}{self.value}"
 
+    @property
+    def values(self) -> frozenset[str]:
+        """The values ``value`` names (one, or several joined by ``|``)."""
+        return frozenset(self.value.split(VALUE_SEPARATOR))
+
     def satisfied_by(self, labels: Mapping[str, str]) -> bool:
         """Whether a server with ``labels`` satisfies this constraint."""
-        matches = labels.get(self.key) == self.value
+        matches = labels.get(self.key) in self.values
         return not matches if self.negated else matches
 
 
+VALUE_SEPARATOR = "|"
+"""Between the values of one constraint (``region=eu|us``): a character that no
+label value holds, nor the ``,`` that separates constraints in a pool key and a
+stored column; a pool's queue name carries a digest of its constraints, never them."""
+MAX_VALUES = 16
+"""Most values one constraint may name."""
+
+
 def parse_constraint(text: object) -> Constraint:
-    """``"region=eu"`` or ``"region!=us"`` as a :class:`Constraint`; raises
-    :class:`InvalidJobInput` with the reason otherwise."""
+    """``"region=eu"``, ``"region!=us"``, or with several values ``"region=eu|us"``
+    (in) and ``"region!=eu|us"`` (not in), as a :class:`Constraint` whose values
+    are sorted and unique; raises :class:`InvalidJobInput` with the reason otherwise."""
     if isinstance(text, Constraint):
         return text
     if not isinstance(text, str):
@@ -119,15 +138,20 @@ def parse_constraint(text: object) -> Constraint:
     if not sep:
         raise InvalidJobInput(f"constraint {text!r} must be KEY=VALUE or KEY!=VALUE")
     _check_name("constraint key", key, InvalidJobInput)
-    _check_value("constraint", value, InvalidJobInput)
-    return Constraint(key, value, negated)
+    values = value.split(VALUE_SEPARATOR)
+    if len(values) > MAX_VALUES:
+        raise InvalidJobInput(f"constraint {text!r} names more than {MAX_VALUES} values")
+    for one in values:
+        _check_value("constraint", one, InvalidJobInput)
+    return Constraint(key, VALUE_SEPARATOR.join(sorted(set(values))), negated)
 
 
 def parse_constraints(items: object) -> tuple[str, ...]:
     """Constraints in their canonical form: parsed, unique, sorted, as text. Raises
     :class:`InvalidJobInput` for a malformed one, for more than
-    :data:`MAX_CONSTRAINTS`, and for two that no server can satisfy at once
-    (``region=eu`` with ``region=us``, or ``region=eu`` with ``region!=eu``)."""
+    :data:`MAX_CONSTRAINTS`, and for constraints that no server can satisfy at once
+    (``region=eu`` with ``region=us``, ``region=eu`` with ``region!=eu``, or
+    ``region=eu|us`` with ``region!=eu|us``)."""
     if items is None:
         return ()
     if not isinstance(items, list | tuple | set | frozenset):
@@ -137,17 +161,20 @@ def parse_constraints(items: object) -> tuple[str, ...]:
     parsed = sorted({parse_constraint(item) for item in items})
     if len(parsed) > MAX_CONSTRAINTS:
         raise InvalidJobInput(f"a job may carry at most {MAX_CONSTRAINTS} constraints")
-    equal: dict[str, str] = {}
+    allowed: dict[str, frozenset[str]] = {}
+    said: dict[str, list[str]] = {}
     for c in parsed:
         if not c.negated:
-            if c.key in equal and equal[c.key] != c.value:
-                raise InvalidJobInput(
-                    f"constraints {c.key}={equal[c.key]} and {c} can never both hold"
-                )
-            equal[c.key] = c.value
+            allowed[c.key] = allowed.get(c.key, c.values) & c.values
+            said.setdefault(c.key, []).append(str(c))
     for c in parsed:
-        if c.negated and equal.get(c.key) == c.value:
-            raise InvalidJobInput(f"constraints {c.key}={c.value} and {c} can never both hold")
+        if c.negated and c.key in allowed:
+            allowed[c.key] = allowed[c.key] - c.values
+            said[c.key].append(str(c))
+    for key, values in allowed.items():
+        if not values:
+            both = "both" if len(said[key]) == 2 else "all"
+            raise InvalidJobInput(f"constraints {' and '.join(said[key])} can never {both} hold")
     return tuple(str(c) for c in parsed)
 
 

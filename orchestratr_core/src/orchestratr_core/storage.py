@@ -67,6 +67,7 @@ __all__ = [
     "REASON_SERVER_LEFT",
     "OutboxItem",
     "OutboxKind",
+    "SpreadJob",
     "Storage",
     "check_heartbeat",
     "check_transition",
@@ -117,6 +118,17 @@ class OutboxItem:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class SpreadJob:
+    """A running job of a spread group: what separating a group needs to know."""
+
+    job_id: str
+    server_id: str
+    pool: Pool
+    spread: str
+    fence: int
+
+
 class Storage(abc.ABC):
     """A manager's database. See the module docstring for the rules."""
 
@@ -125,6 +137,20 @@ class Storage(abc.ABC):
     other process shares it."""
 
     # -- lifecycle --------------------------------------------------------------
+
+    async def running_spread_jobs(self) -> list[SpreadJob]:
+        """Every ``processing`` job that names a spread group and has an owner, in
+        id order. What the leader's spread separation reads each rebalancing round
+        (``docs/architecture.md``, "Spread groups"). This default reads every
+        running job; override it with one query over the spread column."""
+        page = await self.list_jobs(
+            JobQuery(statuses=frozenset({JobStatus.PROCESSING}), limit=None)
+        )
+        return [
+            SpreadJob(job.id, job.server_id, Pool(job.kind, job.constraints), job.spread, job.fence)
+            for job in page.items
+            if job.server_id is not None and job.spread is not None
+        ]
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -17,6 +17,7 @@ from orchestratr_core.job import (
     ServerStatus,
 )
 from orchestratr_core.placement import Pool
+from orchestratr_core.storage import SpreadJob
 from orchestratr_sql.base import SqlStorageBase, split_list
 from orchestratr_sql.connection import Connection
 from orchestratr_sql.dialect import Dialect
@@ -145,6 +146,24 @@ class SqlReads(SqlStorageBase):
             }
 
         return await self._run("count_running_by_pool", read, write=False, statement=True)
+
+    async def running_spread_jobs(self) -> list[SpreadJob]:
+        """The running jobs of spread groups: one query over the spread column."""
+
+        async def read(conn: Connection) -> list[SpreadJob]:
+            rows = await conn.fetch(self._q["running_spread_jobs"], {})
+            return [
+                SpreadJob(
+                    str(row["id"]),
+                    str(row["server_id"]),
+                    Pool(str(row["kind"]), split_list(row["requires"])),
+                    str(row["spread"]),
+                    int(row["fence"]),
+                )
+                for row in rows
+            ]
+
+        return await self._run("running_spread_jobs", read, write=False, statement=True)
 
     async def get_server(self, server_id: str) -> ServerRecord | None:
         """One server with its running jobs."""

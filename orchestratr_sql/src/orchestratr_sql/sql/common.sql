@@ -140,6 +140,12 @@ SELECT server_id, kind, requires, COUNT(*) AS running FROM jobs
 WHERE status = 'processing' AND server_id IS NOT NULL
 GROUP BY server_id, kind, requires;
 
+-- name: running_spread_jobs
+-- Spread separation: the running jobs that name a spread group, nothing else.
+SELECT id, server_id, kind, requires, spread, fence FROM jobs
+WHERE status = 'processing' AND server_id IS NOT NULL AND spread IS NOT NULL
+ORDER BY id;
+
 -- name: count_running_by_server
 -- Rebalancing counts, not jobs: one aggregate instead of reading every running row.
 SELECT server_id, COUNT(*) AS running FROM jobs

@@ -67,7 +67,10 @@ def add_commands(
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="run only on a server with this label (KEY!=VALUE: without it); repeatable",
+        help=(
+            "run only on a server with this label (KEY!=VALUE: without it; "
+            "KEY=V1|V2: one of these values, KEY!=V1|V2: none of them); repeatable"
+        ),
     )
     create.add_argument(
         "--spread",

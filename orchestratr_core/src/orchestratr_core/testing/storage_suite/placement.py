@@ -8,7 +8,7 @@ import dataclasses
 from orchestratr_core.job import JobEvent, JobQuery, ServerQuery
 from orchestratr_core.placement import DEFAULT_KIND, Pool
 from orchestratr_core.protocol import RunningJob
-from orchestratr_core.storage import Storage
+from orchestratr_core.storage import SpreadJob, Storage
 from orchestratr_core.testing.storage_suite._common import (
     HOLDER,
     LEASE,
@@ -46,7 +46,7 @@ class PlacementTests:
             "tenant-7",
         )
         batch = [
-            dataclasses.replace(_new_job(), kind="socket", constraints=("zone=a",)),
+            dataclasses.replace(_new_job(), kind="socket", constraints=("zone=a|b",)),
             _new_job(),
         ]
         try:
@@ -54,11 +54,11 @@ class PlacementTests:
         except NotImplementedError:
             return  # create_jobs is optional
         assert [(r.kind, r.constraints) for r in records] == [
-            ("socket", ("zone=a",)),
+            ("socket", ("zone=a|b",)),
             (DEFAULT_KIND, ()),
         ]
         stored = await _get(storage, batch[0].id)
-        assert (stored.kind, stored.constraints, stored.spread) == ("socket", ("zone=a",), None)
+        assert (stored.kind, stored.constraints, stored.spread) == ("socket", ("zone=a|b",), None)
 
     async def test_a_job_created_without_a_kind_is_of_the_default_kind(
         self, storage: Storage
@@ -110,6 +110,27 @@ class PlacementTests:
             ("s2", _EU): 1,
             ("s2", Pool.of("socket")): 1,
         }
+
+    async def test_running_jobs_of_spread_groups_are_listed_with_owner_pool_and_fence(
+        self, storage: Storage
+    ) -> None:
+        now = _now()
+        a = await _create_in(storage, _EU, spread="tenant-7")
+        b = await _create_in(storage, Pool.of("socket"), spread="tenant-7")
+        plain = await _create_in(storage, _EU)
+        waiting = await _create_in(storage, _EU, spread="tenant-8")
+        await _must(storage, a, JobEvent.START, "s1", 5, now)
+        await _must(storage, b, JobEvent.START, "s2", 6, now)
+        await _must(storage, plain, JobEvent.START, "s1", 7, now)
+        listed = await storage.running_spread_jobs()
+        assert sorted(listed, key=lambda j: j.job_id) == sorted(
+            [
+                SpreadJob(a, "s1", _EU, "tenant-7", 5),
+                SpreadJob(b, "s2", Pool.of("socket"), "tenant-7", 6),
+            ],
+            key=lambda j: j.job_id,
+        )
+        assert waiting not in {j.job_id for j in listed}
 
     async def test_a_heartbeat_records_the_servers_kinds_and_labels(self, storage: Storage) -> None:
         now = _now()

@@ -269,8 +269,10 @@ function renderJobs(page) {
       el("td", { title: job.liveness || job.last_heartbeat || "" }, ago(job.liveness || job.last_heartbeat)),
       el("td", { class: "error", title: job.last_error || "" }, job.last_error || ""),
       el("td", {}, cancel),
-      el("td", { title: job.pending_reason || (job.constraints || []).join(", ") },
-        (job.kind || "default") + ((job.constraints || []).length ? " [" + job.constraints.join(", ") + "]" : "")));
+      el("td", { title: job.pending_reason || (job.constraints || []).join(", "), dataset: { field: "placement" } },
+        (job.kind || "default") + ((job.constraints || []).length ? " [" + job.constraints.join(", ") + "]" : ""),
+        ...(job.status === "pending" && job.pending_reason
+          ? [el("div", { class: "muted", dataset: { field: "pending-reason" } }, job.pending_reason)] : [])));
   });
   if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "9", class: "muted" }, "no jobs match")));
   body.replaceChildren(...rows);
