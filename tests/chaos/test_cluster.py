@@ -139,13 +139,6 @@ async def _lose_and_bring_back(chaos: ChaosCluster, node: str, prefix: str) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="RabbitMQ 3.10.8 never returns the deliveries a consumer held after it was "
-    "cancelled when that consumer's node dies (not even when the node is back) unless "
-    "the jobs queue changes leader; the transport cancels and re-consumes to change "
-    "its credit. Known defect, docs/reliability.md 'RabbitMQ cluster'.",
-    strict=False,
-)
 async def test_kill_9_the_node_the_servers_are_connected_to(chaos: ChaosCluster) -> None:
     await _lose_and_bring_back(chaos, SERVERS_NODE, "node-kill")
 
