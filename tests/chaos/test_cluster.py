@@ -40,8 +40,9 @@ DOWN = 8.0
 """How long a killed node stays down: more than two AMQP heartbeats (2 x 3 s)."""
 BOUND_BACK = 30.0
 """From a killed node answering again to every job running once. Jobs whose
-deliveries the broker could give back while the node was down run before that
-(see docs/reliability.md for what RabbitMQ 3.10 keeps until the node is back)."""
+deliveries the broker gives back while the node is down (all of them, when the
+servers' node dies: the transport never leaves a delivery under a cancelled
+consumer, docs/reliability.md) run before that."""
 PAUSE = 10.0
 """How long a node is frozen: more than two AMQP heartbeats (2 x 3 s)."""
 BOUND_PAUSE = PAUSE + 15.0
@@ -52,7 +53,7 @@ BOUND_MAJORITY_BACK = 40.0
 BOUND_VIEW = 30.0
 """The manager's view matches the ledger: a manager whose node died reconnects with
 backoff (at most 5 s apart) and cannot declare its namespace while the node holding
-the classic ``<ns>.dead`` queue is down (docs/reliability.md)."""
+the classic ``<ns>.cancellations.lock`` queue is down (docs/reliability.md)."""
 OUTAGE = 10.0
 """How long two of the three nodes stay down."""
 
@@ -150,12 +151,6 @@ async def test_kill_9_the_node_that_leads_the_jobs_queue(chaos: ChaosCluster) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="jobs move and never run twice (checked), but in both runs here the manager's "
-    "view still showed them pending 10 s / 30 s after they all ran; cause not found "
-    "(docs/reliability.md 'RabbitMQ cluster').",
-    strict=False,
-)
 async def test_a_node_frozen_past_the_heartbeat_then_back_no_two_copies(
     chaos: ChaosCluster,
 ) -> None:
