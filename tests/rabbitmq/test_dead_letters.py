@@ -128,6 +128,50 @@ async def test_an_empty_unbounded_dead_queue_of_an_older_version_is_replaced_by_
     assert await _dead_bodies(broker, namespace) == [b"bad 2", b"bad 3"]
 
 
+def _queue_type(name: str) -> str:
+    for line in rabbitmqctl("list_queues", "-q", "name", "type").splitlines():
+        queue, _, kind = line.partition("\t")
+        if queue == name:
+            return kind.strip()
+    raise AssertionError(f"{name} does not exist")
+
+
+async def test_the_dead_queue_of_a_quorum_namespace_is_a_quorum_queue(
+    make_transport: MakeTransport, namespace: str
+) -> None:
+    # A classic queue lives on one node: while it is down a manager could not
+    # declare its namespace (docs/reliability.md, "RabbitMQ cluster").
+    manager = make_transport()
+    await manager.connect()
+    assert _queue_type(f"{namespace}.dead") == "quorum"
+    arguments = _dead_arguments(namespace)
+    assert "x-max-length" in arguments and "drop-head" in arguments
+    assert str(256 * 1024 * 1024) in arguments
+
+
+async def test_an_empty_bounded_classic_dead_queue_of_the_last_version_becomes_quorum(
+    make_transport: MakeTransport, broker: aio_pika.abc.AbstractConnection, namespace: str
+) -> None:
+    channel = await broker.channel()
+    await channel.declare_queue(
+        f"{namespace}.dead",
+        durable=True,
+        arguments={
+            "x-queue-type": "classic",
+            "x-max-length": 10_000,
+            "x-max-length-bytes": 256 * 1024 * 1024,
+            "x-overflow": "drop-head",
+        },
+    )
+    manager = make_transport(dead_letter_limit=2)
+    await manager.connect()
+    assert _queue_type(f"{namespace}.dead") == "quorum"
+    await manager.consume_events(lambda event: _noop())
+    await _publish_events(broker, namespace, [b"bad %d" % n for n in range(4)])
+    await _drained(broker, f"{namespace}.events")
+    assert await _dead_bodies(broker, namespace) == [b"bad 2", b"bad 3"]
+
+
 async def test_a_non_empty_unbounded_dead_queue_is_kept_as_it_is_with_a_warning(
     make_transport: MakeTransport,
     broker: aio_pika.abc.AbstractConnection,

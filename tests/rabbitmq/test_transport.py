@@ -297,7 +297,8 @@ async def test_a_large_capacity_is_granted_in_prefetch_steps(
     inbox = Inbox()
 
     async def record(delivery: Delivery) -> None:
-        credit.append(delivery._consumer.prefetch)  # type: ignore[attr-defined]
+        consumers = delivery._consumer.consumers.values()  # type: ignore[attr-defined]
+        credit.append(max((c.prefetch for c in consumers), default=0))
         await inbox(delivery)
 
     await server.consume_jobs(25, record)

@@ -18,7 +18,8 @@ share a vhost:
 ``<ns>.commands.<server>.<tag>``  one exclusive, auto-delete queue per server connection
 ``<ns>.dlx`` / ``<ns>.dead``      dead-letter exchange and the queue that keeps
                         malformed messages (and events a manager refused for
-                        good) for inspection; bounded, the oldest dropped first
+                        good) for inspection; bounded, the oldest dropped first;
+                        of the namespace's queue type (replicated when quorum)
 
 Each role publishes through exchanges of its own (never the default exchange, which
 can reach every queue), so that RabbitMQ permissions can tell the roles apart: see
@@ -183,9 +184,12 @@ class Topology:
 
     def dead_arguments(self) -> dict[str, Any]:
         """The dead-letter queue: bounded; when full, the oldest message is dropped
-        (``drop-head``), so a flood of bad messages never fills the broker's disk."""
+        (``drop-head``), so a flood of bad messages never fills the broker's disk.
+        A quorum queue in a quorum namespace: a classic queue lives on one node, and
+        while that node is down nobody can declare the namespace (a manager could
+        not reconnect)."""
         return {
-            "x-queue-type": "classic",
+            "x-queue-type": "quorum" if self.queue_type == "quorum" else "classic",
             "x-max-length": self.dead_letter_limit,
             "x-max-length-bytes": DEAD_LETTER_MAX_BYTES,
             "x-overflow": "drop-head",

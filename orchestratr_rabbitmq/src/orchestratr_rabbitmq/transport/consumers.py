@@ -145,8 +145,31 @@ class BrokerSubscription(Subscription):
         return underlay
 
 
+SURPLUS_DELAY = 1.0
+"""Seconds a delivery beyond the capacity is held (not run) before it is handed
+back: its credit stays used meanwhile, so a fleet with no room elsewhere does not
+bounce it between the broker and this consumer without pause."""
+
+
+@dataclass
+class _Credit:
+    """One live (never cancelled while it holds deliveries) jobs consumer."""
+
+    prefetch: int
+    held: int = 0
+
+
 class RabbitJobConsumer(BrokerSubscription, JobConsumer):
-    """Holds at most ``capacity`` job deliveries; settles and hands back its own."""
+    """Holds at most ``capacity`` job deliveries; settles and hands back its own.
+
+    Credit is changed without ever leaving a delivery under a cancelled consumer:
+    RabbitMQ 3.10's quorum queue gives back, when a node dies, only the checked-out
+    messages of consumers that were still up, and keeps a cancelled consumer's
+    until the queue changes leader (docs/reliability.md, "RabbitMQ cluster"). So
+    credit grows by adding consumers (each with its own prefetch) and shrinks by
+    cancelling consumers that hold nothing; a delivery beyond the capacity (credit
+    a consumer holding jobs could not give up) is handed back, and one that reaches
+    an already cancelled consumer is handed back at once."""
 
     kind = SubscriptionKind.JOBS
 
@@ -160,50 +183,57 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         """The pool whose queue this consumer takes jobs from."""
         self.lock = asyncio.Lock()
         self.underlay: aiormq.abc.AbstractChannel | None = None
-        self.tag: str | None = None
-        self.prefetch = 0
-        self.current = 0
-        """Deliveries of the current consumer (``tag``) still held: the broker's
-        credit for it is ``prefetch - current``."""
+        self.consumers: dict[str, _Credit] = {}
+        """The live consumers of this session, by tag: the broker may make us hold
+        up to the sum of their prefetch counts."""
+        self.cancelled: set[str] = set()
+        """Tags of this session's cancelled consumers: what still reaches them is
+        handed back at once."""
         self.held: dict[int, RabbitDelivery] = {}
 
     async def attach(self, session: Session) -> None:
         async with self.lock:
             self.session = session
             self.held = {}
-            self.tag = None
-            self.prefetch = 0
-            self.current = 0
+            self.consumers = {}
+            self.cancelled = set()
             self.channel = await session.channel("jobs")
             self.underlay = await self._watch_cancel(session, "jobs")
             await self._reconcile()
 
+    def _room(self) -> int:
+        return 0 if self.closed else self.capacity
+
+    def _budget(self) -> int:
+        """What the broker may make us hold: every live consumer's prefetch, and
+        what the others (cancelled, or not yet confirmed) still hold."""
+        counted = sum(c.held for c in self.consumers.values())
+        return sum(c.prefetch for c in self.consumers.values()) + len(self.held) - counted
+
     async def _reconcile(self) -> None:
-        """Never let the broker push more than the capacity, and grant at most
-        ``prefetch_step`` deliveries ahead of what is held. RabbitMQ applies
-        ``basic.qos`` to new consumers only, so another credit needs a new consumer;
-        held deliveries stay held, those of cancelled consumers too. The step bounds
-        how many unread deliveries can queue ahead of a fence ping's answer: a server
-        with room for 20,000 jobs that took them in one step fell behind its pings and
-        fenced itself (docs/benchmarks.md)."""
+        """Keep the credit within the capacity, and grant at most ``prefetch_step``
+        deliveries ahead of what is held. RabbitMQ applies ``basic.qos`` to new
+        consumers only: credit is added as a new consumer, once the live ones have
+        used theirs, and taken away by cancelling consumers that hold nothing. The
+        step bounds how many unread deliveries can queue ahead of a fence ping's
+        answer: a server with room for 20,000 jobs that took them in one step fell
+        behind its pings and fenced itself (docs/benchmarks.md)."""
         session, underlay = self.session, self.underlay
-        if self.closed or session is None or underlay is None or not session.alive:
+        if session is None or underlay is None or not session.alive:
             return
-        if self.tag is not None:
-            # The current consumer may hold up to its prefetch (settling gives the
-            # credit back), so `others + prefetch` is what the broker may make us
-            # hold. Keep the consumer while that fits and it still has credit, or
-            # while it fills the capacity exactly.
-            others = len(self.held) - self.current
-            if others + self.prefetch <= self.capacity and (
-                self.current < self.prefetch or others + self.prefetch == self.capacity
-            ):
-                return
-            await underlay.basic_cancel(self.tag)
-            self.tag = None
-            self.prefetch = 0
-            self.current = 0
-        desired = min(self.wiring.settings.prefetch_step, self.capacity - len(self.held))
+        room = self._room()
+        budget = self._budget()
+        for tag, credit in list(self.consumers.items()):
+            if budget <= room:
+                break
+            if credit.held == 0:
+                await underlay.basic_cancel(tag)
+                del self.consumers[tag]
+                self.cancelled.add(tag)
+                budget -= credit.prefetch
+        if any(c.held < c.prefetch for c in self.consumers.values()):
+            return  # a live consumer still has credit: step up once it is used
+        desired = min(self.wiring.settings.prefetch_step, room - budget)
         if desired <= 0:
             return  # prefetch 0 would mean "unlimited": pause by not consuming
         await underlay.basic_qos(prefetch_count=desired)
@@ -213,25 +243,30 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             no_ack=False,
             arguments=session.topology.jobs_consumer_arguments(),
         )
-        self.tag = ok.consumer_tag
-        self.prefetch = desired
+        tag = ok.consumer_tag or ""
         # Deliveries may have arrived before consume-ok was read: count them now.
-        self.current = sum(1 for d in self.held.values() if d.consumer_tag == self.tag)
+        self.consumers[tag] = _Credit(
+            desired, sum(1 for d in self.held.values() if d.consumer_tag == tag)
+        )
         self._maybe_step_up()
 
     def _maybe_step_up(self) -> None:
-        if self.current >= self.prefetch and len(self.held) < self.capacity:
+        if (
+            self.consumers
+            and all(c.held >= c.prefetch for c in self.consumers.values())
+            and self._budget() < self._room()
+        ):
             self.wiring.spawn(self._step_up())
 
     def _drop_held(self, delivery: RabbitDelivery) -> None:
         """A held delivery was settled: it no longer counts against the credit."""
-        if self.held.pop(delivery.delivery_tag, None) is not None and (
-            delivery.consumer_tag == self.tag
-        ):
-            self.current -= 1
+        if self.held.pop(delivery.delivery_tag, None) is not None:
+            credit = self.consumers.get(delivery.consumer_tag)
+            if credit is not None:
+                credit.held -= 1
 
     async def _step_up(self) -> None:
-        """The current consumer used up its credit and there is room: consume again."""
+        """The live consumers used up their credit and there is room: consume again."""
         async with self.lock:
             with Quiet():
                 await self._reconcile()
@@ -266,15 +301,20 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         )
         self.held[tag] = delivery
         session.deliveries.add(delivery)
-        if self.tag is not None and consumer_tag == self.tag:
-            self.current += 1
-            if self.current == self.prefetch:
+        credit = self.consumers.get(consumer_tag)
+        if credit is not None:
+            credit.held += 1
+            if credit.held == credit.prefetch:
                 self._maybe_step_up()
-        self._schedule_renewal(delivery)
-        if self.closed:
-            with contextlib.suppress(DeliveryLost):
-                await delivery.release()
+        if consumer_tag in self.cancelled or len(self.held) > self._room():
+            # Never run what a cancelled consumer got (it would stay checked out to
+            # that consumer), nor more than the capacity.
+            delay = 0.0 if consumer_tag in self.cancelled else SURPLUS_DELAY
+            delivery.mark_lost()
+            session.deliveries.discard(delivery)
+            self.wiring.spawn(self._requeue(delivery, delay))
             return
+        self._schedule_renewal(delivery)
         try:
             await self.handler(delivery)
         except Exception:
@@ -301,7 +341,11 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                         await channel.basic_ack(delivery.delivery_tag)
                     else:
                         await channel.basic_reject(delivery.delivery_tag, requeue=True)
-                    await channel.basic_qos(prefetch_count=max(self.prefetch, 1))
+                    # The broker may push the next delivery before the round trip
+                    # below returns: this one no longer counts against the capacity.
+                    self._drop_held(delivery)
+                    # A round trip (qos applies to consumers made later only).
+                    await channel.basic_qos(prefetch_count=1)
             except Exception as exc:
                 delivery.mark_lost()
                 raise DeliveryLost(
@@ -312,11 +356,17 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             delivery.cancel_renewal()
             self._drop_held(delivery)
             delivery.session.deliveries.discard(delivery)
-            if delivery.session is self.session:
-                with Quiet():
-                    await self._reconcile()
-                if self.closed and not self.held and self.channel is not None:
-                    await delivery.session.close_channel(self.channel)
+            await self._after_settle(delivery)
+
+    async def _after_settle(self, delivery: RabbitDelivery) -> None:
+        """Bring the credit back within the capacity; close the channel of a closed
+        consumer once it holds nothing."""
+        if delivery.session is not self.session:
+            return
+        with Quiet():
+            await self._reconcile()
+        if self.closed and not self.held and self.channel is not None:
+            await delivery.session.close_channel(self.channel)
 
     async def set_capacity(self, capacity: int) -> None:
         """Hold at most ``capacity`` deliveries (0 pauses)."""
@@ -330,16 +380,16 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 log.debug("set_capacity deferred: %s", describe(exc))
 
     async def close(self) -> None:
-        """Cancel the consumer; held deliveries stay valid."""
+        """Stop consuming; held deliveries stay valid. Consumers that hold nothing
+        are cancelled now, the others once they do (what reaches them meanwhile is
+        handed back), and the channel is closed when nothing is held."""
         async with self.lock:
             if self.closed:
                 return
             self.closed = True
             self.wiring.forget(self)
-            if self.tag is not None and self.underlay is not None:
-                with Quiet():
-                    await self.underlay.basic_cancel(self.tag)
-                self.tag = None
+            with Quiet():
+                await self._reconcile()
             if not self.held and self.channel is not None and self.session is not None:
                 await self.session.close_channel(self.channel)
 
@@ -371,7 +421,10 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
 
         delivery.renewal = asyncio.get_running_loop().call_later(after, renew)
 
-    async def _requeue(self, delivery: RabbitDelivery) -> None:
+    async def _requeue(self, delivery: RabbitDelivery, delay: float = 0.0) -> None:
+        """Hand a delivery that is no longer run back to the queue after ``delay``."""
+        if delay > 0:
+            await asyncio.sleep(delay)
         async with self.lock:
             if delivery.settled or not delivery.session.alive:
                 return
@@ -382,9 +435,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 return
             delivery.settled = True
             self._drop_held(delivery)
-            if delivery.session is self.session:
-                with Quiet():
-                    await self._reconcile()
+            await self._after_settle(delivery)
 
 
 class EventSubscription(BrokerSubscription):

@@ -215,10 +215,13 @@ class Session:
                 self._declare_channel = None
 
     async def _ensure_dead(self) -> None:
-        """``<ns>.dead`` with its length limit. An older version declared it without
-        one, and arguments cannot change: such a queue is replaced while it is empty
+        """``<ns>.dead`` with its length limit, of the namespace's queue type. An older
+        version declared it without a limit, or as a classic queue (one node), and
+        arguments cannot change: such a queue is replaced while it is empty
         (``if_empty`` makes the delete atomic), else used as it is with a warning
-        naming the commands that bound it."""
+        naming the commands that fix it. One that cannot be reached (a classic
+        queue whose node is down) never stops the session: dead letters are
+        dropped until it is back, and a warning says so."""
         t = self.topology
         declare = functools.partial(_declare_queue, t.dead, t.dead_arguments(), passive=False)
         check = functools.partial(_declare_queue, t.dead, {}, passive=True)
@@ -228,17 +231,35 @@ class Session:
         if isinstance(error, aiormq.exceptions.ChannelPreconditionFailed):
             refused = await self._declaring(functools.partial(_delete_if_empty, t.dead))
             if refused is None and await self._declaring(declare) is None:
-                log.info("replaced the unbounded queue %s (empty) by a bounded one", t.dead)
+                log.info(
+                    "replaced the queue %s of an older version (empty) by a bounded %s queue",
+                    t.dead,
+                    t.dead_arguments()["x-queue-type"],
+                )
                 return
             log.warning(
-                "queue %s has no length limit (declared by an older version) and "
-                "cannot be replaced now (%s; it holds messages or we may not delete "
-                "it): inspect and purge it, or bound it with a policy "
-                "(docs/rabbitmq.md, 'Dead letters')",
+                "queue %s was declared by an older version (no length limit, or a "
+                "classic queue that lives on one node) and cannot be replaced now (%s; "
+                "it holds messages or we may not delete it): inspect and purge it, or "
+                "bound it with a policy (docs/rabbitmq.md, 'Dead letters')",
                 t.dead,
                 describe(refused or error),
             )
             declare = check  # use it as it is
+            error = await self._declaring(check)
+            if error is None:
+                return
+        if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity) and (
+            await self._declaring(check) is not None
+        ):
+            # NOT_FOUND from a declaration: the queue exists but its home node is down.
+            log.warning(
+                "queue %s cannot be reached (%s): dead letters are dropped until its "
+                "node is back (docs/rabbitmq.md, 'Dead letters')",
+                t.dead,
+                describe(error),
+            )
+            return
         await self._ensure("queue", t.dead, declare, check)
 
     async def _declaring(
