@@ -203,7 +203,12 @@ class _PublishFailures(logging.Handler):
         if msg.startswith("job %s created; its message will be sent") and len(args) == 2:
             if lost_confirm(args[1]):
                 self.ids.add(str(args[0]))
-        elif msg.startswith("job %s cancelled; the manager will broadcast it") and args:
+        elif (
+            msg.startswith("job %s %s; the manager will tell the servers")
+            and len(args) == 3
+            and args[1] == "cancelled"
+        ):
+            # The client's stop-set broadcast (orchestratr_core.client._send_stop_set).
             self.cancels.add(str(args[0]))
 
 
