@@ -110,7 +110,11 @@ class JobOut(BaseModel):
     restart_window: float | None = Field(
         default=None, description="Restart budget's window in seconds (null: default)"
     )
-    failures: int = Field(default=0, description="Failures counted against the budget, ever")
+    failures: int = Field(
+        default=0,
+        description="Failures counted against the budget, ever, plus one per resume "
+        "(the failure record's version)",
+    )
     last_errors: list[FailureOut] = Field(
         default_factory=list, description="The latest failures, oldest first"
     )
