@@ -205,3 +205,34 @@ async def test_a_pause_works_on_a_server_of_the_version_before_the_lifecycle_con
     assert resumed.generation == paused.generation + 1
     assert (resumed.generation << 32) > fence  # the stop does not cover the new message
     assert manager._views.receive(_older_heartbeat("old-1", [(other, fence)])) is Verdict.NOTHING
+
+
+async def test_a_failure_of_the_generation_before_a_resume_is_not_counted(
+    cluster: Cluster,
+) -> None:
+    """A failure counted late -- its copy belonged to the generation before a
+    resume -- must not spend the fresh budget (with ``max_restarts=0`` it would
+    quarantine the resumed job at once)."""
+    from orchestratr_core.job import JobEvent, make_fence, utcnow
+
+    manager = await cluster.start_manager()
+    job_id = await cluster.client.create_job("late-count", "", max_restarts=0)
+    job = await cluster.job(job_id)
+    fence = make_fence(job.generation, 0)
+    now = utcnow()
+    started = await cluster.storage.transition(
+        job_id, JobEvent.START, server_id="s1", fence=fence, now=now
+    )
+    assert started.applied
+    await manager._count_failure(job_id, time.time(), "boom", now, generation=job.generation)
+    assert (await cluster.job(job_id)).status is JobStatus.QUARANTINED
+    await cluster.storage.transition(
+        job_id, JobEvent.CONFIRM_HELD, server_id="s1", fence=fence, now=now
+    )
+    resumed = await cluster.client.resume(job_id)
+    assert resumed.status is JobStatus.PENDING
+    await manager._count_failure(job_id, time.time(), "late", utcnow(), generation=job.generation)
+    after = await cluster.job(job_id)
+    assert after.status is JobStatus.PENDING
+    assert after.failure_seq == resumed.failure_seq
+    assert after.failure_log is None

@@ -426,7 +426,13 @@ class ServerManager:
                 restarts=event.restarts,
             )
             if failed.applied:
-                await self._count_failure(event.job_id, event.at, clean_text(event.error), now)
+                await self._count_failure(
+                    event.job_id,
+                    event.at,
+                    clean_text(event.error),
+                    now,
+                    generation=split_fence(event.fence)[0],
+                )
         elif isinstance(event, p.JobDiscarded):
             result = await self._storage.transition(
                 event.job_id,
@@ -711,12 +717,19 @@ class ServerManager:
         for job_id in [j for j in notes if j not in seen]:
             del notes[job_id]  # no longer held with an owner, or not judged here
 
-    async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
+    async def _count_failure(
+        self, job_id: str, at: float, error: str, now: datetime, *, generation: int | None = None
+    ) -> None:
         """Count a failure against the job's restart budget (compare-and-set,
-        retried on a concurrent count); quarantine it when the budget is spent."""
+        retried on a concurrent count); quarantine it when the budget is spent.
+        ``generation``: that of the copy that failed; a failure of a generation
+        older than the job's (it was resumed meanwhile: a fresh budget) is not
+        counted."""
         for _ in range(5):
             job = await self._storage.get_job(job_id)
             if job is None or job.status.final:
+                return
+            if generation is not None and job.generation > generation:
                 return
             failure_log, quarantine = count_failure(job, at, error)
             try:
