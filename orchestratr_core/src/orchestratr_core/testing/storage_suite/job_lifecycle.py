@@ -381,7 +381,7 @@ class JobLifecycleTests:
             now = _now()
             job = await _in_status(storage, JobStatus.QUARANTINED, now, server="s1", fence=7)
             job = await _must(storage, job.id, JobEvent.CONFIRM_HELD, "s1", 7, now)
-            (resumed, changed), counted = await asyncio.gather(
+            (_, changed), counted = await asyncio.gather(
                 storage.request_resume(job.id, now, HOLDER, now + LEASE),
                 storage.record_failure(
                     job.id,
