@@ -22,10 +22,11 @@ from tests.support.cli import COMMAND, assert_one_line_error, clean_env, run
 TICKER = "orchestratr_core.examples:ticker"
 
 
-def test_server_takes_move_after_failures_and_avoid_for(tmp_path: Path) -> None:
+def _starting_line(tmp_path: Path, *flags: str) -> str:
+    """Run ``orchestratr server`` with ``flags`` until it started, stop it with
+    SIGTERM, and return the line in which it states its settings."""
     proc = subprocess.Popen(
-        [*COMMAND, "server", "--name", "flags", "--job", TICKER, "--transport", "memory://flags",
-         "--move-after-failures", "0", "--avoid-for", "7.5"],
+        [*COMMAND, "server", "--job", TICKER, "--transport", f"memory://{tmp_path.name}", *flags],
         cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -38,26 +39,16 @@ def test_server_takes_move_after_failures_and_avoid_for(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
-    starting = next(line for line in seen if "starting" in line)
+    return next(line for line in seen if "starting" in line)
+
+
+def test_server_takes_move_after_failures_and_avoid_for(tmp_path: Path) -> None:
+    starting = _starting_line(tmp_path, "--move-after-failures", "0", "--avoid-for", "7.5")
     assert "moves a job away after 0 failures in a row (for 7.5 s)" in starting, starting
 
 
 def test_server_defaults_for_moving_after_failures_are_stated(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*COMMAND, "server", "--job", TICKER, "--transport", "memory://defaults"],
-        cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        seen = _wait_for_line(proc, "server started", 30)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    starting = next(line for line in seen if "starting" in line)
+    starting = _starting_line(tmp_path)
     assert "after 3 failures in a row (for 30 s)" in starting, starting
 
 
