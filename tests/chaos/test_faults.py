@@ -439,6 +439,7 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
 
     survivors = [s for s in ("s1", "s2", "s3") if s != victim]
     cut = max(survivors, key=lambda s: len(_on(chaos, s)))
+    cut_off = [j for j in _on(chaos, cut) if j in live]
     chaos.partition(cut)
     await chaos.wait_all_running(
         live, within=BOUND_SILENT, exclude=(victim, cut), figure="partition cp"
@@ -458,3 +459,58 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
         record = records[job_id]
         assert record.checkpoint_fence is not None
         assert record.checkpoint_fence <= record.fence, record
+    # The partitioned old owner kept writing (its heartbeats flushed on heal): the
+    # stored checkpoint of each job it lost is still its new owner's.
+    assert cut_off
+    for job_id in cut_off:
+        assert records[job_id].checkpoint_fence == records[job_id].fence, records[job_id]
+
+
+async def test_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosCluster) -> None:
+    """I8 and I9 through a rebalance: a server joins and the leader moves jobs onto
+    it (each a clean hand-over: released, then started by a larger token). Moved
+    jobs start from the checkpoint their previous owner last sent; a job paused
+    before the round is never moved onto the newcomer nor started anywhere; one
+    resumed during the round runs once, from its checkpoint; a job paused while it
+    is being moved stops within the bound. The stored checkpoint of every running
+    job is its current owner's (an old owner's late one never overwrites it)."""
+    for name in ("s1", "s2"):
+        await chaos.add_server(name, 10, job="tests.chaos.jobs:checkpoint_job")
+    ids = await chaos.create(10, prefix="rb")
+    await chaos.wait_all_running(ids, within=30)
+    await asyncio.sleep(1.5)  # a few heartbeats carry checkpoints
+    held, resumed_later, live = ids[:1], ids[1], ids[2:]
+    for job_id in (*held, resumed_later):
+        await chaos.pause(job_id)
+    await chaos.wait_paused([*held, resumed_later], within=BOUND_CANCEL)
+
+    joined = time.time()
+    await chaos.add_server("s3", 10, job="tests.chaos.jobs:checkpoint_job")
+    await chaos.resume(resumed_later)  # its new message may land on any server
+    deadline = time.time() + 20
+    while len(_on(chaos, "s3")) < 2:  # 9 running jobs over 3 x 10 slots: 3 each, within one
+        assert time.time() < deadline, {n: len(_on(chaos, n)) for n in ("s1", "s2", "s3")}
+        await asyncio.sleep(0.2)
+    chaos.record_figure("rebalance cp", time.time() - joined, 20.0, "s3 holds its share")
+    moving = next(c.job for c in chaos.live_copies() if c.server != "s3" and c.job in live)
+    await chaos.pause(moving)  # paused right after a round, wherever it runs now
+    await chaos.wait_paused([moving], within=BOUND_CANCEL)
+    await chaos.wait_all_running(
+        [j for j in [*live, resumed_later] if j != moving], within=10, figure="rebalance cp all"
+    )
+
+    copies = chaos.copies()
+    moved = [c for c in copies if c.server == "s3" and c.start > joined and c.job in live]
+    assert moved, "the rebalance moved nothing"
+    assert all(c.got_checkpoint is not None for c in moved), moved
+    assert not [c for c in copies if c.job in held and c.start > joined]  # never moved
+    again = [c for c in copies if c.job == resumed_later and c.start > joined]
+    assert again and again[0].got_checkpoint is not None, again
+    await asyncio.sleep(1.5)  # the current owners' checkpoints reach the manager
+    chaos.check().assert_ok()  # I1..I4, I6, I8 (three holds), I9 (every start)
+    records = {job.id: job for job in await chaos.jobs()}
+    assert {records[j].status for j in [*held, moving]} == {JobStatus.PAUSED}
+    for job_id in [j for j in [*live, resumed_later] if j != moving]:
+        record = records[job_id]
+        assert record.status is JobStatus.PROCESSING, record
+        assert record.checkpoint_fence == record.fence, record  # the current owner's

@@ -81,3 +81,17 @@ async def test_pg_at_capacity(chaos: ChaosCluster) -> None:
     await faults.test_at_capacity_jobs_wait_through_kill_9_and_rebalance_and_no_server_exceeds_it(
         chaos
     )
+
+
+async def test_pg_pause_resume_and_checkpoints_through_kill_9_and_partition(
+    chaos: ChaosCluster,
+) -> None:
+    """``test_faults.test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old_owner``:
+    I8 and I9 on PostgreSQL alone."""
+    await faults.test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old_owner(chaos)
+
+
+async def test_pg_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosCluster) -> None:
+    """``test_faults.test_pause_resume_and_checkpoints_through_a_rebalance``: I8 and I9 on
+    PostgreSQL alone."""
+    await faults.test_pause_resume_and_checkpoints_through_a_rebalance(chaos)

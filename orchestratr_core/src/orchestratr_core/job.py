@@ -493,7 +493,8 @@ class JobRecord:
     restart_window: float | None = None
     """Seconds of the restart budget's window (``None``: the default)."""
     failure_seq: int = 0
-    """How many failures were ever counted (the compare-and-set token of ``failure_log``)."""
+    """The compare-and-set token of ``failure_log``: one more per failure counted
+    and per resume (which empties the log: a count read before it must lose)."""
     failure_log: str | None = None
     """The latest failures as JSON ``[[epoch, error], ...]``
     (:func:`orchestratr_core.lifecycle.failure_log` reads it)."""

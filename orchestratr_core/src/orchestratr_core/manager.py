@@ -82,6 +82,11 @@ _PROBE_JOB_ID = "00000000-0000-0000-0000-000000000000"
 _HELD_STOPS = frozenset({p.StopReason.HELD, p.StopReason.CANCELLED, p.StopReason.SUPERSEDED})
 """Stop reasons with which a server reports a held job's copy stopped and dropped."""
 
+_HELD_OWNED = frozenset({JobStatus.PAUSING, JobStatus.QUARANTINED})
+"""Held statuses in which a server may still hold a copy (it confirms)."""
+_HELD_CHECKED = 1000
+"""Held jobs with an owner judged per check (:meth:`ServerManager._confirm_held_unlisted`)."""
+
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
 error a storage does not know) is tried this many times, then dead-lettered."""
@@ -128,6 +133,12 @@ class ManagerOptions:
     the other managers (the broker hands them the event it held) and joins again
     once the storage answers. ``None``: a third of ``server_timeout``, so that
     the others apply the servers' heartbeats before any server looks dead."""
+    confirm_hold_after: float = 30.0
+    """Seconds after a live server's heartbeat first leaves out a ``pausing`` or
+    ``quarantined`` job it owns before the manager confirms the hold itself (the
+    server's stop report was lost: the job would stay ``pausing`` for ever).
+    Keep it above the servers' ``stop_grace``: a copy being stopped is no longer
+    listed, yet it may still run that long."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
@@ -136,6 +147,8 @@ class ManagerOptions:
             raise ConfigurationError("storage_probe_after must be > 0")
         if self.leader_lease <= self.sweep_interval:
             raise ConfigurationError("leader_lease must be longer than sweep_interval")
+        if not self.confirm_hold_after >= 0:
+            raise ConfigurationError("confirm_hold_after must be >= 0")
 
 
 class ServerManager:
@@ -176,6 +189,12 @@ class ServerManager:
         """Server id -> jobs that moved away from it while it was their recorded
         owner (-> when noted): owner deaths, if it is declared dead before a
         heartbeat it sent after the note arrives."""
+        self._held_unlisted: dict[str, tuple[float, str, int]] = {}
+        """Held jobs (``pausing``, ``quarantined``) that their owner's set of running
+        jobs leaves out -> (monotonic time first noted, that owner, its fence):
+        confirmed held :attr:`ManagerOptions.confirm_hold_after` later
+        (:meth:`_confirm_held_unlisted`)."""
+        self._held_checked = 0.0
         self._views = ServerViews(stale_after=self.options.server_timeout / 2)
         """Each server's set of jobs as of its acknowledged heartbeat."""
         self._last_resync = 0.0
@@ -407,7 +426,13 @@ class ServerManager:
                 restarts=event.restarts,
             )
             if failed.applied:
-                await self._count_failure(event.job_id, event.at, clean_text(event.error), now)
+                await self._count_failure(
+                    event.job_id,
+                    event.at,
+                    clean_text(event.error),
+                    now,
+                    generation=split_fence(event.fence)[0],
+                )
         elif isinstance(event, p.JobDiscarded):
             result = await self._storage.transition(
                 event.job_id,
@@ -449,7 +474,8 @@ class ServerManager:
             )
         fences = {job.job_id: job.fence for job in hb.jobs}
         sends = [
-            self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence)) for job in conflicts
+            self._stop_copy(job, hb.server_id, fences.get(job.id, job.fence), older=not hb.seq)
+            for job in conflicts
         ]
         if hb.started:
             refused = {job.id for job in conflicts}
@@ -478,6 +504,7 @@ class ServerManager:
         for i in range(0, len(sends), _SEND_CHUNK):
             await asyncio.gather(*sends[i : i + _SEND_CHUNK])
         verdict = self._views.receive(hb, refused=bool(conflicts))
+        await self._confirm_held_unlisted(now)
         if verdict is not Verdict.NOTHING:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.
@@ -628,12 +655,81 @@ class ServerManager:
             if result.applied:
                 log.info("confirmed the pause of job %s: its server is dead", job.id)
 
-    async def _count_failure(self, job_id: str, at: float, error: str, now: datetime) -> None:
+    async def _confirm_held_unlisted(self, now: datetime) -> None:
+        """Confirm the hold of the ``pausing`` and ``quarantined`` jobs that their
+        *live* owner no longer runs, when its stop report never arrived (lost on
+        the way, or sent to a manager that then restarted): else such a job stays
+        ``pausing`` (``resume`` refuses it) for as long as its server lives.
+
+        Checked every quarter of :attr:`ManagerOptions.confirm_hold_after` (one
+        query for every held job that has an owner: few) against each owner's
+        set of running jobs as this manager's copy has it (:meth:`ServerViews.running`:
+        the manager that applies a server's heartbeats). A job its owner's set
+        leaves out is noted; one still left out, under the same owner and fence,
+        ``confirm_hold_after`` seconds later is confirmed (``CONFIRM_HELD``,
+        guarded as a stop report): a copy being stopped is left out of the
+        heartbeats already, while it may still run for the server's
+        ``stop_grace``. A job listed again loses its note. A server that dies
+        meanwhile is handled by :meth:`_confirm_held_of_dead`."""
+        clock = time.monotonic()
+        bound = self.options.confirm_hold_after
+        if clock - self._held_checked < max(bound / 4, self.options.sweep_interval):
+            return
+        self._held_checked = clock
+        page = await self._storage.list_jobs(JobQuery(statuses=_HELD_OWNED, limit=_HELD_CHECKED))
+        notes = self._held_unlisted
+        seen: set[str] = set()
+        for job in page.items:
+            if job.server_id is None:
+                continue
+            running = self._views.running(job.server_id)
+            if running is None:
+                continue  # no fresh copy of that server's set here
+            seen.add(job.id)
+            if job.id in running:
+                notes.pop(job.id, None)
+                continue
+            noted = notes.setdefault(job.id, (clock, job.server_id, job.fence))
+            if noted[1:] != (job.server_id, job.fence):
+                notes[job.id] = (clock, job.server_id, job.fence)
+                continue
+            if clock - noted[0] < bound:
+                continue
+            del notes[job.id]
+            result = await self._storage.transition(
+                job.id,
+                JobEvent.CONFIRM_HELD,
+                server_id=job.server_id,
+                fence=job.fence,
+                now=now,
+                reason=(
+                    job.reason
+                    if job.status is JobStatus.QUARANTINED
+                    else "paused (its server no longer runs it; its stop report was lost)"
+                ),
+            )
+            if result.applied:
+                log.info(
+                    "confirmed the hold of job %s: server %s no longer runs it",
+                    job.id,
+                    job.server_id,
+                )
+        for job_id in [j for j in notes if j not in seen]:
+            del notes[job_id]  # no longer held with an owner, or not judged here
+
+    async def _count_failure(
+        self, job_id: str, at: float, error: str, now: datetime, *, generation: int | None = None
+    ) -> None:
         """Count a failure against the job's restart budget (compare-and-set,
-        retried on a concurrent count); quarantine it when the budget is spent."""
+        retried on a concurrent count); quarantine it when the budget is spent.
+        ``generation``: that of the copy that failed; a failure of a generation
+        older than the job's (it was resumed meanwhile: a fresh budget) is not
+        counted."""
         for _ in range(5):
             job = await self._storage.get_job(job_id)
             if job is None or job.status.final:
+                return
+            if generation is not None and job.generation > generation:
                 return
             failure_log, quarantine = count_failure(job, at, error)
             try:
@@ -674,11 +770,18 @@ class ServerManager:
             p.JobCheckpoint(job_id=job.id, fence=fence, checkpoint=job.checkpoint), server_id
         )
 
-    async def _stop_copy(self, job: JobRecord, server_id: str, fence: int) -> None:
-        """A server runs a copy the storage did not accept: tell it to stop."""
+    async def _stop_copy(
+        self, job: JobRecord, server_id: str, fence: int, *, older: bool = False
+    ) -> None:
+        """A server runs a copy the storage did not accept: tell it to stop.
+        ``older``: the server is of a version before the lifecycle controls (its
+        heartbeats are not numbered), which cannot read the reason ``held``."""
         if job.status.held:
-            # Never CANCELLED: a server would refuse the job for good, also after a resume.
-            reason = p.StopReason.HELD
+            # Never CANCELLED: a server would refuse the job for good, also after a
+            # resume. An older server is told SUPERSEDED: it drops the message up to
+            # this fence (the resumed job's new generation is above it) and reports
+            # a stop that confirms the hold (_HELD_STOPS).
+            reason = p.StopReason.SUPERSEDED if older else p.StopReason.HELD
         elif job.status in (JobStatus.DELETING, JobStatus.DELETED):
             reason = p.StopReason.CANCELLED
         elif job.server_id == server_id and job.fence == fence:

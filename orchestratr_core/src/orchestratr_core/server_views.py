@@ -82,6 +82,9 @@ class ServerViews:
     def __init__(self, stale_after: float) -> None:
         self._views: dict[str, _View] = {}
         self._stale_after = stale_after
+        self._older: dict[str, tuple[frozenset[str], float]] = {}
+        """Server id -> the jobs of the last complete listing of a server of an
+        older version (unnumbered heartbeats), and when it arrived (monotonic)."""
 
     def __len__(self) -> int:
         return len(self._views)
@@ -89,10 +92,25 @@ class ServerViews:
     def forget(self, server_id: str) -> None:
         """Drop the copy (the server is dead or left; its jobs were released)."""
         self._views.pop(server_id, None)
+        self._older.pop(server_id, None)
 
     def clear(self) -> None:
         """Drop every copy."""
         self._views.clear()
+        self._older.clear()
+
+    def running(self, server_id: str) -> frozenset[str] | None:
+        """The ids of the jobs the server runs as of its last heartbeat that this
+        manager could check (the acknowledged set, or an older server's last
+        listing); ``None`` when there is no such copy or it is stale."""
+        now = time.monotonic()
+        view = self._views.get(server_id)
+        if view is not None and now - view.seen < self._stale_after:
+            return frozenset(view.shares)
+        older = self._older.get(server_id)
+        if older is not None and now - older[1] < self._stale_after:
+            return older[0]
+        return None
 
     def receive(self, hb: p.ServerHeartbeat, *, refused: bool = False) -> Verdict:
         """Update the copy for ``hb`` (already applied to the storage) and say what
@@ -104,7 +122,12 @@ class ServerViews:
         keeps listing them and every later heartbeat raises the conflict again until
         the copies are gone -- as a complete listing always did."""
         if not hb.seq:
-            return Verdict.NOTHING  # an older server: every heartbeat is complete
+            # An older server: every heartbeat is complete.
+            self._older[hb.server_id] = (
+                frozenset(job.job_id for job in hb.jobs),
+                time.monotonic(),
+            )
+            return Verdict.NOTHING
         if refused:
             if not hb.base:
                 self._views.pop(hb.server_id, None)

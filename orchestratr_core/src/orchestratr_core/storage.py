@@ -355,7 +355,9 @@ class Storage(abc.ABC):
     ) -> tuple[JobRecord, bool]:
         """Apply :data:`JobEvent.RESUME` (``paused|quarantined -> pending`` while no
         server owns it; ``generation := generation + 1``, reason
-        :data:`REASON_RESUMED`, ``failure_log := NULL``) and, if it applied, insert an outbox row
+        :data:`REASON_RESUMED`, ``failure_log := NULL``, ``failure_seq := failure_seq + 1``
+        so that a failure counted from the state before the resume loses its
+        compare-and-set in :meth:`record_failure`) and, if it applied, insert an outbox row
         ``PUBLISH`` of the new generation claimed by ``holder`` — in one
         transaction. Returns the job after the attempt and whether it changed.
         Raises :class:`UnknownJob` for an unknown id."""

@@ -209,6 +209,8 @@ class _Store:
         elif event is JobEvent.RESUME:
             changes["generation"] = row.generation + 1
             changes["failure_log"] = None
+            # A count read before the resume must lose its compare-and-set.
+            changes["failure_seq"] = row.failure_seq + 1
         elif event is JobEvent.QUARANTINE:
             if error is not None:
                 changes["last_error"] = error

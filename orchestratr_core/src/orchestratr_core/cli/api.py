@@ -45,6 +45,7 @@ __all__ = [
     "duration",
     "fence_label",
     "given_value",
+    "non_negative_int",
     "plain",
     "positive_int",
     "print_json",
@@ -100,6 +101,11 @@ def positive_int(text: str) -> int:
     if not 1 <= value <= MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be within 1..{MAX_COUNT}, got {value}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a count within 0..MAX_COUNT (``0`` usually turns a feature off)."""
+    return 0 if text.strip() == "0" else positive_int(text)
 
 
 def duration(text: str) -> float:

@@ -314,7 +314,13 @@ def create_app(
     async def create_job(body: CreateJob, response: Response) -> JobOut:
         """Create a job; it starts on one server as soon as one has room."""
         job_id = await backend.client.create_job(
-            body.name, body.argument, kind=body.kind, require=body.require, spread=body.spread
+            body.name,
+            body.argument,
+            kind=body.kind,
+            require=body.require,
+            spread=body.spread,
+            max_restarts=body.max_restarts,
+            restart_window=body.restart_window,
         )
         response.headers["Location"] = f"/api/jobs/{job_id}"
         return job_out(await backend.monitor.job(job_id))

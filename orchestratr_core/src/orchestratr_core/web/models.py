@@ -63,6 +63,19 @@ class CreateJob(BaseModel):
     spread: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
         default=None, description="Spread group: its jobs avoid sharing a server"
     )
+    max_restarts: Annotated[Any, WithJsonSchema({"type": "integer", "minimum": 0})] = Field(
+        default=None,
+        description="Restart budget: quarantine the job after more than this many failures "
+        "(exceptions and owner deaths) within restart_window (null: the default, 20)",
+        examples=[5],
+    )
+    restart_window: Annotated[Any, WithJsonSchema({"type": "number", "exclusiveMinimum": 0})] = (
+        Field(
+            default=None,
+            description="Seconds of the restart budget's window (null: the default, 600)",
+            examples=[300],
+        )
+    )
 
 
 class FailureOut(BaseModel):
@@ -110,7 +123,11 @@ class JobOut(BaseModel):
     restart_window: float | None = Field(
         default=None, description="Restart budget's window in seconds (null: default)"
     )
-    failures: int = Field(default=0, description="Failures counted against the budget, ever")
+    failures: int = Field(
+        default=0,
+        description="Failures counted against the budget, ever, plus one per resume "
+        "(the failure record's version)",
+    )
     last_errors: list[FailureOut] = Field(
         default_factory=list, description="The latest failures, oldest first"
     )

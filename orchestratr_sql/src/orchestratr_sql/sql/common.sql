@@ -171,9 +171,10 @@ WHERE id = :id
 
 -- name: transition_resume
 -- RESUME: paused|quarantined -> pending, guard UNOWNED, a new generation and a
--- fresh restart budget (the failure log is emptied; failure_seq keeps counting).
+-- fresh restart budget (the failure log is emptied; failure_seq moves on, so that
+-- a failure counted from the state before the resume loses its compare-and-set).
 UPDATE jobs SET status = 'pending', generation = generation + 1, updated_at = :now,
-                reason = :reason, failure_log = NULL
+                reason = :reason, failure_log = NULL, failure_seq = failure_seq + 1
 WHERE id = :id AND status IN ('paused', 'quarantined') AND server_id IS NULL;
 
 -- name: raise_pending_generation

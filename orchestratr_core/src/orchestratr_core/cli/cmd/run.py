@@ -18,6 +18,7 @@ from orchestratr_core.cli.api import (
     describe,
     duration,
     given_value,
+    non_negative_int,
     positive_int,
     storage_url,
     transport_url,
@@ -74,6 +75,19 @@ def add_commands(
         help="seconds a job has to honour its stop token before a hard stop (default 10)",
     )
     server.add_argument(
+        "--move-after-failures",
+        type=non_negative_int,
+        metavar="N",
+        help="after N failures in a row of a job here, hand it back so that another server "
+        "takes its next start (default 3; 0: restart it here for ever)",
+    )
+    server.add_argument(
+        "--avoid-for",
+        type=duration,
+        metavar="S",
+        help="seconds a server hands back a job it moved away after failures (default 30)",
+    )
+    server.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus metrics here, and /healthz and /readyz (needs prometheus-client)",
@@ -124,6 +138,14 @@ def add_commands(
         type=duration,
         metavar="S",
         help="seconds between rebalancing rounds (default 5)",
+    )
+    manager.add_argument(
+        "--confirm-hold-after",
+        type=duration,
+        metavar="S",
+        help="confirm a pause (or quarantine) whose live server no longer runs the job but "
+        "whose stop report was lost, this long after (default 30; above the servers' "
+        "--stop-grace)",
     )
     manager.add_argument(
         "--no-rebalance",
@@ -238,7 +260,11 @@ async def _cmd_server(args: argparse.Namespace) -> int:
     jobs = load_jobs(args.job)
     transport = transport_url(args)
     options = _options(
-        ServerOptions(), heartbeat_interval=args.heartbeat_interval, stop_grace=args.stop_grace
+        ServerOptions(),
+        heartbeat_interval=args.heartbeat_interval,
+        stop_grace=args.stop_grace,
+        move_after_failures=args.move_after_failures,
+        avoid_for=args.avoid_for,
     )
     server = OrchestratedServer(
         jobs if set(jobs) != {DEFAULT_KIND} else jobs[DEFAULT_KIND],
@@ -250,13 +276,16 @@ async def _cmd_server(args: argparse.Namespace) -> int:
         max_workers_per_kind=_kind_limits(args.max_workers_per_kind),
     )
     log.info(
-        "server %s (%s) starting: job %s, max %d workers, labels %s, transport %s",
+        "server %s (%s) starting: job %s, max %d workers, labels %s, transport %s, "
+        "moves a job away after %d failures in a row (for %g s)",
         args.name,
         server.id,
         ", ".join(args.job),
         args.max_workers,
         ", ".join(args.label) or "none",
         describe(transport),
+        options.move_after_failures,
+        options.avoid_for,
     )
     if args.otel:
         from orchestratr_core.otel import install
@@ -299,6 +328,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         leader_lease=args.leader_lease,
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
+        confirm_hold_after=args.confirm_hold_after,
     )
     if args.http:
         from orchestratr_core.web import resolve_token

@@ -113,7 +113,8 @@ class JobLifecycleTests:
         await _must(storage, job.id, JobEvent.CONFIRM_HELD, "s1", 7, now)
         resumed, changed = await storage.request_resume(job.id, now, HOLDER, now + LEASE)
         assert changed
-        assert (resumed.failure_log, resumed.failure_seq) == (None, 1)
+        # The count's version moves on too: a count read before the resume loses.
+        assert (resumed.failure_log, resumed.failure_seq) == (None, 2)
 
     async def test_resume_waits_until_no_server_holds_a_copy(self, storage: Storage) -> None:
         now = _now()
@@ -335,3 +336,100 @@ class JobLifecycleTests:
         assert not (await storage.record_failure(done.id, seq=0, failure_log="[]", now=now)).applied
         unknown = await storage.record_failure(new_id(), seq=0, failure_log="[]", now=now)
         assert unknown.job is None
+
+    # -- races (added: every pair at once, whichever runs first) ----------------------------
+
+    async def test_pause_racing_a_hand_over_at_once_leaves_one_owner_to_confirm(
+        self, storage: Storage
+    ) -> None:
+        """Pause vs hand-over, concurrently: a running job is paused while a newer
+        copy (another server, a larger token) reports its start. Whichever runs
+        first, the job ends ``pausing`` under exactly one owner -- the old one if
+        the pause won (the new start is refused), the new one otherwise -- and
+        only that owner's stop confirms it; the other's is refused."""
+        for _ in range(5):
+            now = _now()
+            job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+            (_, paused), start = await asyncio.gather(
+                storage.request_pause(job.id, now, HOLDER, now + LEASE),
+                _apply(storage, job.id, JobEvent.START, "s2", 8, now),
+            )
+            assert paused
+            after = await _get(storage, job.id)
+            assert after.status is JobStatus.PAUSING
+            owner, fence = ("s2", 8) if start.applied else ("s1", 7)
+            assert (after.server_id, after.fence) == (owner, fence)
+            other, other_fence = ("s1", 7) if start.applied else ("s2", 8)
+            if other_fence < fence:  # a stale owner never confirms for the newer one
+                stale = await _apply(
+                    storage, job.id, JobEvent.CONFIRM_HELD, other, other_fence, now
+                )
+                assert not stale.applied
+            confirmed = await _must(storage, job.id, JobEvent.CONFIRM_HELD, owner, fence, now)
+            assert (confirmed.status, confirmed.server_id) == (JobStatus.PAUSED, None)
+
+    async def test_quarantine_racing_resume_never_holds_the_resumed_job(
+        self, storage: Storage
+    ) -> None:
+        """Quarantine vs resume: a quarantined job (its owner confirmed) is resumed
+        while a failure counted from the state before the resume -- with a
+        quarantine reason -- is written. The count is a compare-and-set on
+        ``failure_seq``, which the resume moves: the stale count loses, or it
+        lands first and the resume then releases the job. Either way the job ends
+        ``pending`` under a new generation with a fresh budget."""
+        for _ in range(5):
+            now = _now()
+            job = await _in_status(storage, JobStatus.QUARANTINED, now, server="s1", fence=7)
+            job = await _must(storage, job.id, JobEvent.CONFIRM_HELD, "s1", 7, now)
+            (_, changed), counted = await asyncio.gather(
+                storage.request_resume(job.id, now, HOLDER, now + LEASE),
+                storage.record_failure(
+                    job.id,
+                    seq=job.failure_seq,
+                    failure_log='[[1.0, "late"]]',
+                    now=now,
+                    quarantine="spent again",
+                ),
+            )
+            assert changed
+            after = await _get(storage, job.id)
+            assert after.status is JobStatus.PENDING
+            assert after.generation == job.generation + 1
+            assert after.failure_log is None  # the resume's fresh budget stands
+            # The resume moved failure_seq; a count that landed first moved it too.
+            assert after.failure_seq == job.failure_seq + (2 if counted.applied else 1)
+            # A stale owner's quarantine of the resumed job is refused too.
+            late = await _apply(storage, job.id, JobEvent.QUARANTINE, "s1", 7, now)
+            assert not late.applied
+            assert (await _get(storage, job.id)).status is JobStatus.PENDING
+
+    async def test_quarantine_racing_cancel_ends_cancelled(self, storage: Storage) -> None:
+        """A spent budget (the owner's quarantine) and a cancel at once: whichever
+        runs first, the job ends ``deleting`` (a cancel takes a held job too)."""
+        for _ in range(5):
+            now = _now()
+            job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+            await asyncio.gather(
+                _apply(storage, job.id, JobEvent.QUARANTINE, "s1", 7, now, reason="spent"),
+                storage.request_cancel(job.id, now, HOLDER, now + LEASE),
+            )
+            assert (await _get(storage, job.id)).status is JobStatus.DELETING
+
+    async def test_a_checkpoint_from_a_lower_fence_of_the_same_server_is_refused(
+        self, storage: Storage
+    ) -> None:
+        """The same server took the job again under a larger token (its message
+        was redelivered to it): its older copy's checkpoint is refused, also while
+        the job is held (``pausing``), and a refused write changes nothing."""
+        now = _now()
+        job = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        assert await storage.save_checkpoints("s1", [(job.id, 7, "old copy")], now) == [job.id]
+        await _must(storage, job.id, JobEvent.START, "s1", 8, now + _sec(1))
+        assert await storage.save_checkpoints("s1", [(job.id, 8, "new copy")], now) == [job.id]
+        before = await _get(storage, job.id)
+        assert await storage.save_checkpoints("s1", [(job.id, 7, "old again")], now) == []
+        await storage.request_pause(job.id, now, HOLDER, now + LEASE)
+        assert await storage.save_checkpoints("s1", [(job.id, 7, "old, held")], now) == []
+        after = await _get(storage, job.id)
+        assert (after.checkpoint, after.checkpoint_fence) == ("new copy", 8)
+        assert after.checkpoint_at == before.checkpoint_at
