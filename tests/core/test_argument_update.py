@@ -136,7 +136,7 @@ async def test_bad_updates_are_clear_errors_and_change_nothing(cluster: Cluster)
         JobStatus.PROCESSING,
     )
     await cluster.client.mark_on_deleting(job_id)
-    with pytest.raises(JobNotUpdatable, match="deleting|deleted"):
+    with pytest.raises(JobNotUpdatable, match=r"deleting|deleted"):
         await cluster.client.update(job_id, "too late")
     assert (await cluster.job(job_id)).argument == before.argument
     assert [c.argument for c in cluster.ledger.of(job_id)] == [before.argument]

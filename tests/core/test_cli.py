@@ -719,7 +719,11 @@ def test_jobs_update_replaces_the_argument_and_show_tells_the_update_state(
     assert "argument updated (update 2)" in text.stdout
     assert "restarts with it" in text.stdout
     shown = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
-    assert (shown["argument"], shown["argument_version"], shown["update_pending"]) == ("v3", 2, True)
+    assert (shown["argument"], shown["argument_version"], shown["update_pending"]) == (
+        "v3",
+        2,
+        True,
+    )
     human = run("jobs", "show", job_id, "--storage", db, cwd=tmp_path).stdout
     assert "argument updates" in human and "restart with it pending" in human
 

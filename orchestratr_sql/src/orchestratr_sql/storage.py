@@ -313,7 +313,9 @@ class SqlStorage(SqlReads):
         """``(id, update_floor)`` of the recently updated live jobs, in one query."""
 
         async def read(conn: Connection) -> list[tuple[str, int]]:
-            rows = await conn.fetch(self._q["select_update_floors"], {"since": self._t(updated_since)})
+            rows = await conn.fetch(
+                self._q["select_update_floors"], {"since": self._t(updated_since)}
+            )
             return [(str(row["id"]), int(row["update_floor"])) for row in rows]
 
         return await self._run("update_floors", read, write=False, statement=True)

@@ -446,9 +446,7 @@ def create_app(
         confirmed stopped, then ``pending`` under a new generation); a paused or
         quarantined one resumes with it. 409 for a cancelled or completed job,
         422 for a bad argument: nothing is changed."""
-        return job_out(
-            await backend.client.update(plain(job_id, "job", status=404), body.argument)
-        )
+        return job_out(await backend.client.update(plain(job_id, "job", status=404), body.argument))
 
     # -- servers --------------------------------------------------------------------
 

@@ -138,9 +138,7 @@ class JobOut(BaseModel):
         description="While pending: why no server runs it (e.g. no live server "
         "runs its kind with its labels)",
     )
-    argument_version: int = Field(
-        default=0, description="How many times the argument was updated"
-    )
+    argument_version: int = Field(default=0, description="How many times the argument was updated")
     argument_updated_at: datetime | None = Field(
         default=None, description="When the argument was last updated"
     )

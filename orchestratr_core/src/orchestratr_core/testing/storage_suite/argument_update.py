@@ -80,9 +80,7 @@ class ArgumentUpdateTests:
         _restarted(job, confirmed, "new")
         assert confirmed == await _get(storage, job.id)
         # Its message is the relay's to send (unclaimed), under the new generation.
-        assert (OutboxKind.PUBLISH, job.generation + 1) in await _outbox_of(
-            storage, job.id, later
-        )
+        assert (OutboxKind.PUBLISH, job.generation + 1) in await _outbox_of(storage, job.id, later)
         assert job.id not in [job_id for job_id, _ in await storage.held_jobs()]
         # Servers drop every older message (they carry the old argument).
         assert (job.id, job.generation) in await storage.update_floors(now - _sec(60))
@@ -210,9 +208,7 @@ class ArgumentUpdateTests:
         confirmed = await _must(storage, job.id, JobEvent.CONFIRM_HELD, "s1", 7, now)
         _restarted(job, confirmed, "b")
 
-    @pytest.mark.parametrize(
-        "status", [JobStatus.DELETING, JobStatus.DELETED, JobStatus.COMPLETED]
-    )
+    @pytest.mark.parametrize("status", [JobStatus.DELETING, JobStatus.DELETED, JobStatus.COMPLETED])
     async def test_update_of_a_cancelled_or_finished_job_changes_nothing(
         self, storage: Storage, status: JobStatus
     ) -> None:
