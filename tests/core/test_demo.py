@@ -48,6 +48,7 @@ def test_demo_shows_kill_move_and_cancel_and_ends_by_itself_on_sqlite(tmp_path: 
     assert "larger fencing token" in out
     assert "never ran again" in out
     assert "declared dead" in out
+    assert "restarted with argument 0.2" in out
     assert "report-any and report-eu run on server-eu only" in out
     assert "report-us is pending: waiting: no live server runs kind 'report' with region=us" in out
     assert "Summary" in out
