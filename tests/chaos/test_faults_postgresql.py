@@ -81,3 +81,10 @@ async def test_pg_at_capacity(chaos: ChaosCluster) -> None:
     await faults.test_at_capacity_jobs_wait_through_kill_9_and_rebalance_and_no_server_exceeds_it(
         chaos
     )
+
+
+async def test_pg_update_restart_through_kill_9(chaos: ChaosCluster) -> None:
+    """``test_faults.test_an_update_restarts_the_job_once_with_the_new_argument_also_through_kill_9``."""
+    await faults.test_an_update_restarts_the_job_once_with_the_new_argument_also_through_kill_9(
+        chaos
+    )
