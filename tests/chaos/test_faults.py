@@ -491,6 +491,7 @@ async def test_an_update_restarts_the_job_once_with_the_new_argument_also_throug
     for job_id, at in updated_at.items():
         after = [c for c in copies if c.job == job_id and c.start > at]
         assert [c.argument for c in after] == ["v2"], after  # exactly once, never the old one
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW)
     chaos.check().assert_ok()  # I1..I4, I6, I8 (the update's hold)
     records = {job.id: job for job in await chaos.jobs()}
     for job_id in updated_at:

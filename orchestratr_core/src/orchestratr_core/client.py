@@ -578,10 +578,11 @@ class OrchestratorClient:
         it as a clean hand-over: ``pausing`` until a server confirms its copy
         stopped (or its queued message dropped), then ``pending`` under a new
         generation — never two copies, and every message of an older generation
-        is dropped by the servers. A ``paused`` or ``quarantined`` job stays so
-        and resumes with the new argument; so does a ``pausing`` one (a pause
-        wins over an update's restart, whichever came first). Returns the job
-        after the update (``argument_version`` counts the updates).
+        is dropped by the servers; a second update before the restart only
+        replaces the argument again. A ``paused`` or ``quarantined`` job stays
+        so and resumes with the new argument; so does one a client is pausing
+        (a pause wins over an update's restart, whichever came first). Returns
+        the job after the update (``argument_version`` counts the updates).
 
         :raises InvalidJobInput: the argument is not a string or too large;
             nothing is changed.
