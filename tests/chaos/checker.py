@@ -50,6 +50,8 @@ class Copy:
     """The kinds its server process runs."""
     server_labels: tuple[str, ...] = ()
     """Its server process's labels (``KEY=VALUE``)."""
+    argument: str = ""
+    """The job argument the copy was started with (an update restarts it with another)."""
 
     def last_step(self, dead_at: float | None) -> float:
         """The last moment this copy did something (its start, a write)."""
@@ -92,7 +94,8 @@ class Cancel:
 
 @dataclass
 class Hold:
-    """A pause (or quarantine) of a job the test saw take effect: I8."""
+    """A pause (or quarantine, or an update's restart) of a job the test saw take
+    effect: I8."""
 
     at: float
     """When ``pause`` returned."""
@@ -258,6 +261,7 @@ def parse_ledger(lines: Iterable[str]) -> list[Copy]:
                 kind=line.get("kind", DEFAULT_KIND),
                 server_kinds=tuple(filter(None, line.get("server_kinds", DEFAULT_KIND).split(","))),
                 server_labels=tuple(filter(None, line.get("server_labels", "").split(","))),
+                argument=str(line.get("arg", "")),
             )
             current[key] = copy
             out.append(copy)

@@ -728,6 +728,47 @@ class ChaosCluster:
             if hold.released is None:
                 hold.released = released
 
+    async def update(self, job_id: str, argument: str) -> float:
+        """Update a job's argument through the test's client; returns when. Noted
+        for the checker as a hold (I8) that :meth:`wait_restarted` releases: the
+        copy of the old argument ends within the bound, and nothing starts before
+        the restart."""
+        assert self.client is not None
+        record = await self.client.update(job_id, argument)
+        assert record.argument == argument, record
+        at = time.time()
+        self.holds.setdefault(job_id, []).append(checker.Hold(at=at))
+        return at
+
+    async def wait_restarted(
+        self, job_ids: list[str], argument: str, within: float, *, figure: str | None = None
+    ) -> float:
+        """Wait until each updated job has exactly one live copy, started with
+        ``argument`` after its update, within ``within`` of the update; the
+        update's hold is then released at that copy's start, with ``within`` as
+        the bound of the old copy (I8). Returns the longest time it took."""
+        took = 0.0
+        while True:
+            copies, now = self.copies(), time.time()
+            live = checker.live_at(copies, self.facts(now), now)
+            open_holds = [(j, h) for j in job_ids for h in self.holds[j] if h.released is None]
+            for job_id, hold in open_holds:
+                mine = [c for c in live if c.job == job_id]
+                if len(mine) == 1 and mine[0].argument == argument and mine[0].start > hold.at:
+                    hold.released, hold.bound = mine[0].start, within
+                    took = max(took, mine[0].start - hold.at)
+                elif now > hold.at + within:
+                    raise AssertionError(
+                        f"job {job_id} not restarted with {argument!r} within {within} s: "
+                        f"live copies {[(c.server, c.argument) for c in mine]} "
+                        f"({self.tail_logs()})"
+                    )
+            if all(h.released is not None for _, h in open_holds):
+                if figure is not None and open_holds:
+                    self.record_figure(figure, took, within, "restarted with the new argument")
+                return took
+            await asyncio.sleep(0.2)
+
     async def wait_paused(self, job_ids: list[str], within: float) -> float:
         """Wait until each job has no live copy and is ``paused`` in the storage,
         within ``within`` of its pause; the checker then holds every copy of each

@@ -55,6 +55,8 @@ def record(event: str, arg: JobArgument, copy: str = "", **extra: object) -> Non
         "kind": arg.kind,
         "server_kinds": os.environ.get("ORCHESTRATR_SERVER_KINDS", "default"),
         "server_labels": os.environ.get("ORCHESTRATR_SERVER_LABELS", ""),
+        # An update's restart: the argument the copy was started with.
+        "arg": arg.argument,
     }
     _ledger().write(json.dumps(line) + "\n")
 

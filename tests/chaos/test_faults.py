@@ -514,3 +514,46 @@ async def test_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosClus
         record = records[job_id]
         assert record.status is JobStatus.PROCESSING, record
         assert record.checkpoint_fence == record.fence, record  # the current owner's
+
+
+# -- updating a job's argument: a fenced restart, I1-I4 and I8 ---------------------------------
+
+
+async def test_an_update_restarts_the_job_once_with_the_new_argument_also_through_kill_9(
+    chaos: ChaosCluster,
+) -> None:
+    """An update restarts a running job with the new argument exactly once: its
+    old copy stops within the bound, nothing runs in between (I8), never two
+    copies (I1). An update whose owner is killed (kill -9) right after it is not
+    lost: the job restarts elsewhere with the new argument, and no copy with the
+    old argument starts after the update."""
+    ids = await _three_servers_with_jobs(chaos)
+    first = ids[0]
+    updated_at = {first: await chaos.update(first, "v2")}
+    await chaos.wait_restarted([first], "v2", within=BOUND_CANCEL + 3, figure="update restart")
+
+    victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
+    on_victim = [j for j in _on(chaos, victim) if j != first]
+    assert on_victim
+    doomed = on_victim[0]
+    updated_at[doomed] = await chaos.update(doomed, "v2")
+    chaos.kill9(victim)
+    await chaos.wait_restarted(
+        [doomed], "v2", within=BOUND_KILL + BOUND_VIEW, figure="update restart through kill -9"
+    )
+    await chaos.wait_all_running(ids, within=BOUND_KILL + BOUND_VIEW, exclude=(victim,))
+    await asyncio.sleep(2)  # anything that would bring the old argument back has time to
+    copies = chaos.copies()
+    for job_id, at in updated_at.items():
+        after = [c for c in copies if c.job == job_id and c.start > at]
+        assert [c.argument for c in after] == ["v2"], after  # exactly once, never the old one
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW)
+    chaos.check().assert_ok()  # I1..I4, I6, I8 (the update's hold)
+    records = {job.id: job for job in await chaos.jobs()}
+    for job_id in updated_at:
+        record = records[job_id]
+        assert (record.status, record.argument, record.update_pending) == (
+            JobStatus.PROCESSING,
+            "v2",
+            False,
+        )

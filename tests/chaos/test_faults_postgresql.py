@@ -95,3 +95,10 @@ async def test_pg_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosC
     """``test_faults.test_pause_resume_and_checkpoints_through_a_rebalance``: I8 and I9 on
     PostgreSQL alone."""
     await faults.test_pause_resume_and_checkpoints_through_a_rebalance(chaos)
+
+
+async def test_pg_update_restart_through_kill_9(chaos: ChaosCluster) -> None:
+    """``test_faults.test_an_update_restarts_the_job_once_with_the_new_argument_also_through_kill_9``."""
+    await faults.test_an_update_restarts_the_job_once_with_the_new_argument_also_through_kill_9(
+        chaos
+    )

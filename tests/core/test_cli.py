@@ -691,3 +691,52 @@ def test_server_job_kinds_and_labels_are_checked_before_it_connects(tmp_path: Pa
     limit = run(*base, "a=orchestratr_core.examples:ticker", "--max-workers-per-kind", "b=2",
                 cwd=tmp_path)  # fmt: skip
     assert_one_line_error(limit, 2, "does not run")
+
+
+def test_jobs_update_replaces_the_argument_and_show_tells_the_update_state(
+    tmp_path: Path, db: str
+) -> None:
+    """``jobs update ID ARGUMENT`` (the argument as ``jobs create`` takes it):
+    without a transport the update is committed with its outbox row; a queued job
+    waits ``pausing`` for a server to drop its old message, then restarts."""
+    created = run("jobs", "create", "cfg", "v1", "--storage", db, "--json", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+
+    updated = run("jobs", "update", job_id, '{"rate": 5}', "--storage", db, "--json", cwd=tmp_path)
+    assert updated.returncode == 0, updated.stderr
+    body = json.loads(updated.stdout)
+    assert (body["argument"], body["argument_version"], body["update_pending"]) == (
+        '{"rate": 5}',
+        1,
+        True,
+    )
+    assert body["status"] == "pausing"
+    assert body["argument_updated_at"] is not None
+
+    text = run("jobs", "update", job_id, "v3", "--storage", db, cwd=tmp_path)
+    assert text.returncode == 0, text.stderr
+    assert "argument updated (update 2)" in text.stdout
+    assert "restarts with it" in text.stdout
+    shown = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
+    assert (shown["argument"], shown["argument_version"], shown["update_pending"]) == (
+        "v3",
+        2,
+        True,
+    )
+    human = run("jobs", "show", job_id, "--storage", db, cwd=tmp_path).stdout
+    assert "argument updates" in human and "restart with it pending" in human
+
+    # Bad input: one line, exit 2, nothing changed.
+    too_big = run("jobs", "update", job_id, "x" * (64 * 1024 + 1), "--storage", db, cwd=tmp_path)
+    assert_one_line_error(too_big, 2, "the limit is")
+    missing = run("jobs", "update", job_id, "--storage", db, cwd=tmp_path)
+    assert missing.returncode == 2
+    unknown = run("jobs", "update", "no-such-job", "x", "--storage", db, cwd=tmp_path)
+    assert_one_line_error(unknown, 1, "no job with id")
+    # A cancelled job: a clear error, exit 1, nothing changed.
+    assert run("jobs", "cancel", job_id, "--storage", db, cwd=tmp_path).returncode == 0
+    late = run("jobs", "update", job_id, "v4", "--storage", db, cwd=tmp_path)
+    assert_one_line_error(late, 1, "cannot be updated")
+    final = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
+    assert (final["argument"], final["argument_version"]) == ("v3", 2)

@@ -52,6 +52,7 @@ def test_demo_shows_kill_move_and_cancel_and_ends_by_itself_on_sqlite(tmp_path: 
     assert "went on counting from the checkpoint their dead owner last sent" in out
     assert "paused after" in out and "nothing ran it for 1.0s" in out
     assert "paused and resumed, counting on from tick" in out
+    assert "restarted with argument 0.2" in out
     assert "report-any and report-eu run on server-eu only" in out
     assert "report-us is pending: waiting: no live server runs kind 'report' with region=us" in out
     assert "Summary" in out

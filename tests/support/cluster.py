@@ -67,6 +67,7 @@ class Copy:
     end: float | None = None
     writes: list[tuple[float, int]] = field(default_factory=list)
     kind: str = DEFAULT_KIND
+    argument: str = ""
 
 
 class Ledger:
@@ -81,7 +82,15 @@ class Ledger:
         """A job function for ``server`` that records its copy and runs until stopped."""
 
         async def job(arg: JobArgument, token: StopToken, heartbeat: Callable[[], None]) -> None:
-            copy = Copy(arg.job_id, arg.name, arg.fence, server, time.monotonic(), kind=arg.kind)
+            copy = Copy(
+                arg.job_id,
+                arg.name,
+                arg.fence,
+                server,
+                time.monotonic(),
+                kind=arg.kind,
+                argument=arg.argument,
+            )
             self.copies.append(copy)
             try:
                 if body is not None:

@@ -449,6 +449,43 @@ async def test_pause_and_resume_through_the_api_with_the_lifecycle_fields(
     assert missing.status_code == 404
 
 
+async def test_update_through_the_api_restarts_the_job_with_the_new_argument(
+    cluster: Cluster, local_api: httpx.AsyncClient
+) -> None:
+    await cluster.add_server("alpha", 3)
+    job = (await local_api.post("/api/jobs", json={"name": "cfg", "argument": "v1"})).json()
+    assert (job["argument_version"], job["update_pending"]) == (0, False)
+    await cluster.wait_running([job["id"]])
+
+    updated = await local_api.post(f"/api/jobs/{job['id']}/update", json={"argument": "v2"})
+    assert updated.status_code == 202
+    body = updated.json()
+    assert (body["argument"], body["argument_version"], body["status"]) == ("v2", 1, "pausing")
+    assert body["update_pending"] is True
+    await eventually(
+        lambda: [c.argument for c in cluster.ledger.running(job["id"])] == ["v2"],
+        10,
+        what="restarted with v2",
+    )
+    shown = (await local_api.get(f"/api/jobs/{job['id']}")).json()
+    assert (shown["argument"], shown["update_pending"]) == ("v2", False)
+    assert shown["generation"] > job["generation"]
+
+    # Bad input: a problem, nothing changed.
+    for bad, status in (({"argument": 5}, 422), ({}, 422), ({"argument": "x", "y": 1}, 422)):
+        assert_problem(await local_api.post(f"/api/jobs/{job['id']}/update", json=bad), status)
+    too_big = {"argument": "x" * (64 * 1024 + 1)}
+    assert_problem(await local_api.post(f"/api/jobs/{job['id']}/update", json=too_big), 422)
+    missing = await local_api.post("/api/jobs/no-such-job/update", json={"argument": "x"})
+    assert missing.status_code == 404
+    assert (await local_api.get(f"/api/jobs/{job['id']}")).json()["argument_version"] == 1
+    assert (await local_api.post(f"/api/jobs/{job['id']}/cancel")).status_code == 202
+    late = await local_api.post(f"/api/jobs/{job['id']}/update", json={"argument": "v3"})
+    assert_problem(late, 409)
+    assert "cannot be updated" in late.json()["detail"]
+    assert (await local_api.get(f"/api/jobs/{job['id']}")).json()["argument"] == "v2"
+
+
 async def test_kinds_constraints_labels_and_the_pending_reason_through_the_api(
     cluster: Cluster, local_api: httpx.AsyncClient
 ) -> None:

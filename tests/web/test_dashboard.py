@@ -18,7 +18,7 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from orchestratr_core.web import WebServer, start_server
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, eventually
 from tests.support.web import CHROMIUM, FLAGS, TOKEN
 
 SCREENSHOTS_ENV = "ORCHESTRATR_SCREENSHOTS"
@@ -224,6 +224,19 @@ async def test_dashboard_pauses_and_resumes_a_job_and_shows_a_quarantine_with_it
         assert cluster.ledger.running(held) == []
         await expect(page.get_by_test_id("detail-resume")).to_be_enabled()
         await page.get_by_test_id("detail-resume").click()
+        await expect(job_row(page, "held-1")).to_have_attribute("data-status", "processing")
+        # Update its argument from the job page: it restarts with it.
+        await page.get_by_test_id("update-arg").fill("rate=5")
+        await page.get_by_test_id("detail-update").click()
+        await expect(page.get_by_test_id("detail-argument")).to_have_text("rate=5")
+        await expect(
+            page.locator('#detail-fields dd[data-field="argument updates"]')
+        ).to_contain_text("1, ")
+        await eventually(
+            lambda: [c.argument for c in cluster.ledger.running(held)] == ["rate=5"],
+            10,
+            what="restarted with the new argument",
+        )
         await expect(job_row(page, "held-1")).to_have_attribute("data-status", "processing")
 
         await cluster.wait_status(crash, JobStatus.QUARANTINED)

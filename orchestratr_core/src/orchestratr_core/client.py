@@ -14,6 +14,7 @@ from orchestratr_core.errors import (
     BackendUnavailable,
     DuplicateJobName,
     InvalidJobInput,
+    JobNotUpdatable,
     OrchestratrError,
     PublishError,
 )
@@ -82,14 +83,21 @@ def job_message(job: JobRecord, generation: int) -> JobMessage:
 
 async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
     """The servers' cancellation set: every job that must never run again
-    (:meth:`Storage.cancelled_job_ids`) and a hold mark for every held job
-    (:mod:`orchestratr_core.lifecycle`)."""
+    (:meth:`Storage.cancelled_job_ids`), a hold mark for every held job
+    (:mod:`orchestratr_core.lifecycle`) and one for every job whose argument was
+    updated within ``deleted_since`` (:meth:`Storage.update_floors`)."""
     entries = await storage.cancelled_job_ids(deleted_since)
     try:
         held = await storage.held_jobs()
     except NotImplementedError:
         held = []
     entries.extend(hold_mark(job_id, generation) for job_id, generation in held)
+    try:
+        floors = await storage.update_floors(deleted_since)
+    except NotImplementedError:
+        floors = []
+    # An updated job's older messages carry the old argument: dropped everywhere.
+    entries.extend(hold_mark(job_id, generation) for job_id, generation in floors)
     return entries
 
 
@@ -560,6 +568,39 @@ class OrchestratorClient:
                 log.warning("job %s resumed; the manager will send it (%s)", job_id, exc)
                 return record
             self._sent.add([job_id])
+        return record
+
+    async def update(self, job_id: str, argument: str) -> JobRecord:
+        """Replace a job's argument, durably: every later start of the job uses
+        the new one, and no copy running the old one is left.
+
+        A job that runs or waits (``pending``, ``processing``) is restarted with
+        it as a clean hand-over: ``pausing`` until a server confirms its copy
+        stopped (or its queued message dropped), then ``pending`` under a new
+        generation — never two copies, and every message of an older generation
+        is dropped by the servers; a second update before the restart only
+        replaces the argument again. A ``paused`` or ``quarantined`` job stays
+        so and resumes with the new argument; so does one a client is pausing
+        (a pause wins over an update's restart, whichever came first). Returns
+        the job after the update (``argument_version`` counts the updates).
+
+        :raises InvalidJobInput: the argument is not a string or too large;
+            nothing is changed.
+        :raises JobNotUpdatable: the job is cancelled or completed; nothing is changed.
+        :raises UnknownJob: no job has this id.
+        """
+        _check_id(job_id)
+        argument = validate_argument(argument)
+        await self.open()
+        now = utcnow()
+        lease_until = now + self._lease if self._transport is not None else now
+        record, changed = await self._storage.request_update(
+            job_id, argument, now, self._holder, lease_until
+        )
+        if not changed:
+            raise JobNotUpdatable(job_id, record.status.value)
+        if record.status is JobStatus.PAUSING:
+            await self._send_stop_set(job_id, now, "updated")
         return record
 
     async def pause_jobs(

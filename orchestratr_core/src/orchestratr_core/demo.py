@@ -31,7 +31,14 @@ from typing import TextIO
 from orchestratr_core.backend_urls import sqlite_url
 from orchestratr_core.errors import MissingDriver, PluginNotFound
 from orchestratr_core.examples import ticker
-from orchestratr_core.job import JobArgument, JobQuery, JobStatus, ServerQuery, ServerStatus
+from orchestratr_core.job import (
+    JobArgument,
+    JobQuery,
+    JobStatus,
+    ServerQuery,
+    ServerStatus,
+    split_fence,
+)
 from orchestratr_core.lifecycle import checkpointed
 from orchestratr_core.manager import ManagerOptions, ServerManager
 from orchestratr_core.plugin.manager import get_plugin_manager, mask_url
@@ -75,6 +82,8 @@ class _Run:
     stopped: float | None = None
     checkpoint: str | None = None
     """The checkpoint this run started with (``arg.checkpoint``)."""
+    argument: str = ""
+    """The job argument this run started with (an update restarts it with another)."""
 
 
 @dataclass
@@ -94,7 +103,11 @@ class DemoLedger:
 
         async def demo_job(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
             run = _Run(
-                server=server, fence=arg.fence, started=time.monotonic(), checkpoint=arg.checkpoint
+                server=server,
+                fence=arg.fence,
+                started=time.monotonic(),
+                checkpoint=arg.checkpoint,
+                argument=arg.argument,
             )
             runs = self.runs.setdefault(arg.job_id, [])
             runs.append(run)
@@ -442,6 +455,39 @@ class _Demo:
         )
         self.summary.append(f"{name} paused and resumed, counting on from tick {start}")
 
+    async def update_one(self) -> None:
+        """Update a running job's argument (its tick interval): it restarts with it,
+        once, never two copies."""
+        live = [s for n, s in self.servers.items() if n not in self.dead]
+        job_id = sorted(live[0].running())[0] if live and live[0].running() else ""
+        if not job_id:
+            self._fail("no running job to update")
+            return
+        name = self.job_ids.get(job_id, job_id)
+        self.out.step(f"Updating the argument of {name} (its tick interval) to 0.2")
+        t0 = time.monotonic()
+        await self.mgr.client.update(job_id, "0.2")
+
+        async def restarted() -> bool:
+            return [r.argument for r in self.ledger.runs.get(job_id, []) if r.stopped is None] == [
+                "0.2"
+            ]
+
+        took = await self._until(restarted)
+        if took < 0:
+            self._fail(f"{name} did not restart with its new argument")
+            return
+        after = [r for r in self.ledger.runs[job_id] if r.started > t0]
+        if len(after) != 1:
+            self._fail(f"{name} started {len(after)} times after its update")
+            return
+        self.out.ok(
+            f"{name} restarted with argument 0.2 after {_secs(took)} (one new copy, "
+            f"on {after[0].server}, fence {split_fence(after[0].fence)[0]}:"
+            f"{split_fence(after[0].fence)[1]})"
+        )
+        self.summary.append(f"{name} updated: restarted once with its new argument")
+
     async def dead_detected(self) -> None:
         """Wait for the manager to declare the killed server dead (missed heartbeats)."""
         if self.killed is None or self.manager is None:
@@ -633,6 +679,7 @@ async def run_demo(
         await demo.kill_one()
         await demo.cancel_one()
         await demo.pause_and_resume_one()
+        await demo.update_one()
         await demo.dead_detected()
         await demo.kinds_and_labels(tag)
         if forever:

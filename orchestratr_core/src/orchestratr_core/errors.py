@@ -14,6 +14,7 @@ __all__ = [
     "DeliveryLost",
     "DuplicateJobName",
     "InvalidJobInput",
+    "JobNotUpdatable",
     "MalformedMessage",
     "MissingDriver",
     "OrchestratrError",
@@ -54,6 +55,19 @@ class UnknownJob(OrchestratrError, LookupError):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}")
         self.job_id = job_id
+
+
+class JobNotUpdatable(OrchestratrError):
+    """The job is cancelled (or being cancelled) or completed: it will never run
+    again, so its argument cannot be updated. Nothing was changed."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(
+            f"job {job_id!r} is {status}: it will never run again, so its argument "
+            "cannot be updated (create a new job instead)"
+        )
+        self.job_id = job_id
+        self.status = status
 
 
 class UnknownServer(OrchestratrError, LookupError):

@@ -385,6 +385,14 @@ TRANSITIONS: dict[JobEvent, Transition] = {
 server: ``processing`` becomes ``pending``, ``deleting``, ``pausing`` and
 ``quarantined`` stay as they are, and the owner is cleared in every case.
 
+``CONFIRM_HELD`` of a ``pausing`` job with ``update_pending`` (its argument was
+updated while it ran or waited: ``Storage.request_update``) makes it ``pending``
+instead of ``paused``, with ``generation + 1``, ``fence`` raised to
+``make_fence(generation + 1, 0)`` (a copy of any older message, which carries the
+old argument, fails ``START``'s guard), ``update_pending`` cleared and a
+``PUBLISH`` outbox row, in the same transaction: the restart with the new
+argument is never lost, and starts only once the old copy is confirmed stopped.
+
 ``RESUME`` also raises the job's ``generation`` by one (its new message is not
 covered by the hold mark of the old one) and empties its failure log (a fresh
 restart budget). ``PAUSE`` keeps
@@ -510,6 +518,17 @@ class JobRecord:
     server_seen: datetime | None = None
     """When the server running the job was last heard, for a job ``processing`` on
     a live server (filled by the monitor's reads; ``None`` otherwise)."""
+    argument_version: int = 0
+    """How many times the argument was updated (``OrchestratorClient.update``)."""
+    argument_updated_at: datetime | None = None
+    """When the argument was last updated (``None``: never)."""
+    update_pending: bool = False
+    """An update waits for the running copy to stop: once a server confirms it
+    stopped (``CONFIRM_HELD`` of the ``pausing`` job), the job is ``pending``
+    again under a new generation, with the new argument."""
+    update_floor: int | None = None
+    """The generation the latest update superseded: servers drop every message of
+    the job up to it (they carry an older argument)."""
 
     @property
     def liveness(self) -> datetime | None:
@@ -552,6 +571,9 @@ class JobRecord:
             "spread": self.spread,
             "pending_reason": self.pending_reason if self.status is JobStatus.PENDING else None,
             "liveness": _iso(self.liveness),
+            "argument_version": self.argument_version,
+            "argument_updated_at": _iso(self.argument_updated_at),
+            "update_pending": self.update_pending,
         }
 
 

@@ -65,6 +65,8 @@ __all__ = [
     "REASON_RESUMED",
     "REASON_SERVER_DEAD",
     "REASON_SERVER_LEFT",
+    "REASON_UPDATED",
+    "REASON_UPDATE_REQUESTED",
     "OutboxItem",
     "OutboxKind",
     "SpreadJob",
@@ -96,6 +98,12 @@ REASON_PAUSE_REQUESTED = "pause requested"
 """A client asked to pause the job (``PAUSE``)."""
 REASON_RESUMED = "resumed"
 """A client resumed the job (``RESUME``)."""
+REASON_UPDATE_REQUESTED = "update requested"
+"""A client updated the argument of a live job: its copy is stopped (``pausing``)
+and it restarts with the new argument (:meth:`Storage.request_update`)."""
+REASON_UPDATED = "restarted with the updated argument"
+"""The copy that ran the old argument was confirmed stopped; the job is pending
+under a new generation (``CONFIRM_HELD`` of a job with ``update_pending``)."""
 
 
 class OutboxKind(enum.StrEnum):
@@ -346,8 +354,11 @@ class Storage(abc.ABC):
         """Apply :data:`JobEvent.PAUSE` (reason :data:`REASON_PAUSE_REQUESTED`) and,
         if it applied, insert an outbox row ``CANCEL`` (it asks for the stop set,
         hold marks included, to be written) claimed by ``holder`` — in one
-        transaction. Returns the job after the attempt and whether it changed.
-        Raises :class:`UnknownJob` for an unknown id."""
+        transaction. A ``pausing`` job with ``update_pending`` (an update stops
+        its copy to restart it) changes too: ``update_pending := 0`` and the
+        reason, so that it ends ``paused`` instead of restarting (with the new
+        argument once resumed). Returns the job after the attempt and whether it
+        changed. Raises :class:`UnknownJob` for an unknown id."""
         raise NotImplementedError(f"{type(self).__name__} does not implement pause")
 
     async def request_resume(
@@ -362,6 +373,36 @@ class Storage(abc.ABC):
         transaction. Returns the job after the attempt and whether it changed.
         Raises :class:`UnknownJob` for an unknown id."""
         raise NotImplementedError(f"{type(self).__name__} does not implement resume")
+
+    async def request_update(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Replace a job's argument (validated), in one guarded update and one
+        transaction (``docs/architecture.md``, "Updating a job's argument"):
+
+        * ``pending`` or ``processing``: the job becomes ``pausing`` with
+          ``update_pending`` set, ``update_floor := generation`` and reason
+          :data:`REASON_UPDATE_REQUESTED` (the owner stays: it confirms), and an
+          outbox row ``CANCEL`` (the stop set, with the job's hold mark) claimed
+          by ``holder`` is inserted. Once a server confirms the old copy stopped
+          (``CONFIRM_HELD``), the job is ``pending`` under a new generation.
+        * ``pausing``, ``paused`` or ``quarantined``: the status and
+          ``update_pending`` stay (a paused job resumes with the new argument);
+          a ``pausing`` one gets the outbox row too.
+        * in every case above ``argument := argument``, ``argument_version + 1``,
+          ``argument_updated_at := now``, ``updated_at := now``.
+
+        ``deleting``, ``deleted`` and ``completed`` jobs are left unchanged
+        (returned with ``False``). Raises :class:`UnknownJob` for an unknown id.
+        Returns the job after the attempt and whether it changed."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update")
+
+    async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """``(id, update_floor)`` of every job whose argument was updated at or
+        after ``updated_since`` and that is neither held nor final, ascending by
+        id: hold marks that make servers drop a stray message of a generation
+        that carried the old argument (a held job has its own, higher mark)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update")
 
     async def save_checkpoints(
         self, server_id: str, checkpoints: Sequence[tuple[str, int, str]], now: datetime

@@ -45,6 +45,7 @@ from orchestratr_core.job import (
     ServerRecord,
     ServerStatus,
     TransitionResult,
+    make_fence,
 )
 from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
@@ -56,6 +57,8 @@ from orchestratr_core.storage import (
     REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
+    REASON_UPDATE_REQUESTED,
+    REASON_UPDATED,
     OutboxItem,
     OutboxKind,
     Storage,
@@ -115,6 +118,8 @@ class _Store:
     outbox: dict[int, _OutboxRow] = field(default_factory=dict)
     next_outbox_id: int = 1
     leases: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    updated: set[str] = field(default_factory=set)
+    """Ids of the jobs whose argument was ever updated (``update_floors``)."""
 
     # -- index maintenance: every job write goes through put() ----------------------
 
@@ -138,6 +143,8 @@ class _Store:
         self.by_status[new.status].add(new.id)
         if new.server_id is not None:
             self.by_server.setdefault(new.server_id, set()).add(new.id)
+        if new.update_floor is not None:
+            self.updated.add(new.id)
         if new.status is JobStatus.DELETED:
             if self.names.get(new.name) == new.id:
                 del self.names[new.name]
@@ -184,7 +191,16 @@ class _Store:
             if row.status is JobStatus.PROCESSING:
                 changes["status"] = JobStatus.PENDING
         elif event is JobEvent.CONFIRM_HELD:
-            if row.status is JobStatus.PAUSING:
+            if row.status is JobStatus.PAUSING and row.update_pending:
+                # An update stopped it: pending under a new generation, with the
+                # new argument (the restart is in this transaction: never lost).
+                changes["status"] = JobStatus.PENDING
+                changes["generation"] = row.generation + 1
+                # Any older message's copy (the old argument) now fails START's guard.
+                changes["fence"] = max(row.fence, make_fence(row.generation + 1, 0))
+                changes["update_pending"] = False
+                changes["reason"] = REASON_UPDATED
+            elif row.status is JobStatus.PAUSING:
                 changes["status"] = JobStatus.PAUSED
             else:
                 changes["reason"] = row.reason  # a quarantine keeps its reason
@@ -218,6 +234,8 @@ class _Store:
                 changes["restarts"] = restarts
         new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
         self.put(row, new)
+        if event is JobEvent.CONFIRM_HELD and new.status is JobStatus.PENDING:
+            self.add_outbox(new, OutboxKind.PUBLISH, now, "", now)  # unclaimed: the relay's
         return True, new
 
     def lose_jobs(
@@ -387,8 +405,8 @@ class MemoryStorage(Storage):
     async def request_pause(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
-        """See :meth:`Storage.request_pause`."""
-        return self._request(
+        """See :meth:`Storage.request_pause` (an update's restart is called off)."""
+        job, changed = self._request(
             job_id,
             JobEvent.PAUSE,
             OutboxKind.CANCEL,
@@ -397,6 +415,64 @@ class MemoryStorage(Storage):
             lease_until,
             REASON_PAUSE_REQUESTED,
         )
+        if changed or job.status is not JobStatus.PAUSING or not job.update_pending:
+            return job, changed
+        store = self._data()
+        with store.lock:
+            row = store.jobs[job_id]
+            if row.status is not JobStatus.PAUSING or not row.update_pending:
+                return row, False
+            new = dataclasses.replace(
+                row, update_pending=False, reason=REASON_PAUSE_REQUESTED, updated_at=now
+            )
+            store.put(row, new)
+            store.add_outbox(new, OutboxKind.CANCEL, now, holder, lease_until)
+            return new, True
+
+    async def request_update(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """See :meth:`Storage.request_update`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                raise UnknownJob(job_id)
+            if row.status.final or row.status is JobStatus.DELETING:
+                return row, False
+            changes: dict[str, object] = {
+                "argument": argument,
+                "argument_version": row.argument_version + 1,
+                "argument_updated_at": now,
+                "updated_at": now,
+            }
+            if row.status in (JobStatus.PENDING, JobStatus.PROCESSING):
+                changes.update(
+                    status=JobStatus.PAUSING,
+                    update_pending=True,
+                    update_floor=row.generation,
+                    reason=REASON_UPDATE_REQUESTED,
+                )
+            new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
+            store.put(row, new)
+            if new.status is JobStatus.PAUSING:
+                store.add_outbox(new, OutboxKind.CANCEL, now, holder, lease_until)
+            return new, True
+
+    async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """See :meth:`Storage.update_floors`."""
+        store = self._data()
+        with store.lock:
+            jobs = (store.jobs[job_id] for job_id in store.updated)
+            return sorted(
+                (job.id, job.update_floor)
+                for job in jobs
+                if job.update_floor is not None
+                and job.argument_updated_at is not None
+                and job.argument_updated_at >= updated_since
+                and not job.status.held
+                and not job.status.final
+            )
 
     async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
         """See :meth:`Storage.raise_pending_generation`."""

@@ -174,6 +174,10 @@ class SqlStorageBase(Storage):
             constraints=split_list(row["requires"]),
             spread=row["spread"],
             pending_reason=row["pending_reason"],
+            argument_version=int(row.get("argument_version") or 0),
+            argument_updated_at=d.time_out(row.get("argument_updated_at")),
+            update_pending=bool(row.get("update_pending") or 0),
+            update_floor=_int_or_none(row.get("update_floor")),
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:

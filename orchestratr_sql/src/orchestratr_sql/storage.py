@@ -20,6 +20,7 @@ from orchestratr_core.errors import BackendUnavailable, DuplicateJobName, Unknow
 from orchestratr_core.job import (
     JobEvent,
     JobRecord,
+    JobStatus,
     NewJob,
     ServerRecord,
     ServerStatus,
@@ -34,6 +35,8 @@ from orchestratr_core.storage import (
     REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
+    REASON_UPDATE_REQUESTED,
+    REASON_UPDATED,
     OutboxItem,
     OutboxKind,
     check_heartbeat,
@@ -267,7 +270,9 @@ class SqlStorage(SqlReads):
     async def request_pause(
         self, job_id: str, now: datetime, holder: str, lease_until: datetime
     ) -> tuple[JobRecord, bool]:
-        """Guarded ``PAUSE`` plus a ``cancel`` outbox row (the stop set), in one transaction."""
+        """Guarded ``PAUSE`` (or, for a job an update is stopping, calling off its
+        restart: ``pause_updating``) plus a ``cancel`` outbox row (the stop set),
+        in one transaction."""
         return await self._request(
             "request_pause",
             "transition_pause",
@@ -277,6 +282,63 @@ class SqlStorage(SqlReads):
             holder,
             lease_until,
             REASON_PAUSE_REQUESTED,
+            fallback="pause_updating",
+        )
+
+    async def request_update(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """One guarded ``UPDATE`` (``request_update``), then the row and, for a job
+        left ``pausing``, a ``cancel`` outbox row: one transaction."""
+        values = {
+            "id": job_id,
+            "argument": argument,
+            "now": self._t(now),
+            "reason": REASON_UPDATE_REQUESTED,
+        }
+
+        async def update(conn: Connection) -> tuple[JobRecord, bool]:
+            changed = await conn.execute(self._q["request_update"], values)
+            row = await conn.fetch_one(self._q["select_job"], values)
+            if row is None:
+                raise UnknownJob(job_id)
+            job = self._job(row)
+            if changed and job.status is JobStatus.PAUSING:
+                await self._insert_outbox(conn, job, OutboxKind.CANCEL, now, holder, lease_until)
+            return job, changed > 0
+
+        return await self._run("request_update", update)
+
+    async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """``(id, update_floor)`` of the recently updated live jobs, in one query."""
+
+        async def read(conn: Connection) -> list[tuple[str, int]]:
+            rows = await conn.fetch(
+                self._q["select_update_floors"], {"since": self._t(updated_since)}
+            )
+            return [(str(row["id"]), int(row["update_floor"])) for row in rows]
+
+        return await self._run("update_floors", read, write=False, statement=True)
+
+    async def _insert_outbox(
+        self,
+        conn: Connection,
+        job: JobRecord,
+        kind: OutboxKind,
+        now: datetime,
+        holder: str,
+        lease_until: datetime,
+    ) -> None:
+        await conn.execute(
+            self._q["insert_outbox"],
+            {
+                "job_id": job.id,
+                "kind": kind.value,
+                "generation": job.generation,
+                "now": self._t(now),
+                "holder": holder,
+                "lease_until": self._t(lease_until),
+            },
         )
 
     async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
@@ -313,29 +375,23 @@ class SqlStorage(SqlReads):
         holder: str,
         lease_until: datetime,
         reason: str,
+        fallback: str | None = None,
     ) -> tuple[JobRecord, bool]:
-        """A client's guarded transition and, if it applied, its outbox row of
-        ``kind`` for the generation it left: one transaction."""
+        """A client's guarded transition (or, if it did not apply, the guarded
+        ``fallback`` update) and, if one applied, its outbox row of ``kind`` for
+        the generation it left: one transaction."""
         values = {"id": job_id, "now": self._t(now), "reason": reason}
 
         async def request(conn: Connection) -> tuple[JobRecord, bool]:
             changed = await conn.execute(self._q[query], values)
+            if not changed and fallback is not None:
+                changed = await conn.execute(self._q[fallback], values)
             row = await conn.fetch_one(self._q["select_job"], values)
             if row is None:
                 raise UnknownJob(job_id)
             job = self._job(row)
             if changed:
-                await conn.execute(
-                    self._q["insert_outbox"],
-                    {
-                        "job_id": job_id,
-                        "kind": kind.value,
-                        "generation": job.generation,
-                        "now": self._t(now),
-                        "holder": holder,
-                        "lease_until": self._t(lease_until),
-                    },
-                )
+                await self._insert_outbox(conn, job, kind, now, holder, lease_until)
             return job, changed > 0
 
         return await self._run(what, request)
@@ -444,6 +500,17 @@ class SqlStorage(SqlReads):
         }
 
         async def apply(conn: Connection) -> TransitionResult:
+            if event is JobEvent.CONFIRM_HELD:
+                # A job an update stopped restarts with the new argument, in this
+                # transaction (never lost): pending, a new generation, its message.
+                update = {**values, "reason": REASON_UPDATED}
+                if await conn.execute(self._q["transition_confirm_update"], update):
+                    row = await conn.fetch_one(self._q["select_job"], values)
+                    if row is None:  # pragma: no cover - we just updated it
+                        raise RuntimeError("updated job row is not visible")
+                    job = self._job(row)
+                    await self._insert_outbox(conn, job, OutboxKind.PUBLISH, now, "", now)
+                    return TransitionResult(applied=True, job=job)
             changed = await conn.execute(self._q[name], values)
             row = await conn.fetch_one(self._q["select_job"], values)
             return TransitionResult(

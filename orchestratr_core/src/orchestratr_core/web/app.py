@@ -26,6 +26,7 @@ from orchestratr_core.errors import (
     ConfigurationError,
     DuplicateJobName,
     InvalidJobInput,
+    JobNotUpdatable,
     OrchestratrError,
     PermanentBackendError,
     UnknownJob,
@@ -54,6 +55,7 @@ from orchestratr_core.web.models import (
     JobOut,
     JobPageOut,
     ServerOut,
+    UpdateJob,
     job_out,
     plain,
     problem_responses,
@@ -269,6 +271,8 @@ def create_app(
             return problem_response(422, "Invalid job input", str(exc), "invalid-job-input")
         if isinstance(exc, DuplicateJobName):
             return problem_response(409, "Duplicate job name", str(exc), "duplicate-job-name")
+        if isinstance(exc, JobNotUpdatable):
+            return problem_response(409, "Job not updatable", str(exc), "job-not-updatable")
         if isinstance(exc, UnknownJob):
             return problem_response(404, "Unknown job", str(exc), "unknown-job")
         if isinstance(exc, UnknownServer):
@@ -432,6 +436,23 @@ def create_app(
         latest checkpoint and a fresh restart budget). A job still ``pausing``, or
         in any other status, is returned unchanged."""
         return job_out(await backend.client.resume(plain(job_id, "job", status=404)))
+
+    @app.post(
+        "/api/jobs/{job_id}/update",
+        status_code=202,
+        response_model=JobOut,
+        dependencies=writer,
+        responses=problem_responses(400, 404, 409, 422, 503),
+        tags=["jobs"],
+        summary="Replace a job's argument",
+    )
+    async def update_job(job_id: str, body: UpdateJob) -> JobOut:
+        """Replace a job's argument, durably. A pending or running job is
+        restarted with it as a clean hand-over (``pausing`` until its copy is
+        confirmed stopped, then ``pending`` under a new generation); a paused or
+        quarantined one resumes with it. 409 for a cancelled or completed job,
+        422 for a bad argument: nothing is changed."""
+        return job_out(await backend.client.update(plain(job_id, "job", status=404), body.argument))
 
     # -- servers --------------------------------------------------------------------
 

@@ -78,6 +78,17 @@ class CreateJob(BaseModel):
     )
 
 
+class UpdateJob(BaseModel):
+    """A request to replace a job's argument."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Typed loosely on purpose, as CreateJob: the core's validation answers.
+    argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
+        description="The new argument (up to 64 KiB of UTF-8); a running job restarts with it"
+    )
+
+
 class FailureOut(BaseModel):
     """One failure of a job: its function raised, or its server died holding it."""
 
@@ -143,6 +154,15 @@ class JobOut(BaseModel):
         default=None,
         description="While pending: why no server runs it (e.g. no live server "
         "runs its kind with its labels)",
+    )
+    argument_version: int = Field(default=0, description="How many times the argument was updated")
+    argument_updated_at: datetime | None = Field(
+        default=None, description="When the argument was last updated"
+    )
+    update_pending: bool = Field(
+        default=False,
+        description="An update waits for the running copy to stop; then the job "
+        "restarts with the new argument",
     )
 
 

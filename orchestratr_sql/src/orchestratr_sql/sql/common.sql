@@ -218,3 +218,43 @@ UPDATE jobs SET
     failure_log = :failure_log,
     updated_at = :now
 WHERE id = :id AND failure_seq = :seq AND status NOT IN ('deleted', 'completed');
+
+-- Updating a job's argument (Storage.request_update).
+
+-- name: request_update
+-- A live job (pending|processing) -> pausing with update_pending: its copy is
+-- stopped, and CONFIRM_HELD restarts it under a new generation. A held one keeps
+-- its status. Never a deleting or final job. Status last: MySQL assigns left to right.
+UPDATE jobs SET
+    update_pending = CASE WHEN status IN ('pending', 'processing') THEN 1 ELSE update_pending END,
+    update_floor = CASE WHEN status IN ('pending', 'processing') THEN generation ELSE update_floor END,
+    reason = CASE WHEN status IN ('pending', 'processing') THEN :reason ELSE reason END,
+    status = CASE WHEN status IN ('pending', 'processing') THEN 'pausing' ELSE status END,
+    argument = :argument, argument_version = argument_version + 1,
+    argument_updated_at = :now, updated_at = :now
+WHERE id = :id AND status IN ('pending', 'processing', 'pausing', 'paused', 'quarantined');
+
+-- name: transition_confirm_update
+-- CONFIRM_HELD of a pausing job an update stopped (guard NOT_OLDER, clears the
+-- owner): pending under a new generation, with the new argument. The fence is
+-- raised to the new generation's floor, so the START of any older message's copy
+-- (the old argument) fails the NEWER guard. fence before generation: MySQL
+-- assigns left to right.
+UPDATE jobs SET fence = (generation + 1) * 4294967296, status = 'pending',
+                generation = generation + 1, update_pending = 0,
+                server_id = NULL, updated_at = :now, reason = :reason
+WHERE id = :id
+  AND status = 'pausing' AND update_pending = 1
+  AND (server_id IS NULL OR fence <= :fence);
+
+-- name: pause_updating
+-- A pause of a job an update is stopping: it ends paused instead of restarting.
+UPDATE jobs SET update_pending = 0, reason = :reason, updated_at = :now
+WHERE id = :id AND status = 'pausing' AND update_pending = 1;
+
+-- name: select_update_floors
+-- Recently updated live jobs and the generation their update superseded.
+SELECT id, update_floor FROM jobs
+WHERE argument_updated_at >= :since AND update_floor IS NOT NULL
+  AND status IN ('pending', 'processing', 'deleting')
+ORDER BY id;

@@ -1,4 +1,4 @@
-"""``orchestratr jobs create | cancel | list | show | pause | resume``."""
+"""``orchestratr jobs create | cancel | list | show | pause | resume | update``."""
 
 from __future__ import annotations
 
@@ -136,6 +136,15 @@ def add_commands(
             "--name-prefix", metavar="P", help="every job whose name starts with P"
         )
         command.set_defaults(handler=handler)
+    # Updating a job's argument: appended, the commands above unchanged.
+    update = job_commands.add_parser(
+        "update",
+        parents=[parents.common, parents.storage, parents.as_json],
+        help="replace a job's argument (a running job restarts with it)",
+    )
+    update.add_argument("id", help="job id")
+    update.add_argument("argument", help="the job's new argument string")
+    update.set_defaults(handler=_cmd_jobs_update)
 
 
 async def _cmd_jobs_create(args: argparse.Namespace) -> int:
@@ -233,6 +242,26 @@ async def _hold_or_release(args: argparse.Namespace, *, pause: bool) -> int:
     return 1
 
 
+async def _cmd_jobs_update(args: argparse.Namespace) -> int:
+    validate_argument(args.argument)  # refused before touching the storage
+    async with OpenStorage(storage_url(args, must_exist=True)) as storage:
+        job = await OrchestratorClient(storage).update(args.id, args.argument)
+    if args.json:
+        print_json(job.to_dict())
+        return 0
+    if job.update_pending:
+        what = "it restarts with it once its running copy stopped (a running manager does it)"
+    elif job.status is JobStatus.PAUSING:
+        what = "it is pausing, and starts with it when resumed"
+    else:
+        what = f"it is {job.status.value}, and starts with it when resumed"
+    print(
+        f"job {printable(job.name)!r} ({job.id}): argument updated "
+        f"(update {job.argument_version}); {what}"
+    )
+    return 0
+
+
 def _count(text: str) -> int:
     """An argparse type: a count within 0..MAX_COUNT."""
     return 0 if text.strip() == "0" else positive_int(text)
@@ -323,6 +352,13 @@ def _checkpoint_label(job: JobRecord) -> str | None:
     return f"{len(job.checkpoint.encode('utf-8'))} bytes, stored {ago(job.checkpoint_at)}"
 
 
+def _update_label(job: JobRecord) -> str | None:
+    if not job.argument_version or job.argument_updated_at is None:
+        return None
+    waiting = "; restart with it pending" if job.update_pending else ""
+    return f"{job.argument_version}, last {ago(job.argument_updated_at)}{waiting}"
+
+
 def _budget_label(job: JobRecord) -> str | None:
     if job.max_restarts is None and job.restart_window is None:
         return None
@@ -356,6 +392,7 @@ def _print_job(job: JobRecord, names: dict[str, str]) -> None:
         ("checkpoint", _checkpoint_label(job)),
         ("failures", job.failure_seq or None),
         ("restart budget", _budget_label(job)),
+        ("argument updates", _update_label(job)),
     ]
     rows += [(key, value) for key, value in lifecycle if value is not None]
     if job.status is JobStatus.PENDING:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import pytest
 
+from orchestratr_core.testing.storage_suite.argument_update import ArgumentUpdateTests
 from orchestratr_core.testing.storage_suite.coordination import (
     CancelledJobIdsTests,
     GenerationRaiseTests,
@@ -50,6 +51,7 @@ from orchestratr_core.testing.storage_suite.servers import (
 from orchestratr_core.testing.storage_suite.transitions import TransitionTests
 
 __all__ = [
+    "ArgumentUpdateTests",
     "CancelledJobIdsTests",
     "CreateJobTests",
     "CreateJobsTests",
@@ -73,6 +75,7 @@ __all__ = [
 
 # pytest collects the last base first: the sections run in the order listed in the files
 class StorageConformance(
+    ArgumentUpdateTests,
     JobLifecycleTests,
     PlacementTests,
     HostileInputTests,

@@ -299,6 +299,19 @@ async function jobAction(id, name, action) {
   } catch (error) { banner(error.title + ": " + error.message); }
 }
 
+async function updateJob(event) {
+  event.preventDefault();
+  const id = state.detailId;
+  if (!id) return;
+  const argument = $("update-arg").value;
+  try {
+    const job = await api("POST", "/api/jobs/" + encodeURIComponent(id) + "/update", { argument });
+    banner("Updated the argument of job " + job.name + " (update " + job.argument_version + "); it is " + job.status + ".", "info");
+    $("update-arg").value = "";
+    await refresh();
+  } catch (error) { banner(error.title + ": " + error.message); }
+}
+
 async function createJob(event) {
   event.preventDefault();
   const name = $("create-name").value;
@@ -354,6 +367,7 @@ async function refreshDetail() {
     ["quarantine reason", job.quarantine_reason || "—"],
     ["kind", job.kind || "default"], ["constraints", (job.constraints || []).join(", ") || "—"],
     ["spread", job.spread || "—"], ["pending reason", job.pending_reason || "—"],
+    ["argument updates", job.argument_version ? job.argument_version + ", " + ago(job.argument_updated_at) + (job.update_pending ? " (restart with it pending)" : "") : "—"],
   ];
   $("detail-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k } }, v)]));
   $("detail-argument").textContent = job.argument || "(empty)";
@@ -371,6 +385,7 @@ async function refreshDetail() {
   const resume = $("detail-resume");
   resume.disabled = !(job.status === "paused" || job.status === "quarantined");
   resume.onclick = () => jobAction(job.id, job.name, "resume");
+  $("detail-update").disabled = job.status === "deleting" || job.status === "deleted" || job.status === "completed";
 }
 
 // -- polling ---------------------------------------------------------------------------
@@ -424,6 +439,7 @@ function init() {
   });
   $("forget-token").addEventListener("click", () => { sessionStorage.removeItem(TOKEN_KEY); $("token").value = ""; refresh(); });
   $("create-form").addEventListener("submit", createJob);
+  $("update-form").addEventListener("submit", updateJob);
   $("filters").addEventListener("submit", (event) => event.preventDefault());
   $("filters").addEventListener("change", resetPaging);
   let typing = null;
