@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
 
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
-from orchestratr_core.job import JobStatus
+from orchestratr_core.job import JobStatus, ServerStatus
 from orchestratr_core.server import beats as server_beats
 from orchestratr_core.server.beats import ACK_PATIENCE, HeartbeatSeries
 from orchestratr_core.server_views import ServerViews, Verdict
@@ -288,6 +289,60 @@ async def test_a_restarted_manager_gets_a_complete_listing_and_converges(
         record = await cluster.job(job_id)
         assert (record.status, record.server_id) == (JobStatus.PROCESSING, server.id)
     assert len(manager._views) == 1
+
+
+async def test_a_new_manager_after_a_long_outage_declares_no_live_server_dead(
+    cluster: Cluster,
+) -> None:
+    """The manager was down for longer than the server timeout: the servers' rows
+    are as old as the outage, and their heartbeats wait in the broker. The new
+    leader must not declare them dead (and release their jobs) before it has had
+    one server timeout to apply what they sent."""
+    await cluster.start_manager()
+    servers = [await cluster.add_server(name, 5) for name in ("a", "b")]
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await asyncio.sleep(0.5)  # every start applied
+    before = {job_id: await cluster.job(job_id) for job_id in ids}
+    assert all(record.status is JobStatus.PROCESSING for record in before.values())
+    assert cluster.manager is not None
+    await cluster.manager.stop()
+    await asyncio.sleep(2 * FAST_MANAGER.server_timeout)
+    manager = await cluster.start_manager()
+    watch_until = time.monotonic() + 3 * FAST_MANAGER.server_timeout
+    while time.monotonic() < watch_until:
+        for server in servers:
+            record = await cluster.storage.get_server(server.id)
+            assert record is not None and record.status is ServerStatus.ALIVE, record
+        for job_id in ids:
+            now = await cluster.job(job_id)
+            was = before[job_id]
+            assert (now.status, now.server_id, now.fence) == (was.status, was.server_id, was.fence)
+        await asyncio.sleep(0.02)
+    assert manager.is_leader
+    assert all(len(cluster.ledger.running(job_id)) == 1 for job_id in ids)
+
+
+async def test_a_leader_still_declares_a_silent_server_dead(cluster: Cluster) -> None:
+    """The new leader's wait is one server timeout, not for ever."""
+    await cluster.start_manager()
+    keep = await cluster.add_server("a", 5)
+    gone = await cluster.add_server("b", 5)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await gone.kill()
+    await eventually(
+        lambda: _status(cluster, gone.id, ServerStatus.DEAD),
+        timeout=4 * FAST_MANAGER.server_timeout,
+        what="the killed server declared dead",
+    )
+    record = await cluster.storage.get_server(keep.id)
+    assert record is not None and record.status is ServerStatus.ALIVE
+
+
+async def _status(cluster: Cluster, server_id: str, status: ServerStatus) -> bool:
+    record = await cluster.storage.get_server(server_id)
+    return record is not None and record.status is status
 
 
 async def test_a_healthy_running_job_shows_its_server_s_heartbeat_as_its_liveness(
