@@ -154,6 +154,7 @@ async def simulate(
     window: float,
     legacy: bool,
     manager_args: list[str],
+    profile: str = "",
 ) -> dict[str, Any]:
     per_server = jobs // servers
     total = per_server * servers
@@ -224,7 +225,7 @@ async def simulate(
                 out["first_convergence_s"] = await _all_running(system, total, t0, 900)
                 out["outbox_empty_s"] = await _outbox_empty(system, 300)
                 out["settled_s"] = await _settled(control, events, len(sims), 300)
-                out.update(await _steady(system, sims, window))
+                out.update(await _steady(system, sims, window, profile))
                 for sim in sims:  # room for a share of a dead server's jobs
                     await _take_jobs(connection, system, sim, spare)
                 out.update(await _dies(system, sims[-1], interval))
@@ -323,27 +324,43 @@ async def _writes(system: OrchestratR) -> dict[str, int]:
     return {row["relname"]: int(row["w"]) for row in rows}
 
 
-async def _steady(system: OrchestratR, sims: list[SimServer], window: float) -> dict[str, Any]:
+async def _steady(
+    system: OrchestratR, sims: list[SimServer], window: float, profile: str
+) -> dict[str, Any]:
     assert system.manager is not None
     pid = system.manager.pid
+    spy: asyncio.subprocess.Process | None = None
     # A backend flushes its statistics at most once a second, and an idle one up
     # to 10 s later (PostgreSQL 15+): the creates' writes must be counted before.
     await asyncio.sleep(11)
     w0, c0, t0 = await _writes(system), cpu_seconds(pid), time.monotonic()
     sent0 = sum(s.sent for s in sims)
     bytes0 = sum(s.sent_bytes for s in sims)
+    if profile:  # sampled from outside, without pausing the manager
+        spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("py-spy")),
+            *("record", "--nonblocking", "-r", "100", "-f", "raw", "-p", str(pid)),
+            *("-d", str(int(window)), "-o", profile),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
     await asyncio.sleep(window)
     c1, t1 = cpu_seconds(pid), time.monotonic()
+    if spy is not None:
+        await spy.wait()
+    sent1 = sum(s.sent for s in sims)
+    bytes1 = sum(s.sent_bytes for s in sims)
     await asyncio.sleep(11)
-    w1 = await _writes(system)
+    # Rows written between the two reads of the statistics (both lag alike).
+    w1, t2 = await _writes(system), time.monotonic()
     wall = t1 - t0
-    per_table = {k: round((w1.get(k, 0) - w0.get(k, 0)) / wall, 1) for k in w1}
+    per_table = {k: round((w1.get(k, 0) - w0.get(k, 0)) / (t2 - t0), 1) for k in w1}
     return {
         "manager_cpu_pct": round(100 * (c1 - c0) / wall, 1),
         "manager_rss_bytes": rss_bytes(pid),
         "db_row_writes_per_s": per_table,
-        "heartbeats_per_s": round((sum(s.sent for s in sims) - sent0) / wall, 1),
-        "heartbeat_bytes_per_s": round((sum(s.sent_bytes for s in sims) - bytes0) / wall),
+        "heartbeats_per_s": round((sent1 - sent0) / wall, 1),
+        "heartbeat_bytes_per_s": round((bytes1 - bytes0) / wall),
         "window_s": round(wall, 1),
     }
 
@@ -433,6 +450,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 window=args.window,
                 legacy=args.legacy,
                 manager_args=args.manager_args.split(),
+                profile=args.profile and f"{args.profile}-{size}.txt",
             )
         except Exception as exc:  # recorded, not raised: the next size may still fit
             import traceback
@@ -466,6 +484,11 @@ def main() -> None:
         "--manager-args",
         default="",
         help="more `orchestratr manager` options, e.g. '--seen-batch 0'",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy the manager over the window into PATH-<jobs>.txt (collapsed stacks)",
     )
     asyncio.run(main_async(parser.parse_args()))
 
