@@ -461,3 +461,23 @@ async def test_a_checkpoint_of_an_otherwise_idle_job_reaches_the_storage_through
     await eventually(
         lambda: job_id not in server._beats._checkpoints, what="the checkpoint acknowledged"
     )
+
+
+def test_a_delta_that_names_hundreds_of_jobs_gone_is_decoded_and_applied() -> None:
+    """A server that stopped many jobs at once (a drain, a mass cancel, a rebalance)
+    names them all in ``gone``: that list is not capped like kinds or labels (a
+    refused heartbeat is dead-lettered, and its server's liveness with it)."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    many = [p.RunningJob(f"job-{i:04d}", 1, None, 0) for i in range(300)]
+    first = _hb(series.next(_reports(*many)))
+    assert views.receive(p.decode_as(p.encode(first), p.ServerHeartbeat)) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    after = _hb(series.next(_reports(*many[:10])))
+    assert len(after.gone) == 290
+    decoded = p.decode_as(p.encode(after), p.ServerHeartbeat)
+    assert decoded.gone == after.gone
+    assert views.receive(decoded) is Verdict.ACK
+    with pytest.raises(MalformedMessage):
+        body = json.loads(p.encode(after))
+        body["kinds"] = [f"k{i}" for i in range(65)]
+        p.decode_as(json.dumps(body).encode(), p.ServerHeartbeat)
