@@ -79,13 +79,21 @@ class SimServer:
         self.sent_bytes = 0
         self.duplicates = 0
 
-    def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        """Hold a job message, as a server does while the job runs."""
+    async def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Hold a job message, as a server does while the job runs. Of two
+        messages of one job (the outbox relay sent it again under a new
+        generation), the one with the larger fence is kept and the other dropped,
+        as a server does."""
         job = p.decode_as(message.body, p.JobMessage)
         count = int(str((message.headers or {}).get("x-delivery-count", 0) or 0))
         fence = make_fence(job.generation, count)
-        if job.job_id in self.held:
+        previous = self.held.get(job.job_id)
+        if previous is not None:
             self.duplicates += 1
+            if previous[0].fence >= fence:
+                await message.ack()
+                return
+            await previous[1].ack()
         self.held[job.job_id] = (p.RunningJob(job.job_id, fence, None, 0), message)
         self.started.append(job.job_id)
         self.changed = True
@@ -248,7 +256,7 @@ async def _take_jobs(
     jobs_queue = await channel.get_queue(system.queue, ensure=False)
 
     async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        sim.deliver(message)
+        await sim.deliver(message)
 
     await jobs_queue.consume(on_job)
     sim.channels.append(channel)
