@@ -481,3 +481,39 @@ def test_a_delta_that_names_hundreds_of_jobs_gone_is_decoded_and_applied() -> No
         body = json.loads(p.encode(after))
         body["kinds"] = [f"k{i}" for i in range(65)]
         p.decode_as(json.dumps(body).encode(), p.ServerHeartbeat)
+
+
+async def test_unchanged_heartbeats_are_written_together_and_before_the_next_event(
+    cluster: Cluster,
+) -> None:
+    """An idle server's heartbeats change nothing but its row: the manager writes
+    them in batches (``touch_servers``), its ``last_seen`` still follows them, and
+    a later event of the server (it leaves) is applied after them, not before."""
+    manager = await cluster.start_manager(dataclasses.replace(FAST_MANAGER, seen_batch=0.3))
+    batches: list[list[str]] = []
+    touch = manager.storage.touch_servers
+
+    async def spy(heartbeats: Any) -> None:
+        batches.append([hb.server_id for hb, _ in heartbeats])
+        await touch(heartbeats)
+
+    manager.storage.touch_servers = spy  # type: ignore[method-assign]
+    servers = [await cluster.add_server(name, 5) for name in ("a", "b")]
+    ids = await cluster.create(4)
+    await cluster.wait_running(ids)
+    await eventually(lambda: len(batches) >= 3, what="three batches of idle heartbeats")
+    assert any(len(batch) == 2 for batch in batches), batches  # both servers in one
+    before = await cluster.storage.get_server(servers[0].id)
+    assert before is not None
+    await asyncio.sleep(1.0)
+    after = await cluster.storage.get_server(servers[0].id)
+    assert after is not None and after.last_seen > before.last_seen
+    noted = len(batches)
+    await servers[0].stop()
+    record = await eventually(
+        lambda: _status(cluster, servers[0].id, ServerStatus.LEFT), what="left"
+    )
+    assert record
+    await asyncio.sleep(0.5)  # a batch written after the leave would bring it back
+    assert await _status(cluster, servers[0].id, ServerStatus.LEFT)
+    assert len(batches) > noted

@@ -384,7 +384,7 @@ class ServerManager:
             if self._touches and time.monotonic() - self._touches_since >= self._seen_batch:
                 try:
                     await self._flush_touches()
-                except (OrchestratrError, OSError) as exc:
+                except Exception as exc:  # kept noted: the next round or event writes them
                     log.warning("could not write the noted heartbeats (retried): %s", exc)
 
     @property
