@@ -207,11 +207,14 @@ async def simulate(
                         await publish(sim)
                         await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
 
+            # The servers begin once the jobs exist: creating them in this same
+            # process under load must not starve their heartbeats (they would be
+            # declared dead before they held anything).
+            t0 = time.monotonic()
+            await system.submit([f"job-{i:07d}" for i in range(total)])
+            out["create_s"] = round(time.monotonic() - t0, 1)
             beats = asyncio.create_task(beat_loop())
             try:
-                t0 = time.monotonic()
-                await system.submit([f"job-{i:07d}" for i in range(total)])
-                out["create_s"] = round(time.monotonic() - t0, 1)
                 t0 = time.monotonic()  # the servers start taking their jobs now
                 for sim in sims:
                     queue = await control.declare_queue(
