@@ -45,7 +45,7 @@ def consumer_timeout_ms() -> str:
     return out or "?"
 
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 SYSTEMS = ("orchestratr", "celery", "dramatiq")
 
 

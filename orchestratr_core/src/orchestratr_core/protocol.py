@@ -807,17 +807,20 @@ def _running_jobs(name: str, value: Any) -> tuple[RunningJob, ...]:
     return tuple(jobs)
 
 
-_STRING_ITEM_LIMITS: dict[str, int] = {"started": MAX_JOB_ID_LENGTH}
+_STRING_ITEM_LIMITS: dict[str, int] = {"started": MAX_JOB_ID_LENGTH, "gone": MAX_JOB_ID_LENGTH}
 """Longest item of a list of strings, by field (kinds, labels, constraints: 130)."""
+
+_JOB_ID_LISTS = frozenset({"started", "gone"})
+"""Lists of job ids in a heartbeat: up to one item per job the server ran."""
 
 
 def _strings(name: str, value: Any) -> tuple[str, ...]:
-    """A list of strings (``ServerHeartbeat.started``: up to one per running job;
-    kinds, labels, constraints)."""
+    """A list of strings (``ServerHeartbeat.started`` and ``gone``: up to one per
+    job; kinds, labels, constraints: at most 64)."""
     if type(value) is not list:
         raise ValueError(f"field {name!r} must be a list of str")
     limit = _STRING_ITEM_LIMITS.get(name, 130)
-    if name != "started" and len(value) > 64:
+    if name not in _JOB_ID_LISTS and len(value) > 64:
         raise ValueError(f"field {name!r} holds more than 64 items")
     for index, item in enumerate(value):
         if type(item) is not str:
