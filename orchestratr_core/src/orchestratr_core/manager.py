@@ -317,6 +317,12 @@ class ServerManager:
         if isinstance(event, p.ServerHeartbeat) and self._note_idle(event):
             if time.monotonic() - self._touches_since >= self._seen_batch:
                 await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
+            # An idle heartbeat still moves the check of held jobs its owner no
+            # longer lists (throttled there): else an idle fleet never runs it.
+            await self._flush_or_dead_letter(
+                "confirm held jobs their owners no longer run",
+                lambda: self._confirm_held_unlisted(utcnow()),
+            )
             return
         if self._touches:
             await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
