@@ -137,6 +137,23 @@ async def _wait_moved(
         await asyncio.sleep(0.02)
 
 
+async def _settled(cluster: Cluster, keys: list[str], *, within: float, quiet: float = 2.0) -> None:
+    """Wait (at most ``within`` seconds) until every job runs exactly once and no
+    copy started for ``quiet`` seconds. Under load OrchestratR's outbox relay may
+    send a job's message again under a new generation when its creator confirmed
+    the first one late (docs/benchmarks.md); the newer copy supersedes the older
+    within moments. A kill before that measures the clean-up of the duplicates
+    with the failover: a job whose newer copy runs elsewhere never starts again."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        cluster.ledger.poll()
+        counts = cluster.ledger.open_counts()
+        last = max((c.start for c in cluster.ledger.copies), default=0.0)
+        if all(counts.get(k) == 1 for k in keys) and time.time() - last >= quiet:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def failover(
     name: str, workdir: Path, *, per_worker: int, partition: bool = False,
     heartbeat: int | None = None, within: float = 120.0,
@@ -152,6 +169,7 @@ async def failover(
         await cluster.system.submit(keys)
         await cluster.wait_running(keys, within=180)
         await asyncio.sleep(2.0)  # let every start settle
+        await _settled(cluster, keys, within=90)
         held = cluster.holdings(workers)
         victim = max(workers, key=lambda w: len(held[w.pid]))
         victim_keys = held[victim.pid]

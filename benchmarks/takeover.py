@@ -8,6 +8,7 @@ not wall time, so that a loaded machine disturbs it less; the wall time is
 printed too.
 
     .venv/bin/python -m benchmarks.takeover --jobs 1000 --runs 5
+    .venv/bin/python -m benchmarks.takeover --jobs 333 --held 1000 --runs 5   # a survivor's share
     .venv/bin/python -m benchmarks.takeover --jobs 1000 --runs 1 --profile /tmp/takeover.prof
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 from benchmarks.common import AMQP, delete_broker_objects
 
 
-async def one_run(jobs: int, profile: str | None) -> dict[str, float]:
+async def one_run(jobs: int, held_before: int, profile: str | None) -> dict[str, float]:
     import aio_pika
 
     from orchestratr_core import OrchestratedServer
@@ -37,12 +38,14 @@ async def one_run(jobs: int, profile: str | None) -> dict[str, float]:
     prefix = f"bench-takeover-{uuid.uuid4().hex[:8]}"
     url = f"{AMQP}?namespace={prefix}"
     started = 0
-    all_started = asyncio.Event()
+    own_started, all_started = asyncio.Event(), asyncio.Event()
 
     async def job(arg: Any, token: Any, heartbeat: Any) -> None:
         nonlocal started
         started += 1
-        if started == jobs:
+        if started == held_before:
+            own_started.set()
+        if started == jobs + held_before:
             all_started.set()
         await token.wait()
 
@@ -51,16 +54,20 @@ async def one_run(jobs: int, profile: str | None) -> dict[str, float]:
     victim = await aio_pika.connect(AMQP)
     try:
         await publisher.connect()
-        for i in range(jobs):
-            await publisher.publish_job(
-                JobMessage(
-                    job_id=new_id(),
-                    name=f"j{i}",
-                    argument="",
-                    generation=1,
-                    created_at=time.time(),
+
+        async def publish(count: int) -> None:
+            for i in range(count):
+                await publisher.publish_job(
+                    JobMessage(
+                        job_id=new_id(),
+                        name=f"j{i}",
+                        argument="",
+                        generation=1,
+                        created_at=time.time(),
+                    )
                 )
-            )
+
+        await publish(jobs)
         queue_name = publisher.topology.pool_queue(DEFAULT_POOL)  # type: ignore[attr-defined]
         channel = await victim.channel()
         await channel.set_qos(prefetch_count=jobs)
@@ -76,9 +83,14 @@ async def one_run(jobs: int, profile: str | None) -> dict[str, float]:
 
         await queue.consume(hold, no_ack=False)
         await asyncio.wait_for(everything.wait(), 60)
-        server = OrchestratedServer(job, transport=url, max_workers=jobs, name="takeover")
+        await publish(held_before)  # the server's own jobs (the victim has no room left)
+        server = OrchestratedServer(
+            job, transport=url, max_workers=jobs + held_before, name="takeover"
+        )
         await server.start()
-        await asyncio.sleep(1.0)  # the server's consumers are up and idle
+        if held_before:
+            await asyncio.wait_for(own_started.wait(), 60)
+        await asyncio.sleep(3.0)  # its own jobs settle; its consumers have credit again
         profiler = cProfile.Profile() if profile else None
         cpu0, wall0 = time.process_time(), time.monotonic()
         if profiler is not None:
@@ -101,7 +113,7 @@ async def one_run(jobs: int, profile: str | None) -> dict[str, float]:
 async def main_async(args: argparse.Namespace) -> None:
     results = []
     for r in range(args.runs):
-        res = await one_run(args.jobs, args.profile if r == 0 else None)
+        res = await one_run(args.jobs, args.held, args.profile if r == 0 else None)
         print(
             f"run {r + 1}: {res['cpu_us_per_job']:.0f} us CPU per job, wall {res['wall_s']:.3f} s"
         )
@@ -109,7 +121,9 @@ async def main_async(args: argparse.Namespace) -> None:
     summary = {
         "jobs": args.jobs,
         "runs": len(results),
+        "held": args.held,
         "cpu_us_per_job_median": round(statistics.median(r["cpu_us_per_job"] for r in results)),
+        "cpu_us_per_job_min": round(min(r["cpu_us_per_job"] for r in results)),
         "wall_s_median": round(statistics.median(r["wall_s"] for r in results), 4),
     }
     print(json.dumps(summary))
@@ -119,6 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--held", type=int, default=0, help="jobs the server already runs (the benchmark's 1,000)"
+    )
     parser.add_argument("--profile", help="write a cProfile of the first run's takeover here")
     asyncio.run(main_async(parser.parse_args()))
 
