@@ -186,6 +186,8 @@ class OrchestratedServer:
         )
         self._beats = HeartbeatSeries()
         self._gc = GcFreezer()
+        self._resume = self._supervise_parked
+        """One bound method for every parked job (nothing allocated per job)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
@@ -507,15 +509,18 @@ class OrchestratedServer:
         job_task: asyncio.Task[None] = asyncio.create_task(
             self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, run.beat)
         )
-
-        def supervise() -> None:
-            run.task = asyncio.create_task(
-                self._supervise(run, None, first=(job_task, began)),
-                name=f"orchestratr-job-{arg.job_id}",
-            )
-
-        run.park(supervise, began)
+        run.park(job_task, began, self._resume)
         job_task.add_done_callback(run.alert)
+
+    def _supervise_parked(self, run: Run) -> None:
+        """Make the supervisor of a job started without one (:meth:`Run.park`)."""
+        job_task = run.parked
+        assert job_task is not None
+        run.parked = None
+        run.task = asyncio.create_task(
+            self._supervise(run, None, first=(job_task, run.began)),
+            name=f"orchestratr-job-{run.arg.job_id}",
+        )
 
     async def _release_later(self, delivery: Delivery, delay: float) -> None:
         await asyncio.sleep(delay)
