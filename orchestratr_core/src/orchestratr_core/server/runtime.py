@@ -490,7 +490,7 @@ class OrchestratedServer:
         what the supervisor does first (watch the delivery, report the start, start
         the job function) is done here, and its task is made only when it has
         something to do -- the job ended, a stop or a loss, or the watchdog is due
-        (:meth:`Run.resume`). A job that just runs, which is nearly every job and
+        (:meth:`Run.park`). A job that just runs, which is nearly every job and
         every job a failover moves, costs one task instead of two."""
         arg = run.arg
         run.watch_loss()
@@ -499,18 +499,34 @@ class OrchestratedServer:
                 self._supervise(run, None), name=f"orchestratr-job-{arg.job_id}"
             )
             return
+        began = self._report_start(run)
+        job_task = self._run_job(run)
+        run.park(job_task, began, self._resume)
+        job_task.add_done_callback(run.alert)
+
+    def _report_start(self, run: Run) -> float:
+        """Report that the job function of ``run`` starts now; returns the time."""
         began = time.time()
+        run.last_heartbeat = None
+        arg = run.arg
         self._emit(
             p.JobStarted(
-                server_id=self.id, job_id=arg.job_id, fence=arg.fence, at=began, restarts=0
+                server_id=self.id,
+                job_id=arg.job_id,
+                fence=arg.fence,
+                at=began,
+                restarts=run.restarts,
             ),
             arg.name,
         )
-        job_task: asyncio.Task[None] = asyncio.create_task(
+        return began
+
+    def _run_job(self, run: Run) -> asyncio.Task[None]:
+        """Start the job function of ``run`` as a task."""
+        arg = run.arg
+        return asyncio.create_task(
             self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, run.beat)
         )
-        run.park(job_task, began, self._resume)
-        job_task.add_done_callback(run.alert)
 
     def _supervise_parked(self, run: Run) -> None:
         """Make the supervisor of a job started without one (:meth:`Run.park`)."""
@@ -567,25 +583,12 @@ class OrchestratedServer:
                 if first is not None:
                     (job_task, began), first = first, None
                 else:
-                    began = time.time()
-                    run.last_heartbeat = None
-                    self._emit(
-                        p.JobStarted(
-                            server_id=self.id,
-                            job_id=arg.job_id,
-                            fence=arg.fence,
-                            at=began,
-                            restarts=run.restarts,
-                        ),
-                        arg.name,
-                    )
+                    began = self._report_start(run)
                     if run.handover is not None and not await self._await_checkpoint(run):
                         break
                     if arg.checkpoint != run.checkpoint:
                         arg = run.arg = dataclasses.replace(arg, checkpoint=run.checkpoint)
-                    job_task = asyncio.create_task(
-                        self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, run.beat)
-                    )
+                    job_task = self._run_job(run)
                     job_task.add_done_callback(run.alert)
                 outcome = await run.wait_job(job_task, began)
                 if outcome is Outcome.STOP:
