@@ -337,6 +337,13 @@ class Ledger:
                 out[key] = copy
         return out
 
+    def open_counts(self) -> dict[str, int]:
+        """How many copies of each key are open (started, not ended)."""
+        out: dict[str, int] = {}
+        for _, key in self._open:
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def started_after(self, t: float, *, exclude_pids: set[int]) -> dict[str, float]:
         """Earliest start after ``t`` per key, outside ``exclude_pids``."""
         out: dict[str, float] = {}
