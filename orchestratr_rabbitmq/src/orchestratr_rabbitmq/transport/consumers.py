@@ -656,7 +656,33 @@ class PoolWatch(BrokerSubscription):
 
     async def attach(self, session: Session) -> None:
         self.session = session
+        self.channel = None
+        self.wiring.spawn(self._name(DEFAULT_POOL))
+        if session.registry.is_set():
+            await self._follow(session)
+        else:
+            # Being declared in the background (session.py, _declare_registry): the
+            # default pool runs meanwhile, and no other pool's job is published before
+            # the registry exists and names it.
+            self.wiring.spawn(self._follow_when_declared(session))
+
+    async def _follow_when_declared(self, session: Session) -> None:
+        while not await session.wait_registry(60.0):
+            if self.ended(session):
+                return
+        if self.ended(session):
+            return
+        try:
+            await self._follow(session)
+        except Exception as exc:
+            if not self.ended(session):
+                session.fail(f"following the pool registry failed: {describe(exc)}")
+
+    async def _follow(self, session: Session) -> None:
         self.channel = await session.channel("pools")
+        if self.closed:
+            await session.close_channel(self.channel)
+            return
         underlay = await self._watch_cancel(session, "pools")
         await underlay.basic_qos(prefetch_count=200)  # a stream consumer needs a prefetch
         await underlay.basic_consume(
@@ -665,7 +691,6 @@ class PoolWatch(BrokerSubscription):
             no_ack=False,
             arguments={"x-stream-offset": "first"},
         )
-        self.wiring.spawn(self._name(DEFAULT_POOL))
 
     async def _on_message(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Collection, Coroutine
 from typing import Any
@@ -174,7 +175,15 @@ class RabbitMQTransport(Transport):
         self._generation += 1
         topology = Topology(s.namespace, s.queue_type, version, s.dead_letter_limit)
         session = Session(
-            s, self._session_failed, connection, publisher, topology, self._generation, started
+            s,
+            self._session_failed,
+            connection,
+            publisher,
+            topology,
+            self._generation,
+            started,
+            side_connection=functools.partial(self._connect_one, f"{name} (declare)"),
+            node=node,
         )
         try:
             await session.open()
@@ -374,6 +383,15 @@ class RabbitMQTransport(Transport):
         async with self._pool_lock:
             if pool in session.pools_ready:
                 return
+            # Declared and announced before its first publish: without the registry
+            # (being declared in the background) a new pool's publish waits, then fails.
+            if not await session.wait_registry(self.settings.publish_timeout):
+                why = session.reason or "its declaration is retried in the background"
+                raise BackendUnavailable(
+                    f"RabbitMQ at {self.settings.host}: the pool registry "
+                    f"{session.topology.pools} is not available yet ({why}); "
+                    f"the first job of pool {pool.key!r} waits for it, retry"
+                )
             try:
                 await session.declare_pool(pool)
             except OrchestratrError as exc:
