@@ -287,3 +287,32 @@ async def test_kill_9_the_node_of_the_manager_and_the_cancellation_set_cancels_g
     await _node("start", LEADER_NODE)
     await chaos.wait_view_converges(ids + kept, within=BOUND_VIEW)
     chaos.check().assert_ok(cancel_grace=grace.cancel_grace, duplicate_grace=grace.duplicate_grace)
+
+
+@pytest.mark.slow
+async def test_connecting_while_a_node_is_frozen_retries_then_connects(cluster_url: str) -> None:
+    """While node 2 is frozen, RabbitMQ 3.10.8 on node 1 answers no binding (its
+    metadata store waits for node 2 until the cluster declares it down): a manager
+    or server starting then must treat that as transient. The fence ends the hung
+    setup, the connect is retried, and it succeeds once node 2 answers again (it
+    used to end in a ``CancelledError`` out of ``connect()``, and the process exited)."""
+    namespace = f"frozen-connect-{time.monotonic_ns()}"
+    first = RabbitMQTransport(cluster_url, namespace=namespace, heartbeat=3, fence_timeout=4.5)
+    await first.connect()  # the namespace exists; a second connect declares bindings again
+    await first.close()
+    again = RabbitMQTransport(
+        cluster_url, namespace=namespace, heartbeat=3, fence_timeout=4.5, connect_attempts=10
+    )
+    try:
+        await _node("pause", SERVERS_NODE)
+        connecting = asyncio.create_task(again.connect())
+        await asyncio.sleep(PAUSE)
+        assert not connecting.done() or connecting.exception() is None
+        resumed = await _node("resume", SERVERS_NODE)
+        await asyncio.wait_for(connecting, BOUND_PAUSE)
+        assert again.connected
+        record_figure("cluster: connect during a freeze: after resume", time.time() - resumed, 15)
+    finally:
+        await asyncio.to_thread(infra, CLUSTER, "resume", SERVERS_NODE)
+        await again.close()
+        await drop_namespace(namespace, cluster_url)

@@ -186,9 +186,20 @@ class RabbitMQTransport(Transport):
             node=node,
         )
         try:
-            await session.open()
-            if topology.cancellations in session.mismatched:
-                await self._cancellations.recreate(session)
+            # Ended by the fence like any wait on the broker: a declaration can hang
+            # while a cluster node is frozen (RabbitMQ's metadata store waits for it
+            # until it is declared down), and the closing connection then cancels it.
+            async with session.bounded(s.connect_timeout + s.fence_timeout):
+                await session.open()
+                if topology.cancellations in session.mismatched:
+                    await self._cancellations.recreate(session)
+        except TimeoutError:
+            session.fail("setting up timed out", expected=True)
+            await session.shutdown()
+            raise BackendUnavailable(
+                f"RabbitMQ at {s.nodes[node]}: declaring the {s.namespace!r} namespace got no "
+                f"answer ({session.reason}); retrying"
+            ) from None
         except Exception as exc:
             session.fail(f"setting up failed: {describe(exc)}", expected=True)
             await session.shutdown()
