@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -190,6 +191,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         """Tags of this session's cancelled consumers: what still reaches them is
         handed back at once."""
         self.held: dict[int, RabbitDelivery] = {}
+        self.renewals: dict[RabbitDelivery, None] = {}
+        """Deliveries to hand back before the broker's timeout, earliest first."""
+        self.renewal_timer: asyncio.TimerHandle | None = None
 
     async def attach(self, session: Session) -> None:
         async with self.lock:
@@ -395,7 +399,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
 
     def _schedule_renewal(self, delivery: RabbitDelivery) -> None:
         """Hand a job back (lost first, then requeued) before the broker's
-        acknowledgement timeout can tear it away, when we know that timeout."""
+        acknowledgement timeout can tear it away, when we know that timeout. One
+        timer serves every delivery (they share the timeout, so they come due in
+        the order they came): no timer, closure or context per held job."""
         timeout = known_consumer_timeout(self.wiring.settings, delivery.session.topology)
         if timeout is None:
             return
@@ -403,23 +409,41 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         # and `timeout + 60s`; a quarter of the timeout (at most 2 min) is our margin.
         after = timeout - min(0.25 * timeout, 120.0)
         delivery.renew_at = time.monotonic() + after
+        self.renewals[delivery] = None
+        if self.renewal_timer is None:
+            self._arm_renewals()
 
-        def renew() -> None:
-            delivery.renewal = None
+    def forget_renewal(self, delivery: RabbitDelivery) -> None:
+        """``delivery`` was settled or lost: no hand-back for it."""
+        self.renewals.pop(delivery, None)
+        delivery.renew_at = math.inf
+
+    def _arm_renewals(self) -> None:
+        self.renewal_timer = None
+        if self.renewals:
+            first = next(iter(self.renewals))
+            self.renewal_timer = asyncio.get_running_loop().call_later(
+                max(0.0, first.renew_at - time.monotonic()), self._renew_due
+            )
+
+    def _renew_due(self) -> None:
+        now = time.monotonic()
+        while self.renewals:
+            delivery = next(iter(self.renewals))
+            if delivery.renew_at > now:
+                break
+            del self.renewals[delivery]
             if delivery.lost.is_set() or delivery.settled:
-                return
+                continue
             log.info(
-                "job %s held for %.0fs, near the broker's acknowledgement timeout "
-                "(%.0fs): handing it back",
+                "job %s held near the broker's acknowledgement timeout (%.0fs): handing it back",
                 delivery.message.job_id,
-                after,
-                timeout,
+                known_consumer_timeout(self.wiring.settings, delivery.session.topology) or 0.0,
             )
             delivery.mark_lost()
             delivery.session.deliveries.discard(delivery)
             self.wiring.spawn(self._requeue(delivery))
-
-        delivery.renewal = asyncio.get_running_loop().call_later(after, renew)
+        self._arm_renewals()
 
     async def _requeue(self, delivery: RabbitDelivery, delay: float = 0.0) -> None:
         """Hand a delivery that is no longer run back to the queue after ``delay``."""
