@@ -86,7 +86,7 @@ class CancellationSet:
         that only grows; normally there is one). A writer (manager, web) then
         **publishes** the new set (confirmed: it is in the queue) and acks what it
         took. A reader (a server, whose broker user may not write the set) requeues
-        what it took and waits until the queue holds it again.
+        what it took.
 
         An empty queue counts as "no set" only if the marker exchange
         ``<ns>.cancellations.written`` does not exist; otherwise the set is held by
@@ -200,11 +200,11 @@ class CancellationSet:
         if write is None and not recreate:
             assert current is not None
             # A read writes nothing (a server's user may not publish the set): hand
-            # back what we took and wait until the queue holds it again, so that the
-            # next taker finds it at once (a quorum queue requeues asynchronously).
+            # back what we took. No need to wait until the queue shows it again: a
+            # taker that finds it empty meanwhile sees the marker and waits for it
+            # (and with several readers the message may never rest in the queue).
             for _, _, tag in taken:
                 await underlay.basic_reject(tag, requeue=True)
-            await self._returned(underlay, t.cancellations, len(taken))
             return current[1]
         stored = current[1] if current else frozenset()
         if recreate:
@@ -259,19 +259,6 @@ class CancellationSet:
             await underlay.basic_ack(tag)
         await underlay.basic_qos(prefetch_count=1)  # a round trip: the acks are processed
         return keep
-
-    async def _returned(self, underlay: aiormq.abc.AbstractChannel, queue: str, count: int) -> None:
-        """Wait (bounded by ``snapshot_timeout``) until ``queue`` holds ``count``
-        ready messages again; past that the next reader waits for them instead."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.snapshot_timeout
-        pause = 0.002
-        while True:
-            ok = await underlay.queue_declare(queue, passive=True)
-            if (ok.message_count or 0) >= count or loop.time() > deadline:
-                return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.1)
 
     async def _marker_exists(self, session: Session) -> bool:
         channel = await session.connection.channel(publisher_confirms=False)
