@@ -508,9 +508,20 @@ async def test_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosClus
     assert again and again[0].got_checkpoint is not None, again
     await asyncio.sleep(1.5)  # the current owners' checkpoints reach the manager
     chaos.check().assert_ok()  # I1..I4, I6, I8 (three holds), I9 (every start)
-    records = {job.id: job for job in await chaos.jobs()}
+    running = [j for j in [*live, resumed_later] if j != moving]
+    deadline = time.time() + BOUND_VIEW
+    while True:  # the leader may be moving a job at this instant: pending, then running
+        records = {job.id: job for job in await chaos.jobs()}
+        settled = all(
+            records[j].status is JobStatus.PROCESSING
+            and records[j].checkpoint_fence == records[j].fence
+            for j in running
+        )
+        if settled or time.time() > deadline:
+            break
+        await asyncio.sleep(0.5)
     assert {records[j].status for j in [*held, moving]} == {JobStatus.PAUSED}
-    for job_id in [j for j in [*live, resumed_later] if j != moving]:
+    for job_id in running:
         record = records[job_id]
         assert record.status is JobStatus.PROCESSING, record
         assert record.checkpoint_fence == record.fence, record  # the current owner's
