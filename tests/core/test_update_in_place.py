@@ -7,17 +7,15 @@ it is. Real servers on the memory broker; the test plays the manager's part
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 
-from orchestratr_core import JobArgument, OrchestratedServer, StopToken
+from orchestratr_core import JobArgument, StopToken
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
 from orchestratr_core.job import MAX_GENERATION, MAX_JOB_ID_LENGTH, make_fence, new_id
@@ -26,103 +24,19 @@ from orchestratr_core.runner import Heartbeat, UpdatableHeartbeat
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
 from tests.support.cluster import FAST_SERVER, eventually
-
-
-@dataclass
-class Seen:
-    """What the job functions and the server's events showed."""
-
-    calls: list[str] = field(default_factory=list)
-    """The argument of every call of a job function (one per copy or restart)."""
-    updates: list[str] = field(default_factory=list)
-    """The arguments a function received without a restart."""
-    events: list[p.Event] = field(default_factory=list)
-
-    def updated(self) -> list[tuple[str, int, int]]:
-        return [
-            (e.job_id, e.fence, e.argument_version)
-            for e in self.events
-            if isinstance(e, p.JobUpdated)
-        ]
-
-    def heartbeats(self) -> list[p.ServerHeartbeat]:
-        return [e for e in self.events if isinstance(e, p.ServerHeartbeat)]
-
-
-class Fleet:
-    """One memory broker, the test as its manager, servers added by the test."""
-
-    def __init__(self) -> None:
-        self.url = f"memory://u-{uuid.uuid4().hex[:12]}"
-        self.seen = Seen()
-        self.manager = MemoryTransport(self.url)
-        self.servers: list[OrchestratedServer] = []
-
-    async def start(self) -> None:
-        async def on_event(event: p.Event) -> None:
-            self.seen.events.append(event)
-
-        await self.manager.connect()
-        await self.manager.consume_events(on_event)
-
-    async def server(self, job: object) -> OrchestratedServer:
-        server = OrchestratedServer(
-            job,  # type: ignore[arg-type]
-            transport=MemoryTransport(self.url),
-            name=f"s{len(self.servers)}",
-            max_workers=4,
-            options=FAST_SERVER,
-        )
-        await server.start()
-        self.servers.append(server)
-        return server
-
-    async def publish(self, argument: str) -> p.JobMessage:
-        message = p.JobMessage(
-            job_id=new_id(), name=f"j-{argument}", argument=argument, generation=1, created_at=0.0
-        )
-        await self.manager.publish_job(message)
-        await eventually(lambda: argument in self.seen.calls, 5, what="the job started")
-        return message
-
-    async def update(
-        self, server: OrchestratedServer, job_id: str, version: int, argument: str, fence: int = 0
-    ) -> None:
-        command = p.UpdateJob(
-            job_id=job_id,
-            fence=fence or make_fence(1, 0),
-            argument_version=version,
-            argument=argument,
-        )
-        await self.manager.send_command(command, server.id)
-
-    async def close(self) -> None:
-        for server in self.servers:
-            await server.kill()
-        await self.manager.close()
-        MemoryBroker.reset(self.url.removeprefix("memory://"))
+from tests.support.inplace import Fleet, Seen, drop_mark_scenario, opted_in
 
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[Fleet]:
-    f = Fleet()
+    name = f"u-{uuid.uuid4().hex[:12]}"
+    f = Fleet(lambda: MemoryTransport(f"memory://{name}"))
     await f.start()
     try:
         yield f
     finally:
         await f.close()
-
-
-def opted_in(seen: Seen) -> object:
-    @updatable
-    async def job(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
-        seen.calls.append(arg.argument)
-        async for new in heartbeat.updates():
-            assert new.job_id == arg.job_id and new.fence == arg.fence
-            assert heartbeat.argument == new
-            seen.updates.append(new.argument)
-
-    return job
+        MemoryBroker.reset(name)
 
 
 def not_opted_in(seen: Seen) -> object:
@@ -317,30 +231,4 @@ def test_a_drop_mark_is_read_only_as_one_and_fits_the_cancel_command() -> None:
 async def test_a_drop_mark_drops_the_old_message_but_keeps_the_running_copy(
     fleet: Fleet,
 ) -> None:
-    """The owner's copy took the new argument in place; the broker still holds the
-    old message. Under a drop mark the copy keeps running, and when the owner dies
-    the redelivered old message is dropped, never started with the old argument;
-    the message of the next generation (the new argument) starts."""
-    seen = fleet.seen
-    owner = await fleet.server(opted_in(seen))
-    message = await fleet.publish("old")
-    await fleet.update(owner, message.job_id, 1, "new")
-    await eventually(lambda: seen.updates == ["new"], 5, what="the update in place")
-    await fleet.manager.set_cancellations([drop_mark(message.job_id, message.generation)])
-    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
-    assert owner.running()[message.job_id].argument == "new"  # not stopped
-    assert not [e for e in seen.events if isinstance(e, p.JobStopped)]
-
-    other = await fleet.server(opted_in(seen))
-    await owner.kill()
-
-    def discarded() -> bool:
-        return any(isinstance(e, p.JobDiscarded) and e.server_id == other.id for e in seen.events)
-
-    await eventually(discarded, 10, what="the old message dropped")
-    assert seen.calls == ["old"] and message.job_id not in other.running()
-    await fleet.manager.publish_job(
-        dataclasses.replace(message, argument="new", generation=message.generation + 1)
-    )
-    await eventually(lambda: seen.calls == ["old", "new"], 5, what="the new generation started")
-    assert other.running()[message.job_id].argument == "new"
+    await drop_mark_scenario(fleet)
