@@ -7,15 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from orchestratr_rabbitmq import RabbitMQTransport
-from tests.support.inplace import Fleet, drop_mark_scenario
+from tests.support.inplace import run_drop_mark_scenario
 
 
 async def test_the_old_message_is_dropped_after_an_update_in_place_and_the_owners_death(
     make_transport: Callable[..., RabbitMQTransport],
 ) -> None:
-    fleet = Fleet(make_transport, timeout=10.0)
-    await fleet.start()
-    try:
-        await drop_mark_scenario(fleet)
-    finally:
-        await fleet.close()
+    await run_drop_mark_scenario(make_transport, timeout=10.0)

@@ -141,3 +141,13 @@ async def drop_mark_scenario(fleet: Fleet) -> None:
     assert other.running()[message.job_id].argument == "new"
     # One copy at a time: the old one ended (its owner died) before the new one began.
     assert [e.job_id for e in seen.events if isinstance(e, p.JobStarted)].count(message.job_id) == 2
+
+
+async def run_drop_mark_scenario(make: Callable[[], Transport], timeout: float) -> None:
+    """:func:`drop_mark_scenario` on a fleet of ``make``'s transports."""
+    fleet = Fleet(make, timeout=timeout)
+    await fleet.start()
+    try:
+        await drop_mark_scenario(fleet)
+    finally:
+        await fleet.close()

@@ -10,6 +10,11 @@ copy it runs of such a generation. Unlike a cancellation, a hold is reversible:
 ``resume`` raises the job's generation, and the message of the new generation
 is not covered by the old mark (servers never forget a mark, and need not).
 
+A *drop mark*, ``"<job id>@<generation>!"`` (:func:`drop_mark`), makes servers drop
+every message of the job up to that generation without stopping a running copy
+of it: for a copy that took a new argument in place (:func:`updatable`), whose
+older message must never start again.
+
 A server of an older version reads a hold mark as the id of a job that does not
 exist, and a ``CancelJob`` carrying one as malformed: it ignores both, so a mixed
 fleet keeps running (such a server does not pause jobs; the manager still stops
