@@ -45,7 +45,7 @@ def consumer_timeout_ms() -> str:
     return out or "?"
 
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+PG_ADMIN = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 SYSTEMS = ("orchestratr", "celery", "dramatiq")
 
 
@@ -335,6 +335,13 @@ class Ledger:
         for (pid, key), copy in self._open.items():
             if pid not in exclude_pids:
                 out[key] = copy
+        return out
+
+    def open_counts(self) -> dict[str, int]:
+        """How many copies of each key are open (started, not ended)."""
+        out: dict[str, int] = {}
+        for _, key in self._open:
+            out[key] = out.get(key, 0) + 1
         return out
 
     def started_after(self, t: float, *, exclude_pids: set[int]) -> dict[str, float]:

@@ -8,7 +8,7 @@
 #
 # Needs root (the node runs as the rabbitmq user, like the packaged one).
 set -euo pipefail
-NODE=orxbench@localhost
+NODE=${BENCH_RABBITMQ_NODE:-orxbench@localhost}
 BASE=${BENCH_RABBITMQ_BASE:-/tmp/orxbench-rmq}
 PORT=${BENCH_BROKER_PORT:-5673}
 

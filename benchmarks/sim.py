@@ -2,23 +2,32 @@
 
 A real ``orchestratr manager`` process on a real PostgreSQL schema and the real
 RabbitMQ broker; the servers are light identities in this one process that speak
-the real protocol: each has its own command queue bound to the commands exchange
-(as a server's is), publishes numbered heartbeats with the digest of its jobs to
-the events queue, answers an acknowledgement by sending deltas on it and a request
-for a complete listing by sending one at once. What they do not do: hold the job
-messages or run job functions -- the job rows are loaded into the database as
-running on them (``sql_storage.py``'s COPY loader), as ``manager_sim`` does.
+the real protocol and hold real deliveries: each consumes the jobs queue on its
+own channel (prefetch = its capacity) and holds every job message it is handed,
+unacknowledged, as a server does while the job runs; it numbers its heartbeats
+with the servers' own :class:`~orchestratr_core.server.beats.HeartbeatSeries`
+(digest, deltas, complete listings on request, the jobs it took listed as
+``started``), has its own command queue bound to the commands exchange, and
+obeys ``StopJob`` (drops or hands back the message). What it does not do: run
+job functions, or obey ``ReleaseJobs`` (the manager runs with
+``--no-rebalance``). The jobs are created through the client's batch API (rows
+and messages, as in production).
 
-Measured, per size (jobs spread evenly over ``--servers`` servers):
+Measured, per size (jobs spread over ``--servers`` servers, each with room for a
+share of one dead server's jobs):
 
-* steady state, every job idle: the manager's CPU (% of one core) and the
-  database's row writes per second (``pg_stat_user_tables``) over a window;
+* steady state, every job idle: the manager's CPU (process CPU time, % of one
+  core) and the database's row writes per second (``pg_stat_user_tables``) over
+  a window;
 * convergence after ``kill -9`` of the manager and a new one started: seconds until
-  every server's complete listing was acknowledged by the new manager;
-* a server that falls silent: seconds until the database shows it dead and its
-  jobs pending (where the broker then hands their messages to live servers).
+  every server's complete listing was acknowledged by the new manager; and how
+  many servers it declared dead and jobs it moved meanwhile (should be none);
+* a server that dies (its heartbeats stop and its channel closes, so the broker
+  hands its messages to the others): seconds until every one of its jobs is
+  ``processing`` on another server in the database, and until its row is
+  ``dead``.
 
-    .venv/bin/python -m benchmarks.sim --sizes 100000,200000,400000   # 1,000 jobs a server
+    .venv/bin/python -m benchmarks.sim --sizes 10000,50000,100000,200000
 """
 
 from __future__ import annotations
@@ -33,54 +42,87 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aio_pika.abc
 
 from benchmarks.common import AMQP, RESULTS, cpu_seconds, machine, rss_bytes
 from benchmarks.scenarios import Cluster
 from benchmarks.systems import OrchestratR
 from orchestratr_core import protocol as p
+from orchestratr_core.job import make_fence
+from orchestratr_core.server.beats import HeartbeatSeries
 
 
 class SimServer:
-    """One simulated server: its jobs, its heartbeat series, its command queue."""
+    """One simulated server: the deliveries it holds, its heartbeat series, its
+    command queue."""
 
-    def __init__(self, server_id: str, job_ids: list[str], fence: int, legacy: bool) -> None:
+    def __init__(self, server_id: str, capacity: int, legacy: bool) -> None:
         self.id = server_id
+        self.capacity = capacity
         self.legacy = legacy
         """Speak as a server of the previous version: every heartbeat a complete,
         unnumbered listing (and no acknowledgement expected)."""
-        self.jobs = tuple(p.RunningJob(job_id, fence, None, 0) for job_id in job_ids)
-        self.digest = p.jobs_digest(p.job_digest(job_id, fence) for job_id in job_ids)
-        self.seq = 0
-        self.base = 0
+        self.held: dict[str, tuple[p.RunningJob, aio_pika.abc.AbstractIncomingMessage]] = {}
+        self.reports: list[tuple[p.RunningJob, bool]] = []
+        self.changed = True
+        self.started: list[str] = []
+        self.series = HeartbeatSeries()
         self.silent = False
+        self.channels: list[aio_pika.abc.AbstractChannel] = []
+        """Its consumers of the jobs queue: prefetch = its share, then one more
+        with the room for a dead server's share (a new prefetch applies only to
+        a new consumer)."""
         self.full_acked_at = 0.0
         """monotonic time its last complete listing was acknowledged"""
         self.full_seqs: set[int] = set()
         self.sent = 0
         self.sent_bytes = 0
+        self.duplicates = 0
+
+    async def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Hold a job message, as a server does while the job runs. Of two
+        messages of one job (the outbox relay sent it again under a new
+        generation), the one with the larger fence is kept and the other dropped,
+        as a server does."""
+        job = p.decode_as(message.body, p.JobMessage)
+        count = int(str((message.headers or {}).get("x-delivery-count", 0) or 0))
+        fence = make_fence(job.generation, count)
+        previous = self.held.get(job.job_id)
+        if previous is not None:
+            self.duplicates += 1
+            if previous[0].fence >= fence:
+                await message.ack()
+                return
+            await previous[1].ack()
+        self.held[job.job_id] = (p.RunningJob(job.job_id, fence, None, 0), message)
+        self.started.append(job.job_id)
+        self.changed = True
 
     def heartbeat(self) -> bytes:
-        self.seq += 1
-        full = self.legacy or not self.base
-        if full:
-            self.full_seqs.add(self.seq)
+        if self.changed:
+            self.reports = [(job, False) for job, _ in self.held.values()]
+            self.changed = False
+        started, self.started = tuple(dict.fromkeys(self.started)), []
         numbered: dict[str, Any] = {}
-        if not self.legacy:  # a server of the previous version leaves these out
-            numbered = {
-                "seq": self.seq,
-                "base": self.base,
-                "digest": self.digest,
-                "running": len(self.jobs),
-            }
+        jobs: tuple[p.RunningJob, ...]
+        if self.legacy:  # a server of the previous version: everything, unnumbered
+            jobs = tuple(job for job, _ in self.reports)
+        else:
+            seq, base, jobs, gone, digest, running = self.series.next(self.reports)
+            if not base:
+                self.full_seqs.add(seq)
+            numbered = {"seq": seq, "base": base, "gone": gone, "digest": digest}
+            numbered["running"] = running
         hb = p.ServerHeartbeat(
             server_id=self.id,
             name=f"sim-{self.id}",
-            max_workers=len(self.jobs) + 10,
+            max_workers=self.capacity,
             started_at=1_700_000_000.0,
             sent_at=time.time(),
             host="sim",
             pid=1,
-            jobs=self.jobs if full else (),
+            jobs=jobs,
+            started=tuple(j for j in started if j in self.held),
             **numbered,
         )
         body = p.encode(hb)
@@ -88,49 +130,64 @@ class SimServer:
         self.sent_bytes += len(body)
         return body
 
-    def on_command(self, body: bytes) -> bool:
+    async def on_command(self, body: bytes) -> bool:
         """Apply a command; True if a complete listing is due now."""
         command = p.decode(body)
+        if isinstance(command, p.StopJob):
+            held = self.held.get(command.job_id)
+            if held is not None and (
+                command.max_fence is None or held[0].fence <= command.max_fence
+            ):
+                del self.held[command.job_id]
+                self.changed = True
+                if command.drop:
+                    await held[1].ack()
+                else:
+                    await held[1].reject(requeue=True)
+            return False
         if not isinstance(command, p.HeartbeatAck):
             return False
-        if command.full:
-            self.base = 0
-            return True
-        if command.seq > self.base:
-            self.base = command.seq
-            if command.seq in self.full_seqs:
-                self.full_acked_at = time.monotonic()
-        return False
+        full = self.series.acknowledged(command)
+        if not full and command.seq in self.full_seqs:
+            self.full_acked_at = time.monotonic()
+        return full
 
 
 async def simulate(
-    workdir: Path, *, jobs: int, servers: int, interval: float, window: float, legacy: bool
+    workdir: Path,
+    *,
+    jobs: int,
+    servers: int,
+    interval: float,
+    window: float,
+    legacy: bool,
+    manager_args: list[str],
+    profile: str = "",
 ) -> dict[str, Any]:
-    from benchmarks.sql_storage import _load
-
     per_server = jobs // servers
+    total = per_server * servers
+    spare = -(-per_server // max(1, servers - 1)) + 2  # room for a dead one's share
     out: dict[str, Any] = {
-        "jobs": per_server * servers,
+        "jobs": total,
         "servers": servers,
         "interval_s": interval,
         "heartbeats": "complete listings, unnumbered (previous version)" if legacy else "deltas",
+        "manager_args": manager_args,
     }
-    async with Cluster("orchestratr", workdir) as cluster:
-        system = cluster.system
-        assert isinstance(system, OrchestratR) and system.manager is not None
-        t0 = time.monotonic()
-        ids = await _load(system._storage, system.schema, jobs, per_server * servers, per_server)
-        out["load_s"] = round(time.monotonic() - t0, 1)
-        sims = [
-            SimServer(f"s{i:03d}", ids[i * per_server : (i + 1) * per_server], 1 << 32, legacy)
-            for i in range(servers)
-        ]
+    cluster = Cluster("orchestratr", workdir)
+    system = cluster.system
+    assert isinstance(system, OrchestratR)
+    base_argv = system.manager_argv
+    system.manager_argv = lambda: [*base_argv(), "--no-rebalance", *manager_args]  # type: ignore[method-assign]
+    async with cluster:
+        assert system.manager is not None
+        sims = [SimServer(f"s{i:04d}", per_server + spare, legacy) for i in range(servers)]
         connection = await aio_pika.connect(AMQP)
         try:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=1000)
-            commands = await channel.get_exchange(f"{system.prefix}.commands")
+            control = await connection.channel()
+            commands = await control.get_exchange(f"{system.prefix}.commands")
             events = f"{system.prefix}.events"
+            publishing = await connection.channel()
 
             async def publish(sim: SimServer) -> None:
                 if sim.silent:
@@ -140,22 +197,7 @@ async def simulate(
                     content_type="application/json",
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 )
-                await channel.default_exchange.publish(message, events)
-
-            for sim in sims:
-                queue = await channel.declare_queue(
-                    f"{system.prefix}.commands.{sim.id}.sim", exclusive=True, auto_delete=True
-                )
-                await queue.bind(commands, routing_key=sim.id)
-
-                async def on_message(
-                    message: aio_pika.abc.AbstractIncomingMessage, sim: SimServer = sim
-                ) -> None:
-                    await message.ack()
-                    if sim.on_command(message.body):
-                        await publish(sim)
-
-                await queue.consume(on_message)
+                await publishing.default_exchange.publish(message, events)
 
             async def beat_loop() -> None:
                 gap = interval / len(sims)  # spread over the interval, as real servers are
@@ -165,22 +207,93 @@ async def simulate(
                         await publish(sim)
                         await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
 
+            # The servers begin once the jobs exist: creating them in this same
+            # process under load must not starve their heartbeats (they would be
+            # declared dead before they held anything).
+            t0 = time.monotonic()
+            await system.submit([f"job-{i:07d}" for i in range(total)])
+            out["create_s"] = round(time.monotonic() - t0, 1)
             beats = asyncio.create_task(beat_loop())
             try:
-                if legacy:
-                    await asyncio.sleep(3 * interval)
-                else:
-                    out["first_convergence_s"] = await _converged(sims, time.monotonic(), 600)
-                out["settled_s"] = await _settled(channel, events, len(sims), 180)
-                out.update(await _steady(system, sims, window))
+                t0 = time.monotonic()  # the servers start taking their jobs now
+                for sim in sims:
+                    queue = await control.declare_queue(
+                        f"{system.prefix}.commands.{sim.id}.sim", exclusive=True, auto_delete=True
+                    )
+                    await queue.bind(commands, routing_key=sim.id)
+
+                    async def on_command(
+                        message: aio_pika.abc.AbstractIncomingMessage, sim: SimServer = sim
+                    ) -> None:
+                        await message.ack()
+                        if sim.silent:
+                            return
+                        if await sim.on_command(message.body):
+                            await publish(sim)
+
+                    await queue.consume(on_command)
+                    await _take_jobs(connection, system, sim, per_server)
+                out["first_convergence_s"] = await _all_running(system, total, t0, 900)
+                out["outbox_empty_s"] = await _outbox_empty(system, 300)
+                out["settled_s"] = await _settled(control, events, len(sims), 300)
+                out.update(await _steady(system, sims, window, profile))
+                for sim in sims:  # room for a share of a dead server's jobs
+                    await _take_jobs(connection, system, sim, spare)
+                out.update(await _dies(system, sims[-1], interval))
                 if not legacy:
-                    out.update(await _restart(cluster, system, sims, interval))
-                out.update(await _silent(system, sims[-1], per_server))
+                    out.update(await _restart(cluster, system, sims[:-1], total))
+                out["duplicate_deliveries"] = sum(sim.duplicates for sim in sims)
             finally:
                 beats.cancel()
         finally:
             await connection.close()
     return out
+
+
+async def _take_jobs(
+    connection: aio_pika.abc.AbstractConnection, system: OrchestratR, sim: SimServer, room: int
+) -> None:
+    """Consume the jobs queue for ``sim`` with ``room`` more deliveries."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=room)
+    jobs_queue = await channel.get_queue(system.queue, ensure=False)
+
+    async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        await sim.deliver(message)
+
+    await jobs_queue.consume(on_job)
+    sim.channels.append(channel)
+
+
+async def _scalar(system: OrchestratR, sql: str, *args: Any) -> Any:
+    pool = system._storage.connector._pool
+    async with pool.acquire() as conn:
+        return await conn.fetchval(sql.format(schema=system.schema), *args)
+
+
+async def _outbox_empty(system: OrchestratR, within: float) -> float | None:
+    """Seconds until the outbox is empty (creates whose publish confirm came late
+    are re-sent by the leader's relay: not part of the steady state)."""
+    since = time.monotonic()
+    while time.monotonic() - since < within:
+        if not await _scalar(system, 'SELECT count(*) FROM "{schema}".outbox'):
+            return round(time.monotonic() - since, 1)
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def _all_running(
+    system: OrchestratR, total: int, since: float, within: float
+) -> float | None:
+    """Seconds from ``since`` until the database shows every job ``processing``."""
+    while time.monotonic() - since < within:
+        running = await _scalar(
+            system, "SELECT count(*) FROM \"{schema}\".jobs WHERE status = 'processing'"
+        )
+        if running == total:
+            return round(time.monotonic() - since, 1)
+        await asyncio.sleep(0.5)
+    return None
 
 
 async def _converged(sims: list[SimServer], since: float, within: float) -> float | None:
@@ -222,62 +335,114 @@ async def _writes(system: OrchestratR) -> dict[str, int]:
     return {row["relname"]: int(row["w"]) for row in rows}
 
 
-async def _steady(system: OrchestratR, sims: list[SimServer], window: float) -> dict[str, Any]:
+async def _steady(
+    system: OrchestratR, sims: list[SimServer], window: float, profile: str
+) -> dict[str, Any]:
     assert system.manager is not None
     pid = system.manager.pid
-    await asyncio.sleep(1.5)  # statistics are flushed about once a second
+    spy: asyncio.subprocess.Process | None = None
+    # A backend flushes its statistics at most once a second, and an idle one up
+    # to 10 s later (PostgreSQL 15+): the creates' writes must be counted before.
+    await asyncio.sleep(11)
     w0, c0, t0 = await _writes(system), cpu_seconds(pid), time.monotonic()
     sent0 = sum(s.sent for s in sims)
     bytes0 = sum(s.sent_bytes for s in sims)
+    if profile:  # sampled from outside, without pausing the manager
+        spy = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).with_name("py-spy")),
+            *("record", "--nonblocking", "-r", "100", "-f", "raw", "-p", str(pid)),
+            *("-d", str(int(window)), "-o", profile),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
     await asyncio.sleep(window)
     c1, t1 = cpu_seconds(pid), time.monotonic()
-    await asyncio.sleep(1.5)
-    w1 = await _writes(system)
+    if spy is not None:
+        await spy.wait()
+    sent1 = sum(s.sent for s in sims)
+    bytes1 = sum(s.sent_bytes for s in sims)
+    await asyncio.sleep(11)
+    # Rows written between the two reads of the statistics (both lag alike).
+    w1, t2 = await _writes(system), time.monotonic()
     wall = t1 - t0
-    per_table = {k: round((w1.get(k, 0) - w0.get(k, 0)) / wall, 1) for k in w1}
+    per_table = {k: round((w1.get(k, 0) - w0.get(k, 0)) / (t2 - t0), 1) for k in w1}
     return {
         "manager_cpu_pct": round(100 * (c1 - c0) / wall, 1),
         "manager_rss_bytes": rss_bytes(pid),
         "db_row_writes_per_s": per_table,
-        "heartbeats_per_s": round((sum(s.sent for s in sims) - sent0) / wall, 1),
-        "heartbeat_bytes_per_s": round((sum(s.sent_bytes for s in sims) - bytes0) / wall),
+        "heartbeats_per_s": round((sent1 - sent0) / wall, 1),
+        "heartbeat_bytes_per_s": round((bytes1 - bytes0) / wall),
         "window_s": round(wall, 1),
     }
 
 
 async def _restart(
-    cluster: Cluster, system: OrchestratR, sims: list[SimServer], interval: float
+    cluster: Cluster, system: OrchestratR, sims: list[SimServer], total: int
 ) -> dict[str, Any]:
     """``kill -9`` the manager, start a new one: seconds until it acknowledged
-    every server's complete listing (it lacks their sets, so it asks each)."""
+    every server's complete listing (it lacks their sets, so it asks each); and
+    whether it declared any of ``sims`` (live) dead or left any job not
+    ``processing`` meanwhile."""
     assert system.manager is not None
     cluster.procs.kill9(system.manager)
     await asyncio.sleep(0.5)
     started = time.monotonic()
     system.manager = system.procs.python(f"{system.prefix}-manager2", system.manager_argv())
     converged = await _converged(sims, started, 600)
-    return {"restart_convergence_s": converged, "restart_note": "from spawning the new manager"}
+    await asyncio.sleep(1.0)
+    dead = await _scalar(
+        system,
+        "SELECT count(*) FROM \"{schema}\".servers WHERE status <> 'alive' "
+        "AND id = ANY($1::text[])",
+        [sim.id for sim in sims],
+    )
+    running = await _scalar(
+        system, "SELECT count(*) FROM \"{schema}\".jobs WHERE status = 'processing'"
+    )
+    return {
+        "restart_convergence_s": converged,
+        "restart_note": "from spawning the new manager",
+        "restart_servers_not_alive": dead,
+        "restart_jobs_not_processing": total - running,
+    }
 
 
-async def _silent(system: OrchestratR, sim: SimServer, per_server: int) -> dict[str, Any]:
-    """One server stops its heartbeats: seconds until the database shows it dead
-    and every one of its jobs pending."""
+async def _dies(system: OrchestratR, sim: SimServer, interval: float) -> dict[str, Any]:
+    """One server dies: its heartbeats stop and its channel closes (the broker
+    hands its messages to the others). Seconds until every one of its jobs is
+    ``processing`` on another server in the database, and until its row is
+    ``dead``."""
+    mine = list(sim.held)
     sim.silent = True
     at = time.monotonic()
-    pool = system._storage.connector._pool
-    deadline = at + 120
-    while time.monotonic() < deadline:
-        async with pool.acquire() as conn:
-            status = await conn.fetchval(
-                f'SELECT status FROM "{system.schema}".servers WHERE id = $1', sim.id
+    for channel in sim.channels:
+        await channel.close()
+    moved_s = dead_s = None
+    while time.monotonic() - at < 180 and (moved_s is None or dead_s is None):
+        if moved_s is None:
+            moved = await _scalar(
+                system,
+                'SELECT count(*) FROM "{schema}".jobs WHERE id = ANY($1::text[]) '
+                "AND status = 'processing' AND server_id <> $2",
+                mine,
+                sim.id,
             )
-            left = await conn.fetchval(
-                f'SELECT count(*) FROM "{system.schema}".jobs WHERE server_id = $1', sim.id
+            if moved == len(mine):
+                moved_s = round(time.monotonic() - at, 2)
+        if dead_s is None:
+            status = await _scalar(
+                system, 'SELECT status FROM "{schema}".servers WHERE id = $1', sim.id
             )
-        if status == "dead" and left == 0:
-            return {"dead_server_detected_s": round(time.monotonic() - at, 2)}
-        await asyncio.sleep(0.2)
-    return {"dead_server_detected_s": None, "jobs_of_silent_server": per_server}
+            if status == "dead":
+                dead_s = round(time.monotonic() - at, 2)
+        await asyncio.sleep(0.1)
+    return {
+        "dead_server_jobs": len(mine),
+        "dead_server_jobs_running_elsewhere_s": moved_s,
+        "dead_server_declared_dead_s": dead_s,
+        "dead_server_note": f"server heartbeat {interval} s; the others report a job "
+        "they took in their next heartbeat",
+    }
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -295,8 +460,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 interval=args.interval,
                 window=args.window,
                 legacy=args.legacy,
+                manager_args=args.manager_args.split(),
+                profile=args.profile and f"{args.profile}-{size}.txt",
             )
         except Exception as exc:  # recorded, not raised: the next size may still fit
+            import traceback
+
+            traceback.print_exc()
             result = {"jobs": size, "error": f"{type(exc).__name__}: {exc}"[:500]}
         print(json.dumps(result), flush=True)
         runs.append(result)
@@ -317,9 +487,19 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=0, help="0: jobs / --per-server")
     parser.add_argument("--per-server", type=int, default=1000)
     parser.add_argument("--interval", type=float, default=2.0, help="server heartbeat (s)")
-    parser.add_argument("--window", type=float, default=20.0, help="steady-state window (s)")
+    parser.add_argument("--window", type=float, default=30.0, help="steady-state window (s)")
     parser.add_argument(
         "--legacy", action="store_true", help="servers of the previous version (complete listings)"
+    )
+    parser.add_argument(
+        "--manager-args",
+        default="",
+        help="more `orchestratr manager` options, e.g. '--seen-batch 0'",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy the manager over the window into PATH-<jobs>.txt (collapsed stacks)",
     )
     asyncio.run(main_async(parser.parse_args()))
 

@@ -73,7 +73,7 @@ async def rig() -> AsyncIterator[Rig]:
         await r.close()
 
 
-async def test_a_running_job_costs_two_tasks_its_supervisor_and_the_job_function(
+async def test_a_running_job_costs_one_task_the_job_function(
     rig: Rig,
 ) -> None:
     n = 200
@@ -81,10 +81,12 @@ async def test_a_running_job_costs_two_tasks_its_supervisor_and_the_job_function
     before = len(asyncio.all_tasks())
     await rig.publish(n)
     await rig.wait_running(n)
-    await asyncio.sleep(0.3)  # every job is in its sleep, every supervisor waits
+    await asyncio.sleep(0.3)  # every job is in its sleep
     per_job = (len(asyncio.all_tasks()) - before) / n
-    # It was 4 (supervisor, loss watcher, job, and a task waiting for a stop request).
-    assert per_job <= 2.02, f"{per_job:.2f} tasks per running job"
+    # It was 4 (supervisor, loss watcher, job, and a task waiting for a stop
+    # request), then 2 (supervisor and job); the supervisor is now made only
+    # when there is something to supervise (a stop, a loss, the job's end).
+    assert per_job <= 1.02, f"{per_job:.2f} tasks per running job"
 
 
 async def test_an_idle_job_costs_a_server_well_under_10_kb(rig: Rig) -> None:
@@ -189,8 +191,9 @@ async def test_a_lost_delivery_stops_its_job_at_once_whatever_its_event(
         await server._on_delivery(delivery)
     await eventually(lambda: len(copies) == 2, what="both running")
     tasks = len(asyncio.all_tasks()) - before
-    # Two per job on CPython's asyncio.Event; a third (the watcher) otherwise.
-    assert tasks == (4 if event_type is asyncio.Event else 6)
+    # One per job (the job function) on CPython's asyncio.Event; a second (the
+    # watcher) otherwise. The loss makes the supervisor, which stops the job hard.
+    assert tasks == (2 if event_type is asyncio.Event else 4)
     lost_at = time.monotonic()
     deliveries[0].lost.set()
     await eventually(lambda: copies["job-0"] == ["start", "end"], 2.0, what="lost job ended")

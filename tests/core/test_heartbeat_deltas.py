@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import time
 from typing import Any
 
 import pytest
 
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
-from orchestratr_core.job import JobStatus
+from orchestratr_core.job import JobStatus, ServerStatus
 from orchestratr_core.server import beats as server_beats
 from orchestratr_core.server.beats import ACK_PATIENCE, HeartbeatSeries
 from orchestratr_core.server_views import ServerViews, Verdict
@@ -290,6 +291,60 @@ async def test_a_restarted_manager_gets_a_complete_listing_and_converges(
     assert len(manager._views) == 1
 
 
+async def test_a_new_manager_after_a_long_outage_declares_no_live_server_dead(
+    cluster: Cluster,
+) -> None:
+    """The manager was down for longer than the server timeout: the servers' rows
+    are as old as the outage, and their heartbeats wait in the broker. The new
+    leader must not declare them dead (and release their jobs) before it has had
+    one server timeout to apply what they sent."""
+    await cluster.start_manager()
+    servers = [await cluster.add_server(name, 5) for name in ("a", "b")]
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await asyncio.sleep(0.5)  # every start applied
+    before = {job_id: await cluster.job(job_id) for job_id in ids}
+    assert all(record.status is JobStatus.PROCESSING for record in before.values())
+    assert cluster.manager is not None
+    await cluster.manager.stop()
+    await asyncio.sleep(2 * FAST_MANAGER.server_timeout)
+    manager = await cluster.start_manager()
+    watch_until = time.monotonic() + 3 * FAST_MANAGER.server_timeout
+    while time.monotonic() < watch_until:
+        for server in servers:
+            record = await cluster.storage.get_server(server.id)
+            assert record is not None and record.status is ServerStatus.ALIVE, record
+        for job_id in ids:
+            now = await cluster.job(job_id)
+            was = before[job_id]
+            assert (now.status, now.server_id, now.fence) == (was.status, was.server_id, was.fence)
+        await asyncio.sleep(0.02)
+    assert manager.is_leader
+    assert all(len(cluster.ledger.running(job_id)) == 1 for job_id in ids)
+
+
+async def test_a_leader_still_declares_a_silent_server_dead(cluster: Cluster) -> None:
+    """The new leader's wait is one server timeout, not for ever."""
+    await cluster.start_manager()
+    keep = await cluster.add_server("a", 5)
+    gone = await cluster.add_server("b", 5)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await gone.kill()
+    await eventually(
+        lambda: _status(cluster, gone.id, ServerStatus.DEAD),
+        timeout=4 * FAST_MANAGER.server_timeout,
+        what="the killed server declared dead",
+    )
+    record = await cluster.storage.get_server(keep.id)
+    assert record is not None and record.status is ServerStatus.ALIVE
+
+
+async def _status(cluster: Cluster, server_id: str, status: ServerStatus) -> bool:
+    record = await cluster.storage.get_server(server_id)
+    return record is not None and record.status is status
+
+
 async def test_a_healthy_running_job_shows_its_server_s_heartbeat_as_its_liveness(
     cluster: Cluster,
 ) -> None:
@@ -406,3 +461,59 @@ async def test_a_checkpoint_of_an_otherwise_idle_job_reaches_the_storage_through
     await eventually(
         lambda: job_id not in server._beats._checkpoints, what="the checkpoint acknowledged"
     )
+
+
+def test_a_delta_that_names_hundreds_of_jobs_gone_is_decoded_and_applied() -> None:
+    """A server that stopped many jobs at once (a drain, a mass cancel, a rebalance)
+    names them all in ``gone``: that list is not capped like kinds or labels (a
+    refused heartbeat is dead-lettered, and its server's liveness with it)."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    many = [p.RunningJob(f"job-{i:04d}", 1, None, 0) for i in range(300)]
+    first = _hb(series.next(_reports(*many)))
+    assert views.receive(p.decode_as(p.encode(first), p.ServerHeartbeat)) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    after = _hb(series.next(_reports(*many[:10])))
+    assert len(after.gone) == 290
+    decoded = p.decode_as(p.encode(after), p.ServerHeartbeat)
+    assert decoded.gone == after.gone
+    assert views.receive(decoded) is Verdict.ACK
+    with pytest.raises(MalformedMessage):
+        body = json.loads(p.encode(after))
+        body["kinds"] = [f"k{i}" for i in range(65)]
+        p.decode_as(json.dumps(body).encode(), p.ServerHeartbeat)
+
+
+async def test_unchanged_heartbeats_are_written_together_and_before_the_next_event(
+    cluster: Cluster,
+) -> None:
+    """An idle server's heartbeats change nothing but its row: the manager writes
+    them in batches (``touch_servers``), its ``last_seen`` still follows them, and
+    a later event of the server (it leaves) is applied after them, not before."""
+    manager = await cluster.start_manager(dataclasses.replace(FAST_MANAGER, seen_batch=0.3))
+    batches: list[list[str]] = []
+    touch = manager.storage.touch_servers
+
+    async def spy(heartbeats: Any) -> None:
+        batches.append([hb.server_id for hb, _ in heartbeats])
+        await touch(heartbeats)
+
+    manager.storage.touch_servers = spy  # type: ignore[method-assign]
+    servers = [await cluster.add_server(name, 5) for name in ("a", "b")]
+    ids = await cluster.create(4)
+    await cluster.wait_running(ids)
+    await eventually(lambda: len(batches) >= 3, what="three batches of idle heartbeats")
+    assert any(len(batch) == 2 for batch in batches), batches  # both servers in one
+    before = await cluster.storage.get_server(servers[0].id)
+    assert before is not None
+    await asyncio.sleep(1.0)
+    after = await cluster.storage.get_server(servers[0].id)
+    assert after is not None and after.last_seen > before.last_seen
+    noted = len(batches)
+    await servers[0].stop()
+    record = await eventually(
+        lambda: _status(cluster, servers[0].id, ServerStatus.LEFT), what="left"
+    )
+    assert record
+    await asyncio.sleep(0.5)  # a batch written after the leave would bring it back
+    assert await _status(cluster, servers[0].id, ServerStatus.LEFT)
+    assert len(batches) > noted

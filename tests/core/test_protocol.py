@@ -158,6 +158,18 @@ def test_a_heartbeat_writes_the_starts_it_replaces_as_strings_and_reads_them_bac
     assert type(decoded.started) is tuple
 
 
+def test_a_delta_heartbeat_may_name_more_than_64_jobs_gone() -> None:
+    """A server that stopped hundreds of jobs since its acknowledged heartbeat (the
+    manager stopping duplicate copies after a burst) lists them all in ``gone``;
+    the 64-item bound of kinds and labels made such a heartbeat malformed, and it
+    was dead-lettered (seen in the failover benchmark, 2026-12-06)."""
+    gone = tuple(f"job-{i}" for i in range(1000))
+    delta = dataclasses.replace(HEARTBEAT, seq=5, base=4, gone=gone)
+    assert p.decode_as(p.encode(delta), p.ServerHeartbeat).gone == gone
+    with pytest.raises(MalformedMessage, match="gone"):
+        p.decode(p.encode(dataclasses.replace(delta, gone=("x" * 200,))))
+
+
 def test_a_periodic_heartbeat_leaves_started_out_and_one_without_it_reads_as_empty() -> None:
     assert HEARTBEAT.started == ()
     data = p.encode(HEARTBEAT)
@@ -428,3 +440,37 @@ def test_a_job_message_read_by_decode_keeps_every_value_and_ignores_unknown_fiel
     for name in ("job_id", "created_at", "generation"):
         with pytest.raises(MalformedMessage, match=name):
             p.decode(json.dumps({k: v for k, v in body.items() if k != name}))
+
+
+def _json_outcome(read: Any, data: bytes | str) -> tuple[str, Any]:
+    try:
+        return ("value", read(data))
+    except Exception as exc:
+        return ("error", type(exc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=_JSON,
+    encoding=st.sampled_from(["utf-8", "utf-16", "utf-16-le", "utf-32-be", "utf-8-sig", "text"]),
+    garbage=st.binary(max_size=8),
+)
+def test_the_shared_json_decoder_reads_and_refuses_what_json_loads_does(
+    value: Any, encoding: str, garbage: bytes
+) -> None:
+    """The decoder made once (not per message, as ``json.loads(..., parse_constant=)``
+    would) reads bytes in any JSON encoding and text as before, and refuses the same."""
+
+    def reference(data: bytes | str) -> Any:
+        return json.loads(data, parse_constant=p._refuse_constant)
+
+    text = json.dumps(value)
+    samples: list[bytes | str] = [text, "\ufeff" + text, text.encode() + garbage, garbage]
+    if encoding != "text":
+        samples.append(text.encode(encoding))
+    for data in samples:
+        expected, got = _json_outcome(reference, data), _json_outcome(p._loads, data)
+        if expected[0] == "value" and expected[1] != expected[1]:  # NaN is not equal to itself
+            assert got[0] == "value"
+            continue
+        assert got == expected, data

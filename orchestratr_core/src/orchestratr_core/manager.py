@@ -139,12 +139,22 @@ class ManagerOptions:
     server's stop report was lost: the job would stay ``pausing`` for ever).
     Keep it above the servers' ``stop_grace``: a copy being stopped is no longer
     listed, yet it may still run that long."""
+    seen_batch: float | None = None
+    """Seconds a heartbeat that changes nothing but its server's row (a delta
+    listing no job on a set the manager holds and trusts) may wait for its
+    write, so that the rows of many servers are written together (one statement
+    on PostgreSQL) instead of one transaction per heartbeat. Its server's
+    ``last_seen`` is then up to this much older in the storage than the
+    manager's own view. ``0``: every heartbeat is written on arrival. ``None``:
+    a twentieth of ``server_timeout``, at most 0.5 s."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
             raise ConfigurationError("server_timeout and sweep_interval must be > 0")
         if self.storage_probe_after is not None and self.storage_probe_after <= 0:
             raise ConfigurationError("storage_probe_after must be > 0")
+        if self.seen_batch is not None and not 0 <= self.seen_batch < self.server_timeout / 4:
+            raise ConfigurationError("seen_batch must be >= 0 and under server_timeout / 4")
         if self.leader_lease <= self.sweep_interval:
             raise ConfigurationError("leader_lease must be longer than sweep_interval")
         if not self.confirm_hold_after >= 0:
@@ -204,6 +214,14 @@ class ServerManager:
         self._reasons_stored = True
         self.is_leader = False
         self._lease_valid_until = 0.0
+        self._leader_since: float | None = None
+        """monotonic time this manager's current run of leader leases began"""
+        self._touches: dict[str, tuple[p.ServerHeartbeat, datetime]] = {}
+        """Server id -> its latest heartbeat that changes nothing but its server
+        row, not yet written (:meth:`_flush_touches`), with when it arrived."""
+        self._touches_since = 0.0
+        """monotonic time the oldest of ``_touches`` arrived"""
+        self._touch_lock = asyncio.Lock()
         self._stepped_back = False
         """True while this manager has left the events queue (storage unreachable)."""
         self._probe: asyncio.Future[Any] | None = None
@@ -230,6 +248,10 @@ class ServerManager:
         await self._retry("connect to broker", self._transport.connect)
         self._events = await self._transport.consume_events(self._on_event)
         self._tasks.append(spawn(self._leader_duties(), name="orchestratr-leader", logger=log))
+        if self._seen_batch > 0:
+            self._tasks.append(
+                spawn(self._touch_flusher(), name="orchestratr-seen-batch", logger=log)
+            )
         log.info("manager started id=%s", self.id)
 
     async def stop(self) -> None:
@@ -241,6 +263,8 @@ class ServerManager:
             with contextlib.suppress(OrchestratrError, OSError):
                 await self._events.close()
         await cancel_and_log(self._tasks, logger=log)
+        with contextlib.suppress(OrchestratrError, OSError):
+            await asyncio.wait_for(self._flush_touches(), self.options.server_timeout / 4)
         # Delete the outbox rows of the messages the client sent (batched).
         with contextlib.suppress(OrchestratrError, OSError):
             await self.client.close()
@@ -284,49 +308,129 @@ class ServerManager:
         (:class:`DataRejected`: out of range, an encoding the database cannot
         store) raises :class:`DeadLetter`, and so does one that fails with an
         unclassified error :data:`_UNEXPECTED_ATTEMPTS` times; the transport then
-        dead-letters it with one warning line and delivers the next."""
+        dead-letters it with one warning line and delivers the next.
+
+        A heartbeat that changes nothing but its server's row is noted, not
+        written at once (:attr:`ManagerOptions.seen_batch`): the rows noted are
+        written together once the oldest has waited that long, and before any
+        other event is applied, so the storage sees the events in their order."""
+        if isinstance(event, p.ServerHeartbeat) and self._note_idle(event):
+            if time.monotonic() - self._touches_since >= self._seen_batch:
+                await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
+            # An idle heartbeat still moves the check of held jobs its owner no
+            # longer lists (throttled there): else an idle fleet never runs it.
+            await self._flush_or_dead_letter(
+                "confirm held jobs their owners no longer run",
+                lambda: self._confirm_held_unlisted(utcnow()),
+            )
+            return
+        if self._touches:
+            await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
+        await self._flush_or_dead_letter(
+            f"apply {event.TYPE} event", lambda: self._apply(event), event
+        )
+
+    async def _flush_or_dead_letter(
+        self,
+        what: str,
+        action: Callable[[], Awaitable[None]],
+        event: p.Event | None = None,
+    ) -> None:
+        """Run ``action`` for :meth:`_on_event` (see there: retried while the
+        storage is down, dead-lettered when refused or failing again and again)."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                await self._apply_unless_cut_off(event)
+                await self._apply_unless_cut_off(what, action)
                 return
             except DataRejected as exc:
-                raise DeadLetter(f"{_about(event)} refused by the storage: {exc}") from None
+                raise DeadLetter(f"{_about(event, what)} refused by the storage: {exc}") from None
             except OrchestratrError as exc:
-                log.error("%s rejected: %s", _about(event), exc)
+                log.error("%s rejected: %s", _about(event, what), exc)
                 return
             except Exception as exc:
                 if attempt >= _UNEXPECTED_ATTEMPTS:
-                    log.error("%s failed %d times", _about(event), attempt, exc_info=True)
+                    log.error("%s failed %d times", _about(event, what), attempt, exc_info=True)
                     raise DeadLetter(
-                        f"{_about(event)} failed {attempt} times: {type(exc).__name__}: {exc}"
+                        f"{_about(event, what)} failed {attempt} times: {type(exc).__name__}: {exc}"
                     ) from None
                 await asyncio.sleep(0.1 * attempt)
+
+    @property
+    def _seen_batch(self) -> float:
+        batch = self.options.seen_batch
+        return min(0.5, self.options.server_timeout / 20) if batch is None else batch
+
+    def _note_idle(self, hb: p.ServerHeartbeat) -> bool:
+        """Note ``hb`` for a later write if it changes nothing but its server row
+        (:meth:`ServerViews.idle`); False: apply it as usual."""
+        if (
+            self._seen_batch <= 0
+            or self._stepped_back
+            or hb.server_id not in self._known_servers
+            or not self._views.idle(hb)
+        ):
+            return False
+        now = utcnow()
+        record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        self._clear_moved_notes(hb)
+        if not self._touches:
+            self._touches_since = time.monotonic()
+        self._touches.pop(hb.server_id, None)
+        self._touches[hb.server_id] = (hb, now)
+        return True
+
+    async def _flush_touches(self) -> None:
+        """Write the noted heartbeats' server rows (:meth:`Storage.touch_servers`,
+        one statement on PostgreSQL). On failure they stay noted (a newer note
+        of the same server wins) and the error is raised -- unless the storage
+        refused them (:class:`DataRejected`): then they are dropped, as a
+        heartbeat it refuses is dead-lettered."""
+        async with self._touch_lock:
+            batch, self._touches = self._touches, {}
+            if not batch:
+                return
+            try:
+                await self._storage.touch_servers(list(batch.values()))
+            except DataRejected:
+                log.error("the storage refused %d noted heartbeat(s): dropped", len(batch))
+                raise
+            except BaseException:
+                for server_id, noted in batch.items():
+                    self._touches.setdefault(server_id, noted)
+                self._touches_since = time.monotonic()
+                raise
+
+    async def _touch_flusher(self) -> None:
+        """Write the noted heartbeats when no event came to do it (few servers)."""
+        while True:
+            await asyncio.sleep(self._seen_batch)
+            if self._touches and time.monotonic() - self._touches_since >= self._seen_batch:
+                try:
+                    await self._flush_touches()
+                except Exception as exc:  # kept noted: the next round or event writes them
+                    log.warning("could not write the noted heartbeats (retried): %s", exc)
 
     @property
     def _probe_after(self) -> float:
         after = self.options.storage_probe_after
         return self.options.server_timeout / 3 if after is None else after
 
-    async def _apply_unless_cut_off(self, event: p.Event) -> None:
-        """Apply ``event`` (retrying while the storage is down) -- unless, while it
+    async def _apply_unless_cut_off(self, what: str, action: Callable[[], Awaitable[None]]) -> None:
+        """Run ``action`` (retrying while the storage is down) -- unless, while it
         takes long, the storage does not answer a probe either: then leave the
         events queue (:meth:`_step_back`) and raise :class:`BackendUnavailable`,
         so that the broker hands the event to another manager. Slow but
         answering is waited for."""
         if self._stepped_back:
             raise BackendUnavailable("the storage does not answer: events are left to others")
-        applying = asyncio.ensure_future(
-            self._retry(f"apply {event.TYPE} event", lambda: self._apply(event))
-        )
+        applying = asyncio.ensure_future(self._retry(what, action))
         try:
             while not (await asyncio.wait({applying}, timeout=self._probe_after))[0]:
                 if not await self.storage_answers():
                     self._step_back()
-                    raise BackendUnavailable(
-                        f"the storage did not answer while a {event.TYPE} event was applied"
-                    )
+                    raise BackendUnavailable(f"the storage did not answer (to {what})")
             applying.result()
         finally:
             if not applying.done():
@@ -458,10 +562,7 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
-        notes = self._moved_from.get(hb.server_id)
-        if notes:  # alive after the move: those jobs were released, not lost
-            for job_id in [j for j, noted in notes.items() if noted < hb.sent_at]:
-                del notes[job_id]
+        self._clear_moved_notes(hb)
         checkpoints = [
             (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
         ]
@@ -509,6 +610,12 @@ class ServerManager:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.
             await self._send(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id)
+
+    def _clear_moved_notes(self, hb: p.ServerHeartbeat) -> None:
+        notes = self._moved_from.get(hb.server_id)
+        if notes:  # alive after the move: those jobs were released, not lost
+            for job_id in [j for j, noted in notes.items() if noted < hb.sent_at]:
+                del notes[job_id]
 
     async def _on_started(self, ev: p.JobStarted, now: datetime) -> None:
         before = await self._storage.get_job(ev.job_id)
@@ -849,8 +956,43 @@ class ServerManager:
         won = await self._storage.acquire_lease(LEADER_LEASE, self.id, now, until)
         self._lease_valid_until = asked + self.options.leader_lease if won else 0.0
         self.is_leader = won
+        if not won:
+            self._leader_since = None
+        elif self._leader_since is None:
+            self._leader_since = asked
         if not self._lease_held():
             return
+        await self._expire_servers(now)
+        if not self._lease_held():
+            return
+        await self._relay_outbox(now)
+        if not self._lease_held():
+            return
+        await self.update_pending_reasons()
+        if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
+            await self._sync_cancellations(now)
+        if (
+            self._lease_held()
+            and self.options.rebalance
+            and time.monotonic() - self._last_rebalance >= self.options.rebalance_interval
+        ):
+            self._last_rebalance = time.monotonic()
+            await self.rebalance()
+
+    async def _expire_servers(self, now: datetime) -> list[ServerRecord]:
+        """Declare dead every server not heard from for ``server_timeout``
+        (:meth:`Storage.expire_servers`), count the owner deaths, forget them.
+
+        Not in a new leader's first ``server_timeout``: a manager that has just
+        started (or taken over) may not have applied the heartbeats waiting for
+        it in the broker yet -- after a restart the servers' rows are as old as
+        the outage -- and would declare live servers dead. Heartbeats noted for
+        a later write (:attr:`ManagerOptions.seen_batch`) are written first."""
+        since = self._leader_since
+        if since is None or time.monotonic() - since < self.options.server_timeout:
+            return []
+        if self._touches:
+            await self._flush_touches()
         cutoff = now - timedelta(seconds=self.options.server_timeout)
         dying = await self._holdings_of_silent_servers(cutoff)
         expired = await self._storage.expire_servers(cutoff, now)
@@ -873,21 +1015,7 @@ class ServerManager:
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
-        if not self._lease_held():
-            return
-        await self._relay_outbox(now)
-        if not self._lease_held():
-            return
-        await self.update_pending_reasons()
-        if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
-            await self._sync_cancellations(now)
-        if (
-            self._lease_held()
-            and self.options.rebalance
-            and time.monotonic() - self._last_rebalance >= self.options.rebalance_interval
-        ):
-            self._last_rebalance = time.monotonic()
-            await self.rebalance()
+        return expired
 
     async def update_pending_reasons(self) -> int:
         """Work out why the jobs of each pool with pending jobs wait, from the live
@@ -1156,8 +1284,11 @@ class ServerManager:
         self._last_resync = time.monotonic()
 
 
-def _about(event: p.Event) -> str:
-    """``"started event of server S, job J"``: how a log line names an event."""
+def _about(event: p.Event | None, what: str = "") -> str:
+    """``"started event of server S, job J"``: how a log line names an event
+    (``what`` when there is none)."""
+    if event is None:
+        return what
     job_id = getattr(event, "job_id", None)
     job = f", job {job_id}" if isinstance(job_id, str) else ""
     return f"{event.TYPE} event of server {event.server_id}{job}"

@@ -112,6 +112,28 @@ class ServerViews:
             return older[0]
         return None
 
+    def idle(self, hb: p.ServerHeartbeat) -> bool:
+        """Whether ``hb`` changes nothing the manager keeps: a delta on the
+        acknowledged heartbeat of a fresh copy that lists no job, names none gone
+        or started, and whose digest and count match the copy. Then the only write
+        it asks for is its server row (``last_seen``, and the fields every
+        heartbeat carries), and :meth:`receive` would answer
+        :attr:`Verdict.NOTHING`; this notes it as seen, as :meth:`receive` does.
+        Anything else returns False and changes nothing (apply it, then call
+        :meth:`receive`)."""
+        if not hb.seq or not hb.base or hb.jobs or hb.gone or hb.started:
+            return False
+        view = self._views.get(hb.server_id)
+        if view is None or hb.base != view.acked:
+            return False
+        now = time.monotonic()
+        if now - view.seen >= self._stale_after:
+            return False
+        if hb.digest != view.digest or hb.running != len(view.shares):
+            return False
+        view.seen = now
+        return True
+
     def receive(self, hb: p.ServerHeartbeat, *, refused: bool = False) -> Verdict:
         """Update the copy for ``hb`` (already applied to the storage) and say what
         to answer. A delta whose complete set cannot be checked was still applied

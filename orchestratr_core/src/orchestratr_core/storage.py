@@ -271,6 +271,17 @@ class Storage(abc.ABC):
         for an unknown id, so unknown ids are left out. The manager tells the
         server to stop those copies."""
 
+    async def touch_servers(self, heartbeats: Sequence[tuple[ServerHeartbeat, datetime]]) -> None:
+        """Write the server rows of heartbeats that list no job and name none gone
+        (each with the time it was received), as :meth:`apply_heartbeat` would,
+        in this order: the manager gathers the heartbeats that change nothing but
+        their server's row and writes them together. The default applies them one
+        by one; a storage that can write them in one statement should."""
+        for heartbeat, now in heartbeats:
+            if heartbeat.jobs or heartbeat.gone or not heartbeat.base:
+                raise ValueError("touch_servers takes heartbeats that list no job")
+            await self.apply_heartbeat(heartbeat, now)
+
     @abc.abstractmethod
     async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:
         """Mark every ``alive`` or ``draining`` server with ``last_seen < seen_before``

@@ -526,20 +526,8 @@ class SqlStorage(SqlReads):
         (those it does not list, or -- a heartbeat of what changed -- those it
         says are gone; none: no statement)."""
         check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
-        values: dict[str, Any] = {
-            "id": heartbeat.server_id,
-            "server_id": heartbeat.server_id,
-            "name": heartbeat.name,
-            "max_workers": int(heartbeat.max_workers),
-            "host": heartbeat.host,
-            "pid": int(heartbeat.pid),
-            "status": (ServerStatus.DRAINING if heartbeat.draining else ServerStatus.ALIVE).value,
-            "started_at": self._t(datetime.fromtimestamp(heartbeat.started_at, UTC)),
-            "now": self._t(now),
-            "reason": REASON_NOT_REPORTED,
-            "kinds": join_list(heartbeat.runs_kinds),
-            "labels": join_list(sorted(heartbeat.labels)),
-        }
+        values = self._server_row(heartbeat, now)
+        values["reason"] = REASON_NOT_REPORTED
         values.update(self.dialect.heartbeat_batch(heartbeat.jobs, now))
         gone = heartbeat_gone(heartbeat)
         if gone is not None:
@@ -559,6 +547,51 @@ class SqlStorage(SqlReads):
             return rejected
 
         return await self._run("apply_heartbeat", ingest)
+
+    def _server_row(self, heartbeat: ServerHeartbeat, now: datetime) -> dict[str, Any]:
+        """The parameters of ``upsert_server`` for one heartbeat."""
+        return {
+            "id": heartbeat.server_id,
+            "server_id": heartbeat.server_id,
+            "name": heartbeat.name,
+            "max_workers": int(heartbeat.max_workers),
+            "host": heartbeat.host,
+            "pid": int(heartbeat.pid),
+            "status": (ServerStatus.DRAINING if heartbeat.draining else ServerStatus.ALIVE).value,
+            "started_at": self._t(datetime.fromtimestamp(heartbeat.started_at, UTC)),
+            "now": self._t(now),
+            "kinds": join_list(heartbeat.runs_kinds),
+            "labels": join_list(sorted(heartbeat.labels)),
+        }
+
+    async def touch_servers(self, heartbeats: Sequence[tuple[ServerHeartbeat, datetime]]) -> None:
+        """The server rows of heartbeats that list no job, in one transaction: one
+        ``upsert_servers`` statement (PostgreSQL: parallel arrays, one row per
+        server, the latest heartbeat of each), else ``upsert_server`` per
+        heartbeat."""
+        latest: dict[str, dict[str, Any]] = {}
+        for heartbeat, now in heartbeats:
+            if heartbeat.jobs or heartbeat.gone or not heartbeat.base:
+                raise ValueError("touch_servers takes heartbeats that list no job")
+            check_heartbeat(heartbeat)
+            latest.pop(heartbeat.server_id, None)  # kept in the order they came
+            latest[heartbeat.server_id] = self._server_row(heartbeat, now)
+        if not latest:
+            return
+        rows = list(latest.values())
+        batched = "upsert_servers" in self._q
+
+        async def touch(conn: Connection) -> None:
+            if batched:
+                columns = {
+                    array: [row[key] for row in rows] for array, key in _SERVER_ARRAYS.items()
+                }
+                await conn.execute(self._q["upsert_servers"], columns)
+                return
+            for row in rows:
+                await conn.execute(self._q["upsert_server"], row)
+
+        await self._run("touch_servers", touch, statement=batched)
 
     async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:
         """Guarded ``alive|draining -> dead`` per silent server, each followed by
@@ -698,6 +731,21 @@ class SqlStorage(SqlReads):
             return await conn.execute(self._q[name], values)
 
         return await self._run("set_pending_reason", update, statement=True)
+
+
+_SERVER_ARRAYS = {
+    "ids": "id",
+    "names": "name",
+    "max_workers": "max_workers",
+    "hosts": "host",
+    "pids": "pid",
+    "statuses": "status",
+    "started": "started_at",
+    "seen": "now",
+    "kinds": "kinds",
+    "labels": "labels",
+}
+"""``upsert_servers`` array parameter -> the ``upsert_server`` parameter it lists."""
 
 
 class _LeaseTaken(Exception):

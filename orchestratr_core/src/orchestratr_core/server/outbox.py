@@ -28,6 +28,14 @@ COALESCE_JOBS_PER_SECOND = 25_000
 jobs, 40 ms at 1,000), so that the loop keeps time to answer the fence pings
 (docs/benchmarks.md, "What changed", items 2 and 3)."""
 
+COALESCE_QUIET = 0.02
+"""A burst of starts is over when no start was reported for this long: the
+coalescing heartbeat waits for that (at most :data:`COALESCE_SETTLE` seconds,
+or the pace above if longer), because building it walks every running job and,
+built in the middle of a failover, it delays the deliveries still to start."""
+COALESCE_SETTLE = 0.25
+"""Longest wait for a burst of starts to end (see :data:`COALESCE_QUIET`)."""
+
 _PUBLISH_ATTEMPTS = 3
 """Quick tries of one event before it is dropped or sent to the back of the queue."""
 
@@ -106,9 +114,11 @@ class EventOutbox:
                             self._heartbeat_interval / 2,
                             self._running() / COALESCE_JOBS_PER_SECOND,
                         )
-                        wait = self._last_heartbeat_sent + gap - time.monotonic()
+                        now = time.monotonic()
+                        wait = self._last_heartbeat_sent + gap - now
                         if wait > 0:
                             await asyncio.sleep(wait)  # more starts gather meanwhile
+                        await self._burst_settles(now + max(gap, COALESCE_SETTLE))
                         event = self._coalesce_starts(event)
                 if isinstance(event, p.ServerHeartbeat) and any(
                     isinstance(e, p.ServerHeartbeat) for e in _peek(self.queue)
@@ -117,6 +127,17 @@ class EventOutbox:
                 await self._publish(event)
             finally:
                 self.queue.task_done()
+
+    async def _burst_settles(self, until: float) -> None:
+        """Wait while start reports keep coming, :data:`COALESCE_QUIET` seconds
+        without one, but not past ``until`` (monotonic) nor half the heartbeat
+        interval: the heartbeat then covers the whole burst, built once, after it."""
+        until = min(until, time.monotonic() + self._heartbeat_interval / 2)
+        while time.monotonic() < until:
+            seen = self._queued_starts
+            await asyncio.sleep(COALESCE_QUIET)
+            if self._queued_starts == seen:
+                return
 
     async def _publish(self, event: p.Event) -> None:
         error: BaseException | None = None

@@ -12,7 +12,7 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,14 @@ class Run:
     feed: UpdateFeed | None = None
     """The heartbeat of an :func:`~orchestratr_core.lifecycle.updatable` job
     function, which brings it new arguments; ``None`` for any other function."""
+    resume: Callable[[Run], None] | None = None
+    """While the job runs without a supervising task (:meth:`park`): makes it."""
+    parked: asyncio.Task[None] | None = None
+    """While parked: the job function's task."""
+    began: float = 0.0
+    """When the parked job function started (``time.time()``)."""
+    timer: asyncio.TimerHandle | None = None
+    """While parked with a watchdog: the timer that checks the job's heartbeat."""
 
     def request_stop(self, reason: p.StopReason, *, hard: bool = False) -> None:
         if self.stop_reason is None or (reason is p.StopReason.LOST and not self.stop_hard):
@@ -120,10 +128,46 @@ class Run:
         return report
 
     def alert(self, *_: object) -> None:
-        """Wake the supervisor if it sleeps (also a done callback of the job task)."""
+        """Wake the supervisor if it sleeps (also a done callback of the job task),
+        or make it if the job runs without one (:meth:`park`)."""
         wake = self.wake
         if wake is not None and not wake.done():
             wake.set_result(None)
+        elif self.resume is not None:
+            resume, self.resume = self.resume, None
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            resume(self)
+
+    def park(
+        self, job_task: asyncio.Task[None], began: float, resume: Callable[[Run], None]
+    ) -> None:
+        """The job function runs (``job_task``, since ``began``) without a
+        supervising task: the next :meth:`alert` calls ``resume(self)``, which
+        makes one. Every reason the supervisor wakes for alerts -- a stop
+        request, the loss of the delivery, the end of the job function -- and so
+        does the watchdog, here a timer that re-arms itself while the job calls
+        ``heartbeat()`` in time. The supervisor then looks at the state, as it
+        does after any wake. Nothing is allocated per job but the timer."""
+        self.parked, self.began, self.resume = job_task, began, resume
+        if self.heartbeat_timeout is not None:
+            self._arm_watchdog()
+
+    def _arm_watchdog(self) -> None:
+        timeout = self.heartbeat_timeout
+        assert timeout is not None
+        due = max(self.last_heartbeat or 0.0, self.began) + timeout - time.time()
+        self.timer = asyncio.get_running_loop().call_later(max(0.0, due), self._watchdog_due)
+
+    def _watchdog_due(self) -> None:
+        self.timer = None
+        if self.resume is None or self.heartbeat_timeout is None:
+            return
+        if max(self.last_heartbeat or 0.0, self.began) + self.heartbeat_timeout > time.time():
+            self._arm_watchdog()  # it beat meanwhile
+            return
+        self.alert()
 
     def alarm(self) -> asyncio.Future[None]:
         """A new ``wake`` future: awaiting it sleeps until alerted (no coroutine of

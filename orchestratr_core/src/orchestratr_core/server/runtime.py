@@ -28,11 +28,12 @@ the job runs, and:
   (:meth:`Transport.watch_pools`); it never runs more than ``max_workers`` jobs
   in all, nor more than a kind's limit of that kind.
 
-A running job costs two asyncio tasks (its supervisor and the job function) and
-a few small objects, so that one process can hold tens of thousands of idle jobs:
-the supervisor sleeps on one plain future (:attr:`Run.wake`) that a stop request,
-the end of the job function, the watchdog's timer and the loss of the delivery
-resolve.
+A running job costs one asyncio task (the job function) and a few small
+objects, so that one process can hold tens of thousands of idle jobs and take
+over a failed server's jobs quickly: its supervisor is a task only while it has
+something to do (:meth:`Run.park`) -- a stop request, the end of the job
+function, the watchdog's timer and the loss of the delivery make it -- and
+then sleeps on one plain future (:attr:`Run.wake`) that the same events resolve.
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ class OrchestratedServer:
         )
         self._beats = HeartbeatSeries()
         self._gc = GcFreezer()
+        self._resume = self._supervise_parked
+        """One bound method for every parked job (nothing allocated per job)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._started_at = time.time()
@@ -486,8 +489,69 @@ class OrchestratedServer:
         self._count(self._runs.get(message.job_id), -1)
         self._runs[message.job_id] = run
         self._count(run, 1)
+        if previous is None and run.handover is None:
+            self._start_unsupervised(run)
+        else:
+            run.task = asyncio.create_task(
+                self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
+            )
+
+    def _start_unsupervised(self, run: Run) -> None:
+        """Start the job function of a new run at once, without a supervising task:
+        what the supervisor does first (watch the delivery, report the start, start
+        the job function) is done here, and its task is made only when it has
+        something to do -- the job ended, a stop or a loss, or the watchdog is due
+        (:meth:`Run.park`). A job that just runs, which is nearly every job and
+        every job a failover moves, costs one task instead of two."""
+        arg = run.arg
+        run.watch_loss()
+        if run.stop_reason is not None:  # lost already: the supervisor never starts it
+            run.task = asyncio.create_task(
+                self._supervise(run, None), name=f"orchestratr-job-{arg.job_id}"
+            )
+            return
+        began = self._report_start(run)
+        job_task = self._run_job(run)
+        run.park(job_task, began, self._resume)
+        job_task.add_done_callback(run.alert)
+
+    def _report_start(self, run: Run) -> float:
+        """Report that the job function of ``run`` starts now; returns the time."""
+        began = time.time()
+        run.last_heartbeat = None
+        arg = run.arg
+        self._emit(
+            p.JobStarted(
+                server_id=self.id,
+                job_id=arg.job_id,
+                fence=arg.fence,
+                at=began,
+                restarts=run.restarts,
+            ),
+            arg.name,
+        )
+        return began
+
+    def _run_job(self, run: Run) -> asyncio.Task[None]:
+        """Start the job function of ``run`` as a task (an updatable function gets
+        the run's :class:`UpdateFeed` as its heartbeat)."""
+        arg = run.arg
+        beat: Heartbeat = run.beat
+        if run.feed is not None:
+            run.feed.called_with = run.feed.version
+            beat = run.feed
+        return asyncio.create_task(
+            self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, beat)
+        )
+
+    def _supervise_parked(self, run: Run) -> None:
+        """Make the supervisor of a job started without one (:meth:`Run.park`)."""
+        job_task = run.parked
+        assert job_task is not None
+        run.parked = None
         run.task = asyncio.create_task(
-            self._supervise(run, previous), name=f"orchestratr-job-{message.job_id}"
+            self._supervise(run, None, first=(job_task, run.began)),
+            name=f"orchestratr-job-{run.arg.job_id}",
         )
 
     async def _release_later(self, delivery: Delivery, delay: float) -> None:
@@ -508,10 +572,21 @@ class OrchestratedServer:
             return False
         return True
 
-    async def _supervise(self, run: Run, previous: Run | None) -> None:
-        """Run one job until it is stopped, restarting it after failures."""
+    async def _supervise(
+        self,
+        run: Run,
+        previous: Run | None,
+        *,
+        first: tuple[asyncio.Task[None], float] | None = None,
+    ) -> None:
+        """Run one job until it is stopped, restarting it after failures.
+
+        ``first``: the job function's task and start time when the job was started
+        without this supervisor (:meth:`_start_unsupervised`), which then takes
+        over from there."""
         arg = run.arg
-        run.watch_loss()
+        if first is None:
+            run.watch_loss()
         forced = False
         error: str | None = None
         try:
@@ -519,32 +594,19 @@ class OrchestratedServer:
                 # Never two copies in one process: wait for the older copy to end.
                 await asyncio.wait({previous.task})
             attempt = 0
-            while run.stop_reason is None:
-                arg = run.arg  # an update in place may have replaced the argument
-                began = time.time()
-                run.last_heartbeat = None
-                self._emit(
-                    p.JobStarted(
-                        server_id=self.id,
-                        job_id=arg.job_id,
-                        fence=arg.fence,
-                        at=began,
-                        restarts=run.restarts,
-                    ),
-                    arg.name,
-                )
-                if run.handover is not None and not await self._await_checkpoint(run):
-                    break
-                if arg.checkpoint != run.checkpoint:
-                    arg = run.arg = dataclasses.replace(arg, checkpoint=run.checkpoint)
-                beat: Heartbeat = run.beat
-                if run.feed is not None:
-                    run.feed.called_with = run.feed.version
-                    beat = run.feed
-                job_task: asyncio.Task[None] = asyncio.create_task(
-                    self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, beat)
-                )
-                job_task.add_done_callback(run.alert)
+            while first is not None or run.stop_reason is None:
+                job_task: asyncio.Task[None]
+                if first is not None:
+                    (job_task, began), first = first, None
+                else:
+                    arg = run.arg  # an update in place may have replaced the argument
+                    began = self._report_start(run)
+                    if run.handover is not None and not await self._await_checkpoint(run):
+                        break
+                    if arg.checkpoint != run.checkpoint:
+                        arg = run.arg = dataclasses.replace(arg, checkpoint=run.checkpoint)
+                    job_task = self._run_job(run)
+                    job_task.add_done_callback(run.alert)
                 outcome = await run.wait_job(job_task, began)
                 if outcome is Outcome.STOP:
                     forced = await self._stop_job(run, job_task)

@@ -190,6 +190,8 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         """Tags of this session's cancelled consumers: what still reaches them is
         handed back at once."""
         self.held: dict[int, RabbitDelivery] = {}
+        self.stepping = False
+        """A step up (:meth:`_step_up`) is on its way."""
 
     async def attach(self, session: Session) -> None:
         async with self.lock:
@@ -197,6 +199,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             self.held = {}
             self.consumers = {}
             self.cancelled = set()
+            self.stepping = False  # a step up of the old session may never have run
             self.channel = await session.channel("jobs")
             self.underlay = await self._watch_cancel(session, "jobs")
             await self._reconcile()
@@ -210,14 +213,21 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         counted = sum(c.held for c in self.consumers.values())
         return sum(c.prefetch for c in self.consumers.values()) + len(self.held) - counted
 
+    def _free(self) -> int:
+        """Deliveries the live consumers may still be pushed (their unused credit)."""
+        return sum(max(0, c.prefetch - c.held) for c in self.consumers.values())
+
     async def _reconcile(self) -> None:
         """Keep the credit within the capacity, and grant at most ``prefetch_step``
         deliveries ahead of what is held. RabbitMQ applies ``basic.qos`` to new
         consumers only: credit is added as a new consumer, once the live ones have
-        used theirs, and taken away by cancelling consumers that hold nothing. The
-        step bounds how many unread deliveries can queue ahead of a fence ping's
-        answer: a server with room for 20,000 jobs that took them in one step fell
-        behind its pings and fenced itself (docs/benchmarks.md)."""
+        used half a step of theirs (not all of it: a server whose jobs ended left
+        a little credit on each consumer, and a failover's burst then waited for a
+        round trip after a few deliveries), and taken away by cancelling consumers
+        that hold nothing. The step bounds how many unread deliveries can queue
+        ahead of a fence ping's answer: a server with room for 20,000 jobs that
+        took them in one step fell behind its pings and fenced itself
+        (docs/benchmarks.md)."""
         session, underlay = self.session, self.underlay
         if session is None or underlay is None or not session.alive:
             return
@@ -231,9 +241,11 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 del self.consumers[tag]
                 self.cancelled.add(tag)
                 budget -= credit.prefetch
-        if any(c.held < c.prefetch for c in self.consumers.values()):
-            return  # a live consumer still has credit: step up once it is used
-        desired = min(self.wiring.settings.prefetch_step, room - budget)
+        step = self.wiring.settings.prefetch_step
+        free = self._free()
+        if self.consumers and free > step // 2:
+            return  # the live consumers still have credit: step up once half is used
+        desired = min(step - free, room - budget)
         if desired <= 0:
             return  # prefetch 0 would mean "unlimited": pause by not consuming
         await underlay.basic_qos(prefetch_count=desired)
@@ -252,10 +264,12 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
 
     def _maybe_step_up(self) -> None:
         if (
-            self.consumers
-            and all(c.held >= c.prefetch for c in self.consumers.values())
+            not self.stepping
+            and self.consumers
+            and self._free() <= self.wiring.settings.prefetch_step // 2
             and self._budget() < self._room()
         ):
+            self.stepping = True
             self.wiring.spawn(self._step_up())
 
     def _drop_held(self, delivery: RabbitDelivery) -> None:
@@ -266,10 +280,15 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 credit.held -= 1
 
     async def _step_up(self) -> None:
-        """The live consumers used up their credit and there is room: consume again."""
-        async with self.lock:
-            with Quiet():
-                await self._reconcile()
+        """The live consumers used half a step of their credit and there is room:
+        consume again."""
+        try:
+            async with self.lock:
+                self.stepping = False
+                with Quiet():
+                    await self._reconcile()
+        finally:
+            self.stepping = False
 
     async def _on_message(
         self,
@@ -304,7 +323,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         credit = self.consumers.get(consumer_tag)
         if credit is not None:
             credit.held += 1
-            if credit.held == credit.prefetch:
+            if not self.stepping:
                 self._maybe_step_up()
         if consumer_tag in self.cancelled or len(self.held) > self._room():
             # Never run what a cancelled consumer got (it would stay checked out to

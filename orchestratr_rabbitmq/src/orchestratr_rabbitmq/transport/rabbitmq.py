@@ -45,6 +45,7 @@ from orchestratr_core.transport import (
 from orchestratr_core.transport_base import cancel_and_log, reattach_order, spawn
 from orchestratr_rabbitmq.settings import Settings
 from orchestratr_rabbitmq.topology import BrokerVersion, Topology
+from orchestratr_rabbitmq.transport import frames
 from orchestratr_rabbitmq.transport.authenticity import Authenticity
 from orchestratr_rabbitmq.transport.cancellations import CancellationSet
 from orchestratr_rabbitmq.transport.consumers import (
@@ -89,6 +90,7 @@ class RabbitMQTransport(Transport):
 
     def __init__(self, url: str | None = None, **options: Any) -> None:
         self.settings = Settings.build(url, options)
+        frames.install()  # deliveries' frames read without pamqp's generic path
         self._session: Session | None = None
         self._ready = asyncio.Event()
         self._closed = False

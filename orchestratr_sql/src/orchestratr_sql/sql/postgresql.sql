@@ -58,6 +58,20 @@ ON CONFLICT (id) DO UPDATE SET
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;
 
+-- name: upsert_servers
+-- upsert_server for many servers at once (heartbeats that list no job): one row
+-- per server id (the caller keeps the latest of each).
+INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
+                     kinds, labels)
+SELECT * FROM unnest(:ids::text[], :names::text[], :max_workers::int[], :hosts::text[],
+                     :pids::int[], :statuses::text[], :started::timestamptz[],
+                     :seen::timestamptz[], :kinds::text[], :labels::text[])
+ON CONFLICT (id) DO UPDATE SET
+    name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
+    pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
+    status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
+    last_seen = excluded.last_seen;
+
 -- name: heartbeat_start_jobs
 -- Rows the report changes in nothing but a recent last_heartbeat are left alone
 -- (no write, no WAL): see HEARTBEAT_REFRESH_STEP (:refresh_step).

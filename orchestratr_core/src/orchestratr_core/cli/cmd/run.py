@@ -121,6 +121,14 @@ def add_commands(
         help="a server not heard from for this long is dead (default 10)",
     )
     manager.add_argument(
+        "--seen-batch",
+        type=duration,
+        metavar="S",
+        help="an unchanged heartbeat's server row waits up to this long to be written "
+        "with others' (0: each at once; default a twentieth of the server timeout, "
+        "at most 0.5)",
+    )
+    manager.add_argument(
         "--sweep-interval",
         type=duration,
         metavar="S",
@@ -324,6 +332,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
     options = _options(
         ManagerOptions(),
         server_timeout=args.server_timeout,
+        seen_batch=args.seen_batch,
         sweep_interval=args.sweep_interval,
         leader_lease=args.leader_lease,
         rebalance_interval=args.rebalance_interval,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
+
+import pytest
 
 from orchestratr_core.job import JobEvent, JobQuery, JobStatus, ServerQuery, ServerStatus, new_id
-from orchestratr_core.protocol import RunningJob
+from orchestratr_core.protocol import RunningJob, ServerHeartbeat
 from orchestratr_core.storage import Storage
 from orchestratr_core.testing.storage_suite._common import (
     HOLDER,
@@ -47,6 +50,51 @@ class HeartbeatTests:
         assert _same_time(server.started_at, started)
         assert _same_time(server.last_seen, now)
         assert server.running == ()
+
+    async def test_touch_servers_writes_each_server_row_as_a_heartbeat_would(
+        self, storage: Storage
+    ) -> None:
+        """``touch_servers``: the rows of heartbeats that list no job, written
+        together -- ``last_seen`` from each one's time (the latest of a server
+        wins), a requested drain kept, a dead server alive again, its jobs left
+        as they are; a heartbeat that lists jobs is refused."""
+        now = _now()
+        job = await _create(storage, "touched")
+        await storage.transition(job.id, JobEvent.START, server_id="s1", fence=1, now=now)
+        await storage.apply_heartbeat(_heartbeat("s1", [RunningJob(job.id, 1)], at=now), now)
+        await storage.apply_heartbeat(_heartbeat("s3", at=now), now)
+        await storage.apply_heartbeat(_heartbeat("s2", at=now + _sec(2)), now + _sec(2))
+        assert await storage.set_server_status("s2", ServerStatus.DRAINING, now)
+        dead = await storage.expire_servers(now + _sec(1), now + _sec(1))
+        assert {s.id for s in dead} == {"s1", "s3"}
+        await storage.transition(job.id, JobEvent.START, server_id="s1", fence=2, now=now)
+        later, latest = now + _sec(5), now + _sec(6)
+
+        def delta(server_id: str, at: datetime) -> ServerHeartbeat:
+            return dataclasses.replace(
+                _heartbeat(server_id, at=at, max_workers=7), seq=3, base=2, running=1
+            )
+
+        await storage.touch_servers(
+            [
+                (delta("s1", later), later),
+                (delta("s2", later), later),
+                (delta("s1", latest), latest),
+            ]
+        )
+        rows = {sid: await storage.get_server(sid) for sid in ("s1", "s2", "s3")}
+        s1, s2, s3 = rows["s1"], rows["s2"], rows["s3"]
+        assert s1 is not None and s2 is not None and s3 is not None
+        assert _same_time(s1.last_seen, latest) and _same_time(s2.last_seen, later)
+        assert (s1.status, s1.max_workers) == (ServerStatus.ALIVE, 7)
+        assert s2.status is ServerStatus.DRAINING
+        assert s3.status is ServerStatus.DEAD and _same_time(s3.last_seen, now)
+        record = await _get(storage, job.id)
+        assert (record.status, record.server_id, record.fence) == (JobStatus.PROCESSING, "s1", 2)
+        await storage.touch_servers([])
+        listing = dataclasses.replace(delta("s3", later), jobs=(RunningJob(job.id, 2),))
+        with pytest.raises(ValueError):
+            await storage.touch_servers([(listing, later)])
 
     async def test_heartbeat_updates_the_server_and_reports_draining(
         self, storage: Storage
