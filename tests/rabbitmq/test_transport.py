@@ -351,24 +351,23 @@ async def test_malformed_messages_are_dead_lettered_with_one_warning(
 # -- the cancellation snapshot -----------------------------------------------------------
 
 
-async def test_a_reader_waits_for_the_snapshot_lock_instead_of_reading_an_empty_set(
+async def test_a_reader_waits_for_the_held_set_instead_of_reading_an_empty_set(
     make_transport: MakeTransport, broker: aio_pika.abc.AbstractConnection, namespace: str
 ) -> None:
+    """Another process holds the set (taken, unacknowledged: the set's lock): the
+    reader waits for it rather than take the empty queue for "no set"."""
     manager, server = make_transport(), make_transport()
     await manager.connect()
     await server.connect()
     await manager.set_cancellations({"a", "b"})
     channel = await broker.channel()
-    lock = await channel.declare_queue(f"{namespace}.cancellations.lock", passive=True)
-
-    async def never(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        raise AssertionError("the lock queue holds no messages")
-
-    tag = await lock.consume(never, exclusive=True)  # another process is reading
+    sets = await channel.declare_queue(f"{namespace}.cancellations", passive=True)
+    held = await sets.get(timeout=5)  # another process is reading
+    assert held is not None
 
     async def unlock() -> None:
         await asyncio.sleep(0.5)
-        await lock.cancel(tag)
+        await held.reject(requeue=True)
 
     unlocking = asyncio.create_task(unlock())
     started = time.monotonic()
@@ -376,6 +375,56 @@ async def test_a_reader_waits_for_the_snapshot_lock_instead_of_reading_an_empty_
     await unlocking
     assert ids == frozenset({"a", "b"})
     assert time.monotonic() - started >= 0.4
+
+
+async def test_a_writer_waits_for_the_held_set_instead_of_storing_a_second_one(
+    make_transport: MakeTransport, broker: aio_pika.abc.AbstractConnection, namespace: str
+) -> None:
+    """The set's lock is the set: while another process holds it, a writer waits,
+    then replaces it; the queue holds one set, the newest, and the broadcast went
+    out for the id the held set lacked."""
+    manager, server = make_transport(), make_transport()
+    await manager.connect()
+    await server.connect()
+    await manager.set_cancellations({"a"})
+    inbox = Inbox()
+    await server.consume_commands("s", inbox)
+    channel = await broker.channel()
+    sets = await channel.declare_queue(f"{namespace}.cancellations", passive=True)
+    held = await sets.get(timeout=5)
+    assert held is not None
+    writing = asyncio.create_task(manager.set_cancellations({"a", "b"}))
+    await asyncio.sleep(0.5)
+    assert not writing.done(), "the writer wrote beside a held set"
+    await held.reject(requeue=True)
+    await asyncio.wait_for(writing, 10)
+    assert await inbox.next() == CancelJob(job_id="b")
+    again = await channel.declare_queue(f"{namespace}.cancellations", passive=True)
+    assert again.declaration_result.message_count == 1
+    _, ids = await make_and_subscribe(make_transport)
+    assert ids == frozenset({"a", "b"})
+
+
+async def test_a_set_lost_by_hand_is_written_again_not_waited_for_forever(
+    make_transport: MakeTransport,
+    broker: aio_pika.abc.AbstractConnection,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Purged by an operator: the marker says a set was written, and none comes
+    back. A writer waits most of ``snapshot_timeout``, then stores the set again."""
+    manager = make_transport(snapshot_timeout=2.0)
+    await manager.connect()
+    await manager.set_cancellations({"a"})
+    channel = await broker.channel()
+    sets = await channel.declare_queue(f"{namespace}.cancellations", passive=True)
+    await sets.purge()
+    started = time.monotonic()
+    await manager.set_cancellations({"a", "b"})
+    assert 1.4 <= time.monotonic() - started < 4.0
+    assert any("missing" in r.getMessage() for r in caplog.records)
+    _, ids = await make_and_subscribe(make_transport)
+    assert ids == frozenset({"a", "b"})
 
 
 async def test_concurrent_readers_always_see_a_complete_recent_set_and_writes_never_vanish(
@@ -490,18 +539,12 @@ async def test_a_reader_that_dies_holding_the_set_does_not_make_it_look_empty(
     await manager.set_cancellations({"x", "y"})
     dying = await aio_pika.connect(BROKER_URL)
     channel = await dying.channel()
-    lock = await channel.declare_queue(f"{namespace}.cancellations.lock", passive=True)
-
-    async def never(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        raise AssertionError("the lock queue holds no messages")
-
-    await lock.consume(never, exclusive=True)
     sets = await channel.declare_queue(f"{namespace}.cancellations", passive=True)
     assert await sets.get(timeout=5) is not None  # held, mid-read
 
     async def die() -> None:
         await asyncio.sleep(0.3)
-        await dying.close()  # lock and message are released by the broker, asynchronously
+        await dying.close()  # the message is given back by the broker, asynchronously
 
     dying_task = asyncio.create_task(die())
     for n in range(3):

@@ -1,5 +1,6 @@
 """The PostgreSQL primary/standby pair of ``.ci/infra postgres-ha`` for the
-failover tests: started once per test session (stopped and removed after),
+failover tests: started once per test session (stopped and removed after, when
+that session started it),
 brought back to a synchronous pair before each test that uses it, failed over
 on demand. Its ports are its own (55432, 55433); the :5432 service is never
 touched."""
@@ -78,12 +79,21 @@ class PostgresHA:
 
 @pytest.fixture(scope="session")
 def postgres_ha_session() -> Iterator[PostgresHA]:
-    """``bash .ci/infra postgres-ha up`` once per session; ``down`` after."""
+    """``bash .ci/infra postgres-ha up`` once per session; ``down`` after, unless it
+    was running already (then whoever started it brings it down: another test
+    session, or someone using it by hand)."""
+    try:
+        infra("primary")
+    except RuntimeError:
+        ours = True
+    else:
+        ours = False
     url = infra("up").strip().splitlines()[-1]
     try:
         yield PostgresHA(url)
     finally:
-        infra("down")
+        if ours:
+            infra("down")
 
 
 @pytest.fixture

@@ -7,11 +7,14 @@ share a vhost:
 ``<ns>.jobs.in``        direct exchange bound to ``<ns>.jobs``: managers publish jobs here
 ``<ns>.events``         durable single-active-consumer queue, servers -> managers
 ``<ns>.events.in``      direct exchange bound to ``<ns>.events``: servers publish events here
-``<ns>.cancellations``  durable queue holding the cancellation set (one message at rest)
+``<ns>.cancellations``  durable queue holding the cancellation set (one message at
+                        rest; taking it with ``basic.get`` is the lock under which it
+                        is read and replaced)
 ``<ns>.cancellations.in``  direct exchange bound to ``<ns>.cancellations``: managers
                         publish the set here
-``<ns>.cancellations.lock``  empty durable queue; its exclusive consumer is the
-                        lock under which the set is read and replaced
+``<ns>.cancellations.lock``  no longer declared: versions before the cluster work
+                        locked the set with an exclusive consumer on this classic
+                        queue (one node); still removed with the namespace
 ``<ns>.cancellations.written``  marker exchange: a set has been written once
 ``<ns>.commands``       direct exchange; routing key = server id
 ``<ns>.broadcast``      fanout exchange to every live server

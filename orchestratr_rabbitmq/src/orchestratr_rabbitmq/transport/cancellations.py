@@ -1,6 +1,7 @@
-"""The cancellation set: one durable message on ``<ns>.cancellations``, read and
-replaced under a lock that the broker itself enforces (an exclusive consumer on
-``<ns>.cancellations.lock``)."""
+"""The cancellation set: one durable message on ``<ns>.cancellations`` (a quorum
+queue in a quorum namespace). The message is its own lock: whoever holds it (taken
+with ``basic.get``, unacknowledged) is the only one that can read or replace it;
+the broker gives it back when its holder dies. Nothing lives on a single node."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ __all__ = ["CancellationSet"]
 log = logging.getLogger("orchestratr.transport.rabbitmq")
 
 _SNAPSHOT_TYPE = "cancellations"
+
+LOST_AFTER = 0.75
+"""A writer that finds no set (with the marker saying one was written) for this
+share of ``snapshot_timeout`` writes one anyway: a holder keeps it milliseconds."""
 
 
 class _Busy(BackendUnavailable):
@@ -72,19 +77,24 @@ class CancellationSet:
     async def _snapshot(
         self, session: Session, write: frozenset[str] | None, *, recreate: bool = False
     ) -> frozenset[str]:
-        """Read (``write=None``) or replace the cancellation set, under the lock.
+        """Read (``write=None``) or replace the cancellation set.
 
-        The lock is an exclusive consumer on ``<ns>.cancellations.lock``: the broker
-        lets only one exist and drops it with its channel, also when its holder dies.
-        Holding it, we take *every* message of the set queue and keep the newest.
-        A writer (manager, web) then **publishes** the new set (confirmed: it is in
-        the queue) and acks what it took. A reader (a server, whose broker user may
-        not write the set) requeues what it took and keeps the lock until the queue
-        holds it again: a quorum queue applies a requeue asynchronously, and the
-        next holder must not find the queue empty.
+        The set is one message on ``<ns>.cancellations``, and taking it is the lock:
+        ``basic.get`` hands a message to one taker at a time, and the broker returns
+        it when its taker's channel closes (the taker died, or its node did). So we
+        take *every* message of the set queue and keep the newest (a version stamp
+        that only grows; normally there is one). A writer (manager, web) then
+        **publishes** the new set (confirmed: it is in the queue) and acks what it
+        took. A reader (a server, whose broker user may not write the set) requeues
+        what it took.
+
         An empty queue counts as "no set" only if the marker exchange
-        ``<ns>.cancellations.written`` does not exist; otherwise a message is still
-        on its way back (a reader died mid-read) and we wait for it.
+        ``<ns>.cancellations.written`` does not exist; otherwise the set is held by
+        another taker or on its way back, and we wait for it -- readers and
+        writers alike, so that a writer never stores a second set beside a held
+        one. Before 0.x this ran under an exclusive consumer on the classic queue
+        ``<ns>.cancellations.lock``, which lives on one node: while that node was
+        down nobody could read or write the set (docs/reliability.md).
         """
         try:
             # Its own deadline counts between attempts; this one ends it with the session.
@@ -104,44 +114,49 @@ class CancellationSet:
     ) -> frozenset[str]:
         async with contextlib.aclosing(
             retrying(
-                "take the cancellation set's lock",
+                "take the cancellation set",
                 initial=0.005,
                 maximum=0.25,
                 retry_on=(_Busy,),
                 within=self.settings.snapshot_timeout,
                 logger=log,
-                level=logging.DEBUG,  # another holder is routine, not a fault
+                level=logging.DEBUG,  # another taker is routine, not a fault
             )
         ) as attempts:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             async for attempt in attempts:
+                # A set missing for most of the window was lost (purged by hand), not
+                # held: a writer stores a new one rather than fail every cancel for good.
+                force = (
+                    write is not None
+                    and loop.time() - started > LOST_AFTER * self.settings.snapshot_timeout
+                )
+                if force:
+                    log.warning(
+                        "the cancellation set %s has been missing for %.1fs although one was "
+                        "written before; writing it again",
+                        session.topology.cancellations,
+                        loop.time() - started,
+                    )
                 with attempt:
-                    return await self._snapshot_once(session, write, recreate)
+                    return await self._snapshot_once(session, write, recreate, force)
         raise AssertionError("retrying ends by a result or an error")  # pragma: no cover
 
     async def _snapshot_once(
-        self, session: Session, write: frozenset[str] | None, recreate: bool
+        self, session: Session, write: frozenset[str] | None, recreate: bool, force: bool
     ) -> frozenset[str]:
         channel = await session.connection.channel(publisher_confirms=False)
         try:
             underlay = await channel.get_underlay_channel()
-            try:
-                await underlay.basic_consume(
-                    session.topology.cancellations_lock, _ignore, exclusive=True
-                )
-            except (
-                aiormq.exceptions.ChannelAccessRefused,
-                aiormq.exceptions.ChannelLockedResource,
-            ):
-                result = None
-            else:
-                result = await self._snapshot_locked(session, underlay, write, recreate)
+            result = await self._snapshot_locked(session, underlay, write, recreate, force)
         finally:
             with Quiet():
                 await channel.close()
         if result is None:
             raise _Busy(
-                "the cancellation set stayed locked or in transit for over "
-                f"{self.settings.snapshot_timeout:g}s; retry"
+                "the cancellation set stayed held by another process or in transit for "
+                f"over {self.settings.snapshot_timeout:g}s; retry"
             )
         return result
 
@@ -151,8 +166,10 @@ class CancellationSet:
         underlay: aiormq.abc.AbstractChannel,
         write: frozenset[str] | None,
         recreate: bool,
+        force: bool = False,
     ) -> frozenset[str] | None:
-        """One attempt under the lock; ``None``: retry (the set is in transit)."""
+        """One attempt; ``None``: retry (the set is held by another or in transit).
+        ``force``: write even though the set has been missing for long."""
         t = session.topology
         taken: list[tuple[int, frozenset[str], int]] = []
         while True:
@@ -175,23 +192,25 @@ class CancellationSet:
             taken.append((written, ids, tag))
         taken.sort(key=lambda item: item[0])
         current = (taken[-1][0], taken[-1][1]) if taken else None
-        if current is None and write is None and not recreate:
-            if await self._marker_exists(session):
-                return None  # written before, so it is on its way back: wait
-            return frozenset()
+        if current is None:
+            if not force and await self._marker_exists(session):
+                return None  # written before, so another holds it or it is on its way back
+            if write is None and not recreate:
+                return frozenset()
         if write is None and not recreate:
             assert current is not None
             # A read writes nothing (a server's user may not publish the set): hand
-            # back what we took and keep the lock until the queue holds it again, so
-            # that the next holder finds it (a quorum queue requeues asynchronously).
+            # back what we took. No need to wait until the queue shows it again: a
+            # taker that finds it empty meanwhile sees the marker and waits for it
+            # (and with several readers the message may never rest in the queue).
             for _, _, tag in taken:
                 await underlay.basic_reject(tag, requeue=True)
-            await self._returned(underlay, t.cancellations, len(taken))
             return current[1]
         stored = current[1] if current else frozenset()
         if recreate:
             # Declared by an older version with x-max-length, which makes a quorum queue
-            # drop a newer set while the old one is held: rebuild it, keeping the set.
+            # drop a newer set while the old one is held: rebuild it, keeping the set
+            # (a taker meanwhile finds no queue or an empty one, and the marker: waits).
             log.warning(
                 "recreating %s with the current arguments; the cancellation set is kept",
                 t.cancellations,
@@ -241,19 +260,6 @@ class CancellationSet:
         await underlay.basic_qos(prefetch_count=1)  # a round trip: the acks are processed
         return keep
 
-    async def _returned(self, underlay: aiormq.abc.AbstractChannel, queue: str, count: int) -> None:
-        """Wait (bounded by ``snapshot_timeout``) until ``queue`` holds ``count``
-        ready messages again; past that the next reader waits for them instead."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.snapshot_timeout
-        pause = 0.002
-        while True:
-            ok = await underlay.queue_declare(queue, passive=True)
-            if (ok.message_count or 0) >= count or loop.time() > deadline:
-                return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.1)
-
     async def _marker_exists(self, session: Session) -> bool:
         channel = await session.connection.channel(publisher_confirms=False)
         try:
@@ -264,10 +270,6 @@ class CancellationSet:
             with Quiet():
                 await channel.close()
         return True
-
-
-async def _ignore(_: aiormq.abc.DeliveredMessage) -> None:
-    """The lock queue never holds messages."""
 
 
 def _parse_snapshot(body: bytes) -> tuple[int, frozenset[str]]:

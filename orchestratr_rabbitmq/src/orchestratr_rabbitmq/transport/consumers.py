@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -192,6 +193,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         self.held: dict[int, RabbitDelivery] = {}
         self.stepping = False
         """A step up (:meth:`_step_up`) is on its way."""
+        self.renewals: dict[RabbitDelivery, None] = {}
+        """Deliveries to hand back before the broker's timeout, earliest first."""
+        self.renewal_timer: asyncio.TimerHandle | None = None
 
     async def attach(self, session: Session) -> None:
         async with self.lock:
@@ -414,7 +418,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
 
     def _schedule_renewal(self, delivery: RabbitDelivery) -> None:
         """Hand a job back (lost first, then requeued) before the broker's
-        acknowledgement timeout can tear it away, when we know that timeout."""
+        acknowledgement timeout can tear it away, when we know that timeout. One
+        timer serves every delivery (they share the timeout, so they come due in
+        the order they came): no timer, closure or context per held job."""
         timeout = known_consumer_timeout(self.wiring.settings, delivery.session.topology)
         if timeout is None:
             return
@@ -422,23 +428,41 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         # and `timeout + 60s`; a quarter of the timeout (at most 2 min) is our margin.
         after = timeout - min(0.25 * timeout, 120.0)
         delivery.renew_at = time.monotonic() + after
+        self.renewals[delivery] = None
+        if self.renewal_timer is None:
+            self._arm_renewals()
 
-        def renew() -> None:
-            delivery.renewal = None
+    def forget_renewal(self, delivery: RabbitDelivery) -> None:
+        """``delivery`` was settled or lost: no hand-back for it."""
+        self.renewals.pop(delivery, None)
+        delivery.renew_at = math.inf
+
+    def _arm_renewals(self) -> None:
+        self.renewal_timer = None
+        if self.renewals:
+            first = next(iter(self.renewals))
+            self.renewal_timer = asyncio.get_running_loop().call_later(
+                max(0.0, first.renew_at - time.monotonic()), self._renew_due
+            )
+
+    def _renew_due(self) -> None:
+        now = time.monotonic()
+        while self.renewals:
+            delivery = next(iter(self.renewals))
+            if delivery.renew_at > now:
+                break
+            del self.renewals[delivery]
             if delivery.lost.is_set() or delivery.settled:
-                return
+                continue
             log.info(
-                "job %s held for %.0fs, near the broker's acknowledgement timeout "
-                "(%.0fs): handing it back",
+                "job %s held near the broker's acknowledgement timeout (%.0fs): handing it back",
                 delivery.message.job_id,
-                after,
-                timeout,
+                known_consumer_timeout(self.wiring.settings, delivery.session.topology) or 0.0,
             )
             delivery.mark_lost()
             delivery.session.deliveries.discard(delivery)
             self.wiring.spawn(self._requeue(delivery))
-
-        delivery.renewal = asyncio.get_running_loop().call_later(after, renew)
+        self._arm_renewals()
 
     async def _requeue(self, delivery: RabbitDelivery, delay: float = 0.0) -> None:
         """Hand a delivery that is no longer run back to the queue after ``delay``."""
@@ -675,7 +699,33 @@ class PoolWatch(BrokerSubscription):
 
     async def attach(self, session: Session) -> None:
         self.session = session
+        self.channel = None
+        self.wiring.spawn(self._name(DEFAULT_POOL))
+        if session.registry.is_set():
+            await self._follow(session)
+        else:
+            # Being declared in the background (session.py, _declare_registry): the
+            # default pool runs meanwhile, and no other pool's job is published before
+            # the registry exists and names it.
+            self.wiring.spawn(self._follow_when_declared(session))
+
+    async def _follow_when_declared(self, session: Session) -> None:
+        while not await session.wait_registry(60.0):
+            if self.ended(session):
+                return
+        if self.ended(session):
+            return
+        try:
+            await self._follow(session)
+        except Exception as exc:
+            if not self.ended(session):
+                session.fail(f"following the pool registry failed: {describe(exc)}")
+
+    async def _follow(self, session: Session) -> None:
         self.channel = await session.channel("pools")
+        if self.closed:
+            await session.close_channel(self.channel)
+            return
         underlay = await self._watch_cancel(session, "pools")
         await underlay.basic_qos(prefetch_count=200)  # a stream consumer needs a prefetch
         await underlay.basic_consume(
@@ -684,7 +734,6 @@ class PoolWatch(BrokerSubscription):
             no_ack=False,
             arguments={"x-stream-offset": "first"},
         )
-        self.wiring.spawn(self._name(DEFAULT_POOL))
 
     async def _on_message(
         self,

@@ -27,6 +27,10 @@ class Holder(Protocol):
         """Acknowledge (``ack``) or requeue ``delivery``."""
         ...
 
+    def forget_renewal(self, delivery: RabbitDelivery) -> None:
+        """``delivery`` need not be handed back before a broker timeout any more."""
+        ...
+
 
 class RabbitDelivery(Delivery):
     """One job delivery held on the jobs channel of one session."""
@@ -51,8 +55,9 @@ class RabbitDelivery(Delivery):
         self._lost = asyncio.Event()
         self._lost_at = math.inf
         self.settled = False
-        self.renewal: asyncio.TimerHandle | None = None
         self.renew_at = math.inf
+        """Monotonic time at which the job is handed back before a broker timeout
+        (the holder keeps one timer for all its deliveries)."""
 
     @property
     def message(self) -> JobMessage:
@@ -79,10 +84,9 @@ class RabbitDelivery(Delivery):
         return min(self.session.lease_deadline(), self.renew_at)
 
     def cancel_renewal(self) -> None:
-        """Forget the timer that would hand the job back before a broker timeout."""
-        if self.renewal is not None:
-            self.renewal.cancel()
-            self.renewal = None
+        """No hand-back before a broker timeout any more (settled or lost)."""
+        if self.renew_at != math.inf:
+            self._consumer.forget_renewal(self)
 
     def mark_lost(self) -> None:
         """Give the delivery up (idempotent, synchronous)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Collection, Coroutine
 from typing import Any
@@ -176,12 +177,31 @@ class RabbitMQTransport(Transport):
         self._generation += 1
         topology = Topology(s.namespace, s.queue_type, version, s.dead_letter_limit)
         session = Session(
-            s, self._session_failed, connection, publisher, topology, self._generation, started
+            s,
+            self._session_failed,
+            connection,
+            publisher,
+            topology,
+            self._generation,
+            started,
+            side_connection=functools.partial(self._connect_one, f"{name} (declare)"),
+            node=node,
         )
         try:
-            await session.open()
-            if topology.cancellations in session.mismatched:
-                await self._cancellations.recreate(session)
+            # Ended by the fence like any wait on the broker: a declaration can hang
+            # while a cluster node is frozen (RabbitMQ's metadata store waits for it
+            # until it is declared down), and the closing connection then cancels it.
+            async with session.bounded(s.connect_timeout + s.fence_timeout):
+                await session.open()
+                if topology.cancellations in session.mismatched:
+                    await self._cancellations.recreate(session)
+        except TimeoutError:
+            session.fail("setting up timed out", expected=True)
+            await session.shutdown()
+            raise BackendUnavailable(
+                f"RabbitMQ at {s.nodes[node]}: declaring the {s.namespace!r} namespace got no "
+                f"answer ({session.reason}); retrying"
+            ) from None
         except Exception as exc:
             session.fail(f"setting up failed: {describe(exc)}", expected=True)
             await session.shutdown()
@@ -376,6 +396,15 @@ class RabbitMQTransport(Transport):
         async with self._pool_lock:
             if pool in session.pools_ready:
                 return
+            # Declared and announced before its first publish: without the registry
+            # (being declared in the background) a new pool's publish waits, then fails.
+            if not await session.wait_registry(self.settings.publish_timeout):
+                why = session.reason or "its declaration is retried in the background"
+                raise BackendUnavailable(
+                    f"RabbitMQ at {self.settings.host}: the pool registry "
+                    f"{session.topology.pools} is not available yet ({why}); "
+                    f"the first job of pool {pool.key!r} waits for it, retry"
+                )
             try:
                 await session.declare_pool(pool)
             except OrchestratrError as exc:

@@ -67,8 +67,12 @@ class Session:
         topology: Topology,
         generation: int,
         started: float,
+        side_connection: Callable[[int], Awaitable[aio_pika.abc.AbstractConnection]] | None = None,
+        node: int = 0,
     ) -> None:
         self.settings = settings
+        self._side_connection = side_connection
+        self._node = node
         self._on_failed = on_failed
         self.connection = connection
         self.publisher = publisher
@@ -96,6 +100,11 @@ class Session:
         """Queues that exist with other arguments than this version declares."""
         self.pools_ready: set[Pool] = set()
         """Pools whose queue this session declared and registered."""
+        self.registry = asyncio.Event()
+        """Set once the pool registry ``<ns>.pools`` (a stream) is known to exist."""
+        self.ended = asyncio.Event()
+        """Set when the session dies."""
+        self._registry_task: asyncio.Task[None] | None = None
 
     @staticmethod
     def underlay(connection: aio_pika.abc.AbstractConnection) -> aiormq.abc.AbstractConnection:
@@ -117,6 +126,9 @@ class Session:
         self.control = await self.channel("control", publisher_confirms=True)
         self._ping = await self.channel("ping")
         self._pinger = spawn(self._ping_loop(), name="orchestratr-rabbitmq-fence", logger=log)
+        self._registry_task = spawn(
+            self._declare_registry(), name="orchestratr-rabbitmq-registry", logger=log
+        )
 
     async def channel(
         self, what: str, *, publisher_confirms: bool = False
@@ -164,11 +176,9 @@ class Session:
                 )
             await self._ensure_dead()
             for name, arguments in (
-                (t.cancellations_lock, {"x-queue-type": "classic"}),
                 (t.jobs, t.jobs_arguments()),
                 (t.events, t.events_arguments()),
                 (t.cancellations, t.cancellations_arguments()),
-                (t.pools, t.pools_arguments()),
             ):
                 await self._ensure(
                     "queue",
@@ -190,6 +200,108 @@ class Session:
                 with Quiet():
                     await self._declare_channel.close()
                 self._declare_channel = None
+
+    async def wait_registry(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the pool registry to exist; False if it does
+        not yet (or the session ended first)."""
+        if self.registry.is_set():
+            return True
+        waits = [
+            asyncio.ensure_future(self.registry.wait()),
+            asyncio.ensure_future(self.ended.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return self.registry.is_set() and self.alive
+
+    async def _declare_registry(self) -> None:
+        """Declare the pool registry ``<ns>.pools`` in the background, on a
+        connection of its own, until it exists.
+
+        A stream needs RabbitMQ's stream coordinator, which after a node restart
+        may answer ``coordinator_unavailable`` for a while: the declaration then
+        hangs up to 30 s and ends with a connection error (``INTERNAL_ERROR``).
+        On the session's own connections that killed the session (and a manager's
+        first connect with it). Here it only delays what needs the registry: a
+        new pool's first publish waits for it (:meth:`wait_registry`) and the
+        servers follow it once it exists; the default pool never needs it. Each
+        attempt is bounded; the next one tries the next node of the URL."""
+        t = self.topology
+        count = len(self.settings.nodes)
+        attempt = 0
+        pause = self.settings.reconnect_delay
+        while self.alive:
+            node = (self._node + attempt) % count
+            attempt += 1
+            try:
+                async with asyncio.timeout(
+                    self.settings.connect_timeout + 2 * self.settings.fence_timeout
+                ):
+                    error = await self._declare_registry_on(node)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = describe(exc) or type(exc).__name__
+            if error is None:
+                self.registry.set()
+                return
+            level = logging.INFO if attempt == 1 else logging.WARNING
+            log.log(
+                level,
+                "the pool registry %s could not be declared on %s (%s); pools other than "
+                "the default wait for it, retrying",
+                t.pools,
+                self.settings.nodes[node],
+                error,
+            )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, self.settings.reconnect_max_delay)
+
+    async def _declare_registry_on(self, node: int) -> str | None:
+        """One attempt on node number ``node``; ``None`` when the registry exists."""
+        t = self.topology
+        if self._side_connection is None:
+            connection = self.connection
+            owned = False
+        else:
+            connection = await self._side_connection(node)
+            owned = True
+        try:
+            for passive in (False, True):
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    underlay = await channel.get_underlay_channel()
+                    await _declare_queue(
+                        t.pools, {} if passive else t.pools_arguments(), underlay, passive=passive
+                    )
+                    return None
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    log.warning(
+                        "queue %s exists with other arguments than this version asks for "
+                        "(%s); using it as it is",
+                        t.pools,
+                        describe(exc),
+                    )
+                    self.mismatched.add(t.pools)
+                    return None
+                except aiormq.exceptions.ChannelAccessRefused:
+                    continue  # may not declare it: check that a manager did
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    return (
+                        f"it does not exist and broker user {self.settings.user or 'guest'!r} "
+                        "may not declare it; a manager declares it"
+                    )
+                finally:
+                    with Quiet():
+                        await channel.close()
+            return "refused"
+        finally:
+            if owned:
+                with Quiet():
+                    await asyncio.wait_for(connection.close(), timeout=5)
 
     async def declare_pool(self, pool: Pool) -> None:
         """Declare a pool's jobs queue (the jobs queue's arguments: quorum, no
@@ -416,6 +528,9 @@ class Session:
         self.alive = False
         self.reason = reason
         self._failed_at = time.monotonic()
+        self.ended.set()
+        if self._registry_task is not None and self._registry_task is not asyncio.current_task():
+            self._registry_task.cancel()
         held = list(self.deliveries)
         for delivery in held:
             delivery.mark_lost()
