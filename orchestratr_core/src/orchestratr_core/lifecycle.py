@@ -10,6 +10,11 @@ copy it runs of such a generation. Unlike a cancellation, a hold is reversible:
 ``resume`` raises the job's generation, and the message of the new generation
 is not covered by the old mark (servers never forget a mark, and need not).
 
+A *drop mark*, ``"<job id>@<generation>!"`` (:func:`drop_mark`), makes servers drop
+every message of the job up to that generation without stopping a running copy
+of it: for a copy that took a new argument in place (:func:`updatable`), whose
+older message must never start again.
+
 A server of an older version reads a hold mark as the id of a job that does not
 exist, and a ``CancelJob`` carrying one as malformed: it ignores both, so a mixed
 fleet keeps running (such a server does not pause jobs; the manager still stops
@@ -44,18 +49,24 @@ __all__ = [
     "CHECKPOINTED_ATTRIBUTE",
     "DEFAULT_MAX_RESTARTS",
     "DEFAULT_RESTART_WINDOW",
+    "DROP_SUFFIX",
     "FAILURE_LOG_LENGTH",
     "HOLD_SEPARATOR",
     "MAX_CHECKPOINT_BYTES",
     "MAX_HOLD_MARK_LENGTH",
     "MAX_RESTART_WINDOW",
+    "UPDATABLE_ATTRIBUTE",
     "Failure",
     "checkpointed",
     "count_failure",
+    "drop_mark",
     "failure_log",
     "hold_mark",
     "is_checkpointed",
+    "is_updatable",
+    "parse_drop",
     "parse_hold",
+    "updatable",
     "validate_checkpoint",
     "validate_restart_budget",
 ]
@@ -63,14 +74,20 @@ __all__ = [
 CHECKPOINTED_ATTRIBUTE = "orchestratr_checkpointed"
 """Set on a job function by :func:`checkpointed`."""
 
+UPDATABLE_ATTRIBUTE = "orchestratr_updatable"
+"""Set on a job function by :func:`updatable`."""
+
 MAX_CHECKPOINT_BYTES = 64 * 1024
 """Largest checkpoint a job may record, in UTF-8 bytes."""
 
 HOLD_SEPARATOR = "@"
 """Between the job id and the generation in a hold mark (never in a job id)."""
 
-MAX_HOLD_MARK_LENGTH = MAX_JOB_ID_LENGTH + 1 + len(str(MAX_GENERATION))
-"""Longest hold mark: a job id, the separator and a generation."""
+DROP_SUFFIX = "!"
+"""Ends a drop mark (:func:`drop_mark`)."""
+
+MAX_HOLD_MARK_LENGTH = MAX_JOB_ID_LENGTH + 1 + len(str(MAX_GENERATION)) + len(DROP_SUFFIX)
+"""Longest mark: a job id, the separator, a generation (and a drop mark's suffix)."""
 
 DEFAULT_MAX_RESTARTS = 20
 """Failures (exceptions and owner deaths) a job may have within its window
@@ -104,6 +121,25 @@ def is_checkpointed(func: object) -> bool:
     return getattr(func, CHECKPOINTED_ATTRIBUTE, False) is True
 
 
+def updatable(func: _F) -> _F:
+    """Mark a job function that takes a new argument while it runs: its
+    ``heartbeat`` (an :class:`~orchestratr_core.runner.UpdatableHeartbeat`) has
+    ``heartbeat.argument`` (the latest :class:`~orchestratr_core.job.JobArgument`)
+    and ``async for arg in heartbeat.updates()`` (each newer one, until the job is
+    told to stop). A server running it announces the kind in its heartbeats
+    (``ServerHeartbeat.updatable``) and applies a manager's
+    :class:`~orchestratr_core.protocol.UpdateJob` to the running copy, reporting
+    :class:`~orchestratr_core.protocol.JobUpdated`. Unmarked functions never see an
+    update in place: ``client.update`` restarts them with the new argument."""
+    setattr(func, UPDATABLE_ATTRIBUTE, True)
+    return func
+
+
+def is_updatable(func: object) -> bool:
+    """True if :func:`updatable` marked ``func``."""
+    return getattr(func, UPDATABLE_ATTRIBUTE, False) is True
+
+
 def hold_mark(job_id: str, generation: int) -> str:
     """The cancellation-set entry that holds every message of ``job_id`` up to
     ``generation``."""
@@ -120,6 +156,23 @@ def parse_hold(entry: str) -> tuple[str, int] | None:
         return None
     value = int(generation)
     return (job_id, value) if value <= MAX_GENERATION else None
+
+
+def drop_mark(job_id: str, generation: int) -> str:
+    """The cancellation-set entry that makes servers drop every undelivered or
+    redelivered message of ``job_id`` up to ``generation``, *without* stopping a
+    copy that runs one (a hold mark stops it): for a job whose running copy took a
+    new argument in place, so that its older message never starts again with the
+    old one. A server of an older version reads it as the id of a job that does
+    not exist and ignores it."""
+    return f"{hold_mark(job_id, generation)}{DROP_SUFFIX}"
+
+
+def parse_drop(entry: str) -> tuple[str, int] | None:
+    """``(job_id, generation)`` of a drop mark, ``None`` for anything else."""
+    if not entry.endswith(DROP_SUFFIX):
+        return None
+    return parse_hold(entry[: -len(DROP_SUFFIX)])
 
 
 def validate_checkpoint(checkpoint: object) -> str:

@@ -127,6 +127,7 @@ __all__ = [
     "JobMessage",
     "JobStarted",
     "JobStopped",
+    "JobUpdated",
     "Message",
     "ReleaseJobs",
     "RunningJob",
@@ -134,6 +135,7 @@ __all__ = [
     "ServerLeft",
     "StopJob",
     "StopReason",
+    "UpdateJob",
     "decode",
     "decode_as",
     "encode",
@@ -251,6 +253,23 @@ class JobCheckpoint(Command):
 
 
 @dataclass(frozen=True)
+class UpdateJob(Command):
+    """To the server running ``job_id`` under ``fence``: the job's argument is now
+    ``argument`` (version ``argument_version`` of it). A copy whose function is
+    :func:`~orchestratr_core.lifecycle.updatable` takes it without a restart and
+    the server reports :class:`JobUpdated`; any other copy (another fence, a
+    function that did not opt in, an older version) is left as it is, and the
+    sender falls back to a restart. A server of an older version reads this
+    command as malformed and ignores it."""
+
+    TYPE: ClassVar[str] = "update"
+    job_id: str
+    fence: int
+    argument_version: int
+    argument: str
+
+
+@dataclass(frozen=True)
 class DrainServer(Command):
     """Stop taking jobs, hand every running job back, then exit."""
 
@@ -344,9 +363,13 @@ class ServerHeartbeat(Event):
     """:func:`jobs_digest` of the complete set of running jobs (with ``seq``)."""
     running: int = 0
     """How many jobs the complete set holds (with ``seq``)."""
+    updatable: tuple[str, ...] = ()
+    """The kinds whose function is :func:`~orchestratr_core.lifecycle.updatable`:
+    this server applies an :class:`UpdateJob` to their running copies. Empty for a
+    server of an older version (which reads no ``UpdateJob``)."""
 
     def __post_init__(self) -> None:
-        for kind in self.kinds:
+        for kind in (*self.kinds, *self.updatable):
             validate_kind(kind, error=ValueError)
         parse_labels(self.labels)  # a ConfigurationError is a ValueError: malformed
 
@@ -405,6 +428,19 @@ class JobDiscarded(Event):
 
 
 @dataclass(frozen=True)
+class JobUpdated(Event):
+    """The copy of ``job_id`` under ``fence`` took argument version
+    ``argument_version`` (an :class:`UpdateJob`) without a restart. Managers of an
+    older version read it as malformed and ignore it."""
+
+    TYPE: ClassVar[str] = "job-updated"
+    job_id: str
+    fence: int
+    argument_version: int
+    at: float
+
+
+@dataclass(frozen=True)
 class ServerLeft(Event):
     """The server shut down gracefully; everything it ran has been handed back."""
 
@@ -419,6 +455,7 @@ _TYPES: dict[str, type[Message]] = {
         StopJob,
         CancelJob,
         JobCheckpoint,
+        UpdateJob,
         DrainServer,
         ReleaseJobs,
         HeartbeatAck,
@@ -427,6 +464,7 @@ _TYPES: dict[str, type[Message]] = {
         JobStopped,
         JobFailed,
         JobDiscarded,
+        JobUpdated,
         ServerLeft,
     )
 }
@@ -478,6 +516,8 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         body["kinds"] = list(hb.kinds)
     if hb.labels:
         body["labels"] = list(hb.labels)
+    if hb.updatable:
+        body["updatable"] = list(hb.updatable)
     if hb.seq:  # numbered: left out by (and for) older servers
         body["seq"] = hb.seq
         body["digest"] = hb.digest

@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, Protocol
 
 from orchestratr_core.job import JobArgument
@@ -24,6 +24,7 @@ __all__ = [
     "JobRunner",
     "StopToken",
     "ThreadJobRunner",
+    "UpdatableHeartbeat",
     "default_runner",
 ]
 
@@ -41,6 +42,26 @@ class Heartbeat(Protocol):
 
     def __call__(self, checkpoint: str | None = None) -> None:
         """Record liveness, and ``checkpoint`` when given."""
+
+
+class UpdatableHeartbeat(Heartbeat, Protocol):
+    """The ``heartbeat`` a job function marked
+    :func:`~orchestratr_core.lifecycle.updatable` receives: a :class:`Heartbeat`
+    that also brings the job's new arguments while it runs (``client.update``
+    without a restart).
+
+    * ``heartbeat.argument`` — the latest :class:`JobArgument` (the one the
+      function was called with until an update arrives); cheap, poll it from the
+      event loop or a job thread;
+    * ``async for arg in heartbeat.updates():`` — each newer argument as it
+      arrives, ending when the job is told to stop."""
+
+    @property
+    def argument(self) -> JobArgument:
+        """The latest argument of this copy."""
+
+    def updates(self) -> AsyncIterator[JobArgument]:
+        """Each newer argument as it arrives, until the job is told to stop."""
 
 
 _THREAD_EVENT_LOCK = threading.Lock()

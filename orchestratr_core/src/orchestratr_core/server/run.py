@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import enum
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from orchestratr_core.placement import DEFAULT_POOL, Pool
 from orchestratr_core.runner import StopToken
 from orchestratr_core.transport import Delivery
 
-__all__ = ["GcFreezer", "Outcome", "Run"]
+__all__ = ["GcFreezer", "Outcome", "Run", "UpdateFeed"]
 
 log = logging.getLogger("orchestratr.server")
 
@@ -74,6 +75,9 @@ class Run:
     """The pool its delivery came from."""
     spread: str | None = None
     """Its spread group, if any."""
+    feed: UpdateFeed | None = None
+    """The heartbeat of an :func:`~orchestratr_core.lifecycle.updatable` job
+    function, which brings it new arguments; ``None`` for any other function."""
     resume: Callable[[Run], None] | None = None
     """While the job runs without a supervising task (:meth:`park`): makes it."""
     parked: asyncio.Task[None] | None = None
@@ -89,6 +93,8 @@ class Run:
             self.stop_reason = reason
         self.stop_hard = self.stop_hard or hard
         self.token.request_stop(self.stop_reason.value)
+        if self.feed is not None:
+            self.feed.wake()  # its updates() ends
         self.alert()
 
     def beat(self, checkpoint: str | None = None) -> None:
@@ -276,3 +282,60 @@ class GcFreezer:
         if running - self.frozen >= step:
             gc.freeze()
             self.frozen, self.ended = running, 0
+
+
+class UpdateFeed:
+    """The :class:`~orchestratr_core.runner.UpdatableHeartbeat` of one copy of an
+    :func:`~orchestratr_core.lifecycle.updatable` job function: ``heartbeat()``,
+    plus the arguments the server applies to the copy (:meth:`apply`) without
+    restarting it. Lives on the server's event loop; :attr:`argument` may be read
+    from a job thread."""
+
+    __slots__ = ("_run", "_waiters", "called_with", "version")
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._waiters: list[asyncio.Future[None]] = []
+        self.version = 0
+        """The argument version the copy holds (0: its message's)."""
+        self.called_with = 0
+        """The version the job function was last called with: its
+        :meth:`updates` yields what is newer."""
+
+    def __call__(self, checkpoint: str | None = None) -> None:
+        """``heartbeat()``, as for any job (see :meth:`Run.beat`)."""
+        self._run.beat(checkpoint)
+
+    @property
+    def argument(self) -> JobArgument:
+        """The latest argument of this copy."""
+        return self._run.arg
+
+    def apply(self, version: int, argument: str) -> bool:
+        """Take argument ``version`` if it is newer than the one held; True if it was."""
+        if version <= self.version:
+            return False
+        self._run.arg = dataclasses.replace(self._run.arg, argument=argument)
+        self.version = version
+        self.wake()
+        return True
+
+    def wake(self) -> None:
+        """Wake every :meth:`updates` waiting (a new argument, or a stop)."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def updates(self) -> AsyncIterator[JobArgument]:
+        """Each argument newer than the one the function was called with (only
+        the latest when several arrive at once), until the job is told to stop."""
+        seen = self.called_with
+        while not self._run.token.stop_requested:
+            if self.version > seen:
+                seen = self.version
+                yield self._run.arg
+                continue
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter

@@ -61,7 +61,7 @@ from orchestratr_core.job import (
     new_id,
     split_fence,
 )
-from orchestratr_core.lifecycle import is_checkpointed, parse_hold
+from orchestratr_core.lifecycle import is_checkpointed, is_updatable, parse_drop, parse_hold
 from orchestratr_core.placement import (
     DEFAULT_KIND,
     DEFAULT_POOL,
@@ -76,7 +76,7 @@ from orchestratr_core.runner import Heartbeat, JobRunner, StopToken
 from orchestratr_core.server.beats import HeartbeatSeries
 from orchestratr_core.server.options import ServerOptions, check_server_name
 from orchestratr_core.server.outbox import EventOutbox
-from orchestratr_core.server.run import GcFreezer, Outcome, Run
+from orchestratr_core.server.run import GcFreezer, Outcome, Run, UpdateFeed
 from orchestratr_core.transport import Delivery, JobConsumer, Subscription, Transport
 
 SPREAD_BOUNCES = 3
@@ -153,6 +153,8 @@ class OrchestratedServer:
         self._jobs = jobs
         self._checkpointed = frozenset(kind for kind, fn in jobs.items() if is_checkpointed(fn))
         """The kinds whose function waits for a moved job's latest checkpoint."""
+        self._updatable = frozenset(kind for kind, fn in jobs.items() if is_updatable(fn))
+        """The kinds whose function takes a new argument without a restart."""
         self.kinds = frozenset(jobs)
         """The job kinds this server runs."""
         self.labels = parse_labels(labels)
@@ -166,6 +168,9 @@ class OrchestratedServer:
         self._runs: dict[str, Run] = {}
         self._cancelled: set[str] = set()
         self._held: dict[str, int] = {}
+        self._dropped: dict[str, int] = {}
+        """Drop marks: job id -> the newest generation whose messages are dropped
+        while a copy of it may keep running (an update in place)."""
         self._avoid: dict[str, tuple[float, int]] = {}
         """Jobs moved away after failures: job id -> (monotonic until, bounces)."""
         """Hold marks: job id -> the largest generation no copy may run."""
@@ -376,7 +381,11 @@ class OrchestratedServer:
         if self._draining:
             await self._settle(delivery, release=True)
             return
-        if message.job_id in self._cancelled or self._is_held(message.job_id, fence):
+        if (
+            message.job_id in self._cancelled
+            or self._is_held(message.job_id, fence)
+            or message.generation <= self._dropped.get(message.job_id, -1)
+        ):
             log.info("dropping cancelled or held job job_id=%s fence=%d", message.job_id, fence)
             if await self._settle(delivery, release=False):
                 self._outbox.publish(
@@ -475,6 +484,8 @@ class OrchestratedServer:
             # Redelivered: an earlier owner may have recorded a newer checkpoint
             # than the message carries; the manager sends it after our start.
             run.handover = asyncio.get_running_loop().create_future()
+        if message.kind in self._updatable:
+            run.feed = UpdateFeed(run)
         self._count(self._runs.get(message.job_id), -1)
         self._runs[message.job_id] = run
         self._count(run, 1)
@@ -522,10 +533,15 @@ class OrchestratedServer:
         return began
 
     def _run_job(self, run: Run) -> asyncio.Task[None]:
-        """Start the job function of ``run`` as a task."""
+        """Start the job function of ``run`` as a task (an updatable function gets
+        the run's :class:`UpdateFeed` as its heartbeat)."""
         arg = run.arg
+        beat: Heartbeat = run.beat
+        if run.feed is not None:
+            run.feed.called_with = run.feed.version
+            beat = run.feed
         return asyncio.create_task(
-            self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, run.beat)
+            self._runners[arg.kind].run(self._jobs[arg.kind], arg, run.token, beat)
         )
 
     def _supervise_parked(self, run: Run) -> None:
@@ -583,6 +599,7 @@ class OrchestratedServer:
                 if first is not None:
                     (job_task, began), first = first, None
                 else:
+                    arg = run.arg  # an update in place may have replaced the argument
                     began = self._report_start(run)
                     if run.handover is not None and not await self._await_checkpoint(run):
                         break
@@ -719,6 +736,12 @@ class OrchestratedServer:
     def _note_cancellation(self, entry: str) -> str | None:
         """Record a cancellation-set entry: a cancelled job id, or a hold mark.
         Returns the job id a hold mark names (``None`` for a cancellation)."""
+        drop = parse_drop(entry)
+        if drop is not None:
+            job_id, generation = drop
+            if generation > self._dropped.get(job_id, -1):
+                self._dropped[job_id] = generation
+            return None  # nothing to stop: the copy that runs took the new argument
         hold = parse_hold(entry)
         if hold is None:
             self._cancelled.add(entry)
@@ -870,6 +893,8 @@ class OrchestratedServer:
                 reason = p.StopReason.SUPERSEDED
             log.info("stop job_id=%s fence=%d reason=%s", command.job_id, run.arg.fence, reason)
             run.request_stop(reason)
+        elif isinstance(command, p.UpdateJob):
+            self._update_in_place(command)
         elif isinstance(command, p.DrainServer):
             log.info("drain requested")
             if self._shutdown_requested is not None:
@@ -904,6 +929,43 @@ class OrchestratedServer:
                 run.request_stop(p.StopReason.RELEASED)
         elif isinstance(command, p.HeartbeatAck) and self._beats.acknowledged(command):
             self._outbox.publish(self._heartbeat_event())  # a complete listing, now
+
+    def _update_in_place(self, command: p.UpdateJob) -> None:
+        """Give a running copy of an updatable function its new argument, and
+        report it (again, for a version it already holds: the first report may
+        have been lost). A copy of another fence, one being stopped, or one whose
+        function did not opt in is left alone: the manager restarts it instead."""
+        run = self._runs.get(command.job_id)
+        if (
+            run is None
+            or run.feed is None
+            or run.arg.fence != command.fence
+            or run.stop_reason is not None
+        ):
+            log.info(
+                "update not applied in place job_id=%s fence=%d version=%d",
+                command.job_id,
+                command.fence,
+                command.argument_version,
+            )
+            return
+        if run.feed.apply(command.argument_version, command.argument):
+            log.info(
+                "updated in place job_id=%s fence=%d version=%d",
+                command.job_id,
+                command.fence,
+                command.argument_version,
+            )
+        if run.feed.version >= command.argument_version:
+            self._outbox.publish(
+                p.JobUpdated(
+                    server_id=self.id,
+                    job_id=command.job_id,
+                    fence=command.fence,
+                    argument_version=run.feed.version,
+                    at=time.time(),
+                )
+            )
 
     # -- events -------------------------------------------------------------------------
 
@@ -952,6 +1014,7 @@ class OrchestratedServer:
             jobs=jobs,
             kinds=tuple(sorted(self.kinds)),
             labels=format_labels(self.labels),
+            updatable=tuple(sorted(self._updatable)),
             seq=seq,
             base=base,
             gone=gone,

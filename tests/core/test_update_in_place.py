@@ -1,0 +1,234 @@
+"""The server half of an update in place (issue 15, "Live update"): a job function
+marked ``@updatable`` takes a new argument from an ``UpdateJob`` command without
+a restart, and the server reports it (``JobUpdated``); any other copy is left as
+it is. Real servers on the memory broker; the test plays the manager's part
+(publishes the job, reads the events, sends the command)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from orchestratr_core import JobArgument, StopToken
+from orchestratr_core import protocol as p
+from orchestratr_core.errors import MalformedMessage
+from orchestratr_core.job import MAX_GENERATION, MAX_JOB_ID_LENGTH, make_fence, new_id
+from orchestratr_core.lifecycle import drop_mark, is_updatable, parse_drop, parse_hold, updatable
+from orchestratr_core.runner import Heartbeat, UpdatableHeartbeat
+from orchestratr_memory.broker import MemoryBroker
+from orchestratr_memory.transport import MemoryTransport
+from tests.support.cluster import FAST_SERVER, eventually
+from tests.support.inplace import Fleet, Seen, drop_mark_scenario, opted_in
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    name = f"u-{uuid.uuid4().hex[:12]}"
+    f = Fleet(lambda: MemoryTransport(f"memory://{name}"))
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.close()
+        MemoryBroker.reset(name)
+
+
+def not_opted_in(seen: Seen) -> object:
+    async def job(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None:
+        seen.calls.append(arg.argument)
+        await token.wait()
+
+    return job
+
+
+def test_the_command_the_event_and_the_heartbeat_field_round_trip() -> None:
+    command = p.UpdateJob(job_id="j", fence=make_fence(3, 1), argument_version=7, argument="ü x")
+    event = p.JobUpdated(server_id="s", job_id="j", fence=1, argument_version=7, at=5.0)
+    beat = p.ServerHeartbeat(
+        server_id="s",
+        name="n",
+        max_workers=1,
+        started_at=1.0,
+        sent_at=2.0,
+        kinds=("a", "b"),
+        updatable=("b",),
+    )
+    for message in (command, event, beat):
+        assert p.decode(p.encode(message)) == message
+    # A heartbeat without updatable kinds is written as before (older readers).
+    plain = p.ServerHeartbeat(server_id="s", name="n", max_workers=1, started_at=1, sent_at=2)
+    assert b"updatable" not in p.encode(plain)
+    assert p.decode_as(p.encode(plain), p.ServerHeartbeat).updatable == ()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"argument": "a\u0000b"}, "NUL"),
+        ({"argument": 5}, "must be str"),
+        ({"argument_version": -1}, "argument_version"),
+        ({"fence": "1"}, "must be int"),
+    ],
+)
+def test_a_malformed_update_is_refused_with_a_clear_reason(
+    changes: dict[str, object], reason: str
+) -> None:
+    body = {"v": 1, "type": "update", "job_id": "j", "fence": 1, "argument_version": 1}
+    body["argument"] = "x"
+    raw = json.dumps({**body, **changes})
+    with pytest.raises(MalformedMessage, match=reason):
+        p.decode(raw)
+
+
+def test_the_decorator_marks_the_function_and_nothing_else() -> None:
+    async def plain(arg: JobArgument, token: StopToken, heartbeat: Heartbeat) -> None: ...
+
+    assert not is_updatable(plain)
+    assert updatable(plain) is plain and is_updatable(plain)
+    assert not is_updatable(lambda: None)
+
+
+async def test_an_updatable_function_takes_the_new_argument_without_a_restart(
+    fleet: Fleet,
+) -> None:
+    server = await fleet.server(opted_in(fleet.seen))
+    message = await fleet.publish("v0")
+    fence = make_fence(1, 0)
+
+    await fleet.update(server, message.job_id, 1, "v1")
+    await eventually(lambda: fleet.seen.updates == ["v1"], 5, what="the update in place")
+    await eventually(
+        lambda: (message.job_id, fence, 1) in fleet.seen.updated(), 5, what="JobUpdated"
+    )
+    await fleet.update(server, message.job_id, 2, "v2")
+    await eventually(lambda: fleet.seen.updates == ["v1", "v2"], 5, what="the second update")
+    # One call of the function: no restart, one copy, the server still runs it.
+    assert fleet.seen.calls == ["v0"]
+    assert server.running()[message.job_id].argument == "v2"
+    assert server.running()[message.job_id].fence == fence
+    # The server announces the kinds it updates in place.
+    await eventually(fleet.seen.heartbeats, 5, what="a heartbeat")
+    assert fleet.seen.heartbeats()[-1].updatable == ("default",)
+
+
+async def test_an_old_or_repeated_version_is_not_applied_again_but_is_acknowledged(
+    fleet: Fleet,
+) -> None:
+    server = await fleet.server(opted_in(fleet.seen))
+    message = await fleet.publish("a0")
+    await fleet.update(server, message.job_id, 3, "a3")
+    await eventually(lambda: fleet.seen.updates == ["a3"], 5, what="version 3")
+    await fleet.update(server, message.job_id, 2, "a2-late")  # older: overtaken
+    await fleet.update(server, message.job_id, 3, "a3")  # again: the first ack was lost
+    await eventually(lambda: len(fleet.seen.updated()) == 3, 5, what="every command acknowledged")
+    assert {version for _, _, version in fleet.seen.updated()} == {3}
+    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
+    assert fleet.seen.updates == ["a3"]
+    assert server.running()[message.job_id].argument == "a3"
+
+
+async def test_a_function_that_did_not_opt_in_is_left_as_it_is(fleet: Fleet) -> None:
+    server = await fleet.server(not_opted_in(fleet.seen))
+    message = await fleet.publish("p0")
+    await fleet.update(server, message.job_id, 1, "p1")
+    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
+    # Neither applied nor acknowledged: the manager falls back to a restart.
+    assert fleet.seen.updated() == []
+    assert fleet.seen.calls == ["p0"]
+    assert server.running()[message.job_id].argument == "p0"
+    assert all(hb.updatable == () for hb in fleet.seen.heartbeats())
+
+
+async def test_an_update_for_another_fence_or_job_changes_nothing(fleet: Fleet) -> None:
+    server = await fleet.server(opted_in(fleet.seen))
+    message = await fleet.publish("f0")
+    await fleet.update(server, message.job_id, 1, "stale", fence=make_fence(1, 5))
+    await fleet.update(server, new_id(), 1, "nobody")
+    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
+    assert fleet.seen.updated() == [] and fleet.seen.updates == []
+    assert server.running()[message.job_id].argument == "f0"
+
+
+async def test_a_restart_after_a_failure_keeps_the_updated_argument(fleet: Fleet) -> None:
+    seen = fleet.seen
+
+    @updatable
+    async def fails_on_update(
+        arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat
+    ) -> None:
+        seen.calls.append(arg.argument)
+        async for new in heartbeat.updates():
+            seen.updates.append(new.argument)
+            raise RuntimeError("cannot take it live after all")
+
+    server = await fleet.server(fails_on_update)
+    message = await fleet.publish("r0")
+    await fleet.update(server, message.job_id, 1, "r1")
+    # Restarted on the same server (backoff) with the argument it holds now.
+    await eventually(lambda: seen.calls == ["r0", "r1"], 5, what="restarted with r1")
+    assert seen.updates == ["r1"]
+    assert server.running()[message.job_id].argument == "r1"
+
+
+async def test_a_blocking_function_reads_the_latest_argument(fleet: Fleet) -> None:
+    seen = fleet.seen
+    threads: set[int] = set()
+
+    @updatable
+    def blocking(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
+        threads.add(threading.get_ident())
+        seen.calls.append(arg.argument)
+        last = arg.argument
+        while not token.wait_sync(0.02):
+            current = heartbeat.argument.argument
+            if current != last:
+                seen.updates.append(current)
+                last = current
+            heartbeat()
+
+    server = await fleet.server(blocking)
+    message = await fleet.publish("b0")
+    await fleet.update(server, message.job_id, 1, "b1")
+    await eventually(lambda: seen.updates == ["b1"], 5, what="the thread saw b1")
+    assert threading.get_ident() not in threads
+    assert seen.calls == ["b0"]
+
+
+async def test_updates_end_when_the_job_is_told_to_stop(fleet: Fleet) -> None:
+    ended = asyncio.Event()
+
+    @updatable
+    async def job(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
+        fleet.seen.calls.append(arg.argument)
+        async for new in heartbeat.updates():
+            fleet.seen.updates.append(new.argument)
+        ended.set()
+
+    server = await fleet.server(job)
+    await fleet.publish("s0")
+    began = time.monotonic()
+    await server.stop()
+    assert ended.is_set()
+    assert time.monotonic() - began < FAST_SERVER.stop_grace
+
+
+def test_a_drop_mark_is_read_only_as_one_and_fits_the_cancel_command() -> None:
+    assert drop_mark("j", 4) == "j@4!"
+    assert parse_drop("j@4!") == ("j", 4)
+    assert parse_drop("j@4") is None and parse_drop("j!") is None
+    assert parse_hold("j@4!") is None  # what an older server reads: not a hold
+    longest = drop_mark("x" * MAX_JOB_ID_LENGTH, MAX_GENERATION)
+    command = p.CancelJob(job_id=longest)
+    assert p.decode(p.encode(command)) == command
+
+
+async def test_a_drop_mark_drops_the_old_message_but_keeps_the_running_copy(
+    fleet: Fleet,
+) -> None:
+    await drop_mark_scenario(fleet)
