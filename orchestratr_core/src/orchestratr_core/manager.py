@@ -318,11 +318,13 @@ class ServerManager:
             if time.monotonic() - self._touches_since >= self._seen_batch:
                 await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
             # An idle heartbeat still moves the check of held jobs its owner no
-            # longer lists (throttled there): else an idle fleet never runs it.
-            await self._flush_or_dead_letter(
-                "confirm held jobs their owners no longer run",
-                lambda: self._confirm_held_unlisted(utcnow()),
-            )
+            # longer lists: else an idle fleet never runs it. Throttled here, so
+            # the idle path makes no coroutine between two checks.
+            if self._held_check_due():
+                await self._flush_or_dead_letter(
+                    "confirm held jobs their owners no longer run",
+                    lambda: self._confirm_held_unlisted(utcnow()),
+                )
             return
         if self._touches:
             await self._flush_or_dead_letter("write the noted heartbeats", self._flush_touches)
@@ -762,6 +764,12 @@ class ServerManager:
             if result.applied:
                 log.info("confirmed the pause of job %s: its server is dead", job.id)
 
+    def _held_check_due(self) -> bool:
+        """Whether :meth:`_confirm_held_unlisted` would check now (every quarter of
+        ``confirm_hold_after``, at most once per ``sweep_interval``)."""
+        every = max(self.options.confirm_hold_after / 4, self.options.sweep_interval)
+        return time.monotonic() - self._held_checked >= every
+
     async def _confirm_held_unlisted(self, now: datetime) -> None:
         """Confirm the hold of the ``pausing`` and ``quarantined`` jobs that their
         *live* owner no longer runs, when its stop report never arrived (lost on
@@ -778,10 +786,10 @@ class ServerManager:
         heartbeats already, while it may still run for the server's
         ``stop_grace``. A job listed again loses its note. A server that dies
         meanwhile is handled by :meth:`_confirm_held_of_dead`."""
+        if not self._held_check_due():
+            return
         clock = time.monotonic()
         bound = self.options.confirm_hold_after
-        if clock - self._held_checked < max(bound / 4, self.options.sweep_interval):
-            return
         self._held_checked = clock
         page = await self._storage.list_jobs(JobQuery(statuses=_HELD_OWNED, limit=_HELD_CHECKED))
         notes = self._held_unlisted
