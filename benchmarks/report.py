@@ -19,6 +19,8 @@ from benchmarks.common import RESULTS, ROOT, SYSTEMS
 DOC = ROOT / "docs" / "benchmarks.md"
 IMAGES = ROOT / "docs" / "images"
 NOTES = Path(__file__).resolve().parent / "notes.md"
+HAND_BEGIN = "<!-- hand-written: benchmarks/report.py keeps this part as it is -->"
+HAND_END = "<!-- end of the hand-written part -->"
 LABEL = {"orchestratr": "OrchestratR", "celery": "Celery", "dramatiq": "Dramatiq"}
 COLOR = {"orchestratr": "#1f77b4", "celery": "#2ca02c", "dramatiq": "#d62728", "floor": "#7f7f7f"}
 
@@ -567,6 +569,19 @@ def section_goals(docs: dict[str, dict[str, Any] | None]) -> list[str]:
     return out
 
 
+def hand_written() -> str:
+    """The hand-written part of the page: taken from the page as it stands (between
+    :data:`HAND_BEGIN` and :data:`HAND_END`), so that regenerating the tables never
+    drops what was written by hand; from ``notes.md`` for a page without it."""
+    if DOC.exists():
+        text = DOC.read_text()
+        start, end = text.find(HAND_BEGIN), text.find(HAND_END)
+        if 0 <= start < end:
+            return text[start : end + len(HAND_END)]
+    notes = NOTES.read_text().rstrip() if NOTES.exists() else ""
+    return f"{HAND_BEGIN}\n\n{notes}\n\n{HAND_END}"
+
+
 def main() -> None:
     docs = {
         name: load(name)
@@ -603,8 +618,7 @@ def main() -> None:
             "",
         ]
     lines += section_goals(docs)
-    if NOTES.exists():
-        lines += [NOTES.read_text().rstrip(), ""]
+    lines += [hand_written(), ""]
     charts: list[tuple[str, str | None]] = []
     if docs["failover"]:
         lines += section_failover(docs["failover"])
