@@ -92,6 +92,9 @@ class Timings:
     2 to 3 of these after the last byte it received (6-9 s)."""
     rebalance_interval: float = 2.0
     """Manager: seconds between rebalancing rounds."""
+    rebalance_hold: float = 3.0
+    """Manager: how long a round caps every server at its share (``ManagerOptions``'
+    default; the CLI does not set it)."""
     fence_timeout: float = 4.5
     """Client: give every delivery up after this much silence from the broker —
     strictly less than the broker's earliest detection (2 x broker_heartbeat).
@@ -218,6 +221,15 @@ _RESENT = re.compile(r"outbox relay re-sends job (\S+) under generation")
 def resent_in(log_text: str) -> set[str]:
     """The jobs a manager's log says its outbox relay sent again."""
     return set(_RESENT.findall(log_text))
+
+
+_ROUND = re.compile(r'^ts=(\S+) .*msg="rebalance: moving', re.MULTILINE)
+
+
+def rebalance_rounds(log_text: str) -> list[float]:
+    """When (``time.time()``) a manager's log says a rebalancing round moved jobs:
+    each such round capped every server at its share for ``rebalance_hold``."""
+    return [dt.datetime.fromisoformat(ts).timestamp() for ts in _ROUND.findall(log_text)]
 
 
 def lost_confirm(exc: object) -> bool:
@@ -888,6 +900,41 @@ class ChaosCluster:
                     f"{missing[:5]} ({self.tail_logs()})"
                 )
             await asyncio.sleep(0.1)
+
+    async def wait_rebalance_quiet(self, within: float) -> float:
+        """Wait until no rebalancing round caps a server or is about to: the live
+        copies are spread as the leader leaves them (no live server more than one
+        job above its capacity-proportional share) and the last round that moved
+        jobs is older than its hold plus a round. A round caps *every* server at
+        its share of the fleet the leader saw for ``rebalance_hold`` (3 s), so the
+        jobs of a server killed just before or during one may wait for the cap to
+        end -- longer than the ``kill -9`` bound, which docs/reliability.md gives
+        for a fleet with no cap in force. The seconds it took."""
+        t0 = time.time()
+        t = self.timings
+        while True:
+            servers = [
+                p for p in self.procs.values() if p.alive and p.killed_at is None and p.max_workers
+            ]
+            running = {p.name: 0 for p in servers}
+            for c in self.live_copies():
+                if c.server in running:
+                    running[c.server] += 1
+            total, capacity = sum(running.values()), sum(p.max_workers for p in servers)
+            even = not servers or all(
+                running[p.name] - total * p.max_workers / capacity <= 1 for p in servers
+            )
+            rounds = [r for m in self.managers for r in rebalance_rounds(m.log.read_text())]
+            last = max(rounds, default=0.0)
+            now = time.time()
+            if even and now - last > t.rebalance_hold + t.rebalance_interval:
+                return now - t0
+            if now - t0 > within:
+                raise AssertionError(
+                    f"rebalancing not quiet after {within} s: {running}, last round "
+                    f"{now - last:.1f} s ago ({self.tail_logs()})"
+                )
+            await asyncio.sleep(0.2)
 
     async def wait_running(
         self, job_ids: list[str], count: int, within: float, *, exclude: tuple[str, ...] = ()

@@ -419,8 +419,11 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
     partition; moved jobs start from the checkpoint their dead owner last sent; a
     partitioned old owner that keeps recording checkpoints (its heartbeats flush on
     heal) never overwrites its successor's; a resumed job starts from its last one."""
+    started = time.time()
     for name in ("s1", "s2", "s3"):
         await chaos.add_server(name, 10, job="tests.chaos.jobs:checkpoint_job")
+    for name in ("s1", "s2", "s3"):  # all consuming: the jobs spread as they are created
+        await chaos.wait_server_seen(name, started, within=30)
     ids = await chaos.create(9, prefix="cp")
     await chaos.wait_all_running(ids, within=30)
     await asyncio.sleep(1.5)  # a few heartbeats carry checkpoints
@@ -428,6 +431,12 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
     for job_id in paused:
         await chaos.pause(job_id)
     await chaos.wait_paused(paused, within=BOUND_CANCEL)
+    # The kill -9 bound is for a fleet no rebalancing round caps: a round caps every
+    # server at its share of the fleet the leader saw for rebalance_hold (3 s), so a
+    # kill just before or during one (the leader has not seen it yet) leaves the
+    # jobs above the survivors' caps waiting up to 3 s more (issue 15: half the runs
+    # killed a server holding every job 0.1 s around the leader's first round).
+    await chaos.wait_rebalance_quiet(within=30)
 
     victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
     moved = _on(chaos, victim)
@@ -440,7 +449,7 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
     survivors = [s for s in ("s1", "s2", "s3") if s != victim]
     cut = max(survivors, key=lambda s: len(_on(chaos, s)))
     cut_off = [j for j in _on(chaos, cut) if j in live]
-    chaos.partition(cut)
+    partitioned = chaos.partition(cut)
     await chaos.wait_all_running(
         live, within=BOUND_SILENT, exclude=(victim, cut), figure="partition cp"
     )
@@ -460,10 +469,21 @@ async def test_pause_resume_and_checkpoints_through_kill_9_and_a_partitioned_old
         assert record.checkpoint_fence is not None
         assert record.checkpoint_fence <= record.fence, record
     # The partitioned old owner kept writing (its heartbeats flushed on heal): the
-    # stored checkpoint of each job it lost is still its new owner's.
+    # stored checkpoint of each job it lost is still a later owner's -- its
+    # successor's, or the owner's after that when the leader moved the job onto the
+    # healed server (a job it has just moved is stored with the checkpoint its last
+    # owner sent until the new owner's first heartbeat; issue 15).
     assert cut_off
     for job_id in cut_off:
-        assert records[job_id].checkpoint_fence == records[job_id].fence, records[job_id]
+        old_owner = max(
+            c.fence for c in chaos.copies() if c.job == job_id and c.server == cut
+            and c.start < partitioned
+        )  # fmt: skip
+        record = records[job_id]
+        assert record.checkpoint_fence is not None and record.checkpoint_fence > old_owner, (
+            old_owner,
+            record,
+        )
 
 
 async def test_pause_resume_and_checkpoints_through_a_rebalance(chaos: ChaosCluster) -> None:

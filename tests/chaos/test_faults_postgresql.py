@@ -83,13 +83,6 @@ async def test_pg_at_capacity(chaos: ChaosCluster) -> None:
     )
 
 
-# Out of the default suite (make chaos runs it): on main after this session's merges
-# it fails about half its runs. A job moved onto the partitioned server is not
-# running anywhere within the 3 s bound. Likely cause, not verified: the manager
-# declares the cut-off server dead, but its rows stay claimed by its PostgreSQL
-# session until the server gives the session up (4 s). It passed 6 of 6 on its
-# branch before the merges; issue 15's note has the details.
-@pytest.mark.slow
 async def test_pg_pause_resume_and_checkpoints_through_kill_9_and_partition(
     chaos: ChaosCluster,
 ) -> None:

@@ -210,3 +210,32 @@ def test_web_without_fastapi_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(MissingDriver, match=r"orchestratr-core\[web\]"):
         importlib.import_module("orchestratr_core.web")
+
+
+async def test_a_job_started_without_a_supervisor_does_not_tag_the_servers_other_lines(
+    cluster: Cluster, json_log: io.StringIO
+) -> None:
+    """The job context is set for the job's own task only: a job started without a
+    supervising task (nearly every job) is started from the server's delivery
+    task, and its context used to stay set there, so later lines of that task --
+    about other jobs, or about none -- carried the last started job's id."""
+
+    async def job(arg: JobArgument, token: StopToken, heartbeat: object) -> None:
+        await token.wait()
+
+    server = await cluster.add_server("alpha", 5, job=job)
+    ids = [await cluster.client.create_job(f"tagged-{i}") for i in range(3)]
+    await eventually(lambda: set(ids) <= set(server.running()), 5, what="jobs running")
+    for job_id in ids:
+        await cluster.client.pause(job_id)
+    await eventually(lambda: not server.running(), 5, what="jobs stopped")
+    await eventually(
+        lambda: sum("job stopped" in r["message"] for r in lines(json_log)) == 3, 5, what="stops"
+    )
+
+    records = [r for r in lines(json_log) if r["logger"].startswith("orchestratr")]
+    named = [(r, [j for j in ids if f"job_id={j}" in r["message"]]) for r in records]
+    held = {js[0] for r, js in named if js and r["message"].startswith("hold ")}
+    assert held == set(ids), records  # lines of the delivery/command side, after the starts
+    for record, in_text in named:
+        assert record["job_id"] == (in_text[0] if in_text else None), record

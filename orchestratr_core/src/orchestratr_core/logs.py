@@ -5,9 +5,10 @@ that concerns a job carries ``job_id``, ``server_id`` and ``fence`` fields,
 taken, in this order, from:
 
 1. ``extra={"job_id": ..., "server_id": ..., "fence": ...}`` on the log call;
-2. the job context (:func:`job_context`): the :data:`observer` plugin sets it in
-   the server's job task when the job starts, so everything the job function
-   itself logs carries the fields too;
+2. the job context (:func:`job_context`): the :data:`observer` plugin sets it
+   when the job starts, in the context the job's task is created in and no other
+   (never in the server's delivery task), so everything the job function itself
+   logs carries the fields too;
 3. ``job_id=... fence=... server_id=...`` (or ``server=...``) written in the
    message text, as the runtime's log calls do; a missing ``server_id`` is then
    looked up among the jobs this process started.
@@ -113,8 +114,10 @@ class LogObserver:
     def orchestratr_job_started(
         self, server_id: str, job_id: str, name: str, fence: int, restarts: int
     ) -> None:
-        """The hook runs inside the job's supervising task, right before the job
-        function's task is created: the context set here is inherited by it."""
+        """The hook runs right before the job function's task is created, inside
+        the job's supervising task or, for a job started without one, in a context
+        of its own (``contextvars.copy_context().run``): the context set here is
+        inherited by the job's task and by nothing else."""
         _job.set((job_id, server_id, fence))
         with self._lock:
             self._owners[job_id] = (server_id, fence)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -510,10 +511,16 @@ class OrchestratedServer:
                 self._supervise(run, None), name=f"orchestratr-job-{arg.job_id}"
             )
             return
-        began = self._report_start(run)
-        job_task = self._run_job(run)
+        # In a context of its own, as a supervising task would be: an observer sets
+        # the job's context (its log fields) in the start hook, and this runs in
+        # the delivery task, whose later lines are about other jobs or none.
+        began, job_task = contextvars.copy_context().run(self._start_job, run)
         run.park(job_task, began, self._resume)
         job_task.add_done_callback(run.alert)
+
+    def _start_job(self, run: Run) -> tuple[float, asyncio.Task[None]]:
+        """Report the start of ``run`` and start its job function: (when, its task)."""
+        return self._report_start(run), self._run_job(run)
 
     def _report_start(self, run: Run) -> float:
         """Report that the job function of ``run`` starts now; returns the time."""
