@@ -4,11 +4,13 @@
 
 -- name: upsert_server
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
+                     kinds, labels, updatable)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
+        :updatable)
 ON DUPLICATE KEY UPDATE
     name = VALUES(name), max_workers = VALUES(max_workers), host = VALUES(host),
     pid = VALUES(pid), kinds = VALUES(kinds), labels = VALUES(labels),
+    updatable = VALUES(updatable),
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = IF(status = 'draining', 'draining', VALUES(status)), started_at = VALUES(started_at),
     last_seen = VALUES(last_seen);
@@ -51,7 +53,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id NOT IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
+  AND id NOT IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: heartbeat_release_gone
 -- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
@@ -59,7 +62,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id IN (SELECT t.id FROM JSON_TABLE(:gone, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
+  AND id IN (SELECT t.id FROM JSON_TABLE(:gone, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_jobs_by_ids
 SELECT j.* FROM jobs AS j
