@@ -166,7 +166,7 @@ class UpdateInPlaceTests:
         pending = await _create(storage, at=now)
         assert await storage.request_update_in_place(pending.id, "x", now, HOLDER, now) is None
         (job,) = await _running(storage, now)
-        paused, changed = await storage.request_pause(job.id, now, HOLDER, now + LEASE)
+        _, changed = await storage.request_pause(job.id, now, HOLDER, now + LEASE)
         assert changed
         assert await storage.request_update_in_place(job.id, "x", now, HOLDER, now) is None
         (other,) = await _running(storage, now)
@@ -175,9 +175,7 @@ class UpdateInPlaceTests:
         assert await storage.request_update_in_place(other.id, "x", now, HOLDER, now) is None
         assert (await _get(storage, other.id)).argument_version == 0
 
-    async def test_owner_death_republishes_it_with_the_new_argument(
-        self, storage: Storage
-    ) -> None:
+    async def test_owner_death_republishes_it_with_the_new_argument(self, storage: Storage) -> None:
         now = _now()
         job, plain = await _running(storage, now, count=2)
         await _in_place(storage, job, "new", now)
@@ -237,7 +235,8 @@ class UpdateInPlaceTests:
         later = now + _sec(1)
         # A complete listing without ``unlisted``.
         await storage.apply_heartbeat(_beat("s1", [listed, gone], later), later)
-        _republished(unlisted, await _get(storage, unlisted.id), "new", "not reported by its server")
+        unreported = "not reported by its server"
+        _republished(unlisted, await _get(storage, unlisted.id), "new", unreported)
         assert (await _get(storage, listed.id)).status is JobStatus.PROCESSING
         # A delta naming ``gone``.
         base = _beat("s1", [], later)
@@ -254,7 +253,7 @@ class UpdateInPlaceTests:
             drops=True,
         )
         await storage.apply_heartbeat(delta, later)
-        _republished(gone, await _get(storage, gone.id), "new", "not reported by its server")
+        _republished(gone, await _get(storage, gone.id), "new", unreported)
         kept = await _get(storage, listed.id)
         assert (kept.status, kept.generation, kept.inplace_floor) == (JobStatus.PROCESSING, 1, 1)
         for job in (unlisted, gone):
@@ -278,9 +277,7 @@ class UpdateInPlaceTests:
         _, changed = await storage.fall_back_update(job.id, 1, now, HOLDER, now + LEASE)
         assert not changed
 
-    async def test_a_second_update_before_the_first_is_acknowledged(
-        self, storage: Storage
-    ) -> None:
+    async def test_a_second_update_before_the_first_is_acknowledged(self, storage: Storage) -> None:
         now = _now()
         (job,) = await _running(storage, now)
         await _in_place(storage, job, "v1", now)
