@@ -393,6 +393,15 @@ old argument, fails ``START``'s guard), ``update_pending`` cleared and a
 ``PUBLISH`` outbox row, in the same transaction: the restart with the new
 argument is never lost, and starts only once the old copy is confirmed stopped.
 
+``START`` of a job updated in place (``inplace_floor`` set:
+``Storage.request_update_in_place``) also needs a fence of a generation above
+``inplace_floor``, unless it is the recorded owner's own fence (its copy took the
+new argument): a copy of an older message carries the old argument. Every
+release of a ``processing`` job with ``inplace_floor >= generation``
+(``RELEASE``, ``SERVER_LOST``) makes it ``pending`` under ``generation + 1``, its
+fence raised to ``make_fence(generation + 1, 0)``, with a ``PUBLISH`` outbox row,
+in the same transaction (``Storage.expire_servers``).
+
 ``RESUME`` also raises the job's ``generation`` by one (its new message is not
 covered by the hold mark of the old one) and empties its failure log (a fresh
 restart budget). ``PAUSE`` keeps

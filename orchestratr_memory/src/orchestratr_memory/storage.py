@@ -46,6 +46,7 @@ from orchestratr_core.job import (
     ServerStatus,
     TransitionResult,
     make_fence,
+    split_fence,
 )
 from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
@@ -193,6 +194,13 @@ class _Store:
         rule = TRANSITIONS[event]
         if row.status not in rule.sources or not _guard_holds(rule.guard, row, server_id, fence):
             return False, row
+        if (
+            event is JobEvent.START
+            and row.inplace_floor is not None
+            and split_fence(fence)[0] <= row.inplace_floor
+            and not (row.server_id == server_id and row.fence == fence)
+        ):
+            return False, row  # a message an update in place superseded: the old argument
         changes: dict[str, object] = {"updated_at": now, "reason": reason}
         republish = (
             event in (JobEvent.SERVER_LOST, JobEvent.RELEASE)

@@ -36,7 +36,10 @@ UPDATE jobs SET
     restarts = COALESCE(:restarts, restarts)
 WHERE id = :id
   AND status IN ('pending', 'processing')
-  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)));
+  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)))
+  -- Updated in place: no copy of a message of a superseded generation starts.
+  AND (inplace_floor IS NULL OR :fence - inplace_floor * 4294967296 >= 4294967296
+       OR (fence = :fence AND server_id = :server_id));
 
 -- name: transition_release
 -- RELEASE: processing -> pending, guard OWNER, clears the owner (keeps the fence).

@@ -39,7 +39,12 @@ WHERE j.status IN ('pending', 'processing')
   AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
   AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
            AND j.restarts = b.restarts AND j.reason IS NULL
-           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before);
+           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (j.inplace_floor IS NULL
+       OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
+       OR (j.fence = b.fence AND j.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j

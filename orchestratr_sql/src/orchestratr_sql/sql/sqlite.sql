@@ -37,7 +37,12 @@ WHERE jobs.id = b.id
        OR (jobs.fence = b.fence AND (jobs.server_id IS NULL OR jobs.server_id = :server_id)))
   AND NOT (jobs.status = 'processing' AND jobs.server_id = :server_id AND jobs.fence = b.fence
            AND jobs.restarts = b.restarts AND jobs.reason IS NULL
-           AND jobs.last_heartbeat IS NOT NULL AND jobs.last_heartbeat > b.refresh_before);
+           AND jobs.last_heartbeat IS NOT NULL AND jobs.last_heartbeat > b.refresh_before)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (jobs.inplace_floor IS NULL
+       OR b.fence - jobs.inplace_floor * 4294967296 >= 4294967296
+       OR (jobs.fence = b.fence AND jobs.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j

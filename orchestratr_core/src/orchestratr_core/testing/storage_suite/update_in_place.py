@@ -13,7 +13,7 @@ from datetime import datetime
 from orchestratr_core.job import JobEvent, JobRecord, JobStatus, make_fence
 from orchestratr_core.placement import DEFAULT_KIND
 from orchestratr_core.protocol import RunningJob, ServerHeartbeat
-from orchestratr_core.storage import OutboxKind, Storage
+from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP, OutboxKind, Storage
 from orchestratr_core.testing.storage_suite._common import (
     FAR,
     HOLDER,
@@ -351,3 +351,29 @@ class UpdateInPlaceTests:
         assert (OutboxKind.PUBLISH, 2) not in await _outbox_of(storage, job.id, now)
         resumed, changed = await storage.request_resume(job.id, now, HOLDER, now + LEASE)
         assert changed and (resumed.status, resumed.argument) == (JobStatus.PENDING, "new")
+
+    async def test_a_copy_of_the_superseded_message_never_starts(self, storage: Storage) -> None:
+        """The owner's connection drops and the broker hands the old message (old
+        argument) to another server before its drop mark arrives: its start is
+        refused, by a transition and by a heartbeat; the owner's own copy (which
+        took the new argument) keeps reporting its fence."""
+        now = _now()
+        (job,) = await _running(storage, now)
+        await _in_place(storage, job, "new", now)
+        stray = make_fence(1, 2)
+        assert not (await _apply(storage, job.id, JobEvent.START, "s2", stray, now)).applied
+        refused = await storage.apply_heartbeat(_beat("s2", [job], now, fence=stray), now)
+        assert [j.id for j in refused] == [job.id]
+        later = now + _sec(HEARTBEAT_REFRESH_STEP + 1)  # a report that writes the row
+        assert await storage.apply_heartbeat(_beat("s1", [job], later), later) == []
+        owned = await _get(storage, job.id)
+        assert (owned.status, owned.server_id, owned.fence, owned.argument) == (
+            JobStatus.PROCESSING,
+            "s1",
+            FENCE,
+            "new",
+        )
+        assert (await _apply(storage, job.id, JobEvent.START, "s1", FENCE, later)).applied
+        # A message of a later generation is not covered.
+        newer = await _must(storage, job.id, JobEvent.START, "s3", make_fence(2, 1), later)
+        assert (newer.server_id, newer.fence) == ("s3", make_fence(2, 1))
