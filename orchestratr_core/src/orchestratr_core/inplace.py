@@ -117,7 +117,7 @@ class InPlaceUpdates:
         return applied
 
     async def follow_up(self, now: datetime) -> list[JobRecord]:
-        """One round: every unacknowledged update in place is sent again (at most
+        """One round: every unacknowledged update in place is sent (again: at most
         once per third of ``ack_timeout``) or, once older than ``ack_timeout``,
         falls back to a restart. Returns the jobs that fell back (their stop set
         is to be written: the caller's :meth:`ServerManager._sync_cancellations`)."""
@@ -156,8 +156,9 @@ class InPlaceUpdates:
             last = self._sent.get(key)
             if last is not None and time.monotonic() - last < self._ack_timeout / 3:
                 continue
-            if last is not None or (now - updated).total_seconds() >= self._ack_timeout / 3:
-                await send_update(self._transport, job)
+            # Also at first sight: the client may have had no transport (the CLI).
+            # A copy that holds the version already acknowledges it again.
+            await send_update(self._transport, job)
             self._sent[key] = time.monotonic()
         for key in set(self._sent) - wanted:
             del self._sent[key]
