@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
@@ -583,32 +583,32 @@ class MemoryStorage(Storage):
 
     async def inplace_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
         """See :meth:`Storage.inplace_floors`."""
-        store = self._data()
-        with store.lock:
-            jobs = (store.jobs[job_id] for job_id in store.updated)
-            return sorted(
-                (job.id, job.inplace_floor)
-                for job in jobs
-                if job.inplace_floor is not None
-                and job.argument_updated_at is not None
-                and job.argument_updated_at >= updated_since
-                and job.status in _FLOOR_STATUSES
-            )
+        return self._floors(updated_since, lambda job: job.inplace_floor)
 
     async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
         """See :meth:`Storage.update_floors`."""
+        return self._floors(updated_since, lambda job: job.update_floor)
+
+    def _floors(
+        self, updated_since: datetime, floor: Callable[[JobRecord], int | None]
+    ) -> list[tuple[str, int]]:
+        """``(id, floor(job))`` of the jobs updated at or after ``updated_since``
+        that are ``pending``, ``processing`` or ``deleting`` (neither held nor
+        final), for which ``floor`` gives a generation."""
         store = self._data()
         with store.lock:
-            jobs = (store.jobs[job_id] for job_id in store.updated)
-            return sorted(
-                (job.id, job.update_floor)
-                for job in jobs
-                if job.update_floor is not None
-                and job.argument_updated_at is not None
-                and job.argument_updated_at >= updated_since
-                and not job.status.held
-                and not job.status.final
-            )
+            out = []
+            for job_id in store.updated:
+                job = store.jobs[job_id]
+                value = floor(job)
+                if (
+                    value is not None
+                    and job.argument_updated_at is not None
+                    and job.argument_updated_at >= updated_since
+                    and job.status in _FLOOR_STATUSES
+                ):
+                    out.append((job_id, value))
+            return sorted(out)
 
     async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
         """See :meth:`Storage.raise_pending_generation`."""
