@@ -65,13 +65,16 @@ def test_the_command_the_event_and_the_heartbeat_field_round_trip() -> None:
         sent_at=2.0,
         kinds=("a", "b"),
         updatable=("b",),
+        drops=True,
     )
+    assert json.loads(p.encode(beat))["drops"] is True
     for message in (command, event, beat):
         assert p.decode(p.encode(message)) == message
     # A heartbeat without updatable kinds is written as before (older readers).
     plain = p.ServerHeartbeat(server_id="s", name="n", max_workers=1, started_at=1, sent_at=2)
-    assert b"updatable" not in p.encode(plain)
+    assert b"updatable" not in p.encode(plain) and b"drops" not in p.encode(plain)
     assert p.decode_as(p.encode(plain), p.ServerHeartbeat).updatable == ()
+    assert not p.decode_as(p.encode(plain), p.ServerHeartbeat).drops
 
 
 @pytest.mark.parametrize(
@@ -119,9 +122,10 @@ async def test_an_updatable_function_takes_the_new_argument_without_a_restart(
     assert fleet.seen.calls == ["v0"]
     assert server.running()[message.job_id].argument == "v2"
     assert server.running()[message.job_id].fence == fence
-    # The server announces the kinds it updates in place.
+    # The server announces the kinds it updates in place, and that it reads drop marks.
     await eventually(fleet.seen.heartbeats, 5, what="a heartbeat")
     assert fleet.seen.heartbeats()[-1].updatable == ("default",)
+    assert fleet.seen.heartbeats()[-1].drops
 
 
 async def test_an_old_or_repeated_version_is_not_applied_again_but_is_acknowledged(
