@@ -645,7 +645,9 @@ async def test_an_update_in_place_keeps_the_copy_and_survives_kill_9_of_its_owne
     # then took it in place. The leader's rebalancing may move it afterwards (a
     # release: republished with the new argument), never back to the old one.
     of_kept = [c for c in copies if c.job == kept]
-    at_update = [c for c in of_kept if c.start < updated_at][-1]
+    (at_update,) = [
+        c for c in of_kept if c.start < updated_at and (c.stop is None or c.stop > updated_at)
+    ]
     assert [a for _, a in at_update.updates] == ["v2"], of_kept
     assert {c.argument for c in of_kept if c.start > updated_at} <= {"v2"}, of_kept
     await chaos.wait_view_converges(ids, within=BOUND_VIEW)
