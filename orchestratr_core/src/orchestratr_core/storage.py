@@ -254,6 +254,8 @@ class Storage(abc.ABC):
         * upsert the server row (name, max_workers, host, pid, started_at, the
           kinds it runs (``heartbeat.kinds``, the default kind when empty) and its
           labels,
+          ``updatable`` (``heartbeat.updatable`` if ``heartbeat.drops``, else
+          ``None``: a server that reads no drop marks),
           ``last_seen = now``, status ``draining`` if ``heartbeat.draining`` or
           the row is already ``draining`` (a drain was requested), else
           ``alive``). A server already marked ``dead`` or ``left`` comes back

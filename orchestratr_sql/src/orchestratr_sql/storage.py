@@ -676,11 +676,12 @@ class SqlStorage(SqlReads):
         return await self._run(f"transition {event.value}", apply)
 
     async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
-        """Four statements whatever the number of jobs: upsert the server, apply
+        """Five statements whatever the number of jobs: upsert the server, apply
         ``START`` to every reported job (one set-based UPDATE), read back the
         reports that did not apply, release the jobs the server no longer runs
         (those it does not list, or -- a heartbeat of what changed -- those it
-        says are gone; none: no statement)."""
+        says are gone; none: no statement) and read those of them updated in
+        place (:meth:`_release_in_place`: two more statements per such job)."""
         check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values = self._server_row(heartbeat, now)
         values["reason"] = REASON_NOT_REPORTED
