@@ -27,7 +27,7 @@ import logging
 import time
 from datetime import datetime, timedelta
 
-from orchestratr_core.errors import BackendUnavailable, OrchestratrError
+from orchestratr_core.errors import BackendUnavailable, OrchestratrError, UnknownJob
 from orchestratr_core.job import JobRecord
 from orchestratr_core.protocol import JobUpdated, UpdateJob
 from orchestratr_core.storage import OutboxKind, Storage
@@ -134,13 +134,16 @@ class InPlaceUpdates:
             key = (job.id, job.argument_version)
             updated = job.argument_updated_at or now
             if (now - updated).total_seconds() >= self._ack_timeout:
-                record, changed = await self._storage.fall_back_update(
-                    job.id,
-                    job.argument_version,
-                    now,
-                    self._holder,
-                    now + timedelta(seconds=self._lease),
-                )
+                try:
+                    record, changed = await self._storage.fall_back_update(
+                        job.id,
+                        job.argument_version,
+                        now,
+                        self._holder,
+                        now + timedelta(seconds=self._lease),
+                    )
+                except UnknownJob:
+                    continue  # gone since the read
                 if changed:
                     log.warning(
                         "job %s: update %d not acknowledged in place by %s within %.1f s: "
