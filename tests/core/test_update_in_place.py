@@ -22,6 +22,7 @@ from orchestratr_core.errors import MalformedMessage
 from orchestratr_core.job import (
     MAX_GENERATION,
     MAX_JOB_ID_LENGTH,
+    ServerStatus,
     make_fence,
     new_id,
     split_fence,
@@ -425,3 +426,35 @@ async def test_an_update_not_acknowledged_in_time_falls_back_to_a_restart(
     assert [c.argument for c in cluster.ledger.of(job_id)] == ["0", "new"]
     assert cluster.ledger.overlaps() == []
     assert (await cluster.job(job_id)).update_mode == "restart"
+
+
+async def test_a_redelivered_old_message_releases_the_job_before_its_owner_is_declared_dead(
+    cluster: Cluster,
+) -> None:
+    """The broker hands the killed owner's message to another server, which drops
+    it (the drop mark): the manager takes that as the owner's loss of the message
+    and republishes the job at once, not only once the owner is declared dead
+    (here never within the test: a server timeout of 60 s)."""
+    slow_death = dataclasses.replace(FAST_MANAGER, server_timeout=60.0)
+    await cluster.start_manager(slow_death)
+    updates: list[tuple[str, str]] = []
+    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
+    (job_id,) = await cluster.create(1, "fast")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    await cluster.client.update(job_id, "new")
+    await eventually(lambda: _applied(cluster, job_id, 1), 5, what="taken in place")
+    await cluster.add_server("b", 2, job=ledger_updatable(cluster, "b", updates))
+    await cluster.servers["a"].kill()
+
+    async def moved() -> bool:
+        running = cluster.ledger.running(job_id)
+        return [(c.server, c.argument) for c in running] == [("b", "new")]
+
+    await eventually(moved, 15, what="restarted on b with the new argument")
+    servers = {s.name: s.status for s in await cluster.monitor.servers()}
+    assert servers["a"] is ServerStatus.ALIVE  # not declared dead: the redelivery told
+    assert [(c.server, c.argument) for c in cluster.ledger.of(job_id)] == [
+        ("a", "0"),
+        ("b", "new"),
+    ]

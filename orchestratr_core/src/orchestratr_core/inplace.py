@@ -28,14 +28,18 @@ import time
 from datetime import datetime, timedelta
 
 from orchestratr_core.errors import BackendUnavailable, OrchestratrError, UnknownJob
-from orchestratr_core.job import JobRecord
-from orchestratr_core.protocol import JobUpdated, UpdateJob
+from orchestratr_core.job import JobEvent, JobRecord, JobStatus, split_fence
+from orchestratr_core.protocol import JobDiscarded, JobUpdated, UpdateJob
 from orchestratr_core.storage import OutboxKind, Storage
 from orchestratr_core.transport import Transport
 
-__all__ = ["InPlaceUpdates", "try_in_place", "update_command"]
+__all__ = ["REASON_REDELIVERED", "InPlaceUpdates", "try_in_place", "update_command"]
 
 log = logging.getLogger("orchestratr.inplace")
+
+REASON_REDELIVERED = "its message was delivered again: released from its owner"
+"""Why a job updated in place was released when a server dropped its redelivered
+message (:meth:`InPlaceUpdates.discarded`)."""
 
 
 async def try_in_place(
@@ -115,6 +119,42 @@ class InPlaceUpdates:
             return False
         self._sent.pop((event.job_id, event.argument_version), None)
         return applied
+
+    async def discarded(self, event: JobDiscarded, now: datetime) -> bool:
+        """A server dropped a message of a job updated in place: if it is the very
+        message the owner runs (same generation) delivered again after the
+        owner's delivery, the broker took it back from the owner (it died, or
+        was cut off and stops its copy, as on any redelivery), so the job is
+        released at once -- republished under the next generation with the new
+        argument (``RELEASE`` on the owner's behalf, guarded on its fence) --
+        instead of when the owner is declared dead. Returns whether it was."""
+        job = await self._storage.get_job(event.job_id)
+        if (
+            job is None
+            or job.status is not JobStatus.PROCESSING
+            or job.server_id is None
+            or job.update_mode != "in_place"
+            or split_fence(event.fence)[0] != split_fence(job.fence)[0]
+            or event.fence <= job.fence
+        ):
+            return False
+        result = await self._storage.transition(
+            job.id,
+            JobEvent.RELEASE,
+            server_id=job.server_id,
+            fence=job.fence,
+            now=now,
+            reason=REASON_REDELIVERED,
+        )
+        if result.applied:
+            log.info(
+                "job %s: its message was delivered again (fence %d > %d): released from %s",
+                job.id,
+                event.fence,
+                job.fence,
+                job.server_id,
+            )
+        return result.applied
 
     async def follow_up(self, now: datetime) -> list[JobRecord]:
         """One round: every unacknowledged update in place is sent (again: at most

@@ -567,6 +567,8 @@ class ServerManager:
                 reason="queued message dropped",
             )
             await self._confirm_held(result, event.server_id, event.fence, now, "message dropped")
+            if not result.applied:
+                await self._inplace.discarded(event, now)
         elif isinstance(event, p.JobUpdated):
             await self._inplace.applied(event)
         elif isinstance(event, p.ServerLeft):
