@@ -22,6 +22,7 @@ from orchestratr_core.errors import MalformedMessage
 from orchestratr_core.job import (
     MAX_GENERATION,
     MAX_JOB_ID_LENGTH,
+    JobRecord,
     ServerStatus,
     make_fence,
     new_id,
@@ -361,17 +362,13 @@ async def test_a_live_server_of_an_older_version_makes_the_update_a_restart(
     assert [c.argument for c in cluster.ledger.of(job_id)] == ["0", "new"]
 
 
-async def test_after_an_update_in_place_the_next_owner_starts_with_the_new_argument(
-    cluster: Cluster,
-) -> None:
-    """The owner dies after taking the update in place: the broker hands its old
-    message (old argument) to the other server, which drops it (the drop mark);
-    the manager republishes the job under a new generation and it starts there
-    with the new argument, once."""
-    await cluster.start_manager()
+async def _updated_in_place_then_owner_killed(cluster: Cluster, name: str) -> JobRecord:
+    """A job on ``a`` updated in place to ``"new"``; ``b`` joins and ``a`` is
+    killed; returns once the job runs on ``b`` with ``"new"`` (the job as it was
+    before the update)."""
     updates: list[tuple[str, str]] = []
     await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
-    (job_id,) = await cluster.create(1, "crash")
+    (job_id,) = await cluster.create(1, name)
     await cluster.wait_running([job_id])
     before = await cluster.wait_status(job_id, JobStatus.PROCESSING)
     await cluster.client.update(job_id, "new")
@@ -383,7 +380,20 @@ async def test_after_an_update_in_place_the_next_owner_starts_with_the_new_argum
         running = cluster.ledger.running(job_id)
         return [(c.server, c.argument) for c in running] == [("b", "new")]
 
-    await eventually(moved, 20, what="restarted on b with the new argument")
+    await eventually(moved, 15, what="restarted on b with the new argument")
+    return before
+
+
+async def test_after_an_update_in_place_the_next_owner_starts_with_the_new_argument(
+    cluster: Cluster,
+) -> None:
+    """The owner dies after taking the update in place: the broker hands its old
+    message (old argument) to the other server, which drops it (the drop mark);
+    the manager republishes the job under a new generation and it starts there
+    with the new argument, once."""
+    await cluster.start_manager()
+    before = await _updated_in_place_then_owner_killed(cluster, "crash")
+    job_id = before.id
     after = await cluster.wait_status(job_id, JobStatus.PROCESSING)
     assert after.generation > before.generation and after.update_mode == "restart"
     await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
@@ -437,21 +447,7 @@ async def test_a_redelivered_old_message_releases_the_job_before_its_owner_is_de
     (here never within the test: a server timeout of 60 s)."""
     slow_death = dataclasses.replace(FAST_MANAGER, server_timeout=60.0)
     await cluster.start_manager(slow_death)
-    updates: list[tuple[str, str]] = []
-    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
-    (job_id,) = await cluster.create(1, "fast")
-    await cluster.wait_running([job_id])
-    await cluster.wait_status(job_id, JobStatus.PROCESSING)
-    await cluster.client.update(job_id, "new")
-    await eventually(lambda: _applied(cluster, job_id, 1), 5, what="taken in place")
-    await cluster.add_server("b", 2, job=ledger_updatable(cluster, "b", updates))
-    await cluster.servers["a"].kill()
-
-    async def moved() -> bool:
-        running = cluster.ledger.running(job_id)
-        return [(c.server, c.argument) for c in running] == [("b", "new")]
-
-    await eventually(moved, 15, what="restarted on b with the new argument")
+    job_id = (await _updated_in_place_then_owner_killed(cluster, "fast")).id
     servers = {s.name: s.status for s in await cluster.monitor.servers()}
     assert servers["a"] is ServerStatus.ALIVE  # not declared dead: the redelivery told
     assert [(c.server, c.argument) for c in cluster.ledger.of(job_id)] == [
