@@ -52,6 +52,8 @@ class Copy:
     """Its server process's labels (``KEY=VALUE``)."""
     argument: str = ""
     """The job argument the copy was started with (an update restarts it with another)."""
+    updates: list[tuple[float, str]] = field(default_factory=list)
+    """The arguments the copy took in place (``@updatable``), with when."""
 
     def last_step(self, dead_at: float | None) -> float:
         """The last moment this copy did something (its start, a write)."""
@@ -267,6 +269,8 @@ def parse_ledger(lines: Iterable[str]) -> list[Copy]:
             out.append(copy)
         elif line["e"] == "write" and key in current:
             current[key].writes.append(line["t"])
+        elif line["e"] == "update" and key in current:
+            current[key].updates.append((line["t"], str(line.get("arg", ""))))
         elif line["e"] == "stop" and key in current:
             current[key].stop = line["t"]
             del current[key]

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import IO
 
 from orchestratr_core import JobArgument, StopToken
-from orchestratr_core.lifecycle import checkpointed
-from orchestratr_core.runner import Heartbeat
+from orchestratr_core.lifecycle import checkpointed, updatable
+from orchestratr_core.runner import Heartbeat, UpdatableHeartbeat
 
 WRITE_EVERY = 0.1
 
@@ -101,6 +101,26 @@ async def checkpoint_job(arg: JobArgument, token: StopToken, heartbeat: Heartbea
             record("write", arg, copy)
             step += 1
             heartbeat(checkpoint=f"{arg.fence}:{step}")
+            await token.sleep(WRITE_EVERY)
+    finally:
+        record("stop", arg, copy)
+
+
+@updatable
+async def updatable_job(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
+    """:func:`ledger_job` whose function takes a new argument without a restart
+    (``@updatable``): each one it takes is an ``update`` line (its ``arg``)."""
+    copy = uuid.uuid4().hex
+    record("start", arg, copy)
+    current = arg.argument
+    try:
+        while not token.stop_requested:
+            latest = heartbeat.argument
+            if latest.argument != current:
+                current = latest.argument
+                record("update", latest, copy)
+            record("write", arg, copy)
+            heartbeat()
             await token.sleep(WRITE_EVERY)
     finally:
         record("stop", arg, copy)

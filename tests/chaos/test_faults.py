@@ -600,3 +600,85 @@ async def test_an_update_restarts_the_job_once_with_the_new_argument_also_throug
             "v2",
             False,
         )
+
+
+async def test_an_update_in_place_keeps_the_copy_and_survives_kill_9_of_its_owner(
+    chaos: ChaosCluster,
+) -> None:
+    """Servers run an ``@updatable`` function. An update reaches the running copy
+    without a restart (the same copy, the same fence). The owner of a job updated
+    in place is then killed (kill -9): the broker gives its old message (old
+    argument) to another server, which drops it (the drop mark); the manager
+    republishes the job under a new generation and the next owner starts it with
+    the new argument. The old message never starts after the update; I1-I4, I6
+    and I8 hold."""
+    for name in ("s1", "s2", "s3"):
+        await chaos.add_server(name, 10, job="tests.chaos.jobs:updatable_job")
+    ids = await chaos.create(9)
+    await chaos.wait_all_running(ids, within=30)
+    deadline = time.time() + 30
+    while len({c.server for c in chaos.live_copies()}) < 3:  # the rebalancing spreads them
+        assert time.time() < deadline, f"jobs not on every server ({chaos.tail_logs()})"
+        await asyncio.sleep(0.2)
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW)  # the storage knows the owners
+    victim = max(("s1", "s2", "s3"), key=lambda s: len(_on(chaos, s)))
+    doomed = _on(chaos, victim)[0]
+    kept = next(j for j in ids if j not in _on(chaos, victim))
+    assert chaos.client is not None
+    updated_at = time.time()
+    for job_id in (doomed, kept):
+        record = await chaos.client.update(job_id, "v2")
+        assert (record.status, record.update_mode) == (JobStatus.PROCESSING, "in_place"), record
+
+    def taken(job_id: str) -> bool:
+        live = [c for c in chaos.live_copies() if c.job == job_id]
+        return len(live) == 1 and [a for _, a in live[0].updates] == ["v2"]
+
+    deadline = time.time() + BOUND_VIEW
+    while not (taken(doomed) and taken(kept)):
+        assert time.time() < deadline, f"not taken in place ({chaos.tail_logs()})"
+        await asyncio.sleep(0.1)
+    in_place = max(c.updates[0][0] for c in chaos.live_copies() if c.job in (doomed, kept))
+    chaos.record_figure("update in place", in_place - updated_at, BOUND_VIEW, "taken in place")
+
+    killed_at = chaos.kill9(victim)
+    deadline = killed_at + BOUND_KILL + BOUND_VIEW
+    while True:
+        moved = [c for c in chaos.live_copies() if c.job == doomed and c.start > killed_at]
+        if len(moved) == 1 and moved[0].argument == "v2":
+            break
+        assert time.time() < deadline, f"not restarted with v2: {moved} ({chaos.tail_logs()})"
+        await asyncio.sleep(0.1)
+    chaos.record_figure(
+        "update in place, restart through kill -9",
+        moved[0].start - killed_at,
+        BOUND_KILL + BOUND_VIEW,
+        "the next owner started with the new argument",
+    )
+    await chaos.wait_all_running(ids, within=BOUND_KILL + BOUND_VIEW, exclude=(victim,))
+    await asyncio.sleep(2)  # anything that would bring the old argument back has time to
+    copies = chaos.copies()
+    # The old message (old argument) never started after the update.
+    after = [c for c in copies if c.job == doomed and c.start > updated_at]
+    assert after and {c.argument for c in after} == {"v2"}, after
+    # The job whose owner lived kept its copy through the update: the copy that ran
+    # then took it in place. The leader's rebalancing may move it afterwards (a
+    # release: republished with the new argument), never back to the old one.
+    of_kept = [c for c in copies if c.job == kept]
+    (at_update,) = [
+        c for c in of_kept if c.start < updated_at and (c.stop is None or c.stop > updated_at)
+    ]
+    assert [a for _, a in at_update.updates] == ["v2"], of_kept
+    assert {c.argument for c in of_kept if c.start > updated_at} <= {"v2"}, of_kept
+    await chaos.wait_view_converges(ids, within=BOUND_VIEW)
+    chaos.check().assert_ok()  # I1..I4, I6, I8
+    records = {job.id: job for job in await chaos.jobs()}
+    if at_update.stop is None:
+        assert (records[kept].argument_applied_version, records[kept].update_mode) == (
+            1,
+            "in_place",
+        )
+        assert records[kept].fence == at_update.fence
+    moved_record = records[doomed]
+    assert (moved_record.status, moved_record.argument) == (JobStatus.PROCESSING, "v2")
+    assert moved_record.generation > 1

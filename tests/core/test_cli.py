@@ -740,3 +740,62 @@ def test_jobs_update_replaces_the_argument_and_show_tells_the_update_state(
     assert_one_line_error(late, 1, "cannot be updated")
     final = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
     assert (final["argument"], final["argument_version"]) == ("v3", 2)
+
+
+def test_jobs_update_of_a_job_whose_server_takes_it_in_place(tmp_path: Path, db: str) -> None:
+    """A running job whose server announced its kind updatable (and no live server
+    of an older version): ``jobs update`` keeps it running and says so;
+    ``--restart`` asks for the restart instead; ``jobs show`` tells which."""
+    created = run("jobs", "create", "live", "v1", "--storage", db, "--json", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    job_id = json.loads(created.stdout)["id"]
+    asyncio.run(_run_on_an_updatable_server(db, job_id))
+
+    updated = run("jobs", "update", job_id, "v2", "--storage", db, cwd=tmp_path)
+    assert updated.returncode == 0, updated.stderr
+    assert "takes it without a restart" in updated.stdout
+    shown = json.loads(run("jobs", "show", job_id, "--storage", db, "--json", cwd=tmp_path).stdout)
+    assert (shown["status"], shown["update_mode"], shown["argument_applied_version"]) == (
+        "processing",
+        "in_place",
+        0,
+    )
+    human = run("jobs", "show", job_id, "--storage", db, cwd=tmp_path).stdout
+    assert "in place, not yet acknowledged" in human
+
+    restarted = run(
+        "jobs", "update", job_id, "v3", "--restart", "--storage", db, "--json", cwd=tmp_path
+    )
+    assert restarted.returncode == 0, restarted.stderr
+    body = json.loads(restarted.stdout)
+    assert (body["status"], body["update_pending"], body["argument_version"]) == (
+        "pausing",
+        True,
+        2,
+    )
+
+
+async def _run_on_an_updatable_server(db: str, job_id: str) -> None:
+    """Start ``job_id`` on a server that takes updates of the default kind in place
+    (its heartbeat, applied to the storage as a manager would)."""
+    from orchestratr_core import protocol as p
+    from orchestratr_core.job import make_fence, utcnow
+    from orchestratr_sql.factory import storage_from_url
+
+    storage = storage_from_url(db)
+    await storage.open()
+    try:
+        now = utcnow()
+        beat = p.ServerHeartbeat(
+            server_id="srv-1",
+            name="srv-1",
+            max_workers=2,
+            started_at=now.timestamp() - 60,
+            sent_at=now.timestamp(),
+            jobs=(p.RunningJob(job_id, make_fence(1, 1)),),
+            updatable=("default",),
+            drops=True,
+        )
+        assert await storage.apply_heartbeat(beat, now) == []
+    finally:
+        await storage.close()

@@ -7,6 +7,7 @@ it is. Real servers on the memory broker; the test plays the manager's part
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -15,15 +16,23 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from orchestratr_core import JobArgument, StopToken
+from orchestratr_core import JobArgument, JobStatus, StopToken
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
-from orchestratr_core.job import MAX_GENERATION, MAX_JOB_ID_LENGTH, make_fence, new_id
+from orchestratr_core.job import (
+    MAX_GENERATION,
+    MAX_JOB_ID_LENGTH,
+    JobRecord,
+    ServerStatus,
+    make_fence,
+    new_id,
+    split_fence,
+)
 from orchestratr_core.lifecycle import drop_mark, is_updatable, parse_drop, parse_hold, updatable
 from orchestratr_core.runner import Heartbeat, UpdatableHeartbeat
 from orchestratr_memory.broker import MemoryBroker
 from orchestratr_memory.transport import MemoryTransport
-from tests.support.cluster import FAST_SERVER, eventually
+from tests.support.cluster import FAST_MANAGER, FAST_SERVER, Cluster, eventually
 from tests.support.inplace import Fleet, Seen, drop_mark_scenario, opted_in
 
 
@@ -58,13 +67,16 @@ def test_the_command_the_event_and_the_heartbeat_field_round_trip() -> None:
         sent_at=2.0,
         kinds=("a", "b"),
         updatable=("b",),
+        drops=True,
     )
+    assert json.loads(p.encode(beat))["drops"] is True
     for message in (command, event, beat):
         assert p.decode(p.encode(message)) == message
     # A heartbeat without updatable kinds is written as before (older readers).
     plain = p.ServerHeartbeat(server_id="s", name="n", max_workers=1, started_at=1, sent_at=2)
-    assert b"updatable" not in p.encode(plain)
+    assert b"updatable" not in p.encode(plain) and b"drops" not in p.encode(plain)
     assert p.decode_as(p.encode(plain), p.ServerHeartbeat).updatable == ()
+    assert not p.decode_as(p.encode(plain), p.ServerHeartbeat).drops
 
 
 @pytest.mark.parametrize(
@@ -112,9 +124,10 @@ async def test_an_updatable_function_takes_the_new_argument_without_a_restart(
     assert fleet.seen.calls == ["v0"]
     assert server.running()[message.job_id].argument == "v2"
     assert server.running()[message.job_id].fence == fence
-    # The server announces the kinds it updates in place.
+    # The server announces the kinds it updates in place, and that it reads drop marks.
     await eventually(fleet.seen.heartbeats, 5, what="a heartbeat")
     assert fleet.seen.heartbeats()[-1].updatable == ("default",)
+    assert fleet.seen.heartbeats()[-1].drops
 
 
 async def test_an_old_or_repeated_version_is_not_applied_again_but_is_acknowledged(
@@ -232,3 +245,212 @@ async def test_a_drop_mark_drops_the_old_message_but_keeps_the_running_copy(
     fleet: Fleet,
 ) -> None:
     await drop_mark_scenario(fleet)
+
+
+# -- the manager and storage half: OrchestratorClient.update end to end ----------------
+
+
+def ledger_updatable(cluster: Cluster, server: str, updates: list[tuple[str, str]]) -> object:
+    """The ledger's job function for ``server``, marked ``@updatable``: it records
+    each argument it takes in place as ``(server, argument)``."""
+
+    async def body(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
+        async for new in heartbeat.updates():
+            updates.append((server, new.argument))
+
+    return updatable(cluster.ledger.job(server, body=body))
+
+
+async def _applied(cluster: Cluster, job_id: str, version: int) -> bool:
+    return (await cluster.job(job_id)).argument_applied_version == version
+
+
+async def test_the_client_updates_an_opted_in_job_in_place_without_a_restart(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_manager()
+    updates: list[tuple[str, str]] = []
+    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
+    (job_id,) = await cluster.create(1, "live")
+    await cluster.wait_running([job_id])
+    before = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+
+    updated = await cluster.client.update(job_id, "v1")
+    assert (updated.status, updated.server_id, updated.fence) == (
+        JobStatus.PROCESSING,
+        before.server_id,
+        before.fence,
+    )
+    assert (updated.update_mode, updated.argument_version, updated.update_pending) == (
+        "in_place",
+        1,
+        False,
+    )
+    await eventually(lambda: updates == [("a", "v1")], 5, what="taken in place")
+    await eventually(lambda: _applied(cluster, job_id, 1), 5, what="the acknowledgement stored")
+    await cluster.client.update(job_id, "v2")
+    await eventually(lambda: _applied(cluster, job_id, 2), 5, what="the second one")
+    assert updates == [("a", "v1"), ("a", "v2")]
+    # One copy all along, still running the first call; no restart follows.
+    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
+    assert [(c.argument, c.end) for c in cluster.ledger.of(job_id)] == [("0", None)]
+    after = await cluster.job(job_id)
+    assert (after.status, after.fence, after.generation) == (
+        JobStatus.PROCESSING,
+        before.fence,
+        before.generation,
+    )
+    shown = after.to_dict()
+    assert (shown["update_mode"], shown["argument_applied_version"]) == ("in_place", 2)
+    # Servers drop the job's older messages without stopping the copy.
+    assert drop_mark(job_id, before.generation) in cluster.broker.cancellations
+
+
+async def test_a_job_that_did_not_opt_in_is_still_restarted(cluster: Cluster) -> None:
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)  # the ledger's plain job function
+    (job_id,) = await cluster.create(1, "plain")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    updated = await cluster.client.update(job_id, "new")
+    assert (updated.status, updated.update_pending) == (JobStatus.PAUSING, True)
+    await eventually(
+        lambda: [c.argument for c in cluster.ledger.running(job_id)] == ["new"],
+        FAST_SERVER.stop_grace + 10,
+        what="restarted with the new argument",
+    )
+    assert [c.argument for c in cluster.ledger.of(job_id)] == ["0", "new"]
+
+
+async def test_a_live_server_of_an_older_version_makes_the_update_a_restart(
+    cluster: Cluster,
+) -> None:
+    """Mixed fleet: a live server that reads no drop marks (its heartbeats say
+    nothing of them) could start the job's old message after its owner died, so
+    the update restarts the job, although its owner would take it in place."""
+    manager = await cluster.start_manager()
+    updates: list[tuple[str, str]] = []
+    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
+    (job_id,) = await cluster.create(1, "mixed")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    older = p.decode_as(
+        json.dumps(
+            {
+                "v": 1,
+                "type": "heartbeat",
+                "server_id": "old-1",
+                "name": "old-1",
+                "max_workers": 2,
+                "started_at": time.time() - 60,
+                "sent_at": time.time(),
+                "jobs": [],
+            }
+        ).encode(),
+        p.ServerHeartbeat,
+    )
+    assert not older.drops
+    await manager._on_event(older)
+    updated = await cluster.client.update(job_id, "new")
+    assert (updated.status, updated.update_mode) == (JobStatus.PAUSING, "restart")
+    await eventually(
+        lambda: [c.argument for c in cluster.ledger.running(job_id)] == ["new"],
+        FAST_SERVER.stop_grace + 10,
+        what="restarted with the new argument",
+    )
+    assert updates == []
+    assert [c.argument for c in cluster.ledger.of(job_id)] == ["0", "new"]
+
+
+async def _updated_in_place_then_owner_killed(cluster: Cluster, name: str) -> JobRecord:
+    """A job on ``a`` updated in place to ``"new"``; ``b`` joins and ``a`` is
+    killed; returns once the job runs on ``b`` with ``"new"`` (the job as it was
+    before the update)."""
+    updates: list[tuple[str, str]] = []
+    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
+    (job_id,) = await cluster.create(1, name)
+    await cluster.wait_running([job_id])
+    before = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    await cluster.client.update(job_id, "new")
+    await eventually(lambda: _applied(cluster, job_id, 1), 5, what="taken in place")
+    await cluster.add_server("b", 2, job=ledger_updatable(cluster, "b", updates))
+    await cluster.servers["a"].kill()
+
+    async def moved() -> bool:
+        running = cluster.ledger.running(job_id)
+        return [(c.server, c.argument) for c in running] == [("b", "new")]
+
+    await eventually(moved, 15, what="restarted on b with the new argument")
+    return before
+
+
+async def test_after_an_update_in_place_the_next_owner_starts_with_the_new_argument(
+    cluster: Cluster,
+) -> None:
+    """The owner dies after taking the update in place: the broker hands its old
+    message (old argument) to the other server, which drops it (the drop mark);
+    the manager republishes the job under a new generation and it starts there
+    with the new argument, once."""
+    await cluster.start_manager()
+    before = await _updated_in_place_then_owner_killed(cluster, "crash")
+    job_id = before.id
+    after = await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    assert after.generation > before.generation and after.update_mode == "restart"
+    await asyncio.sleep(3 * FAST_SERVER.heartbeat_interval)
+    copies = cluster.ledger.of(job_id)
+    assert [(c.server, c.argument) for c in copies] == [("a", "0"), ("b", "new")]
+    assert split_fence(copies[1].fence)[0] > before.generation
+    assert cluster.ledger.overlaps() == []
+
+
+async def test_an_update_not_acknowledged_in_time_falls_back_to_a_restart(
+    cluster: Cluster,
+) -> None:
+    """The owner announced the kind updatable, but its ``UpdateJob`` never
+    arrives (lost, here dropped on the way): after ``update_ack_timeout`` the
+    leader restarts the job with the new argument."""
+    manager = await cluster.start_manager(dataclasses.replace(FAST_MANAGER, update_ack_timeout=1.0))
+    send = manager.transport.send_command
+    dropped: list[p.Command] = []
+
+    async def lossy(command: p.Command, server_id: str | None = None) -> None:
+        if isinstance(command, p.UpdateJob):
+            dropped.append(command)
+            return
+        await send(command, server_id)
+
+    manager._transport.send_command = lossy  # type: ignore[method-assign]
+    updates: list[tuple[str, str]] = []
+    await cluster.add_server("a", 2, job=ledger_updatable(cluster, "a", updates))
+    (job_id,) = await cluster.create(1, "lossy")
+    await cluster.wait_running([job_id])
+    await cluster.wait_status(job_id, JobStatus.PROCESSING)
+    assert (await cluster.client.update(job_id, "new")).update_mode == "in_place"
+    await eventually(
+        lambda: [c.argument for c in cluster.ledger.running(job_id)] == ["new"],
+        FAST_SERVER.stop_grace + 10,
+        what="restarted with the new argument",
+    )
+    assert updates == []
+    assert len(dropped) >= 2  # the client's, and the leader's resend before the fallback
+    assert [c.argument for c in cluster.ledger.of(job_id)] == ["0", "new"]
+    assert cluster.ledger.overlaps() == []
+    assert (await cluster.job(job_id)).update_mode == "restart"
+
+
+async def test_a_redelivered_old_message_releases_the_job_before_its_owner_is_declared_dead(
+    cluster: Cluster,
+) -> None:
+    """The broker hands the killed owner's message to another server, which drops
+    it (the drop mark): the manager takes that as the owner's loss of the message
+    and republishes the job at once, not only once the owner is declared dead
+    (here never within the test: a server timeout of 60 s)."""
+    slow_death = dataclasses.replace(FAST_MANAGER, server_timeout=60.0)
+    await cluster.start_manager(slow_death)
+    job_id = (await _updated_in_place_then_owner_killed(cluster, "fast")).id
+    servers = {s.name: s.status for s in await cluster.monitor.servers()}
+    assert servers["a"] is ServerStatus.ALIVE  # not declared dead: the redelivery told
+    assert [(c.server, c.argument) for c in cluster.ledger.of(job_id)] == [
+        ("a", "0"),
+        ("b", "new"),
+    ]

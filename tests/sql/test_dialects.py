@@ -79,7 +79,9 @@ async def test_heartbeat_ingestion_takes_the_same_few_statements_for_3_or_300_jo
     many = await _jobs(storage, [f"many-{i}" for i in range(300)])
     small = await _statements_of_heartbeat(storage, heartbeat("s1", [(j, 1) for j in few]))
     large = await _statements_of_heartbeat(storage, heartbeat("s2", [(j, 1) for j in many]))
-    assert small == large <= 4
+    # Five: the upsert, the starts, the refused ones, the release of the unlisted
+    # jobs, and the read of those of them updated in place (they republish).
+    assert small == large <= 5
     page = await storage.list_jobs(JobQuery(server_id="s2", limit=None))
     assert len(page.items) == 300
     assert all(job.status is JobStatus.PROCESSING for job in page.items)

@@ -8,8 +8,11 @@ import logging
 import httpx
 import pytest
 
+from orchestratr_core import JobArgument, StopToken
 from orchestratr_core.errors import ConfigurationError
 from orchestratr_core.job import JobStatus
+from orchestratr_core.lifecycle import updatable
+from orchestratr_core.runner import UpdatableHeartbeat
 from orchestratr_core.web import create_app, start_server
 from tests.support.cluster import Cluster, eventually
 from tests.support.web import TOKEN, client_for
@@ -484,6 +487,50 @@ async def test_update_through_the_api_restarts_the_job_with_the_new_argument(
     assert_problem(late, 409)
     assert "cannot be updated" in late.json()["detail"]
     assert (await local_api.get(f"/api/jobs/{job['id']}")).json()["argument"] == "v2"
+
+
+async def test_update_through_the_api_in_place_and_a_restart_on_request(
+    cluster: Cluster, local_api: httpx.AsyncClient
+) -> None:
+    """An ``@updatable`` function takes the update in place (``update_mode``,
+    ``argument_applied_version``); ``"restart": true`` restarts it instead."""
+    taken: list[str] = []
+
+    async def body(arg: JobArgument, token: StopToken, heartbeat: UpdatableHeartbeat) -> None:
+        async for new in heartbeat.updates():
+            taken.append(new.argument)
+
+    await cluster.add_server("alpha", 3, job=updatable(cluster.ledger.job("alpha", body=body)))
+    job = (await local_api.post("/api/jobs", json={"name": "live", "argument": "v1"})).json()
+    await cluster.wait_running([job["id"]])
+    await cluster.wait_status(job["id"], JobStatus.PROCESSING)
+
+    updated = await local_api.post(f"/api/jobs/{job['id']}/update", json={"argument": "v2"})
+    assert updated.status_code == 202
+    body_v2 = updated.json()
+    assert (body_v2["status"], body_v2["update_mode"], body_v2["update_pending"]) == (
+        "processing",
+        "in_place",
+        False,
+    )
+
+    async def acknowledged() -> bool:
+        shown = (await local_api.get(f"/api/jobs/{job['id']}")).json()
+        return bool(shown["argument_applied_version"] == 1)
+
+    await eventually(acknowledged, 10, what="acknowledged in place")
+    assert taken == ["v2"]
+    assert [c.argument for c in cluster.ledger.of(job["id"])] == ["v1"]  # one copy
+
+    restart = {"argument": "v3", "restart": True}
+    again = await local_api.post(f"/api/jobs/{job['id']}/update", json=restart)
+    assert (again.json()["status"], again.json()["update_pending"]) == ("pausing", True)
+    await eventually(
+        lambda: [c.argument for c in cluster.ledger.running(job["id"])] == ["v3"],
+        15,
+        what="restarted with v3",
+    )
+    assert taken == ["v2"]
 
 
 async def test_kinds_constraints_labels_and_the_pending_reason_through_the_api(

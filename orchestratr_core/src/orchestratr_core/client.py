@@ -18,6 +18,7 @@ from orchestratr_core.errors import (
     OrchestratrError,
     PublishError,
 )
+from orchestratr_core.inplace import send_update, try_in_place
 from orchestratr_core.job import (
     JobEvent,
     JobQuery,
@@ -29,7 +30,7 @@ from orchestratr_core.job import (
     validate_argument,
     validate_name,
 )
-from orchestratr_core.lifecycle import hold_mark, validate_restart_budget
+from orchestratr_core.lifecycle import drop_mark, hold_mark, validate_restart_budget
 from orchestratr_core.placement import (
     DEFAULT_KIND,
     parse_constraints,
@@ -85,7 +86,8 @@ async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
     """The servers' cancellation set: every job that must never run again
     (:meth:`Storage.cancelled_job_ids`), a hold mark for every held job
     (:mod:`orchestratr_core.lifecycle`) and one for every job whose argument was
-    updated within ``deleted_since`` (:meth:`Storage.update_floors`)."""
+    updated within ``deleted_since`` (:meth:`Storage.update_floors`), and a drop
+    mark for every job updated in place within it (:meth:`Storage.inplace_floors`)."""
     entries = await storage.cancelled_job_ids(deleted_since)
     try:
         held = await storage.held_jobs()
@@ -98,6 +100,9 @@ async def stop_set(storage: Storage, deleted_since: datetime) -> list[str]:
         floors = []
     # An updated job's older messages carry the old argument: dropped everywhere.
     entries.extend(hold_mark(job_id, generation) for job_id, generation in floors)
+    # A job updated in place: its older messages are dropped, its copy keeps running.
+    drops = await storage.inplace_floors(deleted_since)
+    entries.extend(drop_mark(job_id, generation) for job_id, generation in drops)
     return entries
 
 
@@ -570,11 +575,22 @@ class OrchestratorClient:
             self._sent.add([job_id])
         return record
 
-    async def update(self, job_id: str, argument: str) -> JobRecord:
+    async def update(self, job_id: str, argument: str, *, in_place: bool = True) -> JobRecord:
         """Replace a job's argument, durably: every later start of the job uses
         the new one, and no copy running the old one is left.
 
-        A job that runs or waits (``pending``, ``processing``) is restarted with
+        A running job whose function is :func:`~orchestratr_core.lifecycle.updatable`
+        gets it **without a restart** (unless ``in_place`` is False) when its
+        owner announced that kind updatable and every live server reads drop
+        marks: the job stays ``processing`` (``update_mode`` ``"in_place"``), its
+        copy receives the argument through ``heartbeat.updates()`` and
+        acknowledges it (``argument_applied_version``); its older messages are
+        dropped by every server, and any later owner starts with the new
+        argument. Not acknowledged within the manager's ``update_ack_timeout``,
+        the job is restarted with it as below (``docs/architecture.md``,
+        "Updating in place").
+
+        Any other job that runs or waits (``pending``, ``processing``) is restarted with
         it as a clean hand-over: ``pausing`` until a server confirms its copy
         stopped (or its queued message dropped), then ``pending`` under a new
         generation — never two copies, and every message of an older generation
@@ -594,6 +610,17 @@ class OrchestratorClient:
         await self.open()
         now = utcnow()
         lease_until = now + self._lease if self._transport is not None else now
+        if in_place:
+            live = await try_in_place(
+                self._storage, job_id, argument, now, self._holder, lease_until
+            )
+            if live is not None:
+                # The drop mark first: a message of the old argument must never
+                # start, also if the owner dies right after taking the new one.
+                await self._send_stop_set(job_id, now, "updated in place")
+                if self._transport is not None:
+                    await send_update(self._transport, live)
+                return live
         record, changed = await self._storage.request_update(
             job_id, argument, now, self._holder, lease_until
         )

@@ -393,6 +393,15 @@ old argument, fails ``START``'s guard), ``update_pending`` cleared and a
 ``PUBLISH`` outbox row, in the same transaction: the restart with the new
 argument is never lost, and starts only once the old copy is confirmed stopped.
 
+``START`` of a job updated in place (``inplace_floor`` set:
+``Storage.request_update_in_place``) also needs a fence of a generation above
+``inplace_floor``, unless it is the recorded owner's own fence (its copy took the
+new argument): a copy of an older message carries the old argument. Every
+release of a ``processing`` job with ``inplace_floor >= generation``
+(``RELEASE``, ``SERVER_LOST``) makes it ``pending`` under ``generation + 1``, its
+fence raised to ``make_fence(generation + 1, 0)``, with a ``PUBLISH`` outbox row,
+in the same transaction (``Storage.expire_servers``).
+
 ``RESUME`` also raises the job's ``generation`` by one (its new message is not
 covered by the hold mark of the old one) and empties its failure log (a fresh
 restart budget). ``PAUSE`` keeps
@@ -529,6 +538,29 @@ class JobRecord:
     update_floor: int | None = None
     """The generation the latest update superseded: servers drop every message of
     the job up to it (they carry an older argument)."""
+    inplace_floor: int | None = None
+    """The generation whose running copy was given the latest argument in place
+    (``Storage.request_update`` of a job whose owner runs its kind
+    :func:`~orchestratr_core.lifecycle.updatable`): servers drop every message of
+    the job up to it without stopping that copy (a drop mark), and while
+    ``inplace_floor >= generation`` every release of the job republishes it
+    under a new generation with the new argument."""
+    argument_applied_version: int = 0
+    """The latest argument version the running copy acknowledged taking in place
+    (``JobUpdated``); 0: none."""
+
+    @property
+    def update_mode(self) -> str | None:
+        """How the latest update reaches the job's current generation:
+        ``"in_place"`` (its running copy is given the argument without a
+        restart; applied once ``argument_applied_version`` reaches
+        ``argument_version``), ``"restart"`` (a restart with it, or the next start
+        carries it), or ``None`` (never updated)."""
+        if self.argument_version == 0:
+            return None
+        if self.inplace_floor is not None and self.inplace_floor >= self.generation:
+            return "in_place"
+        return "restart"
 
     @property
     def liveness(self) -> datetime | None:
@@ -574,6 +606,8 @@ class JobRecord:
             "argument_version": self.argument_version,
             "argument_updated_at": _iso(self.argument_updated_at),
             "update_pending": self.update_pending,
+            "update_mode": self.update_mode,
+            "argument_applied_version": self.argument_applied_version,
         }
 
 
@@ -595,6 +629,10 @@ class ServerRecord:
     """The job kinds the server runs."""
     labels: tuple[str, ...] = ()
     """The server's labels, sorted ``KEY=VALUE`` texts."""
+    updatable: tuple[str, ...] | None = None
+    """The kinds the server applies argument updates to in place
+    (``ServerHeartbeat.updatable``); ``None``: a server that reads no drop marks
+    (of an older version), so that no update is applied in place while it lives."""
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict, shaped like the original's server JSON."""
@@ -609,6 +647,7 @@ class ServerRecord:
             "pid": self.pid,
             "kinds": list(self.kinds),
             "labels": dict(label.split("=", 1) for label in self.labels),
+            "updatable": None if self.updatable is None else list(self.updatable),
             "jobs": [
                 {"id": j.id, "name": j.name, "status": j.status.value, "fence": j.fence}
                 for j in self.running

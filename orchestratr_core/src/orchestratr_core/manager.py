@@ -42,6 +42,7 @@ from orchestratr_core.errors import (
     OrchestratrError,
     UnknownServer,
 )
+from orchestratr_core.inplace import InPlaceUpdates
 from orchestratr_core.job import (
     JobEvent,
     JobQuery,
@@ -139,6 +140,12 @@ class ManagerOptions:
     server's stop report was lost: the job would stay ``pausing`` for ever).
     Keep it above the servers' ``stop_grace``: a copy being stopped is no longer
     listed, yet it may still run that long."""
+    update_ack_timeout: float = 10.0
+    """Seconds an update applied in place (``OrchestratorClient.update`` of a job
+    whose function is ``@updatable``) may wait for its owner's ``JobUpdated``
+    before the leader restarts the job with the new argument instead (the fenced
+    restart). Keep it a few server heartbeat intervals; the leader sends the
+    ``UpdateJob`` again every third of it meanwhile."""
     seen_batch: float | None = None
     """Seconds a heartbeat that changes nothing but its server's row (a delta
     listing no job on a set the manager holds and trusts) may wait for its
@@ -159,6 +166,8 @@ class ManagerOptions:
             raise ConfigurationError("leader_lease must be longer than sweep_interval")
         if not self.confirm_hold_after >= 0:
             raise ConfigurationError("confirm_hold_after must be >= 0")
+        if not self.update_ack_timeout > 0:
+            raise ConfigurationError("update_ack_timeout must be > 0")
 
 
 class ServerManager:
@@ -190,6 +199,15 @@ class ServerManager:
             outbox_lease=self.options.outbox_lease,
             cancel_retention=self.options.cancel_retention,
         )
+        self._inplace = InPlaceUpdates(
+            self._storage,
+            self._transport,
+            holder=self.id,
+            ack_timeout=self.options.update_ack_timeout,
+            retention=self.options.cancel_retention,
+            lease=self.options.outbox_lease,
+        )
+        """The follow-up of updates applied in place (acknowledgements, fallback)."""
         self.monitor = OrchestratorMonitor(self._storage)
         self.admin = AdminOrchestratorMonitor(self._storage)
         self._events: Subscription | None = None
@@ -549,6 +567,10 @@ class ServerManager:
                 reason="queued message dropped",
             )
             await self._confirm_held(result, event.server_id, event.fence, now, "message dropped")
+            if not result.applied:
+                await self._inplace.discarded(event, now)
+        elif isinstance(event, p.JobUpdated):
+            await self._inplace.applied(event)
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
@@ -976,6 +998,9 @@ class ServerManager:
         await self._relay_outbox(now)
         if not self._lease_held():
             return
+        await self._follow_up_updates(now)
+        if not self._lease_held():
+            return
         await self.update_pending_reasons()
         if time.monotonic() - self._last_resync >= self.options.cancellation_resync:
             await self._sync_cancellations(now)
@@ -986,6 +1011,14 @@ class ServerManager:
         ):
             self._last_rebalance = time.monotonic()
             await self.rebalance()
+
+    async def _follow_up_updates(self, now: datetime) -> None:
+        """Updates applied in place and not yet acknowledged: sent again, or
+        restarted once ``update_ack_timeout`` has passed (:mod:`orchestratr_core.inplace`)."""
+        restarted = await self._inplace.follow_up(now)
+        if restarted:
+            await self._sync_cancellations(now)  # their hold marks stop the old copies
+            await self._inplace.forget_stop_rows(restarted)
 
     async def _expire_servers(self, now: datetime) -> list[ServerRecord]:
         """Declare dead every server not heard from for ``server_timeout``

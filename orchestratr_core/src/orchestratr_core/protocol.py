@@ -367,6 +367,12 @@ class ServerHeartbeat(Event):
     """The kinds whose function is :func:`~orchestratr_core.lifecycle.updatable`:
     this server applies an :class:`UpdateJob` to their running copies. Empty for a
     server of an older version (which reads no ``UpdateJob``)."""
+    drops: bool = False
+    """The server reads drop marks (``"<id>@<g>!"``, see
+    :func:`~orchestratr_core.lifecycle.drop_mark`) and ``UpdateJob``: every server
+    of this version sets it, whatever its :attr:`updatable` kinds. False for a
+    server of an older version, which would start a message a drop mark covers:
+    while such a server is live, updates are never applied in place."""
 
     def __post_init__(self) -> None:
         for kind in (*self.kinds, *self.updatable):
@@ -518,6 +524,8 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         body["labels"] = list(hb.labels)
     if hb.updatable:
         body["updatable"] = list(hb.updatable)
+    if hb.drops:  # left out when false: an older manager ignores it
+        body["drops"] = True
     if hb.seq:  # numbered: left out by (and for) older servers
         body["seq"] = hb.seq
         body["digest"] = hb.digest

@@ -66,6 +66,8 @@ __all__ = [
     "REASON_SERVER_DEAD",
     "REASON_SERVER_LEFT",
     "REASON_UPDATED",
+    "REASON_UPDATED_IN_PLACE",
+    "REASON_UPDATE_FELL_BACK",
     "REASON_UPDATE_REQUESTED",
     "OutboxItem",
     "OutboxKind",
@@ -104,6 +106,14 @@ and it restarts with the new argument (:meth:`Storage.request_update`)."""
 REASON_UPDATED = "restarted with the updated argument"
 """The copy that ran the old argument was confirmed stopped; the job is pending
 under a new generation (``CONFIRM_HELD`` of a job with ``update_pending``)."""
+
+
+REASON_UPDATED_IN_PLACE = "argument updated in place"
+"""A client updated the argument of a running job whose function takes it without
+a restart: it stays ``processing`` (:meth:`Storage.request_update`, in place)."""
+REASON_UPDATE_FELL_BACK = "update not acknowledged in place: restarting"
+"""The owner did not acknowledge an update in place in time: the job is stopped
+to restart with the new argument (:meth:`Storage.fall_back_update`)."""
 
 
 class OutboxKind(enum.StrEnum):
@@ -244,6 +254,8 @@ class Storage(abc.ABC):
         * upsert the server row (name, max_workers, host, pid, started_at, the
           kinds it runs (``heartbeat.kinds``, the default kind when empty) and its
           labels,
+          ``updatable`` (``heartbeat.updatable`` if ``heartbeat.drops``, else
+          ``None``: a server that reads no drop marks),
           ``last_seen = now``, status ``draining`` if ``heartbeat.draining`` or
           the row is already ``draining`` (a drain was requested), else
           ``alive``). A server already marked ``dead`` or ``left`` comes back
@@ -286,7 +298,17 @@ class Storage(abc.ABC):
     async def expire_servers(self, seen_before: datetime, now: datetime) -> list[ServerRecord]:
         """Mark every ``alive`` or ``draining`` server with ``last_seen < seen_before``
         ``dead`` and apply ``SERVER_LOST`` to its jobs, in one transaction.
-        Returns the servers it marked."""
+        Returns the servers it marked.
+
+        Every release of a ``processing`` job (``SERVER_LOST`` here and in
+        :meth:`server_left` and :meth:`apply_heartbeat`, ``RELEASE`` in
+        :meth:`transition`) whose argument was updated in place under its current
+        generation (``inplace_floor >= generation``) makes it ``pending`` under
+        ``generation + 1`` with ``fence := max(fence, make_fence(generation + 1,
+        0))`` and inserts an unclaimed ``PUBLISH`` outbox row, in the same
+        transaction, as ``CONFIRM_HELD`` of an ``update_pending`` job does: the
+        broker's message of the old generation carries the old argument (a drop
+        mark drops it); the relay sends one with the new argument."""
 
     @abc.abstractmethod
     async def server_left(self, server_id: str, now: datetime) -> bool:
@@ -407,6 +429,74 @@ class Storage(abc.ABC):
         (returned with ``False``). Raises :class:`UnknownJob` for an unknown id.
         Returns the job after the attempt and whether it changed."""
         raise NotImplementedError(f"{type(self).__name__} does not implement update")
+
+    async def request_update_in_place(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool] | None:
+        """Replace the argument of a running job *in place*, if it can be: in one
+        guarded update and one transaction (``docs/architecture.md``, "Updating
+        in place"), applied only while
+
+        * the job is ``processing`` and its owner's server row is ``alive`` and
+          lists the job's kind among its ``updatable`` kinds, and
+        * no ``alive`` or ``draining`` server has ``updatable`` ``NULL`` (a
+          server of an older version, which would start a message a drop mark
+          covers);
+
+        then ``argument := argument``, ``argument_version + 1``,
+        ``argument_updated_at := now``, ``updated_at := now``, ``inplace_floor :=
+        generation``, reason :data:`REASON_UPDATED_IN_PLACE` — status, owner,
+        fence and generation unchanged — and an outbox row ``CANCEL`` (the stop
+        set, with the drop mark :meth:`inplace_floors` gives) claimed by
+        ``holder``. Returns the job and ``True``; ``None`` when it did not apply
+        (the caller takes :meth:`request_update`'s restart instead). Raises
+        :class:`UnknownJob` for an unknown id. A backend without it raises
+        :class:`NotImplementedError` (every update restarts)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update in place")
+
+    async def record_update_applied(
+        self, job_id: str, server_id: str, fence: int, argument_version: int
+    ) -> bool:
+        """The copy of ``job_id`` under ``fence`` on ``server_id`` took argument
+        version ``argument_version`` in place (``JobUpdated``): ``argument_applied_version
+        := argument_version`` in one guarded update, applied only while the job
+        is ``processing`` with this owner and fence (guard ``OWNER``),
+        ``inplace_floor >= generation`` and ``argument_applied_version <
+        argument_version <= :argument_version``'s stored ``argument_version``
+        (an acknowledgement of an older version than stored counts nothing).
+        Returns whether it applied."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update in place")
+
+    async def unapplied_updates(self, updated_since: datetime) -> list[JobRecord]:
+        """Every ``processing`` job updated in place (``inplace_floor >=
+        generation``) whose owner has not acknowledged the latest version
+        (``argument_applied_version < argument_version``) and whose argument was
+        updated at or after ``updated_since``, ascending by id: what the leader
+        sends ``UpdateJob`` for again, or restarts (:meth:`fall_back_update`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update in place")
+
+    async def fall_back_update(
+        self, job_id: str, argument_version: int, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """Restart a job whose update in place was not acknowledged, exactly as
+        :meth:`request_update` restarts a ``processing`` job (``pausing``,
+        ``update_pending``, ``update_floor := generation``, reason
+        :data:`REASON_UPDATE_FELL_BACK`, an outbox row ``CANCEL`` claimed by
+        ``holder``), in one guarded update applied only while the job is
+        ``processing``, ``inplace_floor >= generation``, ``argument_version =
+        :argument_version`` and ``argument_applied_version < argument_version``
+        (a newer update, or a late acknowledgement, wins). Returns the job and
+        whether it changed; raises :class:`UnknownJob` for an unknown id."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement update in place")
+
+    async def inplace_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """``(id, inplace_floor)`` of every job updated in place whose argument was
+        updated at or after ``updated_since`` and that is ``pending``,
+        ``processing`` or ``deleting``, ascending by id: the drop marks of the
+        servers' cancellation set (a message of the job up to that generation
+        carries an older argument and is dropped; a copy that runs is not
+        stopped). A backend without it returns none."""
+        return []
 
     async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
         """``(id, update_floor)`` of every job whose argument was updated at or

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
@@ -46,6 +46,7 @@ from orchestratr_core.job import (
     ServerStatus,
     TransitionResult,
     make_fence,
+    split_fence,
 )
 from orchestratr_core.placement import Pool
 from orchestratr_core.protocol import ServerHeartbeat
@@ -57,8 +58,10 @@ from orchestratr_core.storage import (
     REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
+    REASON_UPDATE_FELL_BACK,
     REASON_UPDATE_REQUESTED,
     REASON_UPDATED,
+    REASON_UPDATED_IN_PLACE,
     OutboxItem,
     OutboxKind,
     Storage,
@@ -73,6 +76,12 @@ _RUNNING = frozenset({JobStatus.PROCESSING, JobStatus.DELETING})
 _LIVE_SERVER = frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING})
 
 _REFRESH_STEP = timedelta(seconds=HEARTBEAT_REFRESH_STEP)
+_FLOOR_STATUSES = frozenset({JobStatus.PENDING, JobStatus.PROCESSING, JobStatus.DELETING})
+
+
+def _in_place(row: JobRecord) -> bool:
+    """Whether the job's current generation was updated in place."""
+    return row.inplace_floor is not None and row.inplace_floor >= row.generation
 
 
 def _guard_holds(guard: Guard, row: JobRecord, server_id: str | None, fence: int) -> bool:
@@ -143,7 +152,7 @@ class _Store:
         self.by_status[new.status].add(new.id)
         if new.server_id is not None:
             self.by_server.setdefault(new.server_id, set()).add(new.id)
-        if new.update_floor is not None:
+        if new.update_floor is not None or new.inplace_floor is not None:
             self.updated.add(new.id)
         if new.status is JobStatus.DELETED:
             if self.names.get(new.name) == new.id:
@@ -185,7 +194,25 @@ class _Store:
         rule = TRANSITIONS[event]
         if row.status not in rule.sources or not _guard_holds(rule.guard, row, server_id, fence):
             return False, row
+        if (
+            event is JobEvent.START
+            and row.inplace_floor is not None
+            and split_fence(fence)[0] <= row.inplace_floor
+            and not (row.server_id == server_id and row.fence == fence)
+        ):
+            return False, row  # a message an update in place superseded: the old argument
         changes: dict[str, object] = {"updated_at": now, "reason": reason}
+        republish = (
+            event in (JobEvent.SERVER_LOST, JobEvent.RELEASE)
+            and row.status is JobStatus.PROCESSING
+            and _in_place(row)
+        )
+        if republish:
+            # Updated in place under this generation: the broker's message carries
+            # the old argument (a drop mark drops it); a new one, with the new
+            # argument, is sent under the next generation (Storage.expire_servers).
+            changes["generation"] = row.generation + 1
+            changes["fence"] = max(row.fence, make_fence(row.generation + 1, 0))
         if event is JobEvent.SERVER_LOST:
             # The rows whose target depends on the source (see TRANSITIONS).
             if row.status is JobStatus.PROCESSING:
@@ -234,7 +261,7 @@ class _Store:
                 changes["restarts"] = restarts
         new = dataclasses.replace(row, **changes)  # type: ignore[arg-type]
         self.put(row, new)
-        if event is JobEvent.CONFIRM_HELD and new.status is JobStatus.PENDING:
+        if republish or (event is JobEvent.CONFIRM_HELD and new.status is JobStatus.PENDING):
             self.add_outbox(new, OutboxKind.PUBLISH, now, "", now)  # unclaimed: the relay's
         return True, new
 
@@ -459,20 +486,129 @@ class MemoryStorage(Storage):
                 store.add_outbox(new, OutboxKind.CANCEL, now, holder, lease_until)
             return new, True
 
-    async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
-        """See :meth:`Storage.update_floors`."""
+    async def request_update_in_place(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool] | None:
+        """See :meth:`Storage.request_update_in_place`."""
         store = self._data()
         with store.lock:
-            jobs = (store.jobs[job_id] for job_id in store.updated)
-            return sorted(
-                (job.id, job.update_floor)
+            row = store.jobs.get(job_id)
+            if row is None:
+                raise UnknownJob(job_id)
+            owner = None if row.server_id is None else store.servers.get(row.server_id)
+            if (
+                row.status is not JobStatus.PROCESSING
+                or owner is None
+                or owner.status is not ServerStatus.ALIVE
+                or row.kind not in (owner.updatable or ())
+                or any(
+                    server.status in _LIVE_SERVER and server.updatable is None
+                    for server in store.servers.values()
+                )
+            ):
+                return None
+            new = dataclasses.replace(
+                row,
+                argument=argument,
+                argument_version=row.argument_version + 1,
+                argument_updated_at=now,
+                updated_at=now,
+                inplace_floor=row.generation,
+                reason=REASON_UPDATED_IN_PLACE,
+            )
+            store.put(row, new)
+            store.add_outbox(new, OutboxKind.CANCEL, now, holder, lease_until)
+            return new, True
+
+    async def record_update_applied(
+        self, job_id: str, server_id: str, fence: int, argument_version: int
+    ) -> bool:
+        """See :meth:`Storage.record_update_applied`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if (
+                row is None
+                or row.status is not JobStatus.PROCESSING
+                or not _guard_holds(Guard.OWNER, row, server_id, fence)
+                or not _in_place(row)
+                or not row.argument_applied_version < argument_version <= row.argument_version
+            ):
+                return False
+            store.put(row, dataclasses.replace(row, argument_applied_version=argument_version))
+            return True
+
+    async def unapplied_updates(self, updated_since: datetime) -> list[JobRecord]:
+        """See :meth:`Storage.unapplied_updates`."""
+        store = self._data()
+        with store.lock:
+            jobs = (store.jobs[job_id] for job_id in sorted(store.updated))
+            return [
+                job
                 for job in jobs
-                if job.update_floor is not None
+                if job.status is JobStatus.PROCESSING
+                and _in_place(job)
+                and job.argument_applied_version < job.argument_version
                 and job.argument_updated_at is not None
                 and job.argument_updated_at >= updated_since
-                and not job.status.held
-                and not job.status.final
+            ]
+
+    async def fall_back_update(
+        self, job_id: str, argument_version: int, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """See :meth:`Storage.fall_back_update`."""
+        store = self._data()
+        with store.lock:
+            row = store.jobs.get(job_id)
+            if row is None:
+                raise UnknownJob(job_id)
+            if (
+                row.status is not JobStatus.PROCESSING
+                or not _in_place(row)
+                or row.argument_version != argument_version
+                or row.argument_applied_version >= argument_version
+            ):
+                return row, False
+            new = dataclasses.replace(
+                row,
+                status=JobStatus.PAUSING,
+                update_pending=True,
+                update_floor=row.generation,
+                reason=REASON_UPDATE_FELL_BACK,
+                updated_at=now,
             )
+            store.put(row, new)
+            store.add_outbox(new, OutboxKind.CANCEL, now, holder, lease_until)
+            return new, True
+
+    async def inplace_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """See :meth:`Storage.inplace_floors`."""
+        return self._floors(updated_since, lambda job: job.inplace_floor)
+
+    async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """See :meth:`Storage.update_floors`."""
+        return self._floors(updated_since, lambda job: job.update_floor)
+
+    def _floors(
+        self, updated_since: datetime, floor: Callable[[JobRecord], int | None]
+    ) -> list[tuple[str, int]]:
+        """``(id, floor(job))`` of the jobs updated at or after ``updated_since``
+        that are ``pending``, ``processing`` or ``deleting`` (neither held nor
+        final), for which ``floor`` gives a generation."""
+        store = self._data()
+        with store.lock:
+            out = []
+            for job_id in store.updated:
+                job = store.jobs[job_id]
+                value = floor(job)
+                if (
+                    value is not None
+                    and job.argument_updated_at is not None
+                    and job.argument_updated_at >= updated_since
+                    and job.status in _FLOOR_STATUSES
+                ):
+                    out.append((job_id, value))
+            return sorted(out)
 
     async def raise_pending_generation(self, job_id: str, generation: int) -> bool:
         """See :meth:`Storage.raise_pending_generation`."""
@@ -651,6 +787,7 @@ class MemoryStorage(Storage):
                 pid=heartbeat.pid,
                 kinds=heartbeat.runs_kinds,
                 labels=tuple(sorted(heartbeat.labels)),
+                updatable=tuple(sorted(heartbeat.updatable)) if heartbeat.drops else None,
             )
             reported: set[str] = set()
             refused: list[JobRecord] = []

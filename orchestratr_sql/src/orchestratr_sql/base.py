@@ -178,6 +178,8 @@ class SqlStorageBase(Storage):
             argument_updated_at=d.time_out(row.get("argument_updated_at")),
             update_pending=bool(row.get("update_pending") or 0),
             update_floor=_int_or_none(row.get("update_floor")),
+            inplace_floor=_int_or_none(row.get("inplace_floor")),
+            argument_applied_version=int(row.get("argument_applied_version") or 0),
         )
 
     def _server(self, row: Row, running: Sequence[JobRecord] = ()) -> ServerRecord:
@@ -193,6 +195,7 @@ class SqlStorageBase(Storage):
             running=tuple(running),
             kinds=split_list(row["kinds"]) or (DEFAULT_KIND,),
             labels=split_list(row["labels"]),
+            updatable=None if row.get("updatable") is None else split_list(row["updatable"]),
         )
 
     def _outbox(self, row: Row) -> OutboxItem:

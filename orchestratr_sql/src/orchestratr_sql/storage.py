@@ -35,15 +35,17 @@ from orchestratr_core.storage import (
     REASON_RESUMED,
     REASON_SERVER_DEAD,
     REASON_SERVER_LEFT,
+    REASON_UPDATE_FELL_BACK,
     REASON_UPDATE_REQUESTED,
     REASON_UPDATED,
+    REASON_UPDATED_IN_PLACE,
     OutboxItem,
     OutboxKind,
     check_heartbeat,
     check_transition,
     heartbeat_gone,
 )
-from orchestratr_sql.base import join_list
+from orchestratr_sql.base import join_list, split_list
 from orchestratr_sql.connection import Connection
 from orchestratr_sql.errors import backend_error
 from orchestratr_sql.queries import multi_row_values, values_query
@@ -309,6 +311,157 @@ class SqlStorage(SqlReads):
 
         return await self._run("request_update", update)
 
+    async def request_update_in_place(
+        self, job_id: str, argument: str, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool] | None:
+        """Read the job and its owner's server row, then one guarded ``UPDATE``
+        (``request_update_in_place``: owner, fence and generation as read, the
+        owner alive, no live server of an older version) and a ``cancel`` outbox
+        row: one transaction. The owner's ``updatable`` kinds are checked as read:
+        a server process announces the same ones for its whole life."""
+
+        async def update(conn: Connection) -> tuple[JobRecord, bool] | None:
+            row = await conn.fetch_one(self._q["select_job"], {"id": job_id})
+            if row is None:
+                raise UnknownJob(job_id)
+            job = self._job(row)
+            if job.status is not JobStatus.PROCESSING or job.server_id is None:
+                return None
+            owner = await conn.fetch_one(self._q["select_server"], {"id": job.server_id})
+            if owner is None or owner.get("updatable") is None:
+                return None
+            if job.kind not in split_list(owner["updatable"]):
+                return None
+            values = {
+                "id": job_id,
+                "argument": argument,
+                "now": self._t(now),
+                "reason": REASON_UPDATED_IN_PLACE,
+                "server_id": job.server_id,
+                "fence": job.fence,
+                "generation": job.generation,
+            }
+            if not await conn.execute(self._q["request_update_in_place"], values):
+                return None
+            row = await conn.fetch_one(self._q["select_job"], values)
+            if row is None:  # pragma: no cover - we just updated it
+                raise RuntimeError("updated job row is not visible")
+            job = self._job(row)
+            await self._insert_outbox(conn, job, OutboxKind.CANCEL, now, holder, lease_until)
+            return job, True
+
+        return await self._run("request_update_in_place", update)
+
+    async def record_update_applied(
+        self, job_id: str, server_id: str, fence: int, argument_version: int
+    ) -> bool:
+        """One guarded ``UPDATE`` (``record_update_applied``)."""
+        check_transition(fence, None)
+        values = {
+            "id": job_id,
+            "server_id": server_id,
+            "fence": int(fence),
+            "version": int(argument_version),
+        }
+
+        async def update(conn: Connection) -> bool:
+            return bool(await conn.execute(self._q["record_update_applied"], values))
+
+        return await self._run("record_update_applied", update, statement=True)
+
+    async def unapplied_updates(self, updated_since: datetime) -> list[JobRecord]:
+        """The unacknowledged updates in place, in one query."""
+
+        async def read(conn: Connection) -> list[JobRecord]:
+            rows = await conn.fetch(
+                self._q["select_unapplied_updates"], {"since": self._t(updated_since)}
+            )
+            return [self._job(row) for row in rows]
+
+        return await self._run("unapplied_updates", read, write=False, statement=True)
+
+    async def fall_back_update(
+        self, job_id: str, argument_version: int, now: datetime, holder: str, lease_until: datetime
+    ) -> tuple[JobRecord, bool]:
+        """One guarded ``UPDATE`` (``fall_back_update``), the row and, if it
+        applied, a ``cancel`` outbox row: one transaction."""
+        values = {
+            "id": job_id,
+            "version": int(argument_version),
+            "now": self._t(now),
+            "reason": REASON_UPDATE_FELL_BACK,
+        }
+
+        async def update(conn: Connection) -> tuple[JobRecord, bool]:
+            changed = await conn.execute(self._q["fall_back_update"], values)
+            row = await conn.fetch_one(self._q["select_job"], values)
+            if row is None:
+                raise UnknownJob(job_id)
+            job = self._job(row)
+            if changed:
+                await self._insert_outbox(conn, job, OutboxKind.CANCEL, now, holder, lease_until)
+            return job, changed > 0
+
+        return await self._run("fall_back_update", update)
+
+    async def inplace_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
+        """``(id, inplace_floor)`` of the recently updated-in-place jobs, in one query."""
+
+        async def read(conn: Connection) -> list[tuple[str, int]]:
+            rows = await conn.fetch(
+                self._q["select_inplace_floors"], {"since": self._t(updated_since)}
+            )
+            return [(str(row["id"]), int(row["inplace_floor"])) for row in rows]
+
+        return await self._run("inplace_floors", read, write=False, statement=True)
+
+    async def _release_in_place(
+        self,
+        conn: Connection,
+        server_id: str,
+        now: datetime,
+        reason: str,
+        *,
+        keep: Sequence[str] = (),
+        only: Sequence[str] | None = None,
+    ) -> None:
+        """The second half of a bulk release of ``server_id``'s jobs (whose
+        statement leaves out the jobs updated in place under their generation):
+        each such job (not in ``keep``; among ``only`` when given) becomes
+        ``pending`` under a new generation, with an unclaimed ``publish`` row.
+
+        Run *after* the bulk statement, in its transaction: a job updated in place
+        by a transaction that committed before that statement reached it is left
+        out by it and found here; one that commits later finds the job released
+        (its guard fails). One statement when no job of the server was updated in
+        place (the usual case), else two more per such job."""
+        rows = await conn.fetch(self._q["select_inplace_releases"], {"server_id": server_id})
+        kept = set(keep)
+        wanted = None if only is None else set(only)
+        for row in rows:
+            job_id = str(row["id"])
+            if job_id in kept or (wanted is not None and job_id not in wanted):
+                continue
+            values = {
+                "id": job_id,
+                "server_id": server_id,
+                "generation": int(row["generation"]),
+                "now": self._t(now),
+                "reason": reason,
+            }
+            if await conn.execute(self._q["release_in_place"], values):
+                await self._publish_released(conn, job_id, now)
+
+    async def _publish_released(self, conn: Connection, job_id: str, now: datetime) -> JobRecord:
+        """The unclaimed ``publish`` row of a job just made ``pending`` under a new
+        generation (the relay sends it); returns the job."""
+        row = await conn.fetch_one(self._q["select_job"], {"id": job_id})
+        if row is None:  # pragma: no cover - we just updated it
+            raise RuntimeError("updated job row is not visible")
+        job = self._job(row)
+        await self._insert_outbox(conn, job, OutboxKind.PUBLISH, now, "", now)
+        return job
+
     async def update_floors(self, updated_since: datetime) -> list[tuple[str, int]]:
         """``(id, update_floor)`` of the recently updated live jobs, in one query."""
 
@@ -505,12 +658,15 @@ class SqlStorage(SqlReads):
                 # transaction (never lost): pending, a new generation, its message.
                 update = {**values, "reason": REASON_UPDATED}
                 if await conn.execute(self._q["transition_confirm_update"], update):
-                    row = await conn.fetch_one(self._q["select_job"], values)
-                    if row is None:  # pragma: no cover - we just updated it
-                        raise RuntimeError("updated job row is not visible")
-                    job = self._job(row)
-                    await self._insert_outbox(conn, job, OutboxKind.PUBLISH, now, "", now)
+                    job = await self._publish_released(conn, job_id, now)
                     return TransitionResult(applied=True, job=job)
+            elif event is JobEvent.RELEASE and await conn.execute(
+                self._q["transition_release_in_place"], values
+            ):
+                # Updated in place: its message carries the old argument (a drop
+                # mark drops it); republished under a new generation with the new.
+                job = await self._publish_released(conn, job_id, now)
+                return TransitionResult(applied=True, job=job)
             changed = await conn.execute(self._q[name], values)
             row = await conn.fetch_one(self._q["select_job"], values)
             return TransitionResult(
@@ -520,11 +676,12 @@ class SqlStorage(SqlReads):
         return await self._run(f"transition {event.value}", apply)
 
     async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
-        """Four statements whatever the number of jobs: upsert the server, apply
+        """Five statements whatever the number of jobs: upsert the server, apply
         ``START`` to every reported job (one set-based UPDATE), read back the
         reports that did not apply, release the jobs the server no longer runs
         (those it does not list, or -- a heartbeat of what changed -- those it
-        says are gone; none: no statement)."""
+        says are gone; none: no statement) and read those of them updated in
+        place (:meth:`_release_in_place`: two more statements per such job)."""
         check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values = self._server_row(heartbeat, now)
         values["reason"] = REASON_NOT_REPORTED
@@ -542,8 +699,18 @@ class SqlStorage(SqlReads):
                 rejected = [self._job(row) for row in rows]
             if gone is None:
                 await conn.execute(self._q["heartbeat_release_unreported"], values)
+                await self._release_in_place(
+                    conn,
+                    heartbeat.server_id,
+                    now,
+                    REASON_NOT_REPORTED,
+                    keep=[job.job_id for job in heartbeat.jobs],
+                )
             elif gone:
                 await conn.execute(self._q["heartbeat_release_gone"], values)
+                await self._release_in_place(
+                    conn, heartbeat.server_id, now, REASON_NOT_REPORTED, only=gone
+                )
             return rejected
 
         return await self._run("apply_heartbeat", ingest)
@@ -562,6 +729,7 @@ class SqlStorage(SqlReads):
             "now": self._t(now),
             "kinds": join_list(heartbeat.runs_kinds),
             "labels": join_list(sorted(heartbeat.labels)),
+            "updatable": join_list(sorted(heartbeat.updatable)) if heartbeat.drops else None,
         }
 
     async def touch_servers(self, heartbeats: Sequence[tuple[ServerHeartbeat, datetime]]) -> None:
@@ -611,6 +779,7 @@ class SqlStorage(SqlReads):
                     self._q["release_server_jobs"],
                     {"server_id": server_id, "now": self._t(now), "reason": REASON_SERVER_DEAD},
                 )
+                await self._release_in_place(conn, server_id, now, REASON_SERVER_DEAD)
                 fresh = await conn.fetch_one(self._q["select_server"], {"id": server_id})
                 marked.append(self._server(fresh if fresh is not None else row))
             return marked
@@ -627,6 +796,7 @@ class SqlStorage(SqlReads):
                 self._q["release_server_jobs"],
                 {"server_id": server_id, "now": self._t(now), "reason": REASON_SERVER_LEFT},
             )
+            await self._release_in_place(conn, server_id, now, REASON_SERVER_LEFT)
             return True
 
         return await self._run("server_left", leave)
@@ -744,6 +914,7 @@ _SERVER_ARRAYS = {
     "seen": "now",
     "kinds": "kinds",
     "labels": "labels",
+    "updatables": "updatable",
 }
 """``upsert_servers`` array parameter -> the ``upsert_server`` parameter it lists."""
 

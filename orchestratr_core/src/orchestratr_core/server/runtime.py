@@ -1022,6 +1022,7 @@ class OrchestratedServer:
             kinds=tuple(sorted(self.kinds)),
             labels=format_labels(self.labels),
             updatable=tuple(sorted(self._updatable)),
+            drops=True,
             seq=seq,
             base=base,
             gone=gone,

@@ -447,12 +447,18 @@ def create_app(
         summary="Replace a job's argument",
     )
     async def update_job(job_id: str, body: UpdateJob) -> JobOut:
-        """Replace a job's argument, durably. A pending or running job is
+        """Replace a job's argument, durably. A running job whose function is
+        ``@updatable`` takes it without a restart when its server and every live
+        server support it (``update_mode`` ``in_place``; ``restart: true`` asks
+        for a restart instead); any other pending or running job is
         restarted with it as a clean hand-over (``pausing`` until its copy is
         confirmed stopped, then ``pending`` under a new generation); a paused or
         quarantined one resumes with it. 409 for a cancelled or completed job,
         422 for a bad argument: nothing is changed."""
-        return job_out(await backend.client.update(plain(job_id, "job", status=404), body.argument))
+        job_id = plain(job_id, "job", status=404)
+        return job_out(
+            await backend.client.update(job_id, body.argument, in_place=not body.restart)
+        )
 
     # -- servers --------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -85,7 +85,12 @@ class UpdateJob(BaseModel):
 
     # Typed loosely on purpose, as CreateJob: the core's validation answers.
     argument: Annotated[Any, WithJsonSchema({"type": "string"})] = Field(
-        description="The new argument (up to 64 KiB of UTF-8); a running job restarts with it"
+        description="The new argument (up to 64 KiB of UTF-8); a running job takes it "
+        "in place if its function is @updatable, else it restarts with it"
+    )
+    restart: bool = Field(
+        default=False,
+        description="Restart a running job with it even if its function could take it in place",
     )
 
 
@@ -163,6 +168,17 @@ class JobOut(BaseModel):
         default=False,
         description="An update waits for the running copy to stop; then the job "
         "restarts with the new argument",
+    )
+    update_mode: Literal["in_place", "restart"] | None = Field(
+        default=None,
+        description="How the latest update reaches the job's current generation: "
+        "`in_place` (its running copy takes it without a restart; function marked "
+        "@updatable) or `restart`; null if never updated",
+    )
+    argument_applied_version: int = Field(
+        default=0,
+        description="The latest argument version the running copy acknowledged "
+        "taking in place (0: none)",
     )
 
 

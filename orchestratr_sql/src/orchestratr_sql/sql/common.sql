@@ -36,12 +36,16 @@ UPDATE jobs SET
     restarts = COALESCE(:restarts, restarts)
 WHERE id = :id
   AND status IN ('pending', 'processing')
-  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)));
+  AND (fence < :fence OR (fence = :fence AND (server_id IS NULL OR server_id = :server_id)))
+  -- Updated in place: no copy of a message of a superseded generation starts.
+  AND (inplace_floor IS NULL OR :fence - inplace_floor * 4294967296 >= 4294967296
+       OR (fence = :fence AND server_id = :server_id));
 
 -- name: transition_release
 -- RELEASE: processing -> pending, guard OWNER, clears the owner (keeps the fence).
 UPDATE jobs SET status = 'pending', server_id = NULL, updated_at = :now, reason = :reason
-WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence;
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence
+  AND (inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: transition_complete
 -- COMPLETE: processing|pending -> completed, guard NOT_OLDER, clears the owner.
@@ -73,7 +77,9 @@ WHERE id = :id
 UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
-  AND status IN ('processing', 'deleting', 'pausing', 'quarantined');
+  AND status IN ('processing', 'deleting', 'pausing', 'quarantined')
+  -- A job updated in place under its generation: release_in_place (it republishes).
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_expired_servers
 SELECT * FROM servers
@@ -258,3 +264,71 @@ SELECT id, update_floor FROM jobs
 WHERE argument_updated_at >= :since AND update_floor IS NOT NULL
   AND status IN ('pending', 'processing', 'deleting')
 ORDER BY id;
+
+-- Updating a job's argument in place (Storage.request_update_in_place).
+
+-- name: request_update_in_place
+-- A running job whose owner takes the argument without a restart: it stays
+-- processing (owner, fence and generation as read), inplace_floor := generation.
+-- Only while the owner is alive and no live server reads no drop marks
+-- (updatable NULL: an older version).
+UPDATE jobs SET argument = :argument, argument_version = argument_version + 1,
+                argument_updated_at = :now, updated_at = :now,
+                inplace_floor = generation, reason = :reason
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence
+  AND generation = :generation
+  AND EXISTS (SELECT 1 FROM servers AS o WHERE o.id = :server_id AND o.status = 'alive')
+  AND NOT EXISTS (SELECT 1 FROM servers AS s
+                  WHERE s.status IN ('alive', 'draining') AND s.updatable IS NULL);
+
+-- name: record_update_applied
+-- JobUpdated: the owner's copy (guard OWNER) took this version in place.
+UPDATE jobs SET argument_applied_version = :version
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence
+  AND inplace_floor >= generation
+  AND argument_applied_version < :version AND argument_version >= :version;
+
+-- name: select_unapplied_updates
+SELECT * FROM jobs
+WHERE argument_updated_at >= :since AND status = 'processing'
+  AND inplace_floor >= generation AND argument_applied_version < argument_version
+ORDER BY id;
+
+-- name: fall_back_update
+-- No acknowledgement in time: the restart of request_update, guarded on the
+-- version (a newer update or a late acknowledgement wins). Status last: MySQL.
+UPDATE jobs SET update_pending = 1, update_floor = generation, reason = :reason,
+                updated_at = :now, status = 'pausing'
+WHERE id = :id AND status = 'processing' AND inplace_floor >= generation
+  AND argument_version = :version AND argument_applied_version < :version;
+
+-- name: select_inplace_floors
+-- Recently updated-in-place jobs: the drop marks of the servers' cancellation set.
+SELECT id, inplace_floor FROM jobs
+WHERE argument_updated_at >= :since AND inplace_floor IS NOT NULL
+  AND status IN ('pending', 'processing', 'deleting')
+ORDER BY id;
+
+-- name: select_inplace_releases
+-- The running jobs of a server updated in place under their generation.
+SELECT id, generation FROM jobs
+WHERE server_id = :server_id AND status = 'processing' AND inplace_floor >= generation
+ORDER BY id;
+
+-- name: release_in_place
+-- A release (SERVER_LOST, a heartbeat's) of a job updated in place: pending under
+-- a new generation, fence raised to its floor (a copy of the old message fails
+-- START's guard); the caller inserts its publish row. fence first: MySQL.
+UPDATE jobs SET fence = (generation + 1) * 4294967296, status = 'pending',
+                generation = generation + 1, server_id = NULL,
+                updated_at = :now, reason = :reason
+WHERE id = :id AND server_id = :server_id AND status = 'processing'
+  AND inplace_floor >= generation AND generation = :generation;
+
+-- name: transition_release_in_place
+-- RELEASE (guard OWNER) of a job updated in place: as release_in_place.
+UPDATE jobs SET fence = (generation + 1) * 4294967296, status = 'pending',
+                generation = generation + 1, server_id = NULL,
+                updated_at = :now, reason = :reason
+WHERE id = :id AND status = 'processing' AND server_id = :server_id AND fence = :fence
+  AND inplace_floor >= generation;

@@ -4,11 +4,13 @@
 
 -- name: upsert_server
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
+                     kinds, labels, updatable)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
+        :updatable)
 ON DUPLICATE KEY UPDATE
     name = VALUES(name), max_workers = VALUES(max_workers), host = VALUES(host),
     pid = VALUES(pid), kinds = VALUES(kinds), labels = VALUES(labels),
+    updatable = VALUES(updatable),
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = IF(status = 'draining', 'draining', VALUES(status)), started_at = VALUES(started_at),
     last_seen = VALUES(last_seen);
@@ -37,7 +39,12 @@ WHERE j.status IN ('pending', 'processing')
   AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
   AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
            AND j.restarts = b.restarts AND j.reason IS NULL
-           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before);
+           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (j.inplace_floor IS NULL
+       OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
+       OR (j.fence = b.fence AND j.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -51,7 +58,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id NOT IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
+  AND id NOT IN (SELECT t.id FROM JSON_TABLE(:ids, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: heartbeat_release_gone
 -- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
@@ -59,7 +67,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id IN (SELECT t.id FROM JSON_TABLE(:gone, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t);
+  AND id IN (SELECT t.id FROM JSON_TABLE(:gone, '$[*]' COLUMNS (id VARCHAR(36) PATH '$')) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_jobs_by_ids
 SELECT j.* FROM jobs AS j

@@ -49,11 +49,13 @@ SELECT * FROM j;
 
 -- name: upsert_server
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
+                     kinds, labels, updatable)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
+        :updatable)
 ON CONFLICT (id) DO UPDATE SET
     name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
     pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
+    updatable = excluded.updatable,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;
@@ -62,13 +64,15 @@ ON CONFLICT (id) DO UPDATE SET
 -- upsert_server for many servers at once (heartbeats that list no job): one row
 -- per server id (the caller keeps the latest of each).
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels)
+                     kinds, labels, updatable)
 SELECT * FROM unnest(:ids::text[], :names::text[], :max_workers::int[], :hosts::text[],
                      :pids::int[], :statuses::text[], :started::timestamptz[],
-                     :seen::timestamptz[], :kinds::text[], :labels::text[])
+                     :seen::timestamptz[], :kinds::text[], :labels::text[],
+                     :updatables::text[])
 ON CONFLICT (id) DO UPDATE SET
     name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
     pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
+    updatable = excluded.updatable,
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;
 
@@ -93,7 +97,12 @@ WHERE j.id = b.id
   AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
            AND j.restarts = b.restarts AND j.reason IS NULL
            AND j.last_heartbeat IS NOT NULL
-           AND j.last_heartbeat > b.beat - :refresh_step::interval);
+           AND j.last_heartbeat > b.beat - :refresh_step::interval)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (j.inplace_floor IS NULL
+       OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
+       OR (j.fence = b.fence AND j.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -106,7 +115,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND NOT (id = ANY(:ids::text[]));
+  AND NOT (id = ANY(:ids::text[]))
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: heartbeat_release_gone
 -- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
@@ -114,7 +124,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id = ANY(:gone::text[]);
+  AND id = ANY(:gone::text[])
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_jobs_by_ids
 SELECT * FROM jobs WHERE id = ANY(:ids::text[]) ORDER BY id;

@@ -2,11 +2,13 @@
 
 -- name: upsert_server
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels)
+                     kinds, labels, updatable)
+VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
+        :updatable)
 ON CONFLICT (id) DO UPDATE SET
     name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
     pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
+    updatable = excluded.updatable,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;
@@ -35,7 +37,12 @@ WHERE jobs.id = b.id
        OR (jobs.fence = b.fence AND (jobs.server_id IS NULL OR jobs.server_id = :server_id)))
   AND NOT (jobs.status = 'processing' AND jobs.server_id = :server_id AND jobs.fence = b.fence
            AND jobs.restarts = b.restarts AND jobs.reason IS NULL
-           AND jobs.last_heartbeat IS NOT NULL AND jobs.last_heartbeat > b.refresh_before);
+           AND jobs.last_heartbeat IS NOT NULL AND jobs.last_heartbeat > b.refresh_before)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (jobs.inplace_floor IS NULL
+       OR b.fence - jobs.inplace_floor * 4294967296 >= 4294967296
+       OR (jobs.fence = b.fence AND jobs.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -49,7 +56,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id NOT IN (SELECT value FROM json_each(:ids));
+  AND id NOT IN (SELECT value FROM json_each(:ids))
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: heartbeat_release_gone
 -- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
@@ -57,7 +65,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id IN (SELECT value FROM json_each(:gone));
+  AND id IN (SELECT value FROM json_each(:gone))
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_jobs_by_ids
 SELECT * FROM jobs WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id;

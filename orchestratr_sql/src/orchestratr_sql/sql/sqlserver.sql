@@ -8,13 +8,15 @@ MERGE INTO servers WITH (HOLDLOCK) AS s
 USING (SELECT :id AS id) AS v ON s.id = v.id
 WHEN MATCHED THEN UPDATE SET
     name = :name, max_workers = :max_workers, host = :host, pid = :pid,
-    kinds = :kinds, labels = :labels,
+    kinds = :kinds, labels = :labels, updatable = :updatable,
     -- A requested drain (set_server_status) survives the next heartbeats.
     status = CASE WHEN s.status = 'draining' THEN 'draining' ELSE :status END,
     started_at = :started_at, last_seen = :now
 WHEN NOT MATCHED THEN
-    INSERT (id, name, max_workers, host, pid, status, started_at, last_seen, kinds, labels)
-    VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels);
+    INSERT (id, name, max_workers, host, pid, status, started_at, last_seen, kinds, labels,
+            updatable)
+    VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
+            :updatable);
 
 -- name: heartbeat_start_jobs
 -- Rows the report changes in nothing but a recent last_heartbeat are left alone
@@ -41,7 +43,12 @@ WHERE j.status IN ('pending', 'processing')
   AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
   AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
            AND j.restarts = b.restarts AND j.reason IS NULL
-           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before);
+           AND j.last_heartbeat IS NOT NULL AND j.last_heartbeat > b.refresh_before)
+  -- A message of a generation an update in place superseded starts nowhere (only
+  -- the owner's copy that took the update reports that fence again).
+  AND (j.inplace_floor IS NULL
+       OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
+       OR (j.fence = b.fence AND j.server_id = :server_id));
 
 -- name: heartbeat_rejected_jobs
 SELECT j.* FROM jobs AS j
@@ -54,7 +61,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id NOT IN (SELECT t.value FROM OPENJSON(:ids) AS t);
+  AND id NOT IN (SELECT t.value FROM OPENJSON(:ids) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: heartbeat_release_gone
 -- A heartbeat that lists what changed (base set): release only the jobs it says are gone.
@@ -62,7 +70,8 @@ UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE sta
                 server_id = NULL, updated_at = :now, reason = :reason
 WHERE server_id = :server_id
   AND status IN ('processing', 'deleting')
-  AND id IN (SELECT t.value FROM OPENJSON(:gone) AS t);
+  AND id IN (SELECT t.value FROM OPENJSON(:gone) AS t)
+  AND (status <> 'processing' OR inplace_floor IS NULL OR inplace_floor < generation);
 
 -- name: select_jobs_by_ids
 SELECT j.* FROM jobs AS j

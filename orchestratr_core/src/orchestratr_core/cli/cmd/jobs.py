@@ -140,10 +140,16 @@ def add_commands(
     update = job_commands.add_parser(
         "update",
         parents=[parents.common, parents.storage, parents.as_json],
-        help="replace a job's argument (a running job restarts with it)",
+        help="replace a job's argument (a running job takes it in place if its function "
+        "is @updatable, else it restarts with it)",
     )
     update.add_argument("id", help="job id")
     update.add_argument("argument", help="the job's new argument string")
+    update.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart a running job with it even if its function could take it in place",
+    )
     update.set_defaults(handler=_cmd_jobs_update)
 
 
@@ -245,11 +251,18 @@ async def _hold_or_release(args: argparse.Namespace, *, pause: bool) -> int:
 async def _cmd_jobs_update(args: argparse.Namespace) -> int:
     validate_argument(args.argument)  # refused before touching the storage
     async with OpenStorage(storage_url(args, must_exist=True)) as storage:
-        job = await OrchestratorClient(storage).update(args.id, args.argument)
+        job = await OrchestratorClient(storage).update(
+            args.id, args.argument, in_place=not args.restart
+        )
     if args.json:
         print_json(job.to_dict())
         return 0
-    if job.update_pending:
+    if job.update_mode == "in_place" and job.status is JobStatus.PROCESSING:
+        what = (
+            "its running copy takes it without a restart (a running manager sends it, "
+            "and restarts the job with it if the copy does not acknowledge it)"
+        )
+    elif job.update_pending:
         what = "it restarts with it once its running copy stopped (a running manager does it)"
     elif job.status is JobStatus.PAUSING:
         what = "it is pausing, and starts with it when resumed"
@@ -356,6 +369,13 @@ def _update_label(job: JobRecord) -> str | None:
     if not job.argument_version or job.argument_updated_at is None:
         return None
     waiting = "; restart with it pending" if job.update_pending else ""
+    if job.update_mode == "in_place":
+        acked = job.argument_applied_version
+        waiting = (
+            "; taken in place"
+            if acked >= job.argument_version
+            else f"; in place, not yet acknowledged (applied: {acked or 'none'})"
+        )
     return f"{job.argument_version}, last {ago(job.argument_updated_at)}{waiting}"
 
 

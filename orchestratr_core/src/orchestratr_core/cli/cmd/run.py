@@ -156,6 +156,13 @@ def add_commands(
         "--stop-grace)",
     )
     manager.add_argument(
+        "--update-ack-timeout",
+        type=duration,
+        metavar="S",
+        help="restart a job updated in place whose running copy did not acknowledge the "
+        "update this long after it (default 10; a few server heartbeat intervals)",
+    )
+    manager.add_argument(
         "--no-rebalance",
         dest="rebalance",
         action="store_false",
@@ -338,6 +345,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         rebalance_interval=args.rebalance_interval,
         rebalance=args.rebalance,
         confirm_hold_after=args.confirm_hold_after,
+        update_ack_timeout=args.update_ack_timeout,
     )
     if args.http:
         from orchestratr_core.web import resolve_token

@@ -49,6 +49,7 @@ from orchestratr_core.testing.storage_suite.servers import (
     ServerQueryTests,
 )
 from orchestratr_core.testing.storage_suite.transitions import TransitionTests
+from orchestratr_core.testing.storage_suite.update_in_place import UpdateInPlaceTests
 
 __all__ = [
     "ArgumentUpdateTests",
@@ -70,11 +71,13 @@ __all__ = [
     "ServerQueryTests",
     "StorageConformance",
     "TransitionTests",
+    "UpdateInPlaceTests",
 ]
 
 
 # pytest collects the last base first: the sections run in the order listed in the files
 class StorageConformance(
+    UpdateInPlaceTests,
     ArgumentUpdateTests,
     JobLifecycleTests,
     PlacementTests,

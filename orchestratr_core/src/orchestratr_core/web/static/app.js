@@ -367,7 +367,7 @@ async function refreshDetail() {
     ["quarantine reason", job.quarantine_reason || "—"],
     ["kind", job.kind || "default"], ["constraints", (job.constraints || []).join(", ") || "—"],
     ["spread", job.spread || "—"], ["pending reason", job.pending_reason || "—"],
-    ["argument updates", job.argument_version ? job.argument_version + ", " + ago(job.argument_updated_at) + (job.update_pending ? " (restart with it pending)" : "") : "—"],
+    ["argument updates", job.argument_version ? job.argument_version + ", " + ago(job.argument_updated_at) + (job.update_pending ? " (restart with it pending)" : "") + (job.update_mode === "in_place" ? (job.argument_applied_version >= job.argument_version ? " (taken in place)" : " (in place, not yet acknowledged)") : "") : "—"],
   ];
   $("detail-fields").replaceChildren(...fields.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { dataset: { field: k } }, v)]));
   $("detail-argument").textContent = job.argument || "(empty)";

@@ -1,0 +1,9 @@
+-- Updating a job's argument in place (functions marked @updatable): the generation
+-- whose running copy took the new argument without a restart (its older messages
+-- are dropped by a drop mark "<id>@<floor>!", and a release republishes the job
+-- under a new generation), the argument version its owner acknowledged, and the
+-- kinds a server applies updates to in place (NULL: a server that reads no drop
+-- marks, of an older version).
+ALTER TABLE jobs ADD inplace_floor BIGINT NULL;
+ALTER TABLE jobs ADD argument_applied_version INT NOT NULL CONSTRAINT jobs_argument_applied_version_default DEFAULT 0;
+ALTER TABLE servers ADD updatable NVARCHAR(MAX) NULL;
