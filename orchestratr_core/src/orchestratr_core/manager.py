@@ -1253,7 +1253,8 @@ class ServerManager:
         ``processing``, and the row is dropped without a send; still ``pending``,
         no server runs it, and the message is sent again under a new generation
         (:meth:`_resend_generation`). Rows waiting for that evidence stay claimed
-        by this manager and are judged again every sweep."""
+        by this manager and are judged again every sweep. The row of an update's
+        restart, which no client sends, is sent at once (:func:`_nobody_sent`)."""
         lease_until = now + timedelta(seconds=self.options.outbox_lease)
         claimed = await self._storage.claim_outbox(self.id, now, lease_until, 500)
         clock = now.timestamp()
@@ -1301,14 +1302,14 @@ class ServerManager:
                 await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
-            if live is None:
+            if live is None and not _nobody_sent(item, job):
                 live = await self._storage.list_servers(
                     ServerQuery(
                         statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}),
                         with_jobs=False,
                     )
                 )
-            if not self._may_resend(self._unsent[item.id][0], live, clock):
+            if live is not None and not self._may_resend(self._unsent[item.id][0], live, clock):
                 continue  # a start may still be on its way: judged again next sweep
             generation = await self._resend_generation(job)
             if generation is None:
@@ -1375,6 +1376,25 @@ class ServerManager:
         since = now - timedelta(seconds=self.options.cancel_retention)
         await self._transport.set_cancellations(await stop_set(self._storage, since))
         self._last_resync = time.monotonic()
+
+
+def _nobody_sent(item: OutboxItem, job: JobRecord) -> bool:
+    """Whether no message of ``job``'s generation can have been sent: the row is
+    the one the restart of an argument update wrote (``CONFIRM_HELD`` of an
+    update: ``pending`` under generation ``update_floor + 1``, the fence raised to
+    that generation's floor, the row unclaimed -- no client sends it), and the
+    job is still at that generation, of that row. Only a relay sends that
+    message, and a relay raises the generation first. (A resumed job -- whose
+    row a client sends -- keeps the fence of an older generation; a created one
+    has no floor.) So the relay sends it without waiting for heartbeats
+    (:meth:`ServerManager._relay_outbox`)."""
+    generation = job.generation
+    return (
+        job.update_floor is not None
+        and job.update_floor == generation - 1
+        and item.generation == generation
+        and split_fence(job.fence) == (generation, 0)
+    )
 
 
 def _about(event: p.Event | None, what: str = "") -> str:
