@@ -526,6 +526,7 @@ class ServerManager:
             "consume events", lambda: self._transport.consume_events(self._on_event)
         )
         self._stepped_back = False
+        self._leader_since = None  # the heartbeats that waited meanwhile come first
         log.info("the storage answers again: consuming events")
 
     async def _apply(self, event: p.Event) -> None:
@@ -959,6 +960,10 @@ class ServerManager:
                 await self._sweep()
             except BackendUnavailable as exc:
                 log.warning("storage unavailable during sweep: %s", exc)
+                # The servers' heartbeats of the outage wait in the broker: their
+                # rows are as old as it. Judge them dead only a server timeout
+                # after the storage answers again, as a new leader would.
+                self._leader_since = None
             except OrchestratrError as exc:
                 log.warning("sweep failed: %s", exc)
             except Exception:
@@ -1019,11 +1024,16 @@ class ServerManager:
         Not in a new leader's first ``server_timeout``: a manager that has just
         started (or taken over) may not have applied the heartbeats waiting for
         it in the broker yet -- after a restart the servers' rows are as old as
-        the outage -- and would declare live servers dead. Heartbeats noted for
+        the outage -- and would declare live servers dead. Likewise after a sweep
+        that found the storage unreachable (a failover), and after this manager
+        left the events queue and joined it again: the servers' rows are as old
+        as the outage, their heartbeats wait in the broker. Heartbeats noted for
         a later write (:attr:`ManagerOptions.seen_batch`) are written first."""
         since = self._leader_since
         if since is None or time.monotonic() - since < self.options.server_timeout:
             return []
+        if self._stepped_back:
+            return []  # not applying the heartbeats (storage unreachable): no verdict
         if self._touches:
             await self._flush_touches()
         cutoff = now - timedelta(seconds=self.options.server_timeout)
