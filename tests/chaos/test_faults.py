@@ -575,11 +575,23 @@ async def test_an_update_restarts_the_job_once_with_the_new_argument_also_throug
         assert len(after) <= 2, after
     await chaos.wait_view_converges(ids, within=BOUND_VIEW)
     chaos.check().assert_ok()  # I1..I4, I6, I8 (the update's hold)
-    records = {job.id: job for job in await chaos.jobs()}
-    for job_id in updated_at:
-        record = records[job_id]
-        assert (record.status, record.argument, record.update_pending) == (
-            JobStatus.PROCESSING,
-            "v2",
-            False,
-        )
+    # The records say so too -- on a second look at most: a rebalancing round that
+    # counted the victim still alive may be moving a job now (pending while the
+    # survivors keep to their share for the hold, then processing).
+    deadline = time.time() + BOUND_VIEW + 3.0
+    while True:
+        records = {job.id: job for job in await chaos.jobs()}
+        states = {
+            job_id: (
+                records[job_id].status,
+                records[job_id].argument,
+                records[job_id].update_pending,
+            )
+            for job_id in updated_at
+        }
+        assert all(state[1:] == ("v2", False) for state in states.values()), states
+        if all(state[0] is JobStatus.PROCESSING for state in states.values()):
+            break
+        assert time.time() < deadline, states
+        await asyncio.sleep(0.2)
+    chaos.check().assert_ok()
