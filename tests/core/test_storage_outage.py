@@ -16,6 +16,7 @@ from orchestratr_core.errors import BackendUnavailable
 from orchestratr_core.job import (
     JobEvent,
     JobRecord,
+    JobStatus,
     ServerQuery,
     ServerRecord,
     ServerStatus,
@@ -105,3 +106,24 @@ async def test_a_storage_outage_longer_than_the_server_timeout_declares_no_live_
     await eventually(lambda: all(len(cluster.ledger.of(j)) == 1 for j in ids), what="one copy")
     records = await storage.get_jobs(ids)
     assert all(r.restarts == 0 and not r.failure_log for r in records), records
+
+
+async def test_a_stop_report_that_arrives_while_the_storage_is_unreachable_is_not_lost(
+    cluster: Cluster,
+) -> None:
+    """The manager leaves the events queue while its storage does not answer: the
+    event it was applying goes back to the broker and is applied once the storage
+    answers -- a cancelled job's stop report included, or the job would stay
+    ``deleting`` (its server dropped it and never reports it again)."""
+    storage = FailingOver()
+    cluster.storage = storage
+    await cluster.start_manager(dataclasses.replace(FAST_MANAGER, seen_batch=0))
+    await cluster.add_server("a", 5)
+    (job_id,) = await cluster.create(1)
+    await cluster.wait_running([job_id])
+    await cluster.client.mark_on_deleting(job_id)
+    storage.down = True  # before the server's stop report is applied
+    await eventually(lambda: not cluster.ledger.running(job_id), what="copy stopped")
+    await asyncio.sleep(2 * FAST_MANAGER.server_timeout)
+    storage.down = False
+    await cluster.wait_status(job_id, JobStatus.DELETED, timeout=10)

@@ -360,6 +360,12 @@ class ServerManager:
             try:
                 await self._apply_unless_cut_off(what, action)
                 return
+            except BackendUnavailable:
+                # Cut off from the storage (it left the events queue): the event
+                # goes back to the broker for another manager, or for this one
+                # once it rejoins -- never acknowledged unapplied (a lost stop
+                # report left a cancelled job `deleting` for ever).
+                raise
             except DataRejected as exc:
                 raise DeadLetter(f"{_about(event, what)} refused by the storage: {exc}") from None
             except OrchestratrError as exc:
