@@ -1009,7 +1009,9 @@ class ServerManager:
         await self._expire_servers(now)
         if not self._lease_held():
             return
-        await self._relay_outbox(now)
+        # A fresh clock: a row the step above wrote (the restart of an update whose
+        # owner was declared dead) is claimable in this round, not the next.
+        await self._relay_outbox(utcnow())
         if not self._lease_held():
             return
         await self.update_pending_reasons()
