@@ -110,9 +110,11 @@ class ManagerOptions:
     leader_lease: float = 10.0
     """How long the leader lease lasts without renewal."""
     outbox_lease: float = 10.0
-    """How long a manager may take to send an outbox row it claimed. A create
-    whose fast-path publish failed (broker down) is sent by the leader's relay
-    at most this long (plus a sweep) later."""
+    """How long a manager may take to send an outbox row it claimed; also the
+    longest claim of its client's fast path (which claims 2 s, longer while its
+    publishes are slow). A create whose fast-path publish failed (broker down)
+    is sent by the leader's relay once that claim ended and the servers'
+    heartbeats show no server runs it (:meth:`ServerManager._relay_outbox`)."""
     cancel_retention: float = DEFAULT_CANCEL_RETENTION
     """Seconds a deleted job stays in the servers' cancellation set."""
     cancellation_resync: float = 30.0
