@@ -1433,18 +1433,18 @@ class ServerManager:
 
 def _nobody_sent(item: OutboxItem, job: JobRecord) -> bool:
     """Whether no message of ``job``'s generation can have been sent: the row is
-    the one the restart of an argument update wrote (``CONFIRM_HELD`` of an
-    update: ``pending`` under generation ``update_floor + 1``, the fence raised to
-    that generation's floor, the row unclaimed -- no client sends it), and the
-    job is still at that generation, of that row. Only a relay sends that
-    message, and a relay raises the generation first. (A resumed job -- whose
-    row a client sends -- keeps the fence of an older generation; a created one
-    has no floor.) So the relay sends it without waiting for heartbeats
-    (:meth:`ServerManager._relay_outbox`)."""
+    one the storage wrote for the relay alone -- the restart of an argument update
+    (``CONFIRM_HELD`` of an update: ``pending`` under generation
+    ``update_floor + 1``) or the release of a job updated in place (``pending``
+    under generation ``inplace_floor + 1``), the fence raised to that generation's
+    floor, the row unclaimed: no client sends it -- and the job is still at that
+    generation, of that row. Only a relay sends that message, and a relay raises
+    the generation first. (A resumed job -- whose row a client sends -- keeps the
+    fence of an older generation; a created one has no floor.) So the relay sends
+    it without waiting for heartbeats (:meth:`ServerManager._relay_outbox`)."""
     generation = job.generation
     return (
-        job.update_floor is not None
-        and job.update_floor == generation - 1
+        generation - 1 in (job.update_floor, job.inplace_floor)
         and item.generation == generation
         and split_fence(job.fence) == (generation, 0)
     )
