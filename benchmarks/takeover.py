@@ -137,9 +137,7 @@ async def one_run(
 async def main_async(args: argparse.Namespace) -> None:
     results = []
     for r in range(args.runs):
-        res = await one_run(
-            args.jobs, args.held, args.profile if r == 0 else None, args.callgrind
-        )
+        res = await one_run(args.jobs, args.held, args.profile if r == 0 else None, args.callgrind)
         print(
             f"run {r + 1}: {res['cpu_us_per_job']:.0f} us CPU per job, wall {res['wall_s']:.3f} s"
         )

@@ -191,10 +191,7 @@ async def _read(self: aiormq.connection.FrameReceiver, have: int, expected: int)
         if not have:
             del self.reader
             raise StopAsyncIteration
-        raise AMQPConnectionError(
-            f"Server connection unexpectedly closed. Read {have} bytes but {expected} "
-            "bytes expected"
-        )
+        raise _ended(have, expected)
     async with self.lock:
         try:
             chunk = await reader.read(READ_SIZE)
@@ -209,11 +206,16 @@ async def _read(self: aiormq.connection.FrameReceiver, have: int, expected: int)
     if not chunk:
         # The end came while we waited: aiormq's reader, waiting in readexactly,
         # says so with this error (the connection then closes with it as the cause).
-        raise AMQPConnectionError(
-            f"Server connection unexpectedly closed. Read {have} bytes but "
-            f"{max(expected, 1)} bytes expected"
-        )
+        raise _ended(have, expected)
     return chunk
+
+
+def _ended(have: int, expected: int) -> AMQPConnectionError:
+    """aiormq's error for a stream that ended inside a frame or while it waited."""
+    return AMQPConnectionError(
+        f"Server connection unexpectedly closed. Read {have} bytes but {max(expected, 1)} "
+        "bytes expected"
+    )
 
 
 get_frame.orchestratr_fast_frames = True  # type: ignore[attr-defined]
