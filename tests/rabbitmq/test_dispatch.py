@@ -65,6 +65,30 @@ async def test_a_callback_that_waits_continues_as_a_task_in_its_context() -> Non
     assert _tag.get() == "none"
 
 
+async def test_a_callback_binds_to_its_own_task_after_own_task() -> None:
+    """Before its first wait a callback runs in the caller's task; ``own_task``
+    moves it to its own, so that a timeout or a session's bound on a settle
+    cancels the callback, never the channel reader."""
+    seen: list[asyncio.Task[Any] | None] = []
+
+    async def callback() -> None:
+        seen.append(asyncio.current_task())
+        await dispatch.own_task()
+        seen.append(asyncio.current_task())
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(1)
+
+    me = asyncio.current_task()
+    task = dispatch.run_eagerly(callback(), set())
+    assert task is not None
+    await asyncio.wait([task])
+    assert seen == [me, task]
+    assert isinstance(task.exception(), TimeoutError)
+    assert not me.cancelling() if me is not None else True
+    await dispatch.own_task()  # outside a callback's first step: returns at once
+    assert asyncio.current_task() is me
+
+
 async def test_cancelling_the_continuation_reaches_the_callback() -> None:
     cleaned: list[bool] = []
 

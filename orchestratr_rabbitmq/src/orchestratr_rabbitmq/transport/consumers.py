@@ -352,6 +352,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
     async def settle(self, delivery: RabbitDelivery, ack: bool) -> None:
         """Ack or requeue, then wait for a round trip on the same channel so that the
         broker has certainly processed it before we return."""
+        # Called from a delivery's callback (a duplicate dropped, a job handed back),
+        # this may run in the channel reader's step: the bound below is the task's.
+        await dispatch.own_task()
         async with self.lock:
             if delivery.lost.is_set() or not delivery.session.alive:
                 delivery.mark_lost()

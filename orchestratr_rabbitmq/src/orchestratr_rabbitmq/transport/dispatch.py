@@ -26,13 +26,30 @@ import aiormq.abc
 from aiormq.channel import Channel
 from pamqp import commands as spec
 
-__all__ = ["available", "inline", "run_eagerly", "watch"]
+__all__ = ["available", "inline", "own_task", "run_eagerly", "watch"]
 
 log = logging.getLogger("orchestratr.transport.rabbitmq")
 
 InlineCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 
 _INLINE = "orchestratr_inline"
+
+
+class _FirstStep:
+    """Whether :func:`run_eagerly` is running a callback's first step (in the
+    caller's task) right now: steps do not interleave, so one flag serves."""
+
+    running = False
+
+
+async def own_task() -> None:
+    """Leave the caller's step if this runs in :func:`run_eagerly`'s first step, so
+    that what follows runs in the callback's own task: a callback must call this
+    before anything that binds to the current task (``asyncio.timeout``,
+    ``asyncio.current_task()``), which in that first step is the channel reader's.
+    Elsewhere it returns at once."""
+    if _FirstStep.running:
+        await asyncio.sleep(0)
 
 
 class _Resume:
@@ -82,8 +99,10 @@ def run_eagerly(
     """Run ``coro`` now, in a copy of the current context, until it ends or first
     waits; in the second case a task (kept in ``keep`` until it ends) continues
     it in that context and is returned. What it raises is logged, as aiormq logs
-    a failed consumer task."""
+    a failed consumer task. Until it first waits, ``asyncio.current_task()`` is the
+    caller's task: see :func:`own_task`."""
     context = contextvars.copy_context()
+    _FirstStep.running = True
     try:
         pending = context.run(coro.send, None)
     except StopIteration:
@@ -91,6 +110,8 @@ def run_eagerly(
     except Exception:
         log.exception("Consumer callback failed")
         return None
+    finally:
+        _FirstStep.running = False
     task = asyncio.get_running_loop().create_task(_finish(_Resume(coro, pending)), context=context)
     keep.add(task)
     task.add_done_callback(keep.discard)
