@@ -10,6 +10,13 @@ printed too.
     .venv/bin/python -m benchmarks.takeover --jobs 1000 --runs 5
     .venv/bin/python -m benchmarks.takeover --jobs 333 --held 1000 --runs 5   # a survivor's share
     .venv/bin/python -m benchmarks.takeover --jobs 1000 --runs 1 --profile /tmp/takeover.prof
+
+Instructions, which a loaded machine does not change (valgrind's callgrind, with
+instrumentation only between the close and the last job's first line):
+
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.%p \
+        .venv/bin/python -m benchmarks.takeover --jobs 1000 --runs 1 --callgrind
+    callgrind_annotate /tmp/cg.<pid> | head    # "PROGRAM TOTALS": Ir / 1000 per job
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import statistics
+import subprocess
 import time
 import uuid
 from typing import Any
@@ -26,7 +35,18 @@ from typing import Any
 from benchmarks.common import AMQP, delete_broker_objects
 
 
-async def one_run(jobs: int, held_before: int, profile: str | None) -> dict[str, float]:
+def _callgrind(on: bool) -> None:
+    """Turn valgrind's instrumentation of this process on or off (``--callgrind``)."""
+    subprocess.run(
+        ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def one_run(
+    jobs: int, held_before: int, profile: str | None, callgrind: bool = False
+) -> dict[str, float]:
     import aio_pika
 
     from orchestratr_core import OrchestratedServer
@@ -92,12 +112,16 @@ async def one_run(jobs: int, held_before: int, profile: str | None) -> dict[str,
             await asyncio.wait_for(own_started.wait(), 60)
         await asyncio.sleep(3.0)  # its own jobs settle; its consumers have credit again
         profiler = cProfile.Profile() if profile else None
+        if callgrind:
+            await asyncio.to_thread(_callgrind, True)
         cpu0, wall0 = time.process_time(), time.monotonic()
         if profiler is not None:
             profiler.enable()
         await victim.close()
-        await asyncio.wait_for(all_started.wait(), 120)
+        await asyncio.wait_for(all_started.wait(), 600 if callgrind else 120)
         cpu1, wall1 = time.process_time(), time.monotonic()
+        if callgrind:
+            _callgrind(False)
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile or "")
@@ -113,7 +137,7 @@ async def one_run(jobs: int, held_before: int, profile: str | None) -> dict[str,
 async def main_async(args: argparse.Namespace) -> None:
     results = []
     for r in range(args.runs):
-        res = await one_run(args.jobs, args.held, args.profile if r == 0 else None)
+        res = await one_run(args.jobs, args.held, args.profile if r == 0 else None, args.callgrind)
         print(
             f"run {r + 1}: {res['cpu_us_per_job']:.0f} us CPU per job, wall {res['wall_s']:.3f} s"
         )
@@ -137,6 +161,11 @@ def main() -> None:
         "--held", type=int, default=0, help="jobs the server already runs (the benchmark's 1,000)"
     )
     parser.add_argument("--profile", help="write a cProfile of the first run's takeover here")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run under valgrind --tool=callgrind --instr-atstart=no: instrument the takeover only",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

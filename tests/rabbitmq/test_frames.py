@@ -4,14 +4,17 @@ every other frame, and every frame it cannot read, to pamqp."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from typing import Any
 
+import aiormq.connection
+import aiormq.exceptions
 import pamqp.frame
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pamqp import body, commands, header
+from pamqp import body, commands, header, heartbeat
 
 from orchestratr_rabbitmq.transport import frames
 
@@ -139,3 +142,133 @@ def test_other_frames_go_to_pamqp_and_install_replaces_pamqps_reader_once() -> N
     frames.install()
     assert frames.installed()
     assert pamqp.frame.unmarshal is frames.unmarshal
+
+
+# -- the frame receiver (frames.get_frame in place of aiormq's FrameReceiver.get_frame) --
+
+FRAMES = st.lists(
+    st.one_of(
+        st.builds(
+            lambda tag, redelivered, ch: pamqp.frame.marshal(
+                commands.Basic.Deliver("ctag", tag, redelivered, "ex", "rk"), ch
+            ),
+            st.integers(1, 2**40),
+            st.booleans(),
+            st.integers(1, 2047),
+        ),
+        st.builds(
+            lambda props, size, ch: pamqp.frame.marshal(
+                header.ContentHeader(0, size, commands.Basic.Properties(**props)), ch
+            ),
+            PROPERTIES,
+            st.integers(0, 2**20),
+            st.integers(1, 2047),
+        ),
+        st.builds(
+            lambda value, ch: pamqp.frame.marshal(body.ContentBody(value), ch),
+            st.binary(min_size=1, max_size=3000),
+            st.integers(1, 2047),
+        ),
+        st.just(pamqp.frame.marshal(heartbeat.Heartbeat(), 0)),
+        st.builds(lambda n: pamqp.frame.marshal(commands.Basic.Ack(n), 1), st.integers(0, 2**40)),
+    ),
+    max_size=12,
+)
+
+
+async def _read_all(
+    get_frame: Any, data: bytes, cuts: list[int], eof_first: bool = False
+) -> tuple[list[Any], BaseException]:
+    """Every frame ``get_frame`` reads from a stream that gets ``data`` in pieces
+    cut at ``cuts``, each piece arriving only once the reader waits for more,
+    then the end of the stream (seen before the last read if ``eof_first``), and
+    the error that ended the reading."""
+    reader = asyncio.StreamReader()
+    receiver = aiormq.connection.FrameReceiver(reader)
+
+    async def feed() -> None:
+        at = 0
+        for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+            if cut > at:
+                reader.feed_data(data[at:cut])
+                at = cut
+                if not (eof_first and at == len(data)):
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    out: list[Any] = []
+    try:
+        while True:
+            try:
+                out.append(await get_frame(receiver))
+            except (StopAsyncIteration, aiormq.exceptions.AMQPError) as exc:
+                return out, exc
+    finally:
+        await feeder
+
+
+def _same_frame(a: Any, b: Any) -> None:
+    assert a[:2] == b[:2]
+    if isinstance(a[2], header.ContentHeader):
+        _same_header(a[2], b[2])
+    elif isinstance(a[2], body.ContentBody):
+        assert type(b[2]) is body.ContentBody and a[2].value == b[2].value
+    elif isinstance(a[2], heartbeat.Heartbeat):
+        assert type(b[2]) is heartbeat.Heartbeat
+    else:
+        _same_method(a[2], b[2])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    frame_list=FRAMES,
+    cuts=st.lists(st.integers(0, 10**6), max_size=20),
+    eof_first=st.booleans(),
+)
+def test_the_receiver_reads_a_stream_in_any_pieces_as_aiormqs_reads_it(
+    frame_list: list[bytes], cuts: list[int], eof_first: bool
+) -> None:
+    """However the bytes arrive (one frame in several reads, several frames in one),
+    the frames read are aiormq's, in order; a stream whose end was seen before the
+    next frame was asked for ends the iteration, one that ends while the reader
+    waits is a connection error, as in aiormq."""
+    data = b"".join(frame_list)
+
+    async def both() -> tuple[tuple[list[Any], BaseException], tuple[list[Any], BaseException]]:
+        fast = await _read_all(frames.get_frame, data, cuts, eof_first)
+        slow = await _read_all(frames._original_get_frame, data, cuts, eof_first)
+        return fast, slow
+
+    (fast, fast_end), (slow, slow_end) = asyncio.run(both())
+    assert type(fast_end) is type(slow_end), (fast_end, slow_end)
+    assert len(fast) == len(slow) == len(frame_list)
+    for a, b in zip(fast, slow, strict=True):
+        _same_frame(a, b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(frame_list=FRAMES.filter(bool), lose=st.integers(1, 10**6))
+def test_a_stream_that_ends_inside_a_frame_is_a_connection_error(
+    frame_list: list[bytes], lose: int
+) -> None:
+    data = b"".join(frame_list)
+    cut = data[: len(data) - 1 - lose % (len(frame_list[-1]) - 1)]  # inside the last frame
+
+    for get_frame in (frames.get_frame, frames._original_get_frame):
+        for eof_first in (False, True):
+            _, end = asyncio.run(_read_all(get_frame, cut, [7, 100], eof_first))
+            assert isinstance(end, aiormq.exceptions.AMQPConnectionError), end
+            assert "unexpectedly closed" in str(end)
+
+
+def test_a_protocol_header_and_an_unreadable_frame_raise_aiormqs_errors() -> None:
+    _, end = asyncio.run(_read_all(frames.get_frame, b"AMQP\x00\x00\x09\x01", []))
+    assert isinstance(end, aiormq.exceptions.ProtocolSyntaxError)
+    bad = b"\x01\x00\x01\x00\x00\x00\x04\xff\xff\xff\xff\xce"  # no such method
+    _, end = asyncio.run(_read_all(frames.get_frame, bad, []))
+    assert isinstance(end, aiormq.exceptions.InvalidFrameError)
+    frames.install()
+    assert frames.installed()
+    assert aiormq.connection.FrameReceiver.get_frame is frames.get_frame

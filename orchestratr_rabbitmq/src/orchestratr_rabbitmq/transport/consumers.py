@@ -39,6 +39,7 @@ from orchestratr_core.transport import (
 from orchestratr_core.transport_base import SubscriptionKind, cancel_and_log, spawn
 from orchestratr_rabbitmq.settings import Settings
 from orchestratr_rabbitmq.topology import Topology
+from orchestratr_rabbitmq.transport import dispatch
 from orchestratr_rabbitmq.transport.authenticity import Authenticity
 from orchestratr_rabbitmq.transport.deliveries import (
     RabbitDelivery,
@@ -206,6 +207,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             self.stepping = False  # a step up of the old session may never have run
             self.channel = await session.channel("jobs")
             self.underlay = await self._watch_cancel(session, "jobs")
+            # Deliveries are handled in the channel reader's step, not a task each
+            # (dispatch.py): a failover's burst makes one task per job, the job's.
+            dispatch.watch(self.underlay)
             await self._reconcile()
 
     def _room(self) -> int:
@@ -255,7 +259,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         await underlay.basic_qos(prefetch_count=desired)
         ok = await underlay.basic_consume(
             session.topology.pool_queue(self.pool),
-            functools.partial(self._on_message, session, underlay),
+            dispatch.inline(functools.partial(self._on_message, session, underlay)),
             no_ack=False,
             arguments=session.topology.jobs_consumer_arguments(),
         )
@@ -348,6 +352,9 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
     async def settle(self, delivery: RabbitDelivery, ack: bool) -> None:
         """Ack or requeue, then wait for a round trip on the same channel so that the
         broker has certainly processed it before we return."""
+        # Called from a delivery's callback (a duplicate dropped, a job handed back),
+        # this may run in the channel reader's step: the bound below is the task's.
+        await dispatch.own_task()
         async with self.lock:
             if delivery.lost.is_set() or not delivery.session.alive:
                 delivery.mark_lost()

@@ -11,6 +11,18 @@ random frames) and hands every other frame, and any frame it cannot read, to
 pamqp's own :func:`pamqp.frame.unmarshal`, which then reads or refuses it as
 before. :func:`install` puts it in place of pamqp's function, which aiormq's
 frame reader calls (``pamqp.frame.unmarshal``, looked up at each call).
+
+:func:`get_frame` replaces aiormq's frame receiver (``FrameReceiver.get_frame``):
+aiormq reads every frame with three ``readexactly`` calls into a ``BytesIO``
+under a lock; this one reads what the socket has (up to 256 KiB at a time) and
+cuts every complete frame out of it, so that a burst of deliveries costs one read
+per chunk, not three per frame. Its errors are aiormq's: a connection that ends
+between two frames ends the iteration, one that ends inside a frame, is reset or
+refused raises :class:`aiormq.exceptions.AMQPConnectionError`, an AMQP protocol
+header in place of the first frame :class:`~aiormq.exceptions.ProtocolSyntaxError`,
+and a frame pamqp cannot read :class:`~aiormq.exceptions.InvalidFrameError`
+(aiormq's reader, too, ends the iteration only on an end already seen before it
+waits for a frame; an end that comes while it waits is an error).
 """
 
 from __future__ import annotations
@@ -19,11 +31,14 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import aiormq.connection
 import pamqp.frame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp import commands, decode
+from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
 
-__all__ = ["install", "installed", "unmarshal"]
+__all__ = ["get_frame", "install", "installed", "unmarshal"]
 
 _HEADER = struct.Struct(">BHI")
 _LONGLONG = struct.Struct(">q")
@@ -132,13 +147,90 @@ def unmarshal(data_in: bytes) -> tuple[int, int, Any]:
 
 unmarshal.orchestratr_fast_frames = True  # type: ignore[attr-defined]
 
+READ_SIZE = 256 * 1024
+"""Bytes asked of the socket at a time (what it has is returned, up to this)."""
+
+_Receiver = aiormq.connection.FrameReceiver
+_original_get_frame = _Receiver.get_frame
+
+
+async def get_frame(self: aiormq.connection.FrameReceiver) -> tuple[int, int, Any]:
+    """``FrameReceiver.get_frame``: the next frame, ``(weight, channel, frame)``.
+
+    What was read and not yet returned is kept on the receiver as ``bytes`` and
+    an offset (``_orx_data``, ``_orx_at``): a complete frame is cut out with one
+    slice, and only the incomplete rest is copied when more arrives."""
+    data: bytes = getattr(self, "_orx_data", b"")
+    at: int = getattr(self, "_orx_at", 0)
+    while True:
+        have = len(data) - at
+        if have >= 7:
+            if not self.started:
+                if data.startswith(b"AMQP", at):
+                    raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+                self.started = True
+            end = at + 8 + int.from_bytes(data[at + 3 : at + 7], "big")
+            if end <= len(data):
+                self._orx_data, self._orx_at = data, end  # type: ignore[attr-defined]
+                try:
+                    return pamqp.frame.unmarshal(data[at:end])
+                except PAMQPException as e:
+                    raise InvalidFrameError(str(e)) from e
+            expected = end - at
+        else:
+            expected = 7
+        chunk = await _read(self, have, expected)
+        data, at = data[at:] + chunk, 0
+        self._orx_data, self._orx_at = data, 0  # type: ignore[attr-defined]
+
+
+async def _read(self: aiormq.connection.FrameReceiver, have: int, expected: int) -> bytes:
+    """More bytes from the socket; the end of the stream as aiormq's reader says it."""
+    reader = self.reader
+    if reader.at_eof():
+        if not have:
+            del self.reader
+            raise StopAsyncIteration
+        raise _ended(have, expected)
+    async with self.lock:
+        try:
+            chunk = await reader.read(READ_SIZE)
+        except ConnectionRefusedError as e:
+            raise AMQPConnectionError(f"Server connection refused: {e!r}") from e
+        except ConnectionResetError as e:
+            raise AMQPConnectionError(f"Server connection reset: {e!r}") from e
+        except ConnectionError as e:
+            raise AMQPConnectionError(f"Server connection error: {e!r}") from e
+        except OSError as e:
+            raise AMQPConnectionError(f"Server communication error: {e!r}") from e
+    if not chunk:
+        # The end came while we waited: aiormq's reader, waiting in readexactly,
+        # says so with this error (the connection then closes with it as the cause).
+        raise _ended(have, expected)
+    return chunk
+
+
+def _ended(have: int, expected: int) -> AMQPConnectionError:
+    """aiormq's error for a stream that ended inside a frame or while it waited."""
+    return AMQPConnectionError(
+        f"Server connection unexpectedly closed. Read {have} bytes but {max(expected, 1)} "
+        "bytes expected"
+    )
+
+
+get_frame.orchestratr_fast_frames = True  # type: ignore[attr-defined]
+
 
 def installed() -> bool:
-    """Whether :func:`install` has replaced pamqp's reader."""
-    return getattr(pamqp.frame.unmarshal, "orchestratr_fast_frames", False) is True
+    """Whether :func:`install` has replaced pamqp's and aiormq's readers."""
+    return all(
+        getattr(f, "orchestratr_fast_frames", False) is True
+        for f in (pamqp.frame.unmarshal, _Receiver.get_frame)
+    )
 
 
 def install() -> None:
-    """Read frames with :func:`unmarshal` from now on, in this process (idempotent)."""
-    if not installed():
-        pamqp.frame.unmarshal = unmarshal
+    """Read frames with :func:`get_frame` and :func:`unmarshal` from now on, in this
+    process (idempotent)."""
+    pamqp.frame.unmarshal = unmarshal
+    _Receiver.get_frame = get_frame  # type: ignore[method-assign]
