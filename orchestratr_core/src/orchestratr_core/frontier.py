@@ -61,6 +61,7 @@ class EventsFrontier:
         self._last_done = time.monotonic()
         self._marks: collections.deque[tuple[int, datetime]] = collections.deque(maxlen=_MARKS_KEPT)
         self._frontier: datetime | None = None
+        self._lag = 0.0
 
     def begin(self) -> None:
         """An event is being applied."""
@@ -81,6 +82,11 @@ class EventsFrontier:
         """Note a count of the events waiting (``backlog``), taken at ``at`` or
         after, and return the frontier to judge silence against (at most
         ``at``). ``None``: the count is unknown -- the wall clock."""
+        frontier = self._judge(backlog, at)
+        self._lag = (at - frontier).total_seconds()
+        return frontier
+
+    def _judge(self, backlog: int | None, at: datetime) -> datetime:
         if backlog is None or backlog < 0:
             self._marks.clear()
             self._frontier = at
@@ -100,8 +106,8 @@ class EventsFrontier:
             self._marks.clear()
             self._frontier = at
             return at
-        # The waiting ones, the one being applied, and one the broker may have
-        # handed over already (one unacknowledged event at a time): once done.
+        # The waiting ones, and one more: the one being applied or, when none is,
+        # one the broker may be handing over (one unacknowledged event at a time).
         self._marks.append((self.done + backlog + 1, at))
         floor = at - timedelta(seconds=self.max_lag)
         frontier = self._frontier
@@ -109,8 +115,6 @@ class EventsFrontier:
             return floor
         return min(frontier, at)
 
-    def behind(self, now: datetime) -> float:
-        """Seconds the frontier lags ``now`` (0 before any probe)."""
-        if self._frontier is None:
-            return 0.0
-        return min(self.max_lag, max(0.0, (now - self._frontier).total_seconds()))
+    def behind(self) -> float:
+        """Seconds the frontier lagged the clock at the last probe (0 before any)."""
+        return self._lag

@@ -226,7 +226,7 @@ class ServerManager:
         """How far the events queue is applied (:mod:`orchestratr_core.frontier`)."""
         self._views = ServerViews(
             stale_after=self.options.server_timeout / 2,
-            behind=lambda: self._frontier.behind(utcnow()),
+            behind=self._frontier.behind,
         )
         """Each server's set of jobs as of its acknowledged heartbeat."""
         self._last_resync = 0.0
