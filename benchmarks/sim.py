@@ -237,11 +237,17 @@ async def simulate(
                 out["outbox_empty_s"] = await _outbox_empty(system, 300)
                 out["settled_s"] = await _settled(control, events, len(sims), 300)
                 out.update(await _steady(system, sims, window, profile))
+                # A job whose owner was declared dead counts an owner death: before
+                # the one server that dies below, every count is a live server
+                # declared dead (the manager fell behind).
+                out["live_server_deaths_before_kill"] = await _deaths(system)
                 for sim in sims:  # room for a share of a dead server's jobs
                     await _take_jobs(connection, system, sim, spare)
                 out.update(await _dies(system, sims[-1], interval))
+                counted = await _deaths(system)
                 if not legacy:
                     out.update(await _restart(cluster, system, sims[:-1], total))
+                    out["owner_deaths_counted_by_the_restart"] = await _deaths(system) - counted
                 out["duplicate_deliveries"] = sum(sim.duplicates for sim in sims)
             finally:
                 beats.cancel()
@@ -269,6 +275,11 @@ async def _scalar(system: OrchestratR, sql: str, *args: Any) -> Any:
     pool = system._storage.connector._pool
     async with pool.acquire() as conn:
         return await conn.fetchval(sql.format(schema=system.schema), *args)
+
+
+async def _deaths(system: OrchestratR) -> int:
+    """Jobs with an owner death (or any failure) counted."""
+    return int(await _scalar(system, 'SELECT count(*) FROM "{schema}".jobs WHERE failure_seq > 0'))
 
 
 async def _outbox_empty(system: OrchestratR, within: float) -> float | None:
