@@ -77,6 +77,11 @@ class SimServer:
         self.full_seqs: set[int] = set()
         self.sent = 0
         self.sent_bytes = 0
+        self.last_sent = 0.0
+        self.max_gap = 0.0
+        """Longest time between two of its heartbeats published (monotonic): a
+        gap of a server timeout means this process starved its heartbeats, and
+        the server was silent for the broker too."""
         self.duplicates = 0
 
     async def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -178,7 +183,13 @@ async def simulate(
     system = cluster.system
     assert isinstance(system, OrchestratR)
     base_argv = system.manager_argv
-    system.manager_argv = lambda: [*base_argv(), "--no-rebalance", *manager_args]  # type: ignore[method-assign]
+
+    def manager_argv() -> list[str]:
+        # At info: the leader's lines on the events frontier (how far behind it is).
+        argv = ["info" if arg == "warning" else arg for arg in base_argv()]
+        return [*argv, "--no-rebalance", *manager_args]
+
+    system.manager_argv = manager_argv  # type: ignore[method-assign]
     async with cluster:
         assert system.manager is not None
         sims = [SimServer(f"s{i:04d}", per_server + spare, legacy) for i in range(servers)]
@@ -198,6 +209,10 @@ async def simulate(
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 )
                 await publishing.default_exchange.publish(message, events)
+                now = time.monotonic()
+                if sim.last_sent:
+                    sim.max_gap = max(sim.max_gap, now - sim.last_sent)
+                sim.last_sent = now
 
             async def beat_loop() -> None:
                 gap = interval / len(sims)  # spread over the interval, as real servers are
@@ -241,6 +256,7 @@ async def simulate(
                 # the one server that dies below, every count is a live server
                 # declared dead (the manager fell behind).
                 out["live_server_deaths_before_kill"] = await _deaths(system)
+                out["max_heartbeat_publish_gap_s"] = round(max(sim.max_gap for sim in sims), 1)
                 for sim in sims:  # room for a share of a dead server's jobs
                     await _take_jobs(connection, system, sim, spare)
                 out.update(await _dies(system, sims[-1], interval))
