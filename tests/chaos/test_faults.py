@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from orchestratr_core.job import JobStatus
+from orchestratr_core.job import JobStatus, split_fence
 from tests.chaos.harness import ChaosCluster, Timings, seeded
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.postgresql]
@@ -565,10 +565,13 @@ async def test_an_update_restarts_the_job_once_with_the_new_argument_also_throug
     copies = chaos.copies()
     for job_id, at in updated_at.items():
         after = [c for c in copies if c.job == job_id and c.start > at]
-        # Never the old argument again. One restart by the update; the leader's
-        # rebalancing (or a kill) may move the job once more afterwards, a clean
-        # hand-over with the new argument (never two at once: I1 below).
+        # Never the old argument again. One restart by the update: one message,
+        # so every copy after it carries one generation (the relay used to send
+        # it again under a further one); the leader's rebalancing (or a kill) may
+        # move that message once more afterwards, a clean hand-over with the new
+        # argument under the same generation (never two at once: I1 below).
         assert after and {c.argument for c in after} == {"v2"}, after
+        assert len({split_fence(c.fence)[0] for c in after}) == 1, after
         assert len(after) <= 2, after
     await chaos.wait_view_converges(ids, within=BOUND_VIEW)
     chaos.check().assert_ok()  # I1..I4, I6, I8 (the update's hold)

@@ -4,9 +4,11 @@ the relay covering a client that died before its batch, and create_jobs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -14,12 +16,22 @@ import pytest
 from orchestratr_core import DuplicateJobName, InvalidJobInput, JobStatus
 from orchestratr_core.client import OrchestratorClient
 from orchestratr_core.errors import PublishError
-from orchestratr_core.job import JobQuery, JobRecord, NewJob, split_fence, utcnow
-from orchestratr_core.protocol import JobMessage
+from orchestratr_core.job import (
+    JobEvent,
+    JobQuery,
+    JobRecord,
+    NewJob,
+    TransitionResult,
+    new_id,
+    split_fence,
+    utcnow,
+)
+from orchestratr_core.manager import RELAY_START_SLACK
+from orchestratr_core.protocol import JobMessage, ServerHeartbeat
 from orchestratr_core.storage import OutboxItem, OutboxKind, Storage
 from orchestratr_memory import MemoryStorage
 from orchestratr_memory.transport import MemoryTransport
-from tests.support.cluster import Cluster, eventually
+from tests.support.cluster import FAST_MANAGER, FAST_SERVER, Cluster, eventually
 
 
 class CountingStorage(MemoryStorage):
@@ -39,6 +51,26 @@ class CountingStorage(MemoryStorage):
     ) -> int:
         self.batches.append(list(job_ids))
         return await super().complete_outbox_for_jobs(job_ids, kind, holder)
+
+
+class StalledEvents(MemoryStorage):
+    """The memory storage whose application of the servers' starts and heartbeats
+    waits while ``stalled`` is clear: the manager's events lag behind, as when its
+    storage has just failed over and its event retries are backing off."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    async def transition(self, job_id: str, event: JobEvent, **kwargs: Any) -> TransitionResult:
+        if event is JobEvent.START:
+            await self.flowing.wait()
+        return await super().transition(job_id, event, **kwargs)
+
+    async def apply_heartbeat(self, heartbeat: ServerHeartbeat, now: datetime) -> list[JobRecord]:
+        await self.flowing.wait()
+        return await super().apply_heartbeat(heartbeat, now)
 
 
 class LegacyStorage(MemoryStorage):
@@ -147,6 +179,80 @@ async def test_an_unflushed_row_of_a_started_job_is_dropped_not_sent_again(
     finally:
         await dying.close()  # a late flush finds nothing of its own to delete
         await transport.close()
+
+
+async def test_the_relay_does_not_send_again_a_job_whose_start_the_manager_has_not_applied(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #16's overlap: a client publishes a job but cannot delete its outbox
+    row (the database fails over); a server starts the job while the manager's
+    events lag behind (its retries back off after the failover), so the job still
+    reads ``pending`` when the relay claims the row once the client's lease ended.
+    Sent again then, a second server ran a second copy until the manager applied
+    the starts. The relay waits until every live server's heartbeats from after
+    its claim are applied: the start is then known, and the row is dropped."""
+    caplog.set_level(logging.INFO)
+    stalled = StalledEvents()
+    cluster.storage = stalled
+    await cluster.start_manager(dataclasses.replace(FAST_MANAGER, server_timeout=10.0))
+    await cluster.add_server("a", 1)
+    await cluster.add_server("b", 1)
+    transport = cluster.transport()
+    await transport.connect()
+    client = OrchestratorClient(stalled, transport, holder="cut-off", outbox_flush_interval=3600)
+    try:
+        await eventually(lambda: len(stalled._store.servers) == 2, what="servers known")
+        stalled.flowing.clear()
+        job_id = await client.create_job("started-unreported")
+        await eventually(lambda: len(cluster.ledger.of(job_id)) == 1, what="started")
+        # The client's lease (2 s) ends and the relay claims the row; the events
+        # stay stalled long after that (the old relay re-sent at once).
+        await asyncio.sleep(2.0 + 2.5)
+        assert _outbox_rows(stalled) == 1
+        stalled.flowing.set()
+        await cluster.wait_status(job_id, JobStatus.PROCESSING)
+        await eventually(lambda: _outbox_rows(stalled) == 0, timeout=10, what="row dropped")
+        await asyncio.sleep(0.5)
+        assert "re-sends job" not in caplog.text
+        assert len(cluster.ledger.of(job_id)) == 1  # one message, one copy
+        assert cluster.ledger.overlaps() == []
+    finally:
+        stalled.flowing.set()
+        await client.close()
+        await transport.close()
+
+
+async def test_a_create_whose_client_died_before_publishing_is_sent_within_the_bound(
+    cluster: Cluster,
+) -> None:
+    """A client that committed a job and died before its publish: the relay sends
+    the message once the client's claim ended (2 s) and every live server's
+    heartbeats sent :data:`RELAY_START_SLACK` after the relay's claim were applied
+    -- the claim, plus the slack, one server heartbeat and two sweeps (a margin for
+    a loaded machine on top)."""
+    await cluster.start_manager()
+    await cluster.add_server("a", 2)
+    await cluster.add_server("b", 2)
+    await eventually(lambda: len(cluster.storage._store.servers) == 2, what="servers known")
+    now = utcnow()
+    claim = 2.0
+    began = time.monotonic()
+    record = await cluster.storage.create_job(
+        NewJob(id=new_id(), name="orphan", argument="", created_at=now),
+        "dead-client",
+        now + timedelta(seconds=claim),
+    )
+    await cluster.wait_running([record.id], timeout=15)
+    took = time.monotonic() - began
+    bound = (
+        claim
+        + RELAY_START_SLACK
+        + FAST_SERVER.heartbeat_interval
+        + 2 * FAST_MANAGER.sweep_interval
+        + 2.0  # margin: a loaded machine
+    )
+    assert claim <= took <= bound, (took, bound)
+    assert len(cluster.ledger.of(record.id)) == 1
 
 
 def _outbox_rows(storage: MemoryStorage) -> int:

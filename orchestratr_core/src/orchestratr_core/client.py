@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -63,6 +65,16 @@ OUTBOX_FLUSH_BATCH = 500
 PUBLISH_CHUNK = 200
 """``create_jobs`` publishes this many messages concurrently (pipelined on the
 transport's connection), then the next chunk."""
+FAST_LEASE = 2.0
+"""Seconds the fast path holds a new outbox row at least (at most the
+``outbox_lease``): the relay sends the message of a client that died between
+its commit and its publish once this has passed (plus the relay's wait)."""
+LEASE_HEADROOM = 4.0
+"""The fast path's claim lasts this many times the slowest recent publish (a
+commit, a publish and the batched delete must fit in it under load)."""
+OUTBOX_DELETE_ATTEMPTS = 5
+"""Tries of one batch delete of sent rows (the database failing over) before
+the rows are left to the relay."""
 
 
 def job_message(job: JobRecord, generation: int) -> JobMessage:
@@ -163,17 +175,30 @@ class _OutboxFlusher:
                         await self._wake.wait()
             batch = self._pending[: self._batch]
             del self._pending[: self._batch]
+            await self._delete(batch)
+
+    async def _delete(self, batch: list[str]) -> None:
+        """Delete one batch, retried (backoff 0.2 s doubling) while the storage is
+        unavailable -- a failover: a row left behind makes the relay wait for the
+        servers' heartbeats before it judges the job -- at most
+        :data:`OUTBOX_DELETE_ATTEMPTS` times; then the rows are left to the relay."""
+        for attempt in range(1, OUTBOX_DELETE_ATTEMPTS + 1):
             try:
                 await self._storage.complete_outbox_for_jobs(batch, self._kind, self._holder)
+                return
             except (OrchestratrError, OSError) as exc:
+                if attempt < OUTBOX_DELETE_ATTEMPTS:
+                    await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+                    continue
                 log.warning(
-                    "could not delete %d sent outbox row(s); the manager's relay will send "
-                    "them again, which is harmless (%s)",
+                    "could not delete %d sent outbox row(s); the manager's relay finds "
+                    "them once the servers report the jobs (%s)",
                     len(batch),
                     exc,
                 )
             except Exception:
                 log.exception("deleting %d sent outbox row(s) failed", len(batch))
+                return
 
 
 class OrchestratorClient:
@@ -226,13 +251,17 @@ class OrchestratorClient:
             self._transport = plugins.make_transport(_spec(transport, "transport", Transport))
             self._owned.append(self._transport)
         self._holder = holder or f"client-{new_id()}"
-        # The fast path holds its outbox row only briefly: if the broker is slow or
-        # down, the leader's relay takes over within a couple of seconds (a rare
-        # second copy of a message is harmless: the fencing tokens sort it out).
-        self._lease = timedelta(seconds=min(outbox_lease, 2.0))
-        # A batch takes longer to publish: 1 ms more per job, at most the
-        # manager's own outbox lease.
-        self._max_lease = timedelta(seconds=outbox_lease)
+        # The fast path holds its outbox row for as long as its commit, publish and
+        # delete take (_claim): at least FAST_LEASE, so that the relay sends the
+        # message of a client that died in between soon; longer when publishes
+        # are slow (load), so that the relay never sends again a message whose
+        # publish is still under way; at most the manager's own outbox lease.
+        self._lease = min(outbox_lease, FAST_LEASE)
+        self._max_lease = max(outbox_lease, self._lease)
+        self._single: collections.deque[float] = collections.deque(maxlen=32)
+        """Seconds the recent publishes of one message took."""
+        self._shares: collections.deque[float] = collections.deque(maxlen=32)
+        """Seconds per message the recent chunks of a batch took."""
         self._retention = timedelta(seconds=cancel_retention)
         self._sent = _OutboxFlusher(
             self._storage,
@@ -241,6 +270,39 @@ class OrchestratorClient:
             outbox_flush_interval,
             outbox_flush_batch,
         )
+
+    def _claim(self, now: datetime, jobs: int | None = None) -> datetime:
+        """Until when the fast path claims its new outbox rows: one row, or the
+        ``jobs`` rows of a batch (``now`` without a transport: a manager sends
+        them at once). Long enough for the commit and the publish at the pace of
+        the recent publishes (:data:`LEASE_HEADROOM` times the slowest), at least
+        :data:`FAST_LEASE`; at most the outbox lease, per publish chunk of a batch."""
+        if self._transport is None:
+            return now
+        if jobs is None:
+            seconds = min(
+                max(self._lease, LEASE_HEADROOM * _slowest(self._single)), self._max_lease
+            )
+        else:
+            chunks = -(-jobs // PUBLISH_CHUNK)
+            wanted = LEASE_HEADROOM * _slowest(self._shares) * jobs + 0.001 * jobs
+            seconds = min(max(self._lease, wanted), self._max_lease * chunks)
+        return now + timedelta(seconds=seconds)
+
+    def _may_publish(self, lease_until: datetime, jobs: int | None = None) -> bool:
+        """Whether a publish (one message, or a chunk of ``jobs`` of a batch) still
+        fits in the claim: one that could end after it might be sent again by the
+        relay (two messages of one job), so a claim spent by a slow commit leaves
+        the rest to the relay."""
+        needed = _slowest(self._single) if jobs is None else _slowest(self._shares) * jobs
+        return (lease_until - utcnow()).total_seconds() > max(0.05, needed)
+
+    async def _timed_publish(self, record: JobRecord) -> None:
+        """Publish one job's message, noting how long it took."""
+        assert self._transport is not None
+        began = time.monotonic()
+        await self._transport.publish_job(job_message(record, record.generation))
+        self._single.append(time.monotonic() - began)
 
     async def open(self) -> None:
         """Open the storage and connect the transport the client made from a name
@@ -344,7 +406,7 @@ class OrchestratorClient:
         await self.open()
         now = utcnow()
         # Without a transport the row is left unclaimed, for a manager to send at once.
-        lease_until = now + self._lease if self._transport is not None else now
+        lease_until = self._claim(now)
         record = await self._storage.create_job(
             NewJob(
                 id=new_id(),
@@ -364,8 +426,14 @@ class OrchestratorClient:
         if budget != (None, None):
             await self._storage.set_restart_budget(record.id, *budget)
         if self._transport is not None:
+            if not self._may_publish(lease_until):
+                log.warning(
+                    "job %s created; its commit took its outbox claim: the manager sends it",
+                    record.id,
+                )
+                return record.id
             try:
-                await self._transport.publish_job(job_message(record, record.generation))
+                await self._timed_publish(record)
             except (PublishError, BackendUnavailable) as exc:
                 log.warning(
                     "job %s created; its message will be sent by the manager (%s)", record.id, exc
@@ -446,19 +514,16 @@ class OrchestratorClient:
             )
             for name, argument, job_kind in triples
         ]
-        if self._transport is None:
-            lease_until = now
-        else:
-            lease = self._lease + timedelta(milliseconds=len(jobs))
-            lease_until = now + min(lease, self._max_lease)
+        lease_until = self._claim(now, len(jobs))
         records = await self._storage.create_jobs(jobs, self._holder, lease_until)
         if self._transport is not None:
-            await self._publish_all(records)
+            await self._publish_all(records, lease_until)
         return [record.id for record in records]
 
-    async def _publish_all(self, records: Sequence[JobRecord]) -> None:
+    async def _publish_all(self, records: Sequence[JobRecord], lease_until: datetime) -> None:
         """Publish the messages of new jobs, ``PUBLISH_CHUNK`` at a time, and queue
-        the outbox rows of those sent for deletion; the rest are left to the relay.
+        the outbox rows of those sent for deletion; the rest are left to the relay,
+        also every chunk that no longer fits in the rows' claim (``lease_until``).
 
         Concurrent ``publish_job`` calls are part of the transport contract's
         normal use (a manager publishes from several tasks); on RabbitMQ they
@@ -470,10 +535,15 @@ class OrchestratorClient:
         failure: BaseException | None = None
         for start in range(0, len(records), PUBLISH_CHUNK):
             chunk = records[start : start + PUBLISH_CHUNK]
+            if not self._may_publish(lease_until, len(chunk)):
+                unsent += len(records) - start
+                break
+            began = time.monotonic()
             results = await asyncio.gather(
                 *(transport.publish_job(job_message(r, r.generation)) for r in chunk),
                 return_exceptions=True,
             )
+            self._shares.append((time.monotonic() - began) / len(chunk))
             sent = []
             for record, result in zip(chunk, results, strict=True):
                 if result is None:
@@ -506,7 +576,7 @@ class OrchestratorClient:
         await self.open()
         before = await self._storage.get_job(job_id)
         now = utcnow()
-        lease_until = now + self._lease if self._transport is not None else now
+        lease_until = self._claim(now)
         record, changed = await self._storage.request_cancel(job_id, now, self._holder, lease_until)
         if changed and before is not None and before.status in _STOPPED_HELD:
             # Paused or quarantined: confirmed stopped, its message dropped, so no
@@ -541,7 +611,7 @@ class OrchestratorClient:
         _check_id(job_id)
         await self.open()
         now = utcnow()
-        lease_until = now + self._lease if self._transport is not None else now
+        lease_until = self._claim(now)
         record, changed = await self._storage.request_pause(job_id, now, self._holder, lease_until)
         if changed:
             await self._send_stop_set(job_id, now, "paused")
@@ -558,12 +628,12 @@ class OrchestratorClient:
         _check_id(job_id)
         await self.open()
         now = utcnow()
-        lease_until = now + self._lease if self._transport is not None else now
+        lease_until = self._claim(now)
         record, changed = await self._storage.request_resume(job_id, now, self._holder, lease_until)
         if changed and self._transport is not None:
             await self._send_stop_set(job_id, now, "resumed", outbox=False)
             try:
-                await self._transport.publish_job(job_message(record, record.generation))
+                await self._timed_publish(record)
             except (PublishError, BackendUnavailable) as exc:
                 log.warning("job %s resumed; the manager will send it (%s)", job_id, exc)
                 return record
@@ -593,7 +663,7 @@ class OrchestratorClient:
         argument = validate_argument(argument)
         await self.open()
         now = utcnow()
-        lease_until = now + self._lease if self._transport is not None else now
+        lease_until = self._claim(now)
         record, changed = await self._storage.request_update(
             job_id, argument, now, self._holder, lease_until
         )
@@ -665,6 +735,11 @@ class OrchestratorClient:
 
 
 _STOPPED_HELD = frozenset({JobStatus.PAUSED, JobStatus.QUARANTINED})
+
+
+def _slowest(times: collections.deque[float]) -> float:
+    """The longest of ``times`` (0 when empty)."""
+    return max(times, default=0.0)
 
 
 def _check_id(job_id: object) -> None:

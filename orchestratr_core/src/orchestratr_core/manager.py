@@ -64,7 +64,7 @@ from orchestratr_core.placement import Pool, ServerPlacement, parse_labels, pend
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
 from orchestratr_core.server_views import ServerViews, Verdict
-from orchestratr_core.storage import FailureCount, OutboxKind, SpreadJob, Storage
+from orchestratr_core.storage import FailureCount, OutboxItem, OutboxKind, SpreadJob, Storage
 from orchestratr_core.transport import Subscription, Transport
 
 __all__ = ["ManagerOptions", "ServerManager"]
@@ -93,6 +93,12 @@ _HELD_CHECKED = 1000
 _UNEXPECTED_ATTEMPTS = 3
 """An event whose handling raises an error nobody classified (a bug, a driver
 error a storage does not know) is tried this many times, then dead-lettered."""
+
+RELAY_START_SLACK = 0.5
+"""Seconds a server may take from the delivery of a job's message to the first
+heartbeat that lists the copy it started (:meth:`ServerManager._relay_outbox`:
+a row is re-sent only once every live server's heartbeats sent this long after
+the row was claimed have been applied, and the job is still ``pending``)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,14 @@ class ServerManager:
             idle_after=max(2.0, 2 * self.options.sweep_interval),
         )
         """How far the events queue is applied (:mod:`orchestratr_core.frontier`)."""
+        self._heard: dict[str, float] = {}
+        """Server id -> ``sent_at`` of its latest heartbeat this manager applied
+        (or noted): what the outbox relay asks before it re-sends a job."""
+        self._unsent: dict[int, tuple[float, OutboxItem]] = {}
+        """Outbox rows the relay claimed and has not judged yet -> (when it first
+        claimed them, wall clock; the row): see :meth:`_relay_outbox`."""
+        self._claimed: dict[int, float] = {}
+        """Those rows -> when this manager last claimed them (wall clock)."""
         self._views = ServerViews(
             stale_after=self.options.server_timeout / 2,
             behind=self._frontier.behind,
@@ -413,6 +427,7 @@ class ServerManager:
             return False
         now = utcnow()
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        self._note_heard(hb)
         self._clear_moved_notes(hb)
         if not self._touches:
             self._touches_since = time.monotonic()
@@ -591,6 +606,7 @@ class ServerManager:
             self._known_servers.discard(event.server_id)
             self._moved_from.pop(event.server_id, None)
             self._views.forget(event.server_id)
+            self._heard.pop(event.server_id, None)
             self._plugins.notify("server_left", server_id=event.server_id, name="", reason="left")
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
@@ -601,6 +617,7 @@ class ServerManager:
         )
         conflicts = await self._storage.apply_heartbeat(hb, now)
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
+        self._note_heard(hb)
         self._clear_moved_notes(hb)
         checkpoints = [
             (j.job_id, j.fence, j.checkpoint) for j in hb.jobs if j.checkpoint is not None
@@ -649,6 +666,12 @@ class ServerManager:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.
             await self._send(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id)
+
+    def _note_heard(self, hb: p.ServerHeartbeat) -> None:
+        """Remember when the server sent its latest applied heartbeat (the relay's
+        evidence that a copy it started is known: :meth:`_relay_outbox`)."""
+        if hb.sent_at > self._heard.get(hb.server_id, 0.0):
+            self._heard[hb.server_id] = hb.sent_at
 
     def _clear_moved_notes(self, hb: p.ServerHeartbeat) -> None:
         notes = self._moved_from.get(hb.server_id)
@@ -1003,6 +1026,8 @@ class ServerManager:
         self.is_leader = won
         if not won:
             self._leader_since = None
+            self._unsent.clear()  # rows claimed while leading: judged by the next leader
+            self._claimed.clear()
         elif self._leader_since is None:
             self._leader_since = asked
         if not self._lease_held():
@@ -1057,6 +1082,7 @@ class ServerManager:
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
             self._views.forget(server.id)
+            self._heard.pop(server.id, None)
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
@@ -1305,11 +1331,41 @@ class ServerManager:
         return moved
 
     async def _relay_outbox(self, now: datetime) -> None:
+        """Send what the outbox rows whose sender's claim ended ask for.
+
+        A ``publish`` row of a job that is still ``pending`` is the hard case: its
+        sender (a client's fast path) may have sent the message and only failed to
+        delete the row (a database failover, a batch delete late under load), and
+        a server may already run the copy without the manager having applied its
+        start yet (its events wait behind a failover's retries). Sent again at
+        once, two copies of the job would run until the manager applies the
+        newer start. So the relay first waits for evidence: every live server's
+        heartbeats sent :data:`RELAY_START_SLACK` after the row was first claimed
+        here have been applied (:meth:`_may_resend`). A server that took the first
+        message before then lists the copy in such a heartbeat, the job is then
+        ``processing``, and the row is dropped without a send; still ``pending``,
+        no server runs it, and the message is sent again under a new generation
+        (:meth:`_resend_generation`). Rows waiting for that evidence stay claimed
+        by this manager and are judged again every sweep. The row of an update's
+        restart, which no client sends, is sent at once (:func:`_nobody_sent`)."""
         lease_until = now + timedelta(seconds=self.options.outbox_lease)
-        items = await self._storage.claim_outbox(self.id, now, lease_until, 500)
-        if not items:
+        claimed = await self._storage.claim_outbox(self.id, now, lease_until, 500)
+        clock = now.timestamp()
+        for item in claimed:
+            first = self._unsent.get(item.id, (clock, item))[0]
+            self._unsent[item.id] = (first, item)
+            self._claimed[item.id] = clock
+        # A row whose claim here ended without a new one is another manager's now.
+        for row in [
+            r for r, at in self._claimed.items() if at + self.options.outbox_lease <= clock
+        ]:
+            self._claimed.pop(row, None)
+            self._unsent.pop(row, None)
+        if not self._unsent:
             return
+        items = [item for _, item in self._unsent.values()]
         jobs = {j.id: j for j in await self._storage.get_jobs([i.job_id for i in items])}
+        live: list[ServerRecord] | None = None
         done: list[int] = []
         cancels = False
         for item in items:
@@ -1339,16 +1395,46 @@ class ServerManager:
                 await self._confirm_unsent(job, JobEvent.CONFIRM_DELETED, now, "cancelled")
                 done.append(item.id)
                 continue
+            if live is None and not _nobody_sent(item, job):
+                live = await self._storage.list_servers(
+                    ServerQuery(
+                        statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}),
+                        with_jobs=False,
+                    )
+                )
+            if live is not None and not self._may_resend(self._unsent[item.id][0], live, clock):
+                continue  # a start may still be on its way: judged again next sweep
             generation = await self._resend_generation(job)
             if generation is None:
-                continue  # it changed meanwhile: the row is judged again once its claim ends
+                continue  # it changed meanwhile: judged again next sweep
             log.info("outbox relay re-sends job %s under generation %d", job.id, generation)
             await self._transport.publish_job(job_message(job, generation))
             done.append(item.id)
         if cancels:
             await self._sync_cancellations(now)
         await self._storage.complete_outbox(done)
-        log.info("outbox relay sent %d item(s)", len(done))
+        for row in done:
+            self._unsent.pop(row, None)
+            self._claimed.pop(row, None)
+        if done:
+            log.info("outbox relay sent %d item(s)", len(done))
+        if self._unsent:
+            log.debug("outbox relay: %d row(s) wait for the servers' heartbeats", len(self._unsent))
+
+    def _may_resend(self, claimed: float, live: list[ServerRecord], clock: float) -> bool:
+        """Whether a ``pending`` job whose row this manager first claimed at
+        ``claimed`` (epoch seconds) may be sent again: every live server has sent
+        a heartbeat at least :data:`RELAY_START_SLACK` later that this manager
+        applied (a copy started from its first message would be in it, and the
+        job ``processing``). A live server this manager has no such heartbeat of
+        -- another manager consumes the events, or it has not been heard from
+        since -- holds the row back for at most ``server_timeout`` after the
+        claim: by then it has reported the start to whichever manager applies
+        its events, or it is declared dead."""
+        horizon = claimed + RELAY_START_SLACK
+        if clock - claimed >= self.options.server_timeout:
+            return True
+        return all(self._heard.get(server.id, 0.0) >= horizon for server in live)
 
     async def _resend_generation(self, job: JobRecord) -> int | None:
         """The generation to send a pending job's message under again, or ``None``
@@ -1383,6 +1469,25 @@ class ServerManager:
         since = now - timedelta(seconds=self.options.cancel_retention)
         await self._transport.set_cancellations(await stop_set(self._storage, since))
         self._last_resync = time.monotonic()
+
+
+def _nobody_sent(item: OutboxItem, job: JobRecord) -> bool:
+    """Whether no message of ``job``'s generation can have been sent: the row is
+    the one the restart of an argument update wrote (``CONFIRM_HELD`` of an
+    update: ``pending`` under generation ``update_floor + 1``, the fence raised to
+    that generation's floor, the row unclaimed -- no client sends it), and the
+    job is still at that generation, of that row. Only a relay sends that
+    message, and a relay raises the generation first. (A resumed job -- whose
+    row a client sends -- keeps the fence of an older generation; a created one
+    has no floor.) So the relay sends it without waiting for heartbeats
+    (:meth:`ServerManager._relay_outbox`)."""
+    generation = job.generation
+    return (
+        job.update_floor is not None
+        and job.update_floor == generation - 1
+        and item.generation == generation
+        and split_fence(job.fence) == (generation, 0)
+    )
 
 
 def _about(event: p.Event | None, what: str = "") -> str:
