@@ -4,6 +4,7 @@ view staleness that follows it. The end-to-end check with real processes is
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import timedelta
 
@@ -12,6 +13,7 @@ from orchestratr_core.frontier import EventsFrontier
 from orchestratr_core.job import utcnow
 from orchestratr_core.server.beats import HeartbeatSeries
 from orchestratr_core.server_views import ServerViews, Verdict
+from tests.core.test_heartbeat_deltas import _hb as deltas_hb
 
 
 def test_a_manager_that_keeps_up_judges_by_the_time_of_the_probe() -> None:
@@ -59,21 +61,10 @@ def test_events_waiting_that_this_manager_does_not_apply_are_another_s() -> None
     assert frontier.probe(7, at) == at
 
 
-def _hb(out: tuple[int, int, tuple[p.RunningJob, ...], tuple[str, ...], int, int], sent: float):
-    seq, base, jobs, gone, digest, running = out
-    return p.ServerHeartbeat(
-        server_id="s1",
-        name="n",
-        max_workers=10,
-        started_at=1.0,
-        sent_at=sent,
-        jobs=jobs,
-        seq=seq,
-        base=base,
-        gone=gone,
-        digest=digest,
-        running=running,
-    )
+def _hb(
+    out: tuple[int, int, tuple[p.RunningJob, ...], tuple[str, ...], int, int], sent: float
+) -> p.ServerHeartbeat:
+    return dataclasses.replace(deltas_hb(out), sent_at=sent)
 
 
 def _acked_view(behind: float | None) -> tuple[HeartbeatSeries, ServerViews]:
