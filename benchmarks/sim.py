@@ -252,6 +252,7 @@ async def simulate(
                 for sim in sims:  # room for a share of a dead server's jobs
                     await _take_jobs(connection, system, sim, spare)
                 out.update(await _dies(system, sims[-1], interval))
+                await asyncio.sleep(3)  # its owner deaths are written after its row
                 counted = await _deaths(system)
                 if not legacy:
                     out.update(await _restart(cluster, system, sims[:-1], total))
