@@ -41,6 +41,10 @@ __all__ = ["ServerViews", "Verdict"]
 
 _ACKED_KEPT = 8
 """Acknowledged heartbeats remembered per server (deltas on them still apply)."""
+_DIGESTS_KEPT = 512
+"""Acknowledged heartbeats whose set's digest is remembered per server: a delta on
+one of them whose set is the copy's applies to the copy (a server that learnt of
+the acknowledgement late, from a manager behind its events queue)."""
 ACK_GRACE = 5.0
 """Seconds after an acknowledgement during which a delta on an earlier one is
 expected (built before it arrived); later, the acknowledgement was lost."""
@@ -72,6 +76,19 @@ class _View:
     history: collections.deque[int] = field(
         default_factory=lambda: collections.deque(maxlen=_ACKED_KEPT)
     )
+    digests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """acknowledged seq -> (digest, count) of the set it acknowledged"""
+
+    def relative_to_copy(self, base: int) -> bool:
+        """Whether a delta on ``base`` is relative to this copy: the acknowledged
+        heartbeat, or an earlier acknowledged one whose set was the same."""
+        return base == self.acked or self.digests.get(base) == (self.digest, len(self.shares))
+
+    def note_acked(self) -> None:
+        """Remember the digest of the set just acknowledged (``acked``)."""
+        self.digests[self.acked] = (self.digest, len(self.shares))
+        while len(self.digests) > _DIGESTS_KEPT:
+            del self.digests[min(self.digests)]
 
 
 class ServerViews:
@@ -135,7 +152,7 @@ class ServerViews:
         if not hb.seq or not hb.base or hb.jobs or hb.gone or hb.started:
             return False
         view = self._views.get(hb.server_id)
-        if view is None or hb.base != view.acked:
+        if view is None or not view.relative_to_copy(hb.base):
             return False
         now = time.monotonic()
         if self._stale(view, hb, now):
@@ -191,14 +208,16 @@ class ServerViews:
                 view.shares, view.digest, view.acked, view.acked_at = shares, digest, hb.seq, now
             view.seen, view.sent = now, hb.sent_at
             view.history.append(hb.seq)
+            view.note_acked()
             return Verdict.ACK
         if view is None:
             return Verdict.FULL
         view.seen, view.sent = now, hb.sent_at
-        if hb.base != view.acked:
+        if not view.relative_to_copy(hb.base):
             # Relative to an earlier acknowledgement of ours, built before the newer
             # one arrived: applied, the copy stays. Else we lack its base, or the
-            # newer acknowledgement never reached the server.
+            # newer acknowledgement never reached the server. (An earlier one whose
+            # set is the copy's is applied to the copy, below.)
             if hb.base in view.history and now - view.acked_at < ACK_GRACE:
                 return Verdict.NOTHING
             return self._lost(hb)
@@ -229,6 +248,7 @@ class ServerViews:
         view.digest = digest
         view.acked, view.acked_at = hb.seq, now
         view.history.append(hb.seq)
+        view.note_acked()
         return Verdict.ACK
 
     def _lost(self, hb: p.ServerHeartbeat) -> Verdict:
