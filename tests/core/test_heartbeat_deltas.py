@@ -542,9 +542,7 @@ def test_a_manager_far_behind_its_events_settles_on_deltas_once_the_set_is_stabl
             applied = in_flight.pop(0)
             verdict = views.receive(applied)
             if verdict is not Verdict.NOTHING:
-                series.acknowledged(
-                    p.HeartbeatAck(seq=applied.seq, full=verdict is Verdict.FULL)
-                )
+                series.acknowledged(p.HeartbeatAck(seq=applied.seq, full=verdict is Verdict.FULL))
     tail = sent[-100:]
     assert all(hb.base for hb in tail), [hb.base for hb in tail]
     assert all(not hb.jobs for hb in tail)
