@@ -37,6 +37,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ class SimServer:
         self.started: list[str] = []
         self.series = HeartbeatSeries()
         self.silent = False
+        self.due = False
+        """A complete listing was asked for: the heartbeat thread sends one now."""
+        self.lock = threading.Lock()
+        """Held while its state changes or a heartbeat is built (the heartbeats
+        are published by a thread of their own: :class:`Beats`)."""
         self.channels: list[aio_pika.abc.AbstractChannel] = []
         """Its consumers of the jobs queue: prefetch = its share, then one more
         with the room for a dead server's share (a new prefetch applies only to
@@ -77,6 +83,11 @@ class SimServer:
         self.full_seqs: set[int] = set()
         self.sent = 0
         self.sent_bytes = 0
+        self.last_sent = 0.0
+        self.max_gap = 0.0
+        """Longest time between two of its heartbeats published (monotonic): a
+        gap of a server timeout means this process starved its heartbeats, and
+        the server was silent for the broker too."""
         self.duplicates = 0
 
     async def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -87,16 +98,19 @@ class SimServer:
         job = p.decode_as(message.body, p.JobMessage)
         count = int(str((message.headers or {}).get("x-delivery-count", 0) or 0))
         fence = make_fence(job.generation, count)
-        previous = self.held.get(job.job_id)
-        if previous is not None:
-            self.duplicates += 1
-            if previous[0].fence >= fence:
-                await message.ack()
-                return
+        with self.lock:
+            previous = self.held.get(job.job_id)
+            if previous is not None:
+                self.duplicates += 1
+            keep = previous is None or previous[0].fence < fence
+            if keep:
+                self.held[job.job_id] = (p.RunningJob(job.job_id, fence, None, 0), message)
+                self.started.append(job.job_id)
+                self.changed = True
+        if not keep:
+            await message.ack()
+        elif previous is not None:
             await previous[1].ack()
-        self.held[job.job_id] = (p.RunningJob(job.job_id, fence, None, 0), message)
-        self.started.append(job.job_id)
-        self.changed = True
 
     def heartbeat(self) -> bytes:
         if self.changed:
@@ -134,12 +148,16 @@ class SimServer:
         """Apply a command; True if a complete listing is due now."""
         command = p.decode(body)
         if isinstance(command, p.StopJob):
-            held = self.held.get(command.job_id)
-            if held is not None and (
-                command.max_fence is None or held[0].fence <= command.max_fence
-            ):
-                del self.held[command.job_id]
-                self.changed = True
+            with self.lock:
+                held = self.held.get(command.job_id)
+                if held is not None and (
+                    command.max_fence is None or held[0].fence <= command.max_fence
+                ):
+                    del self.held[command.job_id]
+                    self.changed = True
+                else:
+                    held = None
+            if held is not None:
                 if command.drop:
                     await held[1].ack()
                 else:
@@ -147,7 +165,8 @@ class SimServer:
             return False
         if not isinstance(command, p.HeartbeatAck):
             return False
-        full = self.series.acknowledged(command)
+        with self.lock:
+            full = self.series.acknowledged(command)
         if not full and command.seq in self.full_seqs:
             self.full_acked_at = time.monotonic()
         return full
@@ -178,7 +197,13 @@ async def simulate(
     system = cluster.system
     assert isinstance(system, OrchestratR)
     base_argv = system.manager_argv
-    system.manager_argv = lambda: [*base_argv(), "--no-rebalance", *manager_args]  # type: ignore[method-assign]
+
+    def manager_argv() -> list[str]:
+        # At info: the leader's lines on the events frontier (how far behind it is).
+        argv = ["info" if arg == "warning" else arg for arg in base_argv()]
+        return [*argv, "--no-rebalance", *manager_args]
+
+    system.manager_argv = manager_argv  # type: ignore[method-assign]
     async with cluster:
         assert system.manager is not None
         sims = [SimServer(f"s{i:04d}", per_server + spare, legacy) for i in range(servers)]
@@ -187,25 +212,6 @@ async def simulate(
             control = await connection.channel()
             commands = await control.get_exchange(f"{system.prefix}.commands")
             events = f"{system.prefix}.events"
-            publishing = await connection.channel()
-
-            async def publish(sim: SimServer) -> None:
-                if sim.silent:
-                    return
-                message = aio_pika.Message(
-                    sim.heartbeat(),
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                )
-                await publishing.default_exchange.publish(message, events)
-
-            async def beat_loop() -> None:
-                gap = interval / len(sims)  # spread over the interval, as real servers are
-                while True:
-                    for sim in sims:
-                        started = time.monotonic()
-                        await publish(sim)
-                        await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
 
             # The servers begin once the jobs exist: creating them in this same
             # process under load must not starve their heartbeats (they would be
@@ -213,7 +219,8 @@ async def simulate(
             t0 = time.monotonic()
             await system.submit([f"job-{i:07d}" for i in range(total)])
             out["create_s"] = round(time.monotonic() - t0, 1)
-            beats = asyncio.create_task(beat_loop())
+            beats = Beats(sims, interval, events)
+            beats.start()
             try:
                 t0 = time.monotonic()  # the servers start taking their jobs now
                 for sim in sims:
@@ -229,7 +236,7 @@ async def simulate(
                         if sim.silent:
                             return
                         if await sim.on_command(message.body):
-                            await publish(sim)
+                            sim.due = True
 
                     await queue.consume(on_command)
                     await _take_jobs(connection, system, sim, per_server)
@@ -237,17 +244,80 @@ async def simulate(
                 out["outbox_empty_s"] = await _outbox_empty(system, 300)
                 out["settled_s"] = await _settled(control, events, len(sims), 300)
                 out.update(await _steady(system, sims, window, profile))
+                # A job whose owner was declared dead counts an owner death: before
+                # the one server that dies below, every count is a live server
+                # declared dead (the manager fell behind).
+                out["live_server_deaths_before_kill"] = await _deaths(system)
+                out["max_heartbeat_publish_gap_s"] = round(max(sim.max_gap for sim in sims), 1)
                 for sim in sims:  # room for a share of a dead server's jobs
                     await _take_jobs(connection, system, sim, spare)
                 out.update(await _dies(system, sims[-1], interval))
+                await asyncio.sleep(3)  # its owner deaths are written after its row
+                counted = await _deaths(system)
                 if not legacy:
                     out.update(await _restart(cluster, system, sims[:-1], total))
+                    out["owner_deaths_counted_by_the_restart"] = await _deaths(system) - counted
                 out["duplicate_deliveries"] = sum(sim.duplicates for sim in sims)
             finally:
-                beats.cancel()
+                beats.stop()
         finally:
             await connection.close()
     return out
+
+
+class Beats(threading.Thread):
+    """Publishes the simulated servers' heartbeats from a thread with its own
+    event loop and connection, spread over the interval as real servers' are:
+    the main loop, busy taking tens of thousands of deliveries, starved them
+    (at 50,000 jobs a server went 8.9 s without a heartbeat, at 100,000 beyond
+    the manager's server timeout -- servers silent for the broker too)."""
+
+    def __init__(self, sims: list[SimServer], interval: float, queue: str) -> None:
+        super().__init__(name="sim-heartbeats", daemon=True)
+        self.sims = sims
+        self.interval = interval
+        self.queue = queue
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        connection = await aio_pika.connect(AMQP)
+        try:
+            channel = await connection.channel()
+            gap = self.interval / len(self.sims)
+            while not self.stopping.is_set():
+                for sim in self.sims:
+                    started = time.monotonic()
+                    for due in self.sims:  # complete listings asked for go first
+                        if due.due:
+                            due.due = False
+                            await self._publish(channel, due)
+                    await self._publish(channel, sim)
+                    if self.stopping.is_set():
+                        return
+                    await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
+        finally:
+            await connection.close()
+
+    async def _publish(self, channel: aio_pika.abc.AbstractChannel, sim: SimServer) -> None:
+        with sim.lock:
+            if sim.silent:
+                return
+            body = sim.heartbeat()
+        message = aio_pika.Message(
+            body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await channel.default_exchange.publish(message, self.queue)
+        now = time.monotonic()
+        if sim.last_sent:
+            sim.max_gap = max(sim.max_gap, now - sim.last_sent)
+        sim.last_sent = now
 
 
 async def _take_jobs(
@@ -269,6 +339,11 @@ async def _scalar(system: OrchestratR, sql: str, *args: Any) -> Any:
     pool = system._storage.connector._pool
     async with pool.acquire() as conn:
         return await conn.fetchval(sql.format(schema=system.schema), *args)
+
+
+async def _deaths(system: OrchestratR) -> int:
+    """Jobs with an owner death (or any failure) counted."""
+    return int(await _scalar(system, 'SELECT count(*) FROM "{schema}".jobs WHERE failure_seq > 0'))
 
 
 async def _outbox_empty(system: OrchestratR, within: float) -> float | None:
@@ -412,8 +487,9 @@ async def _dies(system: OrchestratR, sim: SimServer, interval: float) -> dict[st
     hands its messages to the others). Seconds until every one of its jobs is
     ``processing`` on another server in the database, and until its row is
     ``dead``."""
-    mine = list(sim.held)
-    sim.silent = True
+    with sim.lock:
+        mine = list(sim.held)
+        sim.silent = True
     at = time.monotonic()
     for channel in sim.channels:
         await channel.close()

@@ -517,3 +517,32 @@ async def test_unchanged_heartbeats_are_written_together_and_before_the_next_eve
     await asyncio.sleep(0.5)  # a batch written after the leave would bring it back
     assert await _status(cluster, servers[0].id, ServerStatus.LEFT)
     assert len(batches) > noted
+
+
+def test_a_manager_far_behind_its_events_settles_on_deltas_once_the_set_is_stable() -> None:
+    """The manager applies each heartbeat 20 heartbeats after it was sent (it is
+    behind its events queue): its acknowledgements reach the server after the
+    server stopped keeping those heartbeats' sets (16). Once the server's set no
+    longer changes, an acknowledgement of a set equal to the one last sent
+    counts (by digest), the manager applies deltas on it to its copy (same
+    digest), and the heartbeats are deltas again -- before, every heartbeat
+    was a complete listing for as long as the manager stayed that far behind."""
+    lag = 20
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    in_flight: list[p.ServerHeartbeat] = []
+    jobs = [A]
+    sent: list[p.ServerHeartbeat] = []
+    for step in range(200):
+        if step < 30:
+            jobs.append(p.RunningJob(f"j{step}", 1, None, 0))  # a fill, then stable
+        hb = _hb(series.next(_reports(*jobs)))
+        sent.append(hb)
+        in_flight.append(hb)
+        if len(in_flight) > lag:
+            applied = in_flight.pop(0)
+            verdict = views.receive(applied)
+            if verdict is not Verdict.NOTHING:
+                series.acknowledged(p.HeartbeatAck(seq=applied.seq, full=verdict is Verdict.FULL))
+    tail = sent[-100:]
+    assert all(hb.base for hb in tail), [hb.base for hb in tail]
+    assert all(not hb.jobs for hb in tail)

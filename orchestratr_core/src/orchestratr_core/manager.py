@@ -42,6 +42,7 @@ from orchestratr_core.errors import (
     OrchestratrError,
     UnknownServer,
 )
+from orchestratr_core.frontier import EventsFrontier
 from orchestratr_core.inplace import InPlaceUpdates
 from orchestratr_core.job import (
     JobEvent,
@@ -64,7 +65,7 @@ from orchestratr_core.placement import Pool, ServerPlacement, parse_labels, pend
 from orchestratr_core.plugin.manager import PluginManager, get_plugin_manager
 from orchestratr_core.retry import retrying
 from orchestratr_core.server_views import ServerViews, Verdict
-from orchestratr_core.storage import OutboxItem, OutboxKind, SpreadJob, Storage
+from orchestratr_core.storage import FailureCount, OutboxItem, OutboxKind, SpreadJob, Storage
 from orchestratr_core.transport import Subscription, Transport
 
 __all__ = ["ManagerOptions", "ServerManager"]
@@ -85,6 +86,8 @@ _HELD_STOPS = frozenset({p.StopReason.HELD, p.StopReason.CANCELLED, p.StopReason
 
 _HELD_OWNED = frozenset({JobStatus.PAUSING, JobStatus.QUARANTINED})
 """Held statuses in which a server may still hold a copy (it confirms)."""
+_QUARANTINABLE = frozenset({JobStatus.PENDING, JobStatus.PROCESSING})
+"""Statuses a spent restart budget quarantines (:meth:`Storage.record_failure`)."""
 _HELD_CHECKED = 1000
 """Held jobs with an owner judged per check (:meth:`ServerManager._confirm_held_unlisted`)."""
 
@@ -162,6 +165,14 @@ class ManagerOptions:
     ``last_seen`` is then up to this much older in the storage than the
     manager's own view. ``0``: every heartbeat is written on arrival. ``None``:
     a twentieth of ``server_timeout``, at most 0.5 s."""
+    backlog_wait: float | None = None
+    """Seconds the leader may hold back declaring servers dead while this
+    manager has not applied the events waiting for it (its heartbeats of live
+    servers may be among them: :mod:`orchestratr_core.frontier`). A silent
+    server is declared dead once the manager has applied what was published up
+    to ``server_timeout`` after its last heartbeat, and at the latest
+    ``server_timeout + backlog_wait`` after it (plus a sweep). ``0``: judge by
+    the wall clock alone. ``None``: six times ``server_timeout``."""
 
     def __post_init__(self) -> None:
         if self.server_timeout <= 0 or self.sweep_interval <= 0:
@@ -176,6 +187,8 @@ class ManagerOptions:
             raise ConfigurationError("confirm_hold_after must be >= 0")
         if not self.update_ack_timeout > 0:
             raise ConfigurationError("update_ack_timeout must be > 0")
+        if self.backlog_wait is not None and not self.backlog_wait >= 0:
+            raise ConfigurationError("backlog_wait must be >= 0")
 
 
 class ServerManager:
@@ -231,6 +244,12 @@ class ServerManager:
         confirmed held :attr:`ManagerOptions.confirm_hold_after` later
         (:meth:`_confirm_held_unlisted`)."""
         self._held_checked = 0.0
+        wait = self.options.backlog_wait
+        self._frontier = EventsFrontier(
+            max_lag=6 * self.options.server_timeout if wait is None else wait,
+            idle_after=max(2.0, 2 * self.options.sweep_interval),
+        )
+        """How far the events queue is applied (:mod:`orchestratr_core.frontier`)."""
         self._heard: dict[str, float] = {}
         """Server id -> ``sent_at`` of its latest heartbeat this manager applied
         (or noted): what the outbox relay asks before it re-sends a job."""
@@ -239,7 +258,10 @@ class ServerManager:
         claimed them, wall clock; the row): see :meth:`_relay_outbox`."""
         self._claimed: dict[int, float] = {}
         """Those rows -> when this manager last claimed them (wall clock)."""
-        self._views = ServerViews(stale_after=self.options.server_timeout / 2)
+        self._views = ServerViews(
+            stale_after=self.options.server_timeout / 2,
+            behind=self._frontier.behind,
+        )
         """Each server's set of jobs as of its acknowledged heartbeat."""
         self._last_resync = 0.0
         self._last_rebalance = time.monotonic()
@@ -335,6 +357,21 @@ class ServerManager:
     # -- events -----------------------------------------------------------------------
 
     async def _on_event(self, event: p.Event) -> None:
+        """Apply one server event (:meth:`_handle_event`), counted for the
+        events frontier (:mod:`orchestratr_core.frontier`): an event applied or
+        refused is done; one left for a retry is not."""
+        self._frontier.begin()
+        try:
+            await self._handle_event(event)
+        except DeadLetter:
+            self._frontier.end()
+            raise
+        except BaseException:
+            self._frontier.handling = False
+            raise
+        self._frontier.end()
+
+    async def _handle_event(self, event: p.Event) -> None:
         """Apply one server event. While the storage is down this waits and retries,
         so the event (and those behind it) stay in the broker: no status is lost.
 
@@ -1077,23 +1114,23 @@ class ServerManager:
             return []
         if self._stepped_back:
             return []  # not applying the heartbeats (storage unreachable): no verdict
+        applied_up_to = await self._events_frontier()
         if self._touches:
             await self._flush_touches()
-        cutoff = now - timedelta(seconds=self.options.server_timeout)
+        cutoff = min(now, applied_up_to) - timedelta(seconds=self.options.server_timeout)
         dying = await self._holdings_of_silent_servers(cutoff)
         expired = await self._storage.expire_servers(cutoff, now)
+        deaths: dict[str, str] = {}
         for server in expired:
             lost = {
                 job.id for job in dying.get(server.id, ()) if job.status is JobStatus.PROCESSING
             }
             lost |= set(self._moved_from.pop(server.id, {}))
-            for job_id in sorted(lost):
-                await self._count_failure(
-                    job_id,
-                    now.timestamp(),
-                    f"owner died: server {server.name} ({server.id})",
-                    now,
-                )
+            for job_id in lost:
+                deaths[job_id] = f"owner died: server {server.name} ({server.id})"
+        if deaths:
+            await self._count_owner_deaths(deaths, now)
+        for server in expired:
             await self._confirm_held_of_dead(dying.get(server.id, []), now)
             log.warning("server %s (%s) is dead: its jobs are pending", server.id, server.name)
             self._known_servers.discard(server.id)
@@ -1103,6 +1140,62 @@ class ServerManager:
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
         return expired
+
+    async def _events_frontier(self) -> datetime:
+        """The time up to which this manager has applied every event published
+        (:class:`EventsFrontier`; the wall clock when that cannot be told)."""
+        at = utcnow()
+        if self._frontier.max_lag <= 0:
+            return at
+        try:
+            backlog = await self._transport.events_backlog()
+        except (OrchestratrError, OSError) as exc:
+            log.debug("could not count the events waiting: %s", exc)
+            backlog = None
+        applied_up_to = self._frontier.probe(backlog, at)
+        if applied_up_to < at - timedelta(seconds=self.options.sweep_interval * 2):
+            log.info(
+                "%d event(s) wait: silence is judged up to %s (%.1f s ago)",
+                backlog or 0,
+                applied_up_to.isoformat(),
+                (at - applied_up_to).total_seconds(),
+            )
+        return applied_up_to
+
+    async def _count_owner_deaths(self, deaths: dict[str, str], now: datetime) -> None:
+        """Count one failure (``job id -> what happened``) against each job's
+        restart budget, as :meth:`_count_failure` does one by one, in a few
+        statements whatever the number of jobs (:meth:`Storage.record_failures`:
+        one read of the jobs and one compare-and-set write per round; a job whose
+        count changed meanwhile is read and counted again, at most 5 rounds)."""
+        at = now.timestamp()
+        todo = sorted(deaths)
+        for _ in range(5):
+            if not todo:
+                return
+            jobs = await self._storage.get_jobs(todo)
+            counts: list[FailureCount] = []
+            newly: set[str] = set()
+            for job in jobs:
+                if job.status.final:
+                    continue
+                failure_log, quarantine = count_failure(job, at, deaths[job.id])
+                counts.append(FailureCount(job.id, job.failure_seq, failure_log, quarantine))
+                if quarantine is not None and job.status in _QUARANTINABLE:
+                    newly.add(job.id)
+            try:
+                applied = set(await self._storage.record_failures(counts, now))
+            except NotImplementedError:
+                return
+            for job_id in sorted(newly & applied):
+                log.warning("job quarantined job_id=%s: its restart budget is spent", job_id)
+            if newly & applied:
+                await self._sync_cancellations(now)
+            todo = [c.job_id for c in counts if c.job_id not in applied]
+        if todo:
+            log.warning(
+                "could not count an owner death of %d job(s): counts kept changing", len(todo)
+            )
 
     async def update_pending_reasons(self) -> int:
         """Work out why the jobs of each pool with pending jobs wait, from the live

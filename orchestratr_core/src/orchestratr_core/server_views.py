@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestratr_core import protocol as p
@@ -40,6 +41,10 @@ __all__ = ["ServerViews", "Verdict"]
 
 _ACKED_KEPT = 8
 """Acknowledged heartbeats remembered per server (deltas on them still apply)."""
+_DIGESTS_KEPT = 512
+"""Acknowledged heartbeats whose set's digest is remembered per server: a delta on
+one of them whose set is the copy's applies to the copy (a server that learnt of
+the acknowledgement late, from a manager behind its events queue)."""
 ACK_GRACE = 5.0
 """Seconds after an acknowledgement during which a delta on an earlier one is
 expected (built before it arrived); later, the acknowledgement was lost."""
@@ -66,9 +71,24 @@ class _View:
     """monotonic time of the last heartbeat applied"""
     acked_at: float
     """monotonic time of the acknowledgement of ``acked``"""
+    sent: float = 0.0
+    """``sent_at`` (the server's clock) of the last heartbeat applied"""
     history: collections.deque[int] = field(
         default_factory=lambda: collections.deque(maxlen=_ACKED_KEPT)
     )
+    digests: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """acknowledged seq -> (digest, count) of the set it acknowledged"""
+
+    def relative_to_copy(self, base: int) -> bool:
+        """Whether a delta on ``base`` is relative to this copy: the acknowledged
+        heartbeat, or an earlier acknowledged one whose set was the same."""
+        return base == self.acked or self.digests.get(base) == (self.digest, len(self.shares))
+
+    def note_acked(self) -> None:
+        """Remember the digest of the set just acknowledged (``acked``)."""
+        self.digests[self.acked] = (self.digest, len(self.shares))
+        while len(self.digests) > _DIGESTS_KEPT:
+            del self.digests[min(self.digests)]
 
 
 class ServerViews:
@@ -77,11 +97,19 @@ class ServerViews:
     :param stale_after: seconds without a heartbeat after which the copy is not
         trusted (keep it below the manager's server timeout: a server declared dead
         has its jobs released in the storage, which the copy does not show).
+        Judged between two heartbeats of the server by its own clock (``sent_at``),
+        and by when the manager applied them, less ``behind()``.
+    :param behind: seconds the manager is behind in applying the events queue
+        (:meth:`EventsFrontier.behind <orchestratr_core.frontier.EventsFrontier.behind>`):
+        a manager behind applies two heartbeats of one server further apart than
+        the server sent them, and the leader holds back declaring servers dead
+        by as much. Default: never behind.
     """
 
-    def __init__(self, stale_after: float) -> None:
+    def __init__(self, stale_after: float, behind: Callable[[], float] | None = None) -> None:
         self._views: dict[str, _View] = {}
         self._stale_after = stale_after
+        self._behind = behind
         self._older: dict[str, tuple[frozenset[str], float]] = {}
         """Server id -> the jobs of the last complete listing of a server of an
         older version (unnumbered heartbeats), and when it arrived (monotonic)."""
@@ -124,15 +152,24 @@ class ServerViews:
         if not hb.seq or not hb.base or hb.jobs or hb.gone or hb.started:
             return False
         view = self._views.get(hb.server_id)
-        if view is None or hb.base != view.acked:
+        if view is None or not view.relative_to_copy(hb.base):
             return False
         now = time.monotonic()
-        if now - view.seen >= self._stale_after:
+        if self._stale(view, hb, now):
             return False
         if hb.digest != view.digest or hb.running != len(view.shares):
             return False
-        view.seen = now
+        view.seen, view.sent = now, hb.sent_at
         return True
+
+    def _stale(self, view: _View, hb: p.ServerHeartbeat, now: float) -> bool:
+        """Whether so long passed between the copy's last heartbeat and ``hb``
+        that the server may have been declared dead meanwhile (see the class)."""
+        if hb.sent_at - view.sent >= self._stale_after:
+            return True
+        if now - view.seen < self._stale_after:
+            return False
+        return now - view.seen >= self._stale_after + (self._behind() if self._behind else 0.0)
 
     def receive(self, hb: p.ServerHeartbeat, *, refused: bool = False) -> Verdict:
         """Update the copy for ``hb`` (already applied to the storage) and say what
@@ -156,7 +193,7 @@ class ServerViews:
             return Verdict.NOTHING
         now = time.monotonic()
         view = self._views.get(hb.server_id)
-        if view is not None and now - view.seen >= self._stale_after:
+        if view is not None and self._stale(view, hb, now):
             view = None  # the server may have been declared dead meanwhile
             del self._views[hb.server_id]
         if not hb.base:
@@ -169,16 +206,18 @@ class ServerViews:
                 view = self._views[hb.server_id] = _View(shares, digest, hb.seq, now, now)
             else:
                 view.shares, view.digest, view.acked, view.acked_at = shares, digest, hb.seq, now
-            view.seen = now
+            view.seen, view.sent = now, hb.sent_at
             view.history.append(hb.seq)
+            view.note_acked()
             return Verdict.ACK
         if view is None:
             return Verdict.FULL
-        view.seen = now
-        if hb.base != view.acked:
+        view.seen, view.sent = now, hb.sent_at
+        if not view.relative_to_copy(hb.base):
             # Relative to an earlier acknowledgement of ours, built before the newer
             # one arrived: applied, the copy stays. Else we lack its base, or the
-            # newer acknowledgement never reached the server.
+            # newer acknowledgement never reached the server. (An earlier one whose
+            # set is the copy's is applied to the copy, below.)
             if hb.base in view.history and now - view.acked_at < ACK_GRACE:
                 return Verdict.NOTHING
             return self._lost(hb)
@@ -209,6 +248,7 @@ class ServerViews:
         view.digest = digest
         view.acked, view.acked_at = hb.seq, now
         view.history.append(hb.seq)
+        view.note_acked()
         return Verdict.ACK
 
     def _lost(self, hb: p.ServerHeartbeat) -> Verdict:

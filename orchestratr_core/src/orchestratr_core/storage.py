@@ -69,6 +69,7 @@ __all__ = [
     "REASON_UPDATED_IN_PLACE",
     "REASON_UPDATE_FELL_BACK",
     "REASON_UPDATE_REQUESTED",
+    "FailureCount",
     "OutboxItem",
     "OutboxKind",
     "SpreadJob",
@@ -134,6 +135,18 @@ class OutboxItem:
     kind: OutboxKind
     generation: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    """One failure to count (:meth:`Storage.record_failures`): the arguments of
+    one :meth:`Storage.record_failure`."""
+
+    job_id: str
+    seq: int
+    """The ``failure_seq`` the count was computed from (compare-and-set)."""
+    failure_log: str
+    quarantine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -548,6 +561,26 @@ class Storage(abc.ABC):
         its owner kept, to confirm) with ``reason := quarantine``. The caller
         reads the job again and retries when it did not apply."""
         raise NotImplementedError(f"{type(self).__name__} does not implement restart budgets")
+
+    async def record_failures(self, counts: Sequence[FailureCount], now: datetime) -> list[str]:
+        """:meth:`record_failure` for many jobs at once (the owner deaths of a
+        server declared dead), each its own compare-and-set: returns the ids of
+        the jobs whose count applied; the caller reads the others again and
+        retries. A job named twice counts once (the second finds a moved
+        ``failure_seq``). This default calls :meth:`record_failure` per job; a
+        storage that can write them in one statement should (PostgreSQL)."""
+        applied = []
+        for count in counts:
+            result = await self.record_failure(
+                count.job_id,
+                seq=count.seq,
+                failure_log=count.failure_log,
+                now=now,
+                quarantine=count.quarantine,
+            )
+            if result.applied:
+                applied.append(count.job_id)
+        return applied
 
     async def set_restart_budget(
         self, job_id: str, max_restarts: int | None, restart_window: float | None

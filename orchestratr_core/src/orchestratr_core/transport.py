@@ -261,6 +261,14 @@ class Transport(abc.ABC):
         raises :class:`~orchestratr_core.errors.DeadLetter`: then the event is
         dead-lettered with one warning line and the next one is delivered."""
 
+    async def events_backlog(self) -> int | None:
+        """How many events wait in the events queue, not yet handed to a
+        consumer (the manager's leader reads it: :mod:`orchestratr_core.frontier`).
+        ``None``: this transport cannot tell (the default). May raise
+        :class:`~orchestratr_core.errors.OrchestratrError` when the broker does
+        not answer."""
+        return None
+
     # -- server side ------------------------------------------------------------
 
     @abc.abstractmethod

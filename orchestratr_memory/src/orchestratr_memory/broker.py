@@ -266,6 +266,11 @@ class BrokerConnection:
         self._check()
         self.broker._publish(queue, payload)
 
+    def events_waiting(self) -> int:
+        """How many events wait in ``events``, not handed to a consumer."""
+        self._check()
+        return len(self.broker._events)
+
     def register_pool(self, key: str) -> None:
         """Register a pool (idempotent): its queue exists from now on, and every
         pool watcher hears of it."""

@@ -913,6 +913,10 @@ class MemoryTransport(Transport):
 
         await self._require_link().call(replace, publish=True)
 
+    async def events_backlog(self) -> int | None:
+        """How many events wait, not yet handed to the consumer."""
+        return await self._require_link().call(lambda conn: conn.events_waiting())
+
     async def consume_events(self, handler: EventHandler) -> Subscription:
         """Join the events queue (single active consumer)."""
         link = self._require_link()

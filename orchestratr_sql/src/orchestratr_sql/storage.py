@@ -39,6 +39,7 @@ from orchestratr_core.storage import (
     REASON_UPDATE_REQUESTED,
     REASON_UPDATED,
     REASON_UPDATED_IN_PLACE,
+    FailureCount,
     OutboxItem,
     OutboxKind,
     check_heartbeat,
@@ -612,6 +613,45 @@ class SqlStorage(SqlReads):
 
         return await self._run("record_failure", record)
 
+    async def record_failures(self, counts: Sequence[FailureCount], now: datetime) -> list[str]:
+        """The owner deaths of a dead server, one transaction per
+        :data:`_FAILURE_CHUNK` jobs: PostgreSQL ``record_failures`` (one
+        statement, parallel arrays, ``RETURNING`` the ids that applied); elsewhere
+        the ``record_failure`` compare-and-set per job in that transaction."""
+        applied: list[str] = []
+        counts = list(counts)
+        batched = "record_failures" in self._q
+        for start in range(0, len(counts), _FAILURE_CHUNK):
+            chunk = counts[start : start + _FAILURE_CHUNK]
+
+            async def record(conn: Connection, chunk: list[FailureCount] = chunk) -> list[str]:
+                if batched:
+                    arrays = {
+                        "ids": [c.job_id for c in chunk],
+                        "seqs": [int(c.seq) for c in chunk],
+                        "logs": [c.failure_log for c in chunk],
+                        "quarantines": [c.quarantine for c in chunk],
+                        "now": self._t(now),
+                    }
+                    rows = await conn.fetch(self._q["record_failures"], arrays)
+                    return [str(row["id"]) for row in rows]
+                done = []
+                for c in chunk:
+                    values = {
+                        "id": c.job_id,
+                        "seq": int(c.seq),
+                        "failure_log": c.failure_log,
+                        "quarantine": c.quarantine,
+                        "quarantined": 0 if c.quarantine is None else 1,
+                        "now": self._t(now),
+                    }
+                    if await conn.execute(self._q["record_failure"], values):
+                        done.append(c.job_id)
+                return done
+
+            applied += await self._run("record_failures", record, statement=batched)
+        return applied
+
     async def set_restart_budget(
         self, job_id: str, max_restarts: int | None, restart_window: float | None
     ) -> None:
@@ -926,6 +966,9 @@ class _LeaseTaken(Exception):
 class _BatchConflict(Exception):
     """A batch insert hit the unique name index (which name is looked up after)."""
 
+
+_FAILURE_CHUNK = 2000
+"""Jobs per transaction of :meth:`SqlStorage.record_failures`."""
 
 _DELETE_CHUNK = 5000
 """Ids per outbox ``DELETE`` of :meth:`SqlStorage.complete_outbox_for_jobs`."""

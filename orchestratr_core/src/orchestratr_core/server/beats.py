@@ -41,14 +41,27 @@ BEAT_REPORT_STEP = HEARTBEAT_REFRESH_STEP
 ACK_PATIENCE = 3
 """Heartbeats with unacknowledged changes before the server lists everything again."""
 _KEEP = 16
-"""Unacknowledged heartbeats whose sets are kept (older ones cannot be acknowledged)."""
+"""Unacknowledged heartbeats whose sets are kept."""
+_KEEP_DIGESTS = 512
+"""Heartbeats whose digest is kept: an acknowledgement of one whose set is no
+longer kept still counts if the set it acknowledges is the one last sent (a
+manager far behind its events queue answers later than :data:`_KEEP` heartbeats)."""
 
 
 class HeartbeatSeries:
     """The numbering of one server's heartbeats, the sets of those not yet
     acknowledged, and the one the manager acknowledged last."""
 
-    __slots__ = ("_acked", "_base", "_checkpoints", "_sent", "_shares", "_unanswered", "seq")
+    __slots__ = (
+        "_acked",
+        "_base",
+        "_checkpoints",
+        "_digests",
+        "_sent",
+        "_shares",
+        "_unanswered",
+        "seq",
+    )
 
     def __init__(self) -> None:
         self.seq = 0
@@ -56,6 +69,8 @@ class HeartbeatSeries:
         """The ``seq`` of the acknowledged heartbeat (0: none; list everything)."""
         self._acked: dict[str, p.RunningJob] = {}
         self._sent: dict[int, dict[str, p.RunningJob]] = {}
+        self._digests: dict[int, tuple[int, int]] = {}
+        """seq -> (digest, running) of the set it carried, for :data:`_KEEP_DIGESTS`."""
         self._unanswered = 0
         self._shares: dict[str, tuple[int, int]] = {}
         """job id -> (fence, its share of the digest): hashed once per ownership."""
@@ -88,6 +103,12 @@ class HeartbeatSeries:
             self._unanswered = 0
             return True
         jobs = self._sent.get(ack.seq)
+        if jobs is None and ack.seq > self._base and self._sent:
+            # Its set is no longer kept; if it is the set sent last, that one is
+            # what the manager holds (a digest over every job's id and fence).
+            last = max(self._sent)
+            if self._digests.get(ack.seq) == self._digests.get(last):
+                jobs = self._sent[last]
         if jobs is not None and ack.seq > self._base:
             self._base = ack.seq
             self._acked = jobs
@@ -156,6 +177,9 @@ class HeartbeatSeries:
         self._sent[self.seq] = sent
         while len(self._sent) > _KEEP:
             del self._sent[min(self._sent)]
+        self._digests[self.seq] = (digest, len(current))
+        while len(self._digests) > _KEEP_DIGESTS:
+            del self._digests[min(self._digests)]
         return self.seq, base, tuple(changed), gone, digest, len(current)
 
 

@@ -467,6 +467,24 @@ class RabbitMQTransport(Transport):
         self._subscriptions.append(sub)
         return session
 
+    async def events_backlog(self) -> int | None:
+        """The events queue's ready messages (a passive ``queue.declare`` on a
+        channel of its own, closed after: a failed declare closes only it)."""
+        session = await self._live()
+        try:
+            channel = await session.connection.channel(publisher_confirms=False)
+            try:
+                queue = await channel.declare_queue(session.topology.events, passive=True)
+                count = queue.declaration_result.message_count
+                return None if count is None else int(count)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except Exception as exc:
+            raise BackendUnavailable(
+                f"counting the events waiting in {session.topology.events} failed: {describe(exc)}"
+            ) from None
+
     async def consume_events(self, handler: EventHandler) -> Subscription:
         """Consume ``<ns>.events`` (single active consumer, one event at a time)."""
         sub = EventSubscription(self._wiring, handler)

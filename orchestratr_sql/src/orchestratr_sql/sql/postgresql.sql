@@ -181,3 +181,19 @@ CREATE TABLE IF NOT EXISTS schema_version (
     name VARCHAR(200) NOT NULL,
     applied_at TIMESTAMPTZ NOT NULL
 );
+
+-- name: record_failures
+-- record_failure (common.sql) for many jobs in one statement (parallel arrays),
+-- each row its own compare-and-set on failure_seq; the ids that applied.
+UPDATE jobs AS j SET
+    reason = CASE WHEN f.quarantine IS NOT NULL AND j.status IN ('pending', 'processing')
+                  THEN f.quarantine ELSE j.reason END,
+    status = CASE WHEN f.quarantine IS NOT NULL AND j.status IN ('pending', 'processing')
+                  THEN 'quarantined' ELSE j.status END,
+    failure_seq = j.failure_seq + 1,
+    failure_log = f.failure_log,
+    updated_at = :now
+FROM unnest(:ids::text[], :seqs::int[], :logs::text[], :quarantines::text[])
+     AS f(id, seq, failure_log, quarantine)
+WHERE j.id = f.id AND j.failure_seq = f.seq AND j.status NOT IN ('deleted', 'completed')
+RETURNING j.id;

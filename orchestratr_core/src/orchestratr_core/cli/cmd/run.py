@@ -129,6 +129,14 @@ def add_commands(
         "at most 0.5)",
     )
     manager.add_argument(
+        "--backlog-wait",
+        type=duration,
+        metavar="S",
+        help="while the manager has not applied the events waiting for it, declare no "
+        "server dead for lack of a heartbeat still queued, for at most this long "
+        "(0: judge by the wall clock; default six server timeouts)",
+    )
+    manager.add_argument(
         "--sweep-interval",
         type=duration,
         metavar="S",
@@ -340,6 +348,7 @@ async def _cmd_manager(args: argparse.Namespace) -> int:
         ManagerOptions(),
         server_timeout=args.server_timeout,
         seen_batch=args.seen_batch,
+        backlog_wait=args.backlog_wait,
         sweep_interval=args.sweep_interval,
         leader_lease=args.leader_lease,
         rebalance_interval=args.rebalance_interval,

@@ -12,18 +12,21 @@ from orchestratr_core.errors import UnknownJob
 from orchestratr_core.job import JobEvent, JobStatus, new_id
 from orchestratr_core.lifecycle import MAX_CHECKPOINT_BYTES
 from orchestratr_core.protocol import RunningJob
-from orchestratr_core.storage import OutboxKind, Storage
+from orchestratr_core.storage import FailureCount, OutboxKind, Storage
 from orchestratr_core.testing.storage_suite._common import (
     HOLDER,
     LEASE,
     _all_outbox,
     _apply,
     _create,
+    _create_many,
     _get,
     _heartbeat,
     _in_status,
     _must,
+    _new_job,
     _now,
+    _same_time,
     _sec,
 )
 
@@ -336,6 +339,68 @@ class JobLifecycleTests:
         assert not (await storage.record_failure(done.id, seq=0, failure_log="[]", now=now)).applied
         unknown = await storage.record_failure(new_id(), seq=0, failure_log="[]", now=now)
         assert unknown.job is None
+
+    async def test_many_failures_are_counted_at_once_each_by_its_own_compare_and_set(
+        self, storage: Storage
+    ) -> None:
+        """``record_failures`` (the owner deaths of a dead server): each job's count
+        is its own compare-and-set on ``failure_seq``; a stale one, a final job and
+        an unknown id are left out of what applied, the others count, and a spent
+        budget quarantines a pending or processing job (its owner kept) but not a
+        paused one."""
+        now = _now()
+        later = now + _sec(1)
+        pending = await _in_status(storage, JobStatus.PENDING, now)
+        running = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=7)
+        spent = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=9)
+        paused = await _in_status(storage, JobStatus.PAUSED, now)
+        stale = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=3)
+        assert (await storage.record_failure(stale.id, seq=0, failure_log="[]", now=now)).applied
+        done = await _in_status(storage, JobStatus.COMPLETED, now)
+        unknown = new_id()
+        counts = [
+            FailureCount(pending.id, 0, '[[1.0, "owner died: ✓"]]'),
+            FailureCount(running.id, 0, '[[2.0, "b"]]'),
+            FailureCount(spent.id, 0, '[[3.0, "c"]]', quarantine="spent ✓"),
+            FailureCount(paused.id, 0, '[[4.0, "d"]]', quarantine="spent"),
+            FailureCount(stale.id, 0, '[[5.0, "stale"]]'),  # its count moved to 1
+            FailureCount(done.id, 0, "[]"),
+            FailureCount(unknown, 0, "[]"),
+        ]
+        applied = await storage.record_failures(counts, later)
+        assert sorted(applied) == sorted([pending.id, running.id, spent.id, paused.id])
+        for job, log in ((pending, '[[1.0, "owner died: ✓"]]'), (running, '[[2.0, "b"]]')):
+            after = await _get(storage, job.id)
+            assert (after.failure_seq, after.failure_log) == (1, log)
+            assert (after.status, after.server_id, after.fence) == (
+                job.status,
+                job.server_id,
+                job.fence,
+            )
+            assert _same_time(after.updated_at, later)
+        quarantined = await _get(storage, spent.id)
+        assert (quarantined.status, quarantined.reason) == (JobStatus.QUARANTINED, "spent ✓")
+        assert (quarantined.server_id, quarantined.fence, quarantined.failure_seq) == ("s1", 9, 1)
+        held = await _get(storage, paused.id)
+        assert (held.status, held.failure_seq) == (JobStatus.PAUSED, 1)
+        assert (await _get(storage, stale.id)).failure_log == "[]"  # the stale count lost
+        assert (await _get(storage, done.id)).failure_seq == 0
+        # Counted again from the counts read before: every compare-and-set loses.
+        assert await storage.record_failures(counts, later) == []
+        assert await storage.record_failures([], later) == []
+
+    async def test_many_failures_at_once_go_beyond_one_statement_s_worth(
+        self, storage: Storage
+    ) -> None:
+        """A dead server's thousands of jobs: all counted, each once."""
+        now = _now()
+        jobs = await _create_many(storage, [_new_job(at=now) for _ in range(2100)], now + LEASE)
+        counts = [FailureCount(job.id, 0, f'[[1.0, "{i}"]]') for i, job in enumerate(jobs)]
+        # A job named twice counts once.
+        applied = await storage.record_failures([*counts, counts[0]], now)
+        assert sorted(applied) == sorted(job.id for job in jobs)
+        for job in (jobs[0], jobs[2050]):
+            assert (await _get(storage, job.id)).failure_seq == 1
 
     # -- races (added: every pair at once, whichever runs first) ----------------------------
 
