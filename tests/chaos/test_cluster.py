@@ -7,14 +7,20 @@ they connect to node 1, which declares the jobs queue and so leads it; the serve
 name them 2, 3, 1, so they connect to node 2. Killing node 2 is then "the node the
 servers are connected to" and killing node 1 "the node that leads the jobs queue".
 Bounds and measured figures: ``docs/reliability.md`` ("RabbitMQ cluster").
-``make chaos-cluster`` runs them all; all are ``slow`` (the cluster takes 40 s to 2 min
+``make chaos-cluster`` runs them all; all are ``slow`` (the cluster takes 20 s to 2 min
 to start here), so none runs in the default suite.
+
+The module starts on a fresh cluster (``recreate``: empty data), and a test gets a fresh
+one after ``RECREATE_AFTER`` node restarts or when a node does not come back: RabbitMQ
+3.10.8 fails to boot after many kill/restart cycles on one data directory (a broker
+defect, docs/rabbitmq.md), and no test here should meet that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -68,15 +74,45 @@ OUTAGE = 10.0
 """How long two of the three nodes stay down."""
 
 
+RECREATE_AFTER = 8
+"""Node restarts after which the next test gets a fresh cluster (``recreate``: down,
+then up with empty data). RabbitMQ 3.10.8 has failed at every start of a node after
+about 25 kill/restart cycles on one data directory (``function_clause`` in
+``amqqueue:qnode(none)``, a broker defect: docs/rabbitmq.md); one test restarts at
+most two nodes, so no data directory here sees more than 10."""
+
+
+NO_UP = (RuntimeError, subprocess.TimeoutExpired)
+"""What ``infra(CLUSTER, "up")`` raises when a node does not come back."""
+
+
+def ready_cluster(*, fresh: bool = False) -> str:
+    """The cluster with all three nodes running; its URL. A fresh one when ``fresh``,
+    after ``RECREATE_AFTER`` node restarts, or when a node cannot come back (a broker
+    defect, above: then only fresh data helps)."""
+    if not fresh and int(infra(CLUSTER, "restarts").strip() or 0) < RECREATE_AFTER:
+        try:
+            return infra(CLUSTER, "up", timeout=300).strip().splitlines()[-1]
+        except NO_UP as exc:
+            print(f"rabbitmq-cluster: recreating it, a node did not come back: {exc}")
+    return infra(CLUSTER, "recreate", timeout=300).strip().splitlines()[-1]
+
+
 @pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    """The cluster, up (started if needed; all three nodes running)."""
-    yield infra(CLUSTER, "up", timeout=300).strip().splitlines()[-1]
+def fresh_cluster() -> Iterator[str]:
+    """A fresh cluster for the module (no state of an earlier run); its URL."""
+    yield ready_cluster(fresh=True)
+
+
+@pytest.fixture
+async def cluster_url(fresh_cluster: str) -> str:
+    """The cluster's URL, all three nodes running (a node a test left down is back)."""
+    await asyncio.to_thread(ready_cluster)
+    return fresh_cluster
 
 
 @pytest.fixture
 async def chaos(cluster_url: str, tmp_path: Path) -> AsyncIterator[ChaosCluster]:
-    infra(CLUSTER, "up", timeout=300)  # a node a test left down comes back
     cluster = ChaosCluster(
         tmp_path, Timings(), broker_url=cluster_url, server_broker_url=SERVERS_URL
     )
@@ -84,8 +120,10 @@ async def chaos(cluster_url: str, tmp_path: Path) -> AsyncIterator[ChaosCluster]
     try:
         yield cluster
     finally:
+        # The nodes first: the run's queues are deleted on a whole cluster.
+        with contextlib.suppress(*NO_UP):  # the next test recreates it
+            await asyncio.to_thread(infra, CLUSTER, "up", timeout=300)
         await cluster.close()
-        await asyncio.to_thread(infra, CLUSTER, "up", timeout=300)
 
 
 async def _node(action: str, node: str) -> float:
@@ -248,7 +286,8 @@ async def test_kill_9_the_node_holding_the_cancellation_set_others_read_and_writ
             await holder.close()
         await reader.close()
         await writer.close()
-        await asyncio.to_thread(infra, CLUSTER, "up", timeout=300)
+        with contextlib.suppress(*NO_UP):  # the next test recreates it
+            await asyncio.to_thread(infra, CLUSTER, "up", timeout=300)
         await drop_namespace(namespace, cluster_url)
 
 
