@@ -89,7 +89,7 @@ ONE_STATEMENT_CREATES = {"create_job", "create_jobs"}
 CTEs); the other dialects run insert_job and the outbox inserts in a transaction."""
 
 
-POSTGRESQL_BATCHES = {"upsert_servers"}
+POSTGRESQL_BATCHES = {"upsert_servers", "record_failures"}
 """Queries only PostgreSQL has (parallel arrays); the others loop in one transaction."""
 
 
