@@ -560,6 +560,8 @@ def section_goals(docs: dict[str, dict[str, Any] | None]) -> list[str]:
                         "-",
                     )
                 )
+    generated = {goal for goal, _, _ in rows}
+    rows += [row for row in goal_rows_on_page() if row[0] not in generated]
     if not rows:
         return []
     out = ["## Goals (OrchestratR, medians)", "", "| goal | measured | |",
@@ -567,6 +569,26 @@ def section_goals(docs: dict[str, dict[str, Any] | None]) -> list[str]:
     out += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     out.append("")
     return out
+
+
+def goal_rows_on_page() -> list[tuple[str, str, str]]:
+    """The rows of the page's goals table as it stands: those that no result file
+    gives now (a goal measured by another script, or a peer not run this time) are
+    kept as they were written."""
+    if not DOC.exists():
+        return []
+    text = DOC.read_text()
+    start = text.find("## Goals (OrchestratR, medians)")
+    if start < 0:
+        return []
+    rows: list[tuple[str, str, str]] = []
+    for line in text[start:].splitlines()[4:]:
+        if not line.startswith("| "):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) == 3:
+            rows.append((cells[0], cells[1], cells[2]))
+    return rows
 
 
 def hand_written() -> str:
