@@ -1245,6 +1245,8 @@ class ServerManager:
         fresh = utcnow() - timedelta(seconds=self.options.rebalance_fresh)
         if any(s.last_seen < fresh for s in servers):
             return 0  # a server went quiet: wait until it is back or declared dead
+        if self._lost_jobs_lately({s.id for s in servers}):
+            return 0  # a server may have died a moment ago: see _lost_jobs_lately
         waiting = await self._storage.list_jobs(
             JobQuery(statuses=frozenset({JobStatus.PENDING}), limit=1)
         )
@@ -1267,6 +1269,21 @@ class ServerManager:
             # that the two kinds of move never cap the same pool at once.
             moved = await self._separate_spread(servers, labels, by_pool, set(pending))
         return moved
+
+    def _lost_jobs_lately(self, live: set[str]) -> bool:
+        """Whether jobs moved away from one of the ``live`` servers without its
+        release and it has not been heard from since (:meth:`_after_start`'s
+        notes): it was probably killed a moment ago, its messages went to the
+        others, and it is not yet declared dead. A round now would count it as an
+        empty live server, move jobs off the survivors toward it and cap every
+        server at its share for ``rebalance_hold`` -- the moved jobs would wait
+        for the caps to end. Notes older than twice ``server_timeout`` do not
+        count (their server is dead by then, declared so by some manager)."""
+        horizon = time.time() - 2 * self.options.server_timeout
+        return any(
+            server in live and any(at > horizon for at in notes.values())
+            for server, notes in self._moved_from.items()
+        )
 
     async def _separate_spread(
         self,
