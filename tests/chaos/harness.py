@@ -394,12 +394,18 @@ class ChaosCluster:
         return Proc(name=name, role=role, popen=popen, log=log)
 
     async def start_manager(
-        self, *, leader_lease: float | None = None, db_proxy: bool = False
+        self,
+        *,
+        leader_lease: float | None = None,
+        db_proxy: bool = False,
+        broker_heartbeat: int | None = None,
     ) -> Proc:
         """Start a manager process (a new one after a kill; another one beside
         the running ones). ``leader_lease``: its ``--leader-lease``. ``db_proxy``:
         reach the database (one host, this port) through a silent proxy of its
-        own (a one-host database only), which :meth:`partition_manager` pauses."""
+        own (a one-host database only), which :meth:`partition_manager` pauses.
+        ``broker_heartbeat``: its AMQP heartbeat instead of the run's (a longer
+        one keeps a frozen manager's consumers registered with the broker)."""
         self._manager_count += 1
         t = self.timings
         storage = self.storage_url
@@ -411,6 +417,10 @@ class ChaosCluster:
             netloc = f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
             storage = self.database_url(urlunsplit(db._replace(netloc=netloc)))
         lease = ["--leader-lease", str(leader_lease)] if leader_lease is not None else []
+        transport = self.transport_url()
+        if broker_heartbeat is not None:
+            assert self.transport_kind != "postgresql"
+            transport = f"{self.broker_url}?namespace={self.namespace}&heartbeat={broker_heartbeat}"
         proc = self._spawn(
             f"manager-{self._manager_count}",
             "manager",
@@ -419,7 +429,7 @@ class ChaosCluster:
                 "--storage",
                 storage,
                 "--transport",
-                self.transport_url(),
+                transport,
                 "--server-timeout",
                 str(t.server_timeout),
                 "--rebalance-interval",
@@ -812,6 +822,20 @@ class ChaosCluster:
     async def servers(self) -> list[ServerRecord]:
         assert self.monitor is not None
         return await self.monitor.servers(ServerQuery(statuses=None))
+
+    async def lease_holder(self, name: str = "leader") -> str | None:
+        """The id of the manager holding the lease ``name`` now (from the
+        storage's ``leases`` table), or ``None``."""
+        conn = await asyncpg.connect(self.database)
+        try:
+            value = await conn.fetchval(
+                f'SELECT holder FROM "{self.schema}".leases'
+                " WHERE name = $1 AND lease_until > now()",
+                name,
+            )
+        finally:
+            await conn.close()
+        return None if value is None else str(value)
 
     # -- the ledger ------------------------------------------------------------------------------
 

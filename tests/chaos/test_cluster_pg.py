@@ -218,17 +218,7 @@ async def _takeover(chaos: ChaosCluster, old: Proc, since: float, figure: str) -
 
 
 async def _lease_holder(chaos: ChaosCluster) -> str | None:
-    import asyncpg
-
-    conn = await asyncpg.connect(chaos.database)
-    try:
-        value = await conn.fetchval(
-            f'SELECT holder FROM "{chaos.schema}".leases WHERE name = $1 AND lease_until > now()',
-            "leader",
-        )
-    finally:
-        await conn.close()
-    return None if value is None else str(value)
+    return await chaos.lease_holder()
 
 
 async def _three_managers(chaos: ChaosCluster, *, db_proxy: bool = False) -> list[Proc]:

@@ -97,3 +97,76 @@ async def test_a_manager_behind_its_events_declares_no_live_server_dead_but_a_de
     await chaos.wait_all_running(ids, within=10, exclude=("doomed",))
     await chaos.wait_view_converges(ids, within=10, figure="manager behind view")
     chaos.check().assert_ok()
+
+
+LEASE = 3.0
+"""The managers' leader lease in the next test (the harness's default is longer)."""
+
+
+async def test_a_leader_that_does_not_consume_the_events_declares_no_live_server_dead(
+    chaos: ChaosCluster,
+) -> None:
+    """Two managers: the first is the leader and the events queue's active
+    consumer. It is frozen (SIGSTOP: its connections stay open and its AMQP
+    heartbeat is long, so the broker keeps the events for it) while a server is
+    killed; the second takes the lease and leads, but applies no event. By the
+    wall clock every server looks silent; the new leader must judge by what the
+    consumer wrote (the freshest ``last_seen``, frozen too) and declare no
+    server dead -- a ``make chaos-cluster`` run saw a live server declared dead
+    this way, its jobs left ``pending`` while it ran them. Thawed, the first
+    catches up; the killed server is declared dead, the live one never."""
+    assert chaos.transport is not None and chaos.manager is not None
+    timeout = chaos.timings.server_timeout
+    chaos.kill_manager(chaos.manager)  # the harness's own has the default lease
+    # A long AMQP heartbeat: the broker keeps the frozen one's consumer registered.
+    first = await chaos.start_manager(leader_lease=LEASE, broker_heartbeat=60)
+    for name in ("live", "doomed"):
+        await chaos.add_server(name, 10)
+    ids = await chaos.create(8)
+    await chaos.wait_all_running(ids, within=30)
+    for name in ("live", "doomed"):
+        await chaos.wait_server_status(name, "alive", within=10)
+    second = await chaos.start_manager(leader_lease=LEASE)
+    await asyncio.sleep(1.0)  # it has joined the events queue (inactive) and tried the lease
+    live_id = next(s.id for s in await chaos.servers() if s.name == "live")
+    os.kill(first.pid, signal.SIGSTOP)
+    frozen = time.time()
+    try:
+        chaos.kill9("doomed")
+        # The lease runs out, the second leads for its grace (one server timeout)
+        # and then judges, sweep after sweep: three server timeouts of that.
+        while time.time() < frozen + LEASE + 4 * timeout:
+            live = next(s for s in await chaos.servers() if s.id == live_id)
+            assert live.status is ServerStatus.ALIVE, (
+                f"the live server was declared {live.status.value} "
+                f"{time.time() - frozen:.1f} s into the freeze, by a leader "
+                "that does not consume the events"
+            )
+            await asyncio.sleep(0.1)
+        backlog = await chaos.transport.events_backlog()
+        assert backlog is not None and backlog > 0, backlog  # nobody applied them
+        holder = await chaos.lease_holder()
+        assert holder is not None and f"manager started id={holder}" in second.log.read_text(
+            errors="replace"
+        ), "the second manager does not lead: the test proves nothing"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    thawed = time.time()
+    dead_after: float | None = None
+    while time.time() < thawed + 4 * timeout + MARGIN:
+        servers = {s.name: s for s in await chaos.servers()}
+        assert servers["live"].status is ServerStatus.ALIVE, servers["live"]
+        if servers["doomed"].status is ServerStatus.DEAD:
+            dead_after = time.time() - thawed
+            break
+        await asyncio.sleep(0.05)
+    assert dead_after is not None, "the killed server was not declared dead after the thaw"
+    chaos.record_figure(
+        "leader not consuming the events: dead server declared dead",
+        dead_after,
+        4 * timeout + MARGIN,
+        "after the consumer's thaw",
+    )
+    await chaos.wait_all_running(ids, within=10, exclude=("doomed",))
+    await chaos.wait_view_converges(ids, within=10, figure="leader not consuming: view")
+    chaos.check().assert_ok()

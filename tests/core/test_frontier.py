@@ -61,6 +61,25 @@ def test_events_waiting_that_this_manager_does_not_apply_are_another_s() -> None
     assert frontier.probe(7, at) == at
 
 
+def test_a_manager_that_does_not_consume_judges_by_what_the_consumer_wrote() -> None:
+    """Events wait that this manager applies none of: the frontier is the
+    freshest ``last_seen`` the consumer wrote (``elsewhere``), never later than
+    the probe and never more than ``max_lag`` behind it."""
+    frontier = EventsFrontier(max_lag=60.0, idle_after=0.05)
+    at = utcnow()
+    assert not frontier.consumed_elsewhere(7)  # may be ours, behind
+    time.sleep(0.06)
+    assert frontier.consumed_elsewhere(7)
+    assert not frontier.consumed_elsewhere(0) and not frontier.consumed_elsewhere(None)
+    written = at - timedelta(seconds=20)
+    assert frontier.probe(7, at, elsewhere=written) == written
+    assert frontier.behind() == 20.0
+    assert frontier.probe(7, at, elsewhere=at + timedelta(seconds=1)) == at
+    assert frontier.probe(7, at, elsewhere=at - timedelta(hours=1)) == at - timedelta(seconds=60)
+    # Nothing waits: the consumer keeps up (or every server is silent): the clock.
+    assert frontier.probe(0, at, elsewhere=written) == at
+
+
 def _hb(
     out: tuple[int, int, tuple[p.RunningJob, ...], tuple[str, ...], int, int], sent: float
 ) -> p.ServerHeartbeat:

@@ -8,13 +8,14 @@ import asyncio
 import dataclasses
 import json
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from orchestratr_core import protocol as p
 from orchestratr_core.errors import MalformedMessage
-from orchestratr_core.job import JobStatus, ServerStatus
+from orchestratr_core.job import JobStatus, ServerStatus, utcnow
 from orchestratr_core.server import beats as server_beats
 from orchestratr_core.server.beats import ACK_PATIENCE, HeartbeatSeries
 from orchestratr_core.server_views import ServerViews, Verdict
@@ -338,6 +339,62 @@ async def test_a_leader_still_declares_a_silent_server_dead(cluster: Cluster) ->
     )
     record = await cluster.storage.get_server(keep.id)
     assert record is not None and record.status is ServerStatus.ALIVE
+
+
+async def test_a_server_declared_dead_elsewhere_while_alive_here_claims_its_jobs_back(
+    cluster: Cluster,
+) -> None:
+    """Another manager (the leader, not consuming the events) declared a live
+    server dead: its jobs were released in the storage, while this manager, the
+    events consumer, holds the server's set and its deltas match it. The
+    leader's :class:`~orchestratr_core.protocol.ServerDeclaredDead` makes this
+    manager drop its copy: the server's next heartbeat is answered with a
+    request for a complete listing, which claims its jobs back (a delta would
+    never list them: they stayed ``pending`` while it ran them)."""
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 10)
+    ids = await cluster.create(6)
+    await cluster.wait_running(ids)
+    await eventually(lambda: server._beats.base > 0, what="a heartbeat acknowledged")
+    await asyncio.sleep(0.5)  # every start applied; deltas since
+    now = utcnow()
+    expired = await cluster.storage.expire_servers(now + timedelta(seconds=60), now)
+    assert [s.id for s in expired] == [server.id]
+    assert {(await cluster.job(j)).status for j in ids} == {JobStatus.PENDING}
+    leader = cluster.transport()
+    await leader.connect()
+    try:
+        await leader.publish_event(p.ServerDeclaredDead(server_id=server.id, at=now.timestamp()))
+    finally:
+        await leader.close()
+
+    async def claimed() -> bool:
+        records = [await cluster.job(j) for j in ids]
+        return all(
+            (r.status, r.server_id) == (JobStatus.PROCESSING, server.id) for r in records
+        ) and await _status(cluster, server.id, ServerStatus.ALIVE)
+
+    await eventually(claimed, timeout=10 * server.options.heartbeat_interval, what="jobs back")
+    assert all(len(cluster.ledger.running(j)) == 1 for j in ids)  # never a second copy
+
+
+async def test_a_leader_that_declares_a_server_dead_tells_the_events_consumer(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The leader publishes :class:`~orchestratr_core.protocol.ServerDeclaredDead`
+    for each server it declares dead; the consumer (here the same manager)
+    applies it."""
+    await cluster.start_manager()
+    await cluster.add_server("keep", 5)
+    gone = await cluster.add_server("gone", 5)
+    await cluster.wait_running(await cluster.create(4))
+    caplog.set_level("INFO", logger="orchestratr.manager")
+    await gone.kill()
+    await eventually(
+        lambda: f"server {gone.id} was declared dead by the leader" in caplog.text,
+        timeout=4 * FAST_MANAGER.server_timeout,
+        what="the notice applied",
+    )
 
 
 async def _status(cluster: Cluster, server_id: str, status: ServerStatus) -> bool:

@@ -21,9 +21,18 @@ the time of the last probe (about one sweep ago).
 
 What bounds it:
 
-* a transport that cannot count its events queue (``None``), a manager that is
-  not the one consuming the events (another manager holds the single active
-  consumer: it applies none), or a probe that failed: the wall clock, as before;
+* a transport that cannot count its events queue (``None``), or a probe that
+  failed: the wall clock, as before;
+* a manager that is not the one consuming the events (another manager holds the
+  single active consumer: this one applies none) while events wait: it cannot
+  count what the other applies, so it judges by what the other *wrote* -- the
+  freshest ``last_seen`` of the live servers (``elsewhere``, read by the caller
+  from the storage; a row's ``last_seen`` is when a manager applied a heartbeat
+  of that server). A consumer cut off from the storage, or behind, writes no
+  fresher row, so a live server whose heartbeats wait unapplied is not declared
+  dead by a leader that does not consume them (the wall clock did: a
+  ``make chaos-cluster`` run, 2026-12-06). Nothing waiting: the wall clock (the
+  consumer keeps up; and when every server is dead, no heartbeat waits);
 * a manager that stays behind: the frontier never lags the wall clock by more
   than ``max_lag`` (``ManagerOptions.backlog_wait``), so a dead server is
   declared dead at most ``server_timeout + max_lag`` (plus a sweep) after its
@@ -78,15 +87,30 @@ class EventsFrontier:
             if self._frontier is None or at > self._frontier:
                 self._frontier = at
 
-    def probe(self, backlog: int | None, at: datetime) -> datetime:
+    def consumed_elsewhere(self, backlog: int | None) -> bool:
+        """Whether ``backlog`` events wait that this manager applies none of:
+        none applied here for ``idle_after`` and none being applied -- another
+        manager holds the events queue (or nobody does)."""
+        return (
+            backlog is not None
+            and backlog > 0
+            and not self.handling
+            and time.monotonic() - self._last_done >= self.idle_after
+        )
+
+    def probe(
+        self, backlog: int | None, at: datetime, *, elsewhere: datetime | None = None
+    ) -> datetime:
         """Note a count of the events waiting (``backlog``), taken at ``at`` or
         after, and return the frontier to judge silence against (at most
-        ``at``). ``None``: the count is unknown -- the wall clock."""
-        frontier = self._judge(backlog, at)
+        ``at``). ``None``: the count is unknown -- the wall clock. ``elsewhere``:
+        when :meth:`consumed_elsewhere`, the freshest ``last_seen`` of the live
+        servers (see the module docstring); without it, the wall clock."""
+        frontier = self._judge(backlog, at, elsewhere)
         self._lag = (at - frontier).total_seconds()
         return frontier
 
-    def _judge(self, backlog: int | None, at: datetime) -> datetime:
+    def _judge(self, backlog: int | None, at: datetime, elsewhere: datetime | None) -> datetime:
         if backlog is None or backlog < 0:
             self._marks.clear()
             self._frontier = at
@@ -97,15 +121,15 @@ class EventsFrontier:
             self._marks.clear()
             self._frontier = at
             return at
-        if (
-            backlog > 0
-            and not self.handling
-            and time.monotonic() - self._last_done >= self.idle_after
-        ):
-            # Events wait, yet this manager applies none: another one consumes.
+        if self.consumed_elsewhere(backlog):
+            # Events wait, yet this manager applies none: another one consumes
+            # (or none does). Judge by what the consumer wrote, within max_lag.
             self._marks.clear()
-            self._frontier = at
-            return at
+            judged = at
+            if elsewhere is not None:
+                judged = max(min(elsewhere, at), at - timedelta(seconds=self.max_lag))
+            self._frontier = judged
+            return judged
         # The waiting ones, and one more: the one being applied or, when none is,
         # one the broker may be handing over (one unacknowledged event at a time).
         self._marks.append((self.done + backlog + 1, at))

@@ -632,6 +632,19 @@ class ServerManager:
                 await self._inplace.discarded(event, now)
         elif isinstance(event, p.JobUpdated):
             await self._inplace.applied(event)
+        elif isinstance(event, p.ServerDeclaredDead):
+            # The leader declared it dead (perhaps another manager, judging by
+            # what this one wrote): its jobs were released in the storage. If it
+            # is alive, its next heartbeat -- on a copy this manager no longer
+            # holds -- is answered with a request for a complete listing.
+            self._known_servers.discard(event.server_id)
+            self._views.forget(event.server_id)
+            self._heard.pop(event.server_id, None)
+            log.info(
+                "server %s was declared dead by the leader: its set is asked for again "
+                "should it be alive",
+                event.server_id,
+            )
         elif isinstance(event, p.ServerLeft):
             await self._storage.server_left(event.server_id, now)
             self._known_servers.discard(event.server_id)
@@ -1139,6 +1152,7 @@ class ServerManager:
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
+            await self._tell_consumer_dead(server, now)
         return expired
 
     async def _events_frontier(self) -> datetime:
@@ -1152,7 +1166,10 @@ class ServerManager:
         except (OrchestratrError, OSError) as exc:
             log.debug("could not count the events waiting: %s", exc)
             backlog = None
-        applied_up_to = self._frontier.probe(backlog, at)
+        elsewhere = None
+        if self._frontier.consumed_elsewhere(backlog):
+            elsewhere = await self._applied_elsewhere()
+        applied_up_to = self._frontier.probe(backlog, at, elsewhere=elsewhere)
         if applied_up_to < at - timedelta(seconds=self.options.sweep_interval * 2):
             log.info(
                 "%d event(s) wait: silence is judged up to %s (%.1f s ago)",
@@ -1161,6 +1178,33 @@ class ServerManager:
                 (at - applied_up_to).total_seconds(),
             )
         return applied_up_to
+
+    async def _applied_elsewhere(self) -> datetime | None:
+        """The freshest ``last_seen`` of the live servers: when the manager that
+        consumes the events (not this one) last applied a heartbeat (``None``: no
+        live server). See :mod:`orchestratr_core.frontier`."""
+        servers = await self._storage.list_servers(
+            ServerQuery(
+                statuses=frozenset({ServerStatus.ALIVE, ServerStatus.DRAINING}), with_jobs=False
+            )
+        )
+        return max((s.last_seen for s in servers), default=None)
+
+    async def _tell_consumer_dead(self, server: ServerRecord, now: datetime) -> None:
+        """Tell the manager consuming the events (perhaps this one) that
+        ``server`` was declared dead (:class:`~orchestratr_core.protocol.ServerDeclaredDead`):
+        it drops its copy of the server's set, so that a heartbeat of the server
+        -- alive after all -- is answered with a request for a complete listing,
+        which claims its released jobs again. Best effort: a lost notice leaves
+        the released jobs ``pending`` until the server's next complete listing."""
+        try:
+            await self._transport.publish_event(
+                p.ServerDeclaredDead(server_id=server.id, at=now.timestamp())
+            )
+        except (OrchestratrError, OSError) as exc:
+            log.warning(
+                "could not tell the events consumer that server %s is dead: %s", server.id, exc
+            )
 
     async def _count_owner_deaths(self, deaths: dict[str, str], now: datetime) -> None:
         """Count one failure (``job id -> what happened``) against each job's

@@ -14,7 +14,8 @@ Three flows, each on its own queue(s) in a broker:
   :class:`JobCheckpoint`. A ``CancelJob`` may carry a hold mark instead of a job
   id (:mod:`orchestratr_core.lifecycle`).
 * **events** (server -> managers): :class:`ServerHeartbeat`, :class:`JobStarted`,
-  :class:`JobStopped`, :class:`JobFailed`, :class:`JobDiscarded`, :class:`ServerLeft`.
+  :class:`JobStopped`, :class:`JobFailed`, :class:`JobDiscarded`, :class:`ServerLeft`, and
+  :class:`ServerDeclaredDead` (leader -> the manager consuming the events).
   Events from one server are delivered in the order it published them.
 
 Heartbeats are the largest messages (every running job, every 2 s), so they have
@@ -131,6 +132,7 @@ __all__ = [
     "Message",
     "ReleaseJobs",
     "RunningJob",
+    "ServerDeclaredDead",
     "ServerHeartbeat",
     "ServerLeft",
     "StopJob",
@@ -454,6 +456,20 @@ class ServerLeft(Event):
     at: float
 
 
+@dataclass(frozen=True)
+class ServerDeclaredDead(Event):
+    """Published on the events queue by the leader when it declared ``server_id``
+    dead (its jobs released in the storage), for the manager that consumes the
+    events, which may be another one: that manager drops its copy of the
+    server's set of running jobs, so that the server's next heartbeat -- if it
+    was alive after all -- is answered with a request for a complete listing,
+    which claims its released jobs again (a delta on the copy would not list
+    them). Managers of an older version read it as malformed and ignore it."""
+
+    TYPE: ClassVar[str] = "server-declared-dead"
+    at: float
+
+
 _TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -472,6 +488,7 @@ _TYPES: dict[str, type[Message]] = {
         JobDiscarded,
         JobUpdated,
         ServerLeft,
+        ServerDeclaredDead,
     )
 }
 
