@@ -54,6 +54,7 @@ async def _servers_with_jobs(chaos: ChaosCluster, jobs: int = 12) -> list[str]:
         await chaos.add_server(name, 40)
     ids = await chaos.create(jobs)
     await chaos.wait_all_running(ids, within=30)
+    await chaos.wait_rebalance_quiet(within=30)  # no cap in force at the faults that follow
     return ids
 
 
@@ -160,6 +161,11 @@ async def test_postgres_failover_during_steady_running_then_a_server_dies(
             ids, within=BOUND_FAILOVER_VIEW, figure=f"pg failover {round_}: view"
         )
         await postgres_ha.rejoin()
+    # The creates after each failover may leave the fleet uneven, and a rebalancing
+    # round caps every server at its share for 3 s: a kill during that cap is the
+    # documented gap (docs/reliability.md), not what this test is about. (A
+    # make chaos-cluster run killed s2 0.1 s after a round: its jobs waited 3.15 s.)
+    await chaos.wait_rebalance_quiet(within=30)
     victim = _busiest(chaos)
     chaos.kill9(victim)
     await chaos.wait_all_running(

@@ -890,6 +890,16 @@ class PostgresTransport(Transport):
         """Replace the cancellation set; a CancelJob broadcast for every id added."""
         await self._commands([], frozenset(job_ids))
 
+    async def events_backlog(self) -> int | None:
+        """The event rows not yet applied (and deleted): what waits, and the ones the
+        consumer has read and is applying one by one -- a frontier a few events
+        later than the broker's count would make it, never an earlier one."""
+        events = self.settings.table("events")
+        count = await self._call(
+            lambda conn: conn.fetchval(f"SELECT count(*) FROM {events}"), "count the events"
+        )
+        return int(count)
+
     async def consume_events(self, handler: EventHandler) -> Subscription:
         """Consume events while this transport holds the events lock (one manager at a time)."""
         await self._current()

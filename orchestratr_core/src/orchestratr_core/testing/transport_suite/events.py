@@ -59,6 +59,25 @@ class EventTests(SuiteSettings):
         assert await events.take(2) == [heartbeat, _event("s", 1)]
 
     @pytest.mark.conformance
+    async def test_the_events_backlog_counts_the_events_waiting_or_says_it_cannot(
+        self, connect: Callable[[], Awaitable[Transport]]
+    ) -> None:
+        """``events_backlog`` (what the leader judges silence by): ``None`` from a
+        transport that cannot tell, else the events published and not yet applied
+        -- all of them before a manager listens, none once it applied them."""
+        server = await connect()
+        for n in range(5):
+            await server.publish_event(_event("s", n))
+        manager = await connect()
+        if await manager.events_backlog() is None:
+            return  # this transport cannot tell: the leader uses the wall clock
+        await _eventually_backlog(manager, 5, self.delivery_timeout)
+        events: Collector[Event] = Collector(self.delivery_timeout)
+        await manager.consume_events(events)
+        await events.take(5)
+        await _eventually_backlog(manager, 0, self.delivery_timeout)
+
+    @pytest.mark.conformance
     async def test_only_one_events_consumer_is_active_and_another_takes_over(
         self, connect: Callable[[], Awaitable[Transport]]
     ) -> None:
@@ -156,3 +175,15 @@ class EventTests(SuiteSettings):
         await (await connect()).consume_events(later)
         await later.quiet(self.settle_time)
         assert attempts == [0, 1, 2, 3, 4]
+
+
+async def _eventually_backlog(transport: Transport, expected: int, within: float) -> None:
+    """Wait until ``events_backlog`` says ``expected`` (a broker counts with a lag)."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        backlog = await transport.events_backlog()
+        if backlog == expected:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"events_backlog is {backlog}, expected {expected}")
+        await asyncio.sleep(0.05)
