@@ -1,10 +1,11 @@
 """The manager and its database under many servers, with the servers simulated.
 
 A real ``orchestratr manager`` process on a real PostgreSQL schema and the real
-RabbitMQ broker; the servers are light identities in this one process that speak
-the real protocol and hold real deliveries: each consumes the jobs queue on its
-own channel (prefetch = its capacity) and holds every job message it is handed,
-unacknowledged, as a server does while the job runs; it numbers its heartbeats
+RabbitMQ broker; the servers are light identities, in this process or spread
+over ``--processes`` worker processes, that speak the real protocol and hold
+real deliveries: each consumes the jobs queue on its own channel (prefetch =
+its capacity) and holds every job message it is handed, unacknowledged, as a
+server does while the job runs; it numbers its heartbeats
 with the servers' own :class:`~orchestratr_core.server.beats.HeartbeatSeries`
 (digest, deltas, complete listings on request, the jobs it took listed as
 ``started``), has its own command queue bound to the commands exchange, and
@@ -12,6 +13,31 @@ obeys ``StopJob`` (drops or hands back the message). What it does not do: run
 job functions, or obey ``ReleaseJobs`` (the manager runs with
 ``--no-rebalance``). The jobs are created through the client's batch API (rows
 and messages, as in production).
+
+Where the servers live: with ``--processes 1`` (the default) all of them are in
+this process, on its connection, their heartbeats published by a thread of
+their own (:class:`LocalFleet`). With ``--processes N`` they are spread in
+contiguous slices over N worker processes (``python -m benchmarks.sim
+--worker``), each a :class:`LocalFleet` of its slice on its own connection with
+its own heartbeat thread (:class:`ProcessFleet`): one process taking every
+delivery of 200 servers x 1,000 jobs and publishing their heartbeats was at its
+limit. This process keeps the measurements; it asks the workers, one JSON line a
+request on a worker's stdin and one JSON line its answer on its stdout, for what
+it reads of the servers (complete listings acknowledged, heartbeats sent, the
+longest heartbeat gap, the jobs a dying server held) and tells one server to
+die. Times cross the processes as ``time.monotonic()`` (one clock for the whole
+machine on Linux). The jobs are created from this process before any server
+consumes. ``harness_rss_bytes`` records this process's RSS and each worker's
+at the end of a size.
+
+Progress lines with the time go to stdout while a size runs (the jobs created,
+the jobs ``processing``, the events waiting for the manager, the complete
+listings acknowledged after the restart, every ~15 s), then the size's figures
+as one JSON line; all sizes go to ``benchmarks/results/sim.json``. The phases'
+time limits grow with the size beyond 200,000 jobs. ``--backlog-wait S`` is
+passed to the manager: filling a million jobs leaves it minutes behind its
+events queue, and within its default cap (six server timeouts) it would
+declare live servers dead.
 
 Measured, per size (jobs spread over ``--servers`` servers, each with room for a
 share of one dead server's jobs):
@@ -28,19 +54,24 @@ share of one dead server's jobs):
   ``dead``.
 
     .venv/bin/python -m benchmarks.sim --sizes 10000,50000,100000,200000
+    .venv/bin/python -m benchmarks.sim --sizes 20000 --processes 4
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import threading
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aio_pika.abc
@@ -51,6 +82,9 @@ from benchmarks.systems import OrchestratR
 from orchestratr_core import protocol as p
 from orchestratr_core.job import make_fence
 from orchestratr_core.server.beats import HeartbeatSeries
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository, where a worker process runs ``python -m benchmarks.sim``."""
 
 
 class SimServer:
@@ -182,16 +216,21 @@ async def simulate(
     legacy: bool,
     manager_args: list[str],
     profile: str = "",
+    processes: int = 1,
 ) -> dict[str, Any]:
     per_server = jobs // servers
     total = per_server * servers
     spare = -(-per_server // max(1, servers - 1)) + 2  # room for a dead one's share
+    # The phases' time limits grow with the size beyond 200,000 jobs (a million
+    # take minutes where 200,000 fitted the limits of before).
+    scale = max(1.0, total / 200_000)
     out: dict[str, Any] = {
         "jobs": total,
         "servers": servers,
         "interval_s": interval,
         "heartbeats": "complete listings, unnumbered (previous version)" if legacy else "deltas",
         "manager_args": manager_args,
+        "harness_processes": processes,
     }
     cluster = Cluster("orchestratr", workdir)
     system = cluster.system
@@ -206,63 +245,377 @@ async def simulate(
     system.manager_argv = manager_argv  # type: ignore[method-assign]
     async with cluster:
         assert system.manager is not None
-        sims = [SimServer(f"s{i:04d}", per_server + spare, legacy) for i in range(servers)]
+        ids = [f"s{i:04d}" for i in range(servers)]
+        names = Names(system.prefix, system.queue)
         connection = await aio_pika.connect(AMQP)
+        fleet: Fleet
         try:
             control = await connection.channel()
-            commands = await control.get_exchange(f"{system.prefix}.commands")
-            events = f"{system.prefix}.events"
-
+            if processes <= 1:
+                sims = [SimServer(i, per_server + spare, legacy) for i in ids]
+                fleet = LocalFleet(connection, control, names, sims, interval)
+            else:
+                fleet = await ProcessFleet.spawn(
+                    names, ids, per_server + spare, legacy, interval, processes
+                )
             # The servers begin once the jobs exist: creating them in this same
             # process under load must not starve their heartbeats (they would be
             # declared dead before they held anything).
+            _say(f"creating {total} jobs (client batch API)")
             t0 = time.monotonic()
-            await system.submit([f"job-{i:07d}" for i in range(total)])
+            watch = asyncio.create_task(_watch_creates(system, total))
+            try:
+                await system.submit([f"job-{i:07d}" for i in range(total)])
+            finally:
+                watch.cancel()
             out["create_s"] = round(time.monotonic() - t0, 1)
-            beats = Beats(sims, interval, events)
-            beats.start()
+            _say(f"created in {out['create_s']} s; {servers} servers start consuming")
             try:
                 t0 = time.monotonic()  # the servers start taking their jobs now
-                for sim in sims:
-                    queue = await control.declare_queue(
-                        f"{system.prefix}.commands.{sim.id}.sim", exclusive=True, auto_delete=True
-                    )
-                    await queue.bind(commands, routing_key=sim.id)
-
-                    async def on_command(
-                        message: aio_pika.abc.AbstractIncomingMessage, sim: SimServer = sim
-                    ) -> None:
-                        await message.ack()
-                        if sim.silent:
-                            return
-                        if await sim.on_command(message.body):
-                            sim.due = True
-
-                    await queue.consume(on_command)
-                    await _take_jobs(connection, system, sim, per_server)
-                out["first_convergence_s"] = await _all_running(system, total, t0, 900)
-                out["outbox_empty_s"] = await _outbox_empty(system, 300)
-                out["settled_s"] = await _settled(control, events, len(sims), 300)
-                out.update(await _steady(system, sims, window, profile))
+                await fleet.start(per_server)
+                _say(f"{servers} servers consuming ({round(time.monotonic() - t0, 1)} s)")
+                out["first_convergence_s"] = await _all_running(system, total, t0, 900 * scale)
+                _say(f"every job processing: {out['first_convergence_s']} s")
+                out["outbox_empty_s"] = await _outbox_empty(system, 300 * scale)
+                _say(f"outbox empty: {out['outbox_empty_s']} s")
+                # The catching up after a fill grew faster than the fill (1 s at
+                # 100,000 jobs, 258 s at 200,000): its limit grows with the square.
+                out["settled_s"] = await _settled(
+                    control, names.events, servers, 300 * scale * scale
+                )
+                _say(f"events queue short (manager caught up): {out['settled_s']} s")
+                _say(f"steady window: 11 s + {window} s + 11 s")
+                out.update(await _steady(system, fleet, window, profile))
+                _say(f"manager CPU {out['manager_cpu_pct']} % of a core")
                 # A job whose owner was declared dead counts an owner death: before
                 # the one server that dies below, every count is a live server
                 # declared dead (the manager fell behind).
                 out["live_server_deaths_before_kill"] = await _deaths(system)
-                out["max_heartbeat_publish_gap_s"] = round(max(sim.max_gap for sim in sims), 1)
-                for sim in sims:  # room for a share of a dead server's jobs
-                    await _take_jobs(connection, system, sim, spare)
-                out.update(await _dies(system, sims[-1], interval))
+                out["max_heartbeat_publish_gap_s"] = round((await fleet.stats())["max_gap"], 1)
+                await fleet.take(spare)  # room for a share of a dead server's jobs
+                _say(f"server {ids[-1]} dies")
+                out.update(await _dies(system, fleet, ids[-1], interval, 180 * scale))
+                _say(
+                    f"its jobs elsewhere {out['dead_server_jobs_running_elsewhere_s']} s, "
+                    f"declared dead {out['dead_server_declared_dead_s']} s"
+                )
                 await asyncio.sleep(3)  # its owner deaths are written after its row
                 counted = await _deaths(system)
                 if not legacy:
-                    out.update(await _restart(cluster, system, sims[:-1], total))
+                    _say("kill -9 of the manager, a new one")
+                    out.update(await _restart(cluster, system, fleet, ids[:-1], total, scale))
+                    _say(f"new manager converged: {out['restart_convergence_s']} s")
                     out["owner_deaths_counted_by_the_restart"] = await _deaths(system) - counted
-                out["duplicate_deliveries"] = sum(sim.duplicates for sim in sims)
+                stats = await fleet.stats()
+                out["duplicate_deliveries"] = stats["duplicates"]
+                out["harness_rss_bytes"] = {
+                    "coordinator": rss_bytes(os.getpid()),
+                    "workers": stats["rss"],
+                }
             finally:
-                beats.stop()
+                await fleet.stop()
         finally:
             await connection.close()
     return out
+
+
+def _say(message: str) -> None:
+    """A progress line with the time, for watching a long run."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+async def _watch_creates(system: OrchestratR, total: int, every: float = 15.0) -> None:
+    """Progress of the creation: job rows written so far, every ``every`` s."""
+    since = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            rows = int(await _scalar(system, 'SELECT count(*) FROM "{schema}".jobs'))
+        except Exception as exc:  # a progress line, not a measurement
+            _say(f"  (job rows not counted: {type(exc).__name__})")
+            continue
+        rate = rows / (time.monotonic() - since)
+        _say(f"  created {rows}/{total} job rows ({rate:.0f}/s)")
+
+
+@dataclass(frozen=True)
+class Names:
+    """The broker names a simulated server uses."""
+
+    prefix: str
+    jobs: str
+    """the jobs queue"""
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.commands"
+
+
+class Fleet(Protocol):
+    """The simulated servers, in this process (:class:`LocalFleet`) or spread over
+    worker processes (:class:`ProcessFleet`)."""
+
+    async def start(self, room: int) -> None:
+        """Heartbeats begin; every server's command queue; ``room`` deliveries each."""
+
+    async def take(self, room: int) -> None:
+        """Every server consumes the jobs queue with ``room`` more deliveries."""
+
+    async def acked(self, since: float) -> tuple[int, int, float]:
+        """Of the live servers: how many had a complete listing made after
+        ``since`` (monotonic, system-wide on Linux) acknowledged, how many there
+        are, and the latest such acknowledgement."""
+
+    async def stats(self) -> dict[str, Any]:
+        """``sent``, ``sent_bytes``, ``duplicates`` (sums), ``max_gap`` (longest
+        heartbeat gap of any server), ``rss`` (each worker process's RSS)."""
+
+    async def die(self, server_id: str) -> tuple[list[str], float]:
+        """The server falls silent and closes its channels: the jobs it held and
+        the monotonic time it fell silent."""
+
+    async def stop(self) -> None:
+        """Heartbeats stop; worker processes exit."""
+
+
+class LocalFleet:
+    """The simulated servers in this process, on ``connection``, their
+    heartbeats from a thread of their own (:class:`Beats`)."""
+
+    def __init__(
+        self,
+        connection: aio_pika.abc.AbstractConnection,
+        control: aio_pika.abc.AbstractChannel,
+        names: Names,
+        sims: list[SimServer],
+        interval: float,
+    ) -> None:
+        self.connection = connection
+        self.control = control
+        self.names = names
+        self.sims = sims
+        self.by_id = {sim.id: sim for sim in sims}
+        self.beats = Beats(sims, interval, names.events)
+
+    async def start(self, room: int) -> None:
+        self.beats.start()
+        commands = await self.control.get_exchange(self.names.commands)
+        for sim in self.sims:
+            queue = await self.control.declare_queue(
+                f"{self.names.commands}.{sim.id}.sim", exclusive=True, auto_delete=True
+            )
+            await queue.bind(commands, routing_key=sim.id)
+
+            async def on_command(
+                message: aio_pika.abc.AbstractIncomingMessage, sim: SimServer = sim
+            ) -> None:
+                await message.ack()
+                if sim.silent:
+                    return
+                if await sim.on_command(message.body):
+                    sim.due = True
+
+            await queue.consume(on_command)
+            await _take_jobs(self.connection, self.names.jobs, sim, room)
+
+    async def take(self, room: int) -> None:
+        for sim in self.sims:
+            await _take_jobs(self.connection, self.names.jobs, sim, room)
+
+    async def acked(self, since: float) -> tuple[int, int, float]:
+        live = [sim for sim in self.sims if not sim.silent]
+        times = [sim.full_acked_at for sim in live if sim.full_acked_at > since]
+        return len(times), len(live), max(times, default=0.0)
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "sent": sum(sim.sent for sim in self.sims),
+            "sent_bytes": sum(sim.sent_bytes for sim in self.sims),
+            "duplicates": sum(sim.duplicates for sim in self.sims),
+            "max_gap": max((sim.max_gap for sim in self.sims), default=0.0),
+            "rss": [],
+        }
+
+    async def die(self, server_id: str) -> tuple[list[str], float]:
+        sim = self.by_id[server_id]
+        with sim.lock:
+            mine = list(sim.held)
+            sim.silent = True
+        at = time.monotonic()
+        for channel in sim.channels:
+            await channel.close()
+        return mine, at
+
+    async def stop(self) -> None:
+        if self.beats.is_alive():
+            self.beats.stop()
+
+
+class ProcessFleet:
+    """The simulated servers spread over worker processes (``python -m
+    benchmarks.sim --worker``), each a :class:`LocalFleet` of a slice of them on
+    its own connection, with its own heartbeat thread. One JSON line a request on
+    a worker's stdin, one JSON line its answer on its stdout (its log goes to
+    stderr)."""
+
+    def __init__(self, workers: list[asyncio.subprocess.Process]) -> None:
+        self.workers = workers
+        self.locks = [asyncio.Lock() for _ in workers]
+        self.owner: dict[str, int] = {}
+
+    @classmethod
+    async def spawn(
+        cls,
+        names: Names,
+        ids: list[str],
+        capacity: int,
+        legacy: bool,
+        interval: float,
+        processes: int,
+    ) -> ProcessFleet:
+        count = min(processes, len(ids))
+        size, extra = divmod(len(ids), count)
+        slices, at = [], 0
+        for w in range(count):  # contiguous slices, the first ones one larger
+            n = size + (1 if w < extra else 0)
+            slices.append(ids[at : at + n])
+            at += n
+        workers = []
+        try:
+            for w, mine in enumerate(slices):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *("-m", "benchmarks.sim", "--worker"),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=str(ROOT),
+                    limit=1 << 26,
+                )
+                workers.append(proc)
+                config = {
+                    "prefix": names.prefix,
+                    "jobs": names.jobs,
+                    "ids": mine,
+                    "capacity": capacity,
+                    "legacy": legacy,
+                    "interval": interval,
+                    "index": w,
+                }
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps(config).encode() + b"\n")
+            fleet = cls(workers)
+            for w, mine in enumerate(slices):
+                fleet.owner.update(dict.fromkeys(mine, w))
+            await fleet._all({"op": "ready"})
+        except BaseException:
+            for proc in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            raise
+        return fleet
+
+    async def _ask(self, w: int, request: dict[str, Any]) -> Any:
+        proc = self.workers[w]
+        assert proc.stdin is not None and proc.stdout is not None
+        async with self.locks[w]:
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sim worker {w} exited ({await proc.wait()}) at {request['op']}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"sim worker {w}: {answer['error']}")
+        return answer["result"]
+
+    async def _all(self, request: dict[str, Any]) -> list[Any]:
+        return list(
+            await asyncio.gather(*(self._ask(w, request) for w in range(len(self.workers))))
+        )
+
+    async def start(self, room: int) -> None:
+        await self._all({"op": "start", "room": room})
+
+    async def take(self, room: int) -> None:
+        await self._all({"op": "take", "room": room})
+
+    async def acked(self, since: float) -> tuple[int, int, float]:
+        answers = await self._all({"op": "acked", "since": since})
+        return (
+            sum(a[0] for a in answers),
+            sum(a[1] for a in answers),
+            max(a[2] for a in answers),
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        answers = await self._all({"op": "stats"})
+        return {
+            "sent": sum(a["sent"] for a in answers),
+            "sent_bytes": sum(a["sent_bytes"] for a in answers),
+            "duplicates": sum(a["duplicates"] for a in answers),
+            "max_gap": max(a["max_gap"] for a in answers),
+            "rss": [a["rss"][0] for a in answers],
+        }
+
+    async def die(self, server_id: str) -> tuple[list[str], float]:
+        mine, at = await self._ask(self.owner[server_id], {"op": "die", "id": server_id})
+        return list(mine), float(at)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._all({"op": "stop"}), 60)
+        for proc in self.workers:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await proc.wait()
+
+
+async def worker_main() -> None:
+    """A worker process of :class:`ProcessFleet`: its configuration on the first
+    line of stdin, then requests, one a line, each answered on stdout."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 26)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    config = json.loads(await reader.readline())
+    names = Names(config["prefix"], config["jobs"])
+    sims = [SimServer(i, config["capacity"], config["legacy"]) for i in config["ids"]]
+    connection = await aio_pika.connect(AMQP)
+    fleet = LocalFleet(connection, await connection.channel(), names, sims, config["interval"])
+    out = sys.stdout.buffer
+    try:
+        while line := await reader.readline():
+            request = json.loads(line)
+            op = request["op"]
+            try:
+                result: Any = None
+                if op == "start":
+                    await fleet.start(request["room"])
+                elif op == "take":
+                    await fleet.take(request["room"])
+                elif op == "acked":
+                    result = await fleet.acked(request["since"])
+                elif op == "stats":
+                    result = {**await fleet.stats(), "rss": [rss_bytes(os.getpid())]}
+                elif op == "die":
+                    result = await fleet.die(request["id"])
+                elif op == "stop":
+                    await fleet.stop()
+                answer: dict[str, Any] = {"result": result}
+            except Exception as exc:
+                traceback.print_exc()
+                answer = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            out.write(json.dumps(answer).encode() + b"\n")
+            out.flush()
+            if op == "stop":
+                break
+    finally:
+        await fleet.stop()
+        await connection.close()
 
 
 class Beats(threading.Thread):
@@ -321,12 +674,12 @@ class Beats(threading.Thread):
 
 
 async def _take_jobs(
-    connection: aio_pika.abc.AbstractConnection, system: OrchestratR, sim: SimServer, room: int
+    connection: aio_pika.abc.AbstractConnection, queue: str, sim: SimServer, room: int
 ) -> None:
     """Consume the jobs queue for ``sim`` with ``room`` more deliveries."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=room)
-    jobs_queue = await channel.get_queue(system.queue, ensure=False)
+    jobs_queue = await channel.get_queue(queue, ensure=False)
 
     async def on_job(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         await sim.deliver(message)
@@ -361,23 +714,32 @@ async def _all_running(
     system: OrchestratR, total: int, since: float, within: float
 ) -> float | None:
     """Seconds from ``since`` until the database shows every job ``processing``."""
+    said = time.monotonic()
     while time.monotonic() - since < within:
         running = await _scalar(
             system, "SELECT count(*) FROM \"{schema}\".jobs WHERE status = 'processing'"
         )
         if running == total:
             return round(time.monotonic() - since, 1)
+        if time.monotonic() - said >= 15:
+            said = time.monotonic()
+            _say(f"  {running}/{total} jobs processing ({round(said - since)} s)")
         await asyncio.sleep(0.5)
     return None
 
 
-async def _converged(sims: list[SimServer], since: float, within: float) -> float | None:
-    """Seconds from ``since`` until every server's complete listing made after it
-    was acknowledged."""
+async def _converged(fleet: Fleet, since: float, within: float) -> float | None:
+    """Seconds from ``since`` until every live server's complete listing made
+    after it was acknowledged."""
     deadline = time.monotonic() + within
+    said = time.monotonic()
     while time.monotonic() < deadline:
-        if all(sim.full_acked_at > since for sim in sims):
-            return round(max(sim.full_acked_at for sim in sims) - since, 2)
+        acked, live, latest = await fleet.acked(since)
+        if acked == live:
+            return round(latest - since, 2)
+        if time.monotonic() - said >= 15:
+            said = time.monotonic()
+            _say(f"  {acked}/{live} complete listings acknowledged ({round(said - since)} s)")
         await asyncio.sleep(0.05)
     return None
 
@@ -388,13 +750,17 @@ async def _settled(
     """Seconds until the manager keeps up: the events queue held fewer messages
     than there are servers at three checks in a row (a backlog makes the
     manager's copies stale, and the steady state would measure the catching up)."""
-    started = time.monotonic()
+    started = said = time.monotonic()
     quiet = 0
     while time.monotonic() - started < within:
         depth = (await channel.declare_queue(queue, passive=True)).declaration_result
-        quiet = quiet + 1 if int(depth.message_count or 0) < servers else 0
+        waiting = int(depth.message_count or 0)
+        quiet = quiet + 1 if waiting < servers else 0
         if quiet >= 3:
             return round(time.monotonic() - started, 1)
+        if time.monotonic() - said >= 15:
+            said = time.monotonic()
+            _say(f"  {waiting} events wait for the manager ({round(said - started)} s)")
         await asyncio.sleep(0.5)
     return None
 
@@ -410,9 +776,7 @@ async def _writes(system: OrchestratR) -> dict[str, int]:
     return {row["relname"]: int(row["w"]) for row in rows}
 
 
-async def _steady(
-    system: OrchestratR, sims: list[SimServer], window: float, profile: str
-) -> dict[str, Any]:
+async def _steady(system: OrchestratR, fleet: Fleet, window: float, profile: str) -> dict[str, Any]:
     assert system.manager is not None
     pid = system.manager.pid
     spy: asyncio.subprocess.Process | None = None
@@ -420,8 +784,7 @@ async def _steady(
     # to 10 s later (PostgreSQL 15+): the creates' writes must be counted before.
     await asyncio.sleep(11)
     w0, c0, t0 = await _writes(system), cpu_seconds(pid), time.monotonic()
-    sent0 = sum(s.sent for s in sims)
-    bytes0 = sum(s.sent_bytes for s in sims)
+    stats0 = await fleet.stats()
     if profile:  # sampled from outside, without pausing the manager
         spy = await asyncio.create_subprocess_exec(
             str(Path(sys.executable).with_name("py-spy")),
@@ -434,8 +797,7 @@ async def _steady(
     c1, t1 = cpu_seconds(pid), time.monotonic()
     if spy is not None:
         await spy.wait()
-    sent1 = sum(s.sent for s in sims)
-    bytes1 = sum(s.sent_bytes for s in sims)
+    stats1 = await fleet.stats()
     await asyncio.sleep(11)
     # Rows written between the two reads of the statistics (both lag alike).
     w1, t2 = await _writes(system), time.monotonic()
@@ -445,31 +807,36 @@ async def _steady(
         "manager_cpu_pct": round(100 * (c1 - c0) / wall, 1),
         "manager_rss_bytes": rss_bytes(pid),
         "db_row_writes_per_s": per_table,
-        "heartbeats_per_s": round((sent1 - sent0) / wall, 1),
-        "heartbeat_bytes_per_s": round((bytes1 - bytes0) / wall),
+        "heartbeats_per_s": round((stats1["sent"] - stats0["sent"]) / wall, 1),
+        "heartbeat_bytes_per_s": round((stats1["sent_bytes"] - stats0["sent_bytes"]) / wall),
         "window_s": round(wall, 1),
     }
 
 
 async def _restart(
-    cluster: Cluster, system: OrchestratR, sims: list[SimServer], total: int
+    cluster: Cluster,
+    system: OrchestratR,
+    fleet: Fleet,
+    live: list[str],
+    total: int,
+    scale: float,
 ) -> dict[str, Any]:
     """``kill -9`` the manager, start a new one: seconds until it acknowledged
-    every server's complete listing (it lacks their sets, so it asks each); and
-    whether it declared any of ``sims`` (live) dead or left any job not
+    every live server's complete listing (it lacks their sets, so it asks each);
+    and whether it declared any of ``live`` dead or left any job not
     ``processing`` meanwhile."""
     assert system.manager is not None
     cluster.procs.kill9(system.manager)
     await asyncio.sleep(0.5)
     started = time.monotonic()
     system.manager = system.procs.python(f"{system.prefix}-manager2", system.manager_argv())
-    converged = await _converged(sims, started, 600)
+    converged = await _converged(fleet, started, 600 * scale)
     await asyncio.sleep(1.0)
     dead = await _scalar(
         system,
         "SELECT count(*) FROM \"{schema}\".servers WHERE status <> 'alive' "
         "AND id = ANY($1::text[])",
-        [sim.id for sim in sims],
+        live,
     )
     running = await _scalar(
         system, "SELECT count(*) FROM \"{schema}\".jobs WHERE status = 'processing'"
@@ -482,32 +849,29 @@ async def _restart(
     }
 
 
-async def _dies(system: OrchestratR, sim: SimServer, interval: float) -> dict[str, Any]:
+async def _dies(
+    system: OrchestratR, fleet: Fleet, server_id: str, interval: float, within: float
+) -> dict[str, Any]:
     """One server dies: its heartbeats stop and its channel closes (the broker
     hands its messages to the others). Seconds until every one of its jobs is
     ``processing`` on another server in the database, and until its row is
     ``dead``."""
-    with sim.lock:
-        mine = list(sim.held)
-        sim.silent = True
-    at = time.monotonic()
-    for channel in sim.channels:
-        await channel.close()
+    mine, at = await fleet.die(server_id)
     moved_s = dead_s = None
-    while time.monotonic() - at < 180 and (moved_s is None or dead_s is None):
+    while time.monotonic() - at < within and (moved_s is None or dead_s is None):
         if moved_s is None:
             moved = await _scalar(
                 system,
                 'SELECT count(*) FROM "{schema}".jobs WHERE id = ANY($1::text[]) '
                 "AND status = 'processing' AND server_id <> $2",
                 mine,
-                sim.id,
+                server_id,
             )
             if moved == len(mine):
                 moved_s = round(time.monotonic() - at, 2)
         if dead_s is None:
             status = await _scalar(
-                system, 'SELECT status FROM "{schema}".servers WHERE id = $1', sim.id
+                system, 'SELECT status FROM "{schema}".servers WHERE id = $1', server_id
             )
             if status == "dead":
                 dead_s = round(time.monotonic() - at, 2)
@@ -526,7 +890,10 @@ async def main_async(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="orx-sim-"))
     runs = []
     for size in sizes:
-        print(f"[{time.strftime('%H:%M:%S')}] {size} jobs", flush=True)
+        _say(f"{size} jobs")
+        manager_args = args.manager_args.split()
+        if args.backlog_wait is not None:
+            manager_args += ["--backlog-wait", str(args.backlog_wait)]
         try:
             servers = args.servers or max(1, size // args.per_server)
             result = await simulate(
@@ -536,12 +903,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 interval=args.interval,
                 window=args.window,
                 legacy=args.legacy,
-                manager_args=args.manager_args.split(),
+                manager_args=manager_args,
                 profile=args.profile and f"{args.profile}-{size}.txt",
+                processes=args.processes,
             )
         except Exception as exc:  # recorded, not raised: the next size may still fit
-            import traceback
-
             traceback.print_exc()
             result = {"jobs": size, "error": f"{type(exc).__name__}: {exc}"[:500]}
         print(json.dumps(result), flush=True)
@@ -573,11 +939,27 @@ def main() -> None:
         help="more `orchestratr manager` options, e.g. '--seen-batch 0'",
     )
     parser.add_argument(
+        "--backlog-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the manager's --backlog-wait (default: the manager's own, six server timeouts)",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="spread the simulated servers over N worker processes (1: all in this one)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
         "--profile",
         default="",
         help="py-spy the manager over the window into PATH-<jobs>.txt (collapsed stacks)",
     )
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    asyncio.run(worker_main() if args.worker else main_async(args))
 
 
 if __name__ == "__main__":
