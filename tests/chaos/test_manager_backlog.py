@@ -38,6 +38,17 @@ async def _flood(chaos: ChaosCluster, count: int) -> None:
         )
 
 
+async def _live_and_doomed(chaos: ChaosCluster) -> list[str]:
+    """Servers "live" and "doomed", both alive, running 8 jobs between them."""
+    for name in ("live", "doomed"):
+        await chaos.add_server(name, 10)
+    ids = await chaos.create(8)
+    await chaos.wait_all_running(ids, within=30)
+    for name in ("live", "doomed"):
+        await chaos.wait_server_status(name, "alive", within=10)
+    return ids
+
+
 async def test_a_manager_behind_its_events_declares_no_live_server_dead_but_a_dead_one(
     chaos: ChaosCluster,
 ) -> None:
@@ -48,12 +59,7 @@ async def test_a_manager_behind_its_events_declares_no_live_server_dead_but_a_de
     declared dead within the server timeout after the manager caught up."""
     assert chaos.transport is not None and chaos.manager is not None
     timeout = chaos.timings.server_timeout
-    for name in ("live", "doomed"):
-        await chaos.add_server(name, 10)
-    ids = await chaos.create(8)
-    await chaos.wait_all_running(ids, within=30)
-    for name in ("live", "doomed"):
-        await chaos.wait_server_status(name, "alive", within=10)
+    ids = await _live_and_doomed(chaos)
     live_id = next(s.id for s in await chaos.servers() if s.name == "live")
     manager = chaos.manager
     os.kill(manager.pid, signal.SIGSTOP)
@@ -120,12 +126,7 @@ async def test_a_leader_that_does_not_consume_the_events_declares_no_live_server
     chaos.kill_manager(chaos.manager)  # the harness's own has the default lease
     # A long AMQP heartbeat: the broker keeps the frozen one's consumer registered.
     first = await chaos.start_manager(leader_lease=LEASE, broker_heartbeat=60)
-    for name in ("live", "doomed"):
-        await chaos.add_server(name, 10)
-    ids = await chaos.create(8)
-    await chaos.wait_all_running(ids, within=30)
-    for name in ("live", "doomed"):
-        await chaos.wait_server_status(name, "alive", within=10)
+    ids = await _live_and_doomed(chaos)
     second = await chaos.start_manager(leader_lease=LEASE)
     await asyncio.sleep(1.0)  # it has joined the events queue (inactive) and tried the lease
     live_id = next(s.id for s in await chaos.servers() if s.name == "live")
