@@ -138,16 +138,6 @@ async def _wait_moved(
         await asyncio.sleep(0.02)
 
 
-def _shares(cluster: Cluster, moved: dict[str, float], dead: int) -> list[int]:
-    """Jobs of ``moved`` (key -> first new start) per process that started them,
-    largest first."""
-    counts: dict[int, int] = {}
-    for copy in cluster.ledger.copies:
-        if copy.pid != dead and moved.get(copy.key) == copy.start:
-            counts[copy.pid] = counts.get(copy.pid, 0) + 1
-    return sorted(counts.values(), reverse=True)
-
-
 async def _settled(cluster: Cluster, keys: list[str], *, within: float, quiet: float = 2.0) -> None:
     """Wait (at most ``within`` seconds) until every job runs exactly once and no
     copy started for ``quiet`` seconds. Under load OrchestratR's outbox relay may
@@ -218,8 +208,6 @@ async def failover(
             "moved": len(moved),
             "all_moved": len(moved) == len(victim_keys),
             "per_job_s": sorted(t - at for t in moved.values()),
-            # How many of the victim's jobs each survivor took (its first new copy).
-            "survivor_shares": _shares(cluster, moved, victim.pid),
             "total_s": (max(moved.values()) - at) if len(moved) == len(victim_keys) else None,
             # CPU seconds each process used from the kill until the last job moved
             # (+ up to 20 ms of polling; clock ticks of 10 ms): where the time went.

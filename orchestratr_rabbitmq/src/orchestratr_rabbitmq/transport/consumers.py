@@ -152,10 +152,6 @@ SURPLUS_DELAY = 1.0
 back: its credit stays used meanwhile, so a fleet with no room elsewhere does not
 bounce it between the broker and this consumer without pause."""
 
-BURST_ENDED = 0.1
-"""Seconds without a delivery after which a jobs consumer takes a burst as ended
-and tops its unused credit up to the full ``prefetch_step`` (:meth:`RabbitJobConsumer._rest`)."""
-
 
 @dataclass
 class _Credit:
@@ -201,10 +197,6 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         self.renewals: dict[RabbitDelivery, None] = {}
         """Deliveries to hand back before the broker's timeout, earliest first."""
         self.renewal_timer: asyncio.TimerHandle | None = None
-        self.delivered = 0
-        """Deliveries received so far (tells a quiet moment from a burst)."""
-        self.rest_timer: asyncio.TimerHandle | None = None
-        """Looks for the end of a burst (:meth:`_rest`), armed by a delivery."""
 
     async def attach(self, session: Session) -> None:
         async with self.lock:
@@ -213,9 +205,6 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             self.consumers = {}
             self.cancelled = set()
             self.stepping = False  # a step up of the old session may never have run
-            if self.rest_timer is not None:
-                self.rest_timer.cancel()
-                self.rest_timer = None
             self.channel = await session.channel("jobs")
             self.underlay = await self._watch_cancel(session, "jobs")
             # Deliveries are handled in the channel reader's step, not a task each
@@ -236,7 +225,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         """Deliveries the live consumers may still be pushed (their unused credit)."""
         return sum(max(0, c.prefetch - c.held) for c in self.consumers.values())
 
-    async def _reconcile(self, *, top_up: bool = False) -> None:
+    async def _reconcile(self) -> None:
         """Keep the credit within the capacity, and grant at most ``prefetch_step``
         deliveries ahead of what is held. RabbitMQ applies ``basic.qos`` to new
         consumers only: credit is added as a new consumer, once the live ones have
@@ -246,15 +235,7 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
         that hold nothing. The step bounds how many unread deliveries can queue
         ahead of a fence ping's answer: a server with room for 20,000 jobs that
         took them in one step fell behind its pings and fenced itself
-        (docs/benchmarks.md).
-
-        With ``top_up`` (a burst has ended) credit is added once an eighth of a
-        step is used: every server with room then waits for the next burst with
-        close to a full step of credit, whatever its last burst left. A dead
-        server's jobs go at once to the survivors' unused credit, and what does
-        not fit waits for the first survivor to step up, which takes it all:
-        three survivors left with just over half a step each took 250, 250 and
-        500 of 1,000 jobs (docs/benchmarks.md)."""
+        (docs/benchmarks.md)."""
         session, underlay = self.session, self.underlay
         if session is None or underlay is None or not session.alive:
             return
@@ -270,11 +251,8 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 budget -= credit.prefetch
         step = self.wiring.settings.prefetch_step
         free = self._free()
-        # Step up once half a step is used; after a burst once an eighth is (not
-        # after every delivery: that would add a consumer per job).
-        used = max(1, step // 8) if top_up else step - step // 2
-        if self.consumers and free > step - used:
-            return  # the live consumers still have credit
+        if self.consumers and free > step // 2:
+            return  # the live consumers still have credit: step up once half is used
         desired = min(step - free, room - budget)
         if desired <= 0:
             return  # prefetch 0 would mean "unlimited": pause by not consuming
@@ -309,35 +287,16 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             if credit is not None:
                 credit.held -= 1
 
-    async def _step_up(self, top_up: bool = False) -> None:
-        """The live consumers used half a step of their credit (an eighth, once a
-        burst has ended: ``top_up``) and there is room: consume again."""
+    async def _step_up(self) -> None:
+        """The live consumers used half a step of their credit and there is room:
+        consume again."""
         try:
             async with self.lock:
                 self.stepping = False
                 with Quiet():
-                    await self._reconcile(top_up=top_up)
+                    await self._reconcile()
         finally:
             self.stepping = False
-
-    def _arm_rest(self, seen: int) -> None:
-        self.rest_timer = asyncio.get_running_loop().call_later(BURST_ENDED, self._rest, seen)
-
-    def _rest(self, seen: int) -> None:
-        """No delivery came for :data:`BURST_ENDED` seconds since the one numbered
-        ``seen`` (else look again later): top the credit up to the full step."""
-        self.rest_timer = None
-        if self.delivered != seen:
-            self._arm_rest(self.delivered)
-            return
-        session = self.session
-        if self.closed or session is None or not session.alive:
-            return
-        if self.stepping:  # a step up is on its way: look again after it
-            self._arm_rest(seen)
-            return
-        self.stepping = True
-        self.wiring.spawn(self._step_up(top_up=True))
 
     async def _on_message(
         self,
@@ -374,9 +333,6 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
             credit.held += 1
             if not self.stepping:
                 self._maybe_step_up()
-        self.delivered += 1
-        if self.rest_timer is None:
-            self._arm_rest(self.delivered)
         if consumer_tag in self.cancelled or len(self.held) > self._room():
             # Never run what a cancelled consumer got (it would stay checked out to
             # that consumer), nor more than the capacity.
@@ -462,9 +418,6 @@ class RabbitJobConsumer(BrokerSubscription, JobConsumer):
                 return
             self.closed = True
             self.wiring.forget(self)
-            if self.rest_timer is not None:
-                self.rest_timer.cancel()
-                self.rest_timer = None
             with Quiet():
                 await self._reconcile()
             if not self.held and self.channel is not None and self.session is not None:
