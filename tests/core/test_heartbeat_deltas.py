@@ -378,25 +378,6 @@ async def test_a_server_declared_dead_elsewhere_while_alive_here_claims_its_jobs
     assert all(len(cluster.ledger.running(j)) == 1 for j in ids)  # never a second copy
 
 
-async def test_a_leader_that_declares_a_server_dead_tells_the_events_consumer(
-    cluster: Cluster, caplog: pytest.LogCaptureFixture
-) -> None:
-    """The leader publishes :class:`~orchestratr_core.protocol.ServerDeclaredDead`
-    for each server it declares dead; the consumer (here the same manager)
-    applies it."""
-    await cluster.start_manager()
-    await cluster.add_server("keep", 5)
-    gone = await cluster.add_server("gone", 5)
-    await cluster.wait_running(await cluster.create(4))
-    caplog.set_level("INFO", logger="orchestratr.manager")
-    await gone.kill()
-    await eventually(
-        lambda: f"server {gone.id} was declared dead by the leader" in caplog.text,
-        timeout=4 * FAST_MANAGER.server_timeout,
-        what="the notice applied",
-    )
-
-
 async def _status(cluster: Cluster, server_id: str, status: ServerStatus) -> bool:
     record = await cluster.storage.get_server(server_id)
     return record is not None and record.status is status

@@ -1152,7 +1152,6 @@ class ServerManager:
             self._plugins.notify(
                 "server_left", server_id=server.id, name=server.name, reason="dead"
             )
-            await self._tell_consumer_dead(server, now)
         return expired
 
     async def _events_frontier(self) -> datetime:
@@ -1189,22 +1188,6 @@ class ServerManager:
             )
         )
         return max((s.last_seen for s in servers), default=None)
-
-    async def _tell_consumer_dead(self, server: ServerRecord, now: datetime) -> None:
-        """Tell the manager consuming the events (perhaps this one) that
-        ``server`` was declared dead (:class:`~orchestratr_core.protocol.ServerDeclaredDead`):
-        it drops its copy of the server's set, so that a heartbeat of the server
-        -- alive after all -- is answered with a request for a complete listing,
-        which claims its released jobs again. Best effort: a lost notice leaves
-        the released jobs ``pending`` until the server's next complete listing."""
-        try:
-            await self._transport.publish_event(
-                p.ServerDeclaredDead(server_id=server.id, at=now.timestamp())
-            )
-        except (OrchestratrError, OSError) as exc:
-            log.warning(
-                "could not tell the events consumer that server %s is dead: %s", server.id, exc
-            )
 
     async def _count_owner_deaths(self, deaths: dict[str, str], now: datetime) -> None:
         """Count one failure (``job id -> what happened``) against each job's
