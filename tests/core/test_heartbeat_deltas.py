@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from orchestratr_core import protocol as p
+from orchestratr_core import server_views as server_views_module
 from orchestratr_core.errors import MalformedMessage
 from orchestratr_core.job import JobStatus, ServerStatus, utcnow
 from orchestratr_core.server import beats as server_beats
-from orchestratr_core.server.beats import ACK_PATIENCE, HeartbeatSeries
+from orchestratr_core.server.beats import ACK_PATIENCE, MAX_LAG, HeartbeatSeries
 from orchestratr_core.server_views import ServerViews, Verdict
 from tests.support.cluster import FAST_MANAGER, Cluster, eventually
 
@@ -559,8 +560,8 @@ async def test_unchanged_heartbeats_are_written_together_and_before_the_next_eve
 
 def test_a_manager_far_behind_its_events_settles_on_deltas_once_the_set_is_stable() -> None:
     """The manager applies each heartbeat 20 heartbeats after it was sent (it is
-    behind its events queue): its acknowledgements reach the server after the
-    server stopped keeping those heartbeats' sets (16). Once the server's set no
+    behind its events queue; its acknowledgements reach the server 20 heartbeats
+    late -- the server once kept only 16 sets, and now rebuilds them). Once the server's set no
     longer changes, an acknowledgement of a set equal to the one last sent
     counts (by digest), the manager applies deltas on it to its copy (same
     digest), and the heartbeats are deltas again -- before, every heartbeat
@@ -584,3 +585,136 @@ def test_a_manager_far_behind_its_events_settles_on_deltas_once_the_set_is_stabl
     tail = sent[-100:]
     assert all(hb.base for hb in tail), [hb.base for hb in tail]
     assert all(not hb.jobs for hb in tail)
+
+
+class _Clock:
+    """Stands in for the ``time`` module of :mod:`orchestratr_core.server_views`:
+    one clock the test moves, for the wall and the monotonic time alike."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _behind_through_a_fill(
+    monkeypatch: pytest.MonkeyPatch, lag: int, steps: int, fill: int
+) -> tuple[list[p.ServerHeartbeat], list[Verdict], ServerViews, set[str]]:
+    """A server heartbeats every 2 s; a job starts at every heartbeat of the
+    first ``fill`` and every fifth one stops; the manager applies each heartbeat
+    ``lag`` heartbeats after it was sent (it is behind its events queue), and
+    its answer reaches the server before the next heartbeat. Returns what was
+    sent, the manager's verdicts, its copy, and the final set."""
+    clock = _Clock()
+    monkeypatch.setattr(server_views_module, "time", clock)
+    series, views = HeartbeatSeries(), ServerViews(stale_after=3600.0)
+    jobs: dict[str, p.RunningJob] = {}
+    sent: list[p.ServerHeartbeat] = []
+    verdicts: list[Verdict] = []
+    in_flight: list[p.ServerHeartbeat] = []
+    for step in range(steps):
+        clock.now += 2.0
+        if step < fill:
+            jobs[f"j{step}"] = p.RunningJob(f"j{step}", 1, None, 0)
+            if step % 5 == 4:
+                del jobs[f"j{step - 2}"]
+        hb = dataclasses.replace(_hb(series.next(_reports(*jobs.values()))), sent_at=clock.now)
+        sent.append(hb)
+        in_flight.append(hb)
+        if len(in_flight) > lag:
+            applied = in_flight.pop(0)
+            verdict = views.receive(applied)
+            verdicts.append(verdict)
+            if verdict is not Verdict.NOTHING:
+                series.acknowledged(p.HeartbeatAck(seq=applied.seq, full=verdict is Verdict.FULL))
+    return sent, verdicts, views, set(jobs)
+
+
+def test_a_manager_behind_through_a_long_fill_gets_deltas_never_complete_listings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feedback that kept a manager of a million jobs from catching up: it
+    applied each heartbeat 25 heartbeats (50 s) late while every server filled,
+    each server's changes stayed unacknowledged for more than ACK_PATIENCE
+    heartbeats, and each heartbeat became a complete listing -- hundreds of jobs
+    for the manager to apply instead of one or two. The server now waits for an
+    answer as long as the manager's last answer took (plus the patience), an
+    acknowledgement of a heartbeat sent 25 heartbeats back still moves its base
+    (the set is rebuilt from the differences), and the manager applies the
+    deltas built before its acknowledgement arrived (judged by when they were
+    sent), so neither side falls back."""
+    lag = 25
+    sent, verdicts, views, final = _behind_through_a_fill(monkeypatch, lag, steps=400, fill=300)
+    first_acked = next(i for i, hb in enumerate(sent) if hb.base)
+    assert first_acked <= lag + 2
+    complete = [hb.seq for hb in sent[first_acked:] if not hb.base]
+    assert complete == []
+    assert Verdict.FULL not in verdicts
+    # The deltas stay small: the changes of about two lags, not the set.
+    assert max(len(hb.jobs) for hb in sent[first_acked:]) <= 2 * lag + 2
+    assert max(hb.running for hb in sent) > 200
+    assert views.running("s1") == frozenset(final)
+    assert all(not hb.jobs and not hb.gone for hb in sent[-(lag + 10) :])
+
+
+def test_a_lost_acknowledgement_is_still_found_when_the_manager_is_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delta on an older acknowledged heartbeat, sent well after the newer
+    acknowledgement went out, means that acknowledgement never arrived: the
+    manager asks for a complete listing (by the server's clock, however late
+    the manager applies it)."""
+    clock = _Clock()
+    monkeypatch.setattr(server_views_module, "time", clock)
+    series, views = HeartbeatSeries(), ServerViews(stale_after=3600.0)
+
+    def beat(*jobs: p.RunningJob, after: float = 2.0) -> p.ServerHeartbeat:
+        clock.now += after
+        return dataclasses.replace(_hb(series.next(_reports(*jobs))), sent_at=clock.now)
+
+    first = beat(A)
+    assert views.receive(first) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    second = beat(A, B)
+    assert views.receive(second) is Verdict.ACK  # this acknowledgement is lost
+    soon = beat(A, B, C)
+    late = beat(A, B, C, after=4.0)
+    assert (soon.base, late.base) == (first.seq, first.seq)
+    clock.now += 60.0  # the manager applies them a minute later
+    assert views.receive(soon) is Verdict.NOTHING  # sent 2 s after the acknowledgement
+    assert views.receive(late) is Verdict.FULL  # sent 6 s after it
+
+
+def test_the_patience_grows_with_the_manager_s_measured_lag_and_no_further() -> None:
+    """A manager that answered 10 heartbeats late is given 3 + 2 x 10 heartbeats
+    before the server lists everything again; a lag beyond MAX_LAG counts as
+    MAX_LAG."""
+    for lag, patience in ((10, ACK_PATIENCE + 20), (5_000, ACK_PATIENCE + 2 * MAX_LAG)):
+        series = HeartbeatSeries()
+        series.next(_reports(A))
+        for _ in range(lag):
+            series.next(_reports(A))
+        assert not series.acknowledged(p.HeartbeatAck(seq=1))
+        assert (series.base, series.lag) == (1, min(lag, MAX_LAG))
+        bases = [_hb(series.next(_reports(A, B))).base for _ in range(patience + 1)]
+        assert bases == [1] * patience + [0]
+
+
+def test_an_acknowledgement_of_a_heartbeat_long_past_rebuilds_its_set() -> None:
+    """The server keeps the difference of each heartbeat's set from the one
+    before, not a copy of each set: an acknowledgement of heartbeat 3 of 60 --
+    whose set the server no longer has as such, and which differs from the set
+    sent last -- moves the base to it, and the next delta is relative to it."""
+    series = HeartbeatSeries()
+    jobs = [p.RunningJob(f"j{i}", 1, None, 0) for i in range(60)]
+    for count in range(1, 61):
+        series.next(_reports(*jobs[:count]))
+    series.acknowledged(p.HeartbeatAck(seq=3))
+    assert series.base == 3
+    delta = _hb(series.next(_reports(*jobs[1:])))
+    assert (set(delta.jobs), delta.gone) == (set(jobs[3:]), ("j0",))
+    assert delta.running == 59

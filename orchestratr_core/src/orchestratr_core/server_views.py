@@ -29,7 +29,6 @@ heartbeat, delta or not.
 
 from __future__ import annotations
 
-import collections
 import enum
 import time
 from collections.abc import Callable
@@ -39,15 +38,18 @@ from orchestratr_core import protocol as p
 
 __all__ = ["ServerViews", "Verdict"]
 
-_ACKED_KEPT = 8
-"""Acknowledged heartbeats remembered per server (deltas on them still apply)."""
 _DIGESTS_KEPT = 512
-"""Acknowledged heartbeats whose set's digest is remembered per server: a delta on
-one of them whose set is the copy's applies to the copy (a server that learnt of
-the acknowledgement late, from a manager behind its events queue)."""
+"""Acknowledged heartbeats remembered per server, with their set's digest: a delta
+on one of them is applied as it says (built before a newer acknowledgement
+arrived), and to the copy if its set is the copy's (a server that learnt of the
+acknowledgement late, from a manager behind its events queue)."""
 ACK_GRACE = 5.0
 """Seconds after an acknowledgement during which a delta on an earlier one is
-expected (built before it arrived); later, the acknowledgement was lost."""
+expected (built before it arrived); later, the acknowledgement was lost. Judged
+by when the manager applied the delta, and also by when the server sent it (its
+``sent_at`` against the acknowledgement's wall-clock time): a manager behind its
+events queue applies heartbeats built before its acknowledgement arrived long
+after it sent it."""
 
 
 class Verdict(enum.Enum):
@@ -71,11 +73,10 @@ class _View:
     """monotonic time of the last heartbeat applied"""
     acked_at: float
     """monotonic time of the acknowledgement of ``acked``"""
+    acked_wall: float
+    """wall-clock time of the acknowledgement of ``acked`` (epoch seconds)"""
     sent: float = 0.0
     """``sent_at`` (the server's clock) of the last heartbeat applied"""
-    history: collections.deque[int] = field(
-        default_factory=lambda: collections.deque(maxlen=_ACKED_KEPT)
-    )
     digests: dict[int, tuple[int, int]] = field(default_factory=dict)
     """acknowledged seq -> (digest, count) of the set it acknowledged"""
 
@@ -203,11 +204,13 @@ class ServerViews:
                 self._views.pop(hb.server_id, None)
                 return Verdict.FULL  # a listing that contradicts itself: ask again
             if view is None:
-                view = self._views[hb.server_id] = _View(shares, digest, hb.seq, now, now)
+                view = self._views[hb.server_id] = _View(
+                    shares, digest, hb.seq, now, now, time.time()
+                )
             else:
-                view.shares, view.digest, view.acked, view.acked_at = shares, digest, hb.seq, now
+                view.shares, view.digest, view.acked = shares, digest, hb.seq
+                view.acked_at, view.acked_wall = now, time.time()
             view.seen, view.sent = now, hb.sent_at
-            view.history.append(hb.seq)
             view.note_acked()
             return Verdict.ACK
         if view is None:
@@ -218,7 +221,9 @@ class ServerViews:
             # one arrived: applied, the copy stays. Else we lack its base, or the
             # newer acknowledgement never reached the server. (An earlier one whose
             # set is the copy's is applied to the copy, below.)
-            if hb.base in view.history and now - view.acked_at < ACK_GRACE:
+            if hb.base in view.digests and (
+                now - view.acked_at < ACK_GRACE or hb.sent_at < view.acked_wall + ACK_GRACE
+            ):
                 return Verdict.NOTHING
             return self._lost(hb)
         shares, digest = view.shares, view.digest
@@ -246,8 +251,7 @@ class ServerViews:
             del shares[job_id]
         shares.update(added)
         view.digest = digest
-        view.acked, view.acked_at = hb.seq, now
-        view.history.append(hb.seq)
+        view.acked, view.acked_at, view.acked_wall = hb.seq, now, time.time()
         view.note_acked()
         return Verdict.ACK
 

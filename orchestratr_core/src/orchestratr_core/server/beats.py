@@ -24,7 +24,18 @@ recorded since the previous heartbeat.
 A server falls back to complete listings when the manager asks for one
 (``full``), and when no acknowledgement came for :data:`ACK_PATIENCE` heartbeats
 while changes waited (a manager that no longer answers: the next one may lack
-the set).
+the set) -- patience that grows by twice the manager's last measured lag, in
+heartbeats (how many heartbeats the server had sent since the one an
+acknowledgement answered, at most :data:`MAX_LAG`). A manager behind its events
+queue answers every heartbeat late; falling back to complete listings then would
+make each heartbeat it has yet to apply a thousand-job listing instead of a
+delta, and put it further behind (the feedback that kept a manager of a million
+jobs from ever catching up).
+
+An acknowledgement may answer a heartbeat sent long before: the set of every
+heartbeat since the last acknowledged one can be rebuilt (:meth:`set_of`), from
+that set and the difference of each heartbeat's set from the one before -- a
+few jobs per heartbeat, not a copy of the set.
 """
 
 from __future__ import annotations
@@ -34,30 +45,39 @@ from collections.abc import Iterable
 from orchestratr_core import protocol as p
 from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP
 
-__all__ = ["ACK_PATIENCE", "BEAT_REPORT_STEP", "HeartbeatSeries"]
+__all__ = ["ACK_PATIENCE", "BEAT_REPORT_STEP", "MAX_LAG", "HeartbeatSeries"]
 
 BEAT_REPORT_STEP = HEARTBEAT_REFRESH_STEP
 """A watchdog job's own beat is reported again once it is this much newer (s)."""
 ACK_PATIENCE = 3
-"""Heartbeats with unacknowledged changes before the server lists everything again."""
-_KEEP = 16
-"""Unacknowledged heartbeats whose sets are kept."""
+"""Heartbeats with unacknowledged changes before the server lists everything
+again, when the manager answers at once (see :data:`MAX_LAG`)."""
+MAX_LAG = 100
+"""The largest lag of the manager's answers, in heartbeats, that lengthens the
+patience (by twice the lag): a manager further behind gets complete listings."""
+_KEEP_CHAIN = 512
+"""Differences kept after the anchor (heartbeats whose set changed): beyond, the
+oldest joins the anchor, and an acknowledgement of a heartbeat before the anchor
+counts only by digest (below)."""
 _KEEP_DIGESTS = 512
-"""Heartbeats whose digest is kept: an acknowledgement of one whose set is no
-longer kept still counts if the set it acknowledges is the one last sent (a
-manager far behind its events queue answers later than :data:`_KEEP` heartbeats)."""
+"""Heartbeats whose digest is kept: an acknowledgement of one whose set can no
+longer be rebuilt still counts if the set it acknowledges is the one last sent."""
 
 
 class HeartbeatSeries:
-    """The numbering of one server's heartbeats, the sets of those not yet
-    acknowledged, and the one the manager acknowledged last."""
+    """The numbering of one server's heartbeats, what their sets were, and the one
+    the manager acknowledged last."""
 
     __slots__ = (
         "_acked",
+        "_anchor",
+        "_anchor_seq",
         "_base",
+        "_chain",
         "_checkpoints",
         "_digests",
-        "_sent",
+        "_lag",
+        "_last",
         "_shares",
         "_unanswered",
         "seq",
@@ -68,10 +88,21 @@ class HeartbeatSeries:
         self._base = 0
         """The ``seq`` of the acknowledged heartbeat (0: none; list everything)."""
         self._acked: dict[str, p.RunningJob] = {}
-        self._sent: dict[int, dict[str, p.RunningJob]] = {}
+        self._anchor_seq = 0
+        self._anchor: dict[str, p.RunningJob] = {}
+        """The set sent with heartbeat ``_anchor_seq`` (the last acknowledged one,
+        or a later one once the chain grew too long); never changed in place."""
+        self._chain: dict[int, tuple[dict[str, p.RunningJob], tuple[str, ...]]] = {}
+        """seq -> (reports new or other, ids gone) in the set sent with it, against
+        the set sent with ``seq - 1``, for every heartbeat after the anchor whose
+        set differs (in order; an idle heartbeat adds nothing)."""
+        self._last: dict[str, p.RunningJob] = {}
+        """The set sent with heartbeat ``seq``."""
         self._digests: dict[int, tuple[int, int]] = {}
         """seq -> (digest, running) of the set it carried, for :data:`_KEEP_DIGESTS`."""
         self._unanswered = 0
+        self._lag = 0
+        """Heartbeats sent between the last acknowledged one and its acknowledgement."""
         self._shares: dict[str, tuple[int, int]] = {}
         """job id -> (fence, its share of the digest): hashed once per ownership."""
         self._checkpoints: dict[str, tuple[p.RunningJob, int]] = {}
@@ -83,11 +114,35 @@ class HeartbeatSeries:
         """The acknowledged heartbeat deltas are relative to (0: none)."""
         return self._base
 
+    @property
+    def lag(self) -> int:
+        """The manager's lag measured at its last acknowledgement, in heartbeats."""
+        return self._lag
+
+    def set_of(self, seq: int) -> dict[str, p.RunningJob] | None:
+        """The set sent with heartbeat ``seq`` (job id -> report as sent or as
+        acknowledged before), or ``None`` if it can no longer be rebuilt. Do not
+        change the result."""
+        if seq == self.seq:
+            return self._last
+        if seq == self._anchor_seq:
+            return self._anchor
+        if not self._anchor_seq < seq < self.seq:
+            return None
+        rebuilt = dict(self._anchor)
+        for step, (upserts, gone) in self._chain.items():
+            if step > seq:
+                break
+            for job_id in gone:
+                del rebuilt[job_id]
+            rebuilt.update(upserts)
+        return rebuilt
+
     def acknowledged(self, ack: p.HeartbeatAck) -> bool:
         """Apply the manager's answer; True if it asks for a complete listing now."""
+        sent = self.set_of(ack.seq)
         # Either answer says the manager applied heartbeat ``seq``: the checkpoints
         # it carried are stored (or refused by their fence) and go no more.
-        sent = self._sent.get(ack.seq)
         if sent is not None and self._checkpoints:
             for job_id, (report, _) in list(self._checkpoints.items()):
                 carried = sent.get(job_id)
@@ -102,20 +157,29 @@ class HeartbeatSeries:
             self._acked = {}
             self._unanswered = 0
             return True
-        jobs = self._sent.get(ack.seq)
-        if jobs is None and ack.seq > self._base and self._sent:
-            # Its set is no longer kept; if it is the set sent last, that one is
-            # what the manager holds (a digest over every job's id and fence).
-            last = max(self._sent)
-            if self._digests.get(ack.seq) == self._digests.get(last):
-                jobs = self._sent[last]
-        if jobs is not None and ack.seq > self._base:
+        if (
+            sent is None
+            and ack.seq > self._base
+            and self._digests.get(ack.seq) == self._digests.get(self.seq)
+        ):
+            # Its set can no longer be rebuilt, but it is the set sent last: that
+            # one is what the manager holds (a digest over every job's id and fence).
+            sent = self._last
+        if sent is not None and ack.seq > self._base:
+            self._lag = min(self.seq - ack.seq, MAX_LAG)
             self._base = ack.seq
-            self._acked = jobs
+            self._acked = sent
             self._unanswered = 0
-            for seq in [s for s in self._sent if s <= ack.seq]:
-                del self._sent[seq]
+            self._move_anchor(ack.seq, sent)
         return False
+
+    def _move_anchor(self, seq: int, sent: dict[str, p.RunningJob]) -> None:
+        if seq <= self._anchor_seq:
+            return
+        self._anchor_seq, self._anchor = seq, sent
+        chain = self._chain
+        while chain and next(iter(chain)) <= seq:
+            del chain[next(iter(chain))]
 
     def next(
         self, reports: Iterable[tuple[p.RunningJob, bool]]
@@ -156,7 +220,7 @@ class HeartbeatSeries:
             gone = tuple(job_id for job_id in acked if job_id not in current)
             if changed or gone:
                 self._unanswered += 1
-                if self._unanswered > ACK_PATIENCE:
+                if self._unanswered > ACK_PATIENCE + 2 * self._lag:
                     base = self._base = 0  # nobody acknowledges: list everything
                     self._acked = {}
                     self._unanswered = 0
@@ -167,20 +231,41 @@ class HeartbeatSeries:
             changed = list(current.values())
         # The set as sent, for when this heartbeat is acknowledged: an unchanged
         # job keeps the report acknowledged before (a fresher beat was not sent).
-        sent = dict(current)
+        # (``current`` becomes that set: only existing keys are reassigned.)
         if base:
             listed = {report.job_id for report in changed}
             for job_id, report in current.items():
                 before = acked.get(job_id)
                 if before is not None and before is not report and job_id not in listed:
-                    sent[job_id] = before
-        self._sent[self.seq] = sent
-        while len(self._sent) > _KEEP:
-            del self._sent[min(self._sent)]
-        self._digests[self.seq] = (digest, len(current))
-        while len(self._digests) > _KEEP_DIGESTS:
-            del self._digests[min(self._digests)]
+                    current[job_id] = before
+        self._remember(current, digest)
         return self.seq, base, tuple(changed), gone, digest, len(current)
+
+    def _remember(self, sent: dict[str, p.RunningJob], digest: int) -> None:
+        """Keep what lets the set of this heartbeat be rebuilt later: its
+        difference from the one before, and its digest."""
+        last = self._last
+        upserts = {job_id: r for job_id, r in sent.items() if last.get(job_id) is not r}
+        gone: tuple[str, ...] = ()
+        if len(sent) - len(upserts) < len(last):  # not every job sent before is kept
+            gone = tuple(job_id for job_id in last if job_id not in sent)
+        self._last = sent
+        chain = self._chain
+        if upserts or gone:
+            chain[self.seq] = (upserts, gone)
+        if len(chain) > _KEEP_CHAIN:
+            # Nobody acknowledges: the oldest difference joins the anchor.
+            step = next(iter(chain))
+            upserts, gone = chain.pop(step)
+            anchor = dict(self._anchor)
+            for job_id in gone:
+                del anchor[job_id]
+            anchor.update(upserts)
+            self._anchor_seq, self._anchor = step, anchor
+        digests = self._digests
+        digests[self.seq] = (digest, len(sent))
+        if len(digests) > _KEEP_DIGESTS:
+            del digests[next(iter(digests))]
 
 
 def _with_checkpoint(
