@@ -76,8 +76,30 @@ def test_a_manager_that_does_not_consume_judges_by_what_the_consumer_wrote() -> 
     assert frontier.behind() == 20.0
     assert frontier.probe(7, at, elsewhere=at + timedelta(seconds=1)) == at
     assert frontier.probe(7, at, elsewhere=at - timedelta(hours=1)) == at - timedelta(seconds=60)
-    # Nothing waits: the consumer keeps up (or every server is silent): the clock.
+    # Nothing waits, but the consumer -- not this manager, which applied
+    # nothing -- wrote a heartbeat: it may hold events it took ahead.
+    assert frontier.consumed_elsewhere(0, written)
+    assert frontier.probe(0, at, elsewhere=written) == written
+    assert frontier.probe(0, at) == at  # no live server: the clock
+
+
+def test_nothing_waiting_after_this_manager_applied_the_last_heartbeat_is_the_clock() -> None:
+    """This manager consumes: the freshest ``last_seen`` is one it wrote before
+    it last applied an event, so when every server falls silent, nothing waits
+    and it judges by the clock (a dead server is declared dead a timeout after
+    its last heartbeat, not ``max_lag`` later); a heartbeat written after that
+    one is another consumer's."""
+    frontier = EventsFrontier(max_lag=60.0, idle_after=0.05)
+    written = utcnow()
+    frontier.begin()
+    frontier.end()
+    time.sleep(0.06)
+    later = utcnow()
+    at = utcnow()
+    assert not frontier.consumed_elsewhere(0, written)
     assert frontier.probe(0, at, elsewhere=written) == at
+    assert frontier.consumed_elsewhere(0, later)
+    assert frontier.probe(0, at, elsewhere=later) == later
 
 
 def _hb(

@@ -718,3 +718,33 @@ def test_an_acknowledgement_of_a_heartbeat_long_past_rebuilds_its_set() -> None:
     delta = _hb(series.next(_reports(*jobs[1:])))
     assert (set(delta.jobs), delta.gone) == (set(jobs[3:]), ("j0",))
     assert delta.running == 59
+
+
+def test_a_delta_re_listing_jobs_already_applied_as_listed_applies_only_the_others() -> None:
+    """A manager behind its events queue gets deltas on old acknowledgements,
+    each listing again every job started since: the jobs it already applied
+    with the same report are left out of the storage write; a changed report,
+    a checkpoint, a start the heartbeat replaces, a complete listing and a copy
+    that is not trusted are applied in full."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _hb(series.next(_reports(A)))
+    assert views.unapplied(first) is None  # a complete listing: all of it
+    assert views.receive(first) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    second = _hb(series.next(_reports(A, B)))
+    assert second.jobs == (B,)
+    assert views.unapplied(second) == (B,)  # not applied yet
+    assert views.receive(second) is Verdict.ACK  # its acknowledgement is still on the way
+    third = _hb(series.next(_reports(A, B, C)))
+    assert (third.base, third.jobs) == (first.seq, (B, C))
+    assert views.unapplied(third) == (C,)  # B was applied as it is listed
+    restarted = dataclasses.replace(B, restarts=1)
+    checkpointed = dataclasses.replace(A, checkpoint="c1")
+    changed = dataclasses.replace(third, jobs=(checkpointed, restarted, C))
+    assert views.unapplied(changed) == (checkpointed, restarted, C)
+    assert views.unapplied(dataclasses.replace(third, started=("b",))) == (B, C)
+    assert views.unapplied(dataclasses.replace(third, base=0)) is None
+    assert ServerViews(stale_after=60.0).unapplied(third) is None  # no copy
+    stale = ServerViews(stale_after=0.0)
+    stale.receive(first)
+    assert stale.unapplied(dataclasses.replace(second, sent_at=3.0)) is None

@@ -31,8 +31,13 @@ What bounds it:
   of that server). A consumer cut off from the storage, or behind, writes no
   fresher row, so a live server whose heartbeats wait unapplied is not declared
   dead by a leader that does not consume them (the wall clock did: a
-  ``make chaos-cluster`` run, 2026-12-06). Nothing waiting: the wall clock (the
-  consumer keeps up; and when every server is dead, no heartbeat waits);
+  ``make chaos-cluster`` run, 2026-12-06). The same when nothing waits in the
+  queue but the consumer wrote a heartbeat more recently than this manager
+  applied one: it is another manager, and it may hold events it took ahead
+  (RabbitMQ: up to 64) that no count shows -- a frozen consumer holds them as
+  its servers fall silent. Nothing waiting and no such sign: the wall clock
+  (this manager consumes and keeps up; and when every server is dead, no
+  heartbeat waits);
 * a manager that stays behind: the frontier never lags the wall clock by more
   than ``max_lag`` (``ManagerOptions.backlog_wait``), so a dead server is
   declared dead at most ``server_timeout + max_lag`` (plus a sweep) after its
@@ -43,7 +48,7 @@ from __future__ import annotations
 
 import collections
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 __all__ = ["EventsFrontier"]
 
@@ -68,6 +73,8 @@ class EventsFrontier:
         self.handling = False
         """True while this manager applies an event."""
         self._last_done = time.monotonic()
+        self._applied_at: datetime | None = None
+        """When this manager last finished applying an event (wall clock)."""
         self._marks: collections.deque[tuple[int, datetime]] = collections.deque(maxlen=_MARKS_KEPT)
         self._frontier: datetime | None = None
         self._lag = 0.0
@@ -81,22 +88,28 @@ class EventsFrontier:
         self.handling = False
         self.done += 1
         self._last_done = time.monotonic()
+        self._applied_at = datetime.now(UTC)
         marks = self._marks
         while marks and marks[0][0] <= self.done:
             _, at = marks.popleft()
             if self._frontier is None or at > self._frontier:
                 self._frontier = at
 
-    def consumed_elsewhere(self, backlog: int | None) -> bool:
-        """Whether ``backlog`` events wait that this manager applies none of:
-        none applied here for ``idle_after`` and none being applied -- another
-        manager holds the events queue (or nobody does)."""
-        return (
-            backlog is not None
-            and backlog > 0
-            and not self.handling
-            and time.monotonic() - self._last_done >= self.idle_after
-        )
+    def idle(self) -> bool:
+        """Whether this manager applied no event for ``idle_after`` and applies
+        none now (it may not be the one consuming the events)."""
+        return not self.handling and time.monotonic() - self._last_done >= self.idle_after
+
+    def consumed_elsewhere(self, backlog: int | None, elsewhere: datetime | None = None) -> bool:
+        """Whether another manager consumes the events (or nobody does): this one
+        is :meth:`idle`, and ``backlog`` events wait, or none waits but the
+        freshest ``last_seen`` of the live servers (``elsewhere``) is newer than
+        the last event this manager applied."""
+        if backlog is None or backlog < 0 or not self.idle():
+            return False
+        if backlog > 0:
+            return True
+        return elsewhere is not None and (self._applied_at is None or elsewhere > self._applied_at)
 
     def probe(
         self, backlog: int | None, at: datetime, *, elsewhere: datetime | None = None
@@ -104,8 +117,9 @@ class EventsFrontier:
         """Note a count of the events waiting (``backlog``), taken at ``at`` or
         after, and return the frontier to judge silence against (at most
         ``at``). ``None``: the count is unknown -- the wall clock. ``elsewhere``:
-        when :meth:`consumed_elsewhere`, the freshest ``last_seen`` of the live
-        servers (see the module docstring); without it, the wall clock."""
+        when this manager is :meth:`idle`, the freshest ``last_seen`` of the live
+        servers (see the module docstring and :meth:`consumed_elsewhere`);
+        without it, the wall clock."""
         frontier = self._judge(backlog, at, elsewhere)
         self._lag = (at - frontier).total_seconds()
         return frontier
@@ -115,21 +129,22 @@ class EventsFrontier:
             self._marks.clear()
             self._frontier = at
             return at
-        if backlog == 0 and not self.handling:
-            # Nothing waits and nothing is being applied: everything published
-            # before ``at`` is applied (but an event handed over this instant).
-            self._marks.clear()
-            self._frontier = at
-            return at
-        if self.consumed_elsewhere(backlog):
-            # Events wait, yet this manager applies none: another one consumes
-            # (or none does). Judge by what the consumer wrote, within max_lag.
+        if self.consumed_elsewhere(backlog, elsewhere):
+            # Events wait (or may, taken ahead by the consumer), yet this manager
+            # applies none: another one consumes (or none does). Judge by what the
+            # consumer wrote, within max_lag.
             self._marks.clear()
             judged = at
             if elsewhere is not None:
                 judged = max(min(elsewhere, at), at - timedelta(seconds=self.max_lag))
             self._frontier = judged
             return judged
+        if backlog == 0 and not self.handling:
+            # Nothing waits and nothing is being applied: everything published
+            # before ``at`` is applied (but an event handed over this instant).
+            self._marks.clear()
+            self._frontier = at
+            return at
         # The waiting ones, and one more: the one being applied or, when none is,
         # one the broker may be handing over (one unacknowledged event at a time).
         self._marks.append((self.done + backlog + 1, at))

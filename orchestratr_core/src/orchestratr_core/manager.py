@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -659,7 +660,13 @@ class ServerManager:
         before = (
             {job.id: job for job in await self._storage.get_jobs(hb.started)} if hb.started else {}
         )
-        conflicts = await self._storage.apply_heartbeat(hb, now)
+        unapplied = self._views.unapplied(hb)
+        conflicts = await self._storage.apply_heartbeat(
+            hb
+            if unapplied is None or len(unapplied) == len(hb.jobs)
+            else dataclasses.replace(hb, jobs=unapplied),
+            now,
+        )
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
         self._note_heard(hb)
         self._clear_moved_notes(hb)
@@ -1166,7 +1173,7 @@ class ServerManager:
             log.debug("could not count the events waiting: %s", exc)
             backlog = None
         elsewhere = None
-        if self._frontier.consumed_elsewhere(backlog):
+        if backlog is not None and self._frontier.idle():
             elsewhere = await self._applied_elsewhere()
         applied_up_to = self._frontier.probe(backlog, at, elsewhere=elsewhere)
         if applied_up_to < at - timedelta(seconds=self.options.sweep_interval * 2):

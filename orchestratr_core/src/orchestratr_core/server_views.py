@@ -79,6 +79,9 @@ class _View:
     """``sent_at`` (the server's clock) of the last heartbeat applied"""
     digests: dict[int, tuple[int, int]] = field(default_factory=dict)
     """acknowledged seq -> (digest, count) of the set it acknowledged"""
+    applied: dict[str, p.RunningJob] = field(default_factory=dict)
+    """job id -> the report of it that this manager last applied to the storage
+    (from any heartbeat of the server since the copy was made)"""
 
     def relative_to_copy(self, base: int) -> bool:
         """Whether a delta on ``base`` is relative to this copy: the acknowledged
@@ -163,6 +166,30 @@ class ServerViews:
         view.seen, view.sent = now, hb.sent_at
         return True
 
+    def unapplied(self, hb: p.ServerHeartbeat) -> tuple[p.RunningJob, ...] | None:
+        """The jobs a delta lists that this manager has not already applied as
+        they are listed, or ``None`` when all must be applied (a complete listing,
+        no fresh copy). A manager behind its events queue gets deltas on old
+        acknowledgements, each listing again every job started since: the ones
+        it already applied, with the same fence, restarts and own beat and no
+        checkpoint, change nothing in the storage (as a job left out of an idle
+        heartbeat does not). Kept only while the copy is trusted: a gap after
+        which the server may have been declared dead drops the copy and this
+        with it, so a server alive after all gets every job applied again."""
+        if not hb.seq or not hb.base or not hb.jobs:
+            return None
+        view = self._views.get(hb.server_id)
+        if view is None or not view.applied or self._stale(view, hb, time.monotonic()):
+            return None
+        applied, started = view.applied, hb.started
+        return tuple(
+            job
+            for job in hb.jobs
+            if job.checkpoint is not None
+            or applied.get(job.job_id) != job
+            or (started and job.job_id in started)
+        )
+
     def _stale(self, view: _View, hb: p.ServerHeartbeat, now: float) -> bool:
         """Whether so long passed between the copy's last heartbeat and ``hb``
         that the server may have been declared dead meanwhile (see the class)."""
@@ -211,11 +238,17 @@ class ServerViews:
                 view.shares, view.digest, view.acked = shares, digest, hb.seq
                 view.acked_at, view.acked_wall = now, time.time()
             view.seen, view.sent = now, hb.sent_at
+            view.applied = {job.job_id: job for job in hb.jobs}
             view.note_acked()
             return Verdict.ACK
         if view is None:
             return Verdict.FULL
         view.seen, view.sent = now, hb.sent_at
+        applied = view.applied
+        for job_id in hb.gone:
+            applied.pop(job_id, None)
+        for job in hb.jobs:
+            applied[job.job_id] = job
         if not view.relative_to_copy(hb.base):
             # Relative to an earlier acknowledgement of ours, built before the newer
             # one arrived: applied, the copy stays. Else we lack its base, or the

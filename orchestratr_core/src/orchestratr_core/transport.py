@@ -262,8 +262,10 @@ class Transport(abc.ABC):
         dead-lettered with one warning line and the next one is delivered."""
 
     async def events_backlog(self) -> int | None:
-        """How many events wait in the events queue, not yet handed to a
-        consumer (the manager's leader reads it: :mod:`orchestratr_core.frontier`).
+        """How many events are not yet applied: waiting in the events queue, or
+        taken by a consumer of this transport and not yet acknowledged (the one
+        being applied included) -- the manager's leader reads it
+        (:mod:`orchestratr_core.frontier`).
         ``None``: this transport cannot tell (the default). May raise
         :class:`~orchestratr_core.errors.OrchestratrError` when the broker does
         not answer."""

@@ -267,9 +267,11 @@ class BrokerConnection:
         self.broker._publish(queue, payload)
 
     def events_waiting(self) -> int:
-        """How many events wait in ``events``, not handed to a consumer."""
+        """How many events are not yet applied: waiting in ``events``, or handed to
+        the active consumer and not yet acknowledged."""
         self._check()
-        return len(self.broker._events)
+        held = sum(1 for consumer in self.broker._event_consumers if consumer.held is not None)
+        return len(self.broker._events) + held
 
     def register_pool(self, key: str) -> None:
         """Register a pool (idempotent): its queue exists from now on, and every

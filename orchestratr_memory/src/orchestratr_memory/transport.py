@@ -914,7 +914,7 @@ class MemoryTransport(Transport):
         await self._require_link().call(replace, publish=True)
 
     async def events_backlog(self) -> int | None:
-        """How many events wait, not yet handed to the consumer."""
+        """How many events are not yet applied (waiting, or held by the consumer)."""
         return await self._require_link().call(lambda conn: conn.events_waiting())
 
     async def consume_events(self, handler: EventHandler) -> Subscription:

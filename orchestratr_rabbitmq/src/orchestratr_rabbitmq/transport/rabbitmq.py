@@ -469,14 +469,22 @@ class RabbitMQTransport(Transport):
 
     async def events_backlog(self) -> int | None:
         """The events queue's ready messages (a passive ``queue.declare`` on a
-        channel of its own, closed after: a failed declare closes only it)."""
+        channel of its own, closed after: a failed declare closes only it), plus
+        those this transport's events consumer holds and has not yet applied (it
+        takes up to :data:`~orchestratr_rabbitmq.transport.consumers.EVENTS_PREFETCH`
+        ahead)."""
         session = await self._live()
         try:
             channel = await session.connection.channel(publisher_confirms=False)
             try:
                 queue = await channel.declare_queue(session.topology.events, passive=True)
                 count = queue.declaration_result.message_count
-                return None if count is None else int(count)
+                held = sum(
+                    sub.held
+                    for sub in self._subscriptions
+                    if isinstance(sub, EventSubscription) and not sub.closed
+                )
+                return None if count is None else int(count) + held
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
@@ -486,7 +494,7 @@ class RabbitMQTransport(Transport):
             ) from None
 
     async def consume_events(self, handler: EventHandler) -> Subscription:
-        """Consume ``<ns>.events`` (single active consumer, one event at a time)."""
+        """Consume ``<ns>.events`` (single active consumer; applied one event at a time)."""
         sub = EventSubscription(self._wiring, handler)
         await self._subscribe(sub)
         return sub

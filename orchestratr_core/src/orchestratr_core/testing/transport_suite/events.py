@@ -78,6 +78,51 @@ class EventTests(SuiteSettings):
         await _eventually_backlog(manager, 0, self.delivery_timeout)
 
     @pytest.mark.conformance
+    async def test_events_behind_one_being_applied_wait_in_order_and_are_counted(
+        self, connect: Callable[[], Awaitable[Transport]]
+    ) -> None:
+        """While the handler applies one event, later ones wait -- a consumer may
+        take them ahead (RabbitMQ takes up to 64) but never hands one to the
+        handler before the one before it is done -- and ``events_backlog``
+        counts every event not yet applied, the one being applied included."""
+        server, manager = await connect(), await connect()
+        release = asyncio.Event()
+        got: list[Event] = []
+        in_flight = 0
+        most = 0
+
+        async def handle(event: Event) -> None:
+            nonlocal in_flight, most
+            in_flight += 1
+            most = max(most, in_flight)
+            got.append(event)
+            if len(got) == 1:
+                await release.wait()
+            in_flight -= 1
+
+        await manager.consume_events(handle)
+        await server.publish_event(_event("s", 0))
+        deadline = asyncio.get_running_loop().time() + self.delivery_timeout
+        while not got:
+            assert asyncio.get_running_loop().time() < deadline, "the first event never came"
+            await asyncio.sleep(0.02)
+        for n in range(1, 11):
+            await server.publish_event(_event("s", n))
+        counts = await manager.events_backlog() is not None
+        if counts:
+            await _eventually_backlog(manager, 11, self.delivery_timeout)
+        await asyncio.sleep(0.2)
+        assert len(got) == 1  # none applied before the first is done
+        release.set()
+        while len(got) < 11:
+            assert asyncio.get_running_loop().time() < deadline + 10, f"only {len(got)} came"
+            await asyncio.sleep(0.02)
+        assert got == [_event("s", n) for n in range(11)]
+        assert most == 1
+        if counts:
+            await _eventually_backlog(manager, 0, self.delivery_timeout)
+
+    @pytest.mark.conformance
     async def test_only_one_events_consumer_is_active_and_another_takes_over(
         self, connect: Callable[[], Awaitable[Transport]]
     ) -> None:
