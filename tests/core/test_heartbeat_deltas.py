@@ -738,11 +738,17 @@ def test_a_delta_re_listing_jobs_already_applied_as_listed_applies_only_the_othe
     third = _hb(series.next(_reports(A, B, C)))
     assert (third.base, third.jobs) == (first.seq, (B, C))
     assert views.unapplied(third) == (C,)  # B was applied as it is listed
+    assert not views.known_delta(third)  # C was not: it is applied
+    assert views.receive(third) is Verdict.NOTHING  # built before the newer ack
+    again = dataclasses.replace(third, seq=third.seq + 1)
+    assert views.known_delta(again)  # only a touch of the server row
+    assert not views.known_delta(dataclasses.replace(again, started=("c",)))
+    assert not views.known_delta(dataclasses.replace(again, gone=("a",)))
     restarted = dataclasses.replace(B, restarts=1)
     checkpointed = dataclasses.replace(A, checkpoint="c1")
     changed = dataclasses.replace(third, jobs=(checkpointed, restarted, C))
-    assert views.unapplied(changed) == (checkpointed, restarted, C)
-    assert views.unapplied(dataclasses.replace(third, started=("b",))) == (B, C)
+    assert views.unapplied(changed) == (checkpointed, restarted)  # C is applied by now
+    assert views.unapplied(dataclasses.replace(third, started=("b",))) == (B,)
     assert views.unapplied(dataclasses.replace(third, base=0)) is None
     assert ServerViews(stale_after=60.0).unapplied(third) is None  # no copy
     stale = ServerViews(stale_after=0.0)

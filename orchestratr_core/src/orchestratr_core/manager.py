@@ -444,12 +444,13 @@ class ServerManager:
 
     def _note_idle(self, hb: p.ServerHeartbeat) -> bool:
         """Note ``hb`` for a later write if it changes nothing but its server row
-        (:meth:`ServerViews.idle`); False: apply it as usual."""
+        (:meth:`ServerViews.idle`, :meth:`ServerViews.known_delta`); False: apply
+        it as usual."""
         if (
             self._seen_batch <= 0
             or self._stepped_back
             or hb.server_id not in self._known_servers
-            or not self._views.idle(hb)
+            or not (self._views.idle(hb) or self._views.known_delta(hb))
         ):
             return False
         now = utcnow()

@@ -166,6 +166,37 @@ class ServerViews:
         view.seen, view.sent = now, hb.sent_at
         return True
 
+    def known_delta(self, hb: p.ServerHeartbeat) -> bool:
+        """Whether ``hb`` is a delta on an earlier acknowledgement, built before
+        the newer one arrived (:meth:`receive` answers :attr:`Verdict.NOTHING`),
+        that names no job gone or started and lists only jobs this manager
+        already applied as listed: it changes nothing but its server row, like
+        an :meth:`idle` one, and is noted as seen as that one is. A manager
+        behind its events queue gets such deltas from every server for as long
+        as it is behind."""
+        if not hb.seq or not hb.base or hb.gone or hb.started:
+            return False
+        view = self._views.get(hb.server_id)
+        if view is None or view.relative_to_copy(hb.base):
+            return False
+        now = time.monotonic()
+        if self._stale(view, hb, now) or not self._built_before_ack(view, hb, now):
+            return False
+        applied = view.applied
+        for job in hb.jobs:
+            if job.checkpoint is not None or applied.get(job.job_id) != job:
+                return False
+        view.seen, view.sent = now, hb.sent_at
+        return True
+
+    @staticmethod
+    def _built_before_ack(view: _View, hb: p.ServerHeartbeat, now: float) -> bool:
+        """Whether ``hb``, a delta on an earlier acknowledgement of ours, was built
+        before the newer one reached the server (see :data:`ACK_GRACE`)."""
+        return hb.base in view.digests and (
+            now - view.acked_at < ACK_GRACE or hb.sent_at < view.acked_wall + ACK_GRACE
+        )
+
     def unapplied(self, hb: p.ServerHeartbeat) -> tuple[p.RunningJob, ...] | None:
         """The jobs a delta lists that this manager has not already applied as
         they are listed, or ``None`` when all must be applied (a complete listing,
@@ -181,7 +212,7 @@ class ServerViews:
         view = self._views.get(hb.server_id)
         if view is None or not view.applied or self._stale(view, hb, time.monotonic()):
             return None
-        applied, started = view.applied, hb.started
+        applied, started = view.applied, frozenset(hb.started)
         return tuple(
             job
             for job in hb.jobs
@@ -254,9 +285,7 @@ class ServerViews:
             # one arrived: applied, the copy stays. Else we lack its base, or the
             # newer acknowledgement never reached the server. (An earlier one whose
             # set is the copy's is applied to the copy, below.)
-            if hb.base in view.digests and (
-                now - view.acked_at < ACK_GRACE or hb.sent_at < view.acked_wall + ACK_GRACE
-            ):
+            if self._built_before_ack(view, hb, now):
                 return Verdict.NOTHING
             return self._lost(hb)
         shares, digest = view.shares, view.digest

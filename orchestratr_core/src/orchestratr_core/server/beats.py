@@ -52,7 +52,7 @@ BEAT_REPORT_STEP = HEARTBEAT_REFRESH_STEP
 ACK_PATIENCE = 3
 """Heartbeats with unacknowledged changes before the server lists everything
 again, when the manager answers at once (see :data:`MAX_LAG`)."""
-MAX_LAG = 100
+MAX_LAG = 250
 """The largest lag of the manager's answers, in heartbeats, that lengthens the
 patience (by twice the lag): a manager further behind gets complete listings."""
 _KEEP_CHAIN = 512
