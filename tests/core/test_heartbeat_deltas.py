@@ -754,3 +754,40 @@ def test_a_delta_re_listing_jobs_already_applied_as_listed_applies_only_the_othe
     stale = ServerViews(stale_after=0.0)
     stale.receive(first)
     assert stale.unapplied(dataclasses.replace(second, sent_at=3.0)) is None
+
+
+async def test_a_delta_re_listing_applied_jobs_is_written_as_a_touch_of_its_server_row(
+    cluster: Cluster,
+) -> None:
+    """The manager end of the test above: a delta on an earlier acknowledgement
+    that lists only jobs already applied is noted like an idle heartbeat, and the
+    batched server-row write takes it (it once refused it as a heartbeat that
+    lists jobs, so every such delta was dead-lettered after three tries)."""
+    manager = await cluster.start_manager(
+        dataclasses.replace(FAST_MANAGER, server_timeout=60.0, seen_batch=10.0)
+    )
+    a, b, c = await cluster.create(3)
+    first_fence = 1 << 32
+    jobs = {name: p.RunningJob(name, first_fence, None, 0) for name in (a, b, c)}
+    series = HeartbeatSeries()
+
+    def beat(*names: str) -> p.ServerHeartbeat:
+        hb = _hb(series.next(_reports(*(jobs[n] for n in names))), server_id="behind")
+        return dataclasses.replace(hb, sent_at=time.time())
+
+    first = beat(a)
+    await manager._on_event(first)
+    series.acknowledged(p.HeartbeatAck(seq=first.seq))
+    await manager._on_event(beat(a, b))  # its acknowledgement is still on the way
+    third = beat(a, b, c)
+    assert third.base == first.seq and len(third.jobs) == 2
+    await manager._on_event(third)
+    again = dataclasses.replace(third, seq=third.seq + 1, sent_at=time.time() + 0.5)
+    await manager._on_event(again)
+    assert list(manager._touches) == ["behind"]  # noted, not applied
+    await manager._flush_touches()
+    assert not manager._touches
+    record = await cluster.storage.get_server("behind")
+    assert record is not None and record.status is ServerStatus.ALIVE
+    assert record.last_seen >= utcnow() - timedelta(seconds=5)
+    assert {(await cluster.job(j)).status for j in (a, b, c)} == {JobStatus.PROCESSING}

@@ -853,7 +853,7 @@ async def test_no_rebalancing_round_right_after_a_server_lost_its_jobs_without_a
     await eventually(lambda: _count_servers(cluster, 3), what="b and c registered")
     await cluster.servers["a"].kill()  # its 12 jobs go to b and c at once
     await cluster.wait_running(ids)
-    await eventually(lambda: _owned_by(cluster, ids, {"b", "c"}), what="the moves applied")
+    await eventually(lambda: _owned_by_names(cluster, ids, {"b", "c"}), what="the moves applied")
     # b and c hold 12 between them, a (alive in the storage) none: without the
     # rule, this round would move jobs off b or c toward a.
     assert await manager.rebalance() == 0
@@ -863,7 +863,7 @@ async def test_no_rebalancing_round_right_after_a_server_lost_its_jobs_without_a
     assert moved > 0
 
 
-async def _owned_by(cluster: Cluster, ids: list[str], names: set[str]) -> bool:
+async def _owned_by_names(cluster: Cluster, ids: list[str], names: set[str]) -> bool:
     servers = {s.id: s.name for s in await cluster.monitor.servers()}
     page = await cluster.monitor.jobs()
     return all(servers.get(j.server_id or "") in names for j in page.items if j.id in ids)

@@ -460,7 +460,8 @@ class ServerManager:
         if not self._touches:
             self._touches_since = time.monotonic()
         self._touches.pop(hb.server_id, None)
-        self._touches[hb.server_id] = (hb, now)
+        # A known delta re-lists jobs already applied: only its row is written.
+        self._touches[hb.server_id] = (dataclasses.replace(hb, jobs=()) if hb.jobs else hb, now)
         return True
 
     async def _flush_touches(self) -> None:
