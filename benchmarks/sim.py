@@ -217,6 +217,8 @@ async def simulate(
     manager_args: list[str],
     profile: str = "",
     processes: int = 1,
+    fill_steps: int = 1,
+    step_window: float = 0.0,
 ) -> dict[str, Any]:
     per_server = jobs // servers
     total = per_server * servers
@@ -231,6 +233,7 @@ async def simulate(
         "heartbeats": "complete listings, unnumbered (previous version)" if legacy else "deltas",
         "manager_args": manager_args,
         "harness_processes": processes,
+        "fill_steps": fill_steps,
     }
     cluster = Cluster("orchestratr", workdir)
     system = cluster.system
@@ -272,8 +275,24 @@ async def simulate(
             _say(f"created in {out['create_s']} s; {servers} servers start consuming")
             try:
                 t0 = time.monotonic()  # the servers start taking their jobs now
-                await fleet.start(per_server)
+                steps = _fill_steps(per_server, fill_steps)
+                await fleet.start(steps[0])
                 _say(f"{servers} servers consuming ({round(time.monotonic() - t0, 1)} s)")
+                if len(steps) > 1:
+                    out["fill_steps_done"] = done = await _fill_in_steps(
+                        system,
+                        fleet,
+                        control,
+                        names.events,
+                        servers,
+                        steps,
+                        t0,
+                        scale,
+                        step_window,
+                    )
+                    if done[-1]["caught_up_s"] is None:
+                        _say("the manager did not catch up with a fill step: stopped there")
+                        return out
                 out["first_convergence_s"] = await _all_running(system, total, t0, 900 * scale)
                 _say(f"every job processing: {out['first_convergence_s']} s")
                 out["outbox_empty_s"] = await _outbox_empty(system, 300 * scale)
@@ -317,6 +336,59 @@ async def simulate(
         finally:
             await connection.close()
     return out
+
+
+def _fill_steps(per_server: int, steps: int) -> list[int]:
+    """The deliveries each server takes at each step of the fill: ``per_server``
+    in ``steps`` near-equal parts (one part: all at once)."""
+    steps = max(1, min(steps, per_server))
+    return [per_server * (i + 1) // steps - per_server * i // steps for i in range(steps)]
+
+
+async def _fill_in_steps(
+    system: OrchestratR,
+    fleet: Fleet,
+    control: aio_pika.abc.AbstractChannel,
+    events: str,
+    servers: int,
+    steps: list[int],
+    t0: float,
+    scale: float,
+    window: float,
+) -> list[dict[str, Any]]:
+    """Every server takes its share in ``steps``: the next step once the jobs of
+    the last are ``processing`` in the database and the manager caught up with
+    its events queue. A fill of a million at once leaves the manager applying the
+    servers' start heartbeats for longer than the fill (docs/benchmarks.md); the
+    steps keep it nearer its queue. With ``window`` > 0 the steady state is
+    measured after each step (as at the end: :func:`_steady`): a curve over the
+    sizes at one number of servers. Each step's record: the jobs taken so far,
+    the seconds from its take until every one was ``processing`` and until the
+    manager caught up (``None``: not within the limit, and the fill stops
+    there), and its steady state."""
+    done: list[dict[str, Any]] = []
+    taken, since = steps[0] * servers, t0
+    for i, room in enumerate([*steps[1:], 0], 1):
+        limit = max(600.0, 300 * scale)
+        running = await _all_running(system, taken, since, limit)
+        caught_up = await _settled(control, events, servers, limit)
+        step: dict[str, Any] = {"jobs": taken, "processing_s": running, "caught_up_s": None}
+        if running is not None and caught_up is not None:
+            step["caught_up_s"] = round(time.monotonic() - since, 1)
+        done.append(step)
+        _say(
+            f"fill step {i}/{len(steps)}: {taken} jobs, manager caught up ({step['caught_up_s']} s)"
+        )
+        if step["caught_up_s"] is None:
+            break
+        if window > 0:
+            step.update(await _steady(system, fleet, window, ""))
+            _say(f"  steady at {taken} jobs: manager CPU {step['manager_cpu_pct']} % of a core")
+        if room:
+            since = time.monotonic()
+            await fleet.take(room)
+            taken += room * servers
+    return done
 
 
 def _say(message: str) -> None:
@@ -719,7 +791,7 @@ async def _all_running(
         running = await _scalar(
             system, "SELECT count(*) FROM \"{schema}\".jobs WHERE status = 'processing'"
         )
-        if running == total:
+        if running >= total:
             return round(time.monotonic() - since, 1)
         if time.monotonic() - said >= 15:
             said = time.monotonic()
@@ -906,6 +978,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 manager_args=manager_args,
                 profile=args.profile and f"{args.profile}-{size}.txt",
                 processes=args.processes,
+                fill_steps=args.fill_steps,
+                step_window=args.step_window,
             )
         except Exception as exc:  # recorded, not raised: the next size may still fit
             traceback.print_exc()
@@ -919,7 +993,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "sim-legacy.json" if args.legacy else "sim.json"
+    name = args.results or ("sim-legacy.json" if args.legacy else "sim.json")
     (RESULTS / name).write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -951,6 +1025,27 @@ def main() -> None:
         default=1,
         metavar="N",
         help="spread the simulated servers over N worker processes (1: all in this one)",
+    )
+    parser.add_argument(
+        "--fill-steps",
+        type=int,
+        default=1,
+        metavar="K",
+        help="each server takes its share in K steps, the next once the manager caught up "
+        "(1: all at once)",
+    )
+    parser.add_argument(
+        "--step-window",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with --fill-steps: measure the steady state for S seconds after each step",
+    )
+    parser.add_argument(
+        "--results",
+        default="",
+        metavar="NAME",
+        help="file under benchmarks/results (default: sim.json, sim-legacy.json with --legacy)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
