@@ -53,8 +53,17 @@ share of one dead server's jobs):
   ``processing`` on another server in the database, and until its row is
   ``dead``.
 
+``--fill-steps K`` has every server take its share in K steps, the next once
+the jobs of the last are ``processing`` and the manager caught up with its
+events queue; ``--step-window S`` measures the steady state after each step (a
+curve over the sizes at one number of servers). A step the manager does not
+catch up with ends the size there, recorded.
+
     .venv/bin/python -m benchmarks.sim --sizes 10000,50000,100000,200000
     .venv/bin/python -m benchmarks.sim --sizes 20000 --processes 4
+    .venv/bin/python -m benchmarks.sim --sizes 300000 --per-server 300 --processes 8 \
+        --window 60 --backlog-wait 1800 --fill-steps 3 --step-window 30 \
+        --results sim-steps.json
 """
 
 from __future__ import annotations
