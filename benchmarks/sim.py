@@ -377,8 +377,8 @@ async def _fill_in_steps(
     there), and its steady state."""
     done: list[dict[str, Any]] = []
     taken, since = steps[0] * servers, t0
+    limit = max(600.0, 300 * scale)
     for i, room in enumerate([*steps[1:], 0], 1):
-        limit = max(600.0, 300 * scale)
         running = await _all_running(system, taken, since, limit)
         caught_up = await _settled(control, events, servers, limit)
         step: dict[str, Any] = {"jobs": taken, "processing_s": running, "caught_up_s": None}
