@@ -793,3 +793,49 @@ async def test_a_delta_re_listing_applied_jobs_is_written_as_a_touch_of_its_serv
     assert record is not None and record.status is ServerStatus.ALIVE
     assert record.last_seen > before.last_seen  # the touch was written
     assert {(await cluster.job(j)).status for j in (a, b, c)} == {JobStatus.PROCESSING}
+
+
+async def test_a_heartbeat_is_not_held_up_by_its_acknowledgement_s_confirm(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a fleet fills, every heartbeat carries starts and is answered: the
+    manager applies the next event while the acknowledgements of the last ones
+    wait for the transport's confirm (in the order the heartbeats came), and the
+    next waits once too many are on their way. A send that fails is logged, and
+    the next heartbeat is applied as usual."""
+    from orchestratr_core import manager as manager_module
+
+    monkeypatch.setattr(manager_module, "_ACKS_IN_FLIGHT", 2)
+    manager = await cluster.start_manager()
+    created = await cluster.create(3)
+    confirm = asyncio.Event()
+    sent: list[tuple[int, str | None]] = []
+    send = manager.transport.send_command
+
+    async def slow_confirm(command: p.Command, server_id: str | None = None) -> None:
+        if isinstance(command, p.HeartbeatAck):
+            sent.append((command.seq, server_id))
+            await confirm.wait()
+            if server_id == "broken":
+                raise ConnectionResetError("the broker went away")
+        await send(command, server_id)
+
+    manager._transport.send_command = slow_confirm  # type: ignore[method-assign]
+    servers = {name: HeartbeatSeries() for name in ("s-1", "broken", "s-3")}
+    for (name, series), job_id in zip(servers.items(), created, strict=True):
+        running = p.RunningJob(job_id, 1 << 32, None, 0)
+        hb = dataclasses.replace(
+            _hb(series.next(_reports(running)), server_id=name), sent_at=time.time()
+        )
+        handled = asyncio.ensure_future(manager._on_event(hb))
+        if name == "s-3":  # two acknowledgements are waiting: this one waits for one
+            await asyncio.sleep(0.2)
+            assert not handled.done()
+            assert [target for _, target in sent] == ["s-1", "broken"]
+            confirm.set()
+        await asyncio.wait_for(handled, 5)
+        assert (await cluster.job(job_id)).status is JobStatus.PROCESSING
+    await eventually(lambda: not manager._acks)
+    assert [target for _, target in sent] == ["s-1", "broken", "s-3"]
+    failed = [r.getMessage() for r in caplog.records if "could not send" in r.getMessage()]
+    assert len(failed) == 1 and "broken" in failed[0] and "went away" in failed[0]

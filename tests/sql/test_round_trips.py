@@ -6,6 +6,7 @@ through the PostgreSQL pool)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -295,6 +296,46 @@ async def test_postgres_create_jobs_and_the_outbox_delete_are_one_query_each(
     assert len(snapshot) == 2, snapshot
     assert snapshot[0].startswith("WITH b AS ( SELECT * FROM unnest(")
     assert snapshot[1].startswith("DELETE FROM outbox WHERE job_id = ANY(")
+
+
+@pytest.mark.postgresql
+async def test_postgres_a_start_carrying_delta_heartbeat_is_one_round_trip_with_its_read(
+    pg_one: SqlStorage,
+) -> None:
+    # What a manager applies for every server while a fleet fills: a delta that
+    # lists the jobs just started and reads them as they were. One statement, no
+    # BEGIN/COMMIT; a delta that releases jobs is a transaction of its own.
+    jobs = await pg_one.create_jobs([_job() for _ in range(4)], "m", utcnow())
+    warm = dataclasses.replace(heartbeat("s1", [(jobs[0].id, 1)]), seq=2, base=1)
+    await pg_one.read_and_apply_heartbeat(warm, utcnow(), [jobs[0].id])  # warm-up: prepare
+    starts = dataclasses.replace(
+        heartbeat("s1", [(job.id, 1) for job in jobs[1:3]]),
+        seq=3,
+        base=2,
+        started=(jobs[1].id, jobs[2].id),
+    )
+    async with _queries_on_the_pool(pg_one) as sent:
+        before, refused = await pg_one.read_and_apply_heartbeat(
+            starts, utcnow(), list(starts.started)
+        )
+        await asyncio.sleep(0)
+        snapshot = list(sent)
+    assert len(snapshot) == 1, snapshot
+    assert snapshot[0].startswith("WITH s AS ( INSERT INTO servers")
+    assert sorted(job.id for job in before) == sorted(starts.started)
+    assert all(job.status is JobStatus.PENDING for job in before) and refused == []
+    page = await pg_one.list_jobs(JobQuery(server_id="s1", limit=None))
+    assert sorted(job.id for job in page.items) == sorted(job.id for job in jobs[:3])
+    releasing = dataclasses.replace(
+        heartbeat("s1", [(jobs[3].id, 1)]), seq=4, base=3, gone=(jobs[0].id,), started=()
+    )
+    async with _queries_on_the_pool(pg_one) as sent:
+        await pg_one.read_and_apply_heartbeat(releasing, utcnow(), [])
+        await asyncio.sleep(0)
+        snapshot = list(sent)
+    assert snapshot[0] == "BEGIN;" and snapshot[-1] == "COMMIT;", snapshot
+    released = await pg_one.get_job(jobs[0].id)
+    assert released is not None and released.status is JobStatus.PENDING
 
 
 @pytest.mark.postgresql

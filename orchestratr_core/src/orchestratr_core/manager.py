@@ -76,6 +76,9 @@ log = logging.getLogger("orchestratr.manager")
 _T = TypeVar("_T")
 _SEND_CHUNK = 200
 """Commands one heartbeat asks for are sent this many at a time (pipelined)."""
+_ACKS_IN_FLIGHT = 512
+"""Heartbeat acknowledgements sent and not yet confirmed by the transport, at
+most: the next heartbeat waits for one to be confirmed (:meth:`ServerManager._acknowledge`)."""
 
 LEADER_LEASE = "leader"
 
@@ -283,6 +286,8 @@ class ServerManager:
         """True while this manager has left the events queue (storage unreachable)."""
         self._probe: asyncio.Future[Any] | None = None
         self._background: set[asyncio.Future[Any]] = set()
+        self._acks: set[asyncio.Task[None]] = set()
+        """Heartbeat acknowledgements on their way (:meth:`_acknowledge`)."""
 
     @property
     def storage(self) -> Storage:
@@ -320,6 +325,9 @@ class ServerManager:
             with contextlib.suppress(OrchestratrError, OSError):
                 await self._events.close()
         await cancel_and_log(self._tasks, logger=log)
+        if self._acks:  # sent already: let their confirms arrive, briefly
+            await asyncio.wait(self._acks, timeout=1.0)
+            await cancel_and_log(list(self._acks), logger=log)
         with contextlib.suppress(OrchestratrError, OSError):
             await asyncio.wait_for(self._flush_touches(), self.options.server_timeout / 4)
         # Delete the outbox rows of the messages the client sent (batched).
@@ -658,17 +666,17 @@ class ServerManager:
 
     async def _on_heartbeat(self, hb: p.ServerHeartbeat, now: datetime) -> None:
         # The jobs whose start reports this heartbeat replaces, as they were before
-        # it (one query): what a JobStarted of each would have told (_after_start).
-        before = (
-            {job.id: job for job in await self._storage.get_jobs(hb.started)} if hb.started else {}
-        )
+        # it (read with it: one round trip where the storage can): what a
+        # JobStarted of each would have told (_after_start).
         unapplied = self._views.unapplied(hb)
-        conflicts = await self._storage.apply_heartbeat(
+        read, conflicts = await self._storage.read_and_apply_heartbeat(
             hb
             if unapplied is None or len(unapplied) == len(hb.jobs)
             else dataclasses.replace(hb, jobs=unapplied),
             now,
+            hb.started,
         )
+        before = {job.id: job for job in read}
         record_heartbeat_lag(now.timestamp() - hb.sent_at)
         self._note_heard(hb)
         self._clear_moved_notes(hb)
@@ -718,7 +726,32 @@ class ServerManager:
         if verdict is not Verdict.NOTHING:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.
-            await self._send(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id)
+            await self._acknowledge(
+                p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id
+            )
+
+    async def _acknowledge(self, ack: p.HeartbeatAck, server_id: str) -> None:
+        """Send ``ack`` without waiting for the transport to confirm it (a
+        publisher confirm is a broker round trip, and a manager applies one
+        heartbeat after another: while a fleet fills, every heartbeat carries
+        starts and is answered). Their sends start in the order the heartbeats
+        were applied (one step of each before the next event); nothing rests on
+        that order or on their arrival: the server keeps
+        listing its changes until an acknowledgement comes, and falls back to a
+        complete listing when none does (:mod:`orchestratr_core.server.beats`);
+        a failed send is logged as :meth:`_send` does. At most
+        :data:`_ACKS_IN_FLIGHT` wait for their confirm."""
+        while len(self._acks) >= _ACKS_IN_FLIGHT:
+            await asyncio.wait(self._acks, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._send(ack, server_id), name="orchestratr-ack")
+        self._acks.add(task)
+        task.add_done_callback(self._ack_done)
+        await asyncio.sleep(0)  # its publish starts before the next event is applied
+
+    def _ack_done(self, task: asyncio.Task[None]) -> None:
+        self._acks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("could not send an acknowledgement: %s", exc)
 
     def _note_heard(self, hb: p.ServerHeartbeat) -> None:
         """Remember when the server sent its latest applied heartbeat (the relay's

@@ -296,6 +296,19 @@ class Storage(abc.ABC):
         for an unknown id, so unknown ids are left out. The manager tells the
         server to stop those copies."""
 
+    async def read_and_apply_heartbeat(
+        self, heartbeat: ServerHeartbeat, now: datetime, read: Sequence[str]
+    ) -> tuple[list[JobRecord], list[JobRecord]]:
+        """:meth:`get_jobs` of ``read`` as they were before the heartbeat, then
+        :meth:`apply_heartbeat`: returns ``(before, rejected)``. The manager
+        reads the jobs whose start reports a heartbeat carries
+        (``ServerHeartbeat.started``) before applying it. The default makes the
+        two calls; a storage that can do both in one round trip should (the
+        heartbeats sent while a fleet fills carry starts, and a manager applies
+        them one after another)."""
+        before = await self.get_jobs(read) if read else []
+        return before, await self.apply_heartbeat(heartbeat, now)
+
     async def touch_servers(self, heartbeats: Sequence[tuple[ServerHeartbeat, datetime]]) -> None:
         """Write the server rows of heartbeats that list no job and name none gone
         (each with the time it was received), as :meth:`apply_heartbeat` would,

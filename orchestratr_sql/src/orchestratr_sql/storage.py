@@ -721,22 +721,56 @@ class SqlStorage(SqlReads):
         reports that did not apply, release the jobs the server no longer runs
         (those it does not list, or -- a heartbeat of what changed -- those it
         says are gone; none: no statement) and read those of them updated in
-        place (:meth:`_release_in_place`: two more statements per such job)."""
+        place (:meth:`_release_in_place`: two more statements per such job).
+        PostgreSQL makes the first three one statement (``heartbeat_starts``), so
+        a heartbeat of what changed that names no job gone is one round trip."""
+        return (await self._ingest(heartbeat, now, ()))[1]
+
+    async def read_and_apply_heartbeat(
+        self, heartbeat: ServerHeartbeat, now: datetime, read: Sequence[str]
+    ) -> tuple[list[JobRecord], list[JobRecord]]:
+        """On PostgreSQL the read of the jobs as they were is part of the
+        heartbeat's first statement (``heartbeat_starts``, :meth:`apply_heartbeat`);
+        elsewhere it is a query of its own before the heartbeat."""
+        if not read or not self._one_statement_heartbeats:
+            return await super().read_and_apply_heartbeat(heartbeat, now, read)
+        return await self._ingest(heartbeat, now, read)
+
+    @property
+    def _one_statement_heartbeats(self) -> bool:
+        return "heartbeat_starts" in self._q
+
+    async def _ingest(
+        self, heartbeat: ServerHeartbeat, now: datetime, read: Sequence[str]
+    ) -> tuple[list[JobRecord], list[JobRecord]]:
+        """:meth:`apply_heartbeat`, and ``read`` as it was before it (only where
+        :attr:`_one_statement_heartbeats`; else ``read`` must be empty)."""
         check_heartbeat(heartbeat)  # JSON_TABLE / json_each would not refuse a huge fence
         values = self._server_row(heartbeat, now)
         values["reason"] = REASON_NOT_REPORTED
         values.update(self.dialect.heartbeat_batch(heartbeat.jobs, now))
+        one_statement = self._one_statement_heartbeats
+        if one_statement:
+            values["read"] = list(dict.fromkeys(read))
+        elif read:
+            raise ValueError("this dialect reads the jobs before a heartbeat by get_jobs")
         gone = heartbeat_gone(heartbeat)
         if gone is not None:
             values["gone"] = self.dialect.id_list(gone)
 
-        async def ingest(conn: Connection) -> list[JobRecord]:
-            await conn.execute(self._q["upsert_server"], values)
+        async def ingest(conn: Connection) -> tuple[list[JobRecord], list[JobRecord]]:
+            before: list[JobRecord] = []
             rejected: list[JobRecord] = []
-            if heartbeat.jobs:
-                await conn.execute(self._q["heartbeat_start_jobs"], values)
-                rows = await conn.fetch(self._q["heartbeat_rejected_jobs"], values)
-                rejected = [self._job(row) for row in rows]
+            if one_statement:
+                for row in await conn.fetch(self._q["heartbeat_starts"], values):
+                    (before if row["part"] == "b" else rejected).append(self._job(row))
+                rejected.sort(key=lambda job: job.id)
+            else:
+                await conn.execute(self._q["upsert_server"], values)
+                if heartbeat.jobs:
+                    await conn.execute(self._q["heartbeat_start_jobs"], values)
+                    rows = await conn.fetch(self._q["heartbeat_rejected_jobs"], values)
+                    rejected = [self._job(row) for row in rows]
             if gone is None:
                 await conn.execute(self._q["heartbeat_release_unreported"], values)
                 await self._release_in_place(
@@ -751,9 +785,11 @@ class SqlStorage(SqlReads):
                 await self._release_in_place(
                     conn, heartbeat.server_id, now, REASON_NOT_REPORTED, only=gone
                 )
-            return rejected
+            return before, rejected
 
-        return await self._run("apply_heartbeat", ingest)
+        # A delta naming nothing gone is the one statement alone: no BEGIN/COMMIT.
+        alone = one_statement and gone is not None and not gone
+        return await self._run("apply_heartbeat", ingest, statement=alone)
 
     def _server_row(self, heartbeat: ServerHeartbeat, now: datetime) -> dict[str, Any]:
         """The parameters of ``upsert_server`` for one heartbeat."""

@@ -47,22 +47,10 @@ WITH b AS (
 )
 SELECT * FROM j;
 
--- name: upsert_server
-INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
-                     kinds, labels, updatable)
-VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds, :labels,
-        :updatable)
-ON CONFLICT (id) DO UPDATE SET
-    name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
-    pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
-    updatable = excluded.updatable,
-    -- A requested drain (set_server_status) survives the next heartbeats.
-    status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
-    last_seen = excluded.last_seen;
-
 -- name: upsert_servers
--- upsert_server for many servers at once (heartbeats that list no job): one row
--- per server id (the caller keeps the latest of each).
+-- The server rows of many heartbeats that list no job, in one statement: one row
+-- per server id (the caller keeps the latest of each); heartbeat_starts writes the
+-- row of one heartbeat that lists jobs.
 INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
                      kinds, labels, updatable)
 SELECT * FROM unnest(:ids::text[], :names::text[], :max_workers::int[], :hosts::text[],
@@ -76,39 +64,70 @@ ON CONFLICT (id) DO UPDATE SET
     status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
     last_seen = excluded.last_seen;
 
--- name: heartbeat_start_jobs
+-- name: heartbeat_starts
+-- The part of a heartbeat that lists jobs, in ONE statement: upsert the server
+-- row, apply START to every reported job, return the reports that did not apply
+-- ('r') and the jobs of :read as they were before ('b': the jobs whose start
+-- reports the heartbeat carries; read_and_apply_heartbeat). Atomic by itself: a
+-- heartbeat of what changed that names no job gone runs as this one statement,
+-- one round trip without BEGIN/COMMIT; one that releases jobs runs it in the
+-- transaction of its releases. Every part reads the statement's snapshot: a
+-- reported row the update left alone is as it was, and rejected unless it is
+-- processing here under this fence already; a row it updated is accepted. The
+-- foreign key of jobs.server_id is checked at the end of the statement, when the
+-- server row exists. (A retry after a commit whose answer was lost reads :read
+-- as the first attempt left it: the manager then tells an old owner to stop its
+-- copy at that owner's next heartbeat, as a conflict, instead of at once.)
 -- Rows the report changes in nothing but a recent last_heartbeat are left alone
--- (no write, no WAL): see HEARTBEAT_REFRESH_STEP (:refresh_step).
-UPDATE jobs AS j SET
-    started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id OR j.fence <> b.fence
-                      THEN :now ELSE j.started_at END,
-    status = 'processing',
-    server_id = :server_id,
-    fence = b.fence,
-    last_heartbeat = b.beat,
-    restarts = b.restarts,
-    updated_at = :now,
-    reason = NULL
-FROM unnest(:ids::text[], :fences::bigint[], :beats::timestamptz[], :restarts::int[])
-     AS b(id, fence, beat, restarts)
-WHERE j.id = b.id
-  AND j.status IN ('pending', 'processing')
-  AND (j.fence < b.fence OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
-  AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
-           AND j.restarts = b.restarts AND j.reason IS NULL
-           AND j.last_heartbeat IS NOT NULL
-           AND j.last_heartbeat > b.beat - :refresh_step::interval)
-  -- A message of a generation an update in place superseded starts nowhere (only
-  -- the owner's copy that took the update reports that fence again).
-  AND (j.inplace_floor IS NULL
-       OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
-       OR (j.fence = b.fence AND j.server_id = :server_id));
-
--- name: heartbeat_rejected_jobs
-SELECT j.* FROM jobs AS j
-JOIN unnest(:ids::text[], :fences::bigint[]) AS b(id, fence) ON j.id = b.id
-WHERE NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence)
-ORDER BY j.id;
+-- (no write, no WAL): see HEARTBEAT_REFRESH_STEP (:refresh_step). A message of a
+-- generation an update in place superseded starts nowhere (only the owner's copy
+-- that took the update reports that fence again).
+WITH s AS (
+    INSERT INTO servers (id, name, max_workers, host, pid, status, started_at, last_seen,
+                         kinds, labels, updatable)
+    VALUES (:id, :name, :max_workers, :host, :pid, :status, :started_at, :now, :kinds,
+            :labels, :updatable)
+    ON CONFLICT (id) DO UPDATE SET
+        name = excluded.name, max_workers = excluded.max_workers, host = excluded.host,
+        pid = excluded.pid, kinds = excluded.kinds, labels = excluded.labels,
+        updatable = excluded.updatable,
+        -- A requested drain (set_server_status) survives the next heartbeats.
+        status = CASE WHEN servers.status = 'draining' THEN 'draining' ELSE excluded.status END, started_at = excluded.started_at,
+        last_seen = excluded.last_seen
+), b AS (
+    SELECT * FROM unnest(:ids::text[], :fences::bigint[], :beats::timestamptz[],
+                         :restarts::int[]) AS b(id, fence, beat, restarts)
+), u AS (
+    UPDATE jobs AS j SET
+        started_at = CASE WHEN j.server_id IS NULL OR j.server_id <> :server_id
+                               OR j.fence <> b.fence
+                          THEN :now ELSE j.started_at END,
+        status = 'processing',
+        server_id = :server_id,
+        fence = b.fence,
+        last_heartbeat = b.beat,
+        restarts = b.restarts,
+        updated_at = :now,
+        reason = NULL
+    FROM b
+    WHERE j.id = b.id
+      AND j.status IN ('pending', 'processing')
+      AND (j.fence < b.fence
+           OR (j.fence = b.fence AND (j.server_id IS NULL OR j.server_id = :server_id)))
+      AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence
+               AND j.restarts = b.restarts AND j.reason IS NULL
+               AND j.last_heartbeat IS NOT NULL
+               AND j.last_heartbeat > b.beat - :refresh_step::interval)
+      AND (j.inplace_floor IS NULL
+           OR b.fence - j.inplace_floor * 4294967296 >= 4294967296
+           OR (j.fence = b.fence AND j.server_id = :server_id))
+    RETURNING j.id
+)
+SELECT 'b' AS part, j.* FROM jobs AS j WHERE j.id = ANY(:read::text[])
+UNION ALL
+SELECT 'r' AS part, j.* FROM jobs AS j JOIN b ON j.id = b.id
+WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.id = j.id)
+  AND NOT (j.status = 'processing' AND j.server_id = :server_id AND j.fence = b.fence);
 
 -- name: heartbeat_release_unreported
 UPDATE jobs SET status = CASE WHEN status = 'processing' THEN 'pending' ELSE status END,

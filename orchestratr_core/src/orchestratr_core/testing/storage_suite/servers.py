@@ -206,6 +206,53 @@ class HeartbeatTests:
             assert await storage.get_job(job.id) == job
         assert (await _get(storage, accepted.id)).server_id == "s1"
 
+    @pytest.mark.parametrize("shape", ["delta", "delta-gone", "complete"])
+    async def test_read_and_apply_heartbeat_reads_the_jobs_as_they_were_then_applies_it(
+        self, storage: Storage, shape: str
+    ) -> None:
+        """``read_and_apply_heartbeat``: the jobs of ``read`` as they were before
+        the heartbeat (a moved one still on its old owner, a new one pending,
+        unknown ids left out), and what :meth:`apply_heartbeat` returns -- the
+        refused reports, the accepted ones applied, the releases as the
+        heartbeat says."""
+        now = _now()
+        new = await _create(storage, at=now)
+        moved = await _in_status(storage, JobStatus.PROCESSING, now, server="s2", fence=3)
+        theirs = await _in_status(storage, JobStatus.PROCESSING, now, server="s2", fence=9)
+        dropped = await _in_status(storage, JobStatus.PROCESSING, now, server="s1", fence=2)
+        later = now + _sec(1)
+        hb = _heartbeat(
+            "s1",
+            [RunningJob(new.id, 5), RunningJob(moved.id, 5), RunningJob(theirs.id, 5)],
+            at=later,
+        )
+        if shape != "complete":  # a delta keeps the unlisted jobs, releases those gone
+            gone = (dropped.id,) if shape == "delta-gone" else ()
+            hb = dataclasses.replace(hb, seq=4, base=3, gone=gone)
+        hb = dataclasses.replace(hb, started=(new.id, moved.id))
+        before, refused = await storage.read_and_apply_heartbeat(
+            hb, later, [new.id, moved.id, new.id, new_id()]
+        )
+        assert sorted(_ids(before)) == sorted([new.id, moved.id])
+        assert {job.id: job for job in before} == {new.id: new, moved.id: moved}
+        assert refused == [theirs]
+        for job in (new, moved):
+            after = await _get(storage, job.id)
+            assert (after.status, after.server_id, after.fence) == (JobStatus.PROCESSING, "s1", 5)
+        assert await storage.get_job(theirs.id) == theirs
+        if shape == "delta":
+            assert await storage.get_job(dropped.id) == dropped
+        else:
+            released = await _get(storage, dropped.id)
+            assert (released.status, released.server_id) == (JobStatus.PENDING, None)
+        server = await storage.get_server("s1")
+        assert server is not None and _same_time(server.last_seen, later)
+        # Nothing to read: the heartbeat alone, as apply_heartbeat.
+        again = now + _sec(2)
+        assert await storage.read_and_apply_heartbeat(
+            dataclasses.replace(hb, sent_at=again.timestamp(), started=()), again, []
+        ) == ([], [theirs])
+
     async def test_a_heartbeat_of_what_changed_releases_only_the_jobs_it_says_are_gone(
         self, storage: Storage
     ) -> None:
