@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import time
+from typing import Any
 
 import pytest
 
-from orchestratr_core import OrchestratedServer
+from orchestratr_core import OrchestratedServer, ServerManager
 from orchestratr_core.errors import ConfigurationError, InvalidJobInput
 from orchestratr_core.job import JobQuery, JobStatus, ServerQuery
 from orchestratr_core.placement import Pool
@@ -305,3 +308,44 @@ async def test_a_job_with_an_in_constraint_runs_only_on_a_server_with_one_of_the
     await cluster.wait_running([job_id])
     assert [c.server for c in cluster.ledger.of(job_id)] == ["us"]
     assert cluster.ledger.misplaced({job_id: pool}) == []
+
+
+async def test_the_leader_works_out_pending_reasons_at_a_pace_set_by_their_cost(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pending reasons count the pending jobs (and the running ones per server):
+    a scan of the jobs table each time while a million fill. The leader waits
+    nine times as long as the last round took before the next, and at least a
+    sweep; its other duties keep the sweep's pace."""
+    manager = ServerManager(
+        storage=cluster.storage, transport=cluster.transport(), options=FAST_MANAGER
+    )
+    rounds: list[float] = []
+    sweeps: list[float] = []
+    cost = {"s": 0.0}
+
+    async def costly() -> int:
+        rounds.append(time.monotonic())
+        await asyncio.sleep(cost["s"])
+        return 0
+
+    relay = manager._relay_outbox
+
+    async def counted_relay(now: Any) -> None:
+        sweeps.append(time.monotonic())
+        await relay(now)
+
+    monkeypatch.setattr(manager, "update_pending_reasons", costly)
+    monkeypatch.setattr(manager, "_relay_outbox", counted_relay)
+    cluster.manager = manager
+    await manager.start()
+    await eventually(lambda: len(rounds) >= 5, what="cheap rounds")
+    assert len(rounds) >= len(sweeps) - 1  # cheap: every sweep (0.1 s)
+    cost["s"] = 0.2
+    began, before = time.monotonic(), len(rounds)
+    await asyncio.sleep(4.0)
+    costly_rounds = [t for t in rounds[before:] if t >= began]
+    gaps = [b - a for a, b in itertools.pairwise(costly_rounds)]
+    assert 1 <= len(costly_rounds) <= 3, costly_rounds  # 0.2 s + 9 x 0.2 s apart
+    assert all(gap >= 1.9 for gap in gaps), gaps
+    assert len([t for t in sweeps if t >= began]) >= 8  # the sweep kept its pace
