@@ -744,11 +744,11 @@ class ServerManager:
         heartbeat after another: while a fleet fills, every heartbeat carries
         starts and is answered). Their sends start in the order the heartbeats
         were applied (one step of each before the next event); nothing rests on
-        that order or on their arrival: the server keeps
-        listing its changes until an acknowledgement comes, and falls back to a
-        complete listing when none does (:mod:`orchestratr_core.server.beats`);
-        a failed send is logged as :meth:`_send` does. At most
-        :data:`_ACKS_IN_FLIGHT` wait for their confirm."""
+        that order or on their arrival: the server keeps listing its changes
+        until an acknowledgement comes, and falls back to a complete listing
+        when none does (:mod:`orchestratr_core.server.beats`); a failed send is
+        logged as :meth:`_send` does. At most :data:`_ACKS_IN_FLIGHT` wait for
+        their confirm."""
         while len(self._acks) >= _ACKS_IN_FLIGHT:
             await asyncio.wait(self._acks, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self._send(ack, server_id), name="orchestratr-ack")
