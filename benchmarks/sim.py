@@ -132,6 +132,10 @@ class SimServer:
         gap of a server timeout means this process starved its heartbeats, and
         the server was silent for the broker too."""
         self.duplicates = 0
+        self.last_seq = 0
+        self.complete_sent = 0
+        self.chained_sent = 0
+        """``seq`` of the last heartbeat built (reported published once it is)"""
 
     async def deliver(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Hold a job message, as a server does while the job runs. Of two
@@ -165,11 +169,15 @@ class SimServer:
         if self.legacy:  # a server of the previous version: everything, unnumbered
             jobs = tuple(job for job, _ in self.reports)
         else:
-            seq, base, jobs, gone, digest, running = self.series.next(self.reports)
+            seq, base, jobs, gone, digest, running = self.series.next(self.reports, started)
             if not base:
                 self.full_seqs.add(seq)
+                self.complete_sent += 1
+            self.chained_sent += self.series.chained
             numbered = {"seq": seq, "base": base, "gone": gone, "digest": digest}
             numbered["running"] = running
+            numbered["chained"] = self.series.chained
+            self.last_seq = seq
         hb = p.ServerHeartbeat(
             server_id=self.id,
             name=f"sim-{self.id}",
@@ -516,6 +524,8 @@ class LocalFleet:
         return {
             "sent": sum(sim.sent for sim in self.sims),
             "sent_bytes": sum(sim.sent_bytes for sim in self.sims),
+            "complete": sum(sim.complete_sent for sim in self.sims),
+            "chained": sum(sim.chained_sent for sim in self.sims),
             "duplicates": sum(sim.duplicates for sim in self.sims),
             "max_gap": max((sim.max_gap for sim in self.sims), default=0.0),
             "rss": [],
@@ -637,6 +647,8 @@ class ProcessFleet:
         return {
             "sent": sum(a["sent"] for a in answers),
             "sent_bytes": sum(a["sent_bytes"] for a in answers),
+            "complete": sum(a["complete"] for a in answers),
+            "chained": sum(a["chained"] for a in answers),
             "duplicates": sum(a["duplicates"] for a in answers),
             "max_gap": max(a["max_gap"] for a in answers),
             "rss": [a["rss"][0] for a in answers],
@@ -748,6 +760,9 @@ class Beats(threading.Thread):
             body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
         )
         await channel.default_exchange.publish(message, self.queue)
+        with sim.lock:
+            if not sim.legacy:
+                sim.series.sent(sim.last_seq)  # the next may be chained on it
         now = time.monotonic()
         if sim.last_sent:
             sim.max_gap = max(sim.max_gap, now - sim.last_sent)
@@ -890,6 +905,8 @@ async def _steady(system: OrchestratR, fleet: Fleet, window: float, profile: str
         "db_row_writes_per_s": per_table,
         "heartbeats_per_s": round((stats1["sent"] - stats0["sent"]) / wall, 1),
         "heartbeat_bytes_per_s": round((stats1["sent_bytes"] - stats0["sent_bytes"]) / wall),
+        "complete_listings_per_s": round((stats1["complete"] - stats0["complete"]) / wall, 1),
+        "chained_per_s": round((stats1["chained"] - stats0["chained"]) / wall, 1),
         "window_s": round(wall, 1),
     }
 

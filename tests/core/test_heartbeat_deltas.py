@@ -602,16 +602,24 @@ class _Clock:
 
 
 def _behind_through_a_fill(
-    monkeypatch: pytest.MonkeyPatch, lag: int, steps: int, fill: int
+    monkeypatch: pytest.MonkeyPatch,
+    lag: int,
+    steps: int,
+    fill: int,
+    *,
+    per_step: int = 1,
+    stop_every: int = 5,
+    chain: bool = False,
 ) -> tuple[list[p.ServerHeartbeat], list[Verdict], ServerViews, set[str]]:
-    """A server heartbeats every 2 s; a job starts at every heartbeat of the
-    first ``fill`` and every fifth one stops; the manager applies each heartbeat
-    ``lag`` heartbeats after it was sent (it is behind its events queue), and
-    its answer reaches the server before the next heartbeat. Returns what was
-    sent, the manager's verdicts, its copy, and the final set."""
+    """A server heartbeats every 2 s; ``per_step`` jobs start at every heartbeat
+    of the first ``fill`` and at every ``stop_every``-th one a job stops; the
+    manager applies each heartbeat ``lag`` heartbeats after it was sent (it is
+    behind its events queue), its answers say ``chain`` as given, and each
+    reaches the server before the next heartbeat. Returns what was sent, the
+    manager's verdicts, its copy, and the final set."""
     clock = _Clock()
     monkeypatch.setattr(server_views_module, "time", clock)
-    series, views = HeartbeatSeries(), ServerViews(stale_after=3600.0)
+    series, views = HeartbeatSeries(), ServerViews(stale_after=36_000.0)
     jobs: dict[str, p.RunningJob] = {}
     sent: list[p.ServerHeartbeat] = []
     verdicts: list[Verdict] = []
@@ -619,18 +627,18 @@ def _behind_through_a_fill(
     for step in range(steps):
         clock.now += 2.0
         if step < fill:
-            jobs[f"j{step}"] = p.RunningJob(f"j{step}", 1, None, 0)
-            if step % 5 == 4:
-                del jobs[f"j{step - 2}"]
-        hb = dataclasses.replace(_hb(series.next(_reports(*jobs.values()))), sent_at=clock.now)
+            for n in range(per_step):
+                jobs[f"j{step}-{n}"] = p.RunningJob(f"j{step}-{n}", 1, None, 0)
+            if step % stop_every == stop_every - 1:
+                del jobs[f"j{step - 2}-0"]
+        hb = _chained(series, *jobs.values(), sent_at=clock.now)
         sent.append(hb)
         in_flight.append(hb)
         if len(in_flight) > lag:
             applied = in_flight.pop(0)
             verdict = views.receive(applied)
             verdicts.append(verdict)
-            if verdict is not Verdict.NOTHING:
-                series.acknowledged(p.HeartbeatAck(seq=applied.seq, full=verdict is Verdict.FULL))
+            _answer(series, applied, verdict, chain)
     return sent, verdicts, views, set(jobs)
 
 
@@ -839,3 +847,283 @@ async def test_a_heartbeat_is_not_held_up_by_its_acknowledgement_s_confirm(
     assert [target for _, target in sent] == ["s-1", "broken", "s-3"]
     failed = [r.getMessage() for r in caplog.records if "could not send" in r.getMessage()]
     assert len(failed) == 1 and "broken" in failed[0] and "went away" in failed[0]
+
+
+# -- chained deltas ------------------------------------------------------------------
+
+
+def _chained(
+    series: HeartbeatSeries,
+    *jobs: p.RunningJob,
+    sent_at: float = 2.0,
+    published: bool = True,
+) -> p.ServerHeartbeat:
+    """The next heartbeat of ``series``, as the runtime builds it (with
+    ``chained``), then reported published (or not) as the event pump does."""
+    hb = dataclasses.replace(
+        _hb(series.next(_reports(*jobs))), chained=series.chained, sent_at=sent_at
+    )
+    series.sent(hb.seq, published)
+    return hb
+
+
+def _answer(series: HeartbeatSeries, hb: p.ServerHeartbeat, verdict: Verdict, chain: bool) -> None:
+    if verdict is not Verdict.NOTHING:
+        series.acknowledged(p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL, chain=chain))
+
+
+def test_chained_deltas_list_one_interval_of_changes_however_far_behind_the_manager_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The feedback that kept a manager of a million jobs behind for good: it
+    applied heartbeats minutes late while a fleet filled, so each delta on its
+    last acknowledgement listed every job started since (here, up to a thousand),
+    and past the server's patience every heartbeat became a complete listing.
+    Chained on the heartbeat sent before, a delta lists the 5 jobs of one
+    interval whatever the lag (260 heartbeats: beyond MAX_LAG), and the manager's
+    copy follows every one of them to the final set."""
+    lag = 260
+    sent, verdicts, views, final = _behind_through_a_fill(
+        monkeypatch, lag, 400 + lag + 20, 400, per_step=5, stop_every=10, chain=True
+    )
+    first_chained = next(i for i, hb in enumerate(sent) if hb.chained)
+    assert first_chained == lag + 1  # after the first acknowledgement arrived
+    after = sent[first_chained:]
+    assert all(hb.chained and hb.base == hb.seq - 1 for hb in after)
+    assert max(len(hb.jobs) for hb in after) == 5
+    assert max(len(hb.gone) for hb in after) <= 1
+    assert Verdict.FULL not in verdicts
+    assert views.running("s1") == frozenset(final) and len(final) == 1960
+    # The same fill answered by a manager of the previous version (no ``chain``):
+    # deltas on the acknowledged heartbeat, then complete listings past patience.
+    sent, _, _, _ = _behind_through_a_fill(
+        monkeypatch, lag, 400 + lag + 20, 400, per_step=5, stop_every=10
+    )
+    assert not any(hb.chained for hb in sent)
+    assert max(len(hb.jobs) for hb in sent[lag + 1 :]) >= 900
+
+
+def test_a_heartbeat_not_published_is_followed_by_a_complete_listing() -> None:
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _chained(series, A)
+    _answer(series, first, views.receive(first), chain=True)
+    second = _chained(series, A, B)
+    assert (second.chained, second.base, second.jobs) == (True, first.seq, (B,))
+    assert views.receive(second) is Verdict.ACK
+    lost = _chained(series, A, B, C, published=False)
+    assert lost.chained
+    after = _chained(series, A, B, C)
+    assert (after.chained, after.base, set(after.jobs)) == (False, 0, {A, B, C})
+    assert views.receive(after) is Verdict.ACK
+    # And one built while the one before was never reported on is not chained either.
+    series.next(_reports(A, B, C))
+    again = _hb(series.next(_reports(A, B, C)))
+    assert (series.chained, again.base) == (False, 0)
+
+
+def test_a_manager_without_the_copy_asks_once_for_the_chained_deltas_queued_before_it_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new manager (or one whose copy was dropped) finds a hundred chained
+    deltas of a server waiting in its events queue: it asks for a complete
+    listing on the first, applies the others for what they say without asking
+    again (the server sent them before it could read the request), asks again
+    for a delta sent after the request had time to arrive (it was lost), and
+    follows chained deltas on the complete listing once that arrives."""
+    clock = _Clock()
+    monkeypatch.setattr(server_views_module, "time", clock)
+    series, first_manager = HeartbeatSeries(), ServerViews(stale_after=3600.0)
+    first = _chained(series, A, sent_at=clock.now)
+    _answer(series, first, first_manager.receive(first), chain=True)
+    queued = []
+    for _ in range(100):
+        clock.now += 2.0
+        queued.append(_chained(series, A, B, sent_at=clock.now))
+    assert all(hb.chained for hb in queued)
+    clock.now += 60.0  # a new manager starts, a minute behind
+    views = ServerViews(stale_after=3600.0)
+    verdicts = [views.receive(hb) for hb in queued]
+    assert verdicts == [Verdict.FULL] + [Verdict.NOTHING] * 99
+    clock.now += 2.0 + server_views_module.ACK_GRACE
+    late = _chained(series, A, B, sent_at=clock.now)  # the request never arrived
+    assert views.receive(late) is Verdict.FULL
+    series.acknowledged(p.HeartbeatAck(seq=late.seq, full=True, chain=True))
+    complete = _chained(series, A, B, sent_at=clock.now)
+    assert (complete.base, complete.chained) == (0, False)
+    assert views.receive(complete) is Verdict.ACK
+    series.acknowledged(p.HeartbeatAck(seq=complete.seq, chain=True))
+    clock.now += 2.0
+    change = _chained(series, A, C, sent_at=clock.now)
+    assert (change.chained, change.jobs, change.gone) == (True, (C,), ("b",))
+    assert views.receive(change) is Verdict.ACK
+    assert views.running("s1") == frozenset({"a", "c"})
+
+
+def test_a_chained_delta_delivered_again_or_after_a_gap_is_never_applied_to_the_copy() -> None:
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _chained(series, A)
+    _answer(series, first, views.receive(first), chain=True)
+    second = _chained(series, A, B)
+    assert views.receive(second) is Verdict.ACK
+    assert views.receive(second) is Verdict.NOTHING  # delivered again: nothing twice
+    assert views.running("s1") == frozenset({"a", "b"})
+    _chained(series, A, B, C)  # published, but never reaches this manager
+    fourth = _chained(series, A, C)
+    assert (fourth.base, fourth.gone) == (fourth.seq - 1, ("b",))
+    assert views.receive(fourth) is Verdict.FULL  # its base is not the copy's
+    assert views.running("s1") is None
+
+
+def test_a_chained_delta_with_refused_copies_asks_for_a_complete_listing() -> None:
+    """A chained delta lists a job once: the conflict a refused copy raises is
+    raised again by the complete listing asked for, as long as the copy runs."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _chained(series, A)
+    _answer(series, first, views.receive(first), chain=True)
+    delta = _chained(series, A, B)
+    assert delta.chained
+    assert views.receive(delta, refused=True) is Verdict.FULL
+    series.acknowledged(p.HeartbeatAck(seq=delta.seq, full=True, chain=True))
+    assert _chained(series, A, B).base == 0
+
+
+def test_a_server_goes_back_to_deltas_on_acknowledgements_for_an_older_manager() -> None:
+    """The events move to a manager of the previous version: it lacks the copy,
+    asks for a complete listing without ``chain``, and from then on the server's
+    deltas are on its acknowledgements again."""
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _chained(series, A)
+    _answer(series, first, views.receive(first), chain=True)
+    assert _chained(series, A, B).chained
+    series.acknowledged(p.HeartbeatAck(seq=series.seq, full=True))  # an older manager
+    complete = _chained(series, A, B)
+    assert complete.base == 0
+    series.acknowledged(p.HeartbeatAck(seq=complete.seq))
+    delta = _chained(series, A, B, C)
+    assert (delta.chained, delta.base, delta.jobs) == (False, complete.seq, (C,))
+    body = json.loads(p.encode(delta))
+    assert "chained" not in body
+
+
+def test_chained_and_chain_round_trip_and_are_left_out_when_false() -> None:
+    delta = dataclasses.replace(_hb((9, 8, (A,), ("b",), 5, 1)), chained=True)
+    assert json.loads(p.encode(delta))["chained"] is True
+    assert p.decode(p.encode(delta)) == delta
+    ack = p.HeartbeatAck(seq=9, chain=True)
+    assert p.decode(p.encode(ack)) == ack
+    assert p.decode(p.encode(p.HeartbeatAck(seq=9))) == p.HeartbeatAck(seq=9, chain=False)
+    body = json.loads(p.encode(delta))
+    body["chained"] = "yes"
+    with pytest.raises(MalformedMessage, match="chained"):
+        p.decode(json.dumps(body))
+
+
+async def test_a_fleet_runs_on_chained_deltas_and_a_restarted_manager_converges(
+    cluster: Cluster,
+) -> None:
+    """End to end on the memory transport: the manager's acknowledgements say
+    ``chain``, the server's heartbeats become chained deltas (empty while nothing
+    changes), jobs that start later are listed once, and a restarted manager
+    gets a complete listing and follows the chain again."""
+    await cluster.start_manager()
+    server = await cluster.add_server("a", 10)
+    ids = await cluster.create(4)
+    await cluster.wait_running(ids)
+    await eventually(lambda: server._beats.chained, what="a chained heartbeat")
+    seen = _heartbeats_applied(cluster)
+    more = await cluster.create(2, prefix="later")
+    await cluster.wait_running(more)
+    await eventually(lambda: len(seen) >= 3, what="three heartbeats applied")
+    assert all(hb.chained for hb in seen)
+    listed = [job.job_id for hb in seen for job in hb.jobs]
+    assert set(more) <= set(listed) and not set(ids) & set(listed)
+    assert cluster.manager is not None
+    await cluster.manager.stop()
+    manager = await cluster.start_manager(dataclasses.replace(FAST_MANAGER))
+    seen = _heartbeats_applied(cluster)
+    await eventually(
+        lambda: any(not hb.base for hb in seen) and seen[-1].chained,
+        what="a complete listing, then chained deltas",
+    )
+    assert manager._views.running(server.id) == frozenset([*ids, *more])
+    for job_id in [*ids, *more]:
+        record = await cluster.job(job_id)
+        assert (record.status, record.server_id) == (JobStatus.PROCESSING, server.id)
+
+
+async def test_the_pump_builds_each_heartbeat_in_its_turn_replacing_the_starts_behind() -> None:
+    """A chained heartbeat is relative to the one published before it, so the
+    event pump builds each heartbeat when its turn comes (not when it is
+    queued) and tells the series whether it went out. Built then, it may list a
+    job whose start report waits behind it: it replaces that report (as a
+    coalescing heartbeat does), else the manager would apply the start from the
+    listing and, reading the start report after, no longer see the job's
+    previous owner to tell to stop its copy."""
+    from orchestratr_core.server.outbox import EventOutbox
+
+    series = HeartbeatSeries()
+    running: dict[str, p.RunningJob] = {}
+    published: list[p.Event] = []
+    outcomes: list[tuple[int, bool]] = []
+    failing = False
+
+    async def send(event: p.Event) -> None:
+        if failing and isinstance(event, p.ServerHeartbeat):
+            raise ConnectionResetError("the broker went away")
+        published.append(event)
+
+    def heartbeat(listing: Any) -> p.ServerHeartbeat:
+        hb = _hb(series.next(_reports(*running.values()), listing))
+        return dataclasses.replace(hb, chained=series.chained)
+
+    def sent(seq: int, ok: bool) -> None:
+        outcomes.append((seq, ok))
+        series.sent(seq, ok)
+
+    outbox = EventOutbox(send, heartbeat, running.__len__, 2.0, sent)
+    outbox.publish_heartbeat()
+    outbox.publish_heartbeat()  # two queued before the job started: one is built
+    running["a"] = A
+    outbox.publish(p.JobStarted(server_id="s1", job_id="a", fence=A.fence, at=1.0))
+    pump = asyncio.ensure_future(outbox.pump())
+    try:
+        await asyncio.wait_for(outbox.queue.join(), 5)
+        assert [type(e).__name__ for e in published] == ["ServerHeartbeat"], published
+        (first,) = published
+        assert isinstance(first, p.ServerHeartbeat)
+        assert (first.seq, first.jobs, first.started) == (1, (A,), ("a",))
+        assert outcomes == [(1, True)]
+        series.acknowledged(p.HeartbeatAck(seq=1, chain=True))
+        running["b"] = B
+        outbox.publish_heartbeat()
+        await asyncio.wait_for(outbox.queue.join(), 5)
+        second = published[-1]
+        assert isinstance(second, p.ServerHeartbeat)
+        assert (second.chained, second.base, second.jobs) == (True, 1, (B,))
+        failing = True
+        outbox.publish_heartbeat()
+        await asyncio.wait_for(outbox.queue.join(), 10)
+        assert outcomes[-1] == (3, False)
+        failing = False
+        outbox.publish_heartbeat()
+        await asyncio.wait_for(outbox.queue.join(), 5)
+        fourth = published[-1]
+        assert isinstance(fourth, p.ServerHeartbeat)
+        assert (fourth.seq, fourth.base, fourth.chained, len(fourth.jobs)) == (4, 0, False, 2)
+    finally:
+        pump.cancel()
+
+
+def test_a_request_for_a_complete_listing_that_comes_while_a_heartbeat_is_published_is_kept() -> (
+    None
+):
+    series, views = HeartbeatSeries(), ServerViews(stale_after=60.0)
+    first = _chained(series, A)
+    _answer(series, first, views.receive(first), chain=True)
+    in_flight = _hb(series.next(_reports(A, B)))
+    assert series.chained
+    assert series.acknowledged(p.HeartbeatAck(seq=first.seq, full=True, chain=True))
+    series.sent(in_flight.seq)  # its publish ends after the request came
+    complete = _chained(series, A, B)
+    assert (complete.chained, complete.base, set(complete.jobs)) == (False, 0, {A, B})
+    assert _chained(series, A, B).chained  # and the next is chained on it

@@ -735,7 +735,7 @@ class ServerManager:
             # After the stops above: what the server hears next is on a set that
             # already excludes the copies it was told to stop.
             await self._acknowledge(
-                p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL), hb.server_id
+                p.HeartbeatAck(seq=hb.seq, full=verdict is Verdict.FULL, chain=True), hb.server_id
             )
 
     async def _acknowledge(self, ack: p.HeartbeatAck, server_id: str) -> None:

@@ -59,6 +59,17 @@ listing, as it always was. A server never sends a delta before a manager of this
 version acknowledged one of its heartbeats, so an older manager, which sends no
 acknowledgement, only ever reads complete listings.
 
+**Chained deltas.** A manager of this version keeps the set of the last
+heartbeat it applied of each server and says so in every acknowledgement
+(``HeartbeatAck.chain``). A server that read that sends each heartbeat relative
+to the one it sent just before (``chained``, ``base`` = ``seq`` - 1), as long as
+that one was published: events from one server arrive in order, so the manager
+applies each on the set of the one before, and a delta lists only what changed
+in one interval however far behind the manager is. A chained delta whose base is
+not the manager's copy (a heartbeat lost, a new manager) is applied for what it
+says and answered with a request for a complete listing -- once: the deltas sent
+before the server could have read that request are applied and not answered.
+
 Every value is bounded, so that nothing a message carries can fail a database
 write or a conversion later (:func:`decode` refuses the message instead):
 
@@ -305,6 +316,11 @@ class HeartbeatAck(Command):
     TYPE: ClassVar[str] = "heartbeat-ack"
     seq: int
     full: bool = False
+    chain: bool = False
+    """The manager keeps the set of the last heartbeat it applied, whichever it
+    was: the server's next heartbeats may be *chained*, each relative to the one
+    sent just before it (``ServerHeartbeat.chained``). A manager of an older
+    version leaves it out (false), and a server of an older version ignores it."""
 
 
 @dataclass(frozen=True)
@@ -347,7 +363,8 @@ class ServerHeartbeat(Event):
     started: tuple[str, ...] = ()
     """Ids of jobs whose start reports this heartbeat replaces (each also in
     ``jobs``, with its fence): the manager treats them as it treats a
-    :class:`JobStarted`. Empty in a periodic heartbeat."""
+    :class:`JobStarted`. Empty in a periodic heartbeat unless start reports
+    waited behind it when it was built."""
     kinds: tuple[str, ...] = ()
     """The job kinds the server runs (empty: only the default kind, as a server
     of an older version)."""
@@ -361,6 +378,11 @@ class ServerHeartbeat(Event):
     heartbeat this one is relative to: ``jobs`` are the jobs started or changed
     since, ``gone`` the ids of those that no longer run."""
     gone: tuple[str, ...] = ()
+    chained: bool = False
+    """``base`` is the heartbeat the server sent just before this one, not an
+    acknowledged one (sent only to a manager whose acknowledgement said
+    ``HeartbeatAck.chain``): ``jobs`` and ``gone`` are what changed since that
+    heartbeat, so a delta does not grow with the manager's lag."""
     digest: int = 0
     """:func:`jobs_digest` of the complete set of running jobs (with ``seq``)."""
     running: int = 0
@@ -550,6 +572,8 @@ def _heartbeat_body(hb: ServerHeartbeat) -> dict[str, Any]:
         if hb.base:
             body["base"] = hb.base
             body["gone"] = list(hb.gone)
+            if hb.chained:
+                body["chained"] = True
     return body
 
 

@@ -11,10 +11,21 @@ the server's complete set without seeing it (:meth:`ServerViews.receive`):
 * a delta on an older heartbeat that this manager acknowledged too (it was sent
   before the newer acknowledgement arrived) is applied as it says, and the copy
   stays as it is;
+* a chained delta (``chained``: relative to the heartbeat sent just before it)
+  is applied to the copy if the copy is of that heartbeat, and the result must
+  match as above;
 * anything else -- no copy (a new or restarted manager, another manager took
   the events over), a digest that does not match, a gap in the heartbeats long
   enough for the server to have been declared dead meanwhile -- asks for a
-  complete listing.
+  complete listing. For chained deltas it asks once: those the server sent
+  before it could have read the request (:data:`ACK_GRACE` after it) are
+  applied for what they say and not answered, so a manager far behind its
+  events queue does not make the server send a complete listing for every
+  delta still queued.
+
+Every acknowledgement says that this manager applies chained deltas
+(``HeartbeatAck.chain``); the copy is always of the last heartbeat applied to
+it (:attr:`_View.last`).
 
 The copy and the digest cover each job's identity and ownership -- its id and
 fence (:func:`~orchestratr_core.protocol.job_digest`) -- which is what a
@@ -82,6 +93,8 @@ class _View:
     applied: dict[str, p.RunningJob] = field(default_factory=dict)
     """job id -> the report of it that this manager last applied to the storage
     (from any heartbeat of the server since the copy was made)"""
+    last: int = 0
+    """``seq`` of the heartbeat whose set the copy is (a chained delta on it applies)"""
 
     def relative_to_copy(self, base: int) -> bool:
         """Whether a delta on ``base`` is relative to this copy: the acknowledged
@@ -117,6 +130,9 @@ class ServerViews:
         self._older: dict[str, tuple[frozenset[str], float]] = {}
         """Server id -> the jobs of the last complete listing of a server of an
         older version (unnumbered heartbeats), and when it arrived (monotonic)."""
+        self._asked: dict[str, float] = {}
+        """Server id -> when a complete listing was last asked for on a chained
+        delta (wall clock): the deltas sent before it could arrive ask no more."""
 
     def __len__(self) -> int:
         return len(self._views)
@@ -125,11 +141,13 @@ class ServerViews:
         """Drop the copy (the server is dead or left; its jobs were released)."""
         self._views.pop(server_id, None)
         self._older.pop(server_id, None)
+        self._asked.pop(server_id, None)
 
     def clear(self) -> None:
         """Drop every copy."""
         self._views.clear()
         self._older.clear()
+        self._asked.clear()
 
     def running(self, server_id: str) -> frozenset[str] | None:
         """The ids of the jobs the server runs as of its last heartbeat that this
@@ -156,14 +174,16 @@ class ServerViews:
         if not hb.seq or not hb.base or hb.jobs or hb.gone or hb.started:
             return False
         view = self._views.get(hb.server_id)
-        if view is None or not view.relative_to_copy(hb.base):
+        if view is None or not (
+            hb.base == view.last if hb.chained else view.relative_to_copy(hb.base)
+        ):
             return False
         now = time.monotonic()
         if self._stale(view, hb, now):
             return False
         if hb.digest != view.digest or hb.running != len(view.shares):
             return False
-        view.seen, view.sent = now, hb.sent_at
+        view.seen, view.sent, view.last = now, hb.sent_at, hb.seq
         return True
 
     def known_delta(self, hb: p.ServerHeartbeat) -> bool:
@@ -174,7 +194,7 @@ class ServerViews:
         an :meth:`idle` one, and is noted as seen as that one is. A manager
         behind its events queue gets such deltas from every server for as long
         as it is behind."""
-        if not hb.seq or not hb.base or hb.gone or hb.started:
+        if not hb.seq or not hb.base or hb.gone or hb.started or hb.chained:
             return False
         view = self._views.get(hb.server_id)
         if view is None or view.relative_to_copy(hb.base):
@@ -247,6 +267,11 @@ class ServerViews:
             )
             return Verdict.NOTHING
         if refused:
+            if hb.chained:
+                # A chained delta lists a job once: the conflict is raised again
+                # by a complete listing, as long as the copy runs.
+                self._views.pop(hb.server_id, None)
+                return self._ask_full(hb)
             if not hb.base:
                 self._views.pop(hb.server_id, None)
             return Verdict.NOTHING
@@ -268,18 +293,16 @@ class ServerViews:
             else:
                 view.shares, view.digest, view.acked = shares, digest, hb.seq
                 view.acked_at, view.acked_wall = now, time.time()
-            view.seen, view.sent = now, hb.sent_at
+            view.seen, view.sent, view.last = now, hb.sent_at, hb.seq
             view.applied = {job.job_id: job for job in hb.jobs}
             view.note_acked()
+            self._asked.pop(hb.server_id, None)
             return Verdict.ACK
+        if hb.chained:
+            return self._receive_chained(view, hb, now)
         if view is None:
             return Verdict.FULL
-        view.seen, view.sent = now, hb.sent_at
-        applied = view.applied
-        for job_id in hb.gone:
-            applied.pop(job_id, None)
-        for job in hb.jobs:
-            applied[job.job_id] = job
+        self._note_applied(view, hb, now)
         if not view.relative_to_copy(hb.base):
             # Relative to an earlier acknowledgement of ours, built before the newer
             # one arrived: applied, the copy stays. Else we lack its base, or the
@@ -288,12 +311,45 @@ class ServerViews:
             if self._built_before_ack(view, hb, now):
                 return Verdict.NOTHING
             return self._lost(hb)
+        return self._apply_to_copy(view, hb, now) or self._lost(hb)
+
+    @staticmethod
+    def _note_applied(view: _View, hb: p.ServerHeartbeat, now: float) -> None:
+        """Note a delta applied to the storage: when, and the reports it listed."""
+        view.seen, view.sent = now, hb.sent_at
+        applied = view.applied
+        for job_id in hb.gone:
+            applied.pop(job_id, None)
+        for job in hb.jobs:
+            applied[job.job_id] = job
+
+    def _receive_chained(self, view: _View | None, hb: p.ServerHeartbeat, now: float) -> Verdict:
+        """:meth:`receive` for a chained delta (``hb.base`` = ``hb.seq`` - 1)."""
+        if view is None:
+            return self._ask_full(hb)
+        if hb.seq <= view.last:
+            return Verdict.NOTHING  # applied before (delivered again)
+        self._note_applied(view, hb, now)
+        if hb.base != view.last:
+            # The heartbeat before it did not reach the copy (lost, or applied by
+            # another manager): the copy is of another set.
+            self._views.pop(hb.server_id, None)
+            return self._ask_full(hb)
+        verdict = self._apply_to_copy(view, hb, now)
+        if verdict is None:
+            self._views.pop(hb.server_id, None)
+            return self._ask_full(hb)
+        return verdict
+
+    def _apply_to_copy(self, view: _View, hb: p.ServerHeartbeat, now: float) -> Verdict | None:
+        """Apply a delta on the copy's set; ``None`` (and the copy unchanged) when
+        the result does not match the heartbeat's digest and count."""
         shares, digest = view.shares, view.digest
         removed: dict[str, int] = {}
         for job_id in hb.gone:
             share = shares.get(job_id)
             if share is None:
-                return self._lost(hb)
+                return None
             removed[job_id] = share
             digest ^= share
         added: dict[str, int] = {}
@@ -306,7 +362,8 @@ class ServerViews:
             added[job.job_id] = new
         count = len(shares) - len(removed) + sum(1 for j in added if j not in shares)
         if digest != hb.digest or count != hb.running:
-            return self._lost(hb)
+            return None
+        view.last = hb.seq
         if not removed and not added:
             return Verdict.NOTHING  # nothing new: the acknowledgement stands
         for job_id in removed:
@@ -319,4 +376,14 @@ class ServerViews:
 
     def _lost(self, hb: p.ServerHeartbeat) -> Verdict:
         self._views.pop(hb.server_id, None)
+        return Verdict.FULL
+
+    def _ask_full(self, hb: p.ServerHeartbeat) -> Verdict:
+        """Ask for a complete listing on a chained delta -- unless one was asked
+        for so recently that the server sent ``hb`` before it could read that
+        request (:data:`ACK_GRACE`, by its clock against ours): it is coming."""
+        asked = self._asked.get(hb.server_id)
+        if asked is not None and hb.sent_at < asked + ACK_GRACE:
+            return Verdict.NOTHING
+        self._asked[hb.server_id] = time.time()
         return Verdict.FULL

@@ -32,6 +32,17 @@ make each heartbeat it has yet to apply a thousand-job listing instead of a
 delta, and put it further behind (the feedback that kept a manager of a million
 jobs from ever catching up).
 
+**Chained deltas.** Once an acknowledgement says the manager keeps the set of
+the last heartbeat it applied (``HeartbeatAck.chain``), each heartbeat is
+relative to the one sent just before it (``chained``), provided that one was
+published (:meth:`HeartbeatSeries.sent`; else the next is a complete listing):
+it lists what changed in one interval, however far behind the manager is. A
+delta on the last acknowledged heartbeat lists everything started since; with a
+manager minutes behind its events queue while a fleet fills, that is every job
+of the server in every heartbeat, which kept a manager of a million jobs behind
+for good. Chained, there is no patience to run out either: a manager that lacks
+the set asks for a complete listing on the first chained delta it cannot apply.
+
 An acknowledgement may answer a heartbeat sent long before: the set of every
 heartbeat since the last acknowledged one can be rebuilt (:meth:`set_of`), from
 that set and the difference of each heartbeat's set from the one before -- a
@@ -40,7 +51,7 @@ few jobs per heartbeat, not a copy of the set.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from orchestratr_core import protocol as p
 from orchestratr_core.storage import HEARTBEAT_REFRESH_STEP
@@ -74,10 +85,14 @@ class HeartbeatSeries:
         "_anchor_seq",
         "_base",
         "_chain",
+        "_chain_ok",
+        "_chained",
         "_checkpoints",
         "_digests",
+        "_full_due",
         "_lag",
         "_last",
+        "_sent",
         "_shares",
         "_unanswered",
         "seq",
@@ -108,11 +123,36 @@ class HeartbeatSeries:
         self._checkpoints: dict[str, tuple[p.RunningJob, int]] = {}
         """job id -> (the report of its newest checkpoint not yet acknowledged,
         how many heartbeats carried it)."""
+        self._chain_ok = False
+        """The last acknowledgement said ``chain``: heartbeats may be chained."""
+        self._sent = 0
+        """The ``seq`` of the last heartbeat known to be published (0: the last one
+        built was not, or nothing was said: the next is not chained)."""
+        self._chained = False
+        """Whether the last heartbeat built is chained (:attr:`chained`)."""
+        self._full_due = False
+        """The manager asked for a complete listing: the next one is (even if the
+        one being published as the request came is reported sent after it)."""
 
     @property
     def base(self) -> int:
         """The acknowledged heartbeat deltas are relative to (0: none)."""
         return self._base
+
+    @property
+    def chained(self) -> bool:
+        """Whether the heartbeat :meth:`next` built last is chained: its ``base``
+        is the heartbeat sent before it (``ServerHeartbeat.chained``)."""
+        return self._chained
+
+    def sent(self, seq: int, published: bool = True) -> None:
+        """Say whether heartbeat ``seq`` was published (call it before the next
+        one is built): the next heartbeat is chained on it only if it was, and
+        only if it is the last one built."""
+        if published and seq == self.seq:
+            self._sent = seq
+        elif seq == self.seq or not published:
+            self._sent = 0
 
     @property
     def lag(self) -> int:
@@ -140,6 +180,7 @@ class HeartbeatSeries:
 
     def acknowledged(self, ack: p.HeartbeatAck) -> bool:
         """Apply the manager's answer; True if it asks for a complete listing now."""
+        self._chain_ok = ack.chain
         sent = self.set_of(ack.seq)
         # Either answer says the manager applied heartbeat ``seq``: the checkpoints
         # it carried are stored (or refused by their fence) and go no more.
@@ -156,6 +197,7 @@ class HeartbeatSeries:
             self._base = 0
             self._acked = {}
             self._unanswered = 0
+            self._full_due = True  # the next heartbeat is complete, chained or not
             return True
         if (
             sent is None
@@ -182,15 +224,23 @@ class HeartbeatSeries:
             del chain[next(iter(chain))]
 
     def next(
-        self, reports: Iterable[tuple[p.RunningJob, bool]]
+        self, reports: Iterable[tuple[p.RunningJob, bool]], listing: Collection[str] = ()
     ) -> tuple[int, int, tuple[p.RunningJob, ...], tuple[str, ...], int, int]:
         """Number the next heartbeat of ``reports`` (each with whether the job has a
         watchdog): ``(seq, base, jobs, gone, digest, running)``, ``jobs`` and
-        ``gone`` relative to ``base`` (complete when ``base`` is 0)."""
+        ``gone`` relative to ``base`` (complete when ``base`` is 0; :attr:`chained`
+        says whether ``base`` is the heartbeat sent before). ``listing``: ids of
+        jobs a delta lists even if unchanged (those whose start reports the
+        heartbeat replaces)."""
+        chained = self._chain_ok and self.seq > 0 and self._sent == self.seq and not self._full_due
+        self._full_due = False
+        listing = frozenset(listing) if listing else frozenset()
+        self._chained = chained
+        self._sent = 0
         self.seq += 1
         current: dict[str, p.RunningJob] = {}
         digest = 0
-        acked = self._acked
+        acked = self._last if chained else self._acked
         changed: list[p.RunningJob] = []
         shares, known = {}, self._shares
         pending = self._checkpoints
@@ -208,17 +258,20 @@ class HeartbeatSeries:
             shares[job_id] = share
             digest ^= share[1]
             before = acked.get(job_id)
-            if before is None or _changed(before, report, watched):
+            if before is None or _changed(before, report, watched) or job_id in listing:
                 changed.append(report)
         self._shares = shares
         if pending:
             for job_id in [j for j in pending if j not in current]:
                 del pending[job_id]  # stopped: its owner's last checkpoint went with it
-        base = self._base
+        # Chaining, a heartbeat that cannot be chained (the one before was not
+        # published) is a complete listing: the manager's copy is of the last
+        # heartbeat it applied, not of the acknowledged one.
+        base = self.seq - 1 if chained else 0 if self._chain_ok else self._base
         gone: tuple[str, ...] = ()
         if base:
             gone = tuple(job_id for job_id in acked if job_id not in current)
-            if changed or gone:
+            if not chained and (changed or gone):
                 self._unanswered += 1
                 if self._unanswered > ACK_PATIENCE + 2 * self._lag:
                     base = self._base = 0  # nobody acknowledges: list everything

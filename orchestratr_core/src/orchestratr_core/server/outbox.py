@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 
 from orchestratr_core import protocol as p
@@ -40,27 +40,43 @@ _PUBLISH_ATTEMPTS = 3
 """Quick tries of one event before it is dropped or sent to the back of the queue."""
 
 
+class _HeartbeatDue:
+    """Queued by :meth:`EventOutbox.publish_heartbeat`: the pump builds the
+    heartbeat when its turn comes, so that each is built after the one before
+    it was published (a chained heartbeat is relative to that one)."""
+
+    TYPE = "heartbeat"
+
+
+HEARTBEAT_DUE = _HeartbeatDue()
+
+
 class EventOutbox:
     """The events of one server, published in order by :meth:`pump`.
 
     :param send: publishes one event (the transport's ``publish_event``).
-    :param heartbeat: builds a heartbeat of the jobs running now.
+    :param heartbeat: builds a heartbeat of the jobs running now, listing the
+        jobs of the ids it is given even if unchanged.
     :param running: how many jobs run now (paces the coalescing heartbeats).
     :param heartbeat_interval: the server's heartbeat interval.
+    :param sent: told, after each heartbeat, its ``seq`` and whether it was
+        published (``HeartbeatSeries.sent`` of :mod:`orchestratr_core.server.beats`).
     """
 
     def __init__(
         self,
         send: Callable[[p.Event], Awaitable[None]],
-        heartbeat: Callable[[], p.ServerHeartbeat],
+        heartbeat: Callable[[Collection[str]], p.ServerHeartbeat],
         running: Callable[[], int],
         heartbeat_interval: float,
+        sent: Callable[[int, bool], None] | None = None,
     ) -> None:
-        self.queue: asyncio.Queue[p.Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[p.Event | _HeartbeatDue] = asyncio.Queue()
         self.closed = False
         """Set when the server was killed: it says nothing more."""
         self._send = send
         self._heartbeat = heartbeat
+        self._sent = sent
         self._running = running
         self._heartbeat_interval = heartbeat_interval
         self._queued_starts = 0  # start reports queued since the last coalescing
@@ -73,6 +89,12 @@ class EventOutbox:
             if isinstance(event, p.JobStarted):
                 self._queued_starts += 1
             self.queue.put_nowait(event)
+
+    def publish_heartbeat(self) -> None:
+        """Queue a heartbeat, built by the pump when its turn comes (nothing once
+        :attr:`closed`)."""
+        if not self.closed:
+            self.queue.put_nowait(HEARTBEAT_DUE)
 
     async def flush(self, limit: float) -> None:
         """Wait up to ``limit`` seconds for the queue to be sent."""
@@ -100,7 +122,7 @@ class EventOutbox:
         heartbeat replaces them (:meth:`_coalesce_starts`).
         """
         while True:
-            event = await self.queue.get()
+            event: p.Event | _HeartbeatDue = await self.queue.get()
             try:
                 if self._settled_events:
                     # Kept by the last coalescing: the start reports among them
@@ -120,11 +142,18 @@ class EventOutbox:
                             await asyncio.sleep(wait)  # more starts gather meanwhile
                         await self._burst_settles(now + max(gap, COALESCE_SETTLE))
                         event = self._coalesce_starts(event)
-                if isinstance(event, p.ServerHeartbeat) and any(
-                    isinstance(e, p.ServerHeartbeat) for e in _peek(self.queue)
+                if isinstance(event, p.ServerHeartbeat | _HeartbeatDue) and any(
+                    isinstance(e, p.ServerHeartbeat | _HeartbeatDue) for e in _peek(self.queue)
                 ):
                     continue  # a newer heartbeat is queued
-                await self._publish(event)
+                if isinstance(event, _HeartbeatDue):
+                    # Built now, it may list jobs whose start reports wait behind
+                    # it: it replaces them, as a coalescing heartbeat does (a
+                    # heartbeat must not tell of a start before its report).
+                    event = self._coalesce_starts(None)
+                published = await self._publish(event)
+                if self._sent is not None and isinstance(event, p.ServerHeartbeat):
+                    self._sent(event.seq, published)
             finally:
                 self.queue.task_done()
 
@@ -139,14 +168,15 @@ class EventOutbox:
             if self._queued_starts == seen:
                 return
 
-    async def _publish(self, event: p.Event) -> None:
+    async def _publish(self, event: p.Event) -> bool:
+        """Publish ``event``; False if it was dropped or put back in the queue."""
         error: BaseException | None = None
         for attempt in range(1, _PUBLISH_ATTEMPTS + 1):
             try:
                 await self._send(event)
                 if isinstance(event, p.ServerHeartbeat):
                     self._last_heartbeat_sent = time.monotonic()
-                return
+                return True
             except (OrchestratrError, OSError) as exc:
                 error = exc
             except asyncio.CancelledError as exc:
@@ -165,9 +195,11 @@ class EventOutbox:
             self.queue.put_nowait(event)
         else:
             log.warning("dropping %s event (%s)", event.TYPE, error)
+        return False
 
-    def _coalesce_starts(self, first: p.JobStarted) -> p.Event:
-        """Replace the queued start reports by one heartbeat built now.
+    def _coalesce_starts(self, first: p.JobStarted | None) -> p.Event:
+        """Replace the queued start reports by one heartbeat built now (``first``:
+        the report just taken from the queue, if any).
 
         A server taking many jobs at once (start-up, failover) would otherwise
         send a confirmed message per job, and the manager would apply each in
@@ -187,21 +219,27 @@ class EventOutbox:
         (it stops a job its storage does not know, and tells the previous owner
         of a job that moved to stop its copy).
         """
-        heartbeat = self._heartbeat()
+        starts = [e for e in _peek(self.queue) if isinstance(e, p.JobStarted)]
+        if first is None and not starts:
+            return self._heartbeat(())  # nothing to replace: the queue stays as it is
+        if first is not None:
+            starts.insert(0, first)
+        heartbeat = self._heartbeat([start.job_id for start in starts])
         covered = {(job.job_id, job.fence) for job in heartbeat.jobs}
         kept: list[p.Event] = []
         dropped: list[str] = []  # ids of the start reports the heartbeat replaces
-        if (first.job_id, first.fence) in covered:
-            dropped.append(first.job_id)
-        else:
-            kept.append(first)
+        if first is not None:
+            if (first.job_id, first.fence) in covered:
+                dropped.append(first.job_id)
+            else:
+                kept.append(first)
         while True:
             try:
                 event = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 break
             self.queue.task_done()
-            if isinstance(event, p.ServerHeartbeat):
+            if isinstance(event, p.ServerHeartbeat | _HeartbeatDue):
                 continue
             if isinstance(event, p.JobStarted) and (event.job_id, event.fence) in covered:
                 dropped.append(event.job_id)
@@ -220,5 +258,5 @@ class EventOutbox:
         return replace(heartbeat, started=tuple(dict.fromkeys(dropped)))
 
 
-def _peek(queue: asyncio.Queue[p.Event]) -> list[p.Event]:
+def _peek(queue: asyncio.Queue[p.Event | _HeartbeatDue]) -> list[p.Event | _HeartbeatDue]:
     return list(getattr(queue, "_queue", ()))

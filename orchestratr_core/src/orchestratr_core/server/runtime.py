@@ -48,7 +48,7 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from orchestratr_core import protocol as p
@@ -184,13 +184,14 @@ class OrchestratedServer:
         self._pool_runs: collections.Counter[Pool] = collections.Counter()
         self._kind_runs: collections.Counter[str] = collections.Counter()
         self._commands: Subscription | None = None
+        self._beats = HeartbeatSeries()
         self._outbox = EventOutbox(
             self._transport.publish_event,
             self._heartbeat_event,
             self._runs.__len__,
             self.options.heartbeat_interval,
+            self._beats.sent,
         )
-        self._beats = HeartbeatSeries()
         self._gc = GcFreezer()
         self._resume = self._supervise_parked
         """One bound method for every parked job (nothing allocated per job)."""
@@ -234,7 +235,7 @@ class OrchestratedServer:
         for entry in cancelled:
             self._note_cancellation(entry)
         self._tasks.append(spawn(self._outbox.pump(), name="orchestratr-events", logger=log))
-        self._outbox.publish(self._heartbeat_event())
+        self._outbox.publish_heartbeat()
         if self.kinds == {DEFAULT_KIND} and not self.labels:
             # Today's single-function server: the jobs queue only (no pool watching).
             await self._on_pool(DEFAULT_POOL)
@@ -935,7 +936,7 @@ class OrchestratedServer:
             for run in runs[:count]:
                 run.request_stop(p.StopReason.RELEASED)
         elif isinstance(command, p.HeartbeatAck) and self._beats.acknowledged(command):
-            self._outbox.publish(self._heartbeat_event())  # a complete listing, now
+            self._outbox.publish_heartbeat()  # a complete listing, now
 
     def _update_in_place(self, command: p.UpdateJob) -> None:
         """Give a running copy of an updatable function its new argument, and
@@ -1001,13 +1002,19 @@ class OrchestratedServer:
                 "job_stopped", **job, reason=event.reason.value, forced=event.forced
             )
 
-    def _heartbeat_event(self) -> p.ServerHeartbeat:
+    def _heartbeat_event(self, listing: Collection[str] = ()) -> p.ServerHeartbeat:
         """The next heartbeat: everything running, or what changed since the one
-        the manager acknowledged (:class:`~orchestratr_core.server.beats.HeartbeatSeries`)."""
-        seq, base, jobs, gone, digest, running = self._beats.next(
-            (run.reported(), run.heartbeat_timeout is not None)
-            for run in self._runs.values()
-            if run.stop_reason is None
+        sent before or the one the manager acknowledged, with the jobs of
+        ``listing`` in any case
+        (:class:`~orchestratr_core.server.beats.HeartbeatSeries`)."""
+        beats = self._beats
+        seq, base, jobs, gone, digest, running = beats.next(
+            (
+                (run.reported(), run.heartbeat_timeout is not None)
+                for run in self._runs.values()
+                if run.stop_reason is None
+            ),
+            listing,
         )
         return p.ServerHeartbeat(
             server_id=self.id,
@@ -1026,6 +1033,7 @@ class OrchestratedServer:
             seq=seq,
             base=base,
             gone=gone,
+            chained=beats.chained,
             digest=digest,
             running=running,
         )
@@ -1048,7 +1056,7 @@ class OrchestratedServer:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.options.heartbeat_interval)
-            self._outbox.publish(self._heartbeat_event())
+            self._outbox.publish_heartbeat()
             if self.options.freeze_gc:
                 self._gc.tend(len(self._runs))
 
