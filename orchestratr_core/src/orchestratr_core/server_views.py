@@ -270,8 +270,7 @@ class ServerViews:
             if hb.chained:
                 # A chained delta lists a job once: the conflict is raised again
                 # by a complete listing, as long as the copy runs.
-                self._views.pop(hb.server_id, None)
-                return self._ask_full(hb)
+                return self._lost(hb)
             if not hb.base:
                 self._views.pop(hb.server_id, None)
             return Verdict.NOTHING
@@ -326,20 +325,15 @@ class ServerViews:
     def _receive_chained(self, view: _View | None, hb: p.ServerHeartbeat, now: float) -> Verdict:
         """:meth:`receive` for a chained delta (``hb.base`` = ``hb.seq`` - 1)."""
         if view is None:
-            return self._ask_full(hb)
+            return self._lost(hb)
         if hb.seq <= view.last:
             return Verdict.NOTHING  # applied before (delivered again)
         self._note_applied(view, hb, now)
         if hb.base != view.last:
             # The heartbeat before it did not reach the copy (lost, or applied by
             # another manager): the copy is of another set.
-            self._views.pop(hb.server_id, None)
-            return self._ask_full(hb)
-        verdict = self._apply_to_copy(view, hb, now)
-        if verdict is None:
-            self._views.pop(hb.server_id, None)
-            return self._ask_full(hb)
-        return verdict
+            return self._lost(hb)
+        return self._apply_to_copy(view, hb, now) or self._lost(hb)
 
     def _apply_to_copy(self, view: _View, hb: p.ServerHeartbeat, now: float) -> Verdict | None:
         """Apply a delta on the copy's set; ``None`` (and the copy unchanged) when
@@ -375,8 +369,9 @@ class ServerViews:
         return Verdict.ACK
 
     def _lost(self, hb: p.ServerHeartbeat) -> Verdict:
+        """Drop the copy and ask for a complete listing (once, for a chained delta)."""
         self._views.pop(hb.server_id, None)
-        return Verdict.FULL
+        return self._ask_full(hb) if hb.chained else Verdict.FULL
 
     def _ask_full(self, hb: p.ServerHeartbeat) -> Verdict:
         """Ask for a complete listing on a chained delta -- unless one was asked

@@ -150,9 +150,7 @@ class HeartbeatSeries:
         one is built): the next heartbeat is chained on it only if it was, and
         only if it is the last one built."""
         if published and seq == self.seq:
-            self._sent = seq
-        elif seq == self.seq or not published:
-            self._sent = 0
+            self._sent = seq  # (building the next one resets it)
 
     @property
     def lag(self) -> int:
